@@ -1,0 +1,190 @@
+//! The plugin trait of mirror-gateway, its request phases and the built-in plugins.
+//!
+//! A domain lists its plugins in order. For each request the gateway calls every plugin's hook
+//! for the current phase in that order:
+//!
+//! ```text
+//!  downstream request
+//!        |
+//!  [routing + path normalisation]        (gateway core: picks the domain and route)
+//!        |
+//!  request_filter  ----Respond----> local response (401, 403, ...) -> response_filter -> logging
+//!        |  Continue
+//!  [cache lookup] --fresh hit-----------------------------------------> response_filter
+//!        |  miss / expired
+//!  upstream_request_filter          (just before the request is sent to the origin)
+//!        |
+//!  upstream_response_filter         (origin response header, before it is stored in the cache)
+//!        |
+//!  response_filter                  (every response header sent downstream: hits, misses, local)
+//!        |
+//!  logging                          (once per request, after the response is finished)
+//! ```
+//!
+//! Plugins share what they learn through [`RequestState`]: the `htpasswd` plugin records the
+//! authenticated user, the `ttl` plugin records the [`CachePolicy`] that the cache applies when
+//! it stores the origin's response.
+
+#![forbid(unsafe_code)]
+
+pub mod htpasswd;
+pub mod registry;
+pub mod settings;
+pub mod ttl;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+pub use registry::{build_plugin, BuildContext, PLUGIN_NAMES};
+pub use settings::SettingError;
+
+/// What a plugin sees of a downstream request, after routing and path normalisation.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// Id of the domain the request was routed to.
+    pub domain: &'a str,
+    pub method: &'a Method,
+    /// The normalised path: no dot segments, no repeated slashes, no encoded `/` or `.`.
+    pub path: &'a str,
+    /// The raw query string, without the `?`.
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The downstream peer address, when the connection has one.
+    pub client_addr: Option<IpAddr>,
+}
+
+/// Per-request facts that plugins record for later phases and for the gateway core.
+#[derive(Debug, Default, Clone)]
+pub struct RequestState {
+    /// The user name that an authentication plugin accepted.
+    pub user: Option<String>,
+    /// The cache policy that applies to this request's path, set by the `ttl` plugin.
+    pub cache_policy: Option<CachePolicy>,
+    /// Stable label of the rule that rejected the request, for the access log.
+    pub rejected_by: Option<&'static str>,
+}
+
+/// How the cache treats a response and what `Cache-Control` goes downstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachePolicy {
+    /// The pattern of the rule that matched, for logs.
+    pub pattern: String,
+    /// How long a stored response stays fresh.
+    pub ttl: Duration,
+    /// The `Cache-Control` value sent downstream on successful responses, if the rule sets one.
+    pub cache_control: Option<HeaderValue>,
+    /// Whether a 404 from the origin may be stored for `ttl`.
+    pub cache_not_found: bool,
+}
+
+/// A response that a plugin makes itself, in place of going to the cache or the origin.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+impl LocalResponse {
+    /// Builds a response with a plain-text body.
+    pub fn text(status: StatusCode, body: &str) -> Self {
+        Self {
+            status,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    /// Adds a header to the response.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// The outcome of a plugin's [`Plugin::request_filter`].
+#[derive(Debug)]
+pub enum Verdict {
+    /// Let the request go on to the next plugin, then the cache and the origin.
+    Continue,
+    /// Stop here and send this response. Later plugins' request filters do not run.
+    Respond(LocalResponse),
+}
+
+/// What a plugin sees of a finished request in [`Plugin::logging`].
+#[derive(Debug, Clone, Copy)]
+pub struct LogRecord<'a> {
+    pub domain: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    /// The `X-Cache-Status` value sent downstream.
+    pub cache_status: &'a str,
+    pub body_bytes: u64,
+    pub duration: Duration,
+}
+
+/// A per-domain request plugin.
+///
+/// Every hook has a default that does nothing, so a plugin implements only the phases it
+/// needs. Hooks run in the order the domain lists its plugins. Hooks must not block: a plugin
+/// that needs CPU for milliseconds (a bcrypt check, say) moves that work off the async workers.
+#[async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// The name this plugin has in the config file, for logs.
+    fn name(&self) -> &'static str;
+
+    /// Runs once per downstream request, after routing and before the cache lookup.
+    ///
+    /// Returning [`Verdict::Respond`] ends the request with that response: the cache and the
+    /// origin are not consulted and later plugins' request filters do not run. The default
+    /// returns [`Verdict::Continue`].
+    async fn request_filter(&self, _req: &RequestInfo<'_>, _state: &mut RequestState) -> Verdict {
+        Verdict::Continue
+    }
+
+    /// Runs just before a request goes to the origin (cache misses, expired entries and
+    /// uncached requests), after the gateway has set the origin's `Host` and removed the
+    /// downstream `Authorization` header. An error fails the request with a 500 and is logged.
+    /// The default changes nothing.
+    fn upstream_request_filter(
+        &self,
+        _req: &mut RequestHeader,
+        _state: &mut RequestState,
+    ) -> pingora::Result<()> {
+        Ok(())
+    }
+
+    /// Runs on the origin's response header before the cache decides whether to store it, so
+    /// what this hook changes is stored. An error fails the request and is logged. The default
+    /// changes nothing.
+    fn upstream_response_filter(
+        &self,
+        _resp: &mut ResponseHeader,
+        _state: &mut RequestState,
+    ) -> pingora::Result<()> {
+        Ok(())
+    }
+
+    /// Runs on every response header sent downstream: cache hits, origin responses and the
+    /// gateway's own responses. What this hook changes is not stored. An error fails the
+    /// request and is logged. The default changes nothing.
+    fn response_filter(
+        &self,
+        _resp: &mut ResponseHeader,
+        _state: &RequestState,
+    ) -> pingora::Result<()> {
+        Ok(())
+    }
+
+    /// Runs once per request after the response is finished or the request failed. It cannot
+    /// change the response. The default does nothing.
+    fn logging(&self, _record: &LogRecord<'_>, _state: &RequestState) {}
+}

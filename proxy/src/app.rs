@@ -1,0 +1,340 @@
+//! Start-up: from a validated config to a running Pingora server.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::IntoRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{
+    ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
+use pingora::services::Service;
+use tokio::sync::oneshot;
+
+use crate::access_log::AccessLog;
+use crate::cache::{CacheTier, TierSnapshot};
+use crate::config::{GatewayConfig, OriginKind};
+use crate::gateway::{DomainRuntime, Gateway, GatewayState};
+use crate::origin::file_server::file_server_service;
+use crate::routing::Router;
+use crate::upstream::Upstream;
+
+/// A gateway built from a config, with its listening sockets bound, ready to run.
+pub struct App {
+    server: Server,
+    listen: Vec<SocketAddr>,
+    state: Arc<GatewayState>,
+    runtime_dir: RuntimeDir,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}; free the port or change server.listen")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the runtime directory {path}: {source}; set server.runtime_dir")]
+    RuntimeDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the access log: {0}")]
+    AccessLog(std::io::Error),
+    #[error("domain {domain}, origin {origin}: {reason}")]
+    Origin {
+        domain: String,
+        origin: String,
+        reason: String,
+    },
+    #[error("invalid host names: {0}")]
+    Hosts(String),
+}
+
+impl App {
+    /// Builds every service and binds every socket, so that errors surface before running.
+    pub fn build(config: &GatewayConfig) -> Result<Self, StartError> {
+        let runtime_dir = RuntimeDir::create(config.server.runtime_dir.as_deref())?;
+        let server_conf = server_conf(config, runtime_dir.path());
+        let mut server = Server::new_with_opt_and_conf(None, server_conf);
+
+        let mut domains = Vec::new();
+        for domain in &config.domains {
+            let mut upstreams = Vec::new();
+            for origin in &domain.origins {
+                let upstream =
+                    Upstream::new(&domain.id, origin, runtime_dir.path()).map_err(|reason| {
+                        StartError::Origin {
+                            domain: domain.id.clone(),
+                            origin: origin.name.clone(),
+                            reason,
+                        }
+                    })?;
+                if let (Upstream::ExportTree { tree, socket }, OriginKind::ExportTree(_)) =
+                    (&upstream, &origin.kind)
+                {
+                    let name = format!("export tree {}/{}", domain.id, origin.name);
+                    let service = file_server_service(&name, Arc::clone(tree), socket);
+                    let listener = bind_unix(socket)?;
+                    server.add_service(Prebound::new(
+                        service,
+                        vec![(socket_key(socket), listener.into_raw_fd())],
+                    ));
+                }
+                upstreams.push(upstream);
+            }
+            domains.push(DomainRuntime {
+                config: domain.clone(),
+                upstreams,
+            });
+        }
+
+        let state = Arc::new(GatewayState {
+            router: Router::new(&config.domains).map_err(|e| StartError::Hosts(e.to_string()))?,
+            domains,
+            cache: CacheTier::new(&config.cache),
+            access_log: AccessLog::open(&config.log.access_log).map_err(StartError::AccessLog)?,
+        });
+
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Gateway::new(Arc::clone(&state)),
+            "mirror-gateway proxy",
+        );
+        let mut prebound = Vec::new();
+        let mut listen = Vec::new();
+        for addr in &config.server.listen {
+            let listener = TcpListener::bind(addr).map_err(|source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+            // Tokio refuses to adopt a blocking socket.
+            listener
+                .set_nonblocking(true)
+                .map_err(|source| StartError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            proxy.add_tcp(&bound.to_string());
+            prebound.push((bound.to_string(), listener.into_raw_fd()));
+            listen.push(bound);
+        }
+        server.add_service(Prebound::new(proxy, prebound));
+        Ok(Self {
+            server,
+            listen,
+            state,
+            runtime_dir,
+        })
+    }
+
+    /// Returns the bound listening addresses (port 0 in the config resolved to the real port).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    /// Runs until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade hand-over).
+    pub fn run(self) {
+        let Self {
+            server,
+            runtime_dir,
+            ..
+        } = self;
+        server.run(RunArgs::default());
+        drop(runtime_dir);
+    }
+
+    /// Runs on a background thread until [`RunningGateway::shutdown`] or drop; for tests and
+    /// embedding.
+    pub fn spawn(self) -> RunningGateway {
+        let (sender, receiver) = oneshot::channel();
+        let Self {
+            server,
+            listen,
+            state,
+            runtime_dir,
+        } = self;
+        let thread = std::thread::Builder::new()
+            .name("mirror-gateway".into())
+            .spawn(move || {
+                let watch = ChannelShutdown(Mutex::new(Some(receiver)));
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(watch),
+                });
+                drop(runtime_dir);
+            })
+            .ok();
+        RunningGateway {
+            listen,
+            state,
+            shutdown: Some(sender),
+            thread,
+        }
+    }
+}
+
+/// A gateway running on a background thread.
+pub struct RunningGateway {
+    listen: Vec<SocketAddr>,
+    state: Arc<GatewayState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Returns the bound listening addresses.
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    /// Returns the memory tier's counters.
+    pub fn memory_stats(&self) -> TierSnapshot {
+        self.state.cache.memory_stats()
+    }
+
+    /// Stops the gateway gracefully and waits for it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(sender) = self.shutdown.take() {
+            let _ = sender.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops the server when its channel fires or its sender is dropped.
+struct ChannelShutdown(Mutex<Option<oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let receiver = self.0.lock().ok().and_then(|mut r| r.take());
+        if let Some(receiver) = receiver {
+            let _ = receiver.await;
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {
+    let mut conf = ServerConf::default();
+    conf.threads = config.server.threads;
+    conf.grace_period_seconds = Some(config.server.grace_period.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(config.server.shutdown_timeout.as_secs());
+    conf.upstream_keepalive_pool_size = config.server.upstream_keepalive_pool_size;
+    conf.pid_file = runtime_dir.join("mirror-gateway.pid").display().to_string();
+    conf.upgrade_sock = runtime_dir.join("upgrade.sock").display().to_string();
+    conf
+}
+
+/// A Pingora service whose listening sockets were bound before the server started.
+///
+/// Binding early lets `App::build` report the real port of a `:0` address and fail fast on a
+/// port in use, and it makes the internal Unix sockets exist before the first request.
+struct Prebound<S> {
+    inner: S,
+    fds: Vec<(String, i32)>,
+}
+
+impl<S> Prebound<S> {
+    fn new(inner: S, fds: Vec<(String, i32)>) -> Self {
+        Self { inner, fds }
+    }
+}
+
+#[async_trait]
+impl<S: Service> Service for Prebound<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        if let Some(table) = &fds {
+            let mut table = table.lock();
+            for (addr, fd) in self.fds.drain(..) {
+                table.add(addr, fd);
+            }
+        }
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await;
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).and_then(|l| l.set_nonblocking(true).map(|()| l));
+    listener.map_err(|source| StartError::Listen {
+        addr: path.display().to_string(),
+        source,
+    })
+}
+
+fn socket_key(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// A private directory for the process's internal sockets, removed when dropped.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create(base: Option<&Path>) -> Result<Self, StartError> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let base = base
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
+            .unwrap_or_else(std::env::temp_dir);
+        let name = format!(
+            "mirror-gateway-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = base.join(name);
+        let created = std::fs::DirBuilder::new().mode(0o700).create(&path);
+        created.map_err(|source| StartError::RuntimeDir {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,434 @@
+//! The memory tier: complete responses held in memory, bounded in bytes.
+//!
+//! An entry is published only when its miss handler finishes, so readers never see a partial
+//! body; a fill that is dropped (origin error, client gone, too large) leaves nothing behind.
+//! The byte budget is enforced by Pingora's LRU eviction manager, which the gateway passes to
+//! `HttpCache::enable` next to this storage: after each admission it asks the storage to purge
+//! the least recently used entries.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::RwLock;
+use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora::cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType,
+};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::{Error, ErrorType, Result};
+
+/// Largest chunk a hit hands to the downstream writer at once.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Counters of one cache tier, readable at any time.
+#[derive(Debug, Default)]
+pub struct TierStats {
+    pub entries: AtomicU64,
+    pub bytes: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// A snapshot of [`TierStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierSnapshot {
+    pub entries: u64,
+    pub bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub write_errors: u64,
+}
+
+impl TierStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> TierSnapshot {
+        TierSnapshot {
+            entries: self.entries.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            write_errors: self.write_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Entry {
+    /// `CacheMeta::serialize` output: the internal part and the response header.
+    meta: (Vec<u8>, Vec<u8>),
+    body: Bytes,
+}
+
+/// The memory tier. Entries are keyed by the combined cache key (primary key and variance).
+pub struct MemoryStorage {
+    entries: RwLock<HashMap<HashBinary, Entry>>,
+    max_object_bytes: usize,
+    stats: TierStats,
+}
+
+impl MemoryStorage {
+    /// Creates an empty tier that refuses objects larger than `max_object_bytes`.
+    pub fn new(max_object_bytes: usize) -> Self {
+        Self {
+            entries: RwLock::new(HashMap::new()),
+            max_object_bytes,
+            stats: TierStats::default(),
+        }
+    }
+
+    /// Returns the tier's counters.
+    pub fn stats(&self) -> &TierStats {
+        &self.stats
+    }
+
+    fn remove(&self, key: &HashBinary) -> bool {
+        let removed = self.entries.write().remove(key);
+        if let Some(entry) = &removed {
+            self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .bytes
+                .fetch_sub(entry.body.len() as u64, Ordering::Relaxed);
+        }
+        removed.is_some()
+    }
+
+    fn insert(&self, key: HashBinary, entry: Entry) {
+        let size = entry.body.len() as u64;
+        let replaced = self.entries.write().insert(key, entry);
+        match replaced {
+            Some(old) => {
+                self.stats
+                    .bytes
+                    .fetch_sub(old.body.len() as u64, Ordering::Relaxed);
+            }
+            None => {
+                self.stats.entries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.stats.bytes.fetch_add(size, Ordering::Relaxed);
+    }
+}
+
+fn compact_key(target: PurgeTarget<'_>) -> &CompactCacheKey {
+    target.key()
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let found = {
+            let entries = self.entries.read();
+            entries
+                .get(&key.combined_bin())
+                .map(|e| (CacheMeta::deserialize(&e.meta.0, &e.meta.1), e.body.clone()))
+        };
+        match found {
+            Some((meta, body)) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                let end = body.len();
+                Ok(Some((
+                    meta?,
+                    Box::new(BytesHit {
+                        body,
+                        start: 0,
+                        end,
+                    }),
+                )))
+            }
+            None => {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        Ok(Box::new(MemoryMiss {
+            storage: self,
+            key: key.combined_bin(),
+            meta: meta.serialize()?,
+            body: BytesMut::new(),
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let removed = self.remove(&compact_key(target).combined_bin());
+        if removed && matches!(purge_type, PurgeType::Eviction) {
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(if removed {
+            PurgeOutcome::Purged(None)
+        } else {
+            PurgeOutcome::NotFound
+        })
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let serialized = meta.serialize()?;
+        let mut entries = self.entries.write();
+        match entries.get_mut(&key.combined_bin()) {
+            Some(entry) => {
+                entry.meta = serialized;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// Reads a complete body from memory; seekable, so ranges are served from the cache.
+struct BytesHit {
+    body: Bytes,
+    start: usize,
+    end: usize,
+}
+
+#[async_trait]
+impl HandleHit for BytesHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.start >= self.end {
+            return Ok(None);
+        }
+        let stop = self.end.min(self.start + READ_CHUNK);
+        let chunk = self.body.slice(self.start..stop);
+        self.start = stop;
+        Ok(Some(chunk))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        let len = self.body.len();
+        if start >= len {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!("seek start {start} is past the end of a {len}-byte body"),
+            );
+        }
+        self.start = start;
+        self.end = end.map_or(len, |end| end.min(len));
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.body.len()
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Collects a body and publishes it when the fill finishes; dropping it discards the body.
+struct MemoryMiss {
+    storage: &'static MemoryStorage,
+    key: HashBinary,
+    meta: (Vec<u8>, Vec<u8>),
+    body: BytesMut,
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        if self.body.len() + data.len() > self.storage.max_object_bytes {
+            self.storage
+                .stats
+                .write_errors
+                .fetch_add(1, Ordering::Relaxed);
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!(
+                    "object exceeds the memory tier's limit of {} bytes",
+                    self.storage.max_object_bytes
+                ),
+            );
+        }
+        self.body.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let size = self.body.len();
+        let entry = Entry {
+            meta: self.meta,
+            body: self.body.freeze(),
+        };
+        self.storage.insert(self.key, entry);
+        Ok(MissFinishType::Created(size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::http::ResponseHeader;
+    use std::time::{Duration, SystemTime};
+
+    fn inactive() -> SpanHandle {
+        pingora::cache::trace::Span::inactive().handle()
+    }
+
+    fn storage() -> &'static MemoryStorage {
+        Box::leak(Box::new(MemoryStorage::new(1024)))
+    }
+
+    fn meta() -> CacheMeta {
+        let now = SystemTime::now();
+        let header = ResponseHeader::build(200, None).expect("valid status");
+        CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header)
+    }
+
+    async fn fill(storage: &'static MemoryStorage, key: &CacheKey, body: &'static [u8]) {
+        let trace = inactive();
+        let mut miss = storage
+            .get_miss_handler(key, &meta(), &trace)
+            .await
+            .expect("miss");
+        miss.write_body(Bytes::from_static(body), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+    }
+
+    #[tokio::test]
+    async fn memory_fill_then_hit() {
+        let storage = storage();
+        let key = CacheKey::new("k", "primary");
+        let trace = inactive();
+        assert!(storage
+            .lookup(&key, &trace)
+            .await
+            .expect("lookup")
+            .is_none());
+        fill(storage, &key, b"hello").await;
+        let (_, mut hit) = storage
+            .lookup(&key, &trace)
+            .await
+            .expect("lookup")
+            .expect("hit");
+        assert_eq!(
+            hit.read_body().await.expect("read"),
+            Some(Bytes::from_static(b"hello"))
+        );
+        assert_eq!(hit.read_body().await.expect("read"), None);
+        let stats = storage.stats().snapshot();
+        assert_eq!(
+            (stats.entries, stats.bytes, stats.hits, stats.misses),
+            (1, 5, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_dropped_fill_leaves_nothing() {
+        let storage = storage();
+        let key = CacheKey::new("k", "primary");
+        let trace = inactive();
+        let mut miss = storage
+            .get_miss_handler(&key, &meta(), &trace)
+            .await
+            .expect("miss");
+        miss.write_body(Bytes::from_static(b"part"), false)
+            .await
+            .expect("write");
+        drop(miss);
+        assert!(storage
+            .lookup(&key, &trace)
+            .await
+            .expect("lookup")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn memory_rejects_oversized_object() {
+        let storage = storage();
+        let key = CacheKey::new("big", "primary");
+        let trace = inactive();
+        let mut miss = storage
+            .get_miss_handler(&key, &meta(), &trace)
+            .await
+            .expect("miss");
+        let big = Bytes::from(vec![0u8; 2048]);
+        assert!(miss.write_body(big, true).await.is_err());
+        assert_eq!(storage.stats().snapshot().write_errors, 1);
+    }
+
+    #[tokio::test]
+    async fn memory_seek_serves_range() {
+        let storage = storage();
+        let key = CacheKey::new("r", "primary");
+        fill(storage, &key, b"0123456789").await;
+        let (_, mut hit) = storage
+            .lookup(&key, &inactive())
+            .await
+            .expect("ok")
+            .expect("hit");
+        hit.seek(2, Some(5)).expect("seek");
+        assert_eq!(
+            hit.read_body().await.expect("read"),
+            Some(Bytes::from_static(b"234"))
+        );
+        assert!(hit.seek(10, None).is_err());
+    }
+
+    #[tokio::test]
+    async fn memory_purge_removes_entry() {
+        let storage = storage();
+        let key = CacheKey::new("p", "primary");
+        fill(storage, &key, b"x").await;
+        let compact = key.to_compact();
+        let trace = inactive();
+        let outcome = storage
+            .purge(PurgeTarget::Active(&compact), PurgeType::Eviction, &trace)
+            .await
+            .expect("purge");
+        assert_eq!(outcome, PurgeOutcome::Purged(None));
+        assert_eq!(storage.stats().snapshot().evictions, 1);
+        assert_eq!(storage.stats().snapshot().bytes, 0);
+    }
+}

@@ -1,0 +1,230 @@
+//! Whether an origin response is stored, and for how long.
+
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use mirror_plugins::CachePolicy;
+use pingora::cache::cache_control::CacheControl;
+use pingora::cache::filters::resp_cacheable;
+use pingora::cache::{CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
+use pingora::http::ResponseHeader;
+
+/// Why a response was not stored. The labels are stable: logs, metrics and tests use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoStoreReason {
+    /// The origin sent `Cache-Control: no-store` or `private`.
+    OriginNoStore,
+    /// The response sets a cookie, so it belongs to one client.
+    SetCookie,
+    /// An error or other status that is never stored (5xx, 4xx unless configured, 206, ...).
+    Status,
+    /// Neither the TTL policy nor the origin gave the response a lifetime.
+    NoLifetime,
+}
+
+impl NoStoreReason {
+    /// Returns the stable label of this reason.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OriginNoStore => "origin_no_store",
+            Self::SetCookie => "set_cookie",
+            Self::Status => "status",
+            Self::NoLifetime => "no_lifetime",
+        }
+    }
+}
+
+/// Defaults for `resp_cacheable`: every status it may store gets a placeholder lifetime, which
+/// `decide_cacheability` replaces with the policy's TTL. Without a policy only the origin's own
+/// `Cache-Control`/`Expires` lifetimes count, so the placeholder is never used then.
+const POLICY_DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(placeholder_lifetime, 0, 0);
+const ORIGIN_DEFAULTS: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
+
+fn placeholder_lifetime(status: StatusCode) -> Option<Duration> {
+    matches!(status.as_u16(), 200 | 203 | 204 | 301 | 308 | 404 | 410)
+        .then_some(Duration::from_secs(1))
+}
+
+/// Decides whether to store `resp`, applying the TTL `policy` of the request path, if any.
+///
+/// The policy's TTL replaces the origin's lifetime, but never makes storable what the origin
+/// forbids (`no-store`, `private`, `Set-Cookie`) and never applies to error statuses: only 200,
+/// 203, 204, 301, 308 and 410 are stored under it, and 404 only when the rule sets
+/// `cache_not_found`. An origin `no-cache` keeps the entry stale from the start, so it is
+/// revalidated on every use. `authorization_forwarded` is true when the origin saw the
+/// client's credentials; such a response is stored only when the origin marks it `public`.
+pub fn decide_cacheability(
+    resp: &ResponseHeader,
+    policy: Option<&CachePolicy>,
+    authorization_forwarded: bool,
+    now: SystemTime,
+) -> Result<RespCacheable, NoStoreReason> {
+    if resp.headers.contains_key(http::header::SET_COOKIE) {
+        return Err(NoStoreReason::SetCookie);
+    }
+    let status = resp.status.as_u16();
+    if status >= 500
+        || status == 206
+        || (status == 404 && !policy.is_some_and(|p| p.cache_not_found))
+    {
+        return Err(NoStoreReason::Status);
+    }
+    let cc = CacheControl::from_resp_headers(resp);
+    if cc.as_ref().is_some_and(|cc| cc.no_store() || cc.private()) {
+        return Err(NoStoreReason::OriginNoStore);
+    }
+    let defaults = if policy.is_some() {
+        &POLICY_DEFAULTS
+    } else {
+        &ORIGIN_DEFAULTS
+    };
+    let origin_no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    match resp_cacheable(cc.as_ref(), resp.clone(), authorization_forwarded, defaults) {
+        RespCacheable::Cacheable(meta) => match policy {
+            Some(policy) if !origin_no_cache => Ok(RespCacheable::Cacheable(CacheMeta::new(
+                now + policy.ttl,
+                now,
+                meta.stale_while_revalidate_sec(),
+                meta.stale_if_error_sec(),
+                meta.response_header_copy(),
+            ))),
+            _ => Ok(RespCacheable::Cacheable(meta)),
+        },
+        RespCacheable::Uncacheable(NoCacheReason::OriginNotCache) if policy.is_none() => {
+            Err(NoStoreReason::NoLifetime)
+        }
+        RespCacheable::Uncacheable(_) => Err(NoStoreReason::Status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(status, None).expect("valid status");
+        for (name, value) in headers {
+            resp.append_header(name.to_string(), *value)
+                .expect("valid header");
+        }
+        resp
+    }
+
+    fn policy(ttl: u64) -> CachePolicy {
+        CachePolicy {
+            pattern: "/x".into(),
+            ttl: Duration::from_secs(ttl),
+            cache_control: None,
+            cache_not_found: false,
+        }
+    }
+
+    fn fresh_secs(result: Result<RespCacheable, NoStoreReason>, now: SystemTime) -> u64 {
+        match result {
+            Ok(RespCacheable::Cacheable(meta)) => meta
+                .fresh_until()
+                .duration_since(now)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            other => panic!("expected cacheable, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn policy_ttl_replaces_origin_lifetime() {
+        let now = SystemTime::now();
+        let resp = response(200, &[("cache-control", "max-age=5")]);
+        assert_eq!(
+            fresh_secs(
+                decide_cacheability(&resp, Some(&policy(300)), false, now),
+                now
+            ),
+            300
+        );
+    }
+
+    #[test]
+    fn policy_applies_without_origin_headers() {
+        let now = SystemTime::now();
+        let resp = response(200, &[]);
+        assert_eq!(
+            fresh_secs(
+                decide_cacheability(&resp, Some(&policy(60)), false, now),
+                now
+            ),
+            60
+        );
+    }
+
+    #[test]
+    fn no_policy_follows_origin() {
+        let now = SystemTime::now();
+        assert_eq!(
+            decide_cacheability(&response(200, &[]), None, false, now).err(),
+            Some(NoStoreReason::NoLifetime)
+        );
+        let resp = response(200, &[("cache-control", "max-age=30")]);
+        assert_eq!(
+            fresh_secs(decide_cacheability(&resp, None, false, now), now),
+            30
+        );
+    }
+
+    #[test]
+    fn never_stored_cases() {
+        let now = SystemTime::now();
+        let p = policy(300);
+        let cases = [
+            (
+                response(200, &[("cache-control", "no-store")]),
+                NoStoreReason::OriginNoStore,
+            ),
+            (
+                response(200, &[("cache-control", "private")]),
+                NoStoreReason::OriginNoStore,
+            ),
+            (
+                response(200, &[("set-cookie", "a=b")]),
+                NoStoreReason::SetCookie,
+            ),
+            (response(500, &[]), NoStoreReason::Status),
+            (
+                response(503, &[("cache-control", "max-age=60")]),
+                NoStoreReason::Status,
+            ),
+            (response(404, &[]), NoStoreReason::Status),
+            (response(206, &[]), NoStoreReason::Status),
+        ];
+        for (resp, reason) in cases {
+            let status = resp.status;
+            assert_eq!(
+                decide_cacheability(&resp, Some(&p), false, now).err(),
+                Some(reason),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn not_found_stored_when_configured() {
+        let now = SystemTime::now();
+        let mut p = policy(30);
+        p.cache_not_found = true;
+        assert_eq!(
+            fresh_secs(
+                decide_cacheability(&response(404, &[]), Some(&p), false, now),
+                now
+            ),
+            30
+        );
+    }
+
+    #[test]
+    fn forwarded_authorization_needs_public() {
+        let now = SystemTime::now();
+        let p = policy(30);
+        assert!(decide_cacheability(&response(200, &[]), Some(&p), true, now).is_err());
+        let public = response(200, &[("cache-control", "public, max-age=10")]);
+        assert!(decide_cacheability(&public, Some(&p), true, now).is_ok());
+    }
+}

@@ -1,0 +1,260 @@
+//! Environment overrides: `MIRROR_GATEWAY__<KEY>__<KEY>...=value` sets one key of the file.
+//!
+//! Segments are separated by a double underscore and compared with the file's keys after
+//! upper-casing them and turning `-` into `_`, so `MIRROR_GATEWAY__DOMAINS__PRIMARY__HOSTS`
+//! sets `domains.primary.hosts` and `MIRROR_GATEWAY__DOMAINS__PRIMARY__PLUGINS__0__FILE` sets
+//! the `file` of the domain's first plugin. A key the file does not have is created (in lower
+//! case), so that validation reports it if it is unknown.
+//!
+//! Values replace the file's value. Where the file holds a string, the variable's text is taken
+//! as that string; elsewhere it is read as a TOML value (`8080`, `true`, `["a", "b"]`), and
+//! text that is not valid TOML is taken as a string.
+
+use toml::{Table, Value};
+
+use super::ConfigError;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "MIRROR_GATEWAY__";
+
+/// Which environment variable set which key path, for error messages.
+#[derive(Debug, Default)]
+pub struct Sources {
+    overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Returns the variable that set `key` or a table containing it, if any.
+    pub fn variable_for(&self, key: &str) -> Option<&str> {
+        self.overrides
+            .iter()
+            .filter(|(path, _)| {
+                key == path
+                    || key.starts_with(&format!("{path}."))
+                    || key.starts_with(&format!("{path}["))
+            })
+            .max_by_key(|(path, _)| path.len())
+            .map(|(_, var)| var.as_str())
+    }
+}
+
+/// Applies every `MIRROR_GATEWAY__...` variable of `env` to `root`, in name order.
+pub fn apply_overrides(
+    root: &mut Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Sources, Vec<ConfigError>> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    let mut sources = Sources::default();
+    let mut errors = Vec::new();
+    for (name, value) in vars {
+        match apply_one(root, &name, &value) {
+            Ok(path) => sources.overrides.push((path, name)),
+            Err(reason) => errors.push(ConfigError::new(
+                name,
+                "",
+                Some(format!("{value:?}")),
+                reason,
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(sources)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Sets the key that `name` designates and returns its dotted path.
+fn apply_one(root: &mut Table, name: &str, value: &str) -> Result<String, String> {
+    let segments: Vec<&str> = name[ENV_PREFIX.len()..].split("__").collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(format!(
+            "empty key segment; write keys as {ENV_PREFIX}SECTION__KEY with single `__` between them"
+        ));
+    }
+    let (last, parents) = segments.split_last().ok_or("no key after the prefix")?;
+    let mut path = String::new();
+    // The walk treats the root like any other table; it is moved back whatever happens.
+    let mut top = Value::Table(std::mem::take(root));
+    let result = walk_and_set(&mut top, parents, last, value, &mut path);
+    if let Value::Table(table) = top {
+        *root = table;
+    }
+    result.map(|()| path)
+}
+
+fn walk_and_set(
+    top: &mut Value,
+    parents: &[&str],
+    last: &str,
+    value: &str,
+    path: &mut String,
+) -> Result<(), String> {
+    let mut current = top;
+    for segment in parents {
+        current = child(current, segment, path)?;
+    }
+    let slot = child(current, last, path)?;
+    *slot = typed_value(slot, value)?;
+    Ok(())
+}
+
+/// Returns the child `segment` of `value`, creating an empty table where the key is missing.
+fn child<'a>(
+    value: &'a mut Value,
+    segment: &str,
+    path: &mut String,
+) -> Result<&'a mut Value, String> {
+    let here = if path.is_empty() {
+        "the top level".to_string()
+    } else {
+        format!("`{path}`")
+    };
+    match value {
+        Value::Table(table) => {
+            let key = table
+                .keys()
+                .find(|k| normalize(k) == segment)
+                .cloned()
+                .unwrap_or_else(|| segment.to_ascii_lowercase());
+            path.push_str(&if path.is_empty() {
+                key.clone()
+            } else {
+                format!(".{key}")
+            });
+            // A new key starts as an empty table: a parent becomes a table, and a last
+            // segment's value is then read as TOML (see `typed_value`).
+            Ok(table
+                .entry(key)
+                .or_insert_with(|| Value::Table(Table::new())))
+        }
+        Value::Array(items) => {
+            let index: usize = segment.parse().map_err(|_| {
+                format!("{here} is a list; use a number such as 0 as its key segment")
+            })?;
+            let len = items.len();
+            path.push_str(&format!("[{index}]"));
+            items
+                .get_mut(index)
+                .ok_or_else(|| format!("{here} has {len} entries; index {index} is out of range"))
+        }
+        _ => Err(format!(
+            "{here} is a single value, not a table; shorten the variable name"
+        )),
+    }
+}
+
+/// Converts the variable's text to the type of the value it replaces.
+fn typed_value(existing: &Value, text: &str) -> Result<Value, String> {
+    if let Value::String(_) = existing {
+        return Ok(Value::String(text.to_string()));
+    }
+    let parsed = format!("v = {text}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    match parsed {
+        Some(value) => Ok(value),
+        None if matches!(existing, Value::Table(t) if t.is_empty()) => {
+            Ok(Value::String(text.to_string()))
+        }
+        None => Err(format!(
+            "expected a TOML {} such as the file's `{existing}`",
+            existing.type_str()
+        )),
+    }
+}
+
+fn normalize(key: &str) -> String {
+    key.to_ascii_uppercase().replace('-', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(file: &str, vars: &[(&str, &str)]) -> Result<Table, Vec<ConfigError>> {
+        let mut root: Table = file.parse().expect("valid TOML");
+        let env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        apply_overrides(&mut root, env).map(|_| root)
+    }
+
+    #[test]
+    fn override_replaces_string_and_number() {
+        let root = apply(
+            "[server]\nthreads = 2\nruntime_dir = \"/a\"",
+            &[
+                ("MIRROR_GATEWAY__SERVER__THREADS", "8"),
+                ("MIRROR_GATEWAY__SERVER__RUNTIME_DIR", "/run/x"),
+            ],
+        )
+        .expect("applied");
+        assert_eq!(root["server"]["threads"].as_integer(), Some(8));
+        assert_eq!(root["server"]["runtime_dir"].as_str(), Some("/run/x"));
+    }
+
+    #[test]
+    fn override_reaches_list_entry_and_dashed_key() {
+        let root = apply(
+            "[domains.mirror-a]\nplugins = [{ name = \"htpasswd\", file = \"a\" }]",
+            &[(
+                "MIRROR_GATEWAY__DOMAINS__MIRROR_A__PLUGINS__0__FILE",
+                "/run/secrets/h",
+            )],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["mirror-a"]["plugins"][0]["file"].as_str(),
+            Some("/run/secrets/h")
+        );
+    }
+
+    #[test]
+    fn override_creates_missing_key() {
+        let root = apply(
+            "",
+            &[("MIRROR_GATEWAY__SERVER__LISTEN", "[\"127.0.0.1:9\"]")],
+        )
+        .expect("applied");
+        assert_eq!(root["server"]["listen"][0].as_str(), Some("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn override_errors_name_variable() {
+        let errors = apply(
+            "[server]\nthreads = 2\nlisten = []",
+            &[
+                ("MIRROR_GATEWAY__SERVER__THREADS", "many"),
+                ("MIRROR_GATEWAY__SERVER__LISTEN__3", "x"),
+                ("MIRROR_GATEWAY__SERVER__THREADS__X", "1"),
+            ],
+        )
+        .expect_err("three bad variables");
+        let names: Vec<_> = errors.iter().map(|e| e.source.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "MIRROR_GATEWAY__SERVER__LISTEN__3",
+                "MIRROR_GATEWAY__SERVER__THREADS",
+                "MIRROR_GATEWAY__SERVER__THREADS__X"
+            ]
+        );
+    }
+
+    #[test]
+    fn sources_find_longest_prefix() {
+        let sources = Sources {
+            overrides: vec![
+                ("domains.a".into(), "V1".into()),
+                ("domains.a.hosts".into(), "V2".into()),
+            ],
+        };
+        assert_eq!(sources.variable_for("domains.a.hosts[0]"), Some("V2"));
+        assert_eq!(sources.variable_for("domains.a.routes"), Some("V1"));
+        assert_eq!(sources.variable_for("domains.ab"), None);
+    }
+}

@@ -1,0 +1,174 @@
+//! The gateway's configuration: one TOML file, every key overridable from the environment.
+//!
+//! `load` reads the file, applies `MIRROR_GATEWAY__...` environment overrides (see `env.rs`),
+//! deserializes the schema (`schema.rs`) and validates it into the types below. Every error is
+//! collected and returned together, each naming its source (file or environment variable),
+//! key, value and reason, the way `nginx -t` lists problems.
+
+mod env;
+mod error;
+pub mod schema;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mirror_plugins::Plugin;
+
+pub use env::ENV_PREFIX;
+pub use error::ConfigError;
+
+/// A validated configuration, ready to run.
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub cache: CacheSettings,
+    pub domains: Vec<Domain>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// TCP addresses for plain HTTP; port 0 picks a free port at start.
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Directory for the internal sockets of export-tree origins; `None` picks one at start.
+    pub runtime_dir: Option<PathBuf>,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub upstream_keepalive_pool_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub access_log: AccessLogTarget,
+    /// A `tracing` filter directive such as `info` or `mirror_proxy=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Byte budget of the memory tier.
+    pub memory_bytes: usize,
+    /// Responses larger than this are served but not stored.
+    pub max_object_bytes: usize,
+    /// How long a request waits for another request's fill of the same key.
+    pub lock_wait_timeout: Duration,
+    /// After this long a fill is presumed stuck and waiters compete again.
+    pub lock_age_timeout: Duration,
+}
+
+/// A mirror domain: its host names, routes, origins and plugin chain.
+#[derive(Clone)]
+pub struct Domain {
+    pub id: String,
+    pub hosts: Vec<String>,
+    /// Routes sorted by descending prefix length, so the first match is the longest.
+    pub routes: Vec<Route>,
+    pub origins: Vec<Origin>,
+    pub plugins: Vec<Arc<dyn Plugin>>,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plugins: Vec<_> = self.plugins.iter().map(|p| p.name()).collect();
+        f.debug_struct("Domain")
+            .field("id", &self.id)
+            .field("hosts", &self.hosts)
+            .field("routes", &self.routes)
+            .field("origins", &self.origins)
+            .field("plugins", &plugins)
+            .finish()
+    }
+}
+
+/// A path prefix and the origin that serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// A prefix ending in `/` matches every path below it; any other prefix matches that exact
+    /// path and the paths below it as a directory (`/a` matches `/a` and `/a/b`, not `/ab`).
+    pub prefix: String,
+    /// Index into [`Domain::origins`].
+    pub origin: usize,
+    /// Replaces the prefix in the path sent to the origin; `None` keeps the path as it is.
+    pub origin_path: Option<String>,
+    /// Whether the downstream `Authorization` header is passed to the origin.
+    pub forward_authorization: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub name: String,
+    pub kind: OriginKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum OriginKind {
+    Http(HttpOrigin),
+    ExportTree(ExportTreeOrigin),
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpOrigin {
+    /// `host:port` of each upstream server, tried in turn.
+    pub addresses: Vec<String>,
+    /// The `Host` header the origin expects.
+    pub host: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    /// How long an idle keep-alive connection to the origin is kept for reuse.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportTreeOrigin {
+    pub root: PathBuf,
+    /// An export id to serve in place of `latest`, for rollbacks.
+    pub pinned_export: Option<String>,
+}
+
+/// Loads and validates the config file at `path`, applying overrides from `env`.
+///
+/// `env` is usually `std::env::vars()`; only variables starting with [`ENV_PREFIX`] are used.
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<GatewayConfig, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError::new(
+            path.display().to_string(),
+            "",
+            None,
+            format!("cannot read the config file: {e}"),
+        )]
+    })?;
+    load_str(&text, path, env)
+}
+
+/// Validates config `text` as if it were read from `path` (relative paths resolve against
+/// the directory of `path`).
+pub fn load_str(
+    text: &str,
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<GatewayConfig, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let mut root: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![error::syntax_error(&file, text, &e)])?;
+    let sources = env::apply_overrides(&mut root, env).map_err(|errors| errors)?;
+    validate::validate(root, path, &sources)
+}

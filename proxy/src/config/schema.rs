@@ -1,0 +1,203 @@
+//! The config file's schema: serde structs that mirror the TOML layout, before validation.
+//!
+//! Nothing here is trusted: `validate.rs` turns these into the types the gateway runs on.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// Top level of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub log: LogSection,
+    pub cache: CacheSection,
+    /// Domains by id. Each is validated on its own so that every domain's errors are reported.
+    pub domains: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: Vec<String>,
+    pub threads: usize,
+    pub runtime_dir: Option<String>,
+    pub grace_period_secs: u64,
+    pub shutdown_timeout_secs: u64,
+    pub upstream_keepalive_pool_size: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:8080".into()],
+            threads: 2,
+            runtime_dir: None,
+            grace_period_secs: 5,
+            shutdown_timeout_secs: 5,
+            upstream_keepalive_pool_size: 128,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub access_log: String,
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            access_log: "stdout".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    pub memory_bytes: ByteSize,
+    pub max_object_bytes: ByteSize,
+    pub lock_wait_timeout_secs: u64,
+    pub lock_age_timeout_secs: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            memory_bytes: ByteSize(256 << 20),
+            max_object_bytes: ByteSize(64 << 20),
+            lock_wait_timeout_secs: 30,
+            lock_age_timeout_secs: 60,
+        }
+    }
+}
+
+/// One domain's table: `[domains.<id>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSection {
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<toml::Value>,
+    #[serde(default)]
+    pub origins: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub plugins: Vec<toml::Value>,
+}
+
+/// One route: `[[domains.<id>.routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub prefix: String,
+    pub origin: String,
+    pub origin_path: Option<String>,
+    #[serde(default)]
+    pub forward_authorization: bool,
+}
+
+/// One origin: `[domains.<id>.origins.<name>]`, told apart by `kind`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum OriginSection {
+    Http {
+        addresses: Vec<String>,
+        host: Option<String>,
+        #[serde(default = "default_connect_timeout_ms")]
+        connect_timeout_ms: u64,
+        #[serde(default = "default_read_timeout_ms")]
+        read_timeout_ms: u64,
+        #[serde(default = "default_read_timeout_ms")]
+        write_timeout_ms: u64,
+        #[serde(default = "default_idle_timeout_secs")]
+        idle_timeout_secs: u64,
+    },
+    ExportTree {
+        root: String,
+        pinned_export: Option<String>,
+    },
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_read_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+
+/// A size in bytes, written as an integer or as a string with a unit (`"256MiB"`, `"2 GiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(de)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => parse_byte_size(&text)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"512"`, `"64KiB"`, `"256 MiB"`, `"2GiB"`, `"1MB"` (decimal units are powers of 1000).
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {text:?}; write a number of bytes or e.g. \"256MiB\"")
+    })?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; use B, KiB, MiB, GiB, TiB, KB, MB or GB"
+            ))
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_size_units() {
+        assert_eq!(parse_byte_size("512"), Ok(512));
+        assert_eq!(parse_byte_size("64KiB"), Ok(65_536));
+        assert_eq!(parse_byte_size("256 MiB"), Ok(256 << 20));
+        assert_eq!(parse_byte_size("1MB"), Ok(1_000_000));
+        assert!(parse_byte_size("12 parsecs").is_err());
+        assert!(parse_byte_size("MiB").is_err());
+        assert!(parse_byte_size("99999999999TiB").is_err());
+    }
+}

@@ -1,0 +1,442 @@
+//! The Pingora proxy application: each `ProxyHttp` phase of a request, in order.
+//!
+//! Glossary: *downstream* is the client side, *upstream* or *origin* the server the gateway
+//! fetches from, a *domain* one mirror site (its hosts, routes, origins and plugins), a *route*
+//! a path prefix mapped to one origin. Cache words follow RFC 9111: *fresh*, *stale*,
+//! *revalidate*, *validator*.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use http::{Method, StatusCode};
+use mirror_plugins::{LocalResponse, LogRecord, RequestInfo, RequestState, Verdict};
+use pingora::cache::{CacheKey, NoCacheReason, RespCacheable};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, Result};
+
+use crate::access_log::{AccessEntry, AccessLog};
+use crate::cache::{cache_key, cache_status, decide_cacheability, CacheTier, NoStoreReason};
+use crate::config::Domain;
+use crate::respond::{self, error_response, write_local, CACHE_STATUS_HEADER};
+use crate::routing::{match_route, Router};
+use crate::upstream::Upstream;
+
+/// A domain with its origins ready to use.
+pub struct DomainRuntime {
+    pub config: Domain,
+    /// One entry per `config.origins` entry, same order.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// Everything the gateway needs to serve requests.
+pub struct GatewayState {
+    pub router: Router,
+    pub domains: Vec<DomainRuntime>,
+    pub cache: CacheTier,
+    pub access_log: AccessLog,
+}
+
+/// The proxy application that Pingora drives.
+pub struct Gateway {
+    state: Arc<GatewayState>,
+}
+
+impl Gateway {
+    /// Wraps the gateway state.
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Self { state }
+    }
+}
+
+/// Per-request state, created by `new_ctx` and filled in as the request moves on.
+pub struct RequestCtx {
+    start: Instant,
+    domain: Option<usize>,
+    route: Option<usize>,
+    /// The normalised path.
+    path: String,
+    /// The query, kept only for HTTP origins (export trees ignore it).
+    query: Option<String>,
+    /// Path and query sent upstream.
+    upstream_uri: String,
+    /// The export that serves this request, for export-tree origins.
+    export_id: Option<String>,
+    plugin_state: RequestState,
+    /// `X-Cache-Status` of a response the gateway made itself.
+    local_cache_status: Option<&'static str>,
+    no_store: Option<NoStoreReason>,
+    first_attempt: usize,
+    attempts: usize,
+}
+
+impl RequestCtx {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            domain: None,
+            route: None,
+            path: String::new(),
+            query: None,
+            upstream_uri: String::new(),
+            export_id: None,
+            plugin_state: RequestState::default(),
+            local_cache_status: None,
+            no_store: None,
+            first_attempt: 0,
+            attempts: 0,
+        }
+    }
+}
+
+impl GatewayState {
+    fn domain(&self, ctx: &RequestCtx) -> Option<&DomainRuntime> {
+        ctx.domain.map(|i| &self.domains[i])
+    }
+
+    fn upstream(&self, ctx: &RequestCtx) -> Option<&Upstream> {
+        let domain = self.domain(ctx)?;
+        let route = &domain.config.routes[ctx.route?];
+        domain.upstreams.get(route.origin)
+    }
+
+    /// Routes the request, normalises its path and runs the plugins' request filters.
+    ///
+    /// `Err` carries the response to send in place of proxying.
+    async fn prepare(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+        let req = session.req_header();
+        let host = request_host(req);
+        let domain_index = self.router.domain_for_host(host).ok_or_else(|| {
+            error_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!("no mirror domain is configured for host {host:?}"),
+            )
+        })?;
+        ctx.domain = Some(domain_index);
+        let domain = &self.domains[domain_index];
+        if req.method != Method::GET && req.method != Method::HEAD {
+            return Err(error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this mirror is read-only; use GET or HEAD",
+            ));
+        }
+        ctx.path = crate::path::normalize(req.uri.path())
+            .map_err(|e| error_response(StatusCode::BAD_REQUEST, &e.to_string()))?;
+        let route_match = match_route(&domain.config, &ctx.path)
+            .ok_or_else(|| error_response(StatusCode::NOT_FOUND, "no route serves this path"))?;
+        ctx.route = Some(route_match.route);
+
+        let info = RequestInfo {
+            domain: &domain.config.id,
+            method: &req.method,
+            path: &ctx.path,
+            query: req.uri.query(),
+            headers: &req.headers,
+            client_addr: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+        };
+        for plugin in &domain.config.plugins {
+            if let Verdict::Respond(local) =
+                plugin.request_filter(&info, &mut ctx.plugin_state).await
+            {
+                return Err(local);
+            }
+        }
+
+        let upstream = &domain.upstreams[domain.config.routes[route_match.route].origin];
+        ctx.first_attempt = upstream.first_attempt();
+        match upstream.export_tree() {
+            Some(tree) => {
+                let active = tree.active_export().map_err(|e| {
+                    tracing::error!(domain = %domain.config.id, error = %e, "no export to serve");
+                    error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no export is available yet",
+                    )
+                })?;
+                let path = crate::path::encode(&route_match.origin_path);
+                ctx.upstream_uri = format!("/{}{path}", active.id);
+                ctx.export_id = Some(active.id);
+            }
+            None => {
+                ctx.query = req.uri.query().map(str::to_owned);
+                let path = crate::path::encode(&route_match.origin_path);
+                ctx.upstream_uri = match &ctx.query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Returns the request's host: the URI authority (HTTP/2, absolute form) or the `Host` header.
+fn request_host(req: &RequestHeader) -> &str {
+    req.uri
+        .host()
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let state = Arc::clone(&self.state);
+        let Err(local) = state.prepare(session, ctx).await else {
+            return Ok(false);
+        };
+        ctx.local_cache_status = Some("BYPASS");
+        let plugins = state
+            .domain(ctx)
+            .map(|d| d.config.plugins.as_slice())
+            .unwrap_or(&[]);
+        write_local(session, local, plugins, &ctx.plugin_state).await?;
+        Ok(true)
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
+        let method = &session.req_header().method;
+        if ctx.route.is_some() && (method == Method::GET || method == Method::HEAD) {
+            self.state.cache.enable(&mut session.cache);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
+        let domain = self.state.domain(ctx).ok_or_else(|| {
+            Error::explain(
+                pingora::ErrorType::InternalError,
+                "cache key without a domain",
+            )
+        })?;
+        Ok(cache_key(
+            &domain.config.id,
+            ctx.export_id.as_deref(),
+            &ctx.path,
+            ctx.query.as_deref(),
+        ))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<RespCacheable> {
+        let forwarded = self.forwards_authorization(ctx)
+            && session
+                .req_header()
+                .headers
+                .contains_key(http::header::AUTHORIZATION);
+        let policy = ctx.plugin_state.cache_policy.as_ref();
+        match decide_cacheability(resp, policy, forwarded, SystemTime::now()) {
+            Ok(decision) => Ok(decision),
+            Err(reason) => {
+                ctx.no_store = Some(reason);
+                Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    reason.label(),
+                )))
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let upstream = self.state.upstream(ctx).ok_or_else(|| {
+            Error::explain(pingora::ErrorType::InternalError, "no origin for the route")
+        })?;
+        upstream.peer(ctx.first_attempt, ctx.attempts)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let peers = self.state.upstream(ctx).map_or(1, Upstream::peer_count);
+        ctx.attempts += 1;
+        if ctx.attempts < peers {
+            tracing::warn!(peer = %peer, attempt = ctx.attempts, error = %e, "origin connect failed; trying the next address");
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let uri = ctx.upstream_uri.parse().map_err(|e| {
+            Error::because(pingora::ErrorType::InternalError, "invalid upstream URI", e)
+        })?;
+        upstream_request.set_uri(uri);
+        if let Some(upstream) = self.state.upstream(ctx) {
+            upstream_request.insert_header(http::header::HOST, upstream.host())?;
+        }
+        if !self.forwards_authorization(ctx) {
+            upstream_request.remove_header(&http::header::AUTHORIZATION);
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let forwarded = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(previous) => format!("{previous}, {}", addr.ip()),
+                None => addr.ip().to_string(),
+            };
+            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        }
+        let state = Arc::clone(&self.state);
+        if let Some(domain) = state.domain(ctx) {
+            for plugin in &domain.config.plugins {
+                plugin.upstream_request_filter(upstream_request, &mut ctx.plugin_state)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let state = Arc::clone(&self.state);
+        if let Some(domain) = state.domain(ctx) {
+            for plugin in &domain.config.plugins {
+                plugin.upstream_response_filter(upstream_response, &mut ctx.plugin_state)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        upstream_response
+            .insert_header(CACHE_STATUS_HEADER, cache_status(&session.cache.phase()))?;
+        if let Some(domain) = self.state.domain(ctx) {
+            for plugin in &domain.config.plugins {
+                plugin.response_filter(upstream_response, &ctx.plugin_state)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = respond::status_for_error(e);
+        if code > 0 {
+            let status = cache_status(&session.cache.phase());
+            respond::write_error(session, code, status).await;
+        }
+        if code >= 500 {
+            let domain = self
+                .state
+                .domain(ctx)
+                .map(|d| d.config.id.as_str())
+                .unwrap_or("-");
+            tracing::error!(domain, path = %ctx.path, status = code, error = %e, "request failed");
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        self.log_request(session, ctx);
+    }
+}
+
+impl Gateway {
+    fn forwards_authorization(&self, ctx: &RequestCtx) -> bool {
+        let route = self
+            .state
+            .domain(ctx)
+            .and_then(|d| ctx.route.map(|r| &d.config.routes[r]));
+        route.is_some_and(|r| r.forward_authorization)
+    }
+
+    fn log_request(&self, session: &Session, ctx: &RequestCtx) {
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let cache_status = ctx
+            .local_cache_status
+            .unwrap_or_else(|| cache_status(&session.cache.phase()));
+        let domain = self.state.domain(ctx);
+        let duration = ctx.start.elapsed();
+        let body_bytes = session.body_bytes_sent() as u64;
+        let header = |name| {
+            req.headers
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
+        let target = req.uri.path_and_query().map_or("-", |pq| pq.as_str());
+        let version = format!("{:?}", req.version);
+        self.state.access_log.log(&AccessEntry {
+            remote_addr: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            user: ctx.plugin_state.user.as_deref(),
+            time: SystemTime::now(),
+            method: req.method.as_str(),
+            target,
+            version: &version,
+            status,
+            body_bytes,
+            referer: header(http::header::REFERER),
+            user_agent: header(http::header::USER_AGENT),
+            domain: domain.map(|d| d.config.id.as_str()),
+            cache_status,
+            duration,
+        });
+        if let Some(reason) = ctx.no_store {
+            tracing::debug!(path = %ctx.path, reason = reason.label(), "response not stored");
+        }
+        if let Some(domain) = domain {
+            let record = LogRecord {
+                domain: &domain.config.id,
+                path: &ctx.path,
+                status,
+                cache_status,
+                body_bytes,
+                duration,
+            };
+            for plugin in &domain.config.plugins {
+                plugin.logging(&record, &ctx.plugin_state);
+            }
+        }
+    }
+}

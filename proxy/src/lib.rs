@@ -1,0 +1,20 @@
+//! The mirror-gateway server: config, routing, cache and origins, on Pingora.
+//!
+//! [`config::load`] reads and validates a config file; [`app::App::build`] turns it into a
+//! Pingora server with the proxy service ([`gateway::Gateway`]) and one in-process file server
+//! per export-tree origin; [`app::App::run`] serves until a signal stops it.
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod gateway;
+pub mod host;
+pub mod logging;
+pub mod origin;
+pub mod path;
+mod respond;
+pub mod routing;
+pub mod upstream;

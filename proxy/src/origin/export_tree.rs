@@ -1,0 +1,627 @@
+//! Resolves which export of a product's export tree is served right now.
+//!
+//! A tree contains one directory per export, named by a UTC timestamp (`20260101T120000Z`), and an
+//! optional `latest` symlink naming one of them. The active export is, in order: the pinned
+//! export id, the target of `latest`, the newest export directory.
+
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
+
+/// Name of the symlink that points at the export to serve.
+pub const LATEST_LINK: &str = "latest";
+
+/// Maximum length of an export id, in bytes.
+pub const MAX_EXPORT_ID_LEN: usize = 128;
+
+/// How long a listing of the root, made when neither a pin nor `latest` exists, is reused.
+const NEWEST_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Resolves the active export of one product's export tree.
+///
+/// The root is canonicalized once, in [`ExportTree::new`]; every directory handed out lies
+/// directly under that canonical root.
+#[derive(Debug)]
+pub struct ExportTree {
+    root: PathBuf,
+    configured_root: PathBuf,
+    pinned: Option<String>,
+    newest: Mutex<Option<NewestListing>>,
+    warned: AtomicBool,
+    last_warning: Mutex<String>,
+}
+
+/// The export to serve: its id and its canonical directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveExport {
+    /// The export id, the directory's name under the root.
+    pub id: String,
+    /// The canonical path of the export directory.
+    pub dir: PathBuf,
+}
+
+/// Says why the export tree or its active export cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportTreeError {
+    /// An export id does not have the allowed form.
+    #[error(
+        "export id {id:?} is invalid: {reason}; use 1 to {MAX_EXPORT_ID_LEN} characters from \
+         A-Z a-z 0-9 . _ - not starting with '.'"
+    )]
+    InvalidId { id: String, reason: &'static str },
+    /// The root is missing, not a directory or unreadable.
+    #[error("export root {}: {reason}", path.display())]
+    Root { path: PathBuf, reason: String },
+    /// The pinned export is not a directory directly under the root.
+    #[error("pinned export {}: {reason}", path.display())]
+    Pinned { path: PathBuf, reason: String },
+    /// The `latest` link exists but does not name an export directory under the root.
+    #[error("link {}: {reason}", path.display())]
+    Latest { path: PathBuf, reason: String },
+    /// There is no pin, no `latest` link and no export directory.
+    #[error(
+        "export root {} contains no export directory (named like 20260101T120000Z) and no \
+         `latest` link; run the sync task or pin an export",
+        path.display()
+    )]
+    NoExport { path: PathBuf },
+}
+
+impl ExportTree {
+    /// Opens the tree at `root`, serving `pinned` when it is set.
+    ///
+    /// Checks the pinned id's form and that `root` is a directory. Whether the pinned export
+    /// exists is checked by [`ExportTree::active_export`], on every call.
+    pub fn new(root: impl Into<PathBuf>, pinned: Option<String>) -> Result<Self, ExportTreeError> {
+        let given = root.into();
+        if let Some(id) = &pinned {
+            validate_export_id(id).map_err(|reason| ExportTreeError::InvalidId {
+                id: id.clone(),
+                reason,
+            })?;
+        }
+        let root_err = |reason: String| ExportTreeError::Root {
+            path: given.clone(),
+            reason,
+        };
+        let meta = fs::metadata(&given).map_err(|e| root_err(format!("stat failed: {e}")))?;
+        if !meta.is_dir() {
+            return Err(root_err("is not a directory".to_string()));
+        }
+        let root = fs::canonicalize(&given)
+            .map_err(|e| root_err(format!("resolving the path failed: {e}")))?;
+        let configured_root = std::path::absolute(&given).unwrap_or_else(|_| root.clone());
+        Ok(Self {
+            root,
+            configured_root,
+            pinned,
+            newest: Mutex::new(None),
+            warned: AtomicBool::new(false),
+            last_warning: Mutex::new(String::new()),
+        })
+    }
+
+    /// Returns the canonical root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Returns the pinned export id, if any.
+    pub fn pinned(&self) -> Option<&str> {
+        self.pinned.as_deref()
+    }
+
+    /// Resolves the export to serve now.
+    ///
+    /// Costs one `readlink` and one `lstat` when `latest` exists, one `lstat` with a pin. An
+    /// error is logged at warn level once until the resolution changes or succeeds again.
+    pub fn active_export(&self) -> Result<ActiveExport, ExportTreeError> {
+        self.active_export_at(Instant::now())
+    }
+
+    /// Resolves the export to serve, as [`ExportTree::active_export`], with `now` as the clock
+    /// that ages the cached listing of the root (used only without pin and `latest`).
+    pub fn active_export_at(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
+        let result = match &self.pinned {
+            Some(id) => self.pinned_export(id),
+            None => match self.read_latest()? {
+                Some(target) => self.latest_export(&target),
+                None => self.newest_export(now),
+            },
+        };
+        self.note_outcome(&result);
+        result
+    }
+
+    fn pinned_export(&self, id: &str) -> Result<ActiveExport, ExportTreeError> {
+        let dir = self.root.join(id);
+        let pinned_err = |reason: String| ExportTreeError::Pinned {
+            path: dir.clone(),
+            reason,
+        };
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => Ok(ActiveExport {
+                id: id.to_string(),
+                dir,
+            }),
+            Ok(meta) if meta.is_symlink() => Err(pinned_err(
+                "is a symlink; pin the export directory itself".to_string(),
+            )),
+            Ok(_) => Err(pinned_err("is not a directory".to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(pinned_err(
+                "does not exist; pin an export present under the root".to_string(),
+            )),
+            Err(e) => Err(pinned_err(format!("stat failed: {e}"))),
+        }
+    }
+
+    /// Reads the `latest` link, or returns `None` when there is no such entry.
+    fn read_latest(&self) -> Result<Option<PathBuf>, ExportTreeError> {
+        let link = self.root.join(LATEST_LINK);
+        match fs::read_link(&link) {
+            Ok(target) => Ok(Some(target)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(ExportTreeError::Latest {
+                path: link,
+                reason: "is not a symlink; make it a symlink to an export directory or remove it"
+                    .to_string(),
+            }),
+            Err(e) => Err(ExportTreeError::Latest {
+                path: link,
+                reason: format!("readlink failed: {e}"),
+            }),
+        }
+    }
+
+    fn latest_export(&self, target: &Path) -> Result<ActiveExport, ExportTreeError> {
+        let latest_err = |reason: String| ExportTreeError::Latest {
+            path: self.root.join(LATEST_LINK),
+            reason,
+        };
+        let Some(id) = self.target_name(target) else {
+            return Err(latest_err(format!(
+                "points to {}, which is not a directory directly under the export root; \
+                 point it at an export directory under the root",
+                target.display()
+            )));
+        };
+        validate_export_id(id).map_err(|reason| {
+            latest_err(format!("points to {id:?}, not an export id: {reason}"))
+        })?;
+        let dir = self.root.join(id);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => Ok(ActiveExport {
+                id: id.to_string(),
+                dir,
+            }),
+            Ok(meta) if meta.is_symlink() => Err(latest_err(format!(
+                "points to {}, which is itself a symlink",
+                dir.display()
+            ))),
+            Ok(_) => Err(latest_err(format!(
+                "points to {}, which is not a directory",
+                dir.display()
+            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(latest_err(format!(
+                "is dangling: {} does not exist; point it at an existing export directory",
+                dir.display()
+            ))),
+            Err(e) => Err(latest_err(format!("stat of {} failed: {e}", dir.display()))),
+        }
+    }
+
+    /// Returns the name a link target gives to an entry directly under the root, if it does.
+    fn target_name<'a>(&self, target: &'a Path) -> Option<&'a str> {
+        if target.is_absolute() {
+            let parent = target.parent()?;
+            if parent != self.root && parent != self.configured_root {
+                return None;
+            }
+            return target.file_name()?.to_str();
+        }
+        let mut parts = target.components().filter(|c| *c != Component::CurDir);
+        match (parts.next(), parts.next()) {
+            (Some(Component::Normal(name)), None) => name.to_str(),
+            _ => None,
+        }
+    }
+
+    fn newest_export(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
+        let mtime = fs::metadata(&self.root)
+            .and_then(|m| m.modified())
+            .map_err(|e| ExportTreeError::Root {
+                path: self.root.clone(),
+                reason: format!("stat failed: {e}"),
+            })?;
+        let mut cache = self.newest.lock();
+        if let Some(listing) = cache.as_ref() {
+            let age = now.saturating_duration_since(listing.listed_at);
+            if listing.root_mtime == mtime && age < NEWEST_CACHE_TTL {
+                return listing.result.clone();
+            }
+        }
+        let result = self.list_newest();
+        *cache = Some(NewestListing {
+            root_mtime: mtime,
+            listed_at: now,
+            result: result.clone(),
+        });
+        result
+    }
+
+    fn list_newest(&self) -> Result<ActiveExport, ExportTreeError> {
+        let list_err = |e: io::Error| ExportTreeError::Root {
+            path: self.root.clone(),
+            reason: format!("listing failed: {e}"),
+        };
+        let mut newest: Option<String> = None;
+        for entry in fs::read_dir(&self.root).map_err(list_err)? {
+            let entry = entry.map_err(list_err)?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !is_timestamp_id(&name) || newest.as_ref().is_some_and(|n| *n >= name) {
+                continue;
+            }
+            if entry.file_type().map_err(list_err)?.is_dir() {
+                newest = Some(name);
+            }
+        }
+        let id = newest.ok_or_else(|| ExportTreeError::NoExport {
+            path: self.root.clone(),
+        })?;
+        debug!(root = %self.root.display(), export = %id, "no pin and no latest link; serving the newest export");
+        Ok(ActiveExport {
+            dir: self.root.join(&id),
+            id,
+        })
+    }
+
+    /// Logs a failed resolution once per distinct message, and the recovery after one.
+    fn note_outcome(&self, result: &Result<ActiveExport, ExportTreeError>) {
+        match result {
+            Ok(active) => {
+                if self.warned.swap(false, Ordering::Relaxed) {
+                    self.last_warning.lock().clear();
+                    info!(root = %self.root.display(), export = %active.id, "active export resolves again");
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let mut last = self.last_warning.lock();
+                if *last != message {
+                    warn!(root = %self.root.display(), error = %message, "failed to resolve the active export");
+                    *last = message;
+                }
+                self.warned.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Checks that `id` can name an export directory and travel in a URL path unescaped.
+///
+/// Allowed: 1 to [`MAX_EXPORT_ID_LEN`] bytes of `A-Z a-z 0-9 . _ -`, not starting with `.`
+/// (which rules out `.`, `..` and hidden or temporary names such as `.tmp-*`).
+pub fn validate_export_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("it is empty");
+    }
+    if id.len() > MAX_EXPORT_ID_LEN {
+        return Err("it is too long");
+    }
+    if id.starts_with('.') {
+        return Err("it starts with '.'");
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    if !id.bytes().all(allowed) {
+        return Err("it contains a character outside A-Z a-z 0-9 . _ -");
+    }
+    Ok(())
+}
+
+/// Tells whether `name` is a timestamp export id, `YYYYMMDDTHHMMSSZ` in UTC.
+///
+/// Checks the shape and the field ranges (month 01-12, day 01-31, hour 00-23, minute 00-59,
+/// second 00-60), not the calendar (`20260231T...` passes).
+pub fn is_timestamp_id(name: &str) -> bool {
+    let b = name.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return false;
+    }
+    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+    if !digits(0..8) || !digits(9..15) {
+        return false;
+    }
+    let field = |at: usize| u32::from(b[at] - b'0') * 10 + u32::from(b[at + 1] - b'0');
+    (1..=12).contains(&field(4))
+        && (1..=31).contains(&field(6))
+        && field(9) < 24
+        && field(11) < 60
+        && field(13) <= 60
+}
+
+/// The outcome of the last listing of the root, valid while the root's mtime is unchanged.
+#[derive(Debug)]
+struct NewestListing {
+    root_mtime: SystemTime,
+    listed_at: Instant,
+    result: Result<ActiveExport, ExportTreeError>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    const OLD: &str = "20260101T120000Z";
+    const NEW: &str = "20260102T120000Z";
+
+    /// Builds a root with two exports, each holding `mirror/index.json`.
+    fn two_exports() -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for id in [OLD, NEW] {
+            let mirror = tmp.path().join(id).join("mirror");
+            fs::create_dir_all(&mirror).expect("mkdir");
+            fs::write(mirror.join("index.json"), id).expect("write");
+        }
+        tmp
+    }
+
+    fn active(tree: &ExportTree) -> Result<String, ExportTreeError> {
+        tree.active_export().map(|a| a.id)
+    }
+
+    /// Sets the root's mtime back to `mtime`, as if nothing had changed in it.
+    fn set_mtime(dir: &Path, mtime: SystemTime) {
+        let handle = fs::File::open(dir).expect("open dir");
+        handle.set_modified(mtime).expect("set mtime");
+    }
+
+    #[test]
+    fn pin_wins_over_latest() {
+        let tmp = two_exports();
+        symlink(NEW, tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), Some(OLD.to_string())).expect("tree");
+        assert_eq!(active(&tree), Ok(OLD.to_string()));
+    }
+
+    #[test]
+    fn pin_dir_is_canonical() {
+        let tmp = two_exports();
+        let tree = ExportTree::new(tmp.path(), Some(OLD.to_string())).expect("tree");
+        let canonical = fs::canonicalize(tmp.path().join(OLD)).expect("canonicalize");
+        assert_eq!(tree.active_export().map(|a| a.dir), Ok(canonical));
+    }
+
+    #[test]
+    fn pin_missing_is_error() {
+        let tmp = two_exports();
+        let tree = ExportTree::new(tmp.path(), Some("20250101T000000Z".to_string())).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Pinned { .. })));
+    }
+
+    #[test]
+    fn pin_symlink_is_error() {
+        let tmp = two_exports();
+        symlink(OLD, tmp.path().join("rollback")).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), Some("rollback".to_string())).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Pinned { .. })));
+    }
+
+    #[test]
+    fn pin_bad_form_is_rejected() {
+        let tmp = two_exports();
+        for bad in ["", ".", "..", "a/b", ".tmp-1", "a b", "é"] {
+            let result = ExportTree::new(tmp.path(), Some(bad.to_string()));
+            assert!(
+                matches!(result, Err(ExportTreeError::InvalidId { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn root_missing_is_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let result = ExportTree::new(tmp.path().join("absent"), None);
+        assert!(matches!(result, Err(ExportTreeError::Root { .. })));
+    }
+
+    #[test]
+    fn root_file_is_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::write(tmp.path().join("file"), "x").expect("write");
+        let result = ExportTree::new(tmp.path().join("file"), None);
+        assert!(matches!(result, Err(ExportTreeError::Root { .. })));
+    }
+
+    #[test]
+    fn latest_relative() {
+        let tmp = two_exports();
+        symlink(OLD, tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert_eq!(active(&tree), Ok(OLD.to_string()));
+    }
+
+    #[test]
+    fn latest_dot_slash() {
+        let tmp = two_exports();
+        symlink(format!("./{OLD}/"), tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert_eq!(active(&tree), Ok(OLD.to_string()));
+    }
+
+    #[test]
+    fn latest_absolute_inside() {
+        let tmp = two_exports();
+        symlink(tmp.path().join(OLD), tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert_eq!(active(&tree), Ok(OLD.to_string()));
+    }
+
+    #[test]
+    fn latest_switch_is_seen_at_once() {
+        let tmp = two_exports();
+        let link = tmp.path().join(LATEST_LINK);
+        symlink(OLD, &link).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let before = active(&tree);
+        fs::remove_file(&link).expect("unlink");
+        symlink(NEW, &link).expect("symlink");
+        assert_eq!((before, active(&tree)), (Ok(OLD.into()), Ok(NEW.into())));
+    }
+
+    #[test]
+    fn latest_dangling_is_error() {
+        let tmp = two_exports();
+        symlink("20300101T000000Z", tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Latest { .. })));
+    }
+
+    #[test]
+    fn latest_parent_dir_is_error() {
+        let tmp = two_exports();
+        let outside = tempfile::tempdir().expect("tempdir");
+        let target = outside.path().join(OLD);
+        fs::create_dir(&target).expect("mkdir");
+        let relative = format!(
+            "../{}/{OLD}",
+            outside
+                .path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("name")
+        );
+        symlink(relative, tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Latest { .. })));
+    }
+
+    #[test]
+    fn latest_absolute_outside_is_error() {
+        let tmp = two_exports();
+        let outside = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(outside.path().join(OLD)).expect("mkdir");
+        symlink(outside.path().join(OLD), tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Latest { .. })));
+    }
+
+    #[test]
+    fn latest_to_file_is_error() {
+        let tmp = two_exports();
+        fs::write(tmp.path().join("notes"), "x").expect("write");
+        symlink("notes", tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Latest { .. })));
+    }
+
+    #[test]
+    fn latest_plain_dir_is_error() {
+        let tmp = two_exports();
+        fs::create_dir(tmp.path().join(LATEST_LINK)).expect("mkdir");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Latest { .. })));
+    }
+
+    #[test]
+    fn newest_fallback() {
+        let tmp = two_exports();
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert_eq!(active(&tree), Ok(NEW.to_string()));
+    }
+
+    #[test]
+    fn newest_skips_non_exports() {
+        let tmp = two_exports();
+        for name in [".tmp-20990101T000000Z", "20990101T000000Z.partial", "zzz"] {
+            fs::create_dir(tmp.path().join(name)).expect("mkdir");
+        }
+        fs::write(tmp.path().join("20990101T000000Z"), "a file").expect("write");
+        symlink(OLD, tmp.path().join("20980101T000000Z")).expect("symlink");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert_eq!(active(&tree), Ok(NEW.to_string()));
+    }
+
+    #[test]
+    fn newest_none_is_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        assert!(matches!(
+            active(&tree),
+            Err(ExportTreeError::NoExport { .. })
+        ));
+    }
+
+    #[test]
+    fn newest_listing_cached_within_ttl() {
+        let tmp = two_exports();
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let start = Instant::now();
+        let mtime = fs::metadata(tmp.path())
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        tree.active_export_at(start).expect("first");
+        fs::create_dir(tmp.path().join("20260103T120000Z")).expect("mkdir");
+        set_mtime(tmp.path(), mtime);
+        let id = tree
+            .active_export_at(start + Duration::from_millis(500))
+            .map(|a| a.id);
+        assert_eq!(id, Ok(NEW.to_string()));
+    }
+
+    #[test]
+    fn newest_listing_expires() {
+        let tmp = two_exports();
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let start = Instant::now();
+        let mtime = fs::metadata(tmp.path())
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        tree.active_export_at(start).expect("first");
+        fs::create_dir(tmp.path().join("20260103T120000Z")).expect("mkdir");
+        set_mtime(tmp.path(), mtime);
+        let id = tree
+            .active_export_at(start + Duration::from_secs(2))
+            .map(|a| a.id);
+        assert_eq!(id, Ok("20260103T120000Z".to_string()));
+    }
+
+    #[test]
+    fn newest_listing_follows_mtime() {
+        let tmp = two_exports();
+        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let start = Instant::now();
+        let mtime = fs::metadata(tmp.path())
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        tree.active_export_at(start).expect("first");
+        fs::create_dir(tmp.path().join("20260103T120000Z")).expect("mkdir");
+        set_mtime(tmp.path(), mtime + Duration::from_secs(1));
+        let id = tree.active_export_at(start).map(|a| a.id);
+        assert_eq!(id, Ok("20260103T120000Z".to_string()));
+    }
+
+    #[test]
+    fn timestamp_id_shapes() {
+        let cases = [
+            ("20260101T120000Z", true),
+            ("20261301T120000Z", false),
+            ("20260100T120000Z", false),
+            ("20260101T240000Z", false),
+            ("20260101T120000", false),
+            ("2026010xT120000Z", false),
+            ("20260101t120000Z", false),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(is_timestamp_id(name), expected, "{name}");
+        }
+    }
+}

@@ -1,0 +1,2 @@
+pub mod export_tree;
+pub mod file_server;

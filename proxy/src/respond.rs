@@ -1,0 +1,105 @@
+//! Responses the gateway makes itself, and the one table that turns errors into responses.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+use mirror_plugins::{LocalResponse, Plugin, RequestState};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+
+/// Header that tells which cache outcome a response had.
+pub const CACHE_STATUS_HEADER: &str = "x-cache-status";
+
+/// Writes `local` to the client, with `X-Cache-Status: BYPASS`, after the domain's plugins'
+/// response filters. Returns the number of body bytes written.
+pub async fn write_local(
+    session: &mut Session,
+    local: LocalResponse,
+    plugins: &[std::sync::Arc<dyn Plugin>],
+    state: &RequestState,
+) -> pingora::Result<u64> {
+    let mut header = ResponseHeader::build(local.status, Some(local.headers.len() + 3))?;
+    for (name, value) in local.headers {
+        header.append_header(name, value)?;
+    }
+    header.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
+    header.insert_header(CACHE_STATUS_HEADER, "BYPASS")?;
+    for plugin in plugins {
+        plugin.response_filter(&mut header, state)?;
+    }
+    let head_only = session.req_header().method == Method::HEAD || local.body.is_empty();
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if head_only {
+        return Ok(0);
+    }
+    let len = local.body.len() as u64;
+    session.write_response_body(Some(local.body), true).await?;
+    Ok(len)
+}
+
+/// Builds a plain-text error response: the status line's reason and one line of detail.
+pub fn error_response(status: StatusCode, detail: &str) -> LocalResponse {
+    let reason = status.canonical_reason().unwrap_or("Error");
+    let mut response =
+        LocalResponse::text(status, &format!("{} {reason}: {detail}\n", status.as_u16()));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response = response.with_header(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+/// Maps a proxy error to the status sent downstream; 0 means the client connection is gone.
+///
+/// Timeouts talking to the origin become 504, other origin failures 502, malformed client
+/// requests 400, and anything unrecognised 500.
+pub fn status_for_error(e: &Error) -> u16 {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ConnectTimedout | ReadTimedout | WriteTimedout => 504,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+/// Sends the error page for `code`, if the response has not started.
+pub async fn write_error(session: &mut Session, code: u16, cache_status: &str) {
+    if session.response_written().is_some() {
+        return;
+    }
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let detail = match code {
+        502 => "the origin could not be reached or sent an invalid response",
+        504 => "the origin did not answer in time",
+        400 => "the request is malformed",
+        _ => "the gateway failed to handle the request",
+    };
+    let local = error_response(status, detail);
+    let result = async {
+        let mut header = ResponseHeader::build(local.status, Some(4))?;
+        for (name, value) in local.headers {
+            header.append_header(name, value)?;
+        }
+        header.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
+        header.insert_header(CACHE_STATUS_HEADER, cache_status)?;
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session
+            .write_response_body(Some(Bytes::clone(&local.body)), true)
+            .await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot send the error response downstream");
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that building, running and testing mirror-gateway need,
+# skipping those already installed. Runs as root, or through sudo otherwise. Idempotent.
+# The Rust toolchain (cargo with rustfmt and clippy) is not a Debian package here: it must
+# already be on PATH.
+set -euo pipefail
+
+readonly PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    [[ "$status" == "install ok installed" ]] || missing+=("$package")
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "setup-debian: all packages present (${PACKAGES[*]})"
+else
+    command -v apt-get >/dev/null || {
+        echo "setup-debian: apt-get not found; install these packages by hand: ${missing[*]}" >&2
+        exit 1
+    }
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || {
+            echo "setup-debian: not root and no sudo; as root run: apt-get install ${missing[*]}" >&2
+            exit 1
+        }
+        sudo=(sudo)
+    fi
+    echo "setup-debian: installing ${missing[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}"
+fi
+
+for tool in cargo rustfmt cargo-clippy; do
+    command -v "$tool" >/dev/null || echo "setup-debian: warning: '$tool' not on PATH (Rust toolchain)" >&2
+done
