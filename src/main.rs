@@ -3,7 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -54,8 +54,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &PathBuf) -> Result<GatewayConfig, ExitCode> {
-    config::load(path, std::env::vars()).map_err(|errors| {
+fn load(path: &Path) -> Result<GatewayConfig, ExitCode> {
+    let env = utf8_environment()?;
+    config::load(path, env).map_err(|errors| {
         for error in &errors {
             eprintln!("error: {error}");
         }
@@ -68,7 +69,23 @@ fn load(path: &PathBuf) -> Result<GatewayConfig, ExitCode> {
     })
 }
 
-fn check(path: &PathBuf) -> ExitCode {
+/// Returns the environment's UTF-8 variables; a config override that is not UTF-8 is an error.
+fn utf8_environment() -> Result<Vec<(String, String)>, ExitCode> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => vars.push((name, value)),
+            (Ok(name), Err(_)) if name.starts_with(config::ENV_PREFIX) => {
+                eprintln!("error: {name}: the value is not valid UTF-8; set it as UTF-8 text");
+                return Err(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
+    }
+    Ok(vars)
+}
+
+fn check(path: &Path) -> ExitCode {
     match load(path) {
         Ok(config) => {
             println!(
@@ -82,7 +99,7 @@ fn check(path: &PathBuf) -> ExitCode {
     }
 }
 
-fn run(path: &PathBuf) -> ExitCode {
+fn run(path: &Path) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,

@@ -22,13 +22,11 @@ use crate::{BuildContext, CachePolicy, Plugin, RequestInfo, RequestState, Verdic
 
 /// Settings of the `ttl` plugin as written in the config file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct TtlSettings {
     rules: Vec<RuleSettings>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RuleSettings {
     pattern: String,
     ttl_secs: u64,

@@ -238,14 +238,15 @@ impl ShutdownSignalWatch for ChannelShutdown {
 }
 
 fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {
-    let mut conf = ServerConf::default();
-    conf.threads = config.server.threads;
-    conf.grace_period_seconds = Some(config.server.grace_period.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(config.server.shutdown_timeout.as_secs());
-    conf.upstream_keepalive_pool_size = config.server.upstream_keepalive_pool_size;
-    conf.pid_file = runtime_dir.join("mirror-gateway.pid").display().to_string();
-    conf.upgrade_sock = runtime_dir.join("upgrade.sock").display().to_string();
-    conf
+    ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.server.shutdown_timeout.as_secs()),
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool_size,
+        pid_file: runtime_dir.join("mirror-gateway.pid").display().to_string(),
+        upgrade_sock: runtime_dir.join("upgrade.sock").display().to_string(),
+        ..ServerConf::default()
+    }
 }
 
 /// A Pingora service whose listening sockets were bound before the server started.

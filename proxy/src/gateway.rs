@@ -151,6 +151,14 @@ impl GatewayState {
         ctx.first_attempt = upstream.first_attempt();
         match upstream.export_tree() {
             Some(tree) => {
+                // An export tree serves files only: a directory path has no listing, and the
+                // file server would call its trailing slash malformed (400).
+                if route_match.origin_path.ends_with('/') {
+                    return Err(error_response(
+                        StatusCode::NOT_FOUND,
+                        "no file at this path",
+                    ));
+                }
                 let active = tree.active_export().map_err(|e| {
                     tracing::error!(domain = %domain.config.id, error = %e, "no export to serve");
                     error_response(

@@ -82,7 +82,7 @@ mod tests {
                 forward_authorization: false,
             })
             .collect();
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Domain {
             id: "primary".into(),
             hosts: vec!["a.example".into()],

@@ -262,3 +262,139 @@ pub fn unique() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// A response read off the wire by [`raw_get`].
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when the response was chunked.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Returns the first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Returns the body as text, with invalid UTF-8 replaced.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `GET <raw_target> HTTP/1.1` byte for byte, so that no client library rewrites the
+/// path, and reads the whole response (the request carries `Connection: close`).
+///
+/// `Host` defaults to `127.0.0.1`; an entry of `extra_headers` named `host` replaces it.
+/// Panics after 10 s without the end of the response, or on a response that is not HTTP.
+pub async fn raw_get(
+    addr: SocketAddr,
+    raw_target: &str,
+    extra_headers: &[(&str, &str)],
+) -> RawResponse {
+    let mut request = format!("GET {raw_target} HTTP/1.1\r\n");
+    if !extra_headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+    {
+        request.push_str("Host: 127.0.0.1\r\n");
+    }
+    for (name, value) in extra_headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("Connection: close\r\n\r\n");
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no complete response to GET {raw_target:?} within 10 s"))
+        .unwrap_or_else(|e| panic!("GET {raw_target:?} failed: {e}"));
+    parse_response(&raw).unwrap_or_else(|| {
+        panic!(
+            "GET {raw_target:?} got no valid HTTP response: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+fn parse_response(raw: &[u8]) -> Option<RawResponse> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size_text = size_text.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+/// Runs the real `htpasswd` tool (apache2-utils) and returns the `user:hash` line it prints.
+///
+/// `flags` picks the hash, e.g. `["-B", "-C", "5"]`, `["-m"]` or `["-s"]`.
+pub fn htpasswd_line(flags: &[&str], user: &str, password: &str) -> String {
+    let output = std::process::Command::new("htpasswd")
+        .arg("-nb")
+        .args(flags)
+        .arg(user)
+        .arg(password)
+        .output()
+        .expect("run htpasswd (install apache2-utils)");
+    assert!(
+        output.status.success(),
+        "htpasswd {flags:?} {user} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("htpasswd prints UTF-8");
+    text.lines()
+        .next()
+        .expect("htpasswd prints a line")
+        .to_string()
+}
+
+/// Returns the `Authorization` value for Basic credentials `user:password`.
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {token}")
+}

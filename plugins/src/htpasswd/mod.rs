@@ -150,6 +150,12 @@ impl Htpasswd {
             debug!(domain = %self.domain, "no single Authorization header");
             return None;
         };
+        // Only values that passed a check are cached, so a hit needs no parsing.
+        let current = self.current.load_full();
+        let key = cache_key(value.as_bytes(), current.number);
+        if let Some(user) = self.cache.get(&key, now) {
+            return Some(user);
+        }
         let credentials = match header::parse_basic(value.as_bytes()) {
             Ok(credentials) => credentials,
             Err(reason) => {
@@ -157,11 +163,6 @@ impl Htpasswd {
                 return None;
             }
         };
-        let current = self.current.load_full();
-        let key = cache_key(value.as_bytes(), current.number);
-        if let Some(user) = self.cache.get(&key, now) {
-            return Some(user);
-        }
         let user = credentials.user.clone();
         if self.check_password(Arc::clone(&current), credentials).await {
             self.cache.insert(key, user.clone(), now, current.number);

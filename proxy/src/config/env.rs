@@ -6,9 +6,13 @@
 //! the `file` of the domain's first plugin. A key the file does not have is created (in lower
 //! case), so that validation reports it if it is unknown.
 //!
-//! Values replace the file's value. Where the file holds a string, the variable's text is taken
-//! as that string; elsewhere it is read as a TOML value (`8080`, `true`, `["a", "b"]`), and
-//! text that is not valid TOML is taken as a string.
+//! Values replace the file's value. Where the file has a string, the variable's text is taken
+//! as that string. Elsewhere it is read as a TOML value (`8080`, `true`, `["a", "b"]`). Text
+//! that is not valid TOML is an error where the file has a value of another type, and is taken
+//! as a string for a key the file does not have.
+//!
+//! An error names the variable as its source. So does a validation error on a key that a
+//! variable set or created, or on a key inside a table it created.
 
 use toml::{Table, Value};
 
@@ -20,6 +24,7 @@ pub const ENV_PREFIX: &str = "MIRROR_GATEWAY__";
 /// Which environment variable set which key path, for error messages.
 #[derive(Debug, Default)]
 pub struct Sources {
+    /// Per variable: the outermost key it created, or the key it set when it created none.
     overrides: Vec<(String, String)>,
 }
 
@@ -39,10 +44,14 @@ impl Sources {
 }
 
 /// Applies every `MIRROR_GATEWAY__...` variable of `env` to `root`, in name order.
+///
+/// Returns which variable set which key, and an error for each variable that could not be
+/// applied, naming the variable as its source and the key path it reached. The other
+/// variables are applied all the same, so that validation can report the file's errors too.
 pub fn apply_overrides(
     root: &mut Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Sources, Vec<ConfigError>> {
+) -> (Sources, Vec<ConfigError>) {
     let mut vars: Vec<(String, String)> = env
         .into_iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
@@ -51,25 +60,33 @@ pub fn apply_overrides(
     let mut sources = Sources::default();
     let mut errors = Vec::new();
     for (name, value) in vars {
-        match apply_one(root, &name, &value) {
-            Ok(path) => sources.overrides.push((path, name)),
+        let mut walk = Walk::default();
+        match apply_one(root, &name, &value, &mut walk) {
+            Ok(()) => sources
+                .overrides
+                .push((walk.created.unwrap_or(walk.path), name)),
             Err(reason) => errors.push(ConfigError::new(
                 name,
-                "",
+                walk.path,
                 Some(format!("{value:?}")),
                 reason,
             )),
         }
     }
-    if errors.is_empty() {
-        Ok(sources)
-    } else {
-        Err(errors)
-    }
+    (sources, errors)
 }
 
-/// Sets the key that `name` designates and returns its dotted path.
-fn apply_one(root: &mut Table, name: &str, value: &str) -> Result<String, String> {
+/// The progress of one variable through the config: the path so far and the first key it added.
+#[derive(Debug, Default)]
+struct Walk {
+    /// Dotted path of the keys visited so far, e.g. `domains.primary.plugins[0]`.
+    path: String,
+    /// Path of the first key that did not exist and was created.
+    created: Option<String>,
+}
+
+/// Sets the key that `name` designates.
+fn apply_one(root: &mut Table, name: &str, value: &str, walk: &mut Walk) -> Result<(), String> {
     let segments: Vec<&str> = name[ENV_PREFIX.len()..].split("__").collect();
     if segments.iter().any(|s| s.is_empty()) {
         return Err(format!(
@@ -77,14 +94,13 @@ fn apply_one(root: &mut Table, name: &str, value: &str) -> Result<String, String
         ));
     }
     let (last, parents) = segments.split_last().ok_or("no key after the prefix")?;
-    let mut path = String::new();
     // The walk treats the root like any other table; it is moved back whatever happens.
     let mut top = Value::Table(std::mem::take(root));
-    let result = walk_and_set(&mut top, parents, last, value, &mut path);
+    let result = walk_and_set(&mut top, parents, last, value, walk);
     if let Value::Table(table) = top {
         *root = table;
     }
-    result.map(|()| path)
+    result
 }
 
 fn walk_and_set(
@@ -92,13 +108,13 @@ fn walk_and_set(
     parents: &[&str],
     last: &str,
     value: &str,
-    path: &mut String,
+    walk: &mut Walk,
 ) -> Result<(), String> {
     let mut current = top;
     for segment in parents {
-        current = child(current, segment, path)?;
+        current = child(current, segment, walk)?;
     }
-    let slot = child(current, last, path)?;
+    let slot = child(current, last, walk)?;
     *slot = typed_value(slot, value)?;
     Ok(())
 }
@@ -107,25 +123,32 @@ fn walk_and_set(
 fn child<'a>(
     value: &'a mut Value,
     segment: &str,
-    path: &mut String,
+    walk: &mut Walk,
 ) -> Result<&'a mut Value, String> {
-    let here = if path.is_empty() {
+    let here = if walk.path.is_empty() {
         "the top level".to_string()
     } else {
-        format!("`{path}`")
+        format!("`{}`", walk.path)
     };
     match value {
+        Value::Table(table) if table.is_empty() && walk.created.is_some() && is_index(segment) => {
+            Err(format!(
+                "{here} is not in the file, so it has no entry {segment}; set the whole list \
+                 in the variable for {here}, e.g. [\"a\", \"b\"]"
+            ))
+        }
         Value::Table(table) => {
-            let key = table
-                .keys()
-                .find(|k| normalize(k) == segment)
-                .cloned()
+            let existing = table.keys().find(|k| normalize(k) == segment).cloned();
+            let key = existing
+                .clone()
                 .unwrap_or_else(|| segment.to_ascii_lowercase());
-            path.push_str(&if path.is_empty() {
-                key.clone()
-            } else {
-                format!(".{key}")
-            });
+            if !walk.path.is_empty() {
+                walk.path.push('.');
+            }
+            walk.path.push_str(&key);
+            if existing.is_none() && walk.created.is_none() {
+                walk.created = Some(walk.path.clone());
+            }
             // A new key starts as an empty table: a parent becomes a table, and a last
             // segment's value is then read as TOML (see `typed_value`).
             Ok(table
@@ -137,10 +160,14 @@ fn child<'a>(
                 format!("{here} is a list; use a number such as 0 as its key segment")
             })?;
             let len = items.len();
-            path.push_str(&format!("[{index}]"));
-            items
-                .get_mut(index)
-                .ok_or_else(|| format!("{here} has {len} entries; index {index} is out of range"))
+            walk.path.push_str(&format!("[{index}]"));
+            items.get_mut(index).ok_or_else(|| match len {
+                0 => format!("{here} is an empty list; set the whole list in one variable"),
+                _ => format!(
+                    "{here} has entries 0 to {}; index {index} is out of range",
+                    len - 1
+                ),
+            })
         }
         _ => Err(format!(
             "{here} is a single value, not a table; shorten the variable name"
@@ -169,6 +196,10 @@ fn typed_value(existing: &Value, text: &str) -> Result<Value, String> {
     }
 }
 
+fn is_index(segment: &str) -> bool {
+    segment.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn normalize(key: &str) -> String {
     key.to_ascii_uppercase().replace('-', "_")
 }
@@ -180,7 +211,14 @@ mod tests {
     fn apply(file: &str, vars: &[(&str, &str)]) -> Result<Table, Vec<ConfigError>> {
         let mut root: Table = file.parse().expect("valid TOML");
         let env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        apply_overrides(&mut root, env).map(|_| root)
+        {
+            let (_, errors) = apply_overrides(&mut root, env);
+            if errors.is_empty() {
+                Ok(root)
+            } else {
+                Err(errors)
+            }
+        }
     }
 
     #[test]
@@ -243,6 +281,26 @@ mod tests {
                 "MIRROR_GATEWAY__SERVER__THREADS__X"
             ]
         );
+    }
+
+    #[test]
+    fn override_error_names_key() {
+        let errors = apply(
+            "[server]\nthreads = 2",
+            &[("MIRROR_GATEWAY__SERVER__THREADS", "many")],
+        )
+        .expect_err("not an integer");
+        assert_eq!(errors[0].key, "server.threads");
+    }
+
+    #[test]
+    fn sources_name_created_table() {
+        let mut root = Table::new();
+        let var = "MIRROR_GATEWAY__DOMAINS__A__HOSTS";
+        let env = [(var.to_string(), "[\"a.example\"]".to_string())];
+        let (sources, errors) = apply_overrides(&mut root, env);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(sources.variable_for("domains.a.routes"), Some(var));
     }
 
     #[test]

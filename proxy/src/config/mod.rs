@@ -169,6 +169,13 @@ pub fn load_str(
     let mut root: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| vec![error::syntax_error(&file, text, &e)])?;
-    let sources = env::apply_overrides(&mut root, env).map_err(|errors| errors)?;
-    validate::validate(root, path, &sources)
+    let (sources, mut errors) = env::apply_overrides(&mut root, env);
+    match validate::validate(root, path, &sources) {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
 }

@@ -6,19 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-/// Top level of the config file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileConfig {
-    pub server: ServerSection,
-    pub log: LogSection,
-    pub cache: CacheSection,
-    /// Domains by id. Each is validated on its own so that every domain's errors are reported.
-    pub domains: BTreeMap<String, toml::Value>,
-}
-
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ServerSection {
     pub listen: Vec<String>,
     pub threads: usize,
@@ -42,7 +31,7 @@ impl Default for ServerSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct LogSection {
     pub access_log: String,
     pub level: String,
@@ -58,7 +47,7 @@ impl Default for LogSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct CacheSection {
     pub memory_bytes: ByteSize,
     pub max_object_bytes: ByteSize,
@@ -79,7 +68,6 @@ impl Default for CacheSection {
 
 /// One domain's table: `[domains.<id>]`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DomainSection {
     pub hosts: Vec<String>,
     #[serde(default)]
@@ -92,7 +80,6 @@ pub struct DomainSection {
 
 /// One route: `[[domains.<id>.routes]]`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RouteSection {
     pub prefix: String,
     pub origin: String,
@@ -141,18 +128,31 @@ pub struct ByteSize(pub u64);
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(de)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(text) => parse_byte_size(&text)
-                .map(ByteSize)
-                .map_err(serde::de::Error::custom),
-        }
+        de.deserialize_any(ByteSizeVisitor)
+    }
+}
+
+struct ByteSizeVisitor;
+
+impl serde::de::Visitor<'_> for ByteSizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number of bytes or a size such as \"256MiB\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(value))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<ByteSize, E> {
+        u64::try_from(value)
+            .map(ByteSize)
+            .map_err(|_| E::custom(format!("a size cannot be negative ({value})")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ByteSize, E> {
+        parse_byte_size(text).map(ByteSize).map_err(E::custom)
     }
 }
 

@@ -3,10 +3,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mirror_plugins::settings::{self, join_key, render, SettingError};
-use mirror_plugins::{build_plugin, BuildContext};
+use mirror_plugins::{build_plugin, BuildContext, Plugin};
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
@@ -18,7 +19,8 @@ use super::{
     AccessLogTarget, CacheSettings, ConfigError, Domain, ExportTreeOrigin, GatewayConfig,
     HttpOrigin, LogSettings, Origin, OriginKind, Route, ServerSettings,
 };
-use crate::host::HostMatcher;
+use crate::host::{HostError, HostMatcher};
+use crate::origin::export_tree::validate_export_id;
 
 /// Collects errors and attributes each to the file or to the variable that set its key.
 struct Errors<'a> {
@@ -34,6 +36,7 @@ impl Errors<'_> {
             .variable_for(key)
             .map(str::to_owned)
             .unwrap_or_else(|| self.file.clone());
+        let reason = one_line(&reason.into());
         self.list.push(ConfigError::new(source, key, value, reason));
     }
 
@@ -125,6 +128,11 @@ fn validate_server(
     let mut listen = Vec::new();
     for (i, text) in s.listen.iter().enumerate() {
         match text.parse::<SocketAddr>() {
+            Ok(addr) if listen.contains(&addr) => errors.push(
+                &format!("server.listen[{i}]"),
+                Some(format!("{text:?}")),
+                "listed twice; the second bind would fail, so remove one",
+            ),
             Ok(addr) => listen.push(addr),
             Err(_) => errors.push(
                 &format!("server.listen[{i}]"),
@@ -140,10 +148,24 @@ fn validate_server(
             "must be between 1 and 512",
         );
     }
+    let runtime_dir = s.runtime_dir.map(|d| (resolve(dir, &d), d));
+    if let Some((path, text)) = &runtime_dir {
+        if !path.is_dir() {
+            errors.push(
+                "server.runtime_dir",
+                Some(format!("{text:?}")),
+                format!(
+                    "{} is not a directory; create it, or remove the key to use \
+                     $XDG_RUNTIME_DIR or the temp directory",
+                    path.display()
+                ),
+            );
+        }
+    }
     (errors.list.len() == before).then(|| ServerSettings {
         listen,
         threads: s.threads,
-        runtime_dir: s.runtime_dir.map(|d| resolve(dir, &d)),
+        runtime_dir: runtime_dir.map(|(path, _)| path),
         grace_period: Duration::from_secs(s.grace_period_secs),
         shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
@@ -151,6 +173,7 @@ fn validate_server(
 }
 
 fn validate_log(s: LogSection, dir: &Path, errors: &mut Errors<'_>) -> Option<LogSettings> {
+    let before = errors.list.len();
     let access_log = match s.access_log.as_str() {
         "stdout" | "-" => AccessLogTarget::Stdout,
         "off" => AccessLogTarget::Off,
@@ -160,22 +183,63 @@ fn validate_log(s: LogSection, dir: &Path, errors: &mut Errors<'_>) -> Option<Lo
                 Some("\"\"".into()),
                 "write \"stdout\", \"off\" or a file path",
             );
-            return None;
+            AccessLogTarget::Off
         }
-        other => AccessLogTarget::File(resolve(dir, other)),
+        other => {
+            let path = resolve(dir, other);
+            if let Err(reason) = check_log_file(&path) {
+                errors.push("log.access_log", Some(format!("{other:?}")), reason);
+            }
+            AccessLogTarget::File(path)
+        }
     };
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.level) {
-        errors.push(
-            "log.level",
-            Some(format!("{:?}", s.level)),
-            format!("not a log filter ({e}); write e.g. \"info\" or \"mirror_proxy=debug,info\""),
-        );
-        return None;
+    if let Err(reason) = check_level(&s.level) {
+        errors.push("log.level", Some(format!("{:?}", s.level)), reason);
     }
-    Some(LogSettings {
+    (errors.list.len() == before).then_some(LogSettings {
         access_log,
         level: s.level,
     })
+}
+
+/// Checks that the access log can be created at `path` without creating it.
+fn check_log_file(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!(
+            "{} is a directory; name a file in it, e.g. access.log",
+            path.display()
+        ));
+    }
+    match path.parent() {
+        Some(parent) if !parent.is_dir() => Err(format!(
+            "directory {} does not exist; create it, or write \"stdout\" or \"off\"",
+            parent.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a `tracing` filter such as `info` or `mirror_proxy=debug,info`.
+///
+/// `EnvFilter` reads a bare word that is not a level as a target name. A misspelt level such as
+/// `inof` would then silence every other target, so such words are rejected here.
+fn check_level(level: &str) -> Result<(), String> {
+    let example = "write e.g. \"info\" or \"mirror_proxy=debug,info\"";
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
+        return Err(format!("not a log filter ({e}); {example}"));
+    }
+    let bare = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[']))
+        .find(|d| d.parse::<tracing::level_filters::LevelFilter>().is_err());
+    match bare {
+        Some(word) => Err(format!(
+            "{word:?} is not a level (trace, debug, info, warn, error, off); \
+             name a module as module=level; {example}"
+        )),
+        None => Ok(()),
+    }
 }
 
 fn validate_cache(s: CacheSection, errors: &mut Errors<'_>) -> Option<CacheSettings> {
@@ -194,12 +258,13 @@ fn validate_cache(s: CacheSection, errors: &mut Errors<'_>) -> Option<CacheSetti
             "must be between 1 and cache.memory_bytes; larger objects could never be stored",
         );
     }
-    if s.lock_wait_timeout_secs == 0 || s.lock_age_timeout_secs == 0 {
-        errors.push(
-            "cache.lock_wait_timeout_secs",
-            Some(s.lock_wait_timeout_secs.to_string()),
-            "lock timeouts must be at least 1 second",
-        );
+    for (key, secs) in [
+        ("cache.lock_wait_timeout_secs", s.lock_wait_timeout_secs),
+        ("cache.lock_age_timeout_secs", s.lock_age_timeout_secs),
+    ] {
+        if secs == 0 {
+            errors.push(key, Some("0".into()), "must be at least 1 second");
+        }
     }
     (errors.list.len() == before).then(|| CacheSettings {
         memory_bytes: usize::try_from(s.memory_bytes.0).unwrap_or(usize::MAX),
@@ -212,7 +277,10 @@ fn validate_cache(s: CacheSection, errors: &mut Errors<'_>) -> Option<CacheSetti
 fn validate_domains(value: Option<Value>, dir: &Path, errors: &mut Errors<'_>) -> Vec<Domain> {
     let tables: BTreeMap<String, Value> = match value {
         None => BTreeMap::new(),
-        Some(value) => errors.parse(value, "domains").unwrap_or_default(),
+        Some(value) => match errors.parse(value, "domains") {
+            Some(tables) => tables,
+            None => return Vec::new(),
+        },
     };
     if tables.is_empty() {
         errors.push(
@@ -221,38 +289,34 @@ fn validate_domains(value: Option<Value>, dir: &Path, errors: &mut Errors<'_>) -
             "define at least one domain, e.g. [domains.primary]",
         );
     }
+    let mut hosts = HostClaims::default();
     let mut domains = Vec::new();
     for (id, table) in tables {
-        if let Some(domain) = validate_domain(&id, table, dir, errors) {
+        if let Some(domain) = validate_domain(&id, table, dir, &mut hosts, errors) {
             domains.push(domain);
         }
-    }
-    let patterns = domains
-        .iter()
-        .enumerate()
-        .flat_map(|(i, d)| d.hosts.iter().map(move |h| (h.clone(), i)));
-    if let Err(e) = HostMatcher::new(patterns) {
-        errors.push("domains.*.hosts", None, e.to_string());
     }
     domains
 }
 
-fn validate_domain(id: &str, table: Value, dir: &Path, errors: &mut Errors<'_>) -> Option<Domain> {
+fn validate_domain(
+    id: &str,
+    table: Value,
+    dir: &Path,
+    hosts: &mut HostClaims,
+    errors: &mut Errors<'_>,
+) -> Option<Domain> {
     let key = format!("domains.{id}");
     let before = errors.list.len();
-    let id_ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if !id_ok {
+    if !is_name(id) {
         errors.push(
             &key,
             None,
-            "a domain id uses 1 to 64 of a-z, 0-9, `-` and `_`",
+            "a domain id uses 1 to 64 of a-z, 0-9, `-` and `_`; rename the table",
         );
     }
     let section: DomainSection = errors.parse(table, &key)?;
+
     if section.hosts.is_empty() {
         errors.push(
             &format!("{key}.hosts"),
@@ -260,23 +324,17 @@ fn validate_domain(id: &str, table: Value, dir: &Path, errors: &mut Errors<'_>) 
             "list at least one host name",
         );
     }
+    hosts.claim(&key, id, &section.hosts, errors);
+
+    let declared: Vec<String> = section.origins.keys().cloned().collect();
     let origins = validate_origins(section.origins, &key, dir, errors);
-    let routes = validate_routes(section.routes, &origins, &key, errors);
+    let routes = validate_routes(section.routes, &origins, &declared, &key, errors);
     let ctx = BuildContext {
         domain: id,
         config_dir: dir,
     };
-    let mut plugins = Vec::new();
-    for (i, entry) in section.plugins.into_iter().enumerate() {
-        let entry_key = format!("{key}.plugins[{i}]");
-        match plugin_name(entry) {
-            Ok((name, settings)) => match build_plugin(&name, settings, &ctx) {
-                Ok(plugin) => plugins.push(plugin),
-                Err(list) => errors.extend(&entry_key, list),
-            },
-            Err(e) => errors.extend(&entry_key, vec![e]),
-        }
-    }
+    let plugins = validate_plugins(section.plugins, &key, &ctx, errors);
+
     (errors.list.len() == before).then(|| Domain {
         id: id.to_string(),
         hosts: section.hosts,
@@ -284,6 +342,67 @@ fn validate_domain(id: &str, table: Value, dir: &Path, errors: &mut Errors<'_>) 
         origins,
         plugins,
     })
+}
+
+/// Host patterns accepted so far, each with the index of its domain in `owners`.
+#[derive(Default)]
+struct HostClaims {
+    patterns: Vec<(String, usize)>,
+    owners: Vec<String>,
+}
+
+impl HostClaims {
+    /// Checks a domain's host patterns: each must be valid and listed by no other domain.
+    ///
+    /// Every pattern is checked against all accepted ones, which is quadratic in the number of
+    /// hosts; configs list a few per domain.
+    fn claim(&mut self, domain_key: &str, id: &str, hosts: &[String], errors: &mut Errors<'_>) {
+        let owner = self.owners.len();
+        self.owners.push(id.to_string());
+        for (i, pattern) in hosts.iter().enumerate() {
+            let candidate = (pattern.clone(), owner);
+            let all = self.patterns.iter().cloned().chain([candidate.clone()]);
+            let reason = match HostMatcher::new(all) {
+                Ok(_) => {
+                    self.patterns.push(candidate);
+                    continue;
+                }
+                Err(HostError::Invalid { reason, .. }) => format!(
+                    "{reason}; write a name such as \"mirror.example.org\", a wildcard such as \
+                     \"*.example.org\" or an IP address"
+                ),
+                Err(HostError::Duplicate { first, .. }) => format!(
+                    "domain `{}` lists this host too; list each host in one domain only",
+                    self.owners[first]
+                ),
+            };
+            errors.push(
+                &format!("{domain_key}.hosts[{i}]"),
+                Some(format!("{pattern:?}")),
+                reason,
+            );
+        }
+    }
+}
+
+fn validate_plugins(
+    entries: Vec<Value>,
+    domain_key: &str,
+    ctx: &BuildContext<'_>,
+    errors: &mut Errors<'_>,
+) -> Vec<Arc<dyn Plugin>> {
+    let mut plugins = Vec::new();
+    for (i, entry) in entries.into_iter().enumerate() {
+        let entry_key = format!("{domain_key}.plugins[{i}]");
+        match plugin_name(entry) {
+            Ok((name, settings)) => match build_plugin(&name, settings, ctx) {
+                Ok(plugin) => plugins.push(plugin),
+                Err(list) => errors.extend(&entry_key, list),
+            },
+            Err(e) => errors.extend(&entry_key, vec![e]),
+        }
+    }
+    plugins
 }
 
 /// Splits a plugin entry into its name and the rest of its table, the plugin's settings.
@@ -319,6 +438,13 @@ fn validate_origins(
     let mut origins = Vec::new();
     for (name, table) in tables {
         let key = format!("{domain_key}.origins.{name}");
+        if !is_name(&name) {
+            errors.push(
+                &key,
+                None,
+                "an origin name uses 1 to 64 of a-z, 0-9, `-` and `_`; rename the table",
+            );
+        }
         let Some(section) = errors.parse::<OriginSection>(table, &key) else {
             continue;
         };
@@ -330,16 +456,25 @@ fn validate_origins(
                 read_timeout_ms,
                 write_timeout_ms,
                 idle_timeout_secs,
-            } => validate_http_origin(&key, addresses, host, errors).map(|(addresses, host)| {
-                OriginKind::Http(HttpOrigin {
-                    addresses,
-                    host,
-                    connect_timeout: Duration::from_millis(connect_timeout_ms.max(1)),
-                    read_timeout: Duration::from_millis(read_timeout_ms.max(1)),
-                    write_timeout: Duration::from_millis(write_timeout_ms.max(1)),
-                    idle_timeout: Duration::from_secs(idle_timeout_secs),
+            } => {
+                let timeouts = [
+                    ("connect_timeout_ms", connect_timeout_ms),
+                    ("read_timeout_ms", read_timeout_ms),
+                    ("write_timeout_ms", write_timeout_ms),
+                ];
+                let timeouts_ok = check_timeouts(&key, &timeouts, errors);
+                let checked = validate_http_origin(&key, addresses, host, errors);
+                checked.filter(|_| timeouts_ok).map(|(addresses, host)| {
+                    OriginKind::Http(HttpOrigin {
+                        addresses,
+                        host,
+                        connect_timeout: Duration::from_millis(connect_timeout_ms),
+                        read_timeout: Duration::from_millis(read_timeout_ms),
+                        write_timeout: Duration::from_millis(write_timeout_ms),
+                        idle_timeout: Duration::from_secs(idle_timeout_secs),
+                    })
                 })
-            }),
+            }
             OriginSection::ExportTree {
                 root,
                 pinned_export,
@@ -351,6 +486,22 @@ fn validate_origins(
         }
     }
     origins
+}
+
+/// Reports each timeout of zero milliseconds; returns whether all were at least 1.
+fn check_timeouts(key: &str, timeouts: &[(&str, u64)], errors: &mut Errors<'_>) -> bool {
+    let mut ok = true;
+    for (name, ms) in timeouts {
+        if *ms == 0 {
+            errors.push(
+                &join_key(key, name),
+                Some("0".into()),
+                "must be at least 1 millisecond; leave the key out for the default",
+            );
+            ok = false;
+        }
+    }
+    ok
 }
 
 fn validate_http_origin(
@@ -368,28 +519,30 @@ fn validate_http_origin(
         );
     }
     for (i, address) in addresses.iter().enumerate() {
-        if let Err(e) = address
-            .to_socket_addrs()
-            .map(|mut a| a.next().ok_or("no address"))
-        {
+        // Resolved here only to check it; the gateway resolves it again when it starts and
+        // keeps the first address until it restarts.
+        let problem = match address.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(_)) => continue,
+            Ok(None) => "the name resolves to no address".to_string(),
+            Err(e) => e.to_string(),
+        };
+        errors.push(
+            &format!("{key}.addresses[{i}]"),
+            Some(format!("{address:?}")),
+            format!("cannot resolve ({problem}); write \"host:port\" such as \"127.0.0.1:8081\""),
+        );
+    }
+    let host = host.or_else(|| addresses.first().cloned());
+    if let Some(host) = &host {
+        if http::HeaderValue::from_str(host).is_err() || host.is_empty() {
             errors.push(
-                &format!("{key}.addresses[{i}]"),
-                Some(format!("{address:?}")),
-                format!("cannot resolve ({e}); write \"host:port\" such as \"127.0.0.1:8081\""),
+                &format!("{key}.host"),
+                Some(format!("{host:?}")),
+                "not a valid Host header value; write a name such as \"concelier.internal\"",
             );
         }
     }
-    let host = host
-        .or_else(|| addresses.first().cloned())
-        .unwrap_or_default();
-    if http::HeaderValue::from_str(&host).is_err() || host.is_empty() {
-        errors.push(
-            &format!("{key}.host"),
-            Some(format!("{host:?}")),
-            "not a valid Host header value",
-        );
-    }
-    (errors.list.len() == before).then_some((addresses, host))
+    (errors.list.len() == before).then(|| (addresses, host.unwrap_or_default()))
 }
 
 fn validate_export_tree(
@@ -401,7 +554,8 @@ fn validate_export_tree(
 ) -> Option<ExportTreeOrigin> {
     let before = errors.list.len();
     let root_path = resolve(dir, root);
-    if !root_path.is_dir() {
+    let root_ok = root_path.is_dir();
+    if !root_ok {
         errors.push(
             &format!("{key}.root"),
             Some(format!("{root:?}")),
@@ -412,17 +566,22 @@ fn validate_export_tree(
         );
     }
     if let Some(pin) = &pinned_export {
-        let valid = !pin.is_empty()
-            && pin != "."
-            && pin != ".."
-            && pin
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !valid {
+        let problem = match validate_export_id(pin) {
+            Err(reason) => Some(format!(
+                "{reason}; an export id uses letters, digits, `.`, `_` and `-`, does not start \
+                 with `.`, e.g. \"20260101T120000Z\""
+            )),
+            Ok(()) if root_ok && !root_path.join(pin).is_dir() => Some(format!(
+                "{} is not a directory; pin an export that exists or remove the key",
+                root_path.join(pin).display()
+            )),
+            Ok(()) => None,
+        };
+        if let Some(reason) = problem {
             errors.push(
                 &format!("{key}.pinned_export"),
                 Some(format!("{pin:?}")),
-                "an export id uses letters, digits, `.`, `_` and `-`, e.g. \"20260101T120000Z\"",
+                reason,
             );
         }
     }
@@ -435,6 +594,7 @@ fn validate_export_tree(
 fn validate_routes(
     entries: Vec<Value>,
     origins: &[Origin],
+    declared: &[String],
     domain_key: &str,
     errors: &mut Errors<'_>,
 ) -> Vec<Route> {
@@ -452,63 +612,93 @@ fn validate_routes(
         let Some(route) = errors.parse::<RouteSection>(entry, &key) else {
             continue;
         };
-        if let Some(route) = validate_route(route, origins, &key, errors) {
-            if !seen.insert(route.prefix.clone()) {
-                errors.push(
-                    &join_key(&key, "prefix"),
-                    Some(format!("{:?}", route.prefix)),
-                    "another route has the same prefix",
-                );
-            }
+        if seen.contains(&route.prefix) {
+            errors.push(
+                &join_key(&key, "prefix"),
+                Some(format!("{:?}", route.prefix)),
+                "another route has the same prefix; merge them or change one",
+            );
+        }
+        seen.insert(route.prefix.clone());
+        if let Some(route) = validate_route(route, origins, declared, &key, errors) {
             routes.push(route);
         }
     }
-    routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     routes
 }
 
 fn validate_route(
     route: RouteSection,
     origins: &[Origin],
+    declared: &[String],
     key: &str,
     errors: &mut Errors<'_>,
 ) -> Option<Route> {
     let before = errors.list.len();
-    if crate::path::normalize(&route.prefix).ok().as_deref() != Some(route.prefix.as_str()) {
+    if !is_normalized(&route.prefix) {
         errors.push(
             &format!("{key}.prefix"),
             Some(format!("{:?}", route.prefix)),
             "must be a normalised absolute path: starting with `/`, no `.`/`..` segments, no `//`, no `%`",
         );
     }
-    let origin = origins.iter().position(|o| o.name == route.origin);
-    if origin.is_none() {
-        let known: Vec<_> = origins.iter().map(|o| o.name.as_str()).collect();
+    // An origin that is declared but invalid has its own errors; the route is not blamed.
+    if !declared.contains(&route.origin) {
+        let known = if declared.is_empty() {
+            "none; add [domains.<id>.origins.<name>]".to_string()
+        } else {
+            declared.join(", ")
+        };
         errors.push(
             &format!("{key}.origin"),
             Some(format!("{:?}", route.origin)),
-            format!(
-                "no origin of that name in this domain; defined: {}",
-                known.join(", ")
-            ),
+            format!("no origin of that name in this domain; defined: {known}"),
         );
     }
     if let Some(path) = &route.origin_path {
-        let valid = path.starts_with('/') && path.ends_with('/') == route.prefix.ends_with('/');
-        if !valid || path.contains(['?', '#', '%']) {
+        let valid = is_normalized(path) && path.ends_with('/') == route.prefix.ends_with('/');
+        if !valid || path.contains(['?', '#']) {
             errors.push(
                 &format!("{key}.origin_path"),
                 Some(format!("{path:?}")),
-                "must start with `/`, end with `/` exactly when the prefix does, and hold no `?`, `#` or `%`",
+                "must be a normalised absolute path (no `.`/`..` segments, no `//`, no `%`, `?` \
+                 or `#`) that ends with `/` exactly when the prefix does",
             );
         }
     }
-    (errors.list.len() == before).then(|| Route {
+    let origin = origins.iter().position(|o| o.name == route.origin)?;
+    (errors.list.len() == before).then_some(Route {
         prefix: route.prefix,
-        origin: origin.unwrap_or_default(),
+        origin,
         origin_path: route.origin_path,
         forward_authorization: route.forward_authorization,
     })
+}
+
+/// Returns whether `path` is already in the form that request paths are normalised to.
+fn is_normalized(path: &str) -> bool {
+    !path.contains('%') && crate::path::normalize(path).ok().as_deref() == Some(path)
+}
+
+/// Returns whether `name` can be a domain id or an origin name: 1 to 64 of a-z, 0-9, `-`, `_`.
+fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Joins the lines of a library's message with `; `, leaving out the ``in `key` `` line that
+/// toml adds, since the error shows the key already.
+fn one_line(reason: &str) -> String {
+    let lines: Vec<&str> = reason
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .filter(|line| !line.starts_with("in `") || !line.ends_with('`'))
+        .collect();
+    lines.join("; ")
 }
 
 fn resolve(dir: &Path, path: &str) -> PathBuf {

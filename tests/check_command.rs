@@ -1,0 +1,185 @@
+//! The `mirror-gateway check` and `version` commands, run as the real binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The shipped example config; its paths point under `sample-mirror/`.
+const EXAMPLE: &str = include_str!("../conf/gateway.toml");
+
+/// A user `mirror` with password `password`, as `htpasswd -s` writes it.
+const USERS: &str = "mirror:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n";
+
+/// Runs the binary with `args` and `env`, and no `MIRROR_GATEWAY` variables of the test's own.
+fn gateway(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = gateway_command(args);
+    command.envs(env.iter().copied());
+    command.output().expect("run mirror-gateway")
+}
+
+/// Builds the command line without the test's `MIRROR_GATEWAY` variables.
+fn gateway_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"));
+    command.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MIRROR_GATEWAY") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Writes the example config to `dir/gateway.toml` with the export trees and the htpasswd
+/// file it names, and returns the config's path.
+fn write_example(dir: &Path) -> String {
+    for product in ["concelier", "excititor"] {
+        let export = dir.join(format!("sample-mirror/data/{product}/20260101T120000Z"));
+        std::fs::create_dir_all(export).expect("export tree");
+    }
+    let users = dir.join("sample-mirror/htpasswd/primary.htpasswd");
+    std::fs::create_dir_all(users.parent().expect("parent")).expect("htpasswd dir");
+    std::fs::write(users, USERS).expect("htpasswd");
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, EXAMPLE).expect("config");
+    path.display().to_string()
+}
+
+/// Writes the example with three errors to `dir/broken.toml` and returns its path. The errors
+/// are a bad thread count, an unknown route origin and a missing htpasswd file.
+fn write_broken(dir: &Path) -> String {
+    write_example(dir);
+    let broken = EXAMPLE
+        .replacen("threads = 2", "threads = 0", 1)
+        .replacen("origin = \"excititor\"", "origin = \"excititor-web\"", 1)
+        .replacen("primary.htpasswd", "missing.htpasswd", 1);
+    let path = dir.join("broken.toml");
+    std::fs::write(&path, broken).expect("config");
+    path.display().to_string()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn check_valid_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let output = gateway(&["check", "-c", &path], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn check_valid_prints_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let output = gateway(&["check", "-c", &path], &[]);
+    let expected = format!("{path}: configuration is valid (2 domain(s))");
+    assert_eq!(stdout(&output).trim(), expected);
+}
+
+#[test]
+fn check_valid_config_from_env() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let output = gateway(&["check"], &[("MIRROR_GATEWAY_CONFIG", &path)]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn check_broken_exits_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_broken(dir.path());
+    let output = gateway(&["check", "-c", &path], &[]);
+    assert_eq!(output.status.code(), Some(1));
+}
+
+#[test]
+fn check_broken_lists_every_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_broken(dir.path());
+    let err = stderr(&gateway(&["check", "-c", &path], &[]));
+    for key in [
+        "server.threads = 0",
+        "domains.primary.routes[2].origin = \"excititor-web\"",
+        "domains.primary.plugins[0].file = \"sample-mirror/htpasswd/missing.htpasswd\"",
+    ] {
+        assert!(
+            err.contains(&format!("error: {path}: {key}: ")),
+            "{key} in {err}"
+        );
+    }
+}
+
+#[test]
+fn check_broken_counts_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_broken(dir.path());
+    let err = stderr(&gateway(&["check", "-c", &path], &[]));
+    assert!(
+        err.ends_with(&format!("{path}: 3 error(s); nothing was started\n")),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_broken_prints_nothing_on_stdout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_broken(dir.path());
+    let output = gateway(&["check", "-c", &path], &[]);
+    assert_eq!(stdout(&output), "");
+}
+
+#[test]
+fn check_env_override_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let var = "MIRROR_GATEWAY__SERVER__LISTEN__0";
+    let output = gateway(&["check", "-c", &path], &[(var, "localhost:8080")]);
+    let err = stderr(&output);
+    assert!(
+        err.contains(&format!("error: {var}: server.listen[0] = ")),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_missing_file_exits_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("absent.toml").display().to_string();
+    let output = gateway(&["check", "-c", &path], &[]);
+    assert_eq!(output.status.code(), Some(1));
+}
+
+#[test]
+fn check_missing_file_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("absent.toml").display().to_string();
+    let err = stderr(&gateway(&["check", "-c", &path], &[]));
+    assert!(
+        err.contains(&format!("error: {path}: cannot read the config file")),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_survives_non_utf8_variable() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let output = gateway_command(&["check", "-c", &path])
+        .env("UNRELATED", std::ffi::OsStr::from_bytes(b"\xff"))
+        .output()
+        .expect("run mirror-gateway");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn version_prints_version() {
+    let output = gateway(&["version"], &[]);
+    let expected = format!("mirror-gateway {}\n", env!("CARGO_PKG_VERSION"));
+    assert_eq!(stdout(&output), expected);
+}

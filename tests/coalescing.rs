@@ -1,0 +1,254 @@
+//! End-to-end: concurrent misses coalesce into one origin fetch, and what the cache stores.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Starts a gateway in front of `origin` with the index and bundle TTL rules and a catch-all
+/// rule for everything else; `catch_all_404` sets its `cache_not_found`.
+fn start(origin: &TestOrigin, dir: &std::path::Path, catch_all_404: bool) -> TestGateway {
+    let config = format!(
+        r#"{BASE_CONFIG}
+[domains.primary]
+hosts = ["127.0.0.1"]
+[domains.primary.origins.web]
+kind = "http"
+addresses = ["{}"]
+host = "concelier.internal"
+[[domains.primary.routes]]
+prefix = "/"
+origin = "web"
+[[domains.primary.plugins]]
+name = "ttl"
+[[domains.primary.plugins.rules]]
+pattern = "/concelier/exports/index.json"
+ttl_secs = 60
+cache_control = "public, max-age=60"
+[[domains.primary.plugins.rules]]
+pattern = "/concelier/exports/mirror/**"
+ttl_secs = 300
+cache_control = "public, max-age=300, immutable"
+[[domains.primary.plugins.rules]]
+pattern = "/**"
+ttl_secs = 60
+cache_not_found = {catch_all_404}
+"#,
+        origin.addr
+    );
+    TestGateway::start(dir, &config)
+}
+
+/// Returns a reply chosen by the request path, for the storage tests.
+fn by_path(target: &str) -> Reply {
+    let mut reply = Reply::ok(&format!("body of {target}"));
+    match target {
+        "/error" => reply.status = 503,
+        "/missing" => reply.status = 404,
+        "/no-store" => reply.headers = vec![("cache-control".into(), "no-store".into())],
+        "/private" => reply.headers = vec![("cache-control".into(), "private".into())],
+        "/cookie" => reply
+            .headers
+            .push(("set-cookie".into(), "s=1; Path=/".into())),
+        _ => {}
+    }
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_coalesce() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("{\"bundle\":\"one\"}");
+        reply.delay = Duration::from_millis(300);
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(&origin, dir.path(), false);
+    let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
+    let client = client();
+    let requests = (0..100).map(|_| {
+        let request = client.get(&url).send();
+        async move {
+            let resp = request.await.expect("request");
+            let status = resp.status().as_u16();
+            let cache = resp.headers()["x-cache-status"]
+                .to_str()
+                .expect("ascii")
+                .to_string();
+            (status, cache, resp.text().await.expect("body"))
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    assert_eq!(origin.count(), 1);
+    for (status, cache, body) in &results {
+        assert_eq!(*status, 200, "a {cache} response");
+        assert_eq!(body, "{\"bundle\":\"one\"}", "a {cache} response");
+    }
+    let misses = results.iter().filter(|(_, c, _)| c == "MISS").count();
+    let hits = results.iter().filter(|(_, c, _)| c == "HIT").count();
+    assert_eq!((misses, hits), (1, 99));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_headers_per_class() {
+    let origin = TestOrigin::start(|req| {
+        let mut reply = Reply::ok(&req.target);
+        reply.headers = vec![("cache-control".into(), "max-age=5, must-revalidate".into())];
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(&origin, dir.path(), false);
+    let cases = [
+        ("/concelier/exports/index.json", "public, max-age=60"),
+        (
+            "/concelier/exports/mirror/primary/bundle.json",
+            "public, max-age=300, immutable",
+        ),
+        (
+            "/concelier/exports/mirror/primary/bundle.json.jws",
+            "public, max-age=300, immutable",
+        ),
+    ];
+    for (path, expected) in cases {
+        for round in ["MISS", "HIT"] {
+            let resp = client().get(gateway.url(path)).send().await.expect("get");
+            assert_eq!(resp.headers()["x-cache-status"], round, "{path}");
+            assert_eq!(resp.headers()["cache-control"], expected, "{path} {round}");
+        }
+    }
+    assert_eq!(origin.count(), 3);
+}
+
+/// A HEAD on a cold path fills the cache for the next GET. The origin sends the body 100 ms
+/// after the header, so the gateway cannot read both at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn head_miss_then_get_hit() {
+    let (addr, methods) = slow_body_origin(b"{\"exportId\":\"x\"}").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        r#"{}
+[domains.primary]
+hosts = ["127.0.0.1"]
+[domains.primary.origins.web]
+kind = "http"
+addresses = ["{addr}"]
+[[domains.primary.routes]]
+prefix = "/"
+origin = "web"
+"#,
+        BASE_CONFIG.replace("lock_wait_timeout_secs = 10", "lock_wait_timeout_secs = 2")
+    );
+    let gateway = TestGateway::start(dir.path(), &config);
+    let url = gateway.url("/concelier/exports/index.json");
+    let head = client().head(&url).send().await.expect("head");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-cache-status"], "MISS");
+
+    let started = std::time::Instant::now();
+    let get = client().get(&url).send().await.expect("get");
+    let waited = started.elapsed();
+    assert_eq!(get.status(), 200);
+    assert!(
+        waited < Duration::from_secs(1),
+        "GET waited {waited:?} on the HEAD's fill"
+    );
+    assert_eq!(get.headers()["x-cache-status"], "HIT");
+    assert_eq!(get.text().await.expect("body"), "{\"exportId\":\"x\"}");
+    assert_eq!(*methods.lock().expect("lock"), ["GET"]);
+}
+
+/// Starts an origin that replies to every request with `body`: the header, a 100 ms pause,
+/// then the body. Returns its address and the methods it received.
+async fn slow_body_origin(body: &'static [u8]) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let methods = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&methods);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_slow(stream, body, Arc::clone(&seen)));
+        }
+    });
+    (addr, methods)
+}
+
+async fn serve_slow(stream: TcpStream, body: &'static [u8], seen: Arc<Mutex<Vec<String>>>) {
+    let mut reader = BufReader::new(stream);
+    for _ in 0..100 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let method = line.split(' ').next().unwrap_or("").to_string();
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if header.trim_end().is_empty() {
+                break;
+            }
+        }
+        seen.lock().expect("lock").push(method.clone());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncache-control: max-age=60\r\n\r\n",
+            body.len()
+        );
+        let stream = reader.get_mut();
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if method != "HEAD" && stream.write_all(body).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uncacheable_not_stored() {
+    let origin = TestOrigin::start(|req| by_path(&req.target)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(&origin, dir.path(), false);
+    let cases = [
+        ("/error", 503),
+        ("/missing", 404),
+        ("/no-store", 200),
+        ("/private", 200),
+        ("/cookie", 200),
+    ];
+    for (path, status) in cases {
+        for round in 1..=2 {
+            let resp = client().get(gateway.url(path)).send().await.expect("get");
+            assert_eq!(resp.status(), status, "{path} round {round}");
+            assert_ne!(resp.headers()["x-cache-status"], "HIT", "{path}");
+        }
+        let reached = origin
+            .requests()
+            .iter()
+            .filter(|r| r.target == path)
+            .count();
+        assert_eq!(reached, 2, "{path} was stored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_found_stored_when_enabled() {
+    let origin = TestOrigin::start(|req| by_path(&req.target)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(&origin, dir.path(), true);
+    let url = gateway.url("/missing");
+    let first = client().get(&url).send().await.expect("first");
+    assert_eq!(first.status(), 404);
+    assert_eq!(first.headers()["x-cache-status"], "MISS");
+    let second = client().get(&url).send().await.expect("second");
+    assert_eq!(second.status(), 404);
+    assert_eq!(second.headers()["x-cache-status"], "HIT");
+    assert_eq!(origin.count(), 1);
+}
