@@ -187,12 +187,7 @@ fn log_unknown_key() {
 fn cache_unknown_key() {
     let fx = Fixture::new();
     let text = format!("[cache]\nmemory = \"1GiB\"\n{DOMAIN}");
-    fx.expect(
-        &text,
-        "cache.memory",
-        Some("\"1GiB\""),
-        "unknown key",
-    );
+    fx.expect(&text, "cache.memory", Some("\"1GiB\""), "unknown key");
 }
 
 #[test]
@@ -399,12 +394,7 @@ fn domain_id_invalid() {
 fn domain_unknown_key() {
     let fx = Fixture::new();
     let text = domain_with("hosts = [", "aliases = []\nhosts = [");
-    fx.expect(
-        &text,
-        "domains.primary.aliases",
-        Some("[]"),
-        "unknown key",
-    );
+    fx.expect(&text, "domains.primary.aliases", Some("[]"), "unknown key");
 }
 
 #[test]

@@ -33,6 +33,9 @@ impl Fixture {
             "primary/old.json",
         );
         link("bundle.json".as_ref(), "primary/alias.json");
+        for name in ["with space.json", "caf\u{e9}.json", "50%.json"] {
+            std::fs::write(mirror.join("primary").join(name), name).expect("write odd name");
+        }
         let users = htpasswd_line(&["-B", "-C", "5"], "alice", "secret");
         std::fs::write(dir.path().join("users.htpasswd"), users).expect("write htpasswd");
         let mut config = BASE_CONFIG.to_string();
@@ -212,3 +215,24 @@ const ODD_INDEX_SPELLINGS: [&str; 6] = [
     "/concelier/exports/mirror/%2E%2E/index.json",
     "/concelier/exports/%69ndex.json",
 ];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_needing_escapes_served() {
+    let fx = Fixture::start();
+    let cases = [
+        (
+            "/concelier/exports/mirror/primary/with%20space.json",
+            "with space.json",
+        ),
+        (
+            "/concelier/exports/mirror/primary/caf%C3%A9.json",
+            "caf\u{e9}.json",
+        ),
+        ("/concelier/exports/mirror/primary/50%25.json", "50%.json"),
+    ];
+    for (target, body) in cases {
+        let response = fx.open(target).await;
+        assert_eq!(response.status, 200, "{target}");
+        assert_eq!(response.text(), body, "{target}");
+    }
+}

@@ -225,6 +225,17 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Sends a HEAD request that missed to the origin as a HEAD, uncached, and releases the
+    /// cache lock. Pingora 0.9 stops proxying once a HEAD's header is sent, so a fill started
+    /// by a HEAD would be dropped before its body arrives. The next GET fills the cache.
+    fn cache_miss(&self, session: &mut Session, _ctx: &mut Self::CTX) {
+        if session.req_header().method == Method::HEAD {
+            session.cache.disable(NoCacheReason::Custom("head_miss"));
+        } else {
+            session.cache.cache_miss();
+        }
+    }
+
     fn cache_key_callback(&self, _session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
         let domain = self.state.domain(ctx).ok_or_else(|| {
             Error::explain(

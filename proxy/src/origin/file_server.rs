@@ -118,7 +118,11 @@ impl FileServerApp {
     }
 
     async fn respond_get(&self, req: &RequestHeader, now: SystemTime) -> FileResponse {
-        let target = match parse_target(req.uri.path()) {
+        let Some(decoded) = decode_target(req.uri.path()) else {
+            debug!(path = %req.uri.path(), "rejecting a request target that is not in canonical form");
+            return error_response(StatusCode::BAD_REQUEST, now);
+        };
+        let target = match parse_target(&decoded) {
             Ok(target) => target,
             Err(reason) => {
                 debug!(path = %req.uri.path(), reason, "rejecting a malformed request target");
@@ -385,11 +389,19 @@ fn log_read_failure(path: &Path, e: &io::Error) {
     }
 }
 
-/// Splits and checks a request path. The error describes what is wrong with it.
+/// Percent-decodes a request path, accepting only the exact form the gateway sends: a
+/// normalised path encoded by `crate::path::encode`. Any other spelling (dot segments, `//`,
+/// encoded `.` or `/`, needless escapes) is rejected, so one file has one request path.
+fn decode_target(raw: &str) -> Option<String> {
+    let decoded = crate::path::normalize(raw).ok()?;
+    (crate::path::encode(&decoded) == raw).then_some(decoded)
+}
+
+/// Splits and checks a decoded request path. The error describes what is wrong with it.
 fn parse_target(path: &str) -> Result<Target<'_>, &'static str> {
     let rest = path.strip_prefix('/').ok_or("does not start with '/'")?;
-    if rest.contains(['%', '\\', '\0']) {
-        return Err("contains '%', '\\' or NUL");
+    if rest.contains(['\\', '\0']) {
+        return Err("contains '\\' or NUL");
     }
     let (export_id, relative) = rest.split_once('/').unwrap_or((rest, ""));
     validate_export_id(export_id)?;
