@@ -28,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod htpasswd;
+pub mod limits;
 pub mod registry;
 pub mod settings;
 pub mod ttl;
@@ -80,6 +81,10 @@ pub struct CachePolicy {
     pub cache_control: Option<HeaderValue>,
     /// Whether a 404 from the origin may be stored for `ttl`.
     pub cache_not_found: bool,
+    /// Stale-while-revalidate window for this path; `None` uses the domain's.
+    pub stale_while_revalidate: Option<Duration>,
+    /// Stale-if-error window for this path; `None` uses the domain's.
+    pub stale_if_error: Option<Duration>,
 }
 
 /// A response that a plugin makes itself, in place of going to the cache or the origin.

@@ -33,6 +33,8 @@ struct RuleSettings {
     cache_control: Option<String>,
     #[serde(default)]
     cache_not_found: bool,
+    stale_while_revalidate_secs: Option<u64>,
+    stale_if_error_secs: Option<u64>,
 }
 
 /// A compiled path pattern.
@@ -191,6 +193,8 @@ fn compile_rule(rule: RuleSettings) -> Result<(PathPattern, CachePolicy), Settin
         ttl: Duration::from_secs(rule.ttl_secs),
         cache_control,
         cache_not_found: rule.cache_not_found,
+        stale_while_revalidate: rule.stale_while_revalidate_secs.map(Duration::from_secs),
+        stale_if_error: rule.stale_if_error_secs.map(Duration::from_secs),
     };
     Ok((pattern, policy))
 }
@@ -346,6 +350,8 @@ mod tests {
             ttl: Duration::from_secs(secs),
             cache_control: None,
             cache_not_found: false,
+            stale_while_revalidate: None,
+            stale_if_error: None,
         }
     }
 }

@@ -100,6 +100,7 @@ impl App {
             domains,
             cache: CacheTier::new(&config.cache),
             access_log: AccessLog::open(&config.log.access_log).map_err(StartError::AccessLog)?,
+            trusted_proxies: config.server.trusted_proxies.clone(),
         });
 
         let mut proxy = pingora::proxy::http_proxy_service_with_name(

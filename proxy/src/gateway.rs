@@ -5,6 +5,7 @@
 //! a path prefix mapped to one origin. Cache words follow RFC 9111: *fresh*, *stale*,
 //! *revalidate*, *validator*.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -19,6 +20,7 @@ use pingora::{Error, Result};
 
 use crate::access_log::{AccessEntry, AccessLog};
 use crate::cache::{cache_key, cache_status, decide_cacheability, CacheTier, NoStoreReason};
+use crate::client_ip::TrustedProxies;
 use crate::config::Domain;
 use crate::respond::{self, error_response, write_local, CACHE_STATUS_HEADER};
 use crate::routing::{match_route, Router};
@@ -37,6 +39,7 @@ pub struct GatewayState {
     pub domains: Vec<DomainRuntime>,
     pub cache: CacheTier,
     pub access_log: AccessLog,
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The proxy application that Pingora drives.
@@ -64,6 +67,8 @@ pub struct RequestCtx {
     upstream_uri: String,
     /// The export that serves this request, for export-tree origins.
     export_id: Option<String>,
+    /// The client IP resolved from the peer and trusted `X-Forwarded-For` entries.
+    client_ip: Option<IpAddr>,
     plugin_state: RequestState,
     /// `X-Cache-Status` of a response the gateway made itself.
     local_cache_status: Option<&'static str>,
@@ -82,6 +87,7 @@ impl RequestCtx {
             query: None,
             upstream_uri: String::new(),
             export_id: None,
+            client_ip: None,
             plugin_state: RequestState::default(),
             local_cache_status: None,
             no_store: None,
@@ -107,6 +113,7 @@ impl GatewayState {
     /// `Err` carries the response to send in place of proxying.
     async fn prepare(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
         let req = session.req_header();
+        ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
         let host = request_host(req);
         let domain_index = self.router.domain_for_host(host).ok_or_else(|| {
             error_response(
@@ -134,10 +141,7 @@ impl GatewayState {
             path: &ctx.path,
             query: req.uri.query(),
             headers: &req.headers,
-            client_addr: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            client_addr: ctx.client_ip,
         };
         for plugin in &domain.config.plugins {
             if let Verdict::Respond(local) =
@@ -183,6 +187,14 @@ impl GatewayState {
     }
 }
 
+/// Returns the IP address of the downstream connection's peer, if it is a TCP connection.
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 /// Returns the request's host: the URI authority (HTTP/2, absolute form) or the `Host` header.
 fn request_host(req: &RequestHeader) -> &str {
     req.uri
@@ -225,17 +237,6 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// Sends a HEAD request that missed to the origin as a HEAD, uncached, and releases the
-    /// cache lock. Pingora 0.9 stops proxying once a HEAD's header is sent, so a fill started
-    /// by a HEAD would be dropped before its body arrives. The next GET fills the cache.
-    fn cache_miss(&self, session: &mut Session, _ctx: &mut Self::CTX) {
-        if session.req_header().method == Method::HEAD {
-            session.cache.disable(NoCacheReason::Custom("head_miss"));
-        } else {
-            session.cache.cache_miss();
-        }
-    }
-
     fn cache_key_callback(&self, _session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
         let domain = self.state.domain(ctx).ok_or_else(|| {
             Error::explain(
@@ -263,7 +264,11 @@ impl ProxyHttp for Gateway {
                 .headers
                 .contains_key(http::header::AUTHORIZATION);
         let policy = ctx.plugin_state.cache_policy.as_ref();
-        match decide_cacheability(resp, policy, forwarded, SystemTime::now()) {
+        let stale = self
+            .state
+            .domain(ctx)
+            .map_or(crate::config::StaleWindows::NONE, |d| d.config.stale);
+        match decide_cacheability(resp, policy, forwarded, stale, SystemTime::now()) {
             Ok(decision) => Ok(decision),
             Err(reason) => {
                 ctx.no_store = Some(reason);
@@ -368,6 +373,17 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Serves a stale entry while a background request refreshes it (error `None`), and when
+    /// the origin failed (error from the upstream side), each within the entry's window.
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+        error: Option<&Error>,
+    ) -> bool {
+        error.is_none_or(|e| e.esource() == &pingora::ErrorSource::Upstream)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -424,10 +440,7 @@ impl Gateway {
         let target = req.uri.path_and_query().map_or("-", |pq| pq.as_str());
         let version = format!("{:?}", req.version);
         self.state.access_log.log(&AccessEntry {
-            remote_addr: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            remote_addr: ctx.client_ip.or_else(|| peer_ip(session)),
             user: ctx.plugin_state.user.as_deref(),
             time: SystemTime::now(),
             method: req.method.as_str(),

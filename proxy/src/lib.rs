@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod app;
 pub mod cache;
+pub mod client_ip;
 pub mod config;
 pub mod gateway;
 pub mod host;

@@ -89,6 +89,7 @@ mod tests {
             routes,
             origins: Vec::new(),
             plugins: Vec::new(),
+            stale: crate::config::StaleWindows::NONE,
         }
     }
 

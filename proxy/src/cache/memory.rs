@@ -1,7 +1,10 @@
-//! The memory tier: complete responses held in memory, bounded in bytes.
+//! The memory tier: responses held in memory, bounded in bytes.
 //!
-//! An entry is published only when its miss handler finishes, so readers never see a partial
-//! body; a fill that is dropped (origin error, client gone, too large) leaves nothing behind.
+//! A fill streams: while the origin's body arrives, every request for the key (the filling
+//! request's own client included) reads the chunks stored so far and waits for the next. The
+//! entry is published as complete only when its miss handler finishes. A fill that is dropped
+//! (origin error, client gone, too large) leaves nothing behind, and its readers get an error
+//! instead of a clean end, so a truncated body is never taken for a whole one.
 //! The byte budget is enforced by Pingora's LRU eviction manager, which the gateway passes to
 //! `HttpCache::enable` next to this storage: after each admission it asks the storage to purge
 //! the least recently used entries.
@@ -9,11 +12,13 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora::cache::storage::streaming_write::U64WriteId;
 use pingora::cache::storage::{
     HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
     PurgeType,
@@ -21,6 +26,7 @@ use pingora::cache::storage::{
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::{Error, ErrorType, Result};
+use tokio::sync::watch;
 
 /// Largest chunk a hit hands to the downstream writer at once.
 const READ_CHUNK: usize = 256 * 1024;
@@ -67,9 +73,29 @@ struct Entry {
     body: Bytes,
 }
 
+/// A fill in progress: the chunks received so far and how far the writer got.
+struct InFlight {
+    id: u64,
+    meta: (Vec<u8>, Vec<u8>),
+    chunks: RwLock<Vec<Bytes>>,
+    progress: watch::Sender<Progress>,
+}
+
+/// How far a fill got, in chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    Writing(usize),
+    Done(usize),
+    /// The writer went away before the end of the body.
+    Aborted,
+}
+
 /// The memory tier. Entries are keyed by the combined cache key (primary key and variance).
 pub struct MemoryStorage {
     entries: RwLock<HashMap<HashBinary, Entry>>,
+    /// At most one fill per key is visible to readers: the latest one started.
+    in_flight: RwLock<HashMap<HashBinary, Arc<InFlight>>>,
+    next_write_id: AtomicU64,
     max_object_bytes: usize,
     stats: TierStats,
 }
@@ -79,6 +105,8 @@ impl MemoryStorage {
     pub fn new(max_object_bytes: usize) -> Self {
         Self {
             entries: RwLock::new(HashMap::new()),
+            in_flight: RwLock::new(HashMap::new()),
+            next_write_id: AtomicU64::new(1),
             max_object_bytes,
             stats: TierStats::default(),
         }
@@ -117,6 +145,37 @@ impl MemoryStorage {
     }
 }
 
+impl MemoryStorage {
+    fn partial_hit(
+        &self,
+        key: &HashBinary,
+        write_id: Option<u64>,
+    ) -> Option<(CacheMeta, HitHandler)> {
+        let fill = self.in_flight.read().get(key).cloned()?;
+        if write_id.is_some_and(|id| id != fill.id) {
+            return None;
+        }
+        let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1).ok()?;
+        let progress = fill.progress.subscribe();
+        Some((
+            meta,
+            Box::new(PartialHit {
+                fill,
+                progress,
+                next: 0,
+            }),
+        ))
+    }
+
+    /// Drops the in-flight record of fill `id`, unless a newer fill replaced it.
+    fn end_fill(&self, key: &HashBinary, id: u64) {
+        let mut in_flight = self.in_flight.write();
+        if in_flight.get(key).is_some_and(|fill| fill.id == id) {
+            in_flight.remove(key);
+        }
+    }
+}
+
 fn compact_key(target: PurgeTarget<'_>) -> &CompactCacheKey {
     target.key()
 }
@@ -147,10 +206,31 @@ impl Storage for MemoryStorage {
                     }),
                 )))
             }
-            None => {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                Ok(None)
-            }
+            None => match self.partial_hit(&key.combined_bin(), None) {
+                Some(partial) => {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    Ok(Some(partial))
+                }
+                None => {
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        streaming_write_tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let write_id = streaming_write_tag
+            .and_then(|tag| U64WriteId::try_from(tag).ok())
+            .map(u64::from);
+        match write_id {
+            Some(id) => Ok(self.partial_hit(&key.combined_bin(), Some(id))),
+            None => self.lookup(key, trace).await,
         }
     }
 
@@ -160,11 +240,22 @@ impl Storage for MemoryStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
+        let id = self.next_write_id.fetch_add(1, Ordering::Relaxed);
+        let fill = Arc::new(InFlight {
+            id,
+            meta: meta.serialize()?,
+            chunks: RwLock::new(Vec::new()),
+            progress: watch::channel(Progress::Writing(0)).0,
+        });
+        let key = key.combined_bin();
+        self.in_flight.write().insert(key, Arc::clone(&fill));
         Ok(Box::new(MemoryMiss {
             storage: self,
-            key: key.combined_bin(),
-            meta: meta.serialize()?,
-            body: BytesMut::new(),
+            key,
+            fill,
+            tag: U64WriteId::from(id),
+            size: 0,
+            finished: false,
         }))
     }
 
@@ -202,7 +293,75 @@ impl Storage for MemoryStorage {
         }
     }
 
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// Reads a body while its fill is still running, waiting for each next chunk.
+struct PartialHit {
+    fill: Arc<InFlight>,
+    progress: watch::Receiver<Progress>,
+    /// Index of the next chunk to hand out.
+    next: usize,
+}
+
+#[async_trait]
+impl HandleHit for PartialHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let progress = *self.progress.borrow_and_update();
+            let available = match progress {
+                Progress::Aborted => {
+                    return Error::e_explain(
+                        ErrorType::ReadError,
+                        "the cache fill this response streams from was aborted",
+                    )
+                }
+                Progress::Writing(n) | Progress::Done(n) => n,
+            };
+            if self.next < available {
+                let chunk = self.fill.chunks.read().get(self.next).cloned();
+                self.next += 1;
+                if let Some(chunk) = chunk {
+                    return Ok(Some(chunk));
+                }
+            } else if matches!(progress, Progress::Done(_)) {
+                return Ok(None);
+            } else if self.progress.changed().await.is_err() {
+                // The writer is gone; its last state tells whether the body is whole.
+                if !matches!(*self.progress.borrow(), Progress::Done(_)) {
+                    return Error::e_explain(
+                        ErrorType::ReadError,
+                        "the cache fill this response streams from stopped",
+                    );
+                }
+            }
+        }
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn should_count_access(&self) -> bool {
+        false
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
         self
     }
 }
@@ -265,18 +424,21 @@ impl HandleHit for BytesHit {
     }
 }
 
-/// Collects a body and publishes it when the fill finishes; dropping it discards the body.
+/// Streams a body into an in-flight record and publishes it when the fill finishes; dropping
+/// it first marks the fill aborted, so its readers fail instead of ending early.
 struct MemoryMiss {
     storage: &'static MemoryStorage,
     key: HashBinary,
-    meta: (Vec<u8>, Vec<u8>),
-    body: BytesMut,
+    fill: Arc<InFlight>,
+    tag: U64WriteId,
+    size: usize,
+    finished: bool,
 }
 
 #[async_trait]
 impl HandleMiss for MemoryMiss {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
-        if self.body.len() + data.len() > self.storage.max_object_bytes {
+        if self.size + data.len() > self.storage.max_object_bytes {
             self.storage
                 .stats
                 .write_errors
@@ -289,18 +451,53 @@ impl HandleMiss for MemoryMiss {
                 ),
             );
         }
-        self.body.extend_from_slice(&data);
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.size += data.len();
+        let count = {
+            let mut chunks = self.fill.chunks.write();
+            chunks.push(data);
+            chunks.len()
+        };
+        self.fill.progress.send_replace(Progress::Writing(count));
         Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
-        let size = self.body.len();
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        let body = {
+            let chunks = self.fill.chunks.read();
+            let mut body = BytesMut::with_capacity(self.size);
+            for chunk in chunks.iter() {
+                body.extend_from_slice(chunk);
+            }
+            body.freeze()
+        };
+        let count = self.fill.chunks.read().len();
+        // Publish the complete entry before the in-flight record goes, so a lookup in between
+        // finds one of the two.
         let entry = Entry {
-            meta: self.meta,
-            body: self.body.freeze(),
+            meta: self.fill.meta.clone(),
+            body,
         };
         self.storage.insert(self.key, entry);
-        Ok(MissFinishType::Created(size))
+        self.fill.progress.send_replace(Progress::Done(count));
+        self.storage.end_fill(&self.key, self.fill.id);
+        self.finished = true;
+        Ok(MissFinishType::Created(self.size))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(self.tag.as_bytes())
+    }
+}
+
+impl Drop for MemoryMiss {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.fill.progress.send_replace(Progress::Aborted);
+            self.storage.end_fill(&self.key, self.fill.id);
+        }
     }
 }
 
@@ -430,5 +627,110 @@ mod tests {
         assert_eq!(outcome, PurgeOutcome::Purged(None));
         assert_eq!(storage.stats().snapshot().evictions, 1);
         assert_eq!(storage.stats().snapshot().bytes, 0);
+    }
+}
+
+#[cfg(test)]
+mod streaming_tests {
+    use super::*;
+    use pingora::http::ResponseHeader;
+    use std::time::{Duration, SystemTime};
+
+    fn inactive() -> SpanHandle {
+        pingora::cache::trace::Span::inactive().handle()
+    }
+
+    fn meta() -> CacheMeta {
+        let now = SystemTime::now();
+        let header = ResponseHeader::build(200, None).expect("valid status");
+        CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header)
+    }
+
+    #[tokio::test]
+    async fn partial_reader_follows_writer() {
+        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1024)));
+        let key = CacheKey::new("s", "primary");
+        let mut miss = storage
+            .get_miss_handler(&key, &meta(), &inactive())
+            .await
+            .expect("miss");
+        miss.write_body(Bytes::from_static(b"ab"), false)
+            .await
+            .expect("write");
+        let (_, mut reader) = storage
+            .lookup(&key, &inactive())
+            .await
+            .expect("ok")
+            .expect("partial");
+        assert_eq!(
+            reader.read_body().await.expect("read"),
+            Some(Bytes::from_static(b"ab"))
+        );
+        let pending = tokio::spawn(async move { reader.read_body().await.map(|b| (b, reader)) });
+        miss.write_body(Bytes::from_static(b"cd"), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        let (chunk, mut reader) = pending.await.expect("join").expect("read");
+        assert_eq!(chunk, Some(Bytes::from_static(b"cd")));
+        assert_eq!(reader.read_body().await.expect("end"), None);
+        let (_, mut whole) = storage
+            .lookup(&key, &inactive())
+            .await
+            .expect("ok")
+            .expect("hit");
+        assert_eq!(
+            whole.read_body().await.expect("read"),
+            Some(Bytes::from_static(b"abcd"))
+        );
+    }
+
+    #[tokio::test]
+    async fn partial_reader_fails_on_abort() {
+        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1024)));
+        let key = CacheKey::new("a", "primary");
+        let mut miss = storage
+            .get_miss_handler(&key, &meta(), &inactive())
+            .await
+            .expect("miss");
+        miss.write_body(Bytes::from_static(b"half"), false)
+            .await
+            .expect("write");
+        let (_, mut reader) = storage
+            .lookup(&key, &inactive())
+            .await
+            .expect("ok")
+            .expect("partial");
+        assert_eq!(
+            reader.read_body().await.expect("first chunk"),
+            Some(Bytes::from_static(b"half"))
+        );
+        drop(miss);
+        assert!(reader.read_body().await.is_err());
+        assert!(storage
+            .lookup(&key, &inactive())
+            .await
+            .expect("ok")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn streaming_write_lookup_finds_own_fill() {
+        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1024)));
+        let key = CacheKey::new("t", "primary");
+        let miss = storage
+            .get_miss_handler(&key, &meta(), &inactive())
+            .await
+            .expect("miss");
+        let tag = miss.streaming_write_tag().expect("tag").to_vec();
+        let found = storage
+            .lookup_streaming_write(&key, Some(&tag), &inactive())
+            .await;
+        assert!(found.expect("ok").is_some());
+        let other = U64WriteId::from(u64::MAX);
+        let missing = storage
+            .lookup_streaming_write(&key, Some(other.as_bytes()), &inactive())
+            .await;
+        assert!(missing.expect("ok").is_none());
     }
 }

@@ -9,6 +9,8 @@ use pingora::cache::filters::resp_cacheable;
 use pingora::cache::{CacheMeta, CacheMetaDefaults, NoCacheReason, RespCacheable};
 use pingora::http::ResponseHeader;
 
+use crate::config::StaleWindows;
+
 /// Why a response was not stored. The labels are stable: logs, metrics and tests use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoStoreReason {
@@ -53,10 +55,15 @@ fn placeholder_lifetime(status: StatusCode) -> Option<Duration> {
 /// `cache_not_found`. An origin `no-cache` keeps the entry stale from the start, so it is
 /// revalidated on every use. `authorization_forwarded` is true when the origin saw the
 /// client's credentials; such a response is stored only when the origin marks it `public`.
+///
+/// The stale windows come from the rule, else from the origin's `stale-while-revalidate` and
+/// `stale-if-error`, else from the domain's `stale`; an origin `must-revalidate`,
+/// `proxy-revalidate` or `no-cache` turns both off.
 pub fn decide_cacheability(
     resp: &ResponseHeader,
     policy: Option<&CachePolicy>,
     authorization_forwarded: bool,
+    stale: StaleWindows,
     now: SystemTime,
 ) -> Result<RespCacheable, NoStoreReason> {
     if resp.headers.contains_key(http::header::SET_COOKIE) {
@@ -79,17 +86,49 @@ pub fn decide_cacheability(
         &ORIGIN_DEFAULTS
     };
     let origin_no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    let no_stale = origin_no_cache
+        || cc
+            .as_ref()
+            .is_some_and(|cc| cc.must_revalidate() || cc.proxy_revalidate());
+    let origin_windows = cc.as_ref().map(|cc| {
+        (
+            cc.stale_while_revalidate().ok().flatten(),
+            cc.stale_if_error().ok().flatten(),
+        )
+    });
+    let window = |rule: Option<Duration>, origin: Option<u32>, domain: Duration| -> u32 {
+        if no_stale {
+            return 0;
+        }
+        let chosen = rule
+            .or(origin.map(|s| Duration::from_secs(s.into())))
+            .unwrap_or(domain);
+        u32::try_from(chosen.as_secs()).unwrap_or(u32::MAX)
+    };
+    let swr = window(
+        policy.and_then(|p| p.stale_while_revalidate),
+        origin_windows.and_then(|w| w.0),
+        stale.while_revalidate,
+    );
+    let sie = window(
+        policy.and_then(|p| p.stale_if_error),
+        origin_windows.and_then(|w| w.1),
+        stale.if_error,
+    );
     match resp_cacheable(cc.as_ref(), resp.clone(), authorization_forwarded, defaults) {
-        RespCacheable::Cacheable(meta) => match policy {
-            Some(policy) if !origin_no_cache => Ok(RespCacheable::Cacheable(CacheMeta::new(
-                now + policy.ttl,
+        RespCacheable::Cacheable(meta) => {
+            let fresh_until = match policy {
+                Some(policy) if !origin_no_cache => now + policy.ttl,
+                _ => meta.fresh_until(),
+            };
+            Ok(RespCacheable::Cacheable(CacheMeta::new(
+                fresh_until,
                 now,
-                meta.stale_while_revalidate_sec(),
-                meta.stale_if_error_sec(),
+                swr,
+                sie,
                 meta.response_header_copy(),
-            ))),
-            _ => Ok(RespCacheable::Cacheable(meta)),
-        },
+            )))
+        }
         RespCacheable::Uncacheable(NoCacheReason::OriginNotCache) if policy.is_none() => {
             Err(NoStoreReason::NoLifetime)
         }
@@ -110,12 +149,19 @@ mod tests {
         resp
     }
 
+    const STALE: StaleWindows = StaleWindows {
+        while_revalidate: Duration::from_secs(60),
+        if_error: Duration::from_secs(600),
+    };
+
     fn policy(ttl: u64) -> CachePolicy {
         CachePolicy {
             pattern: "/x".into(),
             ttl: Duration::from_secs(ttl),
             cache_control: None,
             cache_not_found: false,
+            stale_while_revalidate: None,
+            stale_if_error: None,
         }
     }
 
@@ -136,7 +182,7 @@ mod tests {
         let resp = response(200, &[("cache-control", "max-age=5")]);
         assert_eq!(
             fresh_secs(
-                decide_cacheability(&resp, Some(&policy(300)), false, now),
+                decide_cacheability(&resp, Some(&policy(300)), false, STALE, now),
                 now
             ),
             300
@@ -149,7 +195,7 @@ mod tests {
         let resp = response(200, &[]);
         assert_eq!(
             fresh_secs(
-                decide_cacheability(&resp, Some(&policy(60)), false, now),
+                decide_cacheability(&resp, Some(&policy(60)), false, STALE, now),
                 now
             ),
             60
@@ -160,12 +206,12 @@ mod tests {
     fn no_policy_follows_origin() {
         let now = SystemTime::now();
         assert_eq!(
-            decide_cacheability(&response(200, &[]), None, false, now).err(),
+            decide_cacheability(&response(200, &[]), None, false, STALE, now).err(),
             Some(NoStoreReason::NoLifetime)
         );
         let resp = response(200, &[("cache-control", "max-age=30")]);
         assert_eq!(
-            fresh_secs(decide_cacheability(&resp, None, false, now), now),
+            fresh_secs(decide_cacheability(&resp, None, false, STALE, now), now),
             30
         );
     }
@@ -198,7 +244,7 @@ mod tests {
         for (resp, reason) in cases {
             let status = resp.status;
             assert_eq!(
-                decide_cacheability(&resp, Some(&p), false, now).err(),
+                decide_cacheability(&resp, Some(&p), false, STALE, now).err(),
                 Some(reason),
                 "{status}"
             );
@@ -212,7 +258,7 @@ mod tests {
         p.cache_not_found = true;
         assert_eq!(
             fresh_secs(
-                decide_cacheability(&response(404, &[]), Some(&p), false, now),
+                decide_cacheability(&response(404, &[]), Some(&p), false, STALE, now),
                 now
             ),
             30
@@ -223,8 +269,61 @@ mod tests {
     fn forwarded_authorization_needs_public() {
         let now = SystemTime::now();
         let p = policy(30);
-        assert!(decide_cacheability(&response(200, &[]), Some(&p), true, now).is_err());
+        assert!(decide_cacheability(&response(200, &[]), Some(&p), true, STALE, now).is_err());
         let public = response(200, &[("cache-control", "public, max-age=10")]);
-        assert!(decide_cacheability(&public, Some(&p), true, now).is_ok());
+        assert!(decide_cacheability(&public, Some(&p), true, STALE, now).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    const STALE: StaleWindows = StaleWindows {
+        while_revalidate: Duration::from_secs(60),
+        if_error: Duration::from_secs(600),
+    };
+
+    fn windows(headers: &[(&str, &str)], policy: Option<&CachePolicy>) -> (u32, u32) {
+        let mut resp = ResponseHeader::build(200, None).expect("valid status");
+        for (name, value) in headers {
+            resp.append_header(name.to_string(), *value)
+                .expect("valid header");
+        }
+        match decide_cacheability(&resp, policy, false, STALE, SystemTime::now()) {
+            Ok(RespCacheable::Cacheable(meta)) => {
+                (meta.stale_while_revalidate_sec(), meta.stale_if_error_sec())
+            }
+            _ => panic!("expected a cacheable response"),
+        }
+    }
+
+    fn rule(swr: Option<u64>) -> CachePolicy {
+        CachePolicy {
+            pattern: "/x".into(),
+            ttl: Duration::from_secs(300),
+            cache_control: None,
+            cache_not_found: false,
+            stale_while_revalidate: swr.map(Duration::from_secs),
+            stale_if_error: None,
+        }
+    }
+
+    #[test]
+    fn stale_windows_default_to_domain() {
+        assert_eq!(windows(&[("cache-control", "max-age=10")], None), (60, 600));
+    }
+
+    #[test]
+    fn stale_windows_rule_beats_origin() {
+        let headers = [("cache-control", "max-age=10, stale-while-revalidate=5")];
+        assert_eq!(windows(&headers, None), (5, 600));
+        assert_eq!(windows(&headers, Some(&rule(Some(30)))), (30, 600));
+    }
+
+    #[test]
+    fn must_revalidate_disables_stale() {
+        let headers = [("cache-control", "max-age=10, must-revalidate")];
+        assert_eq!(windows(&headers, Some(&rule(Some(30)))), (0, 0));
     }
 }

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use mirror_plugins::Plugin;
 
+use crate::client_ip::TrustedProxies;
+
 pub use env::ENV_PREFIX;
 pub use error::ConfigError;
 
@@ -42,6 +44,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
+    /// Peers whose `X-Forwarded-For` names the client; empty trusts no peer.
+    pub trusted_proxies: TrustedProxies,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +83,25 @@ pub struct Domain {
     pub routes: Vec<Route>,
     pub origins: Vec<Origin>,
     pub plugins: Vec<Arc<dyn Plugin>>,
+    /// Stale windows of stored responses, unless the path's `ttl` rule sets its own.
+    pub stale: StaleWindows,
+}
+
+/// How long after expiry a stored response may still be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleWindows {
+    /// Served at once while one background request refreshes the entry.
+    pub while_revalidate: Duration,
+    /// Served when the origin is down, times out or answers 5xx.
+    pub if_error: Duration,
+}
+
+impl StaleWindows {
+    /// No stale serving.
+    pub const NONE: Self = Self {
+        while_revalidate: Duration::ZERO,
+        if_error: Duration::ZERO,
+    };
 }
 
 impl std::fmt::Debug for Domain {
@@ -90,6 +113,7 @@ impl std::fmt::Debug for Domain {
             .field("routes", &self.routes)
             .field("origins", &self.origins)
             .field("plugins", &plugins)
+            .field("stale", &self.stale)
             .finish()
     }
 }

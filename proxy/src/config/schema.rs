@@ -15,6 +15,7 @@ pub struct ServerSection {
     pub grace_period_secs: u64,
     pub shutdown_timeout_secs: u64,
     pub upstream_keepalive_pool_size: usize,
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -26,6 +27,7 @@ impl Default for ServerSection {
             grace_period_secs: 5,
             shutdown_timeout_secs: 5,
             upstream_keepalive_pool_size: 128,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -76,6 +78,21 @@ pub struct DomainSection {
     pub origins: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub plugins: Vec<toml::Value>,
+    /// How long after expiry a stored response is still served while one background request
+    /// refreshes it.
+    #[serde(default = "default_stale_while_revalidate_secs")]
+    pub stale_while_revalidate_secs: u32,
+    /// How long after expiry a stored response is served when the origin fails.
+    #[serde(default = "default_stale_if_error_secs")]
+    pub stale_if_error_secs: u32,
+}
+
+fn default_stale_while_revalidate_secs() -> u32 {
+    60
+}
+
+fn default_stale_if_error_secs() -> u32 {
+    86_400
 }
 
 /// One route: `[[domains.<id>.routes]]`.

@@ -17,8 +17,9 @@ use super::schema::{
 };
 use super::{
     AccessLogTarget, CacheSettings, ConfigError, Domain, ExportTreeOrigin, GatewayConfig,
-    HttpOrigin, LogSettings, Origin, OriginKind, Route, ServerSettings,
+    HttpOrigin, LogSettings, Origin, OriginKind, Route, ServerSettings, StaleWindows,
 };
+use crate::client_ip::{Cidr, TrustedProxies};
 use crate::host::{HostError, HostMatcher};
 use crate::origin::export_tree::validate_export_id;
 
@@ -148,6 +149,7 @@ fn validate_server(
             "must be between 1 and 512",
         );
     }
+    let trusted_proxies = validate_trusted_proxies(&s.trusted_proxies, errors);
     let runtime_dir = s.runtime_dir.map(|d| (resolve(dir, &d), d));
     if let Some((path, text)) = &runtime_dir {
         if !path.is_dir() {
@@ -169,7 +171,24 @@ fn validate_server(
         grace_period: Duration::from_secs(s.grace_period_secs),
         shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        trusted_proxies,
     })
+}
+
+/// Parses each `server.trusted_proxies` entry as a network, reporting every invalid one.
+fn validate_trusted_proxies(entries: &[String], errors: &mut Errors<'_>) -> TrustedProxies {
+    let mut ranges = Vec::new();
+    for (i, text) in entries.iter().enumerate() {
+        match text.trim().parse::<Cidr>() {
+            Ok(range) => ranges.push(range),
+            Err(e) => errors.push(
+                &format!("server.trusted_proxies[{i}]"),
+                Some(format!("{text:?}")),
+                e.to_string(),
+            ),
+        }
+    }
+    TrustedProxies::new(ranges)
 }
 
 fn validate_log(s: LogSection, dir: &Path, errors: &mut Errors<'_>) -> Option<LogSettings> {
@@ -341,6 +360,10 @@ fn validate_domain(
         routes,
         origins,
         plugins,
+        stale: StaleWindows {
+            while_revalidate: Duration::from_secs(section.stale_while_revalidate_secs.into()),
+            if_error: Duration::from_secs(section.stale_if_error_secs.into()),
+        },
     })
 }
 

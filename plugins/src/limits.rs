@@ -1,0 +1,142 @@
+//! What the `quota` and `rate_limit` plugins share: the 429 response and the `RateLimit-*`
+//! header fields of the IETF "RateLimit header fields for HTTP" draft.
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora::http::ResponseHeader;
+
+use crate::LocalResponse;
+
+/// The state of one budget for one request, sent downstream as `RateLimit-*` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetState {
+    /// Requests the budget allows per window (`RateLimit-Limit`).
+    pub limit: u64,
+    /// Requests left in the current window after this one (`RateLimit-Remaining`).
+    pub remaining: u64,
+    /// Seconds until the budget allows requests again or resets (`RateLimit-Reset`).
+    pub reset_secs: u64,
+}
+
+impl BudgetState {
+    /// Returns the header fields for this state.
+    pub fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
+        [
+            (
+                HeaderName::from_static("ratelimit-limit"),
+                HeaderValue::from(self.limit),
+            ),
+            (
+                HeaderName::from_static("ratelimit-remaining"),
+                HeaderValue::from(self.remaining),
+            ),
+            (
+                HeaderName::from_static("ratelimit-reset"),
+                HeaderValue::from(self.reset_secs),
+            ),
+        ]
+    }
+
+    /// Sets the header fields on a response.
+    pub fn apply(&self, resp: &mut ResponseHeader) -> pingora::Result<()> {
+        for (name, value) in self.headers() {
+            resp.insert_header(name, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds the `429 Too Many Requests` response for a budget that ran out.
+///
+/// `budget` names it for the client (`"download requests per hour"`), `retry_after_secs` is
+/// when a request would pass again (at least 1). The body is a short JSON document.
+pub fn too_many_requests(budget: &str, state: BudgetState, retry_after_secs: u64) -> LocalResponse {
+    let retry = retry_after_secs.max(1);
+    let body = format!(
+        "{{\"error\":\"too_many_requests\",\"budget\":{},\"limit\":{},\"retry_after_secs\":{retry}}}\n",
+        json_string(budget),
+        state.limit
+    );
+    let mut response = LocalResponse {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        headers: vec![
+            (
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (http::header::RETRY_AFTER, HeaderValue::from(retry)),
+            (
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            ),
+        ],
+        body: bytes::Bytes::from(body),
+    };
+    response.headers.extend(state.headers());
+    response
+}
+
+/// Quotes `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_requests_has_headers_and_body() {
+        let state = BudgetState {
+            limit: 600,
+            remaining: 0,
+            reset_secs: 42,
+        };
+        let response = too_many_requests("index requests per hour", state, 42);
+        assert_eq!(response.status, StatusCode::TOO_MANY_REQUESTS);
+        let get = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|(n, _)| n.as_str() == name)
+                .map(|(_, v)| v.to_str().unwrap_or_default().to_string())
+        };
+        assert_eq!(get("retry-after").as_deref(), Some("42"));
+        assert_eq!(get("ratelimit-limit").as_deref(), Some("600"));
+        assert_eq!(get("ratelimit-remaining").as_deref(), Some("0"));
+        assert_eq!(get("ratelimit-reset").as_deref(), Some("42"));
+        let body = std::str::from_utf8(&response.body).unwrap_or_default();
+        assert!(
+            body.contains("\"budget\":\"index requests per hour\""),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_at_least_one_second() {
+        let state = BudgetState {
+            limit: 1,
+            remaining: 0,
+            reset_secs: 0,
+        };
+        let response = too_many_requests("x", state, 0);
+        let retry = response
+            .headers
+            .iter()
+            .find(|(n, _)| *n == http::header::RETRY_AFTER);
+        assert_eq!(
+            retry.map(|(_, v)| v.to_str().unwrap_or_default()),
+            Some("1")
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! Local counts: a registry of counters per domain and request class, each with an exact
+//! check-and-count per principal and for the whole domain.
+//!
+//! A principal's counter holds the count of one window (hour). A count from an older hour reads
+//! as 0 and is replaced on the next count; entries of older hours are pruned when a shard first
+//! sees a newer hour. A clock that steps back keeps counting against the newest hour it saw.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
+use tracing::warn;
+
+/// Shards per counter set; a power of two.
+const SHARDS: usize = 32;
+/// Principals tracked per domain and class in one hour. Beyond it, new principals share the
+/// [`OVERFLOW_PRINCIPAL`] counter, so a flood of addresses cannot exhaust memory.
+pub const MAX_PRINCIPALS: usize = 1 << 20;
+/// The shared counter of principals beyond [`MAX_PRINCIPALS`].
+pub const OVERFLOW_PRINCIPAL: &str = "overflow";
+
+/// The request classes that have budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Index,
+    Download,
+}
+
+impl Class {
+    /// Returns the class's name in keys, state files and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Index => "index",
+            Class::Download => "download",
+        }
+    }
+
+    /// Parses a label written by [`Class::label`].
+    pub fn from_label(label: &str) -> Option<Self> {
+        match label {
+            "index" => Some(Class::Index),
+            "download" => Some(Class::Download),
+            _ => None,
+        }
+    }
+}
+
+/// Which budget a decision is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One principal's budget.
+    Principal,
+    /// The domain-wide ceiling.
+    Domain,
+}
+
+/// Why a request was turned away, for the rejection counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The principal's budget ran out.
+    Principal,
+    /// The domain-wide ceiling was reached.
+    Domain,
+    /// The shared store could not be reached and the plugin fails closed.
+    StoreUnavailable,
+}
+
+impl Reason {
+    const ALL: [Reason; 3] = [Reason::Principal, Reason::Domain, Reason::StoreUnavailable];
+
+    /// Returns the reason's name in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Principal => "principal",
+            Reason::Domain => "domain",
+            Reason::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+impl From<Scope> for Reason {
+    fn from(scope: Scope) -> Self {
+        match scope {
+            Scope::Principal => Reason::Principal,
+            Scope::Domain => Reason::Domain,
+        }
+    }
+}
+
+/// The budgets that apply to one class of one domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests per principal per hour.
+    pub principal: u64,
+    /// Requests of the whole domain per hour, if capped.
+    pub domain: Option<u64>,
+}
+
+/// Counts of the current hour: the principal's and the domain's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub principal: u64,
+    pub domain: u64,
+}
+
+/// The result of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The request fits; the counts include it when it was counted.
+    Allowed(Counts),
+    /// The request does not fit `Scope`'s budget and was not counted.
+    Rejected(Scope, Counts),
+}
+
+impl Decision {
+    /// Returns the counts the decision saw.
+    pub fn counts(&self) -> Counts {
+        match self {
+            Decision::Allowed(counts) | Decision::Rejected(_, counts) => *counts,
+        }
+    }
+}
+
+/// Rejections of one domain, class and reason since the process started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectionCount {
+    pub domain: String,
+    /// `"index"` or `"download"`.
+    pub class: &'static str,
+    /// `"principal"`, `"domain"` or `"store_unavailable"`.
+    pub reason: &'static str,
+    pub count: u64,
+}
+
+/// The counter sets of every domain and class, looked up by domain id.
+///
+/// The process-wide registry ([`Registry::global`]) outlives plugin instances, so a plugin
+/// built again for the same domain (a config reload) continues the counts.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sets: Mutex<HashMap<(String, Class), Arc<ClassCounts>>>,
+}
+
+impl Registry {
+    /// Creates an empty registry, as a separate gateway process would have.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Returns the registry shared by every plugin of this process.
+    pub fn global() -> Arc<Registry> {
+        static GLOBAL: LazyLock<Arc<Registry>> = LazyLock::new(|| Arc::new(Registry::new()));
+        Arc::clone(&GLOBAL)
+    }
+
+    /// Returns the counters of `class` in `domain`, creating them empty on first use.
+    pub fn counts(&self, domain: &str, class: Class) -> Arc<ClassCounts> {
+        let mut sets = self.sets.lock();
+        Arc::clone(
+            sets.entry((domain.to_owned(), class))
+                .or_insert_with(|| Arc::new(ClassCounts::new(domain))),
+        )
+    }
+
+    /// Returns the rejection counters of every domain, class and reason, sorted.
+    pub fn rejections(&self) -> Vec<RejectionCount> {
+        let sets = self.sets.lock();
+        let mut out: Vec<RejectionCount> = sets
+            .iter()
+            .flat_map(|((domain, class), counts)| {
+                Reason::ALL.iter().map(move |reason| RejectionCount {
+                    domain: domain.clone(),
+                    class: class.label(),
+                    reason: reason.label(),
+                    count: counts.rejected[*reason as usize].load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.domain, a.class, a.reason).cmp(&(&b.domain, b.class, b.reason)));
+        out
+    }
+}
+
+/// The counters of one class of one domain.
+#[derive(Debug)]
+pub struct ClassCounts {
+    domain_id: String,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    domain: Mutex<Slot>,
+    /// Incremented on every change, so a state file is written only when something changed.
+    changes: AtomicU64,
+    rejected: [AtomicU64; 3],
+    overflow_logged: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    entries: HashMap<String, Slot>,
+    /// The newest hour this shard has seen; older entries are gone.
+    hour: u64,
+}
+
+/// One counter: the hour it counts and its count.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    hour: u64,
+    count: u64,
+}
+
+impl Slot {
+    fn current(&self, hour: u64) -> u64 {
+        if self.hour >= hour {
+            self.count
+        } else {
+            0
+        }
+    }
+
+    fn add(&mut self, hour: u64) -> u64 {
+        if hour > self.hour {
+            *self = Slot { hour, count: 0 };
+        }
+        self.count += 1;
+        self.count
+    }
+
+    fn raise(&mut self, hour: u64, count: u64) {
+        if hour > self.hour {
+            *self = Slot { hour, count };
+        } else if hour == self.hour {
+            self.count = self.count.max(count);
+        }
+    }
+}
+
+impl ClassCounts {
+    fn new(domain: &str) -> Self {
+        Self {
+            domain_id: domain.to_owned(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+            domain: Mutex::new(Slot::default()),
+            changes: AtomicU64::new(0),
+            rejected: Default::default(),
+            overflow_logged: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts the request if both the principal's budget and the domain ceiling have room in
+    /// `hour`; otherwise counts nothing. Check and count are one atomic step.
+    pub fn try_count(&self, principal: &str, limits: Limits, hour: u64) -> Decision {
+        self.with_slots(principal, hour, |slot, domain| {
+            let counts = Counts {
+                principal: slot.current(hour),
+                domain: domain.current(hour),
+            };
+            if let Some(scope) = over_budget(limits, counts) {
+                return Decision::Rejected(scope, counts);
+            }
+            Decision::Allowed(Counts {
+                principal: slot.add(hour),
+                domain: domain.add(hour),
+            })
+        })
+    }
+
+    /// Checks the budgets like [`Self::try_count`] without counting.
+    pub fn peek(&self, principal: &str, limits: Limits, hour: u64) -> Decision {
+        self.with_slots(principal, hour, |slot, domain| {
+            let counts = Counts {
+                principal: slot.current(hour),
+                domain: domain.current(hour),
+            };
+            match over_budget(limits, counts) {
+                Some(scope) => Decision::Rejected(scope, counts),
+                None => Decision::Allowed(counts),
+            }
+        })
+    }
+
+    /// Counts the request whatever the budgets say; returns the counts after it.
+    pub fn add(&self, principal: &str, hour: u64) -> Counts {
+        self.with_slots(principal, hour, |slot, domain| Counts {
+            principal: slot.add(hour),
+            domain: domain.add(hour),
+        })
+    }
+
+    /// Raises the counts of `hour` to at least `counts`, as seen in a shared store.
+    pub fn observe(&self, principal: &str, hour: u64, counts: Counts) {
+        self.with_slots(principal, hour, |slot, domain| {
+            slot.raise(hour, counts.principal);
+            domain.raise(hour, counts.domain);
+        });
+    }
+
+    /// Raises one counter of `hour` to at least `count`; `None` is the domain's counter.
+    pub fn restore(&self, principal: Option<&str>, hour: u64, count: u64) {
+        match principal {
+            Some(principal) => self.with_slots(principal, hour, |slot, _| slot.raise(hour, count)),
+            None => self.domain.lock().raise(hour, count),
+        }
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Returns the non-zero counters of `hour`: principals with their names, the domain's
+    /// counter with `None`.
+    pub fn snapshot(&self, hour: u64) -> Vec<(Option<String>, u64)> {
+        let mut out = Vec::new();
+        let domain = self.domain.lock().current(hour);
+        if domain > 0 {
+            out.push((None, domain));
+        }
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            out.extend(
+                shard
+                    .entries
+                    .iter()
+                    .filter(|(_, slot)| slot.hour == hour && slot.count > 0)
+                    .map(|(name, slot)| (Some(name.clone()), slot.count)),
+            );
+        }
+        out
+    }
+
+    /// Returns a number that changes whenever a count changes.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Counts one rejection.
+    pub fn record_rejection(&self, reason: Reason) {
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Returns the rejections counted for `reason`.
+    pub fn rejections(&self, reason: Reason) -> u64 {
+        self.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the principal's slot and the domain's slot, locked in that order.
+    fn with_slots<T>(&self, principal: &str, hour: u64, f: impl FnOnce(&mut Slot, &mut Slot) -> T) -> T {
+        let index = self.hasher.hash_one(principal) as usize & (SHARDS - 1);
+        let mut shard = self.shards[index].lock();
+        if hour > shard.hour {
+            shard.entries.retain(|_, slot| slot.hour >= hour);
+            shard.hour = hour;
+        }
+        let key = if shard.entries.contains_key(principal)
+            || shard.entries.len() < MAX_PRINCIPALS / SHARDS
+        {
+            principal
+        } else {
+            self.log_overflow();
+            OVERFLOW_PRINCIPAL
+        };
+        let slot = match shard.entries.get_mut(key) {
+            Some(slot) => slot,
+            None => shard.entries.entry(key.to_owned()).or_default(),
+        };
+        let mut domain = self.domain.lock();
+        let out = f(slot, &mut domain);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        out
+    }
+
+    fn log_overflow(&self) {
+        if !self.overflow_logged.swap(true, Ordering::Relaxed) {
+            warn!(domain = %self.domain_id, max = MAX_PRINCIPALS,
+                "quota tracks too many principals this hour; new ones share one budget");
+        }
+    }
+}
+
+/// Returns the budget that `counts` leave no room in, if any.
+pub fn over_budget(limits: Limits, counts: Counts) -> Option<Scope> {
+    if counts.principal >= limits.principal {
+        Some(Scope::Principal)
+    } else if limits.domain.is_some_and(|ceiling| counts.domain >= ceiling) {
+        Some(Scope::Domain)
+    } else {
+        None
+    }
+}
