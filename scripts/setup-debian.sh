@@ -5,7 +5,9 @@
 # already be on PATH.
 set -euo pipefail
 
-readonly PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk)
+# nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
+# services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
+readonly PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk nginx varnish)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -691,13 +691,13 @@ fn origin_path_query() {
 #[test]
 fn plugin_name_unknown() {
     let fx = Fixture::new();
-    let text = domain_with("name = \"ttl\"", "name = \"rate_limit\"");
+    let text = domain_with("name = \"ttl\"", "name = \"rate-limit\"");
     let key = "domains.primary.plugins[1].name";
     fx.expect(
         &text,
         key,
-        Some("\"rate_limit\""),
-        "use one of: htpasswd, ttl",
+        Some("\"rate-limit\""),
+        "use one of: htpasswd, ttl, rate_limit",
     );
 }
 

@@ -29,6 +29,8 @@
 
 pub mod htpasswd;
 pub mod limits;
+pub mod quota;
+pub mod rate_limit;
 pub mod registry;
 pub mod settings;
 pub mod ttl;
@@ -62,12 +64,26 @@ pub struct RequestInfo<'a> {
 /// Per-request facts that plugins record for later phases and for the gateway core.
 #[derive(Debug, Default, Clone)]
 pub struct RequestState {
+    /// True for the gateway's own background refresh of a stale cache entry, which carries the
+    /// headers of the client request that triggered it. Budgets must not count it.
+    pub background_refresh: bool,
     /// The user name that an authentication plugin accepted.
     pub user: Option<String>,
     /// The cache policy that applies to this request's path, set by the `ttl` plugin.
     pub cache_policy: Option<CachePolicy>,
     /// Stable label of the rule that rejected the request, for the access log.
     pub rejected_by: Option<&'static str>,
+    /// The budget whose `RateLimit-*` fields go downstream. A plugin that rejects a request
+    /// sets its own budget. Otherwise the `quota` plugin sets its budget whatever is there, and
+    /// the `rate_limit` plugin only when it is unset, so the quota's fields win either way.
+    pub rate_limit: Option<limits::BudgetState>,
+    /// A place among the client IP's concurrent requests, taken by the `rate_limit` plugin.
+    /// It is given back when the last copy of this state is dropped, which the gateway does
+    /// once the request has ended, however it ended.
+    pub concurrency_slot: Option<rate_limit::ConcurrencySlot>,
+    /// A request the `quota` plugin checked before the cache lookup and counts only if it goes
+    /// to the origin (`count_cache_hits = false`).
+    pub quota_pending: Option<quota::PendingCount>,
 }
 
 /// How the cache treats a response and what `Cache-Control` goes downstream.

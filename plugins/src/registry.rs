@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::{htpasswd, settings::SettingError, ttl, Plugin};
+use crate::{htpasswd, quota, rate_limit, settings::SettingError, ttl, Plugin};
 
 /// What a plugin constructor may know about where it is configured.
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +26,7 @@ impl BuildContext<'_> {
 }
 
 /// Names of the built-in plugins, in the order the documentation lists them.
-pub const PLUGIN_NAMES: &[&str] = &["htpasswd", "ttl"];
+pub const PLUGIN_NAMES: &[&str] = &["htpasswd", "ttl", "rate_limit", "quota"];
 
 /// Builds the plugin called `name` from its settings table (the plugin entry without `name`).
 ///
@@ -40,6 +40,8 @@ pub fn build_plugin(
     match name {
         "htpasswd" => htpasswd::build(settings, ctx),
         "ttl" => ttl::build(settings, ctx),
+        "rate_limit" => rate_limit::build(settings, ctx),
+        "quota" => quota::build(settings, ctx),
         other => Err(vec![SettingError::new(
             "name",
             Some(format!("{other:?}")),

@@ -28,6 +28,7 @@ use crate::upstream::Upstream;
 pub struct App {
     server: Server,
     listen: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     state: Arc<GatewayState>,
     runtime_dir: RuntimeDir,
 }
@@ -89,13 +90,16 @@ impl App {
                 }
                 upstreams.push(upstream);
             }
+            let slots = usize::try_from(domain.max_origin_requests).unwrap_or(usize::MAX);
             domains.push(DomainRuntime {
                 config: domain.clone(),
                 upstreams,
+                origin_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
             });
         }
 
         let state = Arc::new(GatewayState {
+            debug_headers: config.cache.debug_headers,
             router: Router::new(&config.domains).map_err(|e| StartError::Hosts(e.to_string()))?,
             domains,
             cache: CacheTier::new(&config.cache),
@@ -111,29 +115,27 @@ impl App {
         let mut prebound = Vec::new();
         let mut listen = Vec::new();
         for addr in &config.server.listen {
-            let listener = TcpListener::bind(addr).map_err(|source| StartError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-            let bound = listener.local_addr().map_err(|source| StartError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-            // Tokio refuses to adopt a blocking socket.
-            listener
-                .set_nonblocking(true)
-                .map_err(|source| StartError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+            let (bound, fd) = bind_tcp(*addr)?;
             proxy.add_tcp(&bound.to_string());
-            prebound.push((bound.to_string(), listener.into_raw_fd()));
+            prebound.push((bound.to_string(), fd));
             listen.push(bound);
         }
         server.add_service(Prebound::new(proxy, prebound));
+
+        let mut admin_addr = None;
+        if let Some(admin) = &config.admin {
+            let app = crate::admin::AdminApp::new(Arc::clone(&state), Arc::clone(&admin.users));
+            let mut service =
+                pingora::services::listening::Service::new("mirror-gateway admin".into(), app);
+            let (bound, fd) = bind_tcp(admin.listen)?;
+            service.add_tcp(&bound.to_string());
+            server.add_service(Prebound::new(service, vec![(bound.to_string(), fd)]));
+            admin_addr = Some(bound);
+        }
         Ok(Self {
             server,
             listen,
+            admin_addr,
             state,
             runtime_dir,
         })
@@ -142,6 +144,11 @@ impl App {
     /// Returns the bound listening addresses (port 0 in the config resolved to the real port).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
+    }
+
+    /// Returns the admin listener's bound address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Runs until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade hand-over).
@@ -162,6 +169,7 @@ impl App {
         let Self {
             server,
             listen,
+            admin_addr,
             state,
             runtime_dir,
         } = self;
@@ -177,6 +185,7 @@ impl App {
             .ok();
         RunningGateway {
             listen,
+            admin_addr,
             state,
             shutdown: Some(sender),
             thread,
@@ -187,6 +196,7 @@ impl App {
 /// A gateway running on a background thread.
 pub struct RunningGateway {
     listen: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     state: Arc<GatewayState>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -196,6 +206,11 @@ impl RunningGateway {
     /// Returns the bound listening addresses.
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
+    }
+
+    /// Returns the admin listener's bound address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Returns the memory tier's counters.
@@ -291,6 +306,19 @@ impl<S: Service> Service for Prebound<S> {
     fn threads(&self) -> Option<usize> {
         self.inner.threads()
     }
+}
+
+/// Binds a TCP listener (port 0 picks a free port) and returns its address and descriptor.
+fn bind_tcp(addr: SocketAddr) -> Result<(SocketAddr, i32), StartError> {
+    let error = |source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    // Tokio refuses to adopt a blocking socket.
+    listener.set_nonblocking(true).map_err(error)?;
+    Ok((bound, listener.into_raw_fd()))
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {

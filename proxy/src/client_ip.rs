@@ -13,8 +13,8 @@
 //! - An entry is an IP address, optionally with a port (`192.0.2.1:4711`, `[2001:db8::1]:443`).
 //! - When every entry is trusted, the leftmost entry is the client.
 //! - An entry that is not an address (`unknown`, an obfuscated name, bad UTF-8) ends the walk as
-//!   if the list began just after it: nothing left of it can be trusted, so the client is the
-//!   last address examined, or the peer when the malformed entry is the rightmost.
+//!   if the list began just after it, because nothing left of it can be trusted. The client is
+//!   then the last address examined, or the peer when the malformed entry is the rightmost.
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`, what a dual-stack listener reports for an
 //! IPv4 client) are read as the IPv4 address, both for matching and in the result.
@@ -32,7 +32,7 @@ pub struct Cidr {
     prefix: u8,
 }
 
-/// Why a network could not be parsed; the message names the text and a fix.
+/// An invalid network; the message names the text and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct CidrError(String);

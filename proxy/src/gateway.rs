@@ -31,10 +31,14 @@ pub struct DomainRuntime {
     pub config: Domain,
     /// One entry per `config.origins` entry, same order.
     pub upstreams: Vec<Upstream>,
+    /// Slots for concurrent origin requests, `config.max_origin_requests` of them.
+    pub origin_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Everything the gateway needs to serve requests.
 pub struct GatewayState {
+    /// Whether responses that were not stored carry `X-Cache-Reason`.
+    pub debug_headers: bool,
     pub router: Router,
     pub domains: Vec<DomainRuntime>,
     pub cache: CacheTier,
@@ -75,6 +79,8 @@ pub struct RequestCtx {
     no_store: Option<NoStoreReason>,
     first_attempt: usize,
     attempts: usize,
+    /// This request's origin slot, held until the request ends.
+    origin_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl RequestCtx {
@@ -93,6 +99,7 @@ impl RequestCtx {
             no_store: None,
             first_attempt: 0,
             attempts: 0,
+            origin_slot: None,
         }
     }
 }
@@ -143,6 +150,7 @@ impl GatewayState {
             headers: &req.headers,
             client_addr: ctx.client_ip,
         };
+        ctx.plugin_state.background_refresh = session.subrequest_ctx.is_some();
         for plugin in &domain.config.plugins {
             if let Verdict::Respond(local) =
                 plugin.request_filter(&info, &mut ctx.plugin_state).await
@@ -232,7 +240,11 @@ impl ProxyHttp for Gateway {
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
         let method = &session.req_header().method;
         if ctx.route.is_some() && (method == Method::GET || method == Method::HEAD) {
-            self.state.cache.enable(&mut session.cache);
+            let wait = self
+                .state
+                .domain(ctx)
+                .and_then(|d| d.config.lock_wait_timeout);
+            self.state.cache.enable(&mut session.cache, wait);
         }
         Ok(())
     }
@@ -250,6 +262,15 @@ impl ProxyHttp for Gateway {
             &ctx.path,
             ctx.query.as_deref(),
         ))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &pingora::cache::CacheMeta,
+        _ctx: &mut Self::CTX,
+        req: &RequestHeader,
+    ) -> Option<pingora::cache::key::HashBinary> {
+        crate::cache::variance(meta, req)
     }
 
     fn response_cache_filter(
@@ -284,6 +305,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        self.take_origin_slot(ctx).await?;
         let upstream = self.state.upstream(ctx).ok_or_else(|| {
             Error::explain(pingora::ErrorType::InternalError, "no origin for the route")
         })?;
@@ -365,6 +387,16 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         upstream_response
             .insert_header(CACHE_STATUS_HEADER, cache_status(&session.cache.phase()))?;
+        if self.state.debug_headers {
+            let reason = match (ctx.no_store, session.cache.phase()) {
+                (Some(reason), _) => Some(reason.label()),
+                (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                upstream_response.insert_header("x-cache-reason", reason)?;
+            }
+        }
         if let Some(domain) = self.state.domain(ctx) {
             for plugin in &domain.config.plugins {
                 plugin.response_filter(upstream_response, &ctx.plugin_state)?;
@@ -410,11 +442,42 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        // The response is finished, so the origin request is too.
+        drop(ctx.origin_slot.take());
         self.log_request(session, ctx);
     }
 }
 
 impl Gateway {
+    /// Waits for one of the domain's origin slots, so that a cold cache cannot flood the
+    /// origin; gives up with 503 after the domain's lock wait timeout.
+    async fn take_origin_slot(&self, ctx: &mut RequestCtx) -> Result<()> {
+        if ctx.origin_slot.is_some() {
+            return Ok(());
+        }
+        let Some(domain) = self.state.domain(ctx) else {
+            return Ok(());
+        };
+        let wait = domain
+            .config
+            .lock_wait_timeout
+            .unwrap_or(self.state.cache.lock_wait_timeout());
+        let slots = Arc::clone(&domain.origin_slots);
+        match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                ctx.origin_slot = Some(permit);
+                Ok(())
+            }
+            _ => {
+                tracing::warn!(domain = %domain.config.id, path = %ctx.path, "no free origin slot in time");
+                Err(Error::explain(
+                    pingora::ErrorType::HTTPStatus(503),
+                    "all origin slots of the domain stayed busy",
+                ))
+            }
+        }
+    }
+
     fn forwards_authorization(&self, ctx: &RequestCtx) -> bool {
         let route = self
             .state

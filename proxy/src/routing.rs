@@ -90,6 +90,8 @@ mod tests {
             origins: Vec::new(),
             plugins: Vec::new(),
             stale: crate::config::StaleWindows::NONE,
+            lock_wait_timeout: None,
+            max_origin_requests: 1,
         }
     }
 

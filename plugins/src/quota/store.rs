@@ -261,6 +261,7 @@ impl ClassCounts {
             if let Some(scope) = over_budget(limits, counts) {
                 return Decision::Rejected(scope, counts);
             }
+            self.changes.fetch_add(1, Ordering::Relaxed);
             Decision::Allowed(Counts {
                 principal: slot.add(hour),
                 domain: domain.add(hour),
@@ -284,6 +285,7 @@ impl ClassCounts {
 
     /// Counts the request whatever the budgets say; returns the counts after it.
     pub fn add(&self, principal: &str, hour: u64) -> Counts {
+        self.changes.fetch_add(1, Ordering::Relaxed);
         self.with_slots(principal, hour, |slot, domain| Counts {
             principal: slot.add(hour),
             domain: domain.add(hour),
@@ -296,6 +298,7 @@ impl ClassCounts {
             slot.raise(hour, counts.principal);
             domain.raise(hour, counts.domain);
         });
+        self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Raises one counter of `hour` to at least `count`; `None` is the domain's counter.
@@ -344,7 +347,12 @@ impl ClassCounts {
     }
 
     /// Runs `f` on the principal's slot and the domain's slot, locked in that order.
-    fn with_slots<T>(&self, principal: &str, hour: u64, f: impl FnOnce(&mut Slot, &mut Slot) -> T) -> T {
+    fn with_slots<T>(
+        &self,
+        principal: &str,
+        hour: u64,
+        f: impl FnOnce(&mut Slot, &mut Slot) -> T,
+    ) -> T {
         let index = self.hasher.hash_one(principal) as usize & (SHARDS - 1);
         let mut shard = self.shards[index].lock();
         if hour > shard.hour {
@@ -359,13 +367,18 @@ impl ClassCounts {
             self.log_overflow();
             OVERFLOW_PRINCIPAL
         };
-        let slot = match shard.entries.get_mut(key) {
-            Some(slot) => slot,
-            None => shard.entries.entry(key.to_owned()).or_default(),
-        };
         let mut domain = self.domain.lock();
-        let out = f(slot, &mut domain);
-        self.changes.fetch_add(1, Ordering::Relaxed);
+        let out = match shard.entries.get_mut(key) {
+            Some(slot) => f(slot, &mut domain),
+            None => {
+                let mut slot = Slot::default();
+                let out = f(&mut slot, &mut domain);
+                if slot.count > 0 {
+                    shard.entries.insert(key.to_owned(), slot);
+                }
+                out
+            }
+        };
         out
     }
 
@@ -381,7 +394,10 @@ impl ClassCounts {
 pub fn over_budget(limits: Limits, counts: Counts) -> Option<Scope> {
     if counts.principal >= limits.principal {
         Some(Scope::Principal)
-    } else if limits.domain.is_some_and(|ceiling| counts.domain >= ceiling) {
+    } else if limits
+        .domain
+        .is_some_and(|ceiling| counts.domain >= ceiling)
+    {
         Some(Scope::Domain)
     } else {
         None

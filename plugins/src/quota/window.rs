@@ -43,7 +43,13 @@ mod tests {
 
     #[test]
     fn window_starts_on_the_hour() {
-        assert_eq!(at(NOON), Window { hour: NOON / 3600, reset_secs: 3600 });
+        assert_eq!(
+            at(NOON),
+            Window {
+                hour: NOON / 3600,
+                reset_secs: 3600
+            }
+        );
     }
 
     #[test]

@@ -71,12 +71,17 @@ struct Entry {
     /// `CacheMeta::serialize` output: the internal part and the response header.
     meta: (Vec<u8>, Vec<u8>),
     body: Bytes,
+    /// The key as the eviction manager knows it, and the primary key bytes, for purges.
+    compact: CompactCacheKey,
+    primary: Vec<u8>,
 }
 
 /// A fill in progress: the chunks received so far and how far the writer got.
 struct InFlight {
     id: u64,
     meta: (Vec<u8>, Vec<u8>),
+    compact: CompactCacheKey,
+    primary: Vec<u8>,
     chunks: RwLock<Vec<Bytes>>,
     progress: watch::Sender<Progress>,
 }
@@ -146,6 +151,26 @@ impl MemoryStorage {
 }
 
 impl MemoryStorage {
+    /// Removes every complete entry whose domain (the key's user tag) and primary key bytes
+    /// `matches` accepts, and returns their keys so the eviction manager can forget them.
+    pub fn purge_matching(&self, matches: impl Fn(&str, &[u8]) -> bool) -> Vec<CompactCacheKey> {
+        let mut removed = Vec::new();
+        let mut bytes = 0u64;
+        self.entries.write().retain(|_, entry| {
+            let keep = !matches(&entry.compact.user_tag, &entry.primary);
+            if !keep {
+                bytes += entry.body.len() as u64;
+                removed.push(entry.compact.clone());
+            }
+            keep
+        });
+        self.stats
+            .entries
+            .fetch_sub(removed.len() as u64, Ordering::Relaxed);
+        self.stats.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        removed
+    }
+
     fn partial_hit(
         &self,
         key: &HashBinary,
@@ -244,6 +269,8 @@ impl Storage for MemoryStorage {
         let fill = Arc::new(InFlight {
             id,
             meta: meta.serialize()?,
+            compact: key.to_compact(),
+            primary: key.primary_key().to_vec(),
             chunks: RwLock::new(Vec::new()),
             progress: watch::channel(Progress::Writing(0)).0,
         });
@@ -479,6 +506,8 @@ impl HandleMiss for MemoryMiss {
         let entry = Entry {
             meta: self.fill.meta.clone(),
             body,
+            compact: self.fill.compact.clone(),
+            primary: self.fill.primary.clone(),
         };
         self.storage.insert(self.key, entry);
         self.fill.progress.send_replace(Progress::Done(count));

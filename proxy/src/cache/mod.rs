@@ -1,11 +1,14 @@
 //! Cache wiring: the memory tier, cache keys, cacheability and `X-Cache-Status`.
 
+pub mod disk;
 pub mod memory;
 mod policy;
 mod status;
 
 use pingora::cache::eviction::lru::Manager as LruManager;
+use pingora::cache::eviction::EvictionManager;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora::cache::CacheEntryKey;
 use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache};
 
 pub use memory::{MemoryStorage, TierSnapshot, TierStats};
@@ -46,10 +49,11 @@ impl CacheTier {
         }
     }
 
-    /// Turns the cache on for one request, with the lock that coalesces concurrent misses.
-    pub fn enable(&self, cache: &mut HttpCache) {
+    /// Turns the cache on for one request, with the lock that coalesces concurrent misses;
+    /// `lock_wait_timeout` overrides the cache-wide wait for another request's fill.
+    pub fn enable(&self, cache: &mut HttpCache, lock_wait_timeout: Option<std::time::Duration>) {
         let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.lock_wait_timeout);
+        overrides.wait_timeout = Some(lock_wait_timeout.unwrap_or(self.lock_wait_timeout));
         cache.enable(
             self.storage,
             Some(self.eviction),
@@ -60,10 +64,116 @@ impl CacheTier {
         cache.set_max_file_size_bytes(self.max_object_bytes);
     }
 
+    /// Returns the cache-wide wait for another request's fill.
+    pub fn lock_wait_timeout(&self) -> std::time::Duration {
+        self.lock_wait_timeout
+    }
+
     /// Returns the memory tier's counters.
     pub fn memory_stats(&self) -> TierSnapshot {
         self.storage.stats().snapshot()
     }
+
+    /// Removes the stored responses in `scope` and returns how many there were.
+    pub fn purge(&self, scope: &PurgeScope) -> usize {
+        let removed = self.storage.purge_matching(|domain, primary| {
+            key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
+        });
+        for key in &removed {
+            let entry = CacheEntryKey::key_only(key.clone());
+            self.eviction.remove((&entry).into());
+        }
+        removed.len()
+    }
+}
+
+/// Which stored responses a purge removes. Paths are normalised request paths; every export
+/// of an export-tree origin is covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeScope {
+    /// One path of a domain, with the query or, when `query` is `None`, with any query.
+    Url {
+        domain: String,
+        path: String,
+        query: Option<String>,
+    },
+    /// Every path of a domain that starts with `prefix`.
+    Prefix { domain: String, prefix: String },
+    /// Everything stored for a domain.
+    Domain(String),
+}
+
+impl PurgeScope {
+    fn covers(&self, domain: &str, parts: &KeyParts<'_>) -> bool {
+        match self {
+            Self::Url {
+                domain: d,
+                path,
+                query,
+            } => {
+                d == domain
+                    && parts.path == path
+                    && query.as_deref().is_none_or(|q| q == parts.query)
+            }
+            Self::Prefix { domain: d, prefix } => {
+                d == domain && parts.path.starts_with(prefix.as_str())
+            }
+            Self::Domain(d) => d == domain,
+        }
+    }
+}
+
+/// The fields of a primary key made by [`cache_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyParts<'a> {
+    pub domain: &'a str,
+    pub export: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+}
+
+/// Splits a primary key made by [`cache_key`] into its fields; `None` for any other bytes.
+pub fn key_parts(primary: &[u8]) -> Option<KeyParts<'_>> {
+    let mut rest = std::str::from_utf8(primary).ok()?;
+    let mut fields = [""; 5];
+    for field in &mut fields {
+        let (len, tail) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        *field = tail.get(..len)?;
+        rest = &tail[len..];
+    }
+    rest.is_empty().then_some(KeyParts {
+        domain: fields[0],
+        export: fields[2],
+        path: fields[3],
+        query: fields[4],
+    })
+}
+
+/// Computes the variance of a request for a stored response with a `Vary` header: a hash of
+/// the request's values of the headers `Vary` names (missing headers count as empty), so each
+/// combination gets its own entry. `None` when the response has no `Vary`.
+pub fn variance(
+    stored: &pingora::cache::CacheMeta,
+    req: &pingora::http::RequestHeader,
+) -> Option<pingora::cache::key::HashBinary> {
+    let mut builder = pingora::cache::VarianceBuilder::new();
+    for value in stored.headers().get_all(http::header::VARY) {
+        let Ok(names) = value.to_str() else { continue };
+        for name in names
+            .split(',')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty())
+        {
+            let value = req
+                .headers
+                .get(name.as_str())
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
+            builder.add_owned_name_value(name, value);
+        }
+    }
+    builder.finalize()
 }
 
 /// Builds the cache key of a request.
@@ -111,6 +221,41 @@ mod tests {
             base.combined_bin(),
             cache_key("primary", Some("1"), "/x", Some("a=1")).combined_bin()
         );
+    }
+
+    #[test]
+    fn key_parts_round_trip() {
+        let key = cache_key("primary", Some("20260101T000000Z"), "/a:b/c", Some("x=1"));
+        let parts = key_parts(key.primary_key()).expect("parts");
+        assert_eq!(parts.domain, "primary");
+        assert_eq!(parts.export, "20260101T000000Z");
+        assert_eq!(parts.path, "/a:b/c");
+        assert_eq!(parts.query, "x=1");
+        assert!(key_parts(b"garbage").is_none());
+    }
+
+    #[test]
+    fn purge_scope_covers() {
+        let key = cache_key("primary", None, "/concelier/exports/index.json", None);
+        let parts = key_parts(key.primary_key()).expect("parts");
+        let url = PurgeScope::Url {
+            domain: "primary".into(),
+            path: "/concelier/exports/index.json".into(),
+            query: None,
+        };
+        assert!(url.covers("primary", &parts));
+        assert!(!url.covers("community", &parts));
+        let prefix = PurgeScope::Prefix {
+            domain: "primary".into(),
+            prefix: "/concelier/".into(),
+        };
+        assert!(prefix.covers("primary", &parts));
+        let other = PurgeScope::Prefix {
+            domain: "primary".into(),
+            prefix: "/excititor/".into(),
+        };
+        assert!(!other.covers("primary", &parts));
+        assert!(PurgeScope::Domain("primary".into()).covers("primary", &parts));
     }
 
     #[test]

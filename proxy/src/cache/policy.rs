@@ -22,6 +22,8 @@ pub enum NoStoreReason {
     Status,
     /// Neither the TTL policy nor the origin gave the response a lifetime.
     NoLifetime,
+    /// The response varies on everything (`Vary: *`).
+    VaryAny,
 }
 
 impl NoStoreReason {
@@ -32,6 +34,7 @@ impl NoStoreReason {
             Self::SetCookie => "set_cookie",
             Self::Status => "status",
             Self::NoLifetime => "no_lifetime",
+            Self::VaryAny => "vary_any",
         }
     }
 }
@@ -68,6 +71,13 @@ pub fn decide_cacheability(
 ) -> Result<RespCacheable, NoStoreReason> {
     if resp.headers.contains_key(http::header::SET_COOKIE) {
         return Err(NoStoreReason::SetCookie);
+    }
+    let vary_any = resp.headers.get_all(http::header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
+    });
+    if vary_any {
+        return Err(NoStoreReason::VaryAny);
     }
     let status = resp.status.as_u16();
     if status >= 500

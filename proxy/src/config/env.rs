@@ -13,6 +13,11 @@
 //!
 //! An error names the variable as its source. So does a validation error on a key that a
 //! variable set or created, or on a key inside a table it created.
+//!
+//! Two aliases keep the budget names of earlier mirror deployments:
+//! `MIRROR_GATEWAY__DOMAINS__<ID>__MAXINDEXREQUESTSPERHOUR` and `..._MAXDOWNLOADREQUESTSPERHOUR`
+//! set `index_per_hour` and `download_per_hour` of the domain's `quota` plugin entry, which the
+//! file must list.
 
 use toml::{Table, Value};
 
@@ -92,6 +97,11 @@ fn apply_one(root: &mut Table, name: &str, value: &str, walk: &mut Walk) -> Resu
         return Err(format!(
             "empty key segment; write keys as {ENV_PREFIX}SECTION__KEY with single `__` between them"
         ));
+    }
+    if let [domains, domain, alias] = segments.as_slice() {
+        if let Some(key) = budget_alias(domains, alias) {
+            return set_budget_alias(root, domain, key, value, walk);
+        }
     }
     let (last, parents) = segments.split_last().ok_or("no key after the prefix")?;
     // The walk treats the root like any other table; it is moved back whatever happens.
@@ -173,6 +183,80 @@ fn child<'a>(
             "{here} is a single value, not a table; shorten the variable name"
         )),
     }
+}
+
+/// Returns the `quota` setting that `DOMAINS__<ID>__<alias>` sets, if `alias` is a budget alias.
+fn budget_alias(domains: &str, alias: &str) -> Option<&'static str> {
+    if !domains.eq_ignore_ascii_case("DOMAINS") {
+        return None;
+    }
+    if alias.eq_ignore_ascii_case("MAXINDEXREQUESTSPERHOUR") {
+        Some("index_per_hour")
+    } else if alias.eq_ignore_ascii_case("MAXDOWNLOADREQUESTSPERHOUR") {
+        Some("download_per_hour")
+    } else {
+        None
+    }
+}
+
+/// Sets `key` of the one `quota` entry in the plugins of the domain whose id matches
+/// `segment`. The domain and the entry must be in the file.
+fn set_budget_alias(
+    root: &mut Table,
+    segment: &str,
+    key: &str,
+    value: &str,
+    walk: &mut Walk,
+) -> Result<(), String> {
+    let domains = root.get_mut("domains").and_then(Value::as_table_mut);
+    let Some((id, domain)) =
+        domains.and_then(|d| d.iter_mut().find(|(k, _)| normalize(k) == segment))
+    else {
+        walk.path = format!("domains.{}", segment.to_ascii_lowercase());
+        return Err(format!(
+            "the file has no domain whose id matches {segment}; the budget aliases set the \
+             quota plugin of a domain the file defines"
+        ));
+    };
+    walk.path = format!("domains.{id}.plugins");
+    let plugins = domain
+        .get_mut("plugins")
+        .and_then(Value::as_array_mut)
+        .map(Vec::as_mut_slice)
+        .unwrap_or_default();
+    let quota: Vec<usize> = (0..plugins.len())
+        .filter(|&i| plugins[i].get("name").and_then(Value::as_str) == Some("quota"))
+        .collect();
+    let index = match quota.as_slice() {
+        [index] => *index,
+        [] => {
+            return Err(format!(
+                "domain `{id}` lists no quota plugin; add [[domains.{id}.plugins]] with \
+                 name = \"quota\" to the file, then this variable sets its {key}"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "domain `{id}` lists {} quota plugins; set the key of one of them, e.g. \
+                 {ENV_PREFIX}DOMAINS__{segment}__PLUGINS__{}__{}",
+                quota.len(),
+                quota[0],
+                key.to_ascii_uppercase()
+            ))
+        }
+    };
+    walk.path = format!("domains.{id}.plugins[{index}].{key}");
+    let Some(entry) = plugins[index].as_table_mut() else {
+        return Err("the quota plugin entry is not a table".into());
+    };
+    if !entry.contains_key(key) {
+        walk.created = Some(walk.path.clone());
+    }
+    let slot = entry
+        .entry(key)
+        .or_insert_with(|| Value::Table(Table::new()));
+    *slot = typed_value(slot, value)?;
+    Ok(())
 }
 
 /// Converts the variable's text to the type of the value it replaces.
@@ -291,6 +375,94 @@ mod tests {
         )
         .expect_err("not an integer");
         assert_eq!(errors[0].key, "server.threads");
+    }
+
+    const QUOTA_FILE: &str = "[domains.mirror-a]\nplugins = [{ name = \"htpasswd\", file = \"a\" }, \
+                              { name = \"quota\", index_per_hour = 600, download_per_hour = 1200 }]";
+
+    #[test]
+    fn budget_alias_sets_index_budget() {
+        let root = apply(
+            QUOTA_FILE,
+            &[(
+                "MIRROR_GATEWAY__DOMAINS__MIRROR_A__MAXINDEXREQUESTSPERHOUR",
+                "30",
+            )],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["mirror-a"]["plugins"][1]["index_per_hour"].as_integer(),
+            Some(30)
+        );
+    }
+
+    #[test]
+    fn budget_alias_sets_download_budget() {
+        let root = apply(
+            QUOTA_FILE,
+            &[(
+                "MIRROR_GATEWAY__DOMAINS__MIRROR_A__MAXDOWNLOADREQUESTSPERHOUR",
+                "50",
+            )],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["mirror-a"]["plugins"][1]["download_per_hour"].as_integer(),
+            Some(50)
+        );
+    }
+
+    #[test]
+    fn budget_alias_creates_missing_key() {
+        let root = apply(
+            "[domains.a]\nplugins = [{ name = \"quota\" }]",
+            &[("MIRROR_GATEWAY__DOMAINS__A__MAXINDEXREQUESTSPERHOUR", "7")],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["a"]["plugins"][0]["index_per_hour"].as_integer(),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn budget_alias_source_names_variable() {
+        let mut root: Table = "[domains.a]\nplugins = [{ name = \"quota\" }]"
+            .parse()
+            .expect("valid TOML");
+        let var = "MIRROR_GATEWAY__DOMAINS__A__MAXDOWNLOADREQUESTSPERHOUR";
+        let (sources, _) = apply_overrides(&mut root, [(var.to_string(), "x".to_string())]);
+        assert_eq!(
+            sources.variable_for("domains.a.plugins[0].download_per_hour"),
+            Some(var)
+        );
+    }
+
+    #[test]
+    fn budget_alias_without_quota_plugin_fails() {
+        let var = "MIRROR_GATEWAY__DOMAINS__A__MAXINDEXREQUESTSPERHOUR";
+        let errors = apply("[domains.a]\nplugins = [{ name = \"ttl\" }]", &[(var, "5")])
+            .expect_err("no quota plugin");
+        assert_eq!(errors[0].source, var);
+        assert!(
+            errors[0].reason.contains("lists no quota plugin"),
+            "{:?}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn budget_alias_for_unknown_domain_fails() {
+        let var = "MIRROR_GATEWAY__DOMAINS__B__MAXINDEXREQUESTSPERHOUR";
+        let errors = apply(QUOTA_FILE, &[(var, "5")]).expect_err("no such domain");
+        assert!(errors[0].reason.contains("no domain"), "{:?}", errors[0]);
+    }
+
+    #[test]
+    fn budget_alias_rejects_text_for_number() {
+        let var = "MIRROR_GATEWAY__DOMAINS__MIRROR_A__MAXINDEXREQUESTSPERHOUR";
+        let errors = apply(QUOTA_FILE, &[(var, "many")]).expect_err("not a number");
+        assert_eq!(errors[0].key, "domains.mirror-a.plugins[1].index_per_hour");
     }
 
     #[test]

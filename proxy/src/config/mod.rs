@@ -30,7 +30,16 @@ pub struct GatewayConfig {
     pub server: ServerSettings,
     pub log: LogSettings,
     pub cache: CacheSettings,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminSettings>,
     pub domains: Vec<Domain>,
+}
+
+/// The admin listener's address and users.
+#[derive(Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub users: Arc<mirror_plugins::htpasswd::Htpasswd>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +81,8 @@ pub struct CacheSettings {
     pub lock_wait_timeout: Duration,
     /// After this long a fill is presumed stuck and waiters compete again.
     pub lock_age_timeout: Duration,
+    /// Whether responses that were not stored carry `X-Cache-Reason` with the reason label.
+    pub debug_headers: bool,
 }
 
 /// A mirror domain: its host names, routes, origins and plugin chain.
@@ -85,6 +96,11 @@ pub struct Domain {
     pub plugins: Vec<Arc<dyn Plugin>>,
     /// Stale windows of stored responses, unless the path's `ttl` rule sets its own.
     pub stale: StaleWindows,
+    /// How long a request waits for another request's fill of the same key; `None` uses the
+    /// cache-wide setting.
+    pub lock_wait_timeout: Option<Duration>,
+    /// Most requests this domain sends to its origins at once; more wait for a free slot.
+    pub max_origin_requests: u32,
 }
 
 /// How long after expiry a stored response may still be served.

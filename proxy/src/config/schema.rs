@@ -55,6 +55,7 @@ pub struct CacheSection {
     pub max_object_bytes: ByteSize,
     pub lock_wait_timeout_secs: u64,
     pub lock_age_timeout_secs: u64,
+    pub debug_headers: bool,
 }
 
 impl Default for CacheSection {
@@ -64,8 +65,17 @@ impl Default for CacheSection {
             max_object_bytes: ByteSize(64 << 20),
             lock_wait_timeout_secs: 30,
             lock_age_timeout_secs: 60,
+            debug_headers: false,
         }
     }
+}
+
+/// `[admin]`: the admin listener, off unless `listen` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AdminSection {
+    pub listen: Option<String>,
+    pub htpasswd: Option<String>,
 }
 
 /// One domain's table: `[domains.<id>]`.
@@ -85,6 +95,16 @@ pub struct DomainSection {
     /// How long after expiry a stored response is served when the origin fails.
     #[serde(default = "default_stale_if_error_secs")]
     pub stale_if_error_secs: u32,
+    /// How long a request waits for another request's fill of the same key; unset uses
+    /// `cache.lock_wait_timeout_secs`.
+    pub lock_wait_timeout_secs: Option<u64>,
+    /// Most requests this domain sends to its origins at once.
+    #[serde(default = "default_max_origin_requests")]
+    pub max_origin_requests: u32,
+}
+
+fn default_max_origin_requests() -> u32 {
+    64
 }
 
 fn default_stale_while_revalidate_secs() -> u32 {

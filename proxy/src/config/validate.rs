@@ -13,11 +13,13 @@ use toml::{Table, Value};
 
 use super::env::Sources;
 use super::schema::{
-    CacheSection, DomainSection, LogSection, OriginSection, RouteSection, ServerSection,
+    AdminSection, CacheSection, DomainSection, LogSection, OriginSection, RouteSection,
+    ServerSection,
 };
 use super::{
-    AccessLogTarget, CacheSettings, ConfigError, Domain, ExportTreeOrigin, GatewayConfig,
-    HttpOrigin, LogSettings, Origin, OriginKind, Route, ServerSettings, StaleWindows,
+    AccessLogTarget, AdminSettings, CacheSettings, ConfigError, Domain, ExportTreeOrigin,
+    GatewayConfig, HttpOrigin, LogSettings, Origin, OriginKind, Route, ServerSettings,
+    StaleWindows,
 };
 use crate::client_ip::{Cidr, TrustedProxies};
 use crate::host::{HostError, HostMatcher};
@@ -87,18 +89,20 @@ pub(super) fn validate(
     let server: ServerSection = errors.section(root.remove("server"), "server");
     let log: LogSection = errors.section(root.remove("log"), "log");
     let cache: CacheSection = errors.section(root.remove("cache"), "cache");
+    let admin: AdminSection = errors.section(root.remove("admin"), "admin");
     let domains_value = root.remove("domains");
     for (key, value) in &root {
         errors.push(
             key,
             Some(render(value)),
-            "unknown top-level key; the sections are server, log, cache and domains",
+            "unknown top-level key; the sections are server, log, cache, admin and domains",
         );
     }
 
     let server = validate_server(server, &config_dir, &mut errors);
     let log = validate_log(log, &config_dir, &mut errors);
     let cache = validate_cache(cache, &mut errors);
+    let admin = validate_admin(admin, &config_dir, &mut errors);
     let domains = validate_domains(domains_value, &config_dir, &mut errors);
 
     match (server, log, cache) {
@@ -107,6 +111,7 @@ pub(super) fn validate(
             server,
             log,
             cache,
+            admin,
             domains,
         }),
         _ => Err(errors.list),
@@ -189,6 +194,56 @@ fn validate_trusted_proxies(entries: &[String], errors: &mut Errors<'_>) -> Trus
         }
     }
     TrustedProxies::new(ranges)
+}
+
+/// Validates `[admin]`: off without `listen`; with it, an htpasswd file is required, because
+/// the admin API must never be open.
+fn validate_admin(s: AdminSection, dir: &Path, errors: &mut Errors<'_>) -> Option<AdminSettings> {
+    let text = s.listen?;
+    let listen = match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.push(
+                "admin.listen",
+                Some(format!("{text:?}")),
+                "not an IP address with a port; write e.g. \"127.0.0.1:9090\"",
+            );
+            None
+        }
+    };
+    let Some(file) = s.htpasswd else {
+        errors.push(
+            "admin.htpasswd",
+            None,
+            "missing; the admin listener needs its own htpasswd file (make one with htpasswd -B)",
+        );
+        return None;
+    };
+    let mut settings = toml::Table::new();
+    settings.insert("file".into(), Value::String(file));
+    settings.insert("realm".into(), Value::String("mirror-gateway admin".into()));
+    let ctx = BuildContext {
+        domain: "admin",
+        config_dir: dir,
+    };
+    let users = match mirror_plugins::htpasswd::Htpasswd::new(Value::Table(settings), &ctx) {
+        Ok(users) => Some(std::sync::Arc::new(users)),
+        Err(list) => {
+            for e in list {
+                let key = if e.key == "file" {
+                    "htpasswd".to_string()
+                } else {
+                    e.key
+                };
+                errors.push(&join_key("admin", &key), e.value, e.reason);
+            }
+            None
+        }
+    };
+    Some(AdminSettings {
+        listen: listen?,
+        users: users?,
+    })
 }
 
 fn validate_log(s: LogSection, dir: &Path, errors: &mut Errors<'_>) -> Option<LogSettings> {
@@ -290,6 +345,7 @@ fn validate_cache(s: CacheSection, errors: &mut Errors<'_>) -> Option<CacheSetti
         max_object_bytes: usize::try_from(s.max_object_bytes.0).unwrap_or(usize::MAX),
         lock_wait_timeout: Duration::from_secs(s.lock_wait_timeout_secs),
         lock_age_timeout: Duration::from_secs(s.lock_age_timeout_secs),
+        debug_headers: s.debug_headers,
     })
 }
 
@@ -335,6 +391,20 @@ fn validate_domain(
         );
     }
     let section: DomainSection = errors.parse(table, &key)?;
+    if section.max_origin_requests == 0 {
+        errors.push(
+            &format!("{key}.max_origin_requests"),
+            Some("0".into()),
+            "must be at least 1",
+        );
+    }
+    if section.lock_wait_timeout_secs == Some(0) {
+        errors.push(
+            &format!("{key}.lock_wait_timeout_secs"),
+            Some("0".into()),
+            "must be at least 1 second",
+        );
+    }
 
     if section.hosts.is_empty() {
         errors.push(
@@ -364,6 +434,8 @@ fn validate_domain(
             while_revalidate: Duration::from_secs(section.stale_while_revalidate_secs.into()),
             if_error: Duration::from_secs(section.stale_if_error_secs.into()),
         },
+        lock_wait_timeout: section.lock_wait_timeout_secs.map(Duration::from_secs),
+        max_origin_requests: section.max_origin_requests,
     })
 }
 

@@ -1,0 +1,455 @@
+#!/usr/bin/env bash
+# Runs the same scenarios against nginx, Varnish and mirror-gateway, one server at a time, and
+# prints one markdown table (rows: scenarios; columns: the three servers and the ratio of the
+# gateway to the better of the other two).
+#
+#   bench/compare.sh [SECONDS]      default 5 seconds per wrk run; about 2 minutes in all
+#
+# Needs nginx, varnishd, wrk, python3, curl and htpasswd (scripts/setup-debian.sh installs
+# them) and a release build (cargo build --release). Installs nothing.
+#
+# Everything runs on 127.0.0.1 with free ports, in a temp dir removed on exit: the Python
+# origin (bench/origin.py), nginx (disk proxy_cache), Varnish (malloc storage) and the gateway
+# (memory cache). With two or more CPUs, the server under test runs on CPU 0, and wrk, the
+# stampede client and the origin run on CPU 1. Each server is idle while another is measured.
+#
+# Environment:
+#   BENCH_DELAY_MS         first-byte delay of the origin's /slow/ and /stale/ paths (500)
+#   BENCH_GATEWAY_CACHE    extra lines for the gateway's [cache] table, to turn on the disk
+#                          tier once it exists. @TMP@ is replaced by the temp dir. Example (the
+#                          key name is a guess): BENCH_GATEWAY_CACHE='disk_path = "@TMP@/disk"'
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+seconds=${1:-5}
+delay_ms=${BENCH_DELAY_MS:-500}
+gateway_cache_extra=${BENCH_GATEWAY_CACHE:-}
+binary=$root/target/release/mirror-gateway
+
+[[ $seconds =~ ^[0-9]+$ && $seconds -ge 1 && $seconds -le 60 ]] || {
+    echo "compare: SECONDS must be a whole number from 1 to 60, got '$seconds'" >&2
+    exit 2
+}
+[[ -x $binary ]] || { echo "compare: $binary missing; build first: cargo build --release" >&2; exit 1; }
+missing=()
+for tool in nginx varnishd wrk python3 curl htpasswd; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "compare: not found: ${missing[*]}; run scripts/setup-debian.sh" >&2
+    exit 1
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/mirror-bench.XXXXXX")
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+pin_server=() pin_load=()
+if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
+    pin_server=(taskset -c 0) pin_load=(taskset -c 1)
+fi
+
+# --- helpers -------------------------------------------------------------------------------
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to 10 s until URL responds with any status, else prints the server's log and exits.
+wait_ready() {
+    local name=$1 url=$2 log=$3
+    for _ in $(seq 1 100); do
+        curl -s -o /dev/null --max-time 1 "$url" && return 0
+        sleep 0.1
+    done
+    echo "compare: $name did not respond on $url within 10 s; its log:" >&2
+    tail -20 "$log" >&2 || true
+    exit 1
+}
+
+# Prints a wrk latency ("850.00us", "6.32ms", "1.02s", "1.50m") in milliseconds, with three
+# significant digits at most.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : -1
+        if (f < 0) { print "?"; exit }
+        ms = n * f
+        printf (ms >= 100 ? "%.0f" : ms >= 10 ? "%.1f" : "%.2f"), ms }'
+}
+
+# Prints a wrk transfer rate ("512.00MB", "1.23GB") in MiB/s (wrk's units are powers of 1024).
+to_mib() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        f = (u == "B") ? 1/1048576 : (u == "KB") ? 1/1024 : (u == "MB") ? 1 : (u == "GB") ? 1024 : -1
+        if (f < 0) print "?"; else printf "%.0f", n * f }'
+}
+
+# Prints an integer with thousands separators.
+grouped() {
+    printf '%.0f' "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'
+}
+
+# Runs wrk for SECONDS against a URL and sets rps, p99_ms, max_ms, mib_s; adds a note on errors.
+#   measure LABEL URL [wrk options...] [-- script arguments...]
+measure() {
+    local label=$1 url=$2; shift 2
+    local options=() out
+    while [[ $# -gt 0 && $1 != -- ]]; do options+=("$1"); shift; done
+    out=$(timeout $((seconds + 40)) "${pin_load[@]}" wrk -t1 -d"${seconds}s" --timeout 20s \
+        --latency "${options[@]}" "$url" "$@" 2>&1) || {
+        note "$label: wrk failed: $(tail -1 <<<"$out")"
+        rps=0 p99_ms='?' max_ms='?' mib_s=0
+        return
+    }
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p99_ms=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    max_ms=$(to_ms "$(awk '$1 == "Latency" {print $4}' <<<"$out")")
+    mib_s=$(to_mib "$(awk '/^Transfer\/sec/ {print $2}' <<<"$out")")
+    local bad errors
+    bad=$(awk '/Non-2xx or 3xx/ {print $NF}' <<<"$out")
+    errors=$(grep -E '^ *Socket errors' <<<"$out" || true)
+    [[ -z $bad ]] || note "$label: $bad responses were not 2xx/3xx"
+    [[ -z $errors ]] || note "$label:${errors#*Socket errors:}"
+}
+
+notes=()
+note() { notes+=("$1"); }
+
+# Fetches URL twice (the first fills the cache) and notes when the second is not a cache hit.
+warm() {
+    local label=$1 url=$2; shift 2
+    curl -s -o /dev/null --max-time 30 "$@" "$url" || true
+    local status
+    status=$(curl -s -o /dev/null -D - --max-time 30 "$@" "$url" |
+        awk -F': *' 'tolower($1) == "x-cache-status" {gsub(/\r/, "", $2); print $2}')
+    [[ $status == HIT ]] || note "$label: warm-up request got X-Cache-Status '${status:-none}', not HIT"
+}
+
+# Prints the origin's request count for one path.
+origin_count() {
+    curl -s --max-time 5 "http://127.0.0.1:$origin_port/__stats" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin).get(sys.argv[1], 0))' "$1"
+}
+
+# Prints the peak resident memory (VmHWM) of the given PIDs together, in MiB.
+peak_mib() {
+    local total=0 pid kb
+    for pid in "$@"; do
+        kb=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${kb:-0}))
+    done
+    awk -v k="$total" 'BEGIN {printf "%.1f", k / 1024}'
+}
+
+children() { ps -o pid= --ppid "$1" | tr -d ' '; }
+
+# --- servers -------------------------------------------------------------------------------
+
+origin_port=$(free_port)
+"${pin_load[@]}" python3 "$root/bench/origin.py" --port "$origin_port" --delay-ms "$delay_ms" \
+    >"$tmp/origin.log" 2>&1 &
+pids+=($!)
+wait_ready origin "http://127.0.0.1:$origin_port/__stats" "$tmp/origin.log"
+
+htpasswd -B -C 10 -b -c "$tmp/htpasswd" bench bench-pass 2>/dev/null
+auth_header="Authorization: Basic $(printf 'bench:bench-pass' | base64)"
+
+declare -A port
+port[nginx]=$(free_port)
+mkdir -p "$tmp/nginx/cache"
+cat >"$tmp/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+user $(id -un) $(id -gn);
+pid $tmp/nginx/nginx.pid;
+error_log $tmp/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path $tmp/nginx/body;
+    proxy_temp_path $tmp/nginx/proxy;
+    fastcgi_temp_path $tmp/nginx/fastcgi;
+    uwsgi_temp_path $tmp/nginx/uwsgi;
+    scgi_temp_path $tmp/nginx/scgi;
+    proxy_cache_path $tmp/nginx/cache levels=1:2 keys_zone=bench:64m max_size=2g
+                     inactive=1h use_temp_path=off;
+    upstream origin {
+        server 127.0.0.1:$origin_port;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:${port[nginx]};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_cache bench;
+        proxy_cache_lock on;
+        proxy_cache_lock_timeout 30s;
+        proxy_cache_use_stale updating error timeout;
+        proxy_cache_background_update on;
+        proxy_cache_valid 200 5m;
+        add_header X-Cache-Status \$upstream_cache_status always;
+        location / {
+            proxy_pass http://origin;
+        }
+        location /auth/ {
+            auth_basic "bench";
+            auth_basic_user_file $tmp/htpasswd;
+            proxy_pass http://origin;
+        }
+    }
+}
+EOF
+"${pin_server[@]}" nginx -p "$tmp/nginx" -e "$tmp/nginx/error.log" -c "$tmp/nginx/nginx.conf" \
+    >"$tmp/nginx/stdout.log" 2>&1 &
+pids+=($!)
+nginx_pid=$!
+wait_ready nginx "http://127.0.0.1:${port[nginx]}/__stats" "$tmp/nginx/error.log"
+
+port[varnish]=$(free_port)
+cat >"$tmp/bench.vcl" <<EOF
+vcl 4.1;
+backend origin {
+    .host = "127.0.0.1";
+    .port = "$origin_port";
+    .first_byte_timeout = 30s;
+}
+sub vcl_backend_response {
+    # Keep serving an expired object for an hour while one background fetch refreshes it.
+    set beresp.grace = 1h;
+}
+sub vcl_deliver {
+    if (obj.hits > 0) {
+        set resp.http.X-Cache-Status = "HIT";
+    } else {
+        set resp.http.X-Cache-Status = "MISS";
+    }
+}
+EOF
+"${pin_server[@]}" varnishd -F -j none -T none -a "127.0.0.1:${port[varnish]}" -n "$tmp/varnish" \
+    -s malloc,256m -f "$tmp/bench.vcl" >"$tmp/varnish.log" 2>&1 &
+pids+=($!)
+varnish_pid=$!
+wait_ready varnish "http://127.0.0.1:${port[varnish]}/__stats" "$tmp/varnish.log"
+
+port[gateway]=$(free_port)
+ttl_rules='
+[[domains.DOMAIN.plugins]]
+name = "ttl"
+
+[[domains.DOMAIN.plugins.rules]]
+pattern = "/stale/**"
+ttl_secs = 1
+
+[[domains.DOMAIN.plugins.rules]]
+pattern = "/miss/**"
+ttl_secs = 60
+
+[[domains.DOMAIN.plugins.rules]]
+pattern = "/**"
+ttl_secs = 300'
+cat >"$tmp/gateway.toml" <<EOF
+[server]
+listen = ["127.0.0.1:${port[gateway]}"]
+threads = 1
+runtime_dir = "$tmp"
+grace_period_secs = 0
+shutdown_timeout_secs = 1
+
+[log]
+access_log = "off"
+level = "warn"
+
+[cache]
+memory_bytes = "512MiB"
+max_object_bytes = "64MiB"
+# --- disk tier: set BENCH_GATEWAY_CACHE to add its keys here once the gateway has one ---
+${gateway_cache_extra//@TMP@/$tmp}
+
+# open.bench: no authentication.
+[domains.open]
+hosts = ["open.bench"]
+stale_while_revalidate_secs = 60
+
+[domains.open.origins.origin]
+kind = "http"
+addresses = ["127.0.0.1:$origin_port"]
+read_timeout_ms = 30000
+
+[[domains.open.routes]]
+prefix = "/"
+origin = "origin"
+${ttl_rules//DOMAIN/open}
+
+# auth.bench: bcrypt Basic Auth on /auth/.
+[domains.auth]
+hosts = ["auth.bench"]
+
+[domains.auth.origins.origin]
+kind = "http"
+addresses = ["127.0.0.1:$origin_port"]
+
+[[domains.auth.routes]]
+prefix = "/auth/"
+origin = "origin"
+
+[[domains.auth.plugins]]
+name = "htpasswd"
+file = "$tmp/htpasswd"
+realm = "bench"
+${ttl_rules//DOMAIN/auth}
+EOF
+"$binary" check -c "$tmp/gateway.toml" >/dev/null || {
+    echo "compare: the gateway config written to $tmp/gateway.toml is invalid (see above)" >&2
+    exit 1
+}
+"${pin_server[@]}" "$binary" run -c "$tmp/gateway.toml" >"$tmp/gateway.log" 2>&1 &
+pids+=($!)
+gateway_pid=$!
+wait_ready gateway "http://127.0.0.1:${port[gateway]}/__stats" "$tmp/gateway.log"
+
+contenders=(nginx varnish gateway)
+declare -A cell value
+
+base() { echo "http://127.0.0.1:${port[$1]}"; }
+
+# --- scenarios -----------------------------------------------------------------------------
+
+# (a) cached 1 KB index behind bcrypt Basic Auth: nginx and the gateway.
+for c in nginx gateway; do
+    url=$(base "$c")/auth/index.json
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: auth.bench' "$url")
+    [[ $code == 401 ]] || note "$c auth: a request without credentials got $code, not 401"
+    warm "$c auth" "$url" -H 'Host: auth.bench' -H "$auth_header"
+    measure "$c auth" "$url" -c32 -H 'Host: auth.bench' -H "$auth_header"
+    cell[a,$c]="$(grouped "$rps") req/s, p99 $p99_ms ms" value[a,$c]=$rps
+done
+cell[a,varnish]="n/a" value[a,varnish]=
+
+# (b) cached 1 KB index, no auth. (c) cached 1 MB bundle. (d) cached 20 MB bundle.
+for c in "${contenders[@]}"; do
+    url=$(base "$c")/index.json
+    warm "$c index" "$url" -H 'Host: open.bench'
+    measure "$c index" "$url" -c32 -H 'Host: open.bench'
+    cell[b,$c]="$(grouped "$rps") req/s, p99 $p99_ms ms" value[b,$c]=$rps
+done
+for c in "${contenders[@]}"; do
+    url=$(base "$c")/bundle-1m.json
+    warm "$c 1 MB" "$url" -H 'Host: open.bench'
+    measure "$c 1 MB" "$url" -c16 -H 'Host: open.bench'
+    cell[c,$c]="$(grouped "$mib_s") MiB/s" value[c,$c]=$mib_s
+done
+for c in "${contenders[@]}"; do
+    url=$(base "$c")/bundle-20m.json
+    warm "$c 20 MB" "$url" -H 'Host: open.bench'
+    measure "$c 20 MB" "$url" -c4 -H 'Host: open.bench'
+    cell[d,$c]="$(grouped "$mib_s") MiB/s" value[d,$c]=$mib_s
+done
+
+# (e) cold stampede: 200 connections send GET on the same uncached slow path at once.
+for c in "${contenders[@]}"; do
+    path=/slow/bundle-1m.json
+    before=$(origin_count "$path")
+    json=$(timeout 60 "${pin_load[@]}" python3 "$root/bench/stampede.py" --port "${port[$c]}" \
+        --path "$path" --host open.bench -n 200) || json='{}'
+    after=$(origin_count "$path")
+    read -r p50 p99 ok extra < <(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1] or "{}")
+t = r.get("ttfb_ms", {})
+ok = r.get("statuses", {}).get("200", 0)
+bad = r.get("requests", 0) - ok + r.get("short_bodies", 0)
+fmt = lambda v: "?" if v is None else "%.0f" % v if v >= 100 else "%.1f" % v
+print(fmt(t.get("p50")), t.get("p99"), ok, bad)' "$json")
+    [[ $extra == 0 ]] || note "$c stampede: $json"
+    cell[e,$c]="$((after - before)) origin req; TTFB p50 $p50, p99 $(to_ms "${p99}ms") ms ($ok of 200 OK)"
+    value[e,$c]=$p99
+done
+
+# (f) stale while the origin is slow: fill /stale/index.json (max-age=1), let it expire, then
+# load it while every refresh takes BENCH_DELAY_MS.
+for c in "${contenders[@]}"; do
+    url=$(base "$c")/stale/index.json
+    curl -s -o /dev/null --max-time 30 -H 'Host: open.bench' "$url" || true
+    sleep 1.5
+    before=$(origin_count /stale/index.json)
+    first_ms=$(curl -s -o /dev/null --max-time 30 -w '%{time_total}' -H 'Host: open.bench' "$url" |
+        awk '{printf "%.1f", $1 * 1000}')
+    measure "$c stale" "$url" -c32 -H 'Host: open.bench'
+    after=$(origin_count /stale/index.json)
+    cell[f,$c]="$(grouped "$rps") req/s, p99 $p99_ms, max $max_ms ms; 1st $first_ms ms; $((after - before)) origin req"
+    value[f,$c]=$rps
+done
+
+# (g) misses: every request is for a new /miss/<tag>-<n> path.
+for c in "${contenders[@]}"; do
+    measure "$c miss" "$(base "$c")/" -c32 -H 'Host: open.bench' -s "$root/bench/miss.lua" -- "$c"
+    cell[g,$c]="$(grouped "$rps") req/s, p99 $p99_ms ms" value[g,$c]=$rps
+done
+
+# (h) peak resident memory after all scenarios. The gateway's cache contains the bodies fetched
+# above (3 × 1 KB, 2 × 1 MB, 20 MB) and one small entry per miss. Its figure is also given
+# without those bodies, because nginx keeps its cache on disk (page cache, not its RSS).
+mapfile -t nginx_children < <(children "$nginx_pid")
+mapfile -t varnish_child < <(children "$varnish_pid")
+value[h,nginx]=$(peak_mib "$nginx_pid" "${nginx_children[@]}")
+value[h,varnish]=$(peak_mib "${varnish_child[@]}")
+value[h,gateway]=$(peak_mib "$gateway_pid")
+gateway_misses=$(curl -s --max-time 5 "http://127.0.0.1:$origin_port/__stats" |
+    python3 -c 'import json, sys; print(sum(v for k, v in json.load(sys.stdin).items() if k.startswith("/miss/gateway-")))')
+gateway_outside=$(awk -v m="${value[h,gateway]}" 'BEGIN {printf "%.1f", m - 22 - 3 / 1024}')
+for c in "${contenders[@]}"; do cell[h,$c]="${value[h,$c]} MiB"; done
+cell[h,gateway]+=", $gateway_outside MiB without the 22 MiB of cached bundle/index bodies"
+note "memory: nginx = master + ${#nginx_children[@]} children (worker, cache manager, cache loader while it runs); Varnish = its child process (the manager process, $(peak_mib "$varnish_pid") MiB, not counted; malloc storage counts in the child); the gateway also held $gateway_misses small miss entries"
+
+# --- table ---------------------------------------------------------------------------------
+
+# Prints the gateway's value over the better peer's: higher is better, or lower with "low".
+ratio() {
+    local row=$1 sense=$2
+    awk -v n="${value[$row,nginx]}" -v v="${value[$row,varnish]}" -v g="${value[$row,gateway]}" \
+        -v sense="$sense" 'BEGIN {
+        best = ""
+        if (n != "" && n != "None") best = n + 0
+        if (v != "" && v != "None") { if (best == "" || (sense == "low" ? v < best : v > best)) best = v + 0 }
+        if (best == "" || best == 0 || g == "" || g == "None") { print "?"; exit }
+        printf "%.2f×", g / best }'
+}
+
+row() {
+    local key=$1 title=$2 sense=$3 unit=$4
+    printf '| %s | %s | %s | %s | %s %s |\n' "$title" "${cell[$key,nginx]}" "${cell[$key,varnish]}" \
+        "${cell[$key,gateway]}" "$(ratio "$key" "$sense")" "$unit"
+}
+
+echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)," \
+    "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM," \
+    "$(awk -F= '$1 == "PRETTY_NAME" {gsub(/"/, "", $2); print $2}' /etc/os-release)"
+echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | sed 's/ revision.*//;s/[()]//g')," \
+    "$(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $("$binary" version 2>&1 | head -1)"
+echo "run: $seconds s per wrk run (wrk -t1), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
+echo
+echo "| scenario | nginx | Varnish | mirror-gateway | gateway ÷ better peer |"
+echo "|---|---|---|---|---|"
+row a "(a) cached 1 KB index, bcrypt Basic Auth, -c32" high "(req/s)"
+row b "(b) cached 1 KB index, no auth, -c32" high "(req/s)"
+row c "(c) cached 1 MB bundle, -c16" high "(MiB/s)"
+row d "(d) cached 20 MB bundle, -c4" high "(MiB/s)"
+row e "(e) cold stampede, 200 clients, 1 MB, origin ${delay_ms} ms" low "(TTFB p99, lower is better)"
+row f "(f) stale entry, origin ${delay_ms} ms, -c32" high "(req/s)"
+row g "(g) misses, unique paths, -c32" high "(req/s)"
+row h "(h) peak resident memory (VmHWM)" low "(lower is better)"
+if [[ ${#notes[@]} -gt 0 ]]; then
+    echo
+    printf -- '- %s\n' "${notes[@]}"
+fi

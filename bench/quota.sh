@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Measures what the `quota` plugin costs on a cached index: requests per second with no budget
+# plugin, with `quota` counting locally, and with `quota` counting in Redis, each also with
+# `rate_limit` when the gateway has that plugin. Prints a markdown table with the ratio of each
+# scenario to the one without budget plugins.
+#
+#   bench/quota.sh [SECONDS]      default 5 seconds per scenario; about a minute in all
+#
+# Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
+# (scripts/setup-debian.sh installs them). Everything runs on 127.0.0.1 with free ports, in a
+# temp dir removed on exit. With two or more CPUs the gateway (1 worker thread) runs on CPU 0,
+# and wrk and redis-server on CPU 1. Every request comes from 127.0.0.1 without credentials,
+# so all of them count against one principal: the most contended case. Budgets are set high
+# enough that nothing is rejected.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+seconds=${1:-5}
+binary=$root/target/release/mirror-gateway
+
+[[ $seconds =~ ^[0-9]+$ && $seconds -ge 1 && $seconds -le 60 ]] || {
+    echo "quota bench: SECONDS must be a whole number from 1 to 60, got '$seconds'" >&2
+    exit 2
+}
+[[ -x $binary ]] || { echo "quota bench: $binary missing; run cargo build --release" >&2; exit 1; }
+for tool in wrk curl python3 redis-server redis-cli; do
+    command -v "$tool" >/dev/null || {
+        echo "quota bench: $tool not found; run scripts/setup-debian.sh" >&2
+        exit 1
+    }
+done
+"$root/conf/sample-mirror/generate.sh" >/dev/null
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/quota-bench.XXXXXX")
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+pin_server=() pin_load=()
+if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
+    pin_server=(taskset -c 0) pin_load=(taskset -c 1)
+fi
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits up to 10 s until URL answers 200.
+wait_ready() {
+    local url=$1 log=$2
+    for _ in $(seq 1 100); do
+        curl -fs -o /dev/null --max-time 1 "$url" && return 0
+        sleep 0.1
+    done
+    echo "quota bench: no answer on $url within 10 s; log:" >&2
+    tail -20 "$log" >&2 || true
+    exit 1
+}
+
+redis_port=$(free_port)
+"${pin_load[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save '' \
+    --appendonly no --daemonize no --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+    [[ $(redis-cli -p "$redis_port" ping 2>/dev/null) == PONG ]] && break
+    sleep 0.1
+done
+
+# Plugin tables for each ingredient of a scenario.
+quota_plugin='[[domains.bench.plugins]]
+name = "quota"
+index_per_hour = 1000000000
+download_per_hour = 1000000000'
+redis_table="[domains.bench.plugins.redis]
+url = \"redis://127.0.0.1:$redis_port/0\"
+key_prefix = \"bench-$$\""
+rate_limit_plugin='[[domains.bench.plugins]]
+name = "rate_limit"
+requests_per_second = 1000000
+burst = 1000000'
+
+# Writes the config of one scenario to $tmp/NAME.toml; PLUGINS are extra plugin tables.
+write_config() {
+    local name=$1 plugins=$2 port=$3
+    cat >"$tmp/$name.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$port"]
+threads = 1
+grace_period_secs = 0
+shutdown_timeout_secs = 1
+
+[log]
+access_log = "off"
+level = "warn"
+
+[cache]
+memory_bytes = "64MiB"
+
+[domains.bench]
+hosts = ["127.0.0.1"]
+
+[domains.bench.origins.concelier]
+kind = "export_tree"
+root = "$root/conf/sample-mirror/data/concelier"
+
+[[domains.bench.routes]]
+prefix = "/concelier/exports/index.json"
+origin = "concelier"
+origin_path = "/mirror/index.json"
+
+[[domains.bench.plugins]]
+name = "ttl"
+
+[[domains.bench.plugins.rules]]
+pattern = "/concelier/exports/index.json"
+ttl_secs = 3600
+cache_control = "public, max-age=60"
+
+$plugins
+TOML
+}
+
+has_rate_limit=no
+write_config probe "$rate_limit_plugin" 1
+"$binary" check -c "$tmp/probe.toml" >/dev/null 2>&1 && has_rate_limit=yes
+
+baseline=""
+# Runs one scenario: starts the gateway, warms the cache, runs wrk, prints a table row.
+scenario() {
+    local name=$1 label=$2 plugins=$3 port out rps p99 ratio gateway
+    port=$(free_port)
+    write_config "$name" "$plugins" "$port"
+    "${pin_server[@]}" "$binary" run -c "$tmp/$name.toml" >"$tmp/$name.log" 2>&1 &
+    gateway=$!
+    pids+=("$gateway")
+    local url="http://127.0.0.1:$port/concelier/exports/index.json"
+    wait_ready "$url" "$tmp/$name.log"
+    curl -fs -o /dev/null "$url"
+    out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "$url")
+    kill "$gateway" 2>/dev/null || true
+    wait "$gateway" 2>/dev/null || true
+    if grep -q 'Non-2xx' <<<"$out"; then
+        echo "quota bench: $label got non-2xx responses:" >&2
+        grep 'Non-2xx' <<<"$out" >&2
+    fi
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    [[ -n $baseline ]] || baseline=$rps
+    ratio=$(awk -v a="$rps" -v b="$baseline" 'BEGIN { printf "%.3f", a / b }')
+    printf '| %-34s | %12s | %8s | %6s |\n' "$label" "$rps" "$p99" "$ratio"
+}
+
+echo "machine: $(nproc) CPUs, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
+echo "binary: $("$binary" version 2>/dev/null || echo unknown), $seconds s per scenario, wrk -t1 -c32, gateway threads = 1"
+echo "redis: $(redis-server --version | awk '{print $3}')"
+echo
+echo "| scenario                           | requests/s   | p99      | ratio  |"
+echo "|------------------------------------|--------------|----------|--------|"
+scenario none "no budget plugins" ""
+scenario quota_local "quota, local" "$quota_plugin"
+if [[ $has_rate_limit == yes ]]; then
+    scenario both_local "quota + rate_limit, local" "$rate_limit_plugin
+$quota_plugin"
+fi
+scenario quota_redis "quota, Redis" "$quota_plugin
+$redis_table"
+if [[ $has_rate_limit == yes ]]; then
+    scenario both_redis "quota + rate_limit, Redis" "$rate_limit_plugin
+$quota_plugin
+$redis_table"
+fi

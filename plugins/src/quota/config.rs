@@ -1,0 +1,225 @@
+//! The `quota` plugin's settings: parsing, defaults and validation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::store::Limits;
+use crate::settings::{self, SettingError};
+use crate::ttl::PathPattern;
+use crate::BuildContext;
+
+/// Path patterns counted against the index budget unless `index_paths` is set.
+pub const DEFAULT_INDEX_PATHS: &[&str] = &[
+    "/concelier/exports/index.json",
+    "/excititor/mirror/domains.json",
+    "/excititor/mirror/*/index.json",
+];
+/// Path patterns counted against the download budget unless `download_paths` is set.
+pub const DEFAULT_DOWNLOAD_PATHS: &[&str] = &[
+    "/concelier/exports/mirror/**",
+    "/excititor/mirror/*/exports/**",
+];
+/// Key prefix in Redis unless `redis.key_prefix` is set.
+pub const DEFAULT_KEY_PREFIX: &str = "mirror-gateway:quota";
+/// Longest wait for Redis on the request path unless `redis.timeout_ms` is set.
+pub const DEFAULT_TIMEOUT_MS: u64 = 50;
+
+/// What happens to a request while the shared store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Count in this process alone until the store answers again.
+    #[default]
+    FailOpen,
+    /// Turn counted requests away with 429 until the store answers again.
+    FailClosed,
+}
+
+/// The validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub index: Limits,
+    pub download: Limits,
+    pub index_paths: Vec<PathPattern>,
+    pub download_paths: Vec<PathPattern>,
+    pub count_cache_hits: bool,
+    /// The state file, resolved against the config directory.
+    pub state_file: Option<PathBuf>,
+    pub redis: Option<RedisConfig>,
+}
+
+/// The validated `redis` table.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub client: redis::Client,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub failure_mode: FailureMode,
+}
+
+#[derive(Debug, Deserialize)]
+struct Raw {
+    index_per_hour: u64,
+    download_per_hour: u64,
+    domain_index_per_hour: Option<u64>,
+    domain_download_per_hour: Option<u64>,
+    index_paths: Option<Vec<String>>,
+    download_paths: Option<Vec<String>>,
+    #[serde(default = "yes")]
+    count_cache_hits: bool,
+    state_file: Option<PathBuf>,
+    redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRedis {
+    url: String,
+    #[serde(default = "default_prefix")]
+    key_prefix: String,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u64,
+    #[serde(default)]
+    failure_mode: FailureMode,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_prefix() -> String {
+    DEFAULT_KEY_PREFIX.to_owned()
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+/// Parses and checks the settings table; reports every invalid key it can.
+pub fn parse(value: toml::Value, ctx: &BuildContext<'_>) -> Result<Config, Vec<SettingError>> {
+    let raw: Raw = settings::parse(value)?;
+    let mut errors = Vec::new();
+    let mut budget = |key: &str, value: Option<u64>| {
+        if value == Some(0) {
+            errors.push(SettingError::new(
+                key,
+                Some("0".into()),
+                "a budget must be at least 1 request per hour; remove the plugin to not count",
+            ));
+        }
+        value
+    };
+    let index = Limits {
+        principal: budget("index_per_hour", Some(raw.index_per_hour)).unwrap_or(1),
+        domain: budget("domain_index_per_hour", raw.domain_index_per_hour),
+    };
+    let download = Limits {
+        principal: budget("download_per_hour", Some(raw.download_per_hour)).unwrap_or(1),
+        domain: budget("domain_download_per_hour", raw.domain_download_per_hour),
+    };
+    let index_paths = patterns(
+        "index_paths",
+        raw.index_paths,
+        DEFAULT_INDEX_PATHS,
+        &mut errors,
+    );
+    let download_paths = patterns(
+        "download_paths",
+        raw.download_paths,
+        DEFAULT_DOWNLOAD_PATHS,
+        &mut errors,
+    );
+    let redis = raw.redis.and_then(|r| match redis_config(r) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            errors.push(e.within("redis"));
+            None
+        }
+    });
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Config {
+        index,
+        download,
+        index_paths,
+        download_paths,
+        count_cache_hits: raw.count_cache_hits,
+        state_file: raw.state_file.map(|path| ctx.resolve(&path)),
+        redis,
+    })
+}
+
+/// Compiles the patterns of one class, or its defaults when the key is absent.
+fn patterns(
+    key: &str,
+    given: Option<Vec<String>>,
+    defaults: &[&str],
+    errors: &mut Vec<SettingError>,
+) -> Vec<PathPattern> {
+    let texts = given.unwrap_or_else(|| defaults.iter().map(|p| (*p).to_owned()).collect());
+    let mut out = Vec::with_capacity(texts.len());
+    for (index, text) in texts.iter().enumerate() {
+        match PathPattern::parse(text) {
+            Ok(pattern) => out.push(pattern),
+            Err(reason) => errors.push(SettingError::new(
+                format!("{key}[{index}]"),
+                Some(format!("{text:?}")),
+                reason,
+            )),
+        }
+    }
+    out
+}
+
+fn redis_config(raw: RawRedis) -> Result<RedisConfig, SettingError> {
+    let client = redis::Client::open(raw.url.as_str()).map_err(|e| {
+        SettingError::new(
+            "url",
+            Some(format!("{:?}", redact_url(&raw.url))),
+            format!(
+                "not a usable Redis URL ({:?}); write it as redis://HOST:PORT/DB",
+                e.kind()
+            ),
+        )
+    })?;
+    let prefix_ok = !raw.key_prefix.is_empty()
+        && raw.key_prefix.len() <= 200
+        && raw.key_prefix.chars().all(|c| c.is_ascii_graphic());
+    if !prefix_ok {
+        return Err(SettingError::new(
+            "key_prefix",
+            Some(format!("{:?}", raw.key_prefix)),
+            "use 1 to 200 printable ASCII characters without spaces",
+        ));
+    }
+    if !(1..=10_000).contains(&raw.timeout_ms) {
+        return Err(SettingError::new(
+            "timeout_ms",
+            Some(raw.timeout_ms.to_string()),
+            "use 1 to 10000 milliseconds; requests wait this long for Redis at most",
+        ));
+    }
+    Ok(RedisConfig {
+        client,
+        key_prefix: raw.key_prefix,
+        timeout: Duration::from_millis(raw.timeout_ms),
+        failure_mode: raw.failure_mode,
+    })
+}
+
+/// Replaces the password of a `redis://user:password@host` URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}

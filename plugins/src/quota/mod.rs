@@ -1,0 +1,445 @@
+//! The `quota` plugin: hourly request budgets per principal and per domain, for index and
+//! download requests.
+//!
+//! # Window
+//!
+//! Budgets count requests in fixed windows aligned to the UTC clock hour: every count starts
+//! at 0 at :00:00. `RateLimit-Reset` and `Retry-After` give the seconds to the next hour.
+//!
+//! # Principal
+//!
+//! A request counts against the user that an authentication plugin earlier in the list
+//! accepted (`user:<name>`), else its client address (`ip:<v4 address>` or the `/64` network
+//! of an IPv6 address), else one shared `unknown` principal. The domain-wide ceilings count
+//! every principal together.
+//!
+//! # Counting
+//!
+//! Each path of a class is counted once per request. By default a request is checked and
+//! counted in one atomic step before the cache lookup, so cache hits count too. With
+//! `count_cache_hits = false` it is checked before the cache lookup and counted only when it
+//! goes to the origin; concurrent misses may then pass a budget by a few requests.
+//!
+//! # Stores
+//!
+//! Counts live in a process-wide [`Registry`] keyed by domain id and class, so a plugin built
+//! again for the same domain (a config reload) keeps them, and a changed budget applies to the
+//! count so far. With a `redis` table the counts live in Redis and are shared by every gateway
+//! that uses it; while Redis does not answer, the plugin counts locally (`fail_open`) or turns
+//! counted requests away with 429 (`fail_closed`). A `state_file` keeps the local counts
+//! across restarts.
+
+mod config;
+mod redis_store;
+mod state_file;
+mod store;
+mod window;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use tracing::{info, warn};
+
+use crate::limits::{too_many_requests, BudgetState};
+use crate::settings::SettingError;
+use crate::ttl::PathPattern;
+use crate::{BuildContext, LocalResponse, Plugin, RequestInfo, RequestState, Verdict};
+pub use config::{FailureMode, DEFAULT_DOWNLOAD_PATHS, DEFAULT_INDEX_PATHS};
+use redis_store::{Op, RedisStore, Unavailable};
+pub use state_file::FORMAT_VERSION as STATE_FILE_VERSION;
+use state_file::{Saver, StateFile};
+pub use store::{
+    Class, ClassCounts, Counts, Decision, Limits, Reason, Registry, RejectionCount, Scope,
+};
+pub use window::Window;
+
+/// Label recorded in [`RequestState::rejected_by`] for requests this plugin turns away.
+pub const REJECTED_BY: &str = "quota";
+
+/// Builds the plugin from its settings table, with the process-wide counts.
+pub fn build(
+    settings: toml::Value,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<dyn Plugin>, Vec<SettingError>> {
+    Ok(Arc::new(QuotaPlugin::new(settings, ctx)?))
+}
+
+/// Returns the rejections counted in this process per domain, class and reason.
+pub fn rejection_counts() -> Vec<RejectionCount> {
+    Registry::global().rejections()
+}
+
+/// Writes every state file whose counts changed since its last write; for a graceful
+/// shutdown, as the periodic writes may be up to 5 seconds old.
+pub fn save_state_files() {
+    state_file::save_all(SystemTime::now());
+}
+
+/// A request that was checked before the cache lookup and is counted if it goes to the
+/// origin (`count_cache_hits = false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCount {
+    class: Class,
+    principal: String,
+    budget: BudgetState,
+}
+
+/// The `quota` plugin of one domain.
+pub struct QuotaPlugin {
+    domain: String,
+    index: ClassRule,
+    download: ClassRule,
+    count_cache_hits: bool,
+    redis: Option<Arc<RedisStore>>,
+    state_file: Option<Arc<StateFile>>,
+    /// Writes the state file periodically; dropped (and written a last time) with the plugin.
+    _saver: Option<Saver>,
+}
+
+struct ClassRule {
+    class: Class,
+    patterns: Vec<PathPattern>,
+    limits: Limits,
+    counts: Arc<ClassCounts>,
+}
+
+/// The result of a check: a decision, or no store to decide with.
+type Checked = Result<Decision, Unavailable>;
+
+impl QuotaPlugin {
+    /// Builds the plugin with the process-wide counts, loading the state file if one is set.
+    pub fn new(settings: toml::Value, ctx: &BuildContext<'_>) -> Result<Self, Vec<SettingError>> {
+        Self::with_registry(settings, ctx, &Registry::global())
+    }
+
+    /// Builds the plugin with the counts of `registry`; a separate registry acts like a
+    /// separate gateway process.
+    pub fn with_registry(
+        settings: toml::Value,
+        ctx: &BuildContext<'_>,
+        registry: &Registry,
+    ) -> Result<Self, Vec<SettingError>> {
+        let config = config::parse(settings, ctx)?;
+        let rule = |class, patterns, limits| ClassRule {
+            class,
+            patterns,
+            limits,
+            counts: registry.counts(ctx.domain, class),
+        };
+        let index = rule(Class::Index, config.index_paths, config.index);
+        let download = rule(Class::Download, config.download_paths, config.download);
+        let redis = config
+            .redis
+            .as_ref()
+            .map(|r| Arc::new(RedisStore::new(ctx.domain, r)));
+        let state_file = config.state_file.map(|path| {
+            let sets = vec![
+                (Class::Index, Arc::clone(&index.counts)),
+                (Class::Download, Arc::clone(&download.counts)),
+            ];
+            let file = StateFile::new(path, ctx.domain, sets);
+            load_state(ctx.domain, &file);
+            file
+        });
+        Ok(Self {
+            domain: ctx.domain.to_owned(),
+            _saver: state_file.as_ref().map(|f| Saver::start(Arc::clone(f))),
+            index,
+            download,
+            count_cache_hits: config.count_cache_hits,
+            redis,
+            state_file,
+        })
+    }
+
+    /// Returns the class whose patterns match `path`, index first; `None` is not counted.
+    pub fn class_of(&self, path: &str) -> Option<Class> {
+        self.rule_for(path).map(|rule| rule.class)
+    }
+
+    /// Runs the request filter with `now` as the time: checks the request's budgets, counts it
+    /// (unless counting waits for the origin), and turns it away with 429 when a budget ran
+    /// out or the shared store is away and the plugin fails closed.
+    pub async fn check_at(
+        &self,
+        req: &RequestInfo<'_>,
+        state: &mut RequestState,
+        now: SystemTime,
+    ) -> Verdict {
+        let Some(rule) = self.rule_for(req.path) else {
+            return Verdict::Continue;
+        };
+        let principal = principal_of(req, state);
+        let window = Window::at(now);
+        let op = if self.count_cache_hits {
+            Op::Count
+        } else {
+            Op::Peek
+        };
+        match self.decide(rule, op, &principal, window).await {
+            Ok(Decision::Allowed(counts)) => {
+                let budget = budget_state(rule.limits, counts, window);
+                state.rate_limit = Some(budget);
+                if op == Op::Peek {
+                    state.quota_pending = Some(PendingCount {
+                        class: rule.class,
+                        principal,
+                        budget,
+                    });
+                }
+                Verdict::Continue
+            }
+            Ok(Decision::Rejected(scope, _)) => {
+                rule.counts.record_rejection(scope.into());
+                reject(rule, scope, window, state)
+            }
+            Err(unavailable) => {
+                rule.counts.record_rejection(Reason::StoreUnavailable);
+                state.rejected_by = Some(REJECTED_BY);
+                Verdict::Respond(store_unavailable(rule, unavailable))
+            }
+        }
+    }
+
+    /// Runs the upstream request filter with `now` as the time: counts a request that
+    /// [`Self::check_at`] left pending. With Redis the count is sent in the background.
+    pub fn count_upstream_at(&self, state: &mut RequestState, now: SystemTime) {
+        let Some(pending) = state.quota_pending.take() else {
+            return;
+        };
+        let rule = self.rule(pending.class);
+        let window = Window::at(now);
+        let budget = match &self.redis {
+            Some(redis) => {
+                redis.spawn_add(
+                    rule.class,
+                    pending.principal,
+                    window,
+                    Arc::clone(&rule.counts),
+                );
+                BudgetState {
+                    remaining: pending.budget.remaining.saturating_sub(1),
+                    ..pending.budget
+                }
+            }
+            None => {
+                let counts = rule.counts.add(&pending.principal, window.hour);
+                budget_state(rule.limits, counts, window)
+            }
+        };
+        state.rate_limit = Some(budget);
+    }
+
+    /// Returns the count of `principal` in `class` for `now`'s hour, as this process knows it.
+    pub fn local_count(&self, class: Class, principal: &str, now: SystemTime) -> u64 {
+        let rule = self.rule(class);
+        let unlimited = Limits {
+            principal: u64::MAX,
+            domain: None,
+        };
+        rule.counts
+            .peek(principal, unlimited, Window::at(now).hour)
+            .counts()
+            .principal
+    }
+
+    /// Returns whether Redis answered the last request; `None` without a `redis` table.
+    pub fn redis_available(&self) -> Option<bool> {
+        self.redis.as_ref().map(|r| r.available())
+    }
+
+    /// Writes the state file now if the counts changed; returns whether it wrote. `Ok(false)`
+    /// without a `state_file`.
+    ///
+    /// # Errors
+    ///
+    /// The I/O error of the write; the previous file stays in place.
+    pub fn save_state(&self, now: SystemTime) -> std::io::Result<bool> {
+        match &self.state_file {
+            Some(file) => file.save(now),
+            None => Ok(false),
+        }
+    }
+
+    fn rule_for(&self, path: &str) -> Option<&ClassRule> {
+        [&self.index, &self.download]
+            .into_iter()
+            .find(|rule| rule.patterns.iter().any(|p| p.matches(path)))
+    }
+
+    fn rule(&self, class: Class) -> &ClassRule {
+        match class {
+            Class::Index => &self.index,
+            Class::Download => &self.download,
+        }
+    }
+
+    /// Checks (and for [`Op::Count`] counts) in Redis when configured, else locally; falls
+    /// back to local counting while Redis is away unless the plugin fails closed.
+    async fn decide(&self, rule: &ClassRule, op: Op, principal: &str, window: Window) -> Checked {
+        let local = || match op {
+            Op::Count => rule.counts.try_count(principal, rule.limits, window.hour),
+            Op::Peek => rule.counts.peek(principal, rule.limits, window.hour),
+            Op::Add => Decision::Allowed(rule.counts.add(principal, window.hour)),
+        };
+        let Some(redis) = &self.redis else {
+            return Ok(local());
+        };
+        match redis
+            .run(op, rule.class, principal, rule.limits, window)
+            .await
+        {
+            Ok(decision) => {
+                rule.counts
+                    .observe(principal, window.hour, decision.counts());
+                Ok(decision)
+            }
+            Err(unavailable) => match redis.failure_mode() {
+                FailureMode::FailOpen => Ok(local()),
+                FailureMode::FailClosed => Err(unavailable),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Plugin for QuotaPlugin {
+    fn name(&self) -> &'static str {
+        "quota"
+    }
+
+    async fn request_filter(&self, req: &RequestInfo<'_>, state: &mut RequestState) -> Verdict {
+        self.check_at(req, state, SystemTime::now()).await
+    }
+
+    fn upstream_request_filter(
+        &self,
+        _req: &mut RequestHeader,
+        state: &mut RequestState,
+    ) -> pingora::Result<()> {
+        self.count_upstream_at(state, SystemTime::now());
+        Ok(())
+    }
+
+    /// Sets the `RateLimit-*` fields of the request's budget. A failure to set them is logged
+    /// and the response goes out without them.
+    fn response_filter(
+        &self,
+        resp: &mut ResponseHeader,
+        state: &RequestState,
+    ) -> pingora::Result<()> {
+        if let Some(budget) = state.rate_limit {
+            if let Err(e) = budget.apply(resp) {
+                warn!(domain = %self.domain, error = %e, "cannot set RateLimit header fields");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Returns the principal a request counts against: the user, the client address (an IPv6
+/// address's `/64` network), or `unknown`.
+pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> String {
+    if let Some(user) = &state.user {
+        return format!("user:{user}");
+    }
+    match req.client_addr {
+        Some(IpAddr::V4(addr)) => format!("ip:{addr}"),
+        Some(IpAddr::V6(addr)) => match addr.to_ipv4_mapped() {
+            Some(v4) => format!("ip:{v4}"),
+            None => {
+                let s = addr.segments();
+                format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        None => "unknown".to_owned(),
+    }
+}
+
+/// Returns the name a 429 gives the budget of `class` and `scope`.
+pub fn budget_name(class: Class, scope: Scope) -> &'static str {
+    match (class, scope) {
+        (Class::Index, Scope::Principal) => "index requests per hour",
+        (Class::Download, Scope::Principal) => "download requests per hour",
+        (Class::Index, Scope::Domain) => "domain-wide index requests per hour",
+        (Class::Download, Scope::Domain) => "domain-wide download requests per hour",
+    }
+}
+
+/// Returns the budget state sent downstream: of the principal's budget, or of the domain's
+/// ceiling when fewer requests are left there.
+fn budget_state(limits: Limits, counts: Counts, window: Window) -> BudgetState {
+    let own = BudgetState {
+        limit: limits.principal,
+        remaining: limits.principal.saturating_sub(counts.principal),
+        reset_secs: window.reset_secs,
+    };
+    match limits.domain {
+        Some(ceiling) if ceiling.saturating_sub(counts.domain) < own.remaining => BudgetState {
+            limit: ceiling,
+            remaining: ceiling.saturating_sub(counts.domain),
+            ..own
+        },
+        _ => own,
+    }
+}
+
+/// Turns the request away with the 429 of the budget that ran out.
+fn reject(rule: &ClassRule, scope: Scope, window: Window, state: &mut RequestState) -> Verdict {
+    let limit = match scope {
+        Scope::Principal => rule.limits.principal,
+        Scope::Domain => rule.limits.domain.unwrap_or(rule.limits.principal),
+    };
+    let budget = BudgetState {
+        limit,
+        remaining: 0,
+        reset_secs: window.reset_secs,
+    };
+    state.rejected_by = Some(REJECTED_BY);
+    state.rate_limit = Some(budget);
+    Verdict::Respond(too_many_requests(
+        budget_name(rule.class, scope),
+        budget,
+        window.reset_secs,
+    ))
+}
+
+/// Builds the 429 sent while the shared store is away and the plugin fails closed: no
+/// `RateLimit-*` fields, as the counts are unknown.
+fn store_unavailable(rule: &ClassRule, unavailable: Unavailable) -> LocalResponse {
+    let retry = unavailable.retry_after_secs.max(1);
+    let name = budget_name(rule.class, Scope::Principal);
+    let budget = BudgetState {
+        limit: rule.limits.principal,
+        remaining: 0,
+        reset_secs: retry,
+    };
+    let mut response = too_many_requests(name, budget, retry);
+    response
+        .headers
+        .retain(|(header, _)| !header.as_str().starts_with("ratelimit-"));
+    response.body = Bytes::from(format!(
+        "{{\"error\":\"budget_store_unavailable\",\"budget\":\"{name}\",\
+         \"message\":\"the budget store is unavailable; try again later\",\
+         \"retry_after_secs\":{retry}}}\n"
+    ));
+    response
+}
+
+/// Loads the state file into the counters, logging what happened.
+fn load_state(domain: &str, file: &StateFile) {
+    match file.load(SystemTime::now()) {
+        Ok(0) => {}
+        Ok(taken) => info!(domain, file = %file.path().display(), counts = taken,
+            "quota counts of this hour loaded from the state file"),
+        Err(reason) => warn!(domain, file = %file.path().display(),
+            "ignoring the quota state file: {reason}; counting starts from the counts in memory"),
+    }
+}

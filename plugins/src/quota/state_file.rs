@@ -1,0 +1,305 @@
+//! The state file: one domain's local counts of the current hour, written atomically (temp
+//! file, fsync, rename) every few seconds and when the plugin is dropped, and read at build.
+//!
+//! The file is TOML with a `version`; a file that is missing starts empty silently, and one
+//! that cannot be read, does not parse, has another version or names another domain starts
+//! empty with a warning.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, LazyLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::store::{Class, ClassCounts};
+use super::window::Window;
+
+/// Version written in every state file; files of other versions are ignored.
+pub const FORMAT_VERSION: i64 = 1;
+/// How often a changed state is written.
+pub const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// Largest state file that is read.
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// One domain's state file and the counters it holds.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    domain: String,
+    sets: Vec<(Class, Arc<ClassCounts>)>,
+    /// The counters' change number at the last write.
+    saved: Mutex<Option<u64>>,
+    failing: AtomicBool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileData {
+    version: i64,
+    domain: String,
+    /// Unix time of the write, in seconds.
+    saved_at: u64,
+    #[serde(default)]
+    counts: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    class: String,
+    /// The principal; absent for the domain-wide count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    principal: Option<String>,
+    hour: u64,
+    count: u64,
+}
+
+impl StateFile {
+    /// Describes the state file at `path` for `domain`'s counter sets; registers it for
+    /// [`save_all`].
+    pub fn new(path: PathBuf, domain: &str, sets: Vec<(Class, Arc<ClassCounts>)>) -> Arc<Self> {
+        let file = Arc::new(Self {
+            path,
+            domain: domain.to_owned(),
+            sets,
+            saved: Mutex::new(None),
+            failing: AtomicBool::new(false),
+        });
+        let mut all = ALL_FILES.lock();
+        all.retain(|weak| weak.strong_count() > 0);
+        all.push(Arc::downgrade(&file));
+        file
+    }
+
+    /// Returns the file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Raises the counters to the counts of `now`'s hour found in the file; returns how many
+    /// counts were taken. A missing file takes none.
+    ///
+    /// # Errors
+    ///
+    /// Says why the file was ignored; the counters are then left as they were.
+    pub fn load(&self, now: SystemTime) -> Result<usize, String> {
+        let data = match read_file(&self.path)? {
+            Some(data) => data,
+            None => return Ok(0),
+        };
+        if data.domain != self.domain {
+            return Err(format!(
+                "it holds the counts of domain {:?}; give each domain its own state_file",
+                data.domain
+            ));
+        }
+        let hour = Window::at(now).hour;
+        let mut taken = 0;
+        for entry in data.counts.iter().filter(|e| e.hour == hour) {
+            let Some(class) = Class::from_label(&entry.class) else {
+                continue;
+            };
+            if let Some((_, counts)) = self.sets.iter().find(|(c, _)| *c == class) {
+                counts.restore(entry.principal.as_deref(), hour, entry.count);
+                taken += 1;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Writes the counts of `now`'s hour if they changed since the last write; returns
+    /// whether it wrote.
+    ///
+    /// # Errors
+    ///
+    /// The I/O error of the temp file, its sync or the rename; the previous file stays.
+    pub fn save(&self, now: SystemTime) -> std::io::Result<bool> {
+        let mut saved = self.saved.lock();
+        let changes = self.changes();
+        if *saved == Some(changes) {
+            return Ok(false);
+        }
+        let text = self.render(now)?;
+        write_atomically(&self.path, text.as_bytes())?;
+        *saved = Some(changes);
+        Ok(true)
+    }
+
+    /// Runs [`Self::save`] and logs the first failure and the recovery.
+    pub fn save_logged(&self, now: SystemTime) {
+        match self.save(now) {
+            Ok(_) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    info!(file = %self.path.display(), "quota state file written again");
+                }
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!(file = %self.path.display(), error = %e,
+                        "cannot write the quota state file; counts are kept in memory only");
+                }
+            }
+        }
+    }
+
+    fn changes(&self) -> u64 {
+        self.sets
+            .iter()
+            .fold(0u64, |sum, (_, counts)| sum.wrapping_add(counts.changes()))
+    }
+
+    fn render(&self, now: SystemTime) -> std::io::Result<String> {
+        let hour = Window::at(now).hour;
+        let mut counts = Vec::new();
+        for (class, set) in &self.sets {
+            counts.extend(
+                set.snapshot(hour)
+                    .into_iter()
+                    .map(|(principal, count)| Entry {
+                        class: class.label().to_owned(),
+                        principal,
+                        hour,
+                        count,
+                    }),
+            );
+        }
+        let data = FileData {
+            version: FORMAT_VERSION,
+            domain: self.domain.clone(),
+            saved_at: now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            counts,
+        };
+        toml::to_string(&data).map_err(std::io::Error::other)
+    }
+}
+
+/// Writes every live state file whose counts changed; for a graceful shutdown.
+pub fn save_all(now: SystemTime) {
+    let files: Vec<Arc<StateFile>> = ALL_FILES.lock().iter().filter_map(Weak::upgrade).collect();
+    for file in files {
+        file.save_logged(now);
+    }
+}
+
+static ALL_FILES: LazyLock<Mutex<Vec<Weak<StateFile>>>> = LazyLock::new(Mutex::default);
+
+/// Writes a state file every [`SAVE_EVERY`] on its own thread, and once more when dropped.
+#[derive(Debug)]
+pub struct Saver {
+    file: Arc<StateFile>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Saver {
+    /// Starts the thread. If it cannot start, the file is still written on drop.
+    pub fn start(file: Arc<StateFile>) -> Self {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let for_thread = Arc::clone(&file);
+        let thread = std::thread::Builder::new()
+            .name("quota-state".into())
+            .spawn(move || loop {
+                let last = !matches!(
+                    stopped.recv_timeout(SAVE_EVERY),
+                    Err(RecvTimeoutError::Timeout)
+                );
+                for_thread.save_logged(SystemTime::now());
+                if last {
+                    return;
+                }
+            });
+        match thread {
+            Ok(thread) => Self {
+                file,
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                warn!(file = %file.path.display(), error = %e,
+                    "cannot start the quota state writer; the file is written only on reload");
+                Self {
+                    file,
+                    stop: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        match self.thread.take() {
+            Some(thread) => {
+                if thread.join().is_err() {
+                    warn!(file = %self.file.path.display(), "the quota state writer panicked");
+                }
+            }
+            None => self.file.save_logged(SystemTime::now()),
+        }
+    }
+}
+
+/// Reads and checks a state file; `Ok(None)` when there is none.
+fn read_file(path: &Path) -> Result<Option<FileData>, String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read it: {e}")),
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!("it is larger than {MAX_FILE_BYTES} bytes"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("it is not valid TOML: {}", e.message()))?;
+    match table.get("version").and_then(toml::Value::as_integer) {
+        Some(FORMAT_VERSION) => {}
+        Some(other) => {
+            return Err(format!(
+                "it has format version {other}; this gateway reads version {FORMAT_VERSION}"
+            ))
+        }
+        None => return Err("it has no integer `version`".into()),
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map(Some)
+        .map_err(|e: toml::de::Error| format!("it does not hold quota counts: {}", e.message()))
+}
+
+/// Writes `bytes` to a temp file next to `path`, syncs it and renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map_or_else(
+        || "quota-state".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let temp = path.with_file_name(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+        return result;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The rename is durable once the directory is synced; a failure here loses nothing
+        // that the next write would not write again.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}

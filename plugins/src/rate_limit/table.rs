@@ -1,0 +1,420 @@
+//! The counters of one domain: a GCRA bucket per principal and in-flight requests per client IP.
+//!
+//! The generic cell rate algorithm keeps one instant per principal, its *theoretical arrival
+//! time* (TAT): when the principal's bucket would be full again. A request at `now` is allowed
+//! when `max(TAT, now) + interval` lies at most `burst * interval` after `now`, and then becomes
+//! the new TAT. This is a token bucket of `burst` tokens refilled at one per `interval`, kept
+//! exact with a single number.
+//!
+//! Tables live in a process-wide registry keyed by domain id, so a plugin rebuilt for the same
+//! domain (a config reload) keeps every count. Both maps are split into shards, each behind its
+//! own mutex, so concurrent requests from different clients rarely wait for each other.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::limits::BudgetState;
+
+/// The owner of a rate budget.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// A user that an authentication plugin accepted.
+    User(String),
+    /// The client IP of an anonymous request.
+    Ip(IpAddr),
+}
+
+/// The rate of one budget: `burst` requests at once, refilled at one per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Time to refill one request; at least 1 ns.
+    pub interval: Duration,
+    /// Requests allowed at once from a full bucket; at least 1.
+    pub burst: u32,
+}
+
+/// The outcome of [`ClientTable::check_rate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    /// The request passes; the state is what the budget has left after it.
+    Allow(BudgetState),
+    /// The bucket is empty; a request passes again after `retry_after` (rounded up to seconds).
+    Reject {
+        state: BudgetState,
+        retry_after_secs: u64,
+    },
+}
+
+/// The counters of one domain.
+pub struct ClientTable {
+    /// Instants are kept as offsets from this one, so arithmetic cannot overflow an `Instant`.
+    epoch: Instant,
+    hasher: RandomState,
+    buckets: [Mutex<BucketShard>; SHARDS],
+    in_flight: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+}
+
+/// A held place among a client IP's concurrent requests; the last clone to drop gives it back.
+#[derive(Clone)]
+pub struct ConcurrencySlot(Arc<Slot>);
+
+/// Returns the table of `domain`, creating it on first use. Every call for the same domain id
+/// returns the same table for the life of the process.
+pub fn shared_table(domain: &str) -> Arc<ClientTable> {
+    static TABLES: LazyLock<Mutex<HashMap<String, Arc<ClientTable>>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let mut tables = TABLES.lock();
+    Arc::clone(
+        tables
+            .entry(domain.to_string())
+            .or_insert_with(|| Arc::new(ClientTable::new())),
+    )
+}
+
+impl ClientTable {
+    /// Builds an empty table. Instants passed to it later should not be earlier than this
+    /// call; an earlier instant counts as the moment of this call.
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            hasher: RandomState::new(),
+            buckets: std::array::from_fn(|_| Mutex::new(BucketShard::default())),
+            in_flight: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Counts a request of `principal` at `now` against `rate` and returns whether it passes.
+    ///
+    /// A rejected request does not use up anything. `RateLimit-Limit` is the burst,
+    /// `RateLimit-Remaining` the whole requests left, and `RateLimit-Reset` the seconds until
+    /// the bucket is full (allowed) or until the next request passes (rejected).
+    pub fn check_rate(&self, principal: &Principal, rate: Rate, now: Instant) -> RateDecision {
+        let now = now.saturating_duration_since(self.epoch);
+        let interval = rate.interval.max(Duration::from_nanos(1));
+        let burst = rate.burst.max(1);
+        let window = interval.saturating_mul(burst);
+
+        let mut shard = self.buckets[self.shard(principal)].lock();
+        shard.prune(now);
+        let tat = shard.tats.get(principal).map_or(now, |tat| (*tat).max(now));
+        let next = tat.saturating_add(interval);
+        let used = next.saturating_sub(now);
+
+        if used > window {
+            let wait = ceil_secs(used - window);
+            let state = BudgetState {
+                limit: burst.into(),
+                remaining: 0,
+                reset_secs: wait,
+            };
+            return RateDecision::Reject {
+                state,
+                retry_after_secs: wait,
+            };
+        }
+
+        match shard.tats.get_mut(principal) {
+            Some(tat) => *tat = next,
+            None => {
+                shard.tats.insert(principal.clone(), next);
+            }
+        }
+        let remaining = (window - used).as_nanos() / interval.as_nanos();
+        RateDecision::Allow(BudgetState {
+            limit: burst.into(),
+            remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
+            reset_secs: ceil_secs(used),
+        })
+    }
+
+    /// Takes one of `max` places for concurrent requests from `ip`; `None` when all are held.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<ConcurrencySlot> {
+        let mut counts = self.in_flight[self.shard(&ip)].lock();
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(ConcurrencySlot(Arc::new(Slot {
+            table: Arc::clone(self),
+            ip,
+        })))
+    }
+
+    /// Returns how many requests from `ip` hold a concurrency place now.
+    pub fn in_flight(&self, ip: IpAddr) -> u32 {
+        let counts = self.in_flight[self.shard(&ip)].lock();
+        counts.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Returns how many principals have a bucket that is not full, pruning first when due.
+    pub fn tracked(&self, now: Instant) -> usize {
+        let now = now.saturating_duration_since(self.epoch);
+        self.buckets
+            .iter()
+            .map(|shard| {
+                let mut shard = shard.lock();
+                shard.prune(now);
+                shard.tats.len()
+            })
+            .sum()
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self.in_flight[self.shard(&ip)].lock();
+        if let Some(count) = counts.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+
+    fn shard(&self, key: &impl Hash) -> usize {
+        // The remainder is below SHARDS, so it fits in usize.
+        (self.hasher.hash_one(key) % SHARDS as u64) as usize
+    }
+}
+
+impl Default for ClientTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ClientTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTable")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConcurrencySlot {
+    /// Returns the client IP the place is held for.
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip
+    }
+}
+
+impl fmt::Debug for ConcurrencySlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ConcurrencySlot").field(&self.0.ip).finish()
+    }
+}
+
+/// Number of shards of each map.
+const SHARDS: usize = 16;
+
+/// How often a shard drops the buckets that are full again.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// Buckets of one shard: each principal's TAT as an offset from the table's epoch.
+#[derive(Default)]
+struct BucketShard {
+    tats: HashMap<Principal, Duration>,
+    next_prune: Duration,
+}
+
+impl BucketShard {
+    /// Drops every bucket that is full at `now`, at most once per [`PRUNE_EVERY`]. A full
+    /// bucket is the same as no bucket, so pruning never changes a decision.
+    fn prune(&mut self, now: Duration) {
+        if now < self.next_prune {
+            return;
+        }
+        self.tats.retain(|_, tat| *tat > now);
+        self.next_prune = now.saturating_add(PRUNE_EVERY);
+    }
+}
+
+struct Slot {
+    table: Arc<ClientTable>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table.release(self.ip);
+    }
+}
+
+/// Rounds a duration up to whole seconds.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn per_sec(rate: f64, burst: u32) -> Rate {
+        Rate {
+            interval: Duration::from_secs_f64(1.0 / rate),
+            burst,
+        }
+    }
+
+    fn ip(text: &str) -> Principal {
+        Principal::Ip(text.parse().expect("test IP"))
+    }
+
+    fn allowed(decision: RateDecision) -> Option<BudgetState> {
+        match decision {
+            RateDecision::Allow(state) => Some(state),
+            RateDecision::Reject { .. } => None,
+        }
+    }
+
+    fn retry_after(decision: RateDecision) -> Option<u64> {
+        match decision {
+            RateDecision::Allow(_) => None,
+            RateDecision::Reject {
+                retry_after_secs, ..
+            } => Some(retry_after_secs),
+        }
+    }
+
+    #[test]
+    fn rate_allows_burst_then_rejects() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(1.0, 3);
+        let a = ip("192.0.2.1");
+        let remaining: Vec<_> = (0..3)
+            .map(|_| allowed(table.check_rate(&a, rate, t0)).map(|s| s.remaining))
+            .collect();
+        assert_eq!(remaining, [Some(2), Some(1), Some(0)]);
+        assert_eq!(retry_after(table.check_rate(&a, rate, t0)), Some(1));
+    }
+
+    #[test]
+    fn rate_reports_limit_and_reset() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(0.5, 2);
+        let first = allowed(table.check_rate(&ip("192.0.2.1"), rate, t0));
+        let expected = BudgetState {
+            limit: 2,
+            remaining: 1,
+            reset_secs: 2,
+        };
+        assert_eq!(first, Some(expected));
+    }
+
+    #[test]
+    fn rate_refills_one_token_per_interval() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(0.5, 1);
+        let a = ip("192.0.2.1");
+        assert!(allowed(table.check_rate(&a, rate, t0)).is_some());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(retry_after(table.check_rate(&a, rate, at(500))), Some(2));
+        assert_eq!(retry_after(table.check_rate(&a, rate, at(1_000))), Some(1));
+        assert_eq!(retry_after(table.check_rate(&a, rate, at(1_999))), Some(1));
+        assert!(allowed(table.check_rate(&a, rate, at(2_000))).is_some());
+        assert_eq!(retry_after(table.check_rate(&a, rate, at(2_000))), Some(2));
+    }
+
+    #[test]
+    fn rate_rejection_uses_nothing() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(1.0, 1);
+        let a = ip("192.0.2.1");
+        assert!(allowed(table.check_rate(&a, rate, t0)).is_some());
+        for _ in 0..5 {
+            assert!(allowed(table.check_rate(&a, rate, t0)).is_none());
+        }
+        let later = t0 + Duration::from_secs(1);
+        assert!(allowed(table.check_rate(&a, rate, later)).is_some());
+    }
+
+    #[test]
+    fn rate_separates_principals() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(1.0, 1);
+        assert!(allowed(table.check_rate(&ip("192.0.2.1"), rate, t0)).is_some());
+        assert!(allowed(table.check_rate(&ip("192.0.2.2"), rate, t0)).is_some());
+        let user = Principal::User("mirror".into());
+        assert!(allowed(table.check_rate(&user, rate, t0)).is_some());
+        assert!(allowed(table.check_rate(&ip("192.0.2.1"), rate, t0)).is_none());
+    }
+
+    #[test]
+    fn rate_full_bucket_after_idle() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(10.0, 5);
+        let a = ip("192.0.2.1");
+        for _ in 0..5 {
+            table.check_rate(&a, rate, t0);
+        }
+        let later = t0 + Duration::from_secs(3600);
+        let state = allowed(table.check_rate(&a, rate, later));
+        assert_eq!(state.map(|s| s.remaining), Some(4));
+    }
+
+    #[test]
+    fn prune_drops_full_buckets() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let rate = per_sec(1.0, 2);
+        for n in 0..50u8 {
+            table.check_rate(&ip(&format!("192.0.2.{n}")), rate, t0);
+        }
+        assert_eq!(table.tracked(t0), 50);
+        assert_eq!(table.tracked(t0 + Duration::from_secs(60)), 0);
+    }
+
+    #[test]
+    fn acquire_caps_and_releases() {
+        let table = Arc::new(ClientTable::new());
+        let addr: IpAddr = "192.0.2.1".parse().expect("test IP");
+        let first = table.acquire(addr, 2);
+        let second = table.acquire(addr, 2);
+        assert!(first.is_some());
+        assert!(second.is_some());
+        assert!(table.acquire(addr, 2).is_none());
+        assert_eq!(table.in_flight(addr), 2);
+        drop(first);
+        assert_eq!(table.in_flight(addr), 1);
+        assert!(table.acquire(addr, 2).is_some());
+    }
+
+    #[test]
+    fn slot_clones_release_once() {
+        let table = Arc::new(ClientTable::new());
+        let addr: IpAddr = "192.0.2.1".parse().expect("test IP");
+        let other = table.acquire(addr, 5);
+        let slot = table.acquire(addr, 5).expect("free place");
+        let copy = slot.clone();
+        drop(slot);
+        assert_eq!(table.in_flight(addr), 2);
+        drop(copy);
+        assert_eq!(table.in_flight(addr), 1);
+        drop(other);
+        assert_eq!(table.in_flight(addr), 0);
+    }
+
+    #[test]
+    fn shared_table_is_per_domain() {
+        let a = shared_table("table-test-a");
+        let again = shared_table("table-test-a");
+        let b = shared_table("table-test-b");
+        assert!(Arc::ptr_eq(&a, &again));
+        assert!(!Arc::ptr_eq(&a, &b));
+    }
+}

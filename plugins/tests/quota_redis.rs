@@ -1,0 +1,267 @@
+//! The `quota` plugin against a real `redis-server`: budgets shared by two replicas, and what
+//! happens when Redis stops and comes back.
+//!
+//! Each test starts its own `redis-server` (Debian package `redis-server`) on a free loopback
+//! port, without persistence, and kills it by PID at the end. Without `redis-server` on the
+//! PATH the tests fail, as CI installs it.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, Method};
+use mirror_plugins::quota::{QuotaPlugin, Registry};
+use mirror_plugins::{BuildContext, RequestInfo, RequestState, Verdict};
+
+const INDEX: &str = "/concelier/exports/index.json";
+
+/// A `redis-server` child process on a loopback port.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    fn start() -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers PING.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); install the Debian package redis-server \
+                     (scripts/setup-debian.sh does): these tests need a real Redis"
+                )
+            });
+        self.child = Some(child);
+        wait_for_pong(self.port);
+    }
+
+    /// Kills the server by PID and waits for it to exit.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Waits up to 10 s for `+PONG` on `port`.
+fn wait_for_pong(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if ping(port) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis-server on port {port} did not answer PING within 10 s");
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// Builds a replica: a plugin with its own local counts, as another gateway process has.
+fn replica(server: &RedisServer, budget: u64, mode: &str) -> Arc<QuotaPlugin> {
+    let text = format!(
+        "index_per_hour = {budget}\ndownload_per_hour = {budget}\n\
+         [redis]\nurl = \"{}\"\nkey_prefix = \"test\"\ntimeout_ms = 2000\nfailure_mode = \"{mode}\"",
+        server.url()
+    );
+    let settings = toml::Value::Table(text.parse().expect("valid TOML"));
+    let ctx = BuildContext {
+        domain: "primary",
+        config_dir: Path::new("/"),
+    };
+    match QuotaPlugin::with_registry(settings, &ctx, &Registry::new()) {
+        Ok(plugin) => Arc::new(plugin),
+        Err(errors) => panic!("settings rejected: {errors:?}"),
+    }
+}
+
+/// Sends one index request as `user`; returns the status (200 when let through) and body.
+async fn send(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (u16, String) {
+    let headers = HeaderMap::new();
+    let mut state = RequestState {
+        user: Some(user.to_owned()),
+        ..RequestState::default()
+    };
+    let req = RequestInfo {
+        domain: "primary",
+        method: &Method::GET,
+        path: INDEX,
+        query: None,
+        headers: &headers,
+        client_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    };
+    match plugin.check_at(&req, &mut state, now).await {
+        Verdict::Continue => (200, String::new()),
+        Verdict::Respond(local) => (
+            local.status.as_u16(),
+            String::from_utf8_lossy(&local.body).into_owned(),
+        ),
+    }
+}
+
+async fn statuses(plugin: &QuotaPlugin, user: &str, n: usize, now: SystemTime) -> Vec<u16> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(send(plugin, user, now).await.0);
+    }
+    out
+}
+
+/// Sends `n` concurrent requests as `user`, alternating between the replicas; returns how
+/// many were let through.
+async fn passed_together(replicas: &[Arc<QuotaPlugin>], user: &str, n: usize) -> usize {
+    let now = SystemTime::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let plugin = Arc::clone(&replicas[i % replicas.len()]);
+            let user = user.to_owned();
+            tokio::spawn(async move { send(&plugin, &user, now).await.0 == 200 })
+        })
+        .collect();
+    let mut passed = 0;
+    for task in tasks {
+        passed += usize::from(task.await.expect("task runs"));
+    }
+    passed
+}
+
+/// Sends requests as a throw-away user through each replica until each counts in Redis
+/// again; panics after 15 s.
+async fn wait_until_shared(replicas: &[Arc<QuotaPlugin>]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for plugin in replicas {
+        while plugin.redis_available() != Some(true) {
+            assert!(
+                Instant::now() < deadline,
+                "replica did not go back to Redis"
+            );
+            send(plugin, "probe", SystemTime::now()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn replicas_share_budget_exactly() {
+    let server = RedisServer::start();
+    let replicas = [
+        replica(&server, 100, "fail_open"),
+        replica(&server, 100, "fail_open"),
+    ];
+    assert_eq!(passed_together(&replicas, "alice", 300).await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_see_each_others_counts() {
+    let server = RedisServer::start();
+    let (a, b) = (
+        replica(&server, 3, "fail_open"),
+        replica(&server, 3, "fail_open"),
+    );
+    let now = SystemTime::now();
+    statuses(&a, "alice", 3, now).await;
+    assert_eq!(statuses(&b, "alice", 1, now).await, [429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stopped_fail_open_counts_locally() {
+    let mut server = RedisServer::start();
+    let plugin = replica(&server, 10, "fail_open");
+    let now = SystemTime::now();
+    assert_eq!(statuses(&plugin, "alice", 4, now).await, [200; 4]);
+    server.stop();
+    let after = statuses(&plugin, "alice", 7, now).await;
+    assert_eq!(after, [200, 200, 200, 200, 200, 200, 429]);
+    assert_eq!(plugin.redis_available(), Some(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stopped_fail_closed_rejects() {
+    let mut server = RedisServer::start();
+    let plugin = replica(&server, 10, "fail_closed");
+    let now = SystemTime::now();
+    assert_eq!(send(&plugin, "alice", now).await.0, 200);
+    server.stop();
+    let (status, body) = send(&plugin, "alice", now).await;
+    assert_eq!(status, 429);
+    assert!(body.contains("budget store is unavailable"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn redis_restarted_shares_counts_again() {
+    let mut server = RedisServer::start();
+    let replicas = [
+        replica(&server, 100, "fail_open"),
+        replica(&server, 100, "fail_open"),
+    ];
+    let now = SystemTime::now();
+    send(&replicas[0], "alice", now).await;
+    server.stop();
+    send(&replicas[0], "alice", now).await;
+    send(&replicas[1], "alice", now).await;
+    server.restart();
+    wait_until_shared(&replicas).await;
+    assert_eq!(passed_together(&replicas, "carol", 300).await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarted_fail_closed_lets_requests_through() {
+    let mut server = RedisServer::start();
+    let plugin = replica(&server, 10, "fail_closed");
+    send(&plugin, "alice", SystemTime::now()).await;
+    server.stop();
+    let (down, _) = send(&plugin, "alice", SystemTime::now()).await;
+    server.restart();
+    wait_until_shared(std::slice::from_ref(&plugin)).await;
+    let (up, _) = send(&plugin, "alice", SystemTime::now()).await;
+    assert_eq!((down, up), (429, 200));
+}

@@ -1,0 +1,191 @@
+//! The admin listener: cache statistics and purges, on its own address with its own users.
+//!
+//! Off unless `[admin] listen` is set. Every request needs Basic Auth from the admin htpasswd
+//! file; there is no unauthenticated endpoint. Endpoints:
+//!
+//! | method and path | what it does |
+//! |---|---|
+//! | `GET /cache/stats` | the cache tiers' counters as JSON |
+//! | `POST /cache/purge?domain=D&path=P` | removes path `P` of domain `D` (every query and export; add `&query=Q` for one query) |
+//! | `POST /cache/purge?domain=D&prefix=P` | removes every path of `D` starting with `P` |
+//! | `POST /cache/purge?domain=D` | removes everything stored for `D` |
+//!
+//! Purges answer `{"purged": N}` with the number of stored responses removed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use mirror_plugins::htpasswd::Htpasswd;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::cache::{PurgeScope, TierSnapshot};
+use crate::gateway::GatewayState;
+
+/// The admin HTTP application.
+pub struct AdminApp {
+    state: Arc<GatewayState>,
+    users: Arc<Htpasswd>,
+}
+
+impl AdminApp {
+    /// Serves the admin API for `state`, to the users of `users`.
+    pub fn new(state: Arc<GatewayState>, users: Arc<Htpasswd>) -> Self {
+        Self { state, users }
+    }
+
+    async fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> (StatusCode, String) {
+        match (method, path) {
+            (&Method::GET, "/cache/stats") => {
+                (StatusCode::OK, stats_json(&self.state.cache.memory_stats()))
+            }
+            (&Method::POST, "/cache/purge") => match self.purge_scope(query) {
+                Ok(scope) => {
+                    let purged = self.state.cache.purge(&scope);
+                    tracing::info!(?scope, purged, "cache purge");
+                    (StatusCode::OK, format!("{{\"purged\":{purged}}}\n"))
+                }
+                Err((status, message)) => (status, error_json(&message)),
+            },
+            (_, "/cache/stats" | "/cache/purge") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_json("use GET for /cache/stats and POST for /cache/purge"),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                error_json("unknown endpoint; see /cache/stats and /cache/purge"),
+            ),
+        }
+    }
+
+    fn purge_scope(&self, query: Option<&str>) -> Result<PurgeScope, (StatusCode, String)> {
+        let params = parse_query(query.unwrap_or(""));
+        let bad = |message: String| (StatusCode::BAD_REQUEST, message);
+        let domain = params
+            .get("domain")
+            .ok_or_else(|| bad("missing the `domain` parameter".into()))?
+            .clone();
+        if !self.state.domains.iter().any(|d| d.config.id == domain) {
+            return Err((StatusCode::NOT_FOUND, format!("no domain {domain:?}")));
+        }
+        let normalise = |name: &str, value: &str| {
+            crate::path::normalize(value)
+                .map_err(|e| bad(format!("invalid `{name}` {value:?}: {e}")))
+        };
+        match (params.get("path"), params.get("prefix")) {
+            (Some(_), Some(_)) => Err(bad("give `path` or `prefix`, not both".into())),
+            (Some(path), None) => Ok(PurgeScope::Url {
+                domain,
+                path: normalise("path", path)?,
+                query: params.get("query").cloned(),
+            }),
+            (None, Some(prefix)) => Ok(PurgeScope::Prefix {
+                domain,
+                prefix: normalise("prefix", prefix)?,
+            }),
+            (None, None) => Ok(PurgeScope::Domain(domain)),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let (status, body) = match self.users.authenticate(&req.headers, Instant::now()).await {
+            Some(_) => {
+                let (method, path, query) = (
+                    req.method.clone(),
+                    req.uri.path().to_string(),
+                    req.uri.query().map(str::to_owned),
+                );
+                self.handle(&method, &path, query.as_deref()).await
+            }
+            None => (
+                StatusCode::UNAUTHORIZED,
+                error_json("valid admin credentials are required"),
+            ),
+        };
+        let mut builder = Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CACHE_CONTROL, "no-store")
+            .header(http::header::CONTENT_LENGTH, body.len());
+        if status == StatusCode::UNAUTHORIZED {
+            builder = builder.header(
+                http::header::WWW_AUTHENTICATE,
+                "Basic realm=\"mirror-gateway admin\", charset=\"UTF-8\"",
+            );
+        }
+        builder
+            .body(body.into_bytes())
+            .unwrap_or_else(|_| Response::new(Vec::new()))
+    }
+}
+
+fn stats_json(memory: &TierSnapshot) -> String {
+    format!(
+        "{{\"memory\":{{\"entries\":{},\"bytes\":{},\"hits\":{},\"misses\":{},\"evictions\":{},\"write_errors\":{}}}}}\n",
+        memory.entries, memory.bytes, memory.hits, memory.misses, memory.evictions, memory.write_errors
+    )
+}
+
+fn error_json(message: &str) -> String {
+    let escaped: String = message
+        .chars()
+        .flat_map(|c| match c {
+            '"' => vec!['\\', '"'],
+            '\\' => vec!['\\', '\\'],
+            c if c.is_control() => vec![' '],
+            c => vec![c],
+        })
+        .collect();
+    format!("{{\"error\":\"{escaped}\"}}\n")
+}
+
+/// Parses `a=1&b=2`, percent-decoding names and values; later duplicates win.
+fn parse_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8()
+                    .ok()
+                    .map(|v| v.into_owned())
+            };
+            Some((decode(name)?, decode(value)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decodes_values() {
+        let params = parse_query("domain=primary&path=%2Fconcelier%2Fexports%2Findex.json&x");
+        assert_eq!(params["domain"], "primary");
+        assert_eq!(params["path"], "/concelier/exports/index.json");
+        assert_eq!(params["x"], "");
+    }
+
+    #[test]
+    fn error_json_escapes_quotes() {
+        assert_eq!(
+            error_json("no domain \"x\""),
+            "{\"error\":\"no domain \\\"x\\\"\"}\n"
+        );
+    }
+}

@@ -1,0 +1,529 @@
+//! The disk tier: complete responses streamed to and from files, bounded in bytes.
+//!
+//! # Layout
+//!
+//! `<dir>/FORMAT` names the directory format; `<dir>/tmp/` holds fills in progress;
+//! `<dir>/ab/cd/<32 hex digits>` holds one published entry per combined cache key (primary
+//! hash plus variance), in the format of [`format`](self::format): a header with the key data,
+//! the serialized `CacheMeta` and checksums, then the body.
+//!
+//! # Crash safety and sharing
+//!
+//! A fill is written to a temp file, checksummed, fsynced and renamed into place, so readers
+//! (in this process or in another one sharing the directory during an upgrade) see a complete
+//! old entry or a complete new one. `update_meta` rewrites the header in place when the new
+//! meta fits the room left after the old one; the header carries its own checksum, readers
+//! retry a header that does not check out, and a header torn by a crash is found and deleted.
+//! Otherwise it copies the entry to a temp file and renames it. A body checksum is verified
+//! whenever a whole body is read; a mismatch is an error before the last chunk, so a corrupt
+//! body is never served as complete.
+//!
+//! # Eviction
+//!
+//! The tier enforces its byte budget itself instead of relying on Pingora's eviction manager:
+//! its index (rebuilt by scanning the directory at [`DiskStorage::open`]) keeps every entry in
+//! least-recently-used order, and each publish evicts the least recently used entries until
+//! the total size of the entry files (headers included) is within the budget. The budget
+//! therefore holds from the first request after a restart, with no eviction state to load or
+//! save. Recency survives a restart through file mtimes, set when an entry is written and
+//! touched at most once a minute when it is read. Give Pingora no eviction manager for this
+//! tier, or one whose limit is not smaller than this budget (its purges are honoured).
+//! Expired entries are not deleted by eviction alone: call [`DiskStorage::sweep_expired`]
+//! periodically.
+//!
+//! Two processes sharing the directory each keep their own index: while both run, the
+//! directory can hold up to twice the budget. Entries written by the other process are
+//! adopted when read.
+
+mod files;
+mod format;
+mod hit;
+mod index;
+mod miss;
+mod ops;
+mod scan;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use pingora::cache::key::{CompactCacheKey, HashBinary};
+
+use self::files::LogLimiter;
+use self::format::{from_unix_secs, unix_secs};
+use self::index::{Index, Slot};
+use super::TierSnapshot;
+
+/// Number of lock stripes that order in-place header rewrites against header reads.
+const STRIPES: usize = 64;
+/// Shortest time between two logged write errors.
+const WRITE_ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Why a cache directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk cache: cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "disk cache: {} holds {found:?}, this build writes {expected:?}; \
+         empty the directory or choose another one",
+        path.display()
+    )]
+    Format {
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
+    #[error(
+        "disk cache: {} is not empty and has no FORMAT file; refusing to use it as a cache \
+         (its files would be deleted): choose an empty or new directory",
+        .0.display()
+    )]
+    NotACache(PathBuf),
+    #[error("disk cache: {0}")]
+    Config(String),
+    #[error("disk cache: a scan thread panicked while reading the directory")]
+    ScanPanicked,
+}
+
+impl DiskError {
+    fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The counters of the disk tier at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskSnapshot {
+    /// Published entries.
+    pub entries: u64,
+    /// Total size of the entry files, headers included.
+    pub bytes: u64,
+    pub budget_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Entries removed to stay within the budget, or purged for eviction.
+    pub evictions: u64,
+    /// Entries removed by [`DiskStorage::sweep_expired`].
+    pub expired: u64,
+    /// Fills that failed: I/O errors (disk full, ...) and objects over the size limit.
+    pub write_errors: u64,
+    /// Torn, truncated or corrupt entries found and deleted (at open or when read).
+    pub corrupt_entries: u64,
+}
+
+impl DiskSnapshot {
+    /// Returns the counters shared by every tier.
+    pub fn tier(&self) -> TierSnapshot {
+        TierSnapshot {
+            entries: self.entries,
+            bytes: self.bytes,
+            hits: self.hits,
+            misses: self.misses,
+            evictions: self.evictions,
+            write_errors: self.write_errors,
+        }
+    }
+}
+
+/// What [`DiskStorage::open`] found in the directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    pub entries: u64,
+    pub bytes: u64,
+    pub corrupt_removed: u64,
+    pub temp_removed: u64,
+    /// Entries evicted because the directory held more than the budget.
+    pub evicted: u64,
+    pub elapsed: Duration,
+}
+
+/// One published entry, as listed by [`DiskStorage::entries`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub key: CompactCacheKey,
+    /// The primary key bytes given to `CacheKey::new`.
+    pub primary: Vec<u8>,
+    /// Size of the entry file, header included.
+    pub size: u64,
+    /// When the entry is past its freshness and stale windows.
+    pub stale_until: SystemTime,
+}
+
+/// What a purge or sweep removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// The keys of the removed entries (for an eviction manager that tracks them).
+    pub keys: Vec<CompactCacheKey>,
+    /// Total size of the removed entry files.
+    pub bytes: u64,
+}
+
+/// The disk tier. Implements Pingora's `Storage`; see the module documentation.
+pub struct DiskStorage {
+    root: PathBuf,
+    tmp: PathBuf,
+    budget: u64,
+    max_object: u64,
+    index: Mutex<Index>,
+    stripes: Vec<RwLock<()>>,
+    counters: Counters,
+    write_log: LogLimiter,
+    scan: ScanReport,
+    next_write: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    expired: AtomicU64,
+    write_errors: AtomicU64,
+    corrupt: AtomicU64,
+}
+
+impl DiskStorage {
+    /// Opens (or creates, mode 0700) a cache directory and rebuilds the index by scanning it.
+    ///
+    /// `budget_bytes` bounds the total size of the entry files; `max_object_bytes` bounds one
+    /// body and must not exceed the budget. Deletes orphaned temp files and corrupt entries, and
+    /// evicts the least recently used entries if the directory holds more than the budget.
+    /// Blocks while scanning: call it before serving, or from a blocking thread.
+    pub fn open(dir: &Path, budget_bytes: u64, max_object_bytes: u64) -> Result<Self, DiskError> {
+        check_limits(budget_bytes, max_object_bytes)?;
+        let started = Instant::now();
+        files::create_private_dir(dir).map_err(|e| DiskError::io("create", dir, e))?;
+        scan::check_format(dir)?;
+        let tmp = dir.join("tmp");
+        files::create_private_dir(&tmp).map_err(|e| DiskError::io("create", &tmp, e))?;
+        let temp_removed = scan::clean_temp(&tmp)?;
+        let found = scan::scan_entries(dir)?;
+        let mut storage = Self {
+            root: dir.to_path_buf(),
+            tmp,
+            budget: budget_bytes,
+            max_object: max_object_bytes,
+            index: Mutex::new(Index::default()),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            counters: Counters::default(),
+            write_log: LogLimiter::new(WRITE_ERROR_LOG_PERIOD),
+            scan: ScanReport::default(),
+            next_write: AtomicU64::new(0),
+        };
+        storage
+            .counters
+            .corrupt
+            .store(found.corrupt, Ordering::Relaxed);
+        let evicted = storage.load_index(found.found);
+        let (entries, bytes) = {
+            let index = storage.index.lock();
+            (index.len() as u64, index.bytes())
+        };
+        storage.scan = ScanReport {
+            entries,
+            bytes,
+            corrupt_removed: found.corrupt,
+            temp_removed,
+            evicted,
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(dir = %dir.display(), report = ?storage.scan, "disk cache: opened");
+        Ok(storage)
+    }
+
+    /// Returns the directory the tier lives in.
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// Returns what the scan at open found.
+    pub fn scan_report(&self) -> ScanReport {
+        self.scan
+    }
+
+    /// Returns the tier's counters.
+    pub fn stats(&self) -> DiskSnapshot {
+        let (entries, bytes) = {
+            let index = self.index.lock();
+            (index.len() as u64, index.bytes())
+        };
+        let c = &self.counters;
+        DiskSnapshot {
+            entries,
+            bytes,
+            budget_bytes: self.budget,
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+            corrupt_entries: c.corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Lists the published entries, least recently used first.
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        let index = self.index.lock();
+        index
+            .iter_lru()
+            .map(|(_, slot)| EntryInfo {
+                key: slot.key.compact(),
+                primary: slot.key.primary.to_vec(),
+                size: slot.size(),
+                stale_until: from_unix_secs(slot.stale_until),
+            })
+            .collect()
+    }
+
+    /// Deletes every entry whose cache key carries `user_tag` (the domain).
+    ///
+    /// Blocks on file deletions: call it from a blocking thread when many entries may match.
+    pub fn purge_domain(&self, user_tag: &str) -> PurgeReport {
+        let names = self.index.lock().select(|s| &*s.key.user_tag == user_tag);
+        self.remove_names(&names)
+    }
+
+    /// Deletes every entry of `user_tag` whose primary key starts with `primary_prefix`.
+    ///
+    /// Blocks on file deletions, like [`Self::purge_domain`].
+    pub fn purge_prefix(&self, user_tag: &str, primary_prefix: &[u8]) -> PurgeReport {
+        let names = self
+            .index
+            .lock()
+            .select(|s| &*s.key.user_tag == user_tag && s.key.primary.starts_with(primary_prefix));
+        self.remove_names(&names)
+    }
+
+    /// Deletes every entry for which `matches(user_tag, primary_key)` is true.
+    ///
+    /// Takes the same predicate as the memory tier's `purge_matching`. Blocks on file
+    /// deletions, like [`Self::purge_domain`].
+    pub fn purge_matching(&self, matches: impl Fn(&str, &[u8]) -> bool) -> PurgeReport {
+        let names = self
+            .index
+            .lock()
+            .select(|slot| matches(&slot.key.user_tag, &slot.key.primary));
+        self.remove_names(&names)
+    }
+
+    /// Deletes entries whose stale windows ended more than `keep_stale_for` before `now`.
+    ///
+    /// Eviction only removes entries when space is needed; this removes entries that can no
+    /// longer be served or revalidated usefully. Blocks on file deletions.
+    pub fn sweep_expired(&self, now: SystemTime, keep_stale_for: Duration) -> PurgeReport {
+        let limit = unix_secs(now).saturating_sub(keep_stale_for.as_secs());
+        let names = self.index.lock().select(|slot| slot.stale_until < limit);
+        let report = self.remove_names(&names);
+        self.counters
+            .expired
+            .fetch_add(report.keys.len() as u64, Ordering::Relaxed);
+        report
+    }
+
+    fn load_index(&mut self, mut found: Vec<scan::Found>) -> u64 {
+        found.sort_by(|a, b| a.mtime.cmp(&b.mtime).then(a.name.cmp(&b.name)));
+        let victims = {
+            let index = self.index.get_mut();
+            for item in found {
+                index.insert(item.name, item.slot);
+            }
+            index.evict_over(self.budget, None)
+        };
+        let evicted = victims.len() as u64;
+        self.delete_victims(victims);
+        evicted
+    }
+
+    /// Publishes an entry renamed into place and evicts what no longer fits the budget.
+    fn publish(&self, name: HashBinary, slot: Slot) {
+        let victims = {
+            let mut index = self.index.lock();
+            index.insert(name, slot);
+            index.evict_over(self.budget, Some(&name))
+        };
+        self.delete_victims(victims);
+    }
+
+    fn delete_victims(&self, victims: Vec<(HashBinary, Slot)>) {
+        for (name, slot) in victims {
+            let path = self.entry_path(&name);
+            if let Err(e) = files::remove_if_same(&path, slot.ino) {
+                tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot evict entry");
+            }
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove_names(&self, names: &[HashBinary]) -> PurgeReport {
+        let mut report = PurgeReport::default();
+        for name in names {
+            let Some(slot) = self.index.lock().remove(name) else {
+                continue;
+            };
+            let path = self.entry_path(name);
+            if let Err(e) = files::remove_if_same(&path, slot.ino) {
+                tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot delete entry");
+            }
+            report.keys.push(slot.key.compact());
+            report.bytes += slot.size();
+        }
+        report
+    }
+
+    /// Deletes a corrupt entry file (if it is still the one that was read) and counts it.
+    fn discard(&self, name: &HashBinary, ino: u64, why: &str) {
+        let path = self.entry_path(name);
+        self.index.lock().remove_if_ino(name, ino);
+        self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(path = %path.display(), reason = %why, "disk cache: deleting corrupt entry");
+        if let Err(e) = files::remove_if_same(&path, ino) {
+            tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot delete corrupt entry");
+        }
+    }
+
+    /// Counts a failed fill and logs it, at most once per period.
+    fn note_write_error(&self, what: &str) {
+        self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.write_log.allow() {
+            tracing::warn!(
+                dir = %self.root.display(),
+                suppressed,
+                "disk cache: fill failed, response not stored: {what}"
+            );
+        }
+    }
+
+    fn entry_path(&self, name: &HashBinary) -> PathBuf {
+        files::entry_path(&self.root, name)
+    }
+
+    fn stripe(&self, name: &HashBinary) -> &RwLock<()> {
+        &self.stripes[usize::from(name[0]) % STRIPES]
+    }
+
+    fn new_temp_path(&self) -> PathBuf {
+        let seq = self.next_write.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(files::temp_name(seq))
+    }
+}
+
+fn check_limits(budget: u64, max_object: u64) -> Result<(), DiskError> {
+    if budget == 0 || max_object == 0 {
+        return Err(DiskError::Config(format!(
+            "budget ({budget} bytes) and largest object ({max_object} bytes) must be positive"
+        )));
+    }
+    if max_object > budget {
+        return Err(DiskError::Config(format!(
+            "largest object ({max_object} bytes) exceeds the budget ({budget} bytes): \
+             lower the object limit or raise the budget"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format::{EntryKey, Header};
+    use super::*;
+    use pingora::cache::key::CacheHashKey;
+    use pingora::cache::trace::Span;
+    use pingora::cache::{CacheKey, CacheMeta, Storage};
+    use pingora::http::ResponseHeader;
+    use std::fs::OpenOptions;
+
+    fn serialized_meta() -> (Vec<u8>, Vec<u8>) {
+        let now = SystemTime::now();
+        let header = ResponseHeader::build(200, None).expect("status");
+        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header);
+        meta.serialize().expect("serialize")
+    }
+
+    /// Writes a valid entry file directly (no fsync), much faster than a fill.
+    fn write_raw(root: &Path, key: &CacheKey, body: &[u8], meta: &(Vec<u8>, Vec<u8>)) -> PathBuf {
+        let entry = EntryKey::new(key, key.primary_key());
+        let mut header = Header::new(entry, meta.clone(), (0, u64::MAX)).expect("limits");
+        header.body_len = body.len() as u64;
+        header.body_crc = crc32fast::hash(body);
+        let mut bytes = header.encode();
+        bytes.resize(header.body_offset as usize, 0);
+        bytes.extend_from_slice(body);
+        let path = files::entry_path(root, &key.combined_bin());
+        std::fs::create_dir_all(path.parent().expect("shard")).expect("mkdir");
+        std::fs::write(&path, bytes).expect("write entry");
+        path
+    }
+
+    fn rebuild(count: usize) -> ScanReport {
+        let dir = tempfile::tempdir().expect("tempdir");
+        DiskStorage::open(dir.path(), u64::MAX, 1).expect("create");
+        let meta = serialized_meta();
+        for n in 0..count {
+            let key = CacheKey::new(format!("7:primary3:GET0:{n}"), "primary");
+            write_raw(dir.path(), &key, b"body", &meta);
+        }
+        let storage = DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen");
+        let report = storage.scan_report();
+        println!("rebuilt {} entries in {:?}", report.entries, report.elapsed);
+        report
+    }
+
+    #[test]
+    fn disk_rebuild_2k_entries() {
+        let report = rebuild(2_000);
+        assert_eq!(report.entries, 2_000);
+        assert!(report.elapsed < Duration::from_secs(10), "{report:?}");
+    }
+
+    #[test]
+    #[ignore = "writes 100,000 files (about 400 MB); run by hand to measure"]
+    fn disk_rebuild_100k_entries() {
+        assert_eq!(rebuild(100_000).entries, 100_000);
+    }
+
+    #[test]
+    fn disk_scan_deletes_misnamed_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        DiskStorage::open(dir.path(), u64::MAX, 1).expect("create");
+        let key = CacheKey::new("k", "primary");
+        let path = write_raw(dir.path(), &key, b"body", &serialized_meta());
+        let other = files::entry_path(dir.path(), &CacheKey::new("j", "p").combined_bin());
+        std::fs::create_dir_all(other.parent().expect("shard")).expect("mkdir");
+        std::fs::rename(&path, &other).expect("rename");
+        let storage = DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen");
+        assert_eq!(storage.scan_report().corrupt_removed, 1);
+        assert!(!other.exists());
+    }
+
+    #[tokio::test]
+    async fn disk_read_refreshes_old_mtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        DiskStorage::open(dir.path(), u64::MAX, 1).expect("create");
+        let key = CacheKey::new("k", "primary");
+        let path = write_raw(dir.path(), &key, b"body", &serialized_meta());
+        let day_ago = SystemTime::now() - Duration::from_secs(86_400);
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_modified(day_ago).expect("set mtime");
+        let storage: &'static DiskStorage =
+            Box::leak(Box::new(DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen")));
+        let trace = Span::inactive().handle();
+        assert!(storage.lookup(&key, &trace).await.expect("lookup").is_some());
+        let mtime = std::fs::metadata(&path).expect("stat").modified().expect("mtime");
+        assert!(mtime > day_ago + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn disk_rejects_zero_budget() {
+        assert!(matches!(check_limits(0, 0), Err(DiskError::Config(_))));
+    }
+}

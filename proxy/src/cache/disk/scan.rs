@@ -1,0 +1,199 @@
+//! Start-up checks of a cache directory: format file, orphaned temp files, the entry scan.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pingora::cache::key::HashBinary;
+
+use super::files::{self, ReadFailure};
+use super::format::unix_secs;
+use super::index::Slot;
+use super::DiskError;
+
+/// Name of the file that records the directory's format.
+const FORMAT_FILE: &str = "FORMAT";
+/// Content of the format file; change it whenever old entries must not be read.
+const FORMAT_LINE: &str = "mirror-gateway disk cache, format 1";
+/// Corrupt entries logged one by one per scan; the rest only appear in the summary.
+const CORRUPT_LOG_LIMIT: u64 = 100;
+/// Upper bound on scan threads.
+const MAX_SCAN_THREADS: usize = 8;
+
+/// An entry file found by the scan.
+pub struct Found {
+    pub name: HashBinary,
+    pub mtime: SystemTime,
+    pub slot: Slot,
+}
+
+/// What the scan found.
+#[derive(Default)]
+pub struct Scan {
+    pub found: Vec<Found>,
+    pub corrupt: u64,
+}
+
+/// Checks the format file, writing it into a new or empty directory.
+///
+/// Refuses a non-empty directory without a format file: it may be a mistyped path that holds
+/// someone else's data, which the cache would otherwise delete.
+pub fn check_format(root: &Path) -> Result<(), DiskError> {
+    let path = root.join(FORMAT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(found) if found.trim_end() == FORMAT_LINE => Ok(()),
+        Ok(found) => Err(DiskError::Format {
+            path,
+            found: found.trim().chars().take(80).collect(),
+            expected: FORMAT_LINE,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_format(root, &path),
+        Err(e) => Err(DiskError::io("read", &path, e)),
+    }
+}
+
+/// Deletes temp files whose writer is gone; returns how many it deleted.
+///
+/// A temp file belongs to a live writer only if the process named in its file name is running
+/// and is not this one (a restarted process has no writes in flight yet).
+pub fn clean_temp(tmp: &Path) -> Result<u64, DiskError> {
+    let proc_available = Path::new("/proc/self").exists();
+    let me = std::process::id();
+    let mut removed = 0;
+    for item in fs::read_dir(tmp).map_err(|e| DiskError::io("list", tmp, e))? {
+        let item = item.map_err(|e| DiskError::io("list", tmp, e))?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        let live = files::temp_owner(&name).is_some_and(|pid| {
+            pid != me && proc_available && Path::new(&format!("/proc/{pid}")).exists()
+        });
+        if !live {
+            files::remove_quietly(&item.path());
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Reads the header of every entry file under `root`, deleting torn and corrupt ones.
+pub fn scan_entries(root: &Path) -> Result<Scan, DiskError> {
+    let mut shards = Vec::new();
+    for item in fs::read_dir(root).map_err(|e| DiskError::io("list", root, e))? {
+        let item = item.map_err(|e| DiskError::io("list", root, e))?;
+        if is_shard_name(&item.file_name().to_string_lossy()) {
+            shards.push(item.path());
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_SCAN_THREADS);
+    let logged = AtomicU64::new(0);
+    let results: Vec<Result<Scan, DiskError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<&PathBuf> = shards.iter().skip(t).step_by(threads).collect();
+                let logged = &logged;
+                scope.spawn(move || scan_shards(&mine, logged))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or(Err(DiskError::ScanPanicked)))
+            .collect()
+    });
+    let mut total = Scan::default();
+    for result in results {
+        let part = result?;
+        total.found.extend(part.found);
+        total.corrupt += part.corrupt;
+    }
+    Ok(total)
+}
+
+fn write_format(root: &Path, path: &Path) -> Result<(), DiskError> {
+    let mut items = fs::read_dir(root).map_err(|e| DiskError::io("list", root, e))?;
+    let foreign = items.any(|item| {
+        item.map_or(true, |i| {
+            !i.file_name().to_string_lossy().starts_with(FORMAT_FILE)
+        })
+    });
+    if foreign {
+        return Err(DiskError::NotACache(root.to_path_buf()));
+    }
+    let tmp = root.join(format!("{FORMAT_FILE}.{}.tmp", std::process::id()));
+    fs::write(&tmp, format!("{FORMAT_LINE}\n")).map_err(|e| DiskError::io("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| DiskError::io("rename into place", path, e))
+}
+
+fn scan_shards(shards: &[&PathBuf], logged: &AtomicU64) -> Result<Scan, DiskError> {
+    let mut scan = Scan::default();
+    for shard in shards {
+        for sub in fs::read_dir(shard).map_err(|e| DiskError::io("list", shard, e))? {
+            let sub = sub.map_err(|e| DiskError::io("list", shard, e))?;
+            if is_shard_name(&sub.file_name().to_string_lossy()) {
+                scan_dir(&sub.path(), &mut scan, logged)?;
+            }
+        }
+    }
+    Ok(scan)
+}
+
+fn scan_dir(dir: &Path, scan: &mut Scan, logged: &AtomicU64) -> Result<(), DiskError> {
+    for item in fs::read_dir(dir).map_err(|e| DiskError::io("list", dir, e))? {
+        let item = item.map_err(|e| DiskError::io("list", dir, e))?;
+        let file_name = item.file_name().to_string_lossy().into_owned();
+        let Some(name) = files::parse_name(&file_name) else {
+            tracing::debug!(path = %item.path().display(), "disk cache: ignoring unknown file");
+            continue;
+        };
+        let path = item.path();
+        match inspect(&path, name) {
+            Ok(Some(found)) => scan.found.push(found),
+            Ok(None) => {}
+            Err((ReadFailure::Corrupt(why), ino)) => {
+                scan.corrupt += 1;
+                if logged.fetch_add(1, Ordering::Relaxed) < CORRUPT_LOG_LIMIT {
+                    tracing::warn!(path = %path.display(), reason = %why, "disk cache: deleting corrupt entry");
+                }
+                if let Err(e) = files::remove_if_same(&path, ino) {
+                    tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot delete corrupt entry");
+                }
+            }
+            Err((ReadFailure::Io(e), _)) => {
+                tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot read entry; skipping it");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads one entry's header; a corrupt entry comes back with its inode for a guarded delete.
+fn inspect(path: &Path, name: HashBinary) -> Result<Option<Found>, (ReadFailure, u64)> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err((ReadFailure::Io(e), 0)),
+    };
+    let md = file.metadata().map_err(|e| (ReadFailure::Io(e), 0))?;
+    let header = files::read_header(&file, md.len()).map_err(|f| (f, md.ino()))?;
+    if header.key.combined() != name {
+        let why = "key data does not match the file name".to_string();
+        return Err((ReadFailure::Corrupt(why), md.ino()));
+    }
+    let mtime = md.modified().unwrap_or(UNIX_EPOCH);
+    let slot = Slot::new(
+        md.len(),
+        md.ino(),
+        header.stale_until,
+        unix_secs(mtime),
+        Arc::new(header.key),
+    );
+    Ok(Some(Found { name, mtime, slot }))
+}
+
+fn is_shard_name(name: &str) -> bool {
+    name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}

@@ -1,0 +1,716 @@
+//! End-to-end: how the cache streams, refuses broken bodies, serves stale and answers ranges.
+//!
+//! The cache reads real time from Pingora (`SystemTime::now()` in its freshness checks), so no
+//! clock can be injected: the expiry tests store a `max-age=1` response and wait for it to run
+//! out, then poll with a bound until the gateway stops answering `HIT`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{client, Recorded, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Pause between the body pieces of the slow origins.
+const PIECE_GAP: Duration = Duration::from_millis(200);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stampede_streams_one_fetch() {
+    let pieces = five_pieces();
+    let body = pieces.concat();
+    let origin = ScriptOrigin::start(move |_, _| Script::pieces(pieces.clone())).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/stampede.bin");
+    let client = client();
+    let clients = (0..20).map(|_| {
+        let request = client.get(&url).send();
+        async move {
+            let mut resp = request.await?;
+            let mut first = None;
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await? {
+                first.get_or_insert_with(Instant::now);
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>((first, body))
+        }
+    });
+    let results = futures::future::join_all(clients).await;
+    let last_piece = origin.last_piece_at().expect("the origin wrote its last piece");
+    assert_eq!(origin.count(), 1, "origin requests");
+    for (i, result) in results.into_iter().enumerate() {
+        let (first, got) = result.unwrap_or_else(|e| panic!("client {i} failed: {e}"));
+        assert_eq!(got, body, "client {i} body");
+        let first = first.expect("a non-empty body has a first chunk");
+        assert!(
+            first < last_piece,
+            "client {i} got its first bytes {:?} after the origin began its last piece",
+            first - last_piece
+        );
+    }
+}
+
+/// The first client leaves after one piece; Pingora keeps the fill going without it, so the
+/// clients that joined the fill get the whole body and the entry is stored complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filler_disconnect_keeps_fill() {
+    let pieces = five_pieces();
+    let body = pieces.concat();
+    let origin = ScriptOrigin::start(move |_, _| Script::pieces(pieces.clone())).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/filler.bin");
+
+    let mut filler = TcpStream::connect(gateway.addr).await.expect("connect");
+    filler
+        .write_all(b"GET /filler.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("send the filler's request");
+    read_first_body_bytes(&mut filler).await;
+    // Each waiter has its response header, so it is attached to the fill, before the filler goes.
+    let client = client();
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        waiters.push(client.get(&url).send().await.expect("waiter header"));
+    }
+    drop(filler);
+    for (i, waiter) in waiters.into_iter().enumerate() {
+        let got = waiter.bytes().await;
+        assert_eq!(got.expect("waiter body").as_ref(), body, "waiter {i}");
+    }
+    let after = fetch(&url, &[]).await;
+    assert_eq!(after.cache, "HIT");
+    assert_eq!(after.body, body, "stored body");
+    assert_eq!(origin.count(), 1, "origin requests");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_death_not_stored() {
+    let origin = ScriptOrigin::start(|_, _| Script {
+        announced: Some(1000),
+        ..Script::pieces(vec![vec![b'x'; 300]])
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/truncated.bin");
+    let first = match client().get(&url).send().await {
+        Ok(resp) => resp.bytes().await.map(|b| b.len()),
+        Err(e) => Err(e),
+    };
+    assert!(
+        !matches!(first, Ok(1000)),
+        "a truncated origin body reached the client as complete"
+    );
+    if let Ok(resp) = client().get(&url).send().await {
+        assert_ne!(resp.headers()["x-cache-status"], "HIT");
+        let _ = resp.bytes().await;
+    }
+    assert_eq!(origin.count(), 2, "the second request reached the origin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_while_revalidate_refreshes_once() {
+    let origin = ScriptOrigin::start(|_, index| match index {
+        0 => Script::ok("v1", "max-age=1"),
+        _ => Script {
+            delay: Duration::from_millis(600),
+            ..Script::ok("v2", "max-age=60")
+        },
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 30";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let url = gateway.url("/swr.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    let stale = first_after_expiry(&url, &[]).await;
+    let served_at = Instant::now();
+    assert_eq!(stale.text(), "v1");
+    assert!(
+        ["UPDATING", "STALE"].contains(&stale.cache.as_str()),
+        "cache status {}",
+        stale.cache
+    );
+    poll(|| origin.count() == 2, "the background refresh").await;
+    let refreshed_at = origin.replied_at(1).expect("the refresh reply");
+    assert!(
+        served_at < refreshed_at,
+        "the stale response waited for the refresh"
+    );
+    let mut fresh = None;
+    for _ in 0..60 {
+        let resp = fetch(&url, &[]).await;
+        if resp.text() == "v2" {
+            fresh = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fresh = fresh.expect("the refreshed body within 3 s");
+    assert_eq!(fresh.cache, "HIT");
+    assert_eq!(origin.count(), 2, "exactly one refresh");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_if_error_on_503() {
+    let phase = Arc::new(AtomicU8::new(UP_FIRST));
+    let origin_phase = Arc::clone(&phase);
+    let origin = ScriptOrigin::start(move |_, _| phased_reply(&origin_phase)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let url = gateway.url("/sie.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    phase.store(DOWN, Ordering::SeqCst);
+    let stale = first_after_expiry(&url, &[]).await;
+    assert_eq!((stale.status, stale.text()), (200, "v1".to_string()));
+    assert_eq!(stale.cache, "STALE");
+    let again = fetch(&url, &[]).await;
+    assert_eq!((again.status, again.text()), (200, "v1".to_string()));
+    assert_eq!(again.cache, "STALE", "the 503 replaced the stored entry");
+
+    phase.store(UP_AGAIN, Ordering::SeqCst);
+    let recovered = fetch(&url, &[]).await;
+    assert_eq!((recovered.status, recovered.text()), (200, "v2".to_string()));
+    assert_eq!(fetch(&url, &[]).await.cache, "HIT");
+    assert_eq!(origin.count(), 4, "origin requests");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_if_error_unreachable() {
+    let mut origin = ScriptOrigin::start(|_, index| match index {
+        0 => Script::ok("v1", "max-age=1"),
+        _ => Script::ok("v2", "max-age=60"),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let url = gateway.url("/down.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    origin.stop().await;
+    let stale = first_after_expiry(&url, &[]).await;
+    assert_eq!((stale.status, stale.text()), (200, "v1".to_string()));
+    assert_eq!(stale.cache, "STALE");
+
+    origin.restart().await;
+    let recovered = fetch(&url, &[]).await;
+    assert_eq!((recovered.status, recovered.text()), (200, "v2".to_string()));
+    assert_eq!(fetch(&url, &[]).await.cache, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_modified_revalidates() {
+    let origin = ScriptOrigin::start(|req, _| {
+        let etag = ("etag".to_string(), "\"e1\"".to_string());
+        if req.header("if-none-match") == Some("\"e1\"") {
+            let mut reply = Script::pieces(Vec::new());
+            reply.status = 304;
+            reply.headers = vec![etag, ("cache-control".into(), "max-age=60".into())];
+            reply
+        } else {
+            let mut reply = Script::ok("original", "max-age=1");
+            reply.headers.push(etag);
+            reply
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let url = gateway.url("/etag.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    let revalidated = first_after_expiry(&url, &[]).await;
+    assert_eq!(revalidated.status, 200);
+    assert_eq!(revalidated.text(), "original");
+    assert_eq!(revalidated.cache, "REVALIDATED");
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 2, "origin requests");
+    assert_eq!(requests[1].header("if-none-match"), Some("\"e1\""));
+    assert_eq!(fetch(&url, &[]).await.cache, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ranges_and_conditionals_from_cache() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("0123456789abcdefghij");
+        reply.headers.push(("etag".into(), "\"r1\"".into()));
+        reply
+            .headers
+            .push(("last-modified".into(), "Wed, 01 Jan 2025 00:00:00 GMT".into()));
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/range.bin");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    let range = fetch(&url, &[("range", "bytes=0-9")]).await;
+    assert_eq!(range.status, 206);
+    assert_eq!(range.text(), "0123456789");
+    assert_eq!(range.header("content-range"), Some("bytes 0-9/20"));
+    assert_eq!(range.cache, "HIT");
+
+    let if_range = [("range", "bytes=0-9"), ("if-range", "\"r1\"")];
+    assert_eq!(fetch(&url, &if_range).await.status, 206, "matching If-Range");
+    let wrong = fetch(&url, &[("range", "bytes=0-9"), ("if-range", "\"old\"")]).await;
+    assert_eq!(wrong.status, 200, "stale If-Range");
+    assert_eq!(wrong.text(), "0123456789abcdefghij");
+
+    let not_modified = fetch(&url, &[("if-none-match", "\"r1\"")]).await;
+    assert_eq!(not_modified.status, 304, "If-None-Match");
+    assert_eq!(not_modified.cache, "HIT");
+    let since = [("if-modified-since", "Thu, 01 Jan 2026 00:00:00 GMT")];
+    assert_eq!(fetch(&url, &since).await.status, 304, "If-Modified-Since");
+    assert_eq!(origin.count(), 1, "origin requests");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vary_stores_each_variant() {
+    let origin = TestOrigin::start(|req| {
+        let encoding = req.header("accept-encoding").unwrap_or("none");
+        let mut reply = Reply::ok(&format!("encoding={encoding}"));
+        let vary = if req.target == "/any" { "*" } else { "Accept-Encoding" };
+        reply.headers.push(("vary".into(), vary.into()));
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", true);
+    let url = gateway.url("/vary");
+    for encoding in ["gzip", "br"] {
+        for round in ["MISS", "HIT"] {
+            let resp = fetch(&url, &[("accept-encoding", encoding)]).await;
+            assert_eq!(resp.cache, round, "{encoding}");
+            assert_eq!(resp.text(), format!("encoding={encoding}"), "{encoding} {round}");
+        }
+    }
+    assert_eq!(origin.count(), 2, "origin requests for two variants");
+
+    let any = gateway.url("/any");
+    for round in 1..=2 {
+        let resp = fetch(&any, &[("accept-encoding", "gzip")]).await;
+        assert_ne!(resp.cache, "HIT", "Vary: * round {round}");
+        assert_eq!(resp.header("x-cache-reason"), Some("vary_any"));
+    }
+    assert_eq!(origin.count(), 4, "Vary: * was stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_cap_serialises() {
+    let origin = ScriptOrigin::start(|req, _| Script {
+        delay: Duration::from_millis(300),
+        ..Script::ok(&format!("body of {}", req.target), "max-age=60")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "max_origin_requests = 1";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let (url_a, url_b) = (gateway.url("/slow/a"), gateway.url("/slow/b"));
+    let (a, b) = tokio::join!(fetch(&url_a, &[]), fetch(&url_b, &[]));
+    assert_eq!((a.status, a.text()), (200, "body of /slow/a".to_string()));
+    assert_eq!((b.status, b.text()), (200, "body of /slow/b".to_string()));
+    assert_eq!(origin.count(), 2, "origin requests");
+    assert_eq!(origin.max_in_flight(), 1, "requests in flight at once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_header_names_status() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("unavailable");
+        reply.status = 503;
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", true);
+    let resp = fetch(&gateway.url("/broken"), &[]).await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.header("x-cache-reason"), Some("status"));
+}
+
+/// Starts a gateway with domain `primary` on host `127.0.0.1` in front of the HTTP origin at
+/// `origin`, no TTL rules (the origin's `Cache-Control` decides), `domain_keys` added to the
+/// domain table and `[cache] debug_headers` set to `debug`.
+fn start_gateway(dir: &Path, origin: SocketAddr, domain_keys: &str, debug: bool) -> TestGateway {
+    let config = format!(
+        r#"{BASE_CONFIG}debug_headers = {debug}
+
+[domains.primary]
+hosts = ["127.0.0.1"]
+{domain_keys}
+[domains.primary.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.primary.routes]]
+prefix = "/"
+origin = "web"
+"#
+    );
+    TestGateway::start(dir, &config)
+}
+
+/// Returns five 1000-byte pieces, each of one letter.
+fn five_pieces() -> Vec<Vec<u8>> {
+    (b'a'..=b'e').map(|c| vec![c; 1000]).collect()
+}
+
+const UP_FIRST: u8 = 0;
+const DOWN: u8 = 1;
+const UP_AGAIN: u8 = 2;
+
+/// Returns `v1` (fresh for 1 s), a 503, or `v2` (fresh for 60 s) by `phase`.
+fn phased_reply(phase: &AtomicU8) -> Script {
+    match phase.load(Ordering::SeqCst) {
+        UP_FIRST => Script::ok("v1", "max-age=1"),
+        DOWN => Script {
+            status: 503,
+            ..Script::ok("origin down", "no-store")
+        },
+        _ => Script::ok("v2", "max-age=60"),
+    }
+}
+
+/// A response read in full.
+struct Fetched {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    /// `X-Cache-Status`, empty when absent.
+    cache: String,
+    body: Vec<u8>,
+}
+
+impl Fetched {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// GETs `url` with `headers` and reads the whole response; panics on a transport error.
+async fn fetch(url: &str, headers: &[(&str, &str)]) -> Fetched {
+    let mut request = client().get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let resp = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("body of GET {url}: {e}"));
+    let cache = headers
+        .get("x-cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Fetched {
+        status,
+        headers,
+        cache,
+        body: body.to_vec(),
+    }
+}
+
+/// Waits out a `max-age=1` entry of `url`, then returns the first response that is not `HIT`.
+async fn first_after_expiry(url: &str, headers: &[(&str, &str)]) -> Fetched {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..30 {
+        let resp = fetch(url, headers).await;
+        if resp.cache != "HIT" {
+            return resp;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} was still fresh 4 s after a max-age=1 fill");
+}
+
+/// Polls `done` every 20 ms for up to 5 s; panics naming `what` when it stays false.
+async fn poll(done: impl Fn() -> bool, what: &str) {
+    for _ in 0..250 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what} did not happen within 5 s");
+}
+
+/// Reads from `stream` until the response header and at least one body byte have arrived.
+async fn read_first_body_bytes(stream: &mut TcpStream) {
+    let read = async {
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read the filler's response");
+            assert!(n > 0, "the gateway closed the filler's connection early");
+            raw.extend_from_slice(&buf[..n]);
+            let end = raw.windows(4).position(|w| w == b"\r\n\r\n");
+            if end.is_some_and(|end| raw.len() > end + 4) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the filler's first body bytes within 10 s");
+}
+
+/// What the scripted origin sends for one request.
+#[derive(Debug, Clone)]
+struct Script {
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// Body pieces, written one by one with [`PIECE_GAP`] before each piece after the first.
+    pieces: Vec<Vec<u8>>,
+    /// A `Content-Length` that differs from the body's: the origin closes the connection after
+    /// the last piece, as an origin that dies mid-body does.
+    announced: Option<usize>,
+    /// Pause before the response header.
+    delay: Duration,
+}
+
+impl Script {
+    /// A 200 with `body` in one piece and `Cache-Control: cache_control`.
+    fn ok(body: &str, cache_control: &str) -> Self {
+        Self {
+            headers: vec![("cache-control".into(), cache_control.into())],
+            ..Self::pieces(vec![body.as_bytes().to_vec()])
+        }
+    }
+
+    /// A 200 of `pieces`, fresh for 60 s.
+    fn pieces(pieces: Vec<Vec<u8>>) -> Self {
+        Self {
+            status: 200,
+            headers: vec![("cache-control".into(), "max-age=60".into())],
+            pieces,
+            announced: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type ScriptFn = Arc<dyn Fn(&Recorded, usize) -> Script + Send + Sync>;
+
+/// What the scripted origin saw.
+#[derive(Default)]
+struct Seen {
+    requests: Mutex<Vec<Recorded>>,
+    /// When each reply's header was written, by request index.
+    replied_at: Mutex<Vec<(usize, Instant)>>,
+    /// When the origin last began writing the final piece of a body.
+    last_piece_at: Mutex<Option<Instant>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// An HTTP/1.1 origin on loopback that answers each request with the `Script` its function
+/// returns for the request and its index (0 for the first request).
+struct ScriptOrigin {
+    addr: SocketAddr,
+    script: ScriptFn,
+    seen: Arc<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptOrigin {
+    async fn start(script: impl Fn(&Recorded, usize) -> Script + Send + Sync + 'static) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::listen(any_port, Arc::new(script), Arc::default()).await
+    }
+
+    async fn listen(addr: SocketAddr, script: ScriptFn, seen: Arc<Seen>) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let task = accept_loop(listener, Arc::clone(&script), Arc::clone(&seen));
+        Self {
+            addr,
+            script,
+            seen,
+            task,
+        }
+    }
+
+    /// Closes the listener and every open connection, so the port refuses connections.
+    async fn stop(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    /// Listens again on the same port with the same script and records.
+    async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.expect("bind origin again");
+        self.task = accept_loop(listener, Arc::clone(&self.script), Arc::clone(&self.seen));
+    }
+
+    fn count(&self) -> usize {
+        self.seen.requests.lock().expect("lock").len()
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.seen.requests.lock().expect("lock").clone()
+    }
+
+    fn replied_at(&self, index: usize) -> Option<Instant> {
+        let replies = self.seen.replied_at.lock().expect("lock");
+        replies.iter().find(|(i, _)| *i == index).map(|(_, t)| *t)
+    }
+
+    fn last_piece_at(&self) -> Option<Instant> {
+        *self.seen.last_piece_at.lock().expect("lock")
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.seen.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ScriptOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Accepts connections on `listener` until the returned task is aborted, which closes the
+/// connections too.
+fn accept_loop(
+    listener: TcpListener,
+    script: ScriptFn,
+    seen: Arc<Seen>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.spawn(serve_script(stream, Arc::clone(&script), Arc::clone(&seen)));
+        }
+    })
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a Seen);
+
+impl<'a> InFlight<'a> {
+    fn enter(seen: &'a Seen) -> Self {
+        let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(seen)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve_script(stream: TcpStream, script: ScriptFn, seen: Arc<Seen>) {
+    let mut reader = BufReader::new(stream);
+    for _ in 0..100 {
+        let Some(request) = read_request(&mut reader).await else {
+            return;
+        };
+        let index = {
+            let mut requests = seen.requests.lock().expect("lock");
+            requests.push(request.clone());
+            requests.len() - 1
+        };
+        let _busy = InFlight::enter(&seen);
+        let reply = script(&request, index);
+        if !write_reply(reader.get_mut(), &request, &reply, index, &seen).await {
+            return;
+        }
+    }
+}
+
+/// Reads one request head; `None` at the end of the connection.
+async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Recorded> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    for _ in 0..100 {
+        let mut header = String::new();
+        if reader.read_line(&mut header).await.ok()? == 0 {
+            return None;
+        }
+        let header = header.trim_end();
+        if header.is_empty() {
+            return Some(Recorded {
+                method,
+                target,
+                headers,
+            });
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    None
+}
+
+/// Writes `reply`; returns whether the connection can serve another request.
+async fn write_reply(
+    stream: &mut TcpStream,
+    request: &Recorded,
+    reply: &Script,
+    index: usize,
+    seen: &Seen,
+) -> bool {
+    tokio::time::sleep(reply.delay).await;
+    let length: usize = reply.pieces.iter().map(Vec::len).sum();
+    let mut head = format!("HTTP/1.1 {} X\r\n", reply.status);
+    if reply.status != 304 {
+        let announced = reply.announced.unwrap_or(length);
+        head.push_str(&format!("content-length: {announced}\r\n"));
+    }
+    for (name, value) in &reply.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    seen.replied_at
+        .lock()
+        .expect("lock")
+        .push((index, Instant::now()));
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return false;
+    }
+    if request.method == "HEAD" || reply.status == 304 {
+        return true;
+    }
+    for (i, piece) in reply.pieces.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(PIECE_GAP).await;
+        }
+        if i + 1 == reply.pieces.len() {
+            *seen.last_piece_at.lock().expect("lock") = Some(Instant::now());
+        }
+        if stream.write_all(piece).await.is_err() {
+            return false;
+        }
+    }
+    reply.announced.is_none_or(|announced| announced == length)
+}

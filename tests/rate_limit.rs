@@ -1,0 +1,240 @@
+//! End-to-end: the `rate_limit` plugin and the client IP behind trusted proxies.
+//!
+//! The rate tests refill one request per 100 s, so no refill happens while a test runs. Each test
+//! uses its own domain id, since counts are kept per domain id for the life of the process.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+
+/// Returns a config with one domain `id` in front of `origin`, limited to `burst` requests,
+/// with `trusted` as `server.trusted_proxies` and the access log in `access.log`.
+fn config(id: &str, origin: std::net::SocketAddr, burst: u32, trusted: &str) -> String {
+    let base = BASE_CONFIG
+        .replace(
+            "[server]\n",
+            &format!("[server]\ntrusted_proxies = [{trusted}]\n"),
+        )
+        .replace("access_log = \"off\"", "access_log = \"access.log\"");
+    format!(
+        r#"{base}
+[domains.{id}]
+hosts = ["127.0.0.1"]
+[domains.{id}.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.{id}.routes]]
+prefix = "/"
+origin = "web"
+[[domains.{id}.plugins]]
+name = "rate_limit"
+requests_per_second = 0.01
+burst = {burst}
+"#
+    )
+}
+
+/// Sends a GET of `path` with `X-Forwarded-For: forwarded` (if any) and returns the response.
+async fn get(gateway: &TestGateway, path: &str, forwarded: Option<&str>) -> reqwest::Response {
+    let mut request = client().get(gateway.url(path));
+    if let Some(value) = forwarded {
+        request = request.header("x-forwarded-for", value);
+    }
+    request.send().await.expect("request")
+}
+
+async fn status(gateway: &TestGateway, path: &str, forwarded: Option<&str>) -> u16 {
+    get(gateway, path, forwarded).await.status().as_u16()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    let value = response.headers().get(name)?;
+    value.to_str().ok().map(str::to_owned)
+}
+
+/// Waits up to 5 s for `path` to hold `lines` lines and returns them.
+fn wait_for_lines(path: &Path, lines: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let found: Vec<String> = text.lines().map(str::to_owned).collect();
+        if found.len() >= lines || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Returns (request path, client address) of each access log line, sorted by path. Requests on
+/// separate connections may be logged out of order.
+fn logged_clients(lines: &[String]) -> Vec<(&str, &str)> {
+    let mut pairs: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|line| {
+            let client = line.split(' ').next().unwrap_or("");
+            let path = line
+                .split("\"GET ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next());
+            (path.unwrap_or(""), client)
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn burst_over_limit_gets_429() {
+    let origin = TestOrigin::start(|_| Reply::ok("{}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config("rl-burst", origin.addr, 3, ""));
+
+    let mut remaining = Vec::new();
+    for n in 0..3 {
+        let response = get(&gateway, &format!("/file-{n}"), None).await;
+        assert_eq!(response.status(), 200, "request {n}");
+        assert_eq!(header(&response, "ratelimit-limit").as_deref(), Some("3"));
+        remaining.push(header(&response, "ratelimit-remaining"));
+    }
+    assert_eq!(
+        remaining,
+        [Some("2".into()), Some("1".into()), Some("0".into())]
+    );
+
+    let rejected = get(&gateway, "/file-3", None).await;
+    assert_eq!(rejected.status(), 429);
+    let retry: u64 = header(&rejected, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("numeric Retry-After");
+    assert!((90..=100).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        header(&rejected, "ratelimit-remaining").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        header(&rejected, "ratelimit-reset"),
+        Some(retry.to_string())
+    );
+    let body = rejected.text().await.expect("body");
+    assert!(
+        body.contains("\"budget\":\"requests per second\""),
+        "{body}"
+    );
+    assert_eq!(origin.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_proxy_separates_clients() {
+    let origin = TestOrigin::start(|_| Reply::ok("{}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config("rl-trusted", origin.addr, 1, "\"127.0.0.1/32\"");
+    let gateway = TestGateway::start(dir.path(), &config);
+
+    assert_eq!(status(&gateway, "/a", Some("192.0.2.1")).await, 200);
+    assert_eq!(status(&gateway, "/b", Some("192.0.2.2")).await, 200);
+    assert_eq!(status(&gateway, "/c", Some("192.0.2.1")).await, 429);
+    assert_eq!(
+        status(&gateway, "/d", Some("192.0.2.9, 192.0.2.2")).await,
+        429
+    );
+
+    let seen = origin.requests();
+    assert_eq!(
+        seen[0].header("x-forwarded-for"),
+        Some("192.0.2.1, 127.0.0.1")
+    );
+    let lines = wait_for_lines(&dir.path().join("access.log"), 4);
+    assert_eq!(
+        logged_clients(&lines),
+        [
+            ("/a", "192.0.2.1"),
+            ("/b", "192.0.2.2"),
+            ("/c", "192.0.2.1"),
+            ("/d", "192.0.2.2")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn untrusted_peer_cannot_spoof() {
+    let origin = TestOrigin::start(|_| Reply::ok("{}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config("rl-untrusted", origin.addr, 1, ""));
+
+    assert_eq!(status(&gateway, "/a", Some("192.0.2.1")).await, 200);
+    assert_eq!(status(&gateway, "/b", Some("192.0.2.2")).await, 429);
+    assert_eq!(status(&gateway, "/c", None).await, 429);
+
+    let lines = wait_for_lines(&dir.path().join("access.log"), 3);
+    assert!(
+        lines.iter().all(|l| l.starts_with("127.0.0.1 ")),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_cap_releases_at_end() {
+    let origin = TestOrigin::start(|req| Reply {
+        delay: Duration::from_millis(if req.target == "/slow" { 800 } else { 0 }),
+        ..Reply::ok("{}")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config("rl-concurrent", origin.addr, 100, "").replace(
+        "requests_per_second = 0.01",
+        "requests_per_second = 1000\nmax_concurrent_per_ip = 1",
+    );
+    let gateway = TestGateway::start(dir.path(), &config);
+
+    let slow = tokio::spawn(client().get(gateway.url("/slow")).send());
+    for _ in 0..200 {
+        if origin.count() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let busy = get(&gateway, "/busy", None).await;
+    assert_eq!(busy.status(), 429);
+    assert_eq!(header(&busy, "ratelimit-limit").as_deref(), Some("1"));
+    let body = busy.text().await.expect("body");
+    assert!(
+        body.contains("\"budget\":\"concurrent requests\""),
+        "{body}"
+    );
+
+    let finished = slow.await.expect("task").expect("slow request");
+    assert_eq!(finished.status(), 200);
+    // The place is given back just after the response is sent, so allow a short delay.
+    let mut after = 0;
+    for n in 0..50 {
+        after = status(&gateway, &format!("/after-{n}"), None).await;
+        if after == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(after, 200);
+}
+
+#[test]
+fn bad_trusted_proxies_are_reported() {
+    let text = format!(
+        "{}\n[domains.a]\nhosts = [\"a.example\"]\n",
+        BASE_CONFIG.replace(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"10.0.0.1/8\", \"proxy.internal\"]\n"
+        )
+    );
+    let errors = mirror_proxy::config::load_str(&text, Path::new("gateway.toml"), Vec::new())
+        .err()
+        .expect("invalid networks");
+    let find = |key: &str| errors.iter().find(|e| e.key == key);
+    let host_bits = find("server.trusted_proxies[0]").expect("first entry reported");
+    assert_eq!(host_bits.value.as_deref(), Some("\"10.0.0.1/8\""));
+    assert!(host_bits.reason.contains("\"10.0.0.0/8\""), "{host_bits}");
+    let name = find("server.trusted_proxies[1]").expect("second entry reported");
+    assert!(name.reason.contains("not an IP address"), "{name}");
+}
