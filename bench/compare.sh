@@ -5,7 +5,7 @@
 #
 #   bench/compare.sh [SECONDS]      default 5 seconds per wrk run; about 2 minutes in all
 #
-# Needs nginx, varnishd, wrk, python3, curl and htpasswd (scripts/setup-debian.sh installs
+# Needs nginx, varnishd, wrk, python3, curl and htpasswd (scripts/setup-debian.sh --bench installs
 # them) and a release build (cargo build --release). Installs nothing.
 #
 # Everything runs on 127.0.0.1 with free ports, in a temp dir removed on exit: the Python
@@ -36,7 +36,7 @@ for tool in nginx varnishd wrk python3 curl htpasswd; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
-    echo "compare: not found: ${missing[*]}; run scripts/setup-debian.sh" >&2
+    echo "compare: not found: ${missing[*]}; run scripts/setup-debian.sh --bench" >&2
     exit 1
 fi
 

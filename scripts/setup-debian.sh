@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that building, running and testing mirror-gateway need,
 # skipping those already installed. Runs as root, or through sudo otherwise. Idempotent.
+#
+#   scripts/setup-debian.sh           build, run and test
+#   scripts/setup-debian.sh --bench   also nginx and varnish, for bench/compare.sh
 # The Rust toolchain (cargo with rustfmt and clippy) is not a Debian package here: it must
 # already be on PATH.
 set -euo pipefail
 
+PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk)
 # nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
 # services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
-readonly PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk nginx varnish)
+if [[ ${1:-} == --bench ]]; then
+    PACKAGES+=(nginx varnish)
+fi
+readonly PACKAGES
 
 missing=()
 for package in "${PACKAGES[@]}"; do
