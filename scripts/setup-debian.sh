@@ -8,7 +8,9 @@
 # already be on PATH.
 set -euo pipefail
 
-PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk)
+# redis-server: plugins/tests/quota_redis.rs and bench/quota.sh start their own on a free
+# port; on a systemd host Debian also starts its service on 6379, which they do not use.
+PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk redis-server)
 # nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
 # services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
 if [[ ${1:-} == --bench ]]; then

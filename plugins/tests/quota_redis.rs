@@ -26,7 +26,7 @@ struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a server on a free port and waits until it answers PING.
+    /// Starts a server on a free port and waits until it responds to PING.
     fn start() -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -39,7 +39,7 @@ impl RedisServer {
         server
     }
 
-    /// Starts the server (again) on the same port and waits until it answers PING.
+    /// Starts the server (again) on the same port and waits until it responds to PING.
     fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])

@@ -44,12 +44,26 @@ impl AdminApp {
         query: Option<&str>,
     ) -> (StatusCode, String) {
         match (method, path) {
-            (&Method::GET, "/cache/stats") => {
-                (StatusCode::OK, stats_json(&self.state.cache.memory_stats()))
-            }
+            (&Method::GET, "/cache/stats") => (
+                StatusCode::OK,
+                stats_json(
+                    &self.state.cache.memory_stats(),
+                    self.state.cache.disk_stats(),
+                ),
+            ),
             (&Method::POST, "/cache/purge") => match self.purge_scope(query) {
                 Ok(scope) => {
-                    let purged = self.state.cache.purge(&scope);
+                    let state = Arc::clone(&self.state);
+                    let task = tokio::task::spawn_blocking(move || {
+                        let purged = state.cache.purge(&scope);
+                        (scope, purged)
+                    });
+                    let Ok((scope, purged)) = task.await else {
+                        return (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            error_json("the purge failed; see the error log"),
+                        );
+                    };
                     tracing::info!(?scope, purged, "cache purge");
                     (StatusCode::OK, format!("{{\"purged\":{purged}}}\n"))
                 }
@@ -131,11 +145,21 @@ impl ServeHttp for AdminApp {
     }
 }
 
-fn stats_json(memory: &TierSnapshot) -> String {
-    format!(
-        "{{\"memory\":{{\"entries\":{},\"bytes\":{},\"hits\":{},\"misses\":{},\"evictions\":{},\"write_errors\":{}}}}}\n",
-        memory.entries, memory.bytes, memory.hits, memory.misses, memory.evictions, memory.write_errors
-    )
+fn stats_json(memory: &TierSnapshot, disk: Option<crate::cache::DiskSnapshot>) -> String {
+    let tier = |t: &TierSnapshot| {
+        format!(
+            "{{\"entries\":{},\"bytes\":{},\"hits\":{},\"misses\":{},\"evictions\":{},\"write_errors\":{}}}",
+            t.entries, t.bytes, t.hits, t.misses, t.evictions, t.write_errors
+        )
+    };
+    let disk = match disk {
+        Some(d) => format!(
+            ",\"disk\":{{\"entries\":{},\"bytes\":{},\"budget_bytes\":{},\"hits\":{},\"misses\":{},\"evictions\":{},\"write_errors\":{},\"corrupt_entries\":{}}}",
+            d.entries, d.bytes, d.budget_bytes, d.hits, d.misses, d.evictions, d.write_errors, d.corrupt_entries
+        ),
+        None => String::new(),
+    };
+    format!("{{\"memory\":{}{disk}}}\n", tier(memory))
 }
 
 fn error_json(message: &str) -> String {

@@ -54,6 +54,8 @@ pub enum StartError {
         origin: String,
         reason: String,
     },
+    #[error("{0}; check cache.disk_dir")]
+    DiskCache(crate::cache::DiskError),
     #[error("invalid host names: {0}")]
     Hosts(String),
 }
@@ -102,7 +104,7 @@ impl App {
             debug_headers: config.cache.debug_headers,
             router: Router::new(&config.domains).map_err(|e| StartError::Hosts(e.to_string()))?,
             domains,
-            cache: CacheTier::new(&config.cache),
+            cache: CacheTier::new(&config.cache).map_err(StartError::DiskCache)?,
             access_log: AccessLog::open(&config.log.access_log).map_err(StartError::AccessLog)?,
             trusted_proxies: config.server.trusted_proxies.clone(),
         });

@@ -29,7 +29,10 @@ fn open(dir: &Path, budget: u64, max_object: u64) -> &'static DiskStorage {
 }
 
 fn key(name: &str) -> CacheKey {
-    CacheKey::new(format!("7:primary3:GET0:{}:{name}0:", name.len()), "primary")
+    CacheKey::new(
+        format!("7:primary3:GET0:{}:{name}0:", name.len()),
+        "primary",
+    )
 }
 
 fn meta_with(fresh: Duration, extra: Option<(&'static str, String)>) -> CacheMeta {
@@ -163,7 +166,8 @@ async fn disk_empty_body_round_trips() {
     fill(storage, &k, b"", 1).await;
     let (_, mut hit) = lookup(storage, &k).await.expect("hit");
     let (read, _, end) = read_all(&mut hit).await;
-    assert!(end.is_ok() && read.is_empty());
+    assert!(end.is_ok());
+    assert!(read.is_empty());
 }
 
 #[tokio::test]
@@ -191,8 +195,14 @@ async fn disk_eviction_stays_under_budget() {
     let storage = open(dir.path(), budget, 8 * KIB as u64);
     for n in 0..30 {
         fill(storage, &key(&format!("/f{n}")), &pattern(8 * KIB), 4 * KIB).await;
-        assert!(storage.stats().bytes <= budget, "over budget after fill {n}");
-        assert!(entry_bytes(dir.path()) <= budget, "disk over budget after fill {n}");
+        assert!(
+            storage.stats().bytes <= budget,
+            "over budget after fill {n}"
+        );
+        assert!(
+            entry_bytes(dir.path()) <= budget,
+            "disk over budget after fill {n}"
+        );
     }
     let stats = storage.stats();
     assert_eq!((stats.entries, stats.evictions), (10, 20));
@@ -208,8 +218,14 @@ async fn disk_eviction_follows_lru_order() {
     }
     assert!(lookup(storage, &key("/a")).await.is_some());
     fill(storage, &key("/d"), &pattern(KIB), KIB).await;
-    assert!(lookup(storage, &key("/b")).await.is_none(), "b was least recently used");
-    assert!(lookup(storage, &key("/a")).await.is_some(), "a was read after b");
+    assert!(
+        lookup(storage, &key("/b")).await.is_none(),
+        "b was least recently used"
+    );
+    assert!(
+        lookup(storage, &key("/a")).await.is_some(),
+        "a was read after b"
+    );
     assert!(!entry_path(dir.path(), &key("/b")).exists());
 }
 
@@ -222,13 +238,25 @@ async fn disk_restart_evicts_oldest_over_smaller_budget() {
         fill(storage, &key(name), &pattern(KIB), KIB).await;
     }
     let now = SystemTime::now();
-    set_mtime(&entry_path(dir.path(), &key("/a")), now - Duration::from_secs(60));
-    set_mtime(&entry_path(dir.path(), &key("/b")), now - Duration::from_secs(3600));
-    set_mtime(&entry_path(dir.path(), &key("/c")), now - Duration::from_secs(30));
+    set_mtime(
+        &entry_path(dir.path(), &key("/a")),
+        now - Duration::from_secs(60),
+    );
+    set_mtime(
+        &entry_path(dir.path(), &key("/b")),
+        now - Duration::from_secs(3600),
+    );
+    set_mtime(
+        &entry_path(dir.path(), &key("/c")),
+        now - Duration::from_secs(30),
+    );
     let reopened = open(dir.path(), (2 * entry) as u64, KIB as u64);
     assert_eq!(reopened.scan_report().evicted, 1);
     assert_eq!(reopened.stats().bytes, (2 * entry) as u64);
-    assert!(!entry_path(dir.path(), &key("/b")).exists(), "b had the oldest mtime");
+    assert!(
+        !entry_path(dir.path(), &key("/b")).exists(),
+        "b had the oldest mtime"
+    );
 }
 
 #[tokio::test]
@@ -291,7 +319,11 @@ async fn disk_partial_read_skips_checksum() {
     let k = key("/range-flip");
     let body = pattern(100 * KIB);
     fill(storage, &k, &body, 64 * KIB).await;
-    patch(&entry_path(dir.path(), &k), HEADER as u64, &[body[0] ^ 0xff]);
+    patch(
+        &entry_path(dir.path(), &k),
+        HEADER as u64,
+        &[body[0] ^ 0xff],
+    );
     let (_, mut hit) = lookup(storage, &k).await.expect("hit");
     hit.seek(10, Some(20)).expect("seek");
     let (read, _, end) = read_all(&mut hit).await;
@@ -345,13 +377,20 @@ async fn disk_orphan_temp_files_cleaned_at_open() {
     open(dir.path(), MIB as u64, MIB as u64);
     let tmp = dir.path().join("tmp");
     let me = std::process::id();
-    for name in ["junk".to_string(), format!("{me}-1-0.tmp"), "999999999-1-0.tmp".into()] {
+    for name in [
+        "junk".to_string(),
+        format!("{me}-1-0.tmp"),
+        "999999999-1-0.tmp".into(),
+    ] {
         fs::write(tmp.join(name), b"partial").expect("write temp");
     }
-    // pid 1 is always running: its temp file belongs to a live writer.
+    // pid 1 is always running: its recent temp file belongs to a live writer, its old one not.
     fs::write(tmp.join("1-1-0.tmp"), b"live").expect("write temp");
+    fs::write(tmp.join("1-2-0.tmp"), b"stalled").expect("write temp");
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+    set_mtime(&tmp.join("1-2-0.tmp"), two_hours_ago);
     let reopened = open(dir.path(), MIB as u64, MIB as u64);
-    assert_eq!(reopened.scan_report().temp_removed, 3);
+    assert_eq!(reopened.scan_report().temp_removed, 4);
     assert_eq!(temp_files(dir.path()), vec![tmp.join("1-1-0.tmp")]);
 }
 
@@ -385,7 +424,10 @@ async fn disk_update_meta_in_place_keeps_body() {
     let body = pattern(50 * KIB);
     fill(storage, &k, &body, 16 * KIB).await;
     let new = meta_with(Duration::from_secs(900), Some(("etag", "\"v2\"".into())));
-    assert!(storage.update_meta(&k, &new, &trace()).await.expect("update"));
+    assert!(storage
+        .update_meta(&k, &new, &trace())
+        .await
+        .expect("update"));
     let (meta, mut hit) = lookup(storage, &k).await.expect("hit");
     assert_eq!(
         meta.headers().get("etag").map(|v| v.as_bytes()),
@@ -413,7 +455,10 @@ async fn disk_update_meta_grown_header_copies_body() {
         })
         .collect();
     let new = meta_with(Duration::from_secs(900), Some(("x-long", noise)));
-    assert!(storage.update_meta(&k, &new, &trace()).await.expect("update"));
+    assert!(storage
+        .update_meta(&k, &new, &trace())
+        .await
+        .expect("update"));
     let (meta, mut hit) = lookup(storage, &k).await.expect("hit");
     assert!(meta.headers().get("x-long").is_some());
     assert_eq!(read_all(&mut hit).await.0, body);
@@ -470,9 +515,13 @@ async fn disk_purge_removes_entry() {
     fill(storage, &k, b"x", 1).await;
     let compact = k.to_compact();
     let target = PurgeTarget::Active(&compact);
-    let first = storage.purge(target, PurgeType::Invalidation, &trace()).await;
+    let first = storage
+        .purge(target, PurgeType::Invalidation, &trace())
+        .await;
     assert_eq!(first.expect("purge"), PurgeOutcome::Purged(None));
-    let again = storage.purge(target, PurgeType::Invalidation, &trace()).await;
+    let again = storage
+        .purge(target, PurgeType::Invalidation, &trace())
+        .await;
     assert_eq!(again.expect("purge"), PurgeOutcome::NotFound);
     assert!(!entry_path(dir.path(), &k).exists());
     assert_eq!(storage.stats().bytes, 0);
@@ -516,7 +565,9 @@ async fn disk_second_instance_adopts_entries() {
     let second = open(dir.path(), MIB as u64, MIB as u64);
     let k = key("/shared");
     fill(first, &k, b"shared body", 4).await;
-    let (_, mut hit) = lookup(second, &k).await.expect("hit written by the other instance");
+    let (_, mut hit) = lookup(second, &k)
+        .await
+        .expect("hit written by the other instance");
     assert_eq!(read_all(&mut hit).await.0, b"shared body");
     assert_eq!(second.stats().entries, 1);
 }
@@ -533,7 +584,11 @@ fn disk_refuses_foreign_directory() {
 #[test]
 fn disk_refuses_other_format() {
     let dir = tempfile::tempdir().expect("tempdir");
-    fs::write(dir.path().join("FORMAT"), b"mirror-gateway disk cache, format 0\n").expect("write");
+    fs::write(
+        dir.path().join("FORMAT"),
+        b"mirror-gateway disk cache, format 0\n",
+    )
+    .expect("write");
     let err = DiskStorage::open(dir.path(), MIB as u64, KIB as u64).err();
     assert!(matches!(err, Some(DiskError::Format { .. })), "{err:?}");
 }
@@ -615,7 +670,12 @@ const RSS_CHILD: &str = "MIRROR_DISK_RSS_CHILD";
 fn disk_streaming_memory_bound() {
     let exe = std::env::current_exe().expect("test binary");
     let output = Command::new(exe)
-        .args(["disk_streaming_memory_child", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "disk_streaming_memory_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(RSS_CHILD, "1")
         .output()
         .expect("run child");
@@ -655,28 +715,52 @@ async fn disk_streaming_memory_child() {
     let after_read = rss_kib();
     println!("rss KiB: before {before}, after write {after_write}, after read {after_read}");
     assert_eq!(total, 64 * MIB);
-    assert!(after_write.saturating_sub(before) < 20 * 1024, "write grew RSS");
-    assert!(after_read.saturating_sub(before) < 20 * 1024, "read grew RSS");
+    assert!(
+        after_write.saturating_sub(before) < 20 * 1024,
+        "write grew RSS"
+    );
+    assert!(
+        after_read.saturating_sub(before) < 20 * 1024,
+        "read grew RSS"
+    );
+}
+
+/// Rewrites an entry's meta 300 times while `reader` looks it up 300 times.
+async fn rewrite_while_reading(writer: &'static DiskStorage, reader: &'static DiskStorage) {
+    let k = key("/busy");
+    fill(writer, &k, &pattern(8 * KIB), 8 * KIB).await;
+    let reads = tokio::spawn({
+        let k = k.clone();
+        async move {
+            let mut lost = 0;
+            for _ in 0..300 {
+                if lookup(reader, &k).await.is_none() {
+                    lost += 1;
+                }
+            }
+            lost
+        }
+    });
+    for n in 0..300u32 {
+        let m = meta_with(Duration::from_secs(60), Some(("etag", format!("\"{n}\""))));
+        assert!(writer.update_meta(&k, &m, &trace()).await.expect("update"));
+    }
+    assert_eq!(reads.await.expect("reader"), 0, "hits lost during rewrites");
+    assert_eq!(reader.stats().corrupt_entries, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_header_rewrite_survives_concurrent_reads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = open(dir.path(), MIB as u64, MIB as u64);
-    let k = key("/busy");
-    fill(storage, &k, &pattern(8 * KIB), 8 * KIB).await;
-    let reader = tokio::spawn({
-        let k = k.clone();
-        async move {
-            for _ in 0..200 {
-                assert!(lookup(storage, &k).await.is_some(), "hit lost during rewrite");
-            }
-        }
-    });
-    for n in 0..200u32 {
-        let m = meta_with(Duration::from_secs(60), Some(("etag", format!("\"{n}\""))));
-        assert!(storage.update_meta(&k, &m, &trace()).await.expect("update"));
-    }
-    reader.await.expect("reader");
-    assert_eq!(storage.stats().corrupt_entries, 0);
+    rewrite_while_reading(storage, storage).await;
+}
+
+/// Two instances on one directory stand in for two processes: no shared locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_header_rewrite_by_other_instance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), MIB as u64, MIB as u64);
+    let reader = open(dir.path(), MIB as u64, MIB as u64);
+    rewrite_while_reading(writer, reader).await;
 }

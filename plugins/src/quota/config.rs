@@ -23,17 +23,17 @@ pub const DEFAULT_DOWNLOAD_PATHS: &[&str] = &[
 ];
 /// Key prefix in Redis unless `redis.key_prefix` is set.
 pub const DEFAULT_KEY_PREFIX: &str = "mirror-gateway:quota";
-/// Longest wait for Redis on the request path unless `redis.timeout_ms` is set.
+/// Maximum wait for Redis on the request path unless `redis.timeout_ms` is set.
 pub const DEFAULT_TIMEOUT_MS: u64 = 50;
 
-/// What happens to a request while the shared store cannot be reached.
+/// The handling of counted requests while the shared store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {
-    /// Count in this process alone until the store answers again.
+    /// Count in this process alone until the store responds again.
     #[default]
     FailOpen,
-    /// Turn counted requests away with 429 until the store answers again.
+    /// Reject counted requests with 429 until the store responds again.
     FailClosed,
 }
 

@@ -15,18 +15,19 @@
 //!
 //! # Counting
 //!
-//! Each path of a class is counted once per request. By default a request is checked and
+//! A request whose path is in a class is counted at most once. By default a request is checked and
 //! counted in one atomic step before the cache lookup, so cache hits count too. With
 //! `count_cache_hits = false` it is checked before the cache lookup and counted only when it
-//! goes to the origin; concurrent misses may then pass a budget by a few requests.
+//! goes to the origin. Concurrent misses may then pass a budget by a few requests, because
+//! each is checked before the others are counted.
 //!
 //! # Stores
 //!
 //! Counts live in a process-wide [`Registry`] keyed by domain id and class, so a plugin built
 //! again for the same domain (a config reload) keeps them, and a changed budget applies to the
 //! count so far. With a `redis` table the counts live in Redis and are shared by every gateway
-//! that uses it; while Redis does not answer, the plugin counts locally (`fail_open`) or turns
-//! counted requests away with 429 (`fail_closed`). A `state_file` keeps the local counts
+//! that uses it. While Redis does not respond, the plugin counts locally (`fail_open`) or
+//! rejects counted requests with 429 (`fail_closed`). A `state_file` keeps the local counts
 //! across restarts.
 
 mod config;
@@ -76,8 +77,8 @@ pub fn rejection_counts() -> Vec<RejectionCount> {
     Registry::global().rejections()
 }
 
-/// Writes every state file whose counts changed since its last write; for a graceful
-/// shutdown, as the periodic writes may be up to 5 seconds old.
+/// Writes every state file whose counts changed since its last write. Call it on a graceful
+/// shutdown, because the periodic writes may be up to 5 seconds old.
 pub fn save_state_files() {
     state_file::save_all(SystemTime::now());
 }
@@ -164,9 +165,9 @@ impl QuotaPlugin {
         self.rule_for(path).map(|rule| rule.class)
     }
 
-    /// Runs the request filter with `now` as the time: checks the request's budgets, counts it
-    /// (unless counting waits for the origin), and turns it away with 429 when a budget ran
-    /// out or the shared store is away and the plugin fails closed.
+    /// Runs the request filter with `now` as the time: checks the request's budgets and counts
+    /// it, unless counting waits for the origin. Rejects it with 429 when a budget ran out, or
+    /// when the shared store is unreachable and the plugin fails closed.
     pub async fn check_at(
         &self,
         req: &RequestInfo<'_>,
@@ -203,6 +204,8 @@ impl QuotaPlugin {
             Err(unavailable) => {
                 rule.counts.record_rejection(Reason::StoreUnavailable);
                 state.rejected_by = Some(REJECTED_BY);
+                // No counts are known, so no plugin's `RateLimit-*` fields go out.
+                state.rate_limit = None;
                 Verdict::Respond(store_unavailable(rule, unavailable))
             }
         }
@@ -237,7 +240,7 @@ impl QuotaPlugin {
         state.rate_limit = Some(budget);
     }
 
-    /// Returns the count of `principal` in `class` for `now`'s hour, as this process knows it.
+    /// Returns the count of `principal` in `class` for `now`'s hour in this process's counters.
     pub fn local_count(&self, class: Class, principal: &str, now: SystemTime) -> u64 {
         let rule = self.rule(class);
         let unlimited = Limits {
@@ -250,7 +253,7 @@ impl QuotaPlugin {
             .principal
     }
 
-    /// Returns whether Redis answered the last request; `None` without a `redis` table.
+    /// Returns whether the last Redis call succeeded; `None` without a `redis` table.
     pub fn redis_available(&self) -> Option<bool> {
         self.redis.as_ref().map(|r| r.available())
     }

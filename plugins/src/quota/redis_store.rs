@@ -1,7 +1,7 @@
 //! The shared store: counts in Redis, one key per domain, class, principal and hour, checked
-//! and counted by one Lua script so that every replica sees the same counts.
+//! and counted by one Lua script, so every replica works on the same counts.
 //!
-//! While Redis does not answer, [`RedisStore::run`] returns [`Unavailable`] at once, without
+//! While Redis does not respond, [`RedisStore::run`] returns [`Unavailable`] at once, without
 //! waiting, and the caller falls back (see the plugin's failure mode). One request probes Redis
 //! again after a backoff that starts at 250 ms and doubles up to 5 s. The switch to the fallback
 //! and the recovery are each logged once.
@@ -21,7 +21,7 @@ use super::window::Window;
 
 /// First wait before Redis is tried again after a failure.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
-/// Longest wait between two tries.
+/// Maximum wait between two tries.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Seconds a key outlives its hour, for replicas whose clocks run a little behind.
 const EXPIRY_MARGIN_SECS: u64 = 120;
@@ -50,7 +50,7 @@ return {1, p, d, 0}
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SCRIPT_SOURCE));
 
-/// What to do with a request's counters.
+/// The operation on a request's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Check both budgets and count the request if it fits.
@@ -71,7 +71,8 @@ impl Op {
     }
 }
 
-/// Redis did not answer; it is tried again in `retry_after_secs` at the earliest.
+/// The error of a failed Redis call. Redis is tried again in `retry_after_secs` at the
+/// earliest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable {
     pub retry_after_secs: u64,
@@ -117,7 +118,7 @@ impl RedisStore {
         }
     }
 
-    /// Returns what requests get while Redis does not answer.
+    /// Returns the handling of counted requests while Redis does not respond.
     pub fn failure_mode(&self) -> FailureMode {
         self.failure_mode
     }
@@ -250,8 +251,8 @@ impl RedisStore {
         Ok(conn)
     }
 
-    /// Lets a request use Redis: always while it is up, and while it is down only one request
-    /// once the backoff has passed (the probe; `Some`).
+    /// Decides whether a request may call Redis. While Redis is up, every request may. While
+    /// it is down, only one request may once the backoff has passed: the probe (`Some`).
     fn admit(&self, now: Instant) -> Result<Option<ProbeGuard<'_>>, Unavailable> {
         let mut health = self.health.lock();
         if !health.down {
@@ -272,7 +273,7 @@ impl RedisStore {
         if health.down {
             health.down = false;
             health.backoff = BACKOFF_FIRST;
-            info!(domain = %self.domain, "quota: Redis answers again; counting in Redis");
+            info!(domain = %self.domain, "quota: Redis responds again; counting in Redis");
         }
     }
 
@@ -291,7 +292,7 @@ impl RedisStore {
                 FailureMode::FailClosed => "turning counted requests away (fail_closed)",
             };
             warn!(domain = %self.domain, error = %reason,
-                "quota: Redis does not answer; {fallback} until it does");
+                "quota: Redis call failed; {fallback} until Redis responds again");
         } else if probe {
             health.backoff = (health.backoff * 2).min(BACKOFF_MAX);
             health.retry_at = now + health.backoff;

@@ -1,7 +1,7 @@
 //! Local counts: a registry of counters per domain and request class, each with an exact
 //! check-and-count per principal and for the whole domain.
 //!
-//! A principal's counter holds the count of one window (hour). A count from an older hour reads
+//! A principal's counter contains the count of one window (hour). A count from an older hour reads
 //! as 0 and is replaced on the next count; entries of older hours are pruned when a shard first
 //! sees a newer hour. A clock that steps back keeps counting against the newest hour it saw.
 
@@ -48,7 +48,7 @@ impl Class {
     }
 }
 
-/// Which budget a decision is about.
+/// The budget that a decision concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     /// One principal's budget.
@@ -57,7 +57,7 @@ pub enum Scope {
     Domain,
 }
 
-/// Why a request was turned away, for the rejection counters.
+/// The reason a request was rejected, for the rejection counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// The principal's budget ran out.
@@ -283,7 +283,7 @@ impl ClassCounts {
         })
     }
 
-    /// Counts the request whatever the budgets say; returns the counts after it.
+    /// Counts the request without checking the budgets; returns the counts after it.
     pub fn add(&self, principal: &str, hour: u64) -> Counts {
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.with_slots(principal, hour, |slot, domain| Counts {

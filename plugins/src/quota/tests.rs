@@ -528,7 +528,7 @@ fn redact_url_masks_password() {
     );
 }
 
-/// A loopback port with nothing listening on it.
+/// Returns a loopback port with nothing listening on it.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
@@ -584,7 +584,8 @@ fn redis_key_hashes_principal() {
         (parts[0], parts[1], parts[2], parts[3], parts[5]),
         ("mirror-gateway", "quota", "primary", "download", "490907")
     );
-    assert!(parts[4].len() == 16 && !key.contains("alice"), "{key}");
+    assert_eq!(parts[4].len(), 16, "{key}");
+    assert!(!key.contains("alice"), "{key}");
 }
 
 // --- state file ---------------------------------------------------------------------------
@@ -615,11 +616,14 @@ fn state_file_round_trip() {
     before
         .counts("primary", Class::Download)
         .add("ip:192.0.2.1", hour);
+
     let saved = StateFile::new(path.clone(), "primary", state_set(&before, "primary"));
     saved.save(at(20)).expect("save");
+
     let after = Registry::new();
     let loaded = StateFile::new(path, "primary", state_set(&after, "primary"));
     assert_eq!(loaded.load(at(30)), Ok(4));
+
     let limits = Limits {
         principal: 10,
         domain: Some(10),
@@ -781,7 +785,7 @@ async fn state_file_restores_counts_in_new_process() {
     drop(first);
     let second = build_in(&Registry::new(), "restart", &with_state_file(&path));
     // The build reads the file with the real clock; a test run across an hour boundary
-    // sees an empty window, which is the right answer there.
+    // finds an empty window, which is correct there.
     let expected = if Window::at(SystemTime::now()).hour == Window::at(now).hour {
         2
     } else {

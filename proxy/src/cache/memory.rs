@@ -5,9 +5,10 @@
 //! entry is published as complete only when its miss handler finishes. A fill that is dropped
 //! (origin error, client gone, too large) leaves nothing behind, and its readers get an error
 //! instead of a clean end, so a truncated body is never taken for a whole one.
-//! The byte budget is enforced by Pingora's LRU eviction manager, which the gateway passes to
-//! `HttpCache::enable` next to this storage: after each admission it asks the storage to purge
-//! the least recently used entries.
+//! The tier keeps itself within its byte budget: each published entry is admitted to a sharded
+//! LRU list (`pingora-lru`), and the least recently used entries are dropped until the total
+//! fits. Objects larger than `max_object_bytes` stream to their readers but are not kept, so one
+//! large bundle never pushes the small, hot indexes out.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -95,24 +96,36 @@ enum Progress {
     Aborted,
 }
 
+/// Shards of the LRU list; more shards mean less lock contention.
+const LRU_SHARDS: usize = 16;
+
 /// The memory tier. Entries are keyed by the combined cache key (primary key and variance).
 pub struct MemoryStorage {
     entries: RwLock<HashMap<HashBinary, Entry>>,
+    lru: pingora_lru::Lru<HashBinary, LRU_SHARDS>,
     /// At most one fill per key is visible to readers: the latest one started.
     in_flight: RwLock<HashMap<HashBinary, Arc<InFlight>>>,
     next_write_id: AtomicU64,
+    /// Largest body kept once complete.
     max_object_bytes: usize,
+    /// Largest body a fill may stream; larger fills fail.
+    max_stream_bytes: usize,
     stats: TierStats,
 }
 
 impl MemoryStorage {
-    /// Creates an empty tier that refuses objects larger than `max_object_bytes`.
-    pub fn new(max_object_bytes: usize) -> Self {
+    /// Creates an empty tier of `budget_bytes` that keeps objects up to `max_object_bytes` and
+    /// streams fills up to `max_stream_bytes` (at least `max_object_bytes`).
+    pub fn new(budget_bytes: usize, max_object_bytes: usize, max_stream_bytes: usize) -> Self {
+        // The capacity is only a preallocation hint: an estimate of 16 KiB per object.
+        let capacity = (budget_bytes / (16 * 1024)).max(64);
         Self {
             entries: RwLock::new(HashMap::new()),
+            lru: pingora_lru::Lru::with_capacity(budget_bytes, capacity),
             in_flight: RwLock::new(HashMap::new()),
             next_write_id: AtomicU64::new(1),
             max_object_bytes,
+            max_stream_bytes: max_stream_bytes.max(max_object_bytes),
             stats: TierStats::default(),
         }
     }
@@ -123,6 +136,7 @@ impl MemoryStorage {
     }
 
     fn remove(&self, key: &HashBinary) -> bool {
+        self.lru.remove(lru_key(key));
         let removed = self.entries.write().remove(key);
         if let Some(entry) = &removed {
             self.stats.entries.fetch_sub(1, Ordering::Relaxed);
@@ -133,8 +147,13 @@ impl MemoryStorage {
         removed.is_some()
     }
 
+    /// Publishes a complete entry, then drops least recently used entries until the tier fits
+    /// its budget. An entry larger than `max_object_bytes` is not kept.
     fn insert(&self, key: HashBinary, entry: Entry) {
         let size = entry.body.len() as u64;
+        if entry.body.len() > self.max_object_bytes {
+            return;
+        }
         let replaced = self.entries.write().insert(key, entry);
         match replaced {
             Some(old) => {
@@ -147,23 +166,62 @@ impl MemoryStorage {
             }
         }
         self.stats.bytes.fetch_add(size, Ordering::Relaxed);
+        self.lru.admit(lru_key(&key), key, size as usize);
+        for (evicted, _) in self.lru.evict_to_limit() {
+            if let Some(old) = self.entries.write().remove(&evicted) {
+                self.stats.entries.fetch_sub(1, Ordering::Relaxed);
+                self.stats
+                    .bytes
+                    .fetch_sub(old.body.len() as u64, Ordering::Relaxed);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
+
+    /// Publishes a complete object read from another tier, when it fits this one.
+    pub fn promote(&self, key: &CacheKey, meta: (Vec<u8>, Vec<u8>), body: Bytes) {
+        let entry = Entry {
+            meta,
+            body,
+            compact: key.to_compact(),
+            primary: key.primary_key().to_vec(),
+        };
+        self.insert(key.combined_bin(), entry);
+    }
+
+    /// Returns the largest body this tier keeps.
+    pub fn max_object_bytes(&self) -> usize {
+        self.max_object_bytes
+    }
+}
+
+/// The LRU list's key: the first 8 bytes of the combined cache key hash.
+fn lru_key(key: &HashBinary) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&key[..8]);
+    u64::from_le_bytes(bytes)
 }
 
 impl MemoryStorage {
     /// Removes every complete entry whose domain (the key's user tag) and primary key bytes
-    /// `matches` accepts, and returns their keys so the eviction manager can forget them.
+    /// `matches` accepts, and returns their keys.
     pub fn purge_matching(&self, matches: impl Fn(&str, &[u8]) -> bool) -> Vec<CompactCacheKey> {
         let mut removed = Vec::new();
+        let mut removed_keys = Vec::new();
         let mut bytes = 0u64;
-        self.entries.write().retain(|_, entry| {
+        self.entries.write().retain(|key, entry| {
             let keep = !matches(&entry.compact.user_tag, &entry.primary);
             if !keep {
                 bytes += entry.body.len() as u64;
                 removed.push(entry.compact.clone());
+                removed_keys.push(*key);
             }
             keep
         });
+        // The LRU list must forget them too, or their bytes keep counting against the budget.
+        for key in &removed_keys {
+            self.lru.remove(lru_key(key));
+        }
         self.stats
             .entries
             .fetch_sub(removed.len() as u64, Ordering::Relaxed);
@@ -221,6 +279,7 @@ impl Storage for MemoryStorage {
         match found {
             Some((meta, body)) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.lru.promote(lru_key(&key.combined_bin()));
                 let end = body.len();
                 Ok(Some((
                     meta?,
@@ -465,7 +524,7 @@ struct MemoryMiss {
 #[async_trait]
 impl HandleMiss for MemoryMiss {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
-        if self.size + data.len() > self.storage.max_object_bytes {
+        if self.size + data.len() > self.storage.max_stream_bytes {
             self.storage
                 .stats
                 .write_errors
@@ -473,8 +532,8 @@ impl HandleMiss for MemoryMiss {
             return Error::e_explain(
                 ErrorType::InternalError,
                 format!(
-                    "object exceeds the memory tier's limit of {} bytes",
-                    self.storage.max_object_bytes
+                    "object exceeds the cache's limit of {} bytes",
+                    self.storage.max_stream_bytes
                 ),
             );
         }
@@ -541,7 +600,7 @@ mod tests {
     }
 
     fn storage() -> &'static MemoryStorage {
-        Box::leak(Box::new(MemoryStorage::new(1024)))
+        Box::leak(Box::new(MemoryStorage::new(1 << 20, 1024, 1024)))
     }
 
     fn meta() -> CacheMeta {
@@ -677,7 +736,8 @@ mod streaming_tests {
 
     #[tokio::test]
     async fn partial_reader_follows_writer() {
-        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1024)));
+        let storage: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(1 << 20, 1024, 1024)));
         let key = CacheKey::new("s", "primary");
         let mut miss = storage
             .get_miss_handler(&key, &meta(), &inactive())
@@ -716,7 +776,8 @@ mod streaming_tests {
 
     #[tokio::test]
     async fn partial_reader_fails_on_abort() {
-        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1024)));
+        let storage: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(1 << 20, 1024, 1024)));
         let key = CacheKey::new("a", "primary");
         let mut miss = storage
             .get_miss_handler(&key, &meta(), &inactive())
@@ -745,7 +806,8 @@ mod streaming_tests {
 
     #[tokio::test]
     async fn streaming_write_lookup_finds_own_fill() {
-        let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1024)));
+        let storage: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(1 << 20, 1024, 1024)));
         let key = CacheKey::new("t", "primary");
         let miss = storage
             .get_miss_handler(&key, &meta(), &inactive())

@@ -1,52 +1,95 @@
-//! Cache wiring: the memory tier, cache keys, cacheability and `X-Cache-Status`.
+//! Cache wiring: the memory and disk tiers, cache keys, cacheability and `X-Cache-Status`.
 
 pub mod disk;
 pub mod memory;
 mod policy;
 mod status;
+pub mod tiered;
 
-use pingora::cache::eviction::lru::Manager as LruManager;
-use pingora::cache::eviction::EvictionManager;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora::cache::CacheEntryKey;
-use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache};
+use pingora::cache::predictor::Predictor;
+use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache, Storage};
 
+pub use disk::{DiskError, DiskSnapshot, DiskStorage};
 pub use memory::{MemoryStorage, TierSnapshot, TierStats};
 pub use policy::{decide_cacheability, NoStoreReason};
 pub use status::cache_status;
 
 use crate::config::CacheSettings;
 
-/// Shards of the LRU eviction manager; more shards mean less lock contention.
-const EVICTION_SHARDS: usize = 16;
+/// Shards of the predictor, and keys it remembers per shard.
+const PREDICTOR_SHARDS: usize = 16;
+const PREDICTOR_KEYS_PER_SHARD: usize = 1024;
 
 /// The cache objects one gateway instance uses for every request.
 ///
-/// Pingora needs `'static` references to the storage, eviction manager and lock, so they are
-/// leaked once per gateway instance: a process that starts one gateway leaks a fixed amount.
+/// Pingora needs `'static` references to the storage, predictor and lock, so they are leaked
+/// once per gateway instance: a process that starts one gateway leaks a fixed amount. Each tier
+/// keeps itself within its byte budget, so no Pingora eviction manager is used.
 pub struct CacheTier {
-    storage: &'static MemoryStorage,
-    eviction: &'static LruManager<EVICTION_SHARDS>,
+    memory: &'static MemoryStorage,
+    disk: Option<&'static DiskStorage>,
+    /// What Pingora reads and writes: the memory tier alone, or memory in front of disk.
+    storage: &'static (dyn Storage + Sync),
     lock: &'static CacheKeyLockImpl,
+    /// Remembers keys whose response outgrew `max_object_bytes`, so that their next requests
+    /// bypass the cache instead of failing again mid-body.
+    predictor: &'static Predictor<PREDICTOR_SHARDS>,
     lock_wait_timeout: std::time::Duration,
+    /// Largest response stored in any tier.
     max_object_bytes: usize,
 }
 
 impl CacheTier {
-    /// Creates the memory tier and its eviction manager and cache lock.
-    pub fn new(settings: &CacheSettings) -> Self {
-        // Capacity per shard is only a hint for preallocation: an estimate of 16 KiB per object.
-        let per_shard = (settings.memory_bytes / (16 * 1024) / EVICTION_SHARDS).max(64);
-        let eviction =
-            LruManager::<EVICTION_SHARDS>::with_capacity(settings.memory_bytes, per_shard);
+    /// Creates the memory tier, the disk tier when configured (scanning its directory), the
+    /// predictor and the cache lock.
+    pub fn new(settings: &CacheSettings) -> Result<Self, DiskError> {
+        let disk = match &settings.disk {
+            Some(disk) => {
+                let storage =
+                    DiskStorage::open(&disk.dir, disk.budget_bytes, disk.max_object_bytes)?;
+                let report = storage.scan_report();
+                tracing::info!(
+                    dir = %disk.dir.display(),
+                    entries = report.entries,
+                    bytes = report.bytes,
+                    corrupt_removed = report.corrupt_removed,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    "disk cache loaded"
+                );
+                Some(&*Box::leak(Box::new(storage)))
+            }
+            None => None,
+        };
+        let max_object_bytes = settings
+            .disk
+            .as_ref()
+            .map_or(settings.max_object_bytes, |d| {
+                usize::try_from(d.max_object_bytes).unwrap_or(usize::MAX)
+            })
+            .max(settings.max_object_bytes);
+        let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(
+            settings.memory_bytes,
+            settings.max_object_bytes,
+            max_object_bytes,
+        )));
+        let storage: &'static (dyn Storage + Sync) = match disk {
+            Some(disk) => Box::leak(Box::new(tiered::TieredStorage::new(memory, disk))),
+            None => memory,
+        };
         let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(settings.lock_age_timeout);
-        Self {
-            storage: Box::leak(Box::new(MemoryStorage::new(settings.max_object_bytes))),
-            eviction: Box::leak(Box::new(eviction)),
+        // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
+        // (`Custom`) keep looking up, and coalescing, every request.
+        let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));
+        Ok(Self {
+            memory,
+            disk,
+            storage,
             lock: Box::leak(lock),
+            predictor: Box::leak(Box::new(predictor)),
             lock_wait_timeout: settings.lock_wait_timeout,
-            max_object_bytes: settings.max_object_bytes,
-        }
+            max_object_bytes,
+        })
     }
 
     /// Turns the cache on for one request, with the lock that coalesces concurrent misses;
@@ -56,8 +99,8 @@ impl CacheTier {
         overrides.wait_timeout = Some(lock_wait_timeout.unwrap_or(self.lock_wait_timeout));
         cache.enable(
             self.storage,
-            Some(self.eviction),
             None,
+            Some(self.predictor),
             Some(self.lock),
             Some(overrides),
         );
@@ -71,19 +114,25 @@ impl CacheTier {
 
     /// Returns the memory tier's counters.
     pub fn memory_stats(&self) -> TierSnapshot {
-        self.storage.stats().snapshot()
+        self.memory.stats().snapshot()
     }
 
-    /// Removes the stored responses in `scope` and returns how many there were.
+    /// Returns the disk tier's counters, when there is a disk tier.
+    pub fn disk_stats(&self) -> Option<DiskSnapshot> {
+        self.disk.map(DiskStorage::stats)
+    }
+
+    /// Removes the stored responses in `scope` from every tier and returns how many entries
+    /// were removed. It does blocking file I/O when there is a disk tier.
     pub fn purge(&self, scope: &PurgeScope) -> usize {
-        let removed = self.storage.purge_matching(|domain, primary| {
+        let matches = |domain: &str, primary: &[u8]| {
             key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
-        });
-        for key in &removed {
-            let entry = CacheEntryKey::key_only(key.clone());
-            self.eviction.remove((&entry).into());
-        }
-        removed.len()
+        };
+        let memory = self.memory.purge_matching(matches).len();
+        let disk = self
+            .disk
+            .map_or(0, |d| d.purge_matching(matches).keys.len());
+        memory + disk
     }
 }
 

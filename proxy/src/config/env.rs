@@ -218,6 +218,7 @@ fn set_budget_alias(
              quota plugin of a domain the file defines"
         ));
     };
+
     walk.path = format!("domains.{id}.plugins");
     let plugins = domain
         .get_mut("plugins")
@@ -245,6 +246,7 @@ fn set_budget_alias(
             ))
         }
     };
+
     walk.path = format!("domains.{id}.plugins[{index}].{key}");
     let Some(entry) = plugins[index].as_table_mut() else {
         return Err("the quota plugin entry is not a table".into());

@@ -83,6 +83,18 @@ pub struct CacheSettings {
     pub lock_age_timeout: Duration,
     /// Whether responses that were not stored carry `X-Cache-Reason` with the reason label.
     pub debug_headers: bool,
+    /// The disk tier behind the memory tier, when configured.
+    pub disk: Option<DiskCacheSettings>,
+}
+
+/// The disk tier's directory and limits.
+#[derive(Debug, Clone)]
+pub struct DiskCacheSettings {
+    pub dir: PathBuf,
+    /// Byte budget of the directory's entries.
+    pub budget_bytes: u64,
+    /// Responses larger than this are served but not stored.
+    pub max_object_bytes: u64,
 }
 
 /// A mirror domain: its host names, routes, origins and plugin chain.

@@ -56,6 +56,9 @@ pub struct CacheSection {
     pub lock_wait_timeout_secs: u64,
     pub lock_age_timeout_secs: u64,
     pub debug_headers: bool,
+    pub disk_dir: Option<String>,
+    pub disk_bytes: ByteSize,
+    pub disk_max_object_bytes: ByteSize,
 }
 
 impl Default for CacheSection {
@@ -66,6 +69,9 @@ impl Default for CacheSection {
             lock_wait_timeout_secs: 30,
             lock_age_timeout_secs: 60,
             debug_headers: false,
+            disk_dir: None,
+            disk_bytes: ByteSize(20 << 30),
+            disk_max_object_bytes: ByteSize(4 << 30),
         }
     }
 }

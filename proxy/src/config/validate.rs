@@ -17,9 +17,9 @@ use super::schema::{
     ServerSection,
 };
 use super::{
-    AccessLogTarget, AdminSettings, CacheSettings, ConfigError, Domain, ExportTreeOrigin,
-    GatewayConfig, HttpOrigin, LogSettings, Origin, OriginKind, Route, ServerSettings,
-    StaleWindows,
+    AccessLogTarget, AdminSettings, CacheSettings, ConfigError, DiskCacheSettings, Domain,
+    ExportTreeOrigin, GatewayConfig, HttpOrigin, LogSettings, Origin, OriginKind, Route,
+    ServerSettings, StaleWindows,
 };
 use crate::client_ip::{Cidr, TrustedProxies};
 use crate::host::{HostError, HostMatcher};
@@ -101,7 +101,7 @@ pub(super) fn validate(
 
     let server = validate_server(server, &config_dir, &mut errors);
     let log = validate_log(log, &config_dir, &mut errors);
-    let cache = validate_cache(cache, &mut errors);
+    let cache = validate_cache(cache, &config_dir, &mut errors);
     let admin = validate_admin(admin, &config_dir, &mut errors);
     let domains = validate_domains(domains_value, &config_dir, &mut errors);
 
@@ -316,7 +316,7 @@ fn check_level(level: &str) -> Result<(), String> {
     }
 }
 
-fn validate_cache(s: CacheSection, errors: &mut Errors<'_>) -> Option<CacheSettings> {
+fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Option<CacheSettings> {
     let before = errors.list.len();
     if s.memory_bytes.0 < 1 << 20 {
         errors.push(
@@ -340,12 +340,34 @@ fn validate_cache(s: CacheSection, errors: &mut Errors<'_>) -> Option<CacheSetti
             errors.push(key, Some("0".into()), "must be at least 1 second");
         }
     }
+    let disk = s.disk_dir.as_ref().map(|d| DiskCacheSettings {
+        dir: resolve(dir, d),
+        budget_bytes: s.disk_bytes.0,
+        max_object_bytes: s.disk_max_object_bytes.0,
+    });
+    if let Some(disk) = &disk {
+        if disk.budget_bytes < 1 << 20 {
+            errors.push(
+                "cache.disk_bytes",
+                Some(disk.budget_bytes.to_string()),
+                "must be at least 1 MiB",
+            );
+        }
+        if disk.max_object_bytes == 0 || disk.max_object_bytes > disk.budget_bytes {
+            errors.push(
+                "cache.disk_max_object_bytes",
+                Some(disk.max_object_bytes.to_string()),
+                "must be between 1 and cache.disk_bytes; larger objects could never be stored",
+            );
+        }
+    }
     (errors.list.len() == before).then(|| CacheSettings {
         memory_bytes: usize::try_from(s.memory_bytes.0).unwrap_or(usize::MAX),
         max_object_bytes: usize::try_from(s.max_object_bytes.0).unwrap_or(usize::MAX),
         lock_wait_timeout: Duration::from_secs(s.lock_wait_timeout_secs),
         lock_age_timeout: Duration::from_secs(s.lock_age_timeout_secs),
         debug_headers: s.debug_headers,
+        disk,
     })
 }
 

@@ -12,7 +12,7 @@ use pingora::{Error, ErrorType};
 
 use super::format::{FormatError, Header, FIRST_READ};
 
-/// Why an entry file could not be used.
+/// Failure to use an entry file.
 #[derive(Debug)]
 pub enum ReadFailure {
     /// The file system failed; the file may be fine.

@@ -75,10 +75,10 @@ pub struct Header {
     pub meta: (Vec<u8>, Vec<u8>),
 }
 
-/// Why a header could not be decoded.
+/// Reason a header failed to decode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormatError {
-    /// The buffer holds fewer bytes than the header needs; read this many and retry.
+    /// The buffer is shorter than the header; read this many bytes and retry.
     Short(usize),
     BadMagic,
     Version(u32),
@@ -93,7 +93,7 @@ impl std::fmt::Display for FormatError {
             Self::BadMagic => write!(f, "bad magic"),
             Self::Version(v) => write!(f, "format version {v}, expected {VERSION}"),
             Self::HeaderChecksum => write!(f, "header checksum mismatch"),
-            Self::Invalid(why) => write!(f, "invalid header: {why}"),
+            Self::Invalid(reason) => write!(f, "invalid header: {reason}"),
         }
     }
 }
@@ -167,7 +167,7 @@ impl Header {
 
     /// Returns the size of the whole entry file.
     pub fn file_len(&self) -> u64 {
-        self.body_offset + self.body_len
+        self.body_offset.saturating_add(self.body_len)
     }
 
     /// Encodes bytes `0..meta_end` (the padding up to the body offset is not included).
@@ -189,6 +189,7 @@ impl Header {
         out.extend_from_slice(&self.stale_until.to_le_bytes());
         out.extend_from_slice(&self.key.primary_hash);
         out.extend_from_slice(&self.key.variance.unwrap_or_default());
+
         // Lengths fit: `check_limits` bounded them when the header was built.
         out.extend_from_slice(&(self.key.user_tag.len() as u16).to_le_bytes());
         out.extend_from_slice(&[0; 2]);
@@ -199,6 +200,7 @@ impl Header {
         out.extend_from_slice(&self.key.primary);
         out.extend_from_slice(&self.meta.0);
         out.extend_from_slice(&self.meta.1);
+
         let crc = crc32fast::hash(&out);
         out[12..16].copy_from_slice(&crc.to_le_bytes());
         out
@@ -206,7 +208,7 @@ impl Header {
 
     /// Decodes a header from the start of an entry file.
     ///
-    /// Returns `FormatError::Short(n)` when `buf` holds fewer than the `n` bytes needed.
+    /// Returns `FormatError::Short(n)` when `buf` contains fewer than the `n` bytes needed.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         if buf.len() < FIXED_LEN {
             return Err(FormatError::Short(FIXED_LEN));
@@ -219,6 +221,7 @@ impl Header {
         if version != VERSION {
             return Err(FormatError::Version(version));
         }
+
         let lens = [
             r.u16(88) as usize,
             r.u32(92) as usize,
@@ -235,6 +238,7 @@ impl Header {
         if buf.len() < meta_end {
             return Err(FormatError::Short(meta_end));
         }
+
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&buf[..12]);
         hasher.update(&[0; 4]);

@@ -23,7 +23,7 @@ const READ_CHUNK: u64 = 256 * 1024;
 
 /// A body reader over an open entry file; seekable, so ranges are served from disk.
 ///
-/// The file stays readable while the reader holds it, even if the entry is evicted or
+/// The file stays readable while the reader has it open, even if the entry is evicted or
 /// replaced meanwhile.
 pub struct DiskHit {
     storage: &'static DiskStorage,
@@ -67,11 +67,11 @@ impl DiskHit {
     }
 
     /// Deletes the entry as corrupt and returns the error that stops this read.
-    fn corrupt(&self, why: &str) -> Box<Error> {
-        self.storage.discard(&self.name, self.ino, why);
+    fn corrupt(&self, reason: &str) -> Box<Error> {
+        self.storage.discard(&self.name, self.ino, reason);
         Error::explain(
             ErrorType::FileReadError,
-            format!("disk cache: entry deleted, body unusable: {why}"),
+            format!("disk cache: entry deleted, body unusable: {reason}"),
         )
     }
 }

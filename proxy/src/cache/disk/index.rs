@@ -7,7 +7,7 @@ use pingora::cache::key::HashBinary;
 
 use super::format::EntryKey;
 
-/// What the index knows about one published entry file.
+/// Index record of one published entry file.
 #[derive(Debug, Clone)]
 pub struct Slot {
     /// Inode of the file, so a file replaced by another process is not deleted by mistake.

@@ -89,14 +89,14 @@ impl DiskMiss {
     }
 
     /// Ends the fill as failed: deletes the temp file and counts the error.
-    fn fail(&mut self, why: &str) {
+    fn fail(&mut self, reason: &str) {
         if let Some(writer) = self.writer.take() {
             // Drop the buffered bytes without writing them to a file about to be deleted.
             drop(writer.out.into_parts());
         }
         files::remove_quietly(&self.tmp);
         self.state = State::Failed;
-        self.storage.note_write_error(why);
+        self.storage.note_write_error(reason);
     }
 
     fn closed_error(&self) -> Box<Error> {
@@ -115,12 +115,12 @@ impl HandleMiss for DiskMiss {
         }
         let total = self.written + data.len() as u64;
         if total > self.storage.max_object {
-            let why = format!(
+            let reason = format!(
                 "body exceeds the disk cache object limit of {} bytes",
                 self.storage.max_object
             );
-            self.fail(&why);
-            return Error::e_explain(ErrorType::InternalError, format!("disk cache: {why}"));
+            self.fail(&reason);
+            return Error::e_explain(ErrorType::InternalError, format!("disk cache: {reason}"));
         }
         if data.is_empty() {
             return Ok(());
@@ -203,6 +203,7 @@ fn commit(
             storage.budget
         )));
     }
+
     let file = writer
         .out
         .into_inner()
@@ -216,6 +217,7 @@ fn commit(
             md.len()
         )));
     }
+
     let dst = storage.entry_path(&name);
     if let Some(shard) = dst.parent() {
         files::create_private_dir(shard)?;

@@ -4,7 +4,7 @@
 //!
 //! `<dir>/FORMAT` names the directory format; `<dir>/tmp/` holds fills in progress;
 //! `<dir>/ab/cd/<32 hex digits>` holds one published entry per combined cache key (primary
-//! hash plus variance), in the format of [`format`](self::format): a header with the key data,
+//! hash plus variance), in the layout documented in `format.rs`: a header with the key data,
 //! the serialized `CacheMeta` and checksums, then the body.
 //!
 //! # Crash safety and sharing
@@ -16,7 +16,9 @@
 //! retry a header that does not check out, and a header torn by a crash is found and deleted.
 //! Otherwise it copies the entry to a temp file and renames it. A body checksum is verified
 //! whenever a whole body is read; a mismatch is an error before the last chunk, so a corrupt
-//! body is never served as complete.
+//! body is never served as complete. The shard directory is not fsynced after a rename: after
+//! a power loss a just-published entry may be missing (its temp file is deleted at the next
+//! open), but never torn.
 //!
 //! # Eviction
 //!
@@ -26,10 +28,11 @@
 //! the total size of the entry files (headers included) is within the budget. The budget
 //! therefore holds from the first request after a restart, with no eviction state to load or
 //! save. Recency survives a restart through file mtimes, set when an entry is written and
-//! touched at most once a minute when it is read. Give Pingora no eviction manager for this
-//! tier, or one whose limit is not smaller than this budget (its purges are honoured).
-//! Expired entries are not deleted by eviction alone: call [`DiskStorage::sweep_expired`]
-//! periodically.
+//! touched at most once a minute when it is read. Sizes are apparent file sizes (header and
+//! body); `MissFinishType::Created` and `get_eviction_weight` report the same value. Give
+//! Pingora no eviction manager for this tier, or one whose limit is not smaller than this
+//! budget (its purges are honoured). Expired entries are not deleted by eviction alone: call
+//! [`DiskStorage::sweep_expired`] periodically.
 //!
 //! Two processes sharing the directory each keep their own index: while both run, the
 //! directory can hold up to twice the budget. Entries written by the other process are
@@ -60,7 +63,7 @@ const STRIPES: usize = 64;
 /// Shortest time between two logged write errors.
 const WRITE_ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
 
-/// Why a cache directory could not be opened.
+/// Error from opening a cache directory.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("disk cache: cannot {action} {}: {source}", path.display())]
@@ -135,14 +138,14 @@ impl DiskSnapshot {
     }
 }
 
-/// What [`DiskStorage::open`] found in the directory.
+/// Summary of the directory scan done by [`DiskStorage::open`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ScanReport {
     pub entries: u64,
     pub bytes: u64,
     pub corrupt_removed: u64,
     pub temp_removed: u64,
-    /// Entries evicted because the directory held more than the budget.
+    /// Entries evicted because the directory contained more than the budget.
     pub evicted: u64,
     pub elapsed: Duration,
 }
@@ -159,7 +162,7 @@ pub struct EntryInfo {
     pub stale_until: SystemTime,
 }
 
-/// What a purge or sweep removed.
+/// Entries removed by a purge or sweep.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PurgeReport {
     /// The keys of the removed entries (for an eviction manager that tracks them).
@@ -197,7 +200,7 @@ impl DiskStorage {
     ///
     /// `budget_bytes` bounds the total size of the entry files; `max_object_bytes` bounds one
     /// body and must not exceed the budget. Deletes orphaned temp files and corrupt entries, and
-    /// evicts the least recently used entries if the directory holds more than the budget.
+    /// evicts the least recently used entries if the directory contains more than the budget.
     /// Blocks while scanning: call it before serving, or from a blocking thread.
     pub fn open(dir: &Path, budget_bytes: u64, max_object_bytes: u64) -> Result<Self, DiskError> {
         check_limits(budget_bytes, max_object_bytes)?;
@@ -206,8 +209,9 @@ impl DiskStorage {
         scan::check_format(dir)?;
         let tmp = dir.join("tmp");
         files::create_private_dir(&tmp).map_err(|e| DiskError::io("create", &tmp, e))?;
-        let temp_removed = scan::clean_temp(&tmp)?;
+        let temp_removed = scan::clean_temp(&tmp, SystemTime::now())?;
         let found = scan::scan_entries(dir)?;
+
         let mut storage = Self {
             root: dir.to_path_buf(),
             tmp,
@@ -220,6 +224,7 @@ impl DiskStorage {
             scan: ScanReport::default(),
             next_write: AtomicU64::new(0),
         };
+
         storage
             .counters
             .corrupt
@@ -358,7 +363,8 @@ impl DiskStorage {
         for (name, slot) in victims {
             let path = self.entry_path(&name);
             if let Err(e) = files::remove_if_same(&path, slot.ino) {
-                tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot evict entry");
+                let path = path.display();
+                tracing::warn!(%path, error = %e, "disk cache: cannot evict entry");
             }
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         }
@@ -372,7 +378,8 @@ impl DiskStorage {
             };
             let path = self.entry_path(name);
             if let Err(e) = files::remove_if_same(&path, slot.ino) {
-                tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot delete entry");
+                let path = path.display();
+                tracing::warn!(%path, error = %e, "disk cache: cannot delete entry");
             }
             report.keys.push(slot.key.compact());
             report.bytes += slot.size();
@@ -381,13 +388,14 @@ impl DiskStorage {
     }
 
     /// Deletes a corrupt entry file (if it is still the one that was read) and counts it.
-    fn discard(&self, name: &HashBinary, ino: u64, why: &str) {
+    fn discard(&self, name: &HashBinary, ino: u64, reason: &str) {
         let path = self.entry_path(name);
         self.index.lock().remove_if_ino(name, ino);
         self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(path = %path.display(), reason = %why, "disk cache: deleting corrupt entry");
+        tracing::warn!(path = %path.display(), reason, "disk cache: deleting corrupt entry");
         if let Err(e) = files::remove_if_same(&path, ino) {
-            tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot delete corrupt entry");
+            let path = path.display();
+            tracing::warn!(%path, error = %e, "disk cache: cannot delete corrupt entry");
         }
     }
 
@@ -514,11 +522,19 @@ mod tests {
         let day_ago = SystemTime::now() - Duration::from_secs(86_400);
         let file = OpenOptions::new().write(true).open(&path).expect("open");
         file.set_modified(day_ago).expect("set mtime");
-        let storage: &'static DiskStorage =
-            Box::leak(Box::new(DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen")));
+        let storage: &'static DiskStorage = Box::leak(Box::new(
+            DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen"),
+        ));
         let trace = Span::inactive().handle();
-        assert!(storage.lookup(&key, &trace).await.expect("lookup").is_some());
-        let mtime = std::fs::metadata(&path).expect("stat").modified().expect("mtime");
+        assert!(storage
+            .lookup(&key, &trace)
+            .await
+            .expect("lookup")
+            .is_some());
+        let mtime = std::fs::metadata(&path)
+            .expect("stat")
+            .modified()
+            .expect("mtime");
         assert!(mtime > day_ago + Duration::from_secs(3600));
     }
 

@@ -23,13 +23,13 @@ use super::index::Slot;
 use super::miss::DiskMiss;
 use super::DiskStorage;
 
-/// Reads of a header that fails its checks before the entry counts as corrupt: another
-/// process may be rewriting it in place at that moment.
+/// Number of reads of a header that fails its checks before the entry counts as corrupt,
+/// because another process may be rewriting that header in place.
 const HEADER_READS: usize = 3;
 /// Shortest interval, in seconds, between two mtime updates of an entry that is read.
 const TOUCH_SECS: u64 = 60;
 
-/// How `rewrite_meta` changes an entry's meta.
+/// Change that `rewrite_meta` applies to an entry's meta.
 enum MetaChange {
     /// Store this serialized meta, with its (fresh until, stale until) times.
     Replace((Vec<u8>, Vec<u8>), (u64, u64)),
@@ -62,9 +62,9 @@ impl Storage for DiskStorage {
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
         let entry = EntryKey::new(key, key.primary_key());
-        let header = Header::new(entry, meta.serialize()?, times_of(meta)).map_err(|why| {
-            self.note_write_error(&why);
-            Error::explain(ErrorType::InternalError, format!("disk cache: {why}"))
+        let header = Header::new(entry, meta.serialize()?, times_of(meta)).map_err(|reason| {
+            self.note_write_error(&reason);
+            Error::explain(ErrorType::InternalError, format!("disk cache: {reason}"))
         })?;
         let miss = DiskMiss::start(self, key.combined_bin(), header).await?;
         Ok(Box::new(miss))
@@ -141,8 +141,8 @@ impl DiskStorage {
             Err((ReadFailure::Io(e), _)) => {
                 return Err(io_error(ErrorType::FileReadError, "read", &path, e))
             }
-            Err((ReadFailure::Corrupt(why), ino)) => {
-                self.discard(&name, ino, &why);
+            Err((ReadFailure::Corrupt(reason), ino)) => {
+                self.discard(&name, ino, &reason);
                 return Ok(None);
             }
         };
@@ -221,7 +221,7 @@ impl DiskStorage {
         self.delete_victims(victims);
     }
 
-    /// Deletes an entry's file and forgets it; returns whether there was one.
+    /// Deletes an entry's file and removes it from the index; returns whether there was one.
     fn remove_entry(&self, name: &HashBinary) -> io::Result<bool> {
         let known = self.index.lock().remove(name).is_some();
         match std::fs::remove_file(self.entry_path(name)) {
@@ -244,8 +244,8 @@ impl DiskStorage {
             Err((ReadFailure::Io(e), _)) => {
                 return Err(io_error(ErrorType::FileReadError, "read", &path, e))
             }
-            Err((ReadFailure::Corrupt(why), ino)) => {
-                self.discard(&name, ino, &why);
+            Err((ReadFailure::Corrupt(reason), ino)) => {
+                self.discard(&name, ino, &reason);
                 return Ok(false);
             }
         };
@@ -257,8 +257,8 @@ impl DiskStorage {
                 (meta.serialize()?, times_of(&meta))
             }
         };
-        let new = old.with_meta(meta, times).map_err(|why| {
-            Error::explain(ErrorType::InternalError, format!("disk cache: {why}"))
+        let new = old.with_meta(meta, times).map_err(|reason| {
+            Error::explain(ErrorType::InternalError, format!("disk cache: {reason}"))
         })?;
         if new.body_offset == old.body_offset {
             self.rewrite_in_place(&file, &new, &path)?;
@@ -294,7 +294,9 @@ impl DiskStorage {
             // Another process may have published a new body meanwhile: keep that one.
             match std::fs::symlink_metadata(path) {
                 Ok(now) if now.ino() == md.ino() => std::fs::rename(&tmp, path).map(|()| ino),
-                Ok(_) => Err(io::Error::other("entry was replaced during the rewrite")),
+                Ok(_) => Err(io::Error::other(
+                    "entry replaced by another writer during the meta rewrite; keeping it",
+                )),
                 Err(e) => Err(e),
             }
         });
@@ -347,7 +349,11 @@ fn copy_entry(src: &File, old: &Header, new: &Header, tmp: &Path) -> io::Result<
 
 /// Runs blocking work that returns a Pingora result on a blocking thread.
 async fn run<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::because(ErrorType::InternalError, "disk cache: blocking task", e))?
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        Error::because(
+            ErrorType::InternalError,
+            "disk cache: blocking file task failed",
+            e,
+        )
+    })?
 }

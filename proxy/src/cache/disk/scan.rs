@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pingora::cache::key::HashBinary;
 
@@ -21,6 +21,8 @@ const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_LINE: &str = "mirror-gateway disk cache, format 1";
 /// Corrupt entries logged one by one per scan; the rest only appear in the summary.
 const CORRUPT_LOG_LIMIT: u64 = 100;
+/// Age after which a temp file counts as abandoned even if its writer's pid is running.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
 /// Upper bound on scan threads.
 const MAX_SCAN_THREADS: usize = 8;
 
@@ -31,7 +33,7 @@ pub struct Found {
     pub slot: Slot,
 }
 
-/// What the scan found.
+/// Result of the entry scan.
 #[derive(Default)]
 pub struct Scan {
     pub found: Vec<Found>,
@@ -40,8 +42,8 @@ pub struct Scan {
 
 /// Checks the format file, writing it into a new or empty directory.
 ///
-/// Refuses a non-empty directory without a format file: it may be a mistyped path that holds
-/// someone else's data, which the cache would otherwise delete.
+/// Rejects a non-empty directory without a format file: it may be a mistyped path that
+/// contains someone else's data, which the cache would otherwise delete.
 pub fn check_format(root: &Path) -> Result<(), DiskError> {
     let path = root.join(FORMAT_FILE);
     match fs::read_to_string(&path) {
@@ -59,18 +61,23 @@ pub fn check_format(root: &Path) -> Result<(), DiskError> {
 /// Deletes temp files whose writer is gone; returns how many it deleted.
 ///
 /// A temp file belongs to a live writer only if the process named in its file name is running
-/// and is not this one (a restarted process has no writes in flight yet).
-pub fn clean_temp(tmp: &Path) -> Result<u64, DiskError> {
+/// and is not this one (a restarted process has no writes in flight yet), and the file was
+/// written to within [`STALE_TEMP_AGE`] of `now` (the pid may have been reused).
+pub fn clean_temp(tmp: &Path, now: SystemTime) -> Result<u64, DiskError> {
     let proc_available = Path::new("/proc/self").exists();
     let me = std::process::id();
     let mut removed = 0;
     for item in fs::read_dir(tmp).map_err(|e| DiskError::io("list", tmp, e))? {
         let item = item.map_err(|e| DiskError::io("list", tmp, e))?;
         let name = item.file_name().to_string_lossy().into_owned();
-        let live = files::temp_owner(&name).is_some_and(|pid| {
+        let owner_running = files::temp_owner(&name).is_some_and(|pid| {
             pid != me && proc_available && Path::new(&format!("/proc/{pid}")).exists()
         });
-        if !live {
+        let recent = item
+            .metadata()
+            .and_then(|md| md.modified())
+            .is_ok_and(|mtime| mtime + STALE_TEMP_AGE > now);
+        if !(owner_running && recent) {
             files::remove_quietly(&item.path());
             removed += 1;
         }
@@ -153,17 +160,20 @@ fn scan_dir(dir: &Path, scan: &mut Scan, logged: &AtomicU64) -> Result<(), DiskE
         match inspect(&path, name) {
             Ok(Some(found)) => scan.found.push(found),
             Ok(None) => {}
-            Err((ReadFailure::Corrupt(why), ino)) => {
+            Err((ReadFailure::Corrupt(reason), ino)) => {
                 scan.corrupt += 1;
                 if logged.fetch_add(1, Ordering::Relaxed) < CORRUPT_LOG_LIMIT {
-                    tracing::warn!(path = %path.display(), reason = %why, "disk cache: deleting corrupt entry");
+                    let path = path.display();
+                    tracing::warn!(%path, %reason, "disk cache: deleting corrupt entry");
                 }
                 if let Err(e) = files::remove_if_same(&path, ino) {
-                    tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot delete corrupt entry");
+                    let path = path.display();
+                    tracing::warn!(%path, error = %e, "disk cache: cannot delete corrupt entry");
                 }
             }
             Err((ReadFailure::Io(e), _)) => {
-                tracing::warn!(path = %path.display(), error = %e, "disk cache: cannot read entry; skipping it");
+                let path = path.display();
+                tracing::warn!(%path, error = %e, "disk cache: cannot read entry, skipping it");
             }
         }
     }
@@ -180,8 +190,8 @@ fn inspect(path: &Path, name: HashBinary) -> Result<Option<Found>, (ReadFailure,
     let md = file.metadata().map_err(|e| (ReadFailure::Io(e), 0))?;
     let header = files::read_header(&file, md.len()).map_err(|f| (f, md.ino()))?;
     if header.key.combined() != name {
-        let why = "key data does not match the file name".to_string();
-        return Err((ReadFailure::Corrupt(why), md.ino()));
+        let reason = "key data does not match the file name".to_string();
+        return Err((ReadFailure::Corrupt(reason), md.ino()));
     }
     let mtime = md.modified().unwrap_or(UNIX_EPOCH);
     let slot = Slot::new(

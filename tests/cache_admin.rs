@@ -1,0 +1,253 @@
+//! End-to-end: the admin listener's access control, cache statistics and purges.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::{basic, client, htpasswd_line, raw_get, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+
+const USER: &str = "admin";
+const PASSWORD: &str = "secret";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_off_without_section() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = gateway_config(origin.addr, "");
+    let gateway = TestGateway::start(dir.path(), &config);
+    assert_eq!(gateway.running.admin_addr(), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_needs_credentials() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    let url = format!("http://{admin}/cache/stats");
+
+    let anonymous = client().get(&url).send().await.expect("stats");
+    assert_eq!(anonymous.status(), 401);
+    let challenge = anonymous.headers().get("www-authenticate");
+    let challenge = challenge.and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(challenge.starts_with("Basic "), "challenge {challenge:?}");
+
+    let wrong = client()
+        .get(&url)
+        .header("authorization", basic(USER, "not the password"))
+        .send()
+        .await
+        .expect("stats");
+    assert_eq!(wrong.status(), 401, "wrong password");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_count_filled_objects() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    for path in ["/a", "/bb"] {
+        assert_eq!(get_cache_status(&gateway, PRIMARY, path).await, "MISS");
+    }
+    let (status, stats) = admin_request(admin, "GET", "/cache/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    let expected_bytes = "body of /a".len() + "body of /bb".len();
+    assert_eq!(memory_field(&stats, "entries"), Some(2), "{stats}");
+    assert_eq!(
+        memory_field(&stats, "bytes"),
+        Some(expected_bytes as u64),
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_one_path() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    fill(&gateway, PRIMARY, &["/a", "/b"]).await;
+    let (status, body) = admin_request(admin, "POST", "/cache/purge?domain=primary&path=/a").await;
+    assert_eq!((status, body.trim()), (200, "{\"purged\":1}"));
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/a").await, "MISS");
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/b").await, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_by_prefix() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    fill(&gateway, PRIMARY, &["/dir/a", "/dir/b", "/other"]).await;
+    let target = "/cache/purge?domain=primary&prefix=%2Fdir%2F";
+    let (status, body) = admin_request(admin, "POST", target).await;
+    assert_eq!((status, body.trim()), (200, "{\"purged\":2}"));
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/dir/a").await, "MISS");
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/dir/b").await, "MISS");
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/other").await, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_whole_domain() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    fill(&gateway, PRIMARY, &["/a", "/b"]).await;
+    fill(&gateway, COMMUNITY, &["/a"]).await;
+    let (status, body) = admin_request(admin, "POST", "/cache/purge?domain=primary").await;
+    assert_eq!((status, body.trim()), (200, "{\"purged\":2}"));
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/a").await, "MISS");
+    assert_eq!(get_cache_status(&gateway, COMMUNITY, "/a").await, "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_bad_requests() {
+    let origin = TestOrigin::start(|req| Reply::ok(&format!("body of {}", req.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    let cases = [
+        ("POST", "/cache/purge?domain=nowhere&path=/a", 404),
+        ("POST", "/cache/purge?path=/a", 400),
+        ("GET", "/cache/purge?domain=primary", 405),
+    ];
+    for (method, target, expected) in cases {
+        let (status, body) = admin_request(admin, method, target).await;
+        assert_eq!(status, expected, "{method} {target}: {body}");
+    }
+}
+
+/// Purged bytes leave the memory budget: after purging two of three 300 KiB objects from a
+/// 1 MiB tier, two new ones fit without evicting the third.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_frees_memory_budget() {
+    let origin = TestOrigin::start(|req| {
+        let mut reply = Reply::ok("");
+        reply.body = vec![req.target.as_bytes()[1]; 300 * 1024];
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = BASE_CONFIG
+        .replace("memory_bytes = \"64MiB\"", "memory_bytes = \"1MiB\"")
+        .replace(
+            "max_object_bytes = \"32MiB\"",
+            "max_object_bytes = \"1MiB\"",
+        );
+    let (gateway, admin) = start_with_admin_base(dir.path(), origin.addr, &base);
+    fill(&gateway, PRIMARY, &["/a", "/b", "/c"]).await;
+
+    for path in ["/a", "/b"] {
+        let target = format!("/cache/purge?domain=primary&path={path}");
+        let (status, body) = admin_request(admin, "POST", &target).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    fill(&gateway, PRIMARY, &["/d", "/e"]).await;
+
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/c").await, "HIT");
+    let (_, stats) = admin_request(admin, "GET", "/cache/stats").await;
+    assert_eq!(memory_field(&stats, "entries"), Some(3), "{stats}");
+    assert_eq!(memory_field(&stats, "evictions"), Some(0), "{stats}");
+}
+
+#[test]
+fn admin_listen_needs_htpasswd() {
+    let text = format!("{BASE_CONFIG}\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let path = Path::new("/nonexistent/gateway.toml");
+    let errors = match mirror_proxy::config::load_str(&text, path, Vec::new()) {
+        Ok(_) => panic!("[admin] listen without htpasswd was accepted"),
+        Err(errors) => errors,
+    };
+    assert!(
+        errors.iter().any(|e| e.key == "admin.htpasswd"),
+        "{errors:#?}"
+    );
+}
+
+/// Host of the `primary` domain.
+const PRIMARY: &str = "127.0.0.1";
+/// Host of the `community` domain.
+const COMMUNITY: &str = "community.test";
+
+/// Returns a config with domains `primary` (host [`PRIMARY`]) and `community` (host
+/// [`COMMUNITY`]), both in front of `origin` with no TTL rules, and `admin` (an `[admin]`
+/// table or nothing) before them.
+fn gateway_config(origin: SocketAddr, admin: &str) -> String {
+    let mut config = format!("{BASE_CONFIG}\n{admin}\n");
+    for (id, host) in [("primary", PRIMARY), ("community", COMMUNITY)] {
+        config.push_str(&format!(
+            r#"
+[domains.{id}]
+hosts = ["{host}"]
+[domains.{id}.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.{id}.routes]]
+prefix = "/"
+origin = "web"
+"#
+        ));
+    }
+    config
+}
+
+/// Starts a gateway with the admin listener on a free port and one admin user, and returns it
+/// with the admin address.
+fn start_with_admin(dir: &Path, origin: SocketAddr) -> (TestGateway, SocketAddr) {
+    start_with_admin_base(dir, origin, BASE_CONFIG)
+}
+
+/// Does what [`start_with_admin`] does, with `base` in place of [`BASE_CONFIG`].
+fn start_with_admin_base(dir: &Path, origin: SocketAddr, base: &str) -> (TestGateway, SocketAddr) {
+    let users = dir.join("admin.htpasswd");
+    let line = htpasswd_line(&["-B", "-C", "5"], USER, PASSWORD);
+    std::fs::write(&users, format!("{line}\n")).expect("write htpasswd");
+    let admin = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"",
+        users.display()
+    );
+    let config = gateway_config(origin, &admin).replacen(BASE_CONFIG, base, 1);
+    let gateway = TestGateway::start(dir, &config);
+    let addr = gateway.running.admin_addr().expect("admin listener");
+    (gateway, addr)
+}
+
+/// Sends `method target` to the admin listener with valid credentials, and returns the status
+/// and body.
+async fn admin_request(admin: SocketAddr, method: &str, target: &str) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let resp = client()
+        .request(method, format!("http://{admin}{target}"))
+        .header("authorization", basic(USER, PASSWORD))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("admin {target}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("admin body"))
+}
+
+/// Sends GET `path` to `host` and returns `X-Cache-Status`.
+async fn get_cache_status(gateway: &TestGateway, host: &str, path: &str) -> String {
+    let resp = raw_get(gateway.addr, path, &[("host", host)]).await;
+    assert_eq!(resp.status, 200, "{host}{path}");
+    resp.header("x-cache-status").unwrap_or("").to_string()
+}
+
+/// Fills every path of `paths` on `host`, and checks that the first request of each is a `MISS`
+/// and the second a `HIT`.
+async fn fill(gateway: &TestGateway, host: &str, paths: &[&str]) {
+    for path in paths {
+        assert_eq!(
+            get_cache_status(gateway, host, path).await,
+            "MISS",
+            "{path}"
+        );
+        assert_eq!(get_cache_status(gateway, host, path).await, "HIT", "{path}");
+    }
+}
+
+/// Reads the integer `field` of the `memory` object of a stats document.
+fn memory_field(stats: &str, field: &str) -> Option<u64> {
+    let memory = stats.split("\"memory\":{").nth(1)?.split('}').next()?;
+    let value = memory.split(&format!("\"{field}\":")).nth(1)?;
+    let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}

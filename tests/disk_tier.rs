@@ -1,0 +1,300 @@
+//! End-to-end: the disk tier behind the memory tier, across restarts, crashes and corruption.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+
+const BODY_LEN: usize = 256 * 1024;
+
+fn body() -> String {
+    (0..BODY_LEN)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect()
+}
+
+/// A config with a disk tier in `dir/disk`, a memory tier that keeps objects up to 64 KiB (so
+/// the 256 KiB body lives on disk only) and one HTTP origin.
+fn config(dir: &Path, origin: std::net::SocketAddr, listen: &str) -> String {
+    let base = BASE_CONFIG
+        .replace(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"{listen}\"]"),
+        )
+        .replace(
+            "max_object_bytes = \"32MiB\"",
+            "max_object_bytes = \"64KiB\"",
+        );
+    format!(
+        r#"{base}
+disk_dir = "{}"
+disk_bytes = "64MiB"
+disk_max_object_bytes = "16MiB"
+
+[domains.primary]
+hosts = ["127.0.0.1"]
+[domains.primary.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.primary.routes]]
+prefix = "/"
+origin = "web"
+"#,
+        dir.join("disk").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_entry_survives_restart() {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config(dir.path(), origin.addr, "127.0.0.1:0");
+
+    let first = TestGateway::start(dir.path(), &text);
+    let response = client()
+        .get(first.url("/bundle.json"))
+        .send()
+        .await
+        .expect("fill");
+    assert_eq!(response.headers()["x-cache-status"], "MISS");
+    assert_eq!(response.text().await.expect("body"), payload);
+    let hit = client()
+        .get(first.url("/bundle.json"))
+        .send()
+        .await
+        .expect("hit");
+    assert_eq!(hit.headers()["x-cache-status"], "HIT");
+    assert_eq!(
+        first.running.memory_stats().entries,
+        0,
+        "too large for memory"
+    );
+    first.running.shutdown();
+
+    let second = TestGateway::start(dir.path(), &text);
+    let after = client()
+        .get(second.url("/bundle.json"))
+        .send()
+        .await
+        .expect("after restart");
+    assert_eq!(after.headers()["x-cache-status"], "HIT");
+    assert_eq!(after.text().await.expect("body"), payload);
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_disk_hit_promoted_to_memory() {
+    let origin = TestOrigin::start(|_| Reply::ok("{\"small\":true}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config(dir.path(), origin.addr, "127.0.0.1:0");
+    let first = TestGateway::start(dir.path(), &text);
+    client()
+        .get(first.url("/index.json"))
+        .send()
+        .await
+        .expect("fill");
+    first.running.shutdown();
+
+    let second = TestGateway::start(dir.path(), &text);
+    assert_eq!(second.running.memory_stats().entries, 0);
+    let from_disk = client()
+        .get(second.url("/index.json"))
+        .send()
+        .await
+        .expect("disk hit");
+    assert_eq!(from_disk.headers()["x-cache-status"], "HIT");
+    assert_eq!(from_disk.text().await.expect("body"), "{\"small\":true}");
+    assert_eq!(second.running.memory_stats().entries, 1, "promoted");
+    let from_memory = client()
+        .get(second.url("/index.json"))
+        .send()
+        .await
+        .expect("memory hit");
+    assert_eq!(from_memory.headers()["x-cache-status"], "HIT");
+    assert_eq!(second.running.memory_stats().hits, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_hit_serves_range() {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
+    client()
+        .get(gateway.url("/bundle.json"))
+        .send()
+        .await
+        .expect("fill");
+    let ranged = client()
+        .get(gateway.url("/bundle.json"))
+        .header("range", "bytes=1000-1099")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.headers()["x-cache-status"], "HIT");
+    assert_eq!(ranged.text().await.expect("body"), &payload[1000..1100]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_disk_entry_never_served_whole() {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config(dir.path(), origin.addr, "127.0.0.1:0");
+    let first = TestGateway::start(dir.path(), &text);
+    client()
+        .get(first.url("/bundle.json"))
+        .send()
+        .await
+        .expect("fill");
+    first.running.shutdown();
+
+    let entry = entry_files(&dir.path().join("disk"))
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("one entry file");
+    let mut bytes = std::fs::read(&entry).expect("read entry");
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xff;
+    std::fs::write(&entry, bytes).expect("corrupt entry");
+
+    let second = TestGateway::start(dir.path(), &text);
+    let corrupt = client().get(second.url("/bundle.json")).send().await;
+    let whole = match corrupt {
+        Ok(response) => response.text().await.map(|t| t == payload).unwrap_or(false),
+        Err(_) => false,
+    };
+    assert!(!whole, "a corrupt entry was served as a whole body");
+    let fresh = client()
+        .get(second.url("/bundle.json"))
+        .send()
+        .await
+        .expect("refetch");
+    assert_eq!(fresh.headers()["x-cache-status"], "MISS");
+    assert_eq!(fresh.text().await.expect("body"), payload);
+    assert_eq!(origin.count(), 2);
+}
+
+/// Kills the gateway process with SIGKILL while it fills an entry from a slow origin, then
+/// starts it again on the same disk directory: the torn fill must not be a hit.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_mid_fill_leaves_no_entry() {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |req| {
+        let mut reply = Reply::ok(&served);
+        if req.target == "/slow.json" {
+            reply.delay = Duration::from_millis(1500);
+        }
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config(dir.path(), origin.addr, "127.0.0.1:0")
+        .replace("level = \"warn\"", "level = \"info\"");
+    std::fs::write(dir.path().join("gateway.toml"), &text).expect("write config");
+
+    let (mut child, addr) = spawn_gateway(dir.path());
+    let url = format!("http://{addr}/slow.json");
+    let pending = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(origin.count(), 1, "the fill reached the origin");
+    child.kill().expect("SIGKILL the gateway");
+    child.wait().expect("reap the gateway");
+    let _ = pending.await;
+
+    let (mut restarted, addr) = spawn_gateway(dir.path());
+    let after = client()
+        .get(format!("http://{addr}/slow.json"))
+        .send()
+        .await
+        .expect("after crash");
+    let status = after.headers()["x-cache-status"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    let text = after.text().await.expect("body");
+    restarted.kill().expect("stop the gateway");
+    restarted.wait().expect("reap the gateway");
+    assert_eq!(status, "MISS");
+    assert_eq!(text, payload);
+    assert_eq!(origin.count(), 2);
+}
+
+/// Starts the real binary on `dir/gateway.toml` and reads its listen address from the start-up
+/// log line.
+fn spawn_gateway(dir: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
+        .args(["run", "-c"])
+        .arg(dir.join("gateway.toml"))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mirror-gateway");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("mirror-gateway exited before logging its listeners");
+        };
+        if let Some(start) = line.find("http://") {
+            let rest = &line[start + "http://".len()..];
+            let end = rest.find(['"', ' ', ']']).unwrap_or(rest.len());
+            break rest[..end].to_string();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    wait_for(&addr);
+    (child, addr)
+}
+
+fn wait_for(addr: &str) {
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("mirror-gateway did not listen on {addr}");
+}
+
+fn entry_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "tmp") {
+                    stack.push(path);
+                }
+            } else if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 32)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
