@@ -516,6 +516,44 @@ async fn vary_during_fill() {
     assert_eq!(origin.count(), 2, "origin requests");
 }
 
+/// A request that finds no free origin slot in time gets the stale entry, as for any other
+/// origin failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_cap_serves_stale() {
+    let origin = ScriptOrigin::start(|req, index| match (req.target.as_str(), index) {
+        ("/busy", _) => Script {
+            delay: Duration::from_secs(3),
+            ..Script::ok("busy", "no-store")
+        },
+        (_, 0) => Script::ok("v1", "max-age=1"),
+        _ => Script::ok("v2", "max-age=60"),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0
+max_origin_requests = 1
+lock_wait_timeout_secs = 1";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let url = gateway.url("/stale.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    // Waits out max-age=1 without a request, because a request would revalidate at once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let busy_url = gateway.url("/busy");
+    let busy = tokio::spawn(async move { fetch(&busy_url, &[]).await });
+    poll(
+        || origin.count() == 2,
+        "the request that takes the only slot",
+    )
+    .await;
+
+    let stale = fetch(&url, &[]).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.text(), "v1");
+    assert_eq!(stale.cache, "STALE");
+    busy.abort();
+}
+
 /// Starts a gateway with domain `primary` on host `127.0.0.1` in front of the HTTP origin at
 /// `origin`, no TTL rules (the origin's `Cache-Control` decides), `domain_keys` added to the
 /// domain table and `[cache] debug_headers` set to `debug`.

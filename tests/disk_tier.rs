@@ -94,11 +94,13 @@ async fn small_disk_hit_promoted_to_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = config(dir.path(), origin.addr, "127.0.0.1:0");
     let first = TestGateway::start(dir.path(), &text);
-    client()
+    let filled = client()
         .get(first.url("/index.json"))
         .send()
         .await
         .expect("fill");
+    // The fill finishes when the body has been streamed.
+    filled.bytes().await.expect("fill body");
     first.running.shutdown();
 
     let second = TestGateway::start(dir.path(), &text);
@@ -127,11 +129,13 @@ async fn disk_hit_serves_range() {
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
-    client()
+    let filled = client()
         .get(gateway.url("/bundle.json"))
         .send()
         .await
         .expect("fill");
+    // The fill finishes when the body has been streamed.
+    filled.bytes().await.expect("fill body");
     let ranged = client()
         .get(gateway.url("/bundle.json"))
         .header("range", "bytes=1000-1099")
@@ -151,11 +155,13 @@ async fn corrupt_disk_entry_never_served_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = config(dir.path(), origin.addr, "127.0.0.1:0");
     let first = TestGateway::start(dir.path(), &text);
-    client()
+    let filled = client()
         .get(first.url("/bundle.json"))
         .send()
         .await
         .expect("fill");
+    // The fill finishes when the body has been streamed.
+    filled.bytes().await.expect("fill body");
     first.running.shutdown();
 
     let entry = entry_files(&dir.path().join("disk"))

@@ -108,8 +108,13 @@ fn ping(port: u16) -> bool {
 
 /// Builds a replica: a plugin with its own local counts, as another gateway process has.
 fn replica(server: &RedisServer, budget: u64, mode: &str) -> Arc<QuotaPlugin> {
+    replica_with(server, budget, mode, "")
+}
+
+/// Builds a replica with `extra` settings lines.
+fn replica_with(server: &RedisServer, budget: u64, mode: &str, extra: &str) -> Arc<QuotaPlugin> {
     let text = format!(
-        "index_per_hour = {budget}\ndownload_per_hour = {budget}\n\
+        "index_per_hour = {budget}\ndownload_per_hour = {budget}\n{extra}\n\
          [redis]\nurl = \"{}\"\nkey_prefix = \"test\"\ntimeout_ms = 2000\nfailure_mode = \"{mode}\"",
         server.url()
     );
@@ -146,6 +151,26 @@ async fn send(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (u16, String
             String::from_utf8_lossy(&local.body).into_owned(),
         ),
     }
+}
+
+/// Sends one index request as `user` that misses the cache: checked, then counted as it goes
+/// to the origin.
+async fn send_miss(plugin: &QuotaPlugin, user: &str, now: SystemTime) {
+    let headers = HeaderMap::new();
+    let mut state = RequestState {
+        user: Some(user.to_owned()),
+        ..RequestState::default()
+    };
+    let req = RequestInfo {
+        domain: "primary",
+        method: &Method::GET,
+        path: INDEX,
+        query: None,
+        headers: &headers,
+        client_addr: None,
+    };
+    plugin.check_at(&req, &mut state, now).await;
+    plugin.count_upstream_at(&mut state, now);
 }
 
 async fn statuses(plugin: &QuotaPlugin, user: &str, n: usize, now: SystemTime) -> Vec<u16> {
@@ -264,4 +289,21 @@ async fn redis_restarted_fail_closed_lets_requests_through() {
     wait_until_shared(std::slice::from_ref(&plugin)).await;
     let (up, _) = send(&plugin, "alice", SystemTime::now()).await;
     assert_eq!((down, up), (429, 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origin_counts_reach_other_replica() {
+    let server = RedisServer::start();
+    let late = "count_cache_hits = false";
+    let a = replica_with(&server, 2, "fail_open", late);
+    let b = replica_with(&server, 2, "fail_open", late);
+    let now = SystemTime::now();
+    send_miss(&a, "alice", now).await;
+    send_miss(&a, "alice", now).await;
+    // The origin counts go to Redis in the background, so poll the other replica.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while send(&b, "alice", now).await.0 == 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(send(&b, "alice", now).await.0, 429);
 }

@@ -161,6 +161,8 @@ impl App {
             ..
         } = self;
         server.run(RunArgs::default());
+        // Hourly request counts survive the restart that usually follows a shutdown.
+        mirror_plugins::quota::save_state_files();
         drop(runtime_dir);
     }
 
@@ -218,6 +220,11 @@ impl RunningGateway {
     /// Returns the memory tier's counters.
     pub fn memory_stats(&self) -> TierSnapshot {
         self.state.cache.memory_stats()
+    }
+
+    /// Returns the disk tier's counters, when there is a disk tier.
+    pub fn disk_stats(&self) -> Option<crate::cache::DiskSnapshot> {
+        self.state.cache.disk_stats()
     }
 
     /// Stops the gateway gracefully and waits for it.

@@ -229,6 +229,28 @@ impl MemoryStorage {
         removed
     }
 
+    /// Returns a reader of the complete entry of `key`, counting a hit, if there is one.
+    fn complete_hit(&self, key: &HashBinary) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let found = {
+            let entries = self.entries.read();
+            entries
+                .get(key)
+                .map(|e| (CacheMeta::deserialize(&e.meta.0, &e.meta.1), e.body.clone()))
+        };
+        let Some((meta, body)) = found else {
+            return Ok(None);
+        };
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        self.lru.promote(lru_key(key));
+        let end = body.len();
+        let reader = BytesHit {
+            body,
+            start: 0,
+            end,
+        };
+        Ok(Some((meta?, Box::new(reader))))
+    }
+
     fn partial_hit(
         &self,
         key: &HashBinary,
@@ -270,37 +292,21 @@ impl Storage for MemoryStorage {
         key: &CacheKey,
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let found = {
-            let entries = self.entries.read();
-            entries
-                .get(&key.combined_bin())
-                .map(|e| (CacheMeta::deserialize(&e.meta.0, &e.meta.1), e.body.clone()))
-        };
-        match found {
-            Some((meta, body)) => {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                self.lru.promote(lru_key(&key.combined_bin()));
-                let end = body.len();
-                Ok(Some((
-                    meta?,
-                    Box::new(BytesHit {
-                        body,
-                        start: 0,
-                        end,
-                    }),
-                )))
-            }
-            None => match self.partial_hit(&key.combined_bin(), None) {
-                Some(partial) => {
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    Ok(Some(partial))
-                }
-                None => {
-                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    Ok(None)
-                }
-            },
+        let key = key.combined_bin();
+        if let Some(hit) = self.complete_hit(&key)? {
+            return Ok(Some(hit));
         }
+        if let Some(partial) = self.partial_hit(&key, None) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(partial));
+        }
+        // A fill that finished between the two checks above published its entry before dropping
+        // its in-flight record, so the entry is there now.
+        if let Some(hit) = self.complete_hit(&key)? {
+            return Ok(Some(hit));
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        Ok(None)
     }
 
     async fn lookup_streaming_write(
