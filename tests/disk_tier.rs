@@ -32,8 +32,8 @@ fn config(dir: &Path, origin: std::net::SocketAddr, listen: &str) -> String {
     format!(
         r#"{base}
 disk_dir = "{}"
-disk_bytes = "64MiB"
-disk_max_object_bytes = "16MiB"
+disk_bytes = "256MiB"
+disk_max_object_bytes = "128MiB"
 
 [domains.primary]
 hosts = ["127.0.0.1"]
@@ -303,4 +303,66 @@ fn entry_files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     found
+}
+
+/// Concurrent requests for an object too large for memory share one origin request and stream
+/// it from the disk tier's temp file; memory does not grow with the object's size.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_fill_streams_from_disk() {
+    const LARGE: usize = 48 << 20;
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("");
+        reply.body = vec![b'x'; LARGE];
+        reply.delay = Duration::from_millis(300);
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
+    let before = resident_kib();
+
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let url = gateway.url("/big.bin");
+        clients.push(tokio::spawn(async move {
+            let mut response = client().get(url).send().await.expect("request");
+            let status = response.headers()["x-cache-status"]
+                .to_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut received = 0usize;
+            while let Some(chunk) = response.chunk().await.expect("chunk") {
+                assert!(chunk.iter().all(|b| *b == b'x'), "unexpected bytes");
+                received += chunk.len();
+            }
+            (status, received)
+        }));
+    }
+    for handle in clients {
+        let (status, received) = handle.await.expect("client");
+        assert_eq!(received, LARGE, "client got the whole body ({status})");
+    }
+    let growth_mib = resident_kib().saturating_sub(before) / 1024;
+    assert_eq!(origin.count(), 1);
+    assert_eq!(gateway.running.memory_stats().entries, 0);
+    assert!(
+        growth_mib < 40,
+        "resident memory grew by {growth_mib} MiB for a 48 MiB object"
+    );
+    let hit = client()
+        .get(gateway.url("/big.bin"))
+        .send()
+        .await
+        .expect("hit");
+    assert_eq!(hit.headers()["x-cache-status"], "HIT");
+    assert_eq!(hit.bytes().await.expect("body").len(), LARGE);
+}
+
+fn resident_kib() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -470,7 +470,7 @@ impl Gateway {
             }
             _ => {
                 tracing::warn!(domain = %domain.config.id, path = %ctx.path, "no free origin slot in time");
-                // An upstream-side error, so that a stale entry is served in its place.
+                // Marked as an origin-side error, so `should_serve_stale` serves a stale entry.
                 Err(Error::explain(
                     pingora::ErrorType::HTTPStatus(503),
                     "all origin slots of the domain stayed busy",

@@ -1,37 +1,130 @@
 //! The two cache tiers together: memory in front of disk.
 //!
-//! A lookup tries memory first (complete entries and fills in progress), then disk. A complete
-//! disk hit of an object small enough for memory is copied into memory as it is read, so the
-//! next request is served from memory. A fill writes to both tiers: readers stream it from
-//! memory while the disk copy is written, and the disk entry is published before the memory one.
-//! A disk write error turns the disk copy off for that object only; the client still gets the
-//! response and the memory copy. Each tier bounds itself; a purge removes from both.
+//! A lookup tries memory first (complete entries and fills in progress), then fills of large
+//! objects in progress, then disk. A complete disk hit of an object small enough for memory is
+//! copied into memory as it is read, so the next request is served from memory.
+//!
+//! A fill of an object whose `Content-Length` fits the memory tier (or is unknown) writes to
+//! both tiers: readers stream it from memory while the disk copy is written, and the disk entry
+//! is published before the memory one. A disk write error turns the disk copy off for that
+//! object only; the client still gets the response and the memory copy.
+//!
+//! A fill of a larger object goes to disk only, and its readers follow the temp file as it is
+//! written, so memory stays bounded whatever the object's size. A disk write error then fails
+//! that fill's readers, like an origin error would; the next request fetches the object again.
+//!
+//! Each tier bounds itself; a purge removes from both.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use std::any::Any;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use parking_lot::RwLock;
+use pingora::cache::key::{CacheHashKey, HashBinary};
+use pingora::cache::storage::streaming_write::U64WriteId;
 use pingora::cache::storage::{
     HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
     PurgeType,
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
-use pingora::Result;
+use pingora::{Error, ErrorType, Result};
 
-use super::disk::DiskStorage;
+use super::disk::{DiskMiss, DiskStorage, FileTap};
 use super::memory::MemoryStorage;
+
+/// Write ids of large fills have this bit set, so they never clash with the memory tier's.
+const LARGE_FILL_BIT: u64 = 1 << 63;
 
 /// Memory in front of disk, as one Pingora `Storage`.
 pub struct TieredStorage {
     memory: &'static MemoryStorage,
     disk: &'static DiskStorage,
+    /// Fills of objects too large for memory, readable through their temp files.
+    large_fills: RwLock<HashMap<HashBinary, Arc<LargeFill>>>,
+    next_large_id: AtomicU64,
+}
+
+/// A fill that goes to disk only.
+struct LargeFill {
+    id: u64,
+    meta: (Vec<u8>, Vec<u8>),
+    tap: FileTap,
 }
 
 impl TieredStorage {
     /// Puts `memory` in front of `disk`.
     pub fn new(memory: &'static MemoryStorage, disk: &'static DiskStorage) -> Self {
-        Self { memory, disk }
+        Self {
+            memory,
+            disk,
+            large_fills: RwLock::new(HashMap::new()),
+            next_large_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Returns a reader of the large fill of `key` in progress (of fill `id`, when given).
+    fn large_fill_hit(&self, key: &CacheKey, id: Option<u64>) -> Option<(CacheMeta, HitHandler)> {
+        let fill = self.large_fills.read().get(&key.combined_bin()).cloned()?;
+        if id.is_some_and(|id| id != fill.id) {
+            return None;
+        }
+        let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1).ok()?;
+        // The file is gone once the fill is published or failed; the caller then looks on disk.
+        let reader = fill.tap.reader().ok()?;
+        Some((meta, Box::new(reader)))
+    }
+
+    fn end_large_fill(&self, key: &HashBinary, id: u64) {
+        let mut fills = self.large_fills.write();
+        if fills.get(key).is_some_and(|fill| fill.id == id) {
+            fills.remove(key);
+        }
+    }
+
+    /// Starts a disk-only fill with readers, when the object is known to be too large for
+    /// memory and the disk accepts it.
+    async fn start_large_fill(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+    ) -> Option<MissHandler> {
+        let length: usize = meta
+            .headers()
+            .get(http::header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        if length <= self.memory.max_object_bytes() {
+            return None;
+        }
+        let mut disk = match self.disk.start_fill(key, meta).await {
+            Ok(disk) => disk,
+            Err(e) => {
+                tracing::debug!(error = %e, "not writing this object to the disk cache");
+                return None;
+            }
+        };
+        let id = self.next_large_id.fetch_add(1, Ordering::Relaxed) | LARGE_FILL_BIT;
+        let fill = LargeFill {
+            id,
+            meta: meta.serialize().ok()?,
+            tap: disk.tap(),
+        };
+        let name = key.combined_bin();
+        self.large_fills.write().insert(name, Arc::new(fill));
+        Some(Box::new(LargeMiss {
+            storage: self,
+            disk: Some(disk),
+            name,
+            id,
+            tag: U64WriteId::from(id),
+        }))
     }
 }
 
@@ -43,6 +136,9 @@ impl Storage for TieredStorage {
         trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         if let Some(hit) = self.memory.lookup(key, trace).await? {
+            return Ok(Some(hit));
+        }
+        if let Some(hit) = self.large_fill_hit(key, None) {
             return Ok(Some(hit));
         }
         let Some((meta, inner)) = self.disk.lookup(key, trace).await? else {
@@ -67,7 +163,11 @@ impl Storage for TieredStorage {
         streaming_write_tag: Option<&[u8]>,
         trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        match streaming_write_tag {
+        let id = streaming_write_tag
+            .and_then(|tag| U64WriteId::try_from(tag).ok())
+            .map(u64::from);
+        match id {
+            Some(id) if id & LARGE_FILL_BIT != 0 => Ok(self.large_fill_hit(key, Some(id))),
             Some(_) => {
                 self.memory
                     .lookup_streaming_write(key, streaming_write_tag, trace)
@@ -83,6 +183,9 @@ impl Storage for TieredStorage {
         meta: &CacheMeta,
         trace: &SpanHandle,
     ) -> Result<MissHandler> {
+        if let Some(large) = self.start_large_fill(key, meta).await {
+            return Ok(large);
+        }
         let memory = self.memory.get_miss_handler(key, meta, trace).await?;
         let disk = match self.disk.get_miss_handler(key, meta, trace).await {
             Ok(handler) => Some(handler),
@@ -249,5 +352,50 @@ impl HandleMiss for TeeMiss {
 
     fn streaming_write_tag(&self) -> Option<&[u8]> {
         self.memory.streaming_write_tag()
+    }
+}
+
+/// A disk-only fill whose readers follow the temp file.
+struct LargeMiss {
+    storage: &'static TieredStorage,
+    /// Taken by `finish`.
+    disk: Option<DiskMiss>,
+    name: HashBinary,
+    id: u64,
+    tag: U64WriteId,
+}
+
+#[async_trait]
+impl HandleMiss for LargeMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        match self.disk.as_mut() {
+            Some(disk) => disk.write_body(data, eof).await,
+            None => Error::e_explain(
+                ErrorType::InternalError,
+                "disk cache: the fill already ended",
+            ),
+        }
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        let finished = match self.disk.take() {
+            Some(disk) => Box::new(disk).finish().await,
+            None => Error::e_explain(
+                ErrorType::InternalError,
+                "disk cache: the fill already ended",
+            ),
+        };
+        self.storage.end_large_fill(&self.name, self.id);
+        finished
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(self.tag.as_bytes())
+    }
+}
+
+impl Drop for LargeMiss {
+    fn drop(&mut self) {
+        self.storage.end_large_fill(&self.name, self.id);
     }
 }

@@ -12,10 +12,12 @@ use bytes::Bytes;
 use pingora::cache::key::HashBinary;
 use pingora::cache::storage::{HandleMiss, MissFinishType};
 use pingora::{Error, ErrorType, Result};
+use tokio::sync::watch;
 
 use super::files::{self, blocking_io, io_error};
 use super::format::{unix_secs, Header};
 use super::index::Slot;
+use super::tail::{FileTap, TailProgress};
 use super::DiskStorage;
 
 /// Bytes buffered before a write reaches the temp file.
@@ -31,6 +33,9 @@ pub struct DiskMiss {
     /// Body bytes accepted so far.
     written: u64,
     state: State,
+    /// Readers following this fill through the temp file; set by [`DiskMiss::tap`], after
+    /// which every write is flushed to the file before it is announced.
+    tap: Option<watch::Sender<TailProgress>>,
 }
 
 /// The temp file and the running body checksum, moved to blocking threads for each write.
@@ -79,6 +84,7 @@ impl DiskMiss {
                 }),
                 written: 0,
                 state: State::Open,
+                tap: None,
             }),
             Err(e) => {
                 files::remove_quietly(&tmp);
@@ -88,8 +94,28 @@ impl DiskMiss {
         }
     }
 
+    /// Lets readers follow this fill as it is written: they read the temp file up to the
+    /// length announced in the returned tap, and get an error if the fill fails.
+    pub fn tap(&mut self) -> FileTap {
+        let sender = self
+            .tap
+            .get_or_insert_with(|| watch::channel(TailProgress::Writing(self.written)).0);
+        FileTap {
+            path: self.tmp.clone(),
+            body_offset: self.header.as_ref().map_or(0, |h| h.body_offset),
+            progress: sender.subscribe(),
+        }
+    }
+
+    fn announce(&self, progress: TailProgress) {
+        if let Some(tap) = &self.tap {
+            tap.send_replace(progress);
+        }
+    }
+
     /// Ends the fill as failed: deletes the temp file and counts the error.
     fn fail(&mut self, reason: &str) {
+        self.announce(TailProgress::Aborted);
         if let Some(writer) = self.writer.take() {
             // Drop the buffered bytes without writing them to a file about to be deleted.
             drop(writer.out.into_parts());
@@ -128,9 +154,13 @@ impl HandleMiss for DiskMiss {
         let Some(mut writer) = self.writer.take() else {
             return Err(self.closed_error());
         };
+        let flush = self.tap.is_some();
         let written = blocking_io(move || {
             writer.out.write_all(&data)?;
             writer.crc.update(&data);
+            if flush {
+                writer.out.flush()?;
+            }
             Ok(writer)
         })
         .await;
@@ -138,6 +168,7 @@ impl HandleMiss for DiskMiss {
             Ok(writer) => {
                 self.writer = Some(writer);
                 self.written = total;
+                self.announce(TailProgress::Writing(total));
                 Ok(())
             }
             Err(e) => {
@@ -160,6 +191,7 @@ impl HandleMiss for DiskMiss {
         match committed {
             Ok(size) => {
                 self.state = State::Done;
+                self.announce(TailProgress::Done(written));
                 Ok(MissFinishType::Created(
                     usize::try_from(size).unwrap_or(usize::MAX),
                 ))
@@ -175,6 +207,7 @@ impl HandleMiss for DiskMiss {
 impl Drop for DiskMiss {
     fn drop(&mut self) {
         if self.state == State::Open {
+            self.announce(TailProgress::Aborted);
             if let Some(writer) = self.writer.take() {
                 drop(writer.out.into_parts());
             }

@@ -45,6 +45,7 @@ mod index;
 mod miss;
 mod ops;
 mod scan;
+mod tail;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,8 @@ use pingora::cache::key::{CompactCacheKey, HashBinary};
 use self::files::LogLimiter;
 use self::format::{from_unix_secs, unix_secs};
 use self::index::{Index, Slot};
+pub use self::miss::DiskMiss;
+pub use self::tail::{FileTap, TailHit, TailProgress};
 use super::TierSnapshot;
 
 /// Number of lock stripes that order in-place header rewrites against header reads.

@@ -61,13 +61,7 @@ impl Storage for DiskStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        let entry = EntryKey::new(key, key.primary_key());
-        let header = Header::new(entry, meta.serialize()?, times_of(meta)).map_err(|reason| {
-            self.note_write_error(&reason);
-            Error::explain(ErrorType::InternalError, format!("disk cache: {reason}"))
-        })?;
-        let miss = DiskMiss::start(self, key.combined_bin(), header).await?;
-        Ok(Box::new(miss))
+        Ok(Box::new(self.start_fill(key, meta).await?))
     }
 
     async fn purge(
@@ -356,4 +350,17 @@ async fn run<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'stati
             e,
         )
     })?
+}
+
+impl DiskStorage {
+    /// Starts a fill of `key`: the concrete miss handler, so that the caller can also
+    /// [`DiskMiss::tap`] it.
+    pub async fn start_fill(&'static self, key: &CacheKey, meta: &CacheMeta) -> Result<DiskMiss> {
+        let entry = EntryKey::new(key, key.primary_key());
+        let header = Header::new(entry, meta.serialize()?, times_of(meta)).map_err(|reason| {
+            self.note_write_error(&reason);
+            Error::explain(ErrorType::InternalError, format!("disk cache: {reason}"))
+        })?;
+        DiskMiss::start(self, key.combined_bin(), header).await
+    }
 }
