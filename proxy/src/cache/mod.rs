@@ -122,17 +122,27 @@ impl CacheTier {
         self.disk.map(DiskStorage::stats)
     }
 
-    /// Removes the stored responses in `scope` from every tier and returns how many entries
-    /// were removed. It does blocking file I/O when there is a disk tier.
+    /// Removes the stored responses in `scope` from every tier and returns how many responses
+    /// were removed (one held in both tiers counts once). It does blocking file I/O when there
+    /// is a disk tier.
     pub fn purge(&self, scope: &PurgeScope) -> usize {
         let matches = |domain: &str, primary: &[u8]| {
             key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
         };
-        let memory = self.memory.purge_matching(matches).len();
-        let disk = self
-            .disk
-            .map_or(0, |d| d.purge_matching(matches).keys.len());
-        memory + disk
+        let mut removed: std::collections::HashSet<_> = self
+            .memory
+            .purge_matching(matches)
+            .iter()
+            .map(pingora::cache::key::CacheHashKey::combined_bin)
+            .collect();
+        if let Some(disk) = self.disk {
+            let keys = disk.purge_matching(matches).keys;
+            removed.extend(
+                keys.iter()
+                    .map(pingora::cache::key::CacheHashKey::combined_bin),
+            );
+        }
+        removed.len()
     }
 }
 
