@@ -2,9 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
@@ -209,7 +207,7 @@ async fn crash_mid_fill_leaves_no_entry() {
         .replace("level = \"warn\"", "level = \"info\"");
     std::fs::write(dir.path().join("gateway.toml"), &text).expect("write config");
 
-    let (mut child, addr) = spawn_gateway(dir.path());
+    let (mut child, addr) = common::spawn_gateway(dir.path());
     let url = format!("http://{addr}/slow.json");
     let pending = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -221,7 +219,7 @@ async fn crash_mid_fill_leaves_no_entry() {
     child.wait().expect("reap the gateway");
     let _ = pending.await;
 
-    let (mut restarted, addr) = spawn_gateway(dir.path());
+    let (mut restarted, addr) = common::spawn_gateway(dir.path());
     let after = client()
         .get(format!("http://{addr}/slow.json"))
         .send()
@@ -237,47 +235,6 @@ async fn crash_mid_fill_leaves_no_entry() {
     assert_eq!(status, "MISS");
     assert_eq!(text, payload);
     assert_eq!(origin.count(), 2);
-}
-
-/// Starts the real binary on `dir/gateway.toml` and reads its listen address from the start-up
-/// log line.
-fn spawn_gateway(dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
-        .args(["run", "-c"])
-        .arg(dir.join("gateway.toml"))
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mirror-gateway");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let Some(Ok(line)) = lines.next() else {
-            let _ = child.kill();
-            panic!("mirror-gateway exited before logging its listeners");
-        };
-        if let Some(start) = line.find("http://") {
-            let rest = &line[start + "http://".len()..];
-            let end = rest.find(['"', ' ', ']']).unwrap_or(rest.len());
-            break rest[..end].to_string();
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    wait_for(&addr);
-    (child, addr)
-}
-
-fn wait_for(addr: &str) {
-    for _ in 0..300 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("mirror-gateway did not listen on {addr}");
 }
 
 fn entry_files(dir: &Path) -> Vec<std::path::PathBuf> {

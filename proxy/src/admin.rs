@@ -6,6 +6,7 @@
 //! | method and path | what it does |
 //! |---|---|
 //! | `GET /cache/stats` | the cache tiers' counters as JSON |
+//! | `GET /limits/stats` | requests rejected by plugins, per domain and plugin, and the `quota` plugin's rejections per class and reason |
 //! | `POST /cache/purge?domain=D&path=P` | removes path `P` of domain `D` (every query and export; add `&query=Q` for one query) |
 //! | `POST /cache/purge?domain=D&prefix=P` | removes every path of `D` starting with `P` |
 //! | `POST /cache/purge?domain=D` | removes everything stored for `D` |
@@ -51,6 +52,7 @@ impl AdminApp {
                     self.state.cache.disk_stats(),
                 ),
             ),
+            (&Method::GET, "/limits/stats") => (StatusCode::OK, self.limits_json()),
             (&Method::POST, "/cache/purge") => match self.purge_scope(query) {
                 Ok(scope) => {
                     let state = Arc::clone(&self.state);
@@ -69,7 +71,7 @@ impl AdminApp {
                 }
                 Err((status, message)) => (status, error_json(&message)),
             },
-            (_, "/cache/stats" | "/cache/purge") => (
+            (_, "/cache/stats" | "/cache/purge" | "/limits/stats") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 error_json("use GET for /cache/stats and POST for /cache/purge"),
             ),
@@ -78,6 +80,38 @@ impl AdminApp {
                 error_json("unknown endpoint; see /cache/stats and /cache/purge"),
             ),
         }
+    }
+
+    fn limits_json(&self) -> String {
+        let plugins: Vec<String> = self
+            .state
+            .rejections
+            .lock()
+            .iter()
+            .map(|((domain, plugin), count)| {
+                format!(
+                    "{{\"domain\":{},\"plugin\":\"{plugin}\",\"count\":{count}}}",
+                    json_string(domain)
+                )
+            })
+            .collect();
+        let quota: Vec<String> = mirror_plugins::quota::rejection_counts()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"domain\":{},\"class\":\"{}\",\"reason\":\"{}\",\"count\":{}}}",
+                    json_string(&r.domain),
+                    r.class,
+                    r.reason,
+                    r.count
+                )
+            })
+            .collect();
+        format!(
+            "{{\"rejections\":[{}],\"quota\":[{}]}}\n",
+            plugins.join(","),
+            quota.join(",")
+        )
     }
 
     fn purge_scope(&self, query: Option<&str>) -> Result<PurgeScope, (StatusCode, String)> {
@@ -162,17 +196,23 @@ fn stats_json(memory: &TierSnapshot, disk: Option<crate::cache::DiskSnapshot>) -
     format!("{{\"memory\":{}{disk}}}\n", tier(memory))
 }
 
+/// Quotes `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn error_json(message: &str) -> String {
-    let escaped: String = message
-        .chars()
-        .flat_map(|c| match c {
-            '"' => vec!['\\', '"'],
-            '\\' => vec!['\\', '\\'],
-            c if c.is_control() => vec![' '],
-            c => vec![c],
-        })
-        .collect();
-    format!("{{\"error\":\"{escaped}\"}}\n")
+    format!("{{\"error\":{}}}\n", json_string(message))
 }
 
 /// Parses `a=1&b=2`, percent-decoding names and values; later duplicates win.

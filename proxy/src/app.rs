@@ -102,6 +102,7 @@ impl App {
 
         let state = Arc::new(GatewayState {
             debug_headers: config.cache.debug_headers,
+            rejections: Default::default(),
             router: Router::new(&config.domains).map_err(|e| StartError::Hosts(e.to_string()))?,
             domains,
             cache: CacheTier::new(&config.cache).map_err(StartError::DiskCache)?,

@@ -44,6 +44,8 @@ pub struct GatewayState {
     pub cache: CacheTier,
     pub access_log: AccessLog,
     pub trusted_proxies: TrustedProxies,
+    /// Requests a plugin rejected, by domain id and the plugin's label (`rejected_by`).
+    pub rejections: parking_lot::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
 }
 
 /// The proxy application that Pingora drives.
@@ -495,6 +497,10 @@ impl Gateway {
             .local_cache_status
             .unwrap_or_else(|| cache_status(&session.cache.phase()));
         let domain = self.state.domain(ctx);
+        if let (Some(domain), Some(by)) = (domain, ctx.plugin_state.rejected_by) {
+            let key = (domain.config.id.clone(), by);
+            *self.state.rejections.lock().entry(key).or_default() += 1;
+        }
         let duration = ctx.start.elapsed();
         let body_bytes = session.body_bytes_sent() as u64;
         let header = |name| {

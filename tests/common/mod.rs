@@ -398,3 +398,35 @@ pub fn basic(user: &str, password: &str) -> String {
     let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     format!("Basic {token}")
 }
+
+/// Starts the real binary on `dir/gateway.toml` and reads its listen address from the start-up
+/// log line, which needs `[log] level` at `info` or lower.
+pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
+        .args(["run", "-c"])
+        .arg(dir.join("gateway.toml"))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mirror-gateway");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("mirror-gateway exited before logging its listeners");
+        };
+        if let Some(start) = line.find("http://") {
+            let rest = &line[start + "http://".len()..];
+            let end = rest.find(['"', ' ', ']']).unwrap_or(rest.len());
+            break rest[..end].to_string();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let addr: SocketAddr = addr.parse().expect("the logged listen address");
+    wait_for_port(addr);
+    (child, addr)
+}
