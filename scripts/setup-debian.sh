@@ -10,7 +10,10 @@ set -euo pipefail
 
 # redis-server: plugins/tests/quota_redis.rs and bench/quota.sh start their own on a free
 # port; on a systemd host Debian also starts its service on 6379, which they do not use.
-PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk redis-server)
+# python3-venv: scripts/test.sh installs moto (the S3 server of the sync tests) into .venv.
+# chromium: tests/status_page.rs loads the admin status page in headless Chromium.
+PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk redis-server python3-venv
+    chromium)
 # nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
 # services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
 if [[ ${1:-} == --bench ]]; then

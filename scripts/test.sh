@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check of the project, stopping at the first failure:
-#   Debian packages, sample mirror data, cargo fmt, cargo clippy, cargo test, then the
-#   operator smoke tests against a gateway started here on a free loopback port.
+#   Debian packages, sample mirror data, cargo fmt, cargo clippy, moto in .venv (for the S3
+#   sync tests), cargo test, then the operator smoke tests against a gateway started here on
+#   a free loopback port.
 # GATEWAY_PROFILE=release smoke-tests a release build (default: debug, which cargo test
 # has mostly built already). Exits non-zero on any failure.
 set -euo pipefail
@@ -26,6 +27,8 @@ main() {
     cargo fmt --all -- --check
     section "cargo clippy"
     cargo clippy --workspace --all-targets -- -D warnings
+    section "moto (S3 test server) in .venv"
+    moto_venv
     section "cargo test"
     cargo test --workspace
     section "gateway build ($profile)"
@@ -37,6 +40,13 @@ main() {
     "$bin" check -c conf/gateway.toml
     smoke "$bin"
     section "all checks passed: fmt, clippy, cargo test, smoke tests"
+}
+
+# Creates .venv with moto's S3 server, which the sync crate's S3 tests start on a loopback
+# port (sync/tests/s3_moto.rs); they fail when it is missing.
+moto_venv() {
+    python3 -m venv .venv
+    .venv/bin/pip install -q "moto[server]==5.2.*"
 }
 
 section() {

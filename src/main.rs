@@ -37,6 +37,25 @@ enum Command {
         #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Sync the export trees once from their sources (S3 or a directory), then exit.
+    Sync {
+        /// File with the `[sync]` section: a sync file or the gateway's config file.
+        #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Run only this job (repeatable); all jobs when not given.
+        #[arg(long = "job", value_name = "NAME")]
+        jobs: Vec<String>,
+        /// Publish even when a snapshot removes more than `max_delete_fraction` of the files.
+        #[arg(long)]
+        allow_mass_delete: bool,
+    },
+    /// Ask the running gateway to reload its configuration (SIGHUP to the pid in
+    /// `server.pid_file`), as `nginx -s reload` does.
+    Reload {
+        /// Config file of the running gateway.
+        #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -49,7 +68,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Check { config }) => check(&config),
+        Some(Command::Reload { config }) => reload(&config),
         Some(Command::Run { config }) => run(&config),
+        Some(Command::Sync {
+            config,
+            jobs,
+            allow_mass_delete,
+        }) => sync(config, jobs, allow_mass_delete),
         None => run(&cli.config),
     }
 }
@@ -86,8 +111,21 @@ fn utf8_environment() -> Result<Vec<(String, String)>, ExitCode> {
 }
 
 fn check(path: &Path) -> ExitCode {
+    let mut sync_valid = true;
+    if has_sync_section(path) {
+        if let Err(errors) = mirror_sync::config::load(path) {
+            for error in &errors {
+                eprintln!("error: {error}");
+            }
+            eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
+            sync_valid = false;
+        }
+    }
     match load(path) {
-        Ok(config) => {
+        Ok(config) if sync_valid => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: configuration is valid ({} domain(s))",
                 path.display(),
@@ -95,7 +133,21 @@ fn check(path: &Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Ok(_) => ExitCode::FAILURE,
         Err(code) => code,
+    }
+}
+
+fn sync(config: PathBuf, jobs: Vec<String>, allow_mass_delete: bool) -> ExitCode {
+    mirror_proxy::logging::init("info");
+    let args = mirror_sync::SyncArgs {
+        config,
+        jobs,
+        allow_mass_delete,
+    };
+    match mirror_sync::run_once(&args) {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
     }
 }
 
@@ -125,7 +177,51 @@ fn run(path: &Path) -> ExitCode {
         domains = ?domains,
         "mirror-gateway starting"
     );
-    app.run();
+    app.run(&config.server.pid_file);
     tracing::info!("mirror-gateway stopped");
     ExitCode::SUCCESS
+}
+
+/// Sends SIGHUP to the gateway whose pid file the config names.
+fn reload(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let pid_file = &config.server.pid_file;
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok());
+    let Some(pid) = pid else {
+        eprintln!(
+            "error: {}: no pid file of a running gateway; is it running with this config?",
+            pid_file.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    ) {
+        Ok(()) => {
+            println!("sent SIGHUP to mirror-gateway (pid {pid}); its log tells whether the reload was applied");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot signal pid {pid} from {}: {e}",
+                pid_file.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns whether the file has a `[sync]` table; unreadable or invalid files are reported by
+/// the gateway's own validation.
+fn has_sync_section(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .is_some_and(|table| table.contains_key("sync"))
 }

@@ -118,27 +118,27 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// The access-log writer. Cloning shares the same background writer.
 #[derive(Clone)]
 pub struct AccessLog {
-    sender: Option<mpsc::Sender<String>>,
+    sender: Option<mpsc::Sender<Message>>,
+}
+
+enum Message {
+    Line(String),
+    /// Close and open the log file again, after logrotate moved it.
+    Reopen,
 }
 
 impl AccessLog {
     /// Opens the log target and starts its writer thread; `Off` writes nothing.
     pub fn open(target: &AccessLogTarget) -> io::Result<Self> {
-        let writer: Box<dyn Write + Send> = match target {
+        let writer = match target {
             AccessLogTarget::Off => return Ok(Self { sender: None }),
-            AccessLogTarget::Stdout => Box::new(io::stdout()),
-            AccessLogTarget::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
-            ),
+            target => open_target(target)?,
         };
-        let (sender, receiver) = mpsc::channel::<String>();
+        let (sender, receiver) = mpsc::channel::<Message>();
+        let target = target.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(receiver, writer))?;
+            .spawn(move || write_lines(receiver, writer, &target))?;
         Ok(Self {
             sender: Some(sender),
         })
@@ -149,19 +149,56 @@ impl AccessLog {
         if let Some(sender) = &self.sender {
             // The writer thread only stops when every sender is gone, so this cannot fail
             // while `self` exists.
-            let _ = sender.send(format_line(entry));
+            let _ = sender.send(Message::Line(format_line(entry)));
+        }
+    }
+
+    /// Reopens a log file (after logrotate renamed it); lines queued before are written to the
+    /// old file.
+    pub fn reopen(&self) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(Message::Reopen);
         }
     }
 }
 
+fn open_target(target: &AccessLogTarget) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        AccessLogTarget::Off | AccessLogTarget::Stdout => Box::new(io::stdout()),
+        AccessLogTarget::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+        ),
+    })
+}
+
 /// Writes lines as they come, flushing whenever the queue is empty.
-fn write_lines(receiver: mpsc::Receiver<String>, writer: Box<dyn Write + Send>) {
+fn write_lines(
+    receiver: mpsc::Receiver<Message>,
+    writer: Box<dyn Write + Send>,
+    target: &AccessLogTarget,
+) {
     let mut out = BufWriter::with_capacity(64 * 1024, writer);
     let mut failed = false;
-    while let Ok(line) = receiver.recv() {
-        let mut result = writeln!(out, "{line}");
-        while let Ok(more) = receiver.try_recv() {
-            result = result.and_then(|()| writeln!(out, "{more}"));
+    while let Ok(first) = receiver.recv() {
+        let mut result = Ok(());
+        for message in std::iter::once(first).chain(std::iter::from_fn(|| receiver.try_recv().ok()))
+        {
+            match message {
+                Message::Line(line) => result = result.and_then(|()| writeln!(out, "{line}")),
+                Message::Reopen => {
+                    result = result.and_then(|()| out.flush());
+                    match open_target(target) {
+                        Ok(writer) => out = BufWriter::with_capacity(64 * 1024, writer),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot reopen the access log; writing to the old file")
+                        }
+                    }
+                }
+            }
         }
         result = result.and_then(|()| out.flush());
         match result {

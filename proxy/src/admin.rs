@@ -1,10 +1,17 @@
-//! The admin listener: cache statistics and purges, on its own address with its own users.
+//! The admin listener: statistics, metrics, health and purges, on its own address with its own
+//! users.
 //!
 //! Off unless `[admin] listen` is set. Every request needs Basic Auth from the admin htpasswd
-//! file; there is no unauthenticated endpoint. Endpoints:
+//! file, except `GET /healthz` and `GET /readyz`, which probes reach without credentials.
+//! Endpoints:
 //!
 //! | method and path | what it does |
 //! |---|---|
+//! | `GET /healthz` | 200 `ok` while the process runs (no credentials) |
+//! | `GET /readyz` | 200 when ready to serve, else 503 with the reasons as JSON (no credentials) |
+//! | `GET /metrics` | Prometheus metrics, text exposition format |
+//! | `GET /status` | the live status page (HTML) |
+//! | `GET /status.json` | the status page's data: per-domain counters, cache tiers, origin health |
 //! | `GET /cache/stats` | the cache tiers' counters as JSON |
 //! | `GET /limits/stats` | requests rejected by plugins, per domain and plugin, and the `quota` plugin's rejections per class and reason |
 //! | `POST /cache/purge?domain=D&path=P` | removes path `P` of domain `D` (every query and export; add `&query=Q` for one query) |
@@ -15,8 +22,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use mirror_plugins::htpasswd::Htpasswd;
@@ -25,17 +33,31 @@ use pingora::protocols::http::ServerSession;
 
 use crate::cache::{PurgeScope, TierSnapshot};
 use crate::gateway::GatewayState;
+use crate::status::{self, Reply};
 
 /// The admin HTTP application.
 pub struct AdminApp {
-    state: Arc<GatewayState>,
+    /// The current gateway state; a reload swaps it.
+    state: Arc<ArcSwap<GatewayState>>,
     users: Arc<Htpasswd>,
+    /// The metrics and health that `/metrics`, `/readyz` and `/status.json` report.
+    monitor: Arc<crate::status::Monitor>,
 }
 
 impl AdminApp {
     /// Serves the admin API for `state`, to the users of `users`.
-    pub fn new(state: Arc<GatewayState>, users: Arc<Htpasswd>) -> Self {
-        Self { state, users }
+    pub fn new(state: Arc<ArcSwap<GatewayState>>, users: Arc<Htpasswd>) -> Self {
+        Self {
+            state,
+            users,
+            monitor: Arc::default(),
+        }
+    }
+
+    /// Reports `monitor`, the gateway instance's own, in place of an empty one.
+    pub fn with_monitor(mut self, monitor: Arc<crate::status::Monitor>) -> Self {
+        self.monitor = monitor;
+        self
     }
 
     async fn handle(
@@ -48,14 +70,14 @@ impl AdminApp {
             (&Method::GET, "/cache/stats") => (
                 StatusCode::OK,
                 stats_json(
-                    &self.state.cache.memory_stats(),
-                    self.state.cache.disk_stats(),
+                    &self.state.load().cache.memory_stats(),
+                    self.state.load().cache.disk_stats(),
                 ),
             ),
             (&Method::GET, "/limits/stats") => (StatusCode::OK, self.limits_json()),
             (&Method::POST, "/cache/purge") => match self.purge_scope(query) {
                 Ok(scope) => {
-                    let state = Arc::clone(&self.state);
+                    let state = self.state.load_full();
                     let task = tokio::task::spawn_blocking(move || {
                         let purged = state.cache.purge(&scope);
                         (scope, purged)
@@ -73,11 +95,13 @@ impl AdminApp {
             },
             (_, "/cache/stats" | "/cache/purge" | "/limits/stats") => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                error_json("use GET for /cache/stats and POST for /cache/purge"),
+                error_json("use GET for /cache/stats and /limits/stats, POST for /cache/purge"),
             ),
             _ => (
                 StatusCode::NOT_FOUND,
-                error_json("unknown endpoint; see /cache/stats and /cache/purge"),
+                error_json(
+                    "unknown endpoint; see /status, /metrics, /cache/stats and /cache/purge",
+                ),
             ),
         }
     }
@@ -85,6 +109,7 @@ impl AdminApp {
     fn limits_json(&self) -> String {
         let plugins: Vec<String> = self
             .state
+            .load()
             .rejections
             .lock()
             .iter()
@@ -121,7 +146,13 @@ impl AdminApp {
             .get("domain")
             .ok_or_else(|| bad("missing the `domain` parameter".into()))?
             .clone();
-        if !self.state.domains.iter().any(|d| d.config.id == domain) {
+        if !self
+            .state
+            .load()
+            .domains
+            .iter()
+            .any(|d| d.config.id == domain)
+        {
             return Err((StatusCode::NOT_FOUND, format!("no domain {domain:?}")));
         }
         let normalise = |name: &str, value: &str| {
@@ -148,34 +179,31 @@ impl AdminApp {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let (status, body) = match self.users.authenticate(&req.headers, Instant::now()).await {
-            Some(_) => {
-                let (method, path, query) = (
-                    req.method.clone(),
-                    req.uri.path().to_string(),
-                    req.uri.query().map(str::to_owned),
-                );
-                self.handle(&method, &path, query.as_deref()).await
-            }
-            None => (
-                StatusCode::UNAUTHORIZED,
-                error_json("valid admin credentials are required"),
-            ),
-        };
-        let mut builder = Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::CACHE_CONTROL, "no-store")
-            .header(http::header::CONTENT_LENGTH, body.len());
-        if status == StatusCode::UNAUTHORIZED {
-            builder = builder.header(
-                http::header::WWW_AUTHENTICATE,
-                "Basic realm=\"mirror-gateway admin\", charset=\"UTF-8\"",
-            );
+        let (method, path, query) = (
+            req.method.clone(),
+            req.uri.path().to_string(),
+            req.uri.query().map(str::to_owned),
+        );
+        let state = self.state.load_full();
+        let monitor = &self.monitor;
+        if let Some(reply) = status::public_endpoint(&state, monitor, &method, &path).await {
+            return reply.into_response();
         }
-        builder
-            .body(body.into_bytes())
-            .unwrap_or_else(|_| Response::new(Vec::new()))
+        if self
+            .users
+            .authenticate(&req.headers, Instant::now())
+            .await
+            .is_none()
+        {
+            let body = error_json("valid admin credentials are required");
+            return Reply::json(StatusCode::UNAUTHORIZED, body).into_response();
+        }
+        let now = SystemTime::now();
+        if let Some(reply) = status::admin_endpoint(&state, monitor, &method, &path, now) {
+            return reply.into_response();
+        }
+        let (status, body) = self.handle(&method, &path, query.as_deref()).await;
+        Reply::json(status, body).into_response()
     }
 }
 
@@ -197,7 +225,7 @@ fn stats_json(memory: &TierSnapshot, disk: Option<crate::cache::DiskSnapshot>) -
 }
 
 /// Quotes `text` as a JSON string.
-fn json_string(text: &str) -> String {
+pub(crate) fn json_string(text: &str) -> String {
     let mut out = String::from("\"");
     for c in text.chars() {
         match c {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -19,9 +20,8 @@ use tokio::sync::oneshot;
 use crate::access_log::AccessLog;
 use crate::cache::{CacheTier, TierSnapshot};
 use crate::config::{GatewayConfig, OriginKind};
-use crate::gateway::{DomainRuntime, Gateway, GatewayState};
+use crate::gateway::{Gateway, GatewayState};
 use crate::origin::file_server::file_server_service;
-use crate::routing::Router;
 use crate::upstream::Upstream;
 
 /// A gateway built from a config, with its listening sockets bound, ready to run.
@@ -30,6 +30,8 @@ pub struct App {
     listen: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     state: Arc<GatewayState>,
+    reloader: Arc<crate::reload::Reloader>,
+    monitor: Arc<crate::status::Monitor>,
     runtime_dir: RuntimeDir,
 }
 
@@ -56,8 +58,15 @@ pub enum StartError {
     },
     #[error("{0}; check cache.disk_dir")]
     DiskCache(crate::cache::DiskError),
-    #[error("invalid host names: {0}")]
+    #[error("{0}")]
     Hosts(String),
+    #[error("cannot listen on {addr}: {source}; free the port or change server.tls_listen")]
+    TlsListen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl App {
@@ -66,11 +75,24 @@ impl App {
         let runtime_dir = RuntimeDir::create(config.server.runtime_dir.as_deref())?;
         let server_conf = server_conf(config, runtime_dir.path());
         let mut server = Server::new_with_opt_and_conf(None, server_conf);
+        for warning in &config.warnings {
+            tracing::warn!(%warning, "config warning");
+        }
+        let tls = crate::tls::CertStore::from_config(config)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let tls_bound = bind_tls(&config.tls.listen)?;
+        let tls = Arc::new(crate::tls::TlsState::new(
+            Arc::new(crate::tls::TlsStore::new(tls)),
+            tls_bound.iter().map(|(addr, _)| *addr).collect(),
+        ));
 
-        let mut domains = Vec::new();
+        // The export-tree file servers run for the whole process; a reload reuses them.
+        let mut export_trees = std::collections::HashMap::new();
         for domain in &config.domains {
-            let mut upstreams = Vec::new();
             for origin in &domain.origins {
+                if !matches!(origin.kind, OriginKind::ExportTree(_)) {
+                    continue;
+                }
                 let upstream =
                     Upstream::new(&domain.id, origin, runtime_dir.path()).map_err(|reason| {
                         StartError::Origin {
@@ -79,9 +101,7 @@ impl App {
                             reason,
                         }
                     })?;
-                if let (Upstream::ExportTree { tree, socket }, OriginKind::ExportTree(_)) =
-                    (&upstream, &origin.kind)
-                {
+                if let Upstream::ExportTree { tree, socket } = &upstream {
                     let name = format!("export tree {}/{}", domain.id, origin.name);
                     let service = file_server_service(&name, Arc::clone(tree), socket);
                     let listener = bind_unix(socket)?;
@@ -89,30 +109,35 @@ impl App {
                         service,
                         vec![(socket_key(socket), listener.into_raw_fd())],
                     ));
+                    export_trees.insert(socket.clone(), tree.root().to_path_buf());
                 }
-                upstreams.push(upstream);
             }
-            let slots = usize::try_from(domain.max_origin_requests).unwrap_or(usize::MAX);
-            domains.push(DomainRuntime {
-                config: domain.clone(),
-                upstreams,
-                origin_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
-            });
         }
-
-        let state = Arc::new(GatewayState {
-            debug_headers: config.cache.debug_headers,
-            rejections: Default::default(),
-            router: Router::new(&config.domains).map_err(|e| StartError::Hosts(e.to_string()))?,
-            domains,
-            cache: CacheTier::new(&config.cache).map_err(StartError::DiskCache)?,
+        let shared = crate::reload::Shared {
+            cache: Arc::new(CacheTier::new(&config.cache).map_err(StartError::DiskCache)?),
             access_log: AccessLog::open(&config.log.access_log).map_err(StartError::AccessLog)?,
-            trusted_proxies: config.server.trusted_proxies.clone(),
-        });
+            rejections: Default::default(),
+            runtime_dir: runtime_dir.path().to_path_buf(),
+            export_trees,
+            tls: Arc::clone(&tls),
+        };
+        let state =
+            Arc::new(crate::reload::build_state(config, &shared).map_err(StartError::Hosts)?);
+        let current = Arc::new(ArcSwap::new(Arc::clone(&state)));
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            config,
+            Arc::clone(&current),
+            shared,
+        ));
+        server.add_service(pingora::services::background::background_service(
+            "config reload",
+            crate::reload::ReloadService(Arc::clone(&reloader)),
+        ));
 
+        let monitor = Arc::new(crate::status::Monitor::default());
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
-            Gateway::new(Arc::clone(&state)),
+            Gateway::new(Arc::clone(&current)).with_monitor(Arc::clone(&monitor)),
             "mirror-gateway proxy",
         );
         let mut prebound = Vec::new();
@@ -123,11 +148,17 @@ impl App {
             prebound.push((bound.to_string(), fd));
             listen.push(bound);
         }
+        for (bound, fd) in tls_bound {
+            let settings = crate::tls::listener_settings(tls.store()).map_err(StartError::Tls)?;
+            proxy.add_tls_with_settings(&bound.to_string(), None, settings);
+            prebound.push((bound.to_string(), fd));
+        }
         server.add_service(Prebound::new(proxy, prebound));
 
         let mut admin_addr = None;
         if let Some(admin) = &config.admin {
-            let app = crate::admin::AdminApp::new(Arc::clone(&state), Arc::clone(&admin.users));
+            let app = crate::admin::AdminApp::new(Arc::clone(&current), Arc::clone(&admin.users))
+                .with_monitor(Arc::clone(&monitor));
             let mut service =
                 pingora::services::listening::Service::new("mirror-gateway admin".into(), app);
             let (bound, fd) = bind_tcp(admin.listen)?;
@@ -135,11 +166,14 @@ impl App {
             server.add_service(Prebound::new(service, vec![(bound.to_string(), fd)]));
             admin_addr = Some(bound);
         }
+        server.add_service(crate::status::lifecycle_service(Arc::clone(&monitor)));
         Ok(Self {
             server,
             listen,
             admin_addr,
             state,
+            reloader,
+            monitor,
             runtime_dir,
         })
     }
@@ -154,8 +188,28 @@ impl App {
         self.admin_addr
     }
 
-    /// Runs until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade hand-over).
-    pub fn run(self) {
+    /// Returns the gateway's metrics and health, for the parts that report to them: TLS
+    /// handshakes, reloads, sync runs and the sync lag hook.
+    pub fn monitor(&self) -> Arc<crate::status::Monitor> {
+        Arc::clone(&self.monitor)
+    }
+
+    /// Returns the bound TLS listening addresses (port 0 resolved).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        self.state.tls.addrs()
+    }
+
+    /// Returns the certificate store of the TLS listeners; its `reload` swaps certificates.
+    pub fn tls_store(&self) -> Arc<crate::tls::TlsStore> {
+        Arc::clone(self.state.tls.store())
+    }
+
+    /// Runs until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade hand-over), with the
+    /// process id in `pid_file` for `mirror-gateway reload`.
+    pub fn run(self, pid_file: &Path) {
+        if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+            tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file; `mirror-gateway reload` will not find this process");
+        }
         let Self {
             server,
             runtime_dir,
@@ -164,6 +218,7 @@ impl App {
         server.run(RunArgs::default());
         // Hourly request counts survive the restart that usually follows a shutdown.
         mirror_plugins::quota::save_state_files();
+        let _ = std::fs::remove_file(pid_file);
         drop(runtime_dir);
     }
 
@@ -176,6 +231,8 @@ impl App {
             listen,
             admin_addr,
             state,
+            reloader,
+            monitor,
             runtime_dir,
         } = self;
         let thread = std::thread::Builder::new()
@@ -192,6 +249,8 @@ impl App {
             listen,
             admin_addr,
             state,
+            reloader,
+            monitor,
             shutdown: Some(sender),
             thread,
         }
@@ -203,6 +262,8 @@ pub struct RunningGateway {
     listen: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     state: Arc<GatewayState>,
+    reloader: Arc<crate::reload::Reloader>,
+    monitor: Arc<crate::status::Monitor>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -216,6 +277,27 @@ impl RunningGateway {
     /// Returns the admin listener's bound address, when one is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Returns the gateway's metrics and health (see [`App::monitor`]).
+    pub fn monitor(&self) -> Arc<crate::status::Monitor> {
+        Arc::clone(&self.monitor)
+    }
+
+    /// Returns the bound TLS listening addresses.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        self.state.tls.addrs()
+    }
+
+    /// Returns the certificate store of the TLS listeners; its `reload` swaps certificates.
+    pub fn tls_store(&self) -> Arc<crate::tls::TlsStore> {
+        Arc::clone(self.state.tls.store())
+    }
+
+    /// Reloads the config file now, with environment overrides from `env`, as SIGHUP does
+    /// with the process environment.
+    pub fn reload(&self, env: Vec<(String, String)>) -> crate::reload::ReloadOutcome {
+        self.reloader.reload_with(env)
     }
 
     /// Returns the memory tier's counters.
@@ -329,6 +411,15 @@ fn bind_tcp(addr: SocketAddr) -> Result<(SocketAddr, i32), StartError> {
     // Tokio refuses to adopt a blocking socket.
     listener.set_nonblocking(true).map_err(error)?;
     Ok((bound, listener.into_raw_fd()))
+}
+
+/// Binds each TLS listener like [`bind_tcp`]; an error names `server.tls_listen`.
+fn bind_tls(addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, i32)>, StartError> {
+    let rename = |e| match e {
+        StartError::Listen { addr, source } => StartError::TlsListen { addr, source },
+        other => other,
+    };
+    addrs.iter().map(|a| bind_tcp(*a).map_err(rename)).collect()
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{Method, StatusCode};
 use mirror_plugins::{LocalResponse, LogRecord, RequestInfo, RequestState, Verdict};
@@ -41,27 +42,46 @@ pub struct GatewayState {
     pub debug_headers: bool,
     pub router: Router,
     pub domains: Vec<DomainRuntime>,
-    pub cache: CacheTier,
+    /// Shared by every state a reload makes.
+    pub cache: Arc<CacheTier>,
     pub access_log: AccessLog,
     pub trusted_proxies: TrustedProxies,
     /// Requests a plugin rejected, by domain id and the plugin's label (`rejected_by`).
-    pub rejections: parking_lot::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+    pub rejections:
+        Arc<parking_lot::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+    /// Certificates, HTTPS addresses and the per-request TLS checks; shared by every state.
+    pub tls: Arc<crate::tls::TlsState>,
 }
 
 /// The proxy application that Pingora drives.
 pub struct Gateway {
-    state: Arc<GatewayState>,
+    /// The current state; a reload swaps in a new one, and each request keeps the state it
+    /// started with.
+    state: Arc<ArcSwap<GatewayState>>,
+    /// Where requests are counted for `/metrics` and the status page.
+    monitor: Arc<crate::status::Monitor>,
 }
 
 impl Gateway {
-    /// Wraps the gateway state.
-    pub fn new(state: Arc<GatewayState>) -> Self {
-        Self { state }
+    /// Serves requests with whatever state `state` holds when each request starts.
+    pub fn new(state: Arc<ArcSwap<GatewayState>>) -> Self {
+        Self {
+            state,
+            monitor: Arc::default(),
+        }
+    }
+
+    /// Counts requests in `monitor`, the gateway instance's own, in place of an unread one.
+    pub fn with_monitor(mut self, monitor: Arc<crate::status::Monitor>) -> Self {
+        self.monitor = monitor;
+        self
     }
 }
 
 /// Per-request state, created by `new_ctx` and filled in as the request moves on.
 pub struct RequestCtx {
+    /// The gateway state this request started with, kept across a reload.
+    state: Arc<GatewayState>,
     start: Instant,
     domain: Option<usize>,
     route: Option<usize>,
@@ -83,11 +103,14 @@ pub struct RequestCtx {
     attempts: usize,
     /// This request's origin slot, held until the request ends.
     origin_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// When the request first asked for an origin peer, for the upstream duration metric.
+    upstream_timer: crate::metrics::UpstreamTimer,
 }
 
 impl RequestCtx {
-    fn new() -> Self {
+    fn new(state: Arc<GatewayState>) -> Self {
         Self {
+            state,
             start: Instant::now(),
             domain: None,
             route: None,
@@ -102,6 +125,7 @@ impl RequestCtx {
             first_attempt: 0,
             attempts: 0,
             origin_slot: None,
+            upstream_timer: Default::default(),
         }
     }
 }
@@ -132,6 +156,7 @@ impl GatewayState {
         })?;
         ctx.domain = Some(domain_index);
         let domain = &self.domains[domain_index];
+        self.tls.check(session, &domain.config.id, host)?;
         if req.method != Method::GET && req.method != Method::HEAD {
             return Err(error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -197,6 +222,11 @@ impl GatewayState {
     }
 }
 
+/// Returns the id of the request's domain, once routing found one.
+fn domain_id(ctx: &RequestCtx) -> Option<&str> {
+    ctx.state.domain(ctx).map(|d| d.config.id.as_str())
+}
+
 /// Returns the IP address of the downstream connection's peer, if it is a TCP connection.
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
@@ -222,11 +252,11 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx::new()
+        RequestCtx::new(self.state.load_full())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        let state = Arc::clone(&self.state);
+        let state = Arc::clone(&ctx.state);
         let Err(local) = state.prepare(session, ctx).await else {
             return Ok(false);
         };
@@ -240,19 +270,18 @@ impl ProxyHttp for Gateway {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
+        let state = Arc::clone(&ctx.state);
         let method = &session.req_header().method;
         if ctx.route.is_some() && (method == Method::GET || method == Method::HEAD) {
-            let wait = self
-                .state
-                .domain(ctx)
-                .and_then(|d| d.config.lock_wait_timeout);
-            self.state.cache.enable(&mut session.cache, wait);
+            let wait = state.domain(ctx).and_then(|d| d.config.lock_wait_timeout);
+            state.cache.enable(&mut session.cache, wait);
         }
         Ok(())
     }
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
-        let domain = self.state.domain(ctx).ok_or_else(|| {
+        let state = Arc::clone(&ctx.state);
+        let domain = state.domain(ctx).ok_or_else(|| {
             Error::explain(
                 pingora::ErrorType::InternalError,
                 "cache key without a domain",
@@ -281,14 +310,14 @@ impl ProxyHttp for Gateway {
         resp: &ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<RespCacheable> {
+        let state = Arc::clone(&ctx.state);
         let forwarded = self.forwards_authorization(ctx)
             && session
                 .req_header()
                 .headers
                 .contains_key(http::header::AUTHORIZATION);
         let policy = ctx.plugin_state.cache_policy.as_ref();
-        let stale = self
-            .state
+        let stale = state
             .domain(ctx)
             .map_or(crate::config::StaleWindows::NONE, |d| d.config.stale);
         match decide_cacheability(resp, policy, forwarded, stale, SystemTime::now()) {
@@ -307,8 +336,10 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        let state = Arc::clone(&ctx.state);
+        ctx.upstream_timer.start(Instant::now());
         self.take_origin_slot(ctx).await?;
-        let upstream = self.state.upstream(ctx).ok_or_else(|| {
+        let upstream = state.upstream(ctx).ok_or_else(|| {
             Error::explain(pingora::ErrorType::InternalError, "no origin for the route")
         })?;
         upstream.peer(ctx.first_attempt, ctx.attempts)
@@ -321,7 +352,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let peers = self.state.upstream(ctx).map_or(1, Upstream::peer_count);
+        let state = Arc::clone(&ctx.state);
+        let peers = state.upstream(ctx).map_or(1, Upstream::peer_count);
         ctx.attempts += 1;
         if ctx.attempts < peers {
             tracing::warn!(peer = %peer, attempt = ctx.attempts, error = %e, "origin connect failed; trying the next address");
@@ -336,11 +368,12 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        let state = Arc::clone(&ctx.state);
         let uri = ctx.upstream_uri.parse().map_err(|e| {
             Error::because(pingora::ErrorType::InternalError, "invalid upstream URI", e)
         })?;
         upstream_request.set_uri(uri);
-        if let Some(upstream) = self.state.upstream(ctx) {
+        if let Some(upstream) = state.upstream(ctx) {
             upstream_request.insert_header(http::header::HOST, upstream.host())?;
         }
         if !self.forwards_authorization(ctx) {
@@ -357,7 +390,6 @@ impl ProxyHttp for Gateway {
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
-        let state = Arc::clone(&self.state);
         if let Some(domain) = state.domain(ctx) {
             for plugin in &domain.config.plugins {
                 plugin.upstream_request_filter(upstream_request, &mut ctx.plugin_state)?;
@@ -372,7 +404,13 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let state = Arc::clone(&self.state);
+        let state = Arc::clone(&ctx.state);
+        let elapsed = ctx.upstream_timer.elapsed(Instant::now());
+        let status = upstream_response.status.as_u16();
+        let now = SystemTime::now();
+        self.monitor
+            .metrics
+            .upstream_response(domain_id(ctx), status, elapsed, now);
         if let Some(domain) = state.domain(ctx) {
             for plugin in &domain.config.plugins {
                 plugin.upstream_response_filter(upstream_response, &mut ctx.plugin_state)?;
@@ -387,9 +425,10 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        let state = Arc::clone(&ctx.state);
         upstream_response
             .insert_header(CACHE_STATUS_HEADER, cache_status(&session.cache.phase()))?;
-        if self.state.debug_headers {
+        if state.debug_headers {
             let reason = match (ctx.no_store, session.cache.phase()) {
                 (Some(reason), _) => Some(reason.label()),
                 (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
@@ -399,7 +438,7 @@ impl ProxyHttp for Gateway {
                 upstream_response.insert_header("x-cache-reason", reason)?;
             }
         }
-        if let Some(domain) = self.state.domain(ctx) {
+        if let Some(domain) = state.domain(ctx) {
             for plugin in &domain.config.plugins {
                 plugin.response_filter(upstream_response, &ctx.plugin_state)?;
             }
@@ -412,9 +451,15 @@ impl ProxyHttp for Gateway {
     fn should_serve_stale(
         &self,
         _session: &mut Session,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
         error: Option<&Error>,
     ) -> bool {
+        // An origin failure answered from the cache never reaches `fail_to_proxy`.
+        if let Some(e) = error {
+            self.monitor
+                .metrics
+                .origin_error(domain_id(ctx), e, SystemTime::now());
+        }
         error.is_none_or(|e| e.esource() == &pingora::ErrorSource::Upstream)
     }
 
@@ -424,14 +469,17 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
+        let state = Arc::clone(&ctx.state);
+        self.monitor
+            .metrics
+            .origin_error(domain_id(ctx), e, SystemTime::now());
         let code = respond::status_for_error(e);
         if code > 0 {
             let status = cache_status(&session.cache.phase());
             respond::write_error(session, code, status).await;
         }
         if code >= 500 {
-            let domain = self
-                .state
+            let domain = state
                 .domain(ctx)
                 .map(|d| d.config.id.as_str())
                 .unwrap_or("-");
@@ -454,16 +502,17 @@ impl Gateway {
     /// Waits for one of the domain's origin slots, so that a cold cache cannot flood the
     /// origin; gives up with 503 after the domain's lock wait timeout.
     async fn take_origin_slot(&self, ctx: &mut RequestCtx) -> Result<()> {
+        let state = Arc::clone(&ctx.state);
         if ctx.origin_slot.is_some() {
             return Ok(());
         }
-        let Some(domain) = self.state.domain(ctx) else {
+        let Some(domain) = state.domain(ctx) else {
             return Ok(());
         };
         let wait = domain
             .config
             .lock_wait_timeout
-            .unwrap_or(self.state.cache.lock_wait_timeout());
+            .unwrap_or(state.cache.lock_wait_timeout());
         let slots = Arc::clone(&domain.origin_slots);
         match tokio::time::timeout(wait, slots.acquire_owned()).await {
             Ok(Ok(permit)) => {
@@ -483,26 +532,38 @@ impl Gateway {
     }
 
     fn forwards_authorization(&self, ctx: &RequestCtx) -> bool {
-        let route = self
-            .state
+        let state = Arc::clone(&ctx.state);
+        let route = state
             .domain(ctx)
             .and_then(|d| ctx.route.map(|r| &d.config.routes[r]));
         route.is_some_and(|r| r.forward_authorization)
     }
 
     fn log_request(&self, session: &Session, ctx: &RequestCtx) {
+        let state = Arc::clone(&ctx.state);
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let cache_status = ctx
             .local_cache_status
             .unwrap_or_else(|| cache_status(&session.cache.phase()));
-        let domain = self.state.domain(ctx);
+        let domain = state.domain(ctx);
         if let (Some(domain), Some(by)) = (domain, ctx.plugin_state.rejected_by) {
             let key = (domain.config.id.clone(), by);
-            *self.state.rejections.lock().entry(key).or_default() += 1;
+            *state.rejections.lock().entry(key).or_default() += 1;
         }
         let duration = ctx.start.elapsed();
         let body_bytes = session.body_bytes_sent() as u64;
+        self.monitor
+            .metrics
+            .observe_request(&crate::metrics::RequestRecord {
+                domain: domain.map(|d| d.config.id.as_str()),
+                method: &req.method,
+                status,
+                cache_status,
+                body_bytes,
+                duration,
+                background: ctx.plugin_state.background_refresh,
+            });
         let header = |name| {
             req.headers
                 .get(name)
@@ -510,7 +571,7 @@ impl Gateway {
         };
         let target = req.uri.path_and_query().map_or("-", |pq| pq.as_str());
         let version = format!("{:?}", req.version);
-        self.state.access_log.log(&AccessEntry {
+        state.access_log.log(&AccessEntry {
             remote_addr: ctx.client_ip.or_else(|| peer_ip(session)),
             user: ctx.plugin_state.user.as_deref(),
             time: SystemTime::now(),

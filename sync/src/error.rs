@@ -1,4 +1,4 @@
-//! Errors of a sync run: each says what failed, on which value, and what to do.
+//! Errors of a sync run: each names what failed, on which value, and what to do.
 
 use std::io;
 use std::path::PathBuf;
@@ -40,7 +40,7 @@ pub enum SyncError {
          directory; remove one of them at the source"
     )]
     KeyClash { file: String, nested: String },
-    /// The source holds export directories rather than the content of one export.
+    /// The source contains export directories rather than the content of one export.
     #[error(
         "source {source_name} holds export directories (key {key:?}); point the source at one \
          export, e.g. its `latest/` prefix or directory"

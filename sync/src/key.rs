@@ -7,22 +7,22 @@ use crate::error::SyncError;
 use crate::export_id;
 use crate::source::Listed;
 
-/// Longest key accepted, in bytes (S3's own limit is 1024).
+/// Maximum key length accepted, in bytes (S3's own limit is 1024).
 pub const MAX_KEY_LEN: usize = 1024;
 
 /// Longest path segment accepted, in bytes (the usual file name limit).
 pub const MAX_SEGMENT_LEN: usize = 255;
 
-/// What to do with a key that is safe to write.
+/// The handling of a key that is safe to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyUse {
     /// Copy it into the snapshot.
     Keep,
-    /// Leave it out: a segment starts with `.`, and the gateway never serves such names.
+    /// Leave it out: a segment starts with `.`, a name reserved for the task's own files.
     Hidden,
 }
 
-/// Classifies `key`, or says why it could escape the snapshot or cannot be a file name.
+/// Classifies `key`, or returns why it could escape the snapshot or cannot be a file name.
 pub fn check_key(key: &str) -> Result<KeyUse, &'static str> {
     if key.is_empty() {
         return Err("is empty");
@@ -56,8 +56,8 @@ pub fn check_key(key: &str) -> Result<KeyUse, &'static str> {
 ///
 /// Drops hidden keys and empty "directory marker" objects (a zero-byte key that is also a
 /// directory of other keys). Fails on the first unsafe key, on a key that is both a file and
-/// a directory, on duplicate keys, and when the first segment of a key is an export id (the
-/// source is a tree of exports rather than one export).
+/// a directory, and on duplicate keys. Also fails when the first segment of a key is an
+/// export id, because then the source is a tree of exports rather than one export.
 pub fn check_listing(source_name: &str, listing: Vec<Listed>) -> Result<Vec<Listed>, SyncError> {
     let mut kept = Vec::with_capacity(listing.len());
     for entry in listing {
@@ -162,7 +162,8 @@ mod tests {
 
     #[test]
     fn check_listing_rejects_file_and_dir() {
-        let err = check_listing("src", vec![listed("a", 3), listed("a/b", 1)]).unwrap_err();
+        let err =
+            check_listing("src", vec![listed("a", 3), listed("a/b", 1)]).expect_err("must fail");
         assert!(matches!(err, SyncError::KeyClash { .. }), "{err}");
     }
 
@@ -175,7 +176,8 @@ mod tests {
 
     #[test]
     fn check_listing_rejects_export_trees() {
-        let err = check_listing("src", vec![listed("20260101T120000Z/mirror/x", 1)]).unwrap_err();
+        let err = check_listing("src", vec![listed("20260101T120000Z/mirror/x", 1)])
+            .expect_err("must fail");
         assert!(matches!(err, SyncError::NestedExports { .. }), "{err}");
     }
 

@@ -33,6 +33,33 @@ pub struct GatewayConfig {
     /// The admin listener, when configured.
     pub admin: Option<AdminSettings>,
     pub domains: Vec<Domain>,
+    /// TLS listeners, each domain's certificate and HTTPS redirect, the default certificate.
+    pub tls: TlsConfig,
+    /// Problems that do not stop the gateway, such as a host name that the domain's
+    /// certificate does not cover; `App::build` logs them.
+    pub warnings: Vec<ConfigError>,
+}
+
+/// The validated TLS keys: `server.tls_listen`, `server.tls_default_domain` and the `tls_*`
+/// and `redirect_to_https` keys of each domain.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// TCP addresses for HTTPS; port 0 picks a free port at start. Empty: no TLS.
+    pub listen: Vec<SocketAddr>,
+    /// Id of the domain whose certificate answers handshakes without a server name or with
+    /// one no domain takes; `None` refuses those handshakes.
+    pub default_domain: Option<String>,
+    /// Per domain id, for every domain; a domain absent here serves no TLS.
+    pub domains: std::collections::BTreeMap<String, DomainTls>,
+}
+
+/// A domain's TLS settings.
+#[derive(Debug, Clone, Default)]
+pub struct DomainTls {
+    /// The certificate chain and key, loaded; `None`: the domain serves no TLS.
+    pub cert: Option<Arc<crate::tls::DomainCert>>,
+    /// Whether plain-HTTP requests get 308 to the same URL over HTTPS.
+    pub redirect_to_https: bool,
 }
 
 /// The admin listener's address and users.
@@ -55,6 +82,16 @@ pub struct ServerSettings {
     pub upstream_keepalive_pool_size: usize,
     /// Peers whose `X-Forwarded-For` names the client; empty trusts no peer.
     pub trusted_proxies: TrustedProxies,
+    /// Where `run` writes its process id, for `mirror-gateway reload`.
+    pub pid_file: PathBuf,
+}
+
+/// The pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else `/tmp`.
+pub fn default_pid_file() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("mirror-gateway.pid")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ pub struct ServerSection {
     pub shutdown_timeout_secs: u64,
     pub upstream_keepalive_pool_size: usize,
     pub trusted_proxies: Vec<String>,
+    pub pid_file: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -28,6 +29,7 @@ impl Default for ServerSection {
             shutdown_timeout_secs: 5,
             upstream_keepalive_pool_size: 128,
             trusted_proxies: Vec::new(),
+            pid_file: None,
         }
     }
 }
@@ -119,6 +121,35 @@ fn default_stale_while_revalidate_secs() -> u32 {
 
 fn default_stale_if_error_secs() -> u32 {
     86_400
+}
+
+/// The TLS keys of `[server]`, taken out of the section before the rest is parsed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ServerTlsSection {
+    pub tls_listen: Vec<String>,
+    pub tls_default_domain: Option<String>,
+}
+
+/// The TLS keys of `[domains.<id>]`, taken out of the table before the rest is parsed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct DomainTlsSection {
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_ocsp: Option<String>,
+    pub redirect_to_https: bool,
+}
+
+impl ServerTlsSection {
+    /// The keys this section takes from `[server]`.
+    pub const KEYS: &'static [&'static str] = &["tls_listen", "tls_default_domain"];
+}
+
+impl DomainTlsSection {
+    /// The keys this section takes from `[domains.<id>]`.
+    pub const KEYS: &'static [&'static str] =
+        &["tls_cert", "tls_key", "tls_ocsp", "redirect_to_https"];
 }
 
 /// One route: `[[domains.<id>.routes]]`.

@@ -25,6 +25,8 @@ use crate::client_ip::{Cidr, TrustedProxies};
 use crate::host::{HostError, HostMatcher};
 use crate::origin::export_tree::validate_export_id;
 
+mod tls;
+
 /// Collects errors and attributes each to the file or to the variable that set its key.
 struct Errors<'a> {
     file: String,
@@ -85,17 +87,25 @@ pub(super) fn validate(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    let tls_keys = tls::take_keys(&mut root);
+    let mut warnings = Errors {
+        file: errors.file.clone(),
+        sources,
+        list: Vec::new(),
+    };
 
     let server: ServerSection = errors.section(root.remove("server"), "server");
     let log: LogSection = errors.section(root.remove("log"), "log");
     let cache: CacheSection = errors.section(root.remove("cache"), "cache");
     let admin: AdminSection = errors.section(root.remove("admin"), "admin");
     let domains_value = root.remove("domains");
+    // `[sync]` belongs to the sync task, which validates it (`mirror-gateway check` runs both).
+    root.remove("sync");
     for (key, value) in &root {
         errors.push(
             key,
             Some(render(value)),
-            "unknown top-level key; the sections are server, log, cache, admin and domains",
+            "unknown top-level key; the sections are server, log, cache, admin, domains and sync",
         );
     }
 
@@ -104,6 +114,14 @@ pub(super) fn validate(
     let cache = validate_cache(cache, &config_dir, &mut errors);
     let admin = validate_admin(admin, &config_dir, &mut errors);
     let domains = validate_domains(domains_value, &config_dir, &mut errors);
+    let plain_listen = server.as_ref().map_or(&[][..], |s| s.listen.as_slice());
+    let tls = tls::TlsCheck {
+        dir: &config_dir,
+        now: std::time::SystemTime::now(),
+        errors: &mut errors,
+        warnings: &mut warnings,
+    }
+    .run(tls_keys, &domains, plain_listen);
 
     match (server, log, cache) {
         (Some(server), Some(log), Some(cache)) if errors.list.is_empty() => Ok(GatewayConfig {
@@ -113,6 +131,8 @@ pub(super) fn validate(
             cache,
             admin,
             domains,
+            tls,
+            warnings: warnings.list,
         }),
         _ => Err(errors.list),
     }
@@ -177,6 +197,10 @@ fn validate_server(
         shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         trusted_proxies,
+        pid_file: s
+            .pid_file
+            .as_deref()
+            .map_or_else(super::default_pid_file, |p| resolve(dir, p)),
     })
 }
 

@@ -1,5 +1,6 @@
-//! Where snapshots come from: a directory or an S3 bucket, behind one trait.
+//! Sources of snapshots: a directory or an S3 bucket, behind one trait.
 
+mod aws_profile;
 pub mod dir;
 pub mod s3;
 
@@ -21,8 +22,8 @@ pub struct Listed {
     pub key: Box<str>,
     /// Size in bytes.
     pub size: u64,
-    /// What changes whenever the content may have: the S3 ETag, or a stat fingerprint for a
-    /// directory (see [`DirSource`]).
+    /// Version tag that changes whenever the content may have changed: the S3 ETag, or a
+    /// stat fingerprint for a directory (see [`DirSource`]).
     pub etag: Box<str>,
 }
 
@@ -37,7 +38,7 @@ impl Listed {
     }
 }
 
-/// What a download wrote.
+/// The result of a download.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
     /// Bytes written.
@@ -70,7 +71,10 @@ pub trait Source: Send + Sync {
 /// Writes chunks to a new file at `dest`, hashing them, and flushes the file to disk.
 ///
 /// Returns the byte count and SHA-256. Errors name `dest`.
-pub(crate) async fn write_chunks<S, E>(dest: &Path, mut chunks: S) -> Result<(u64, [u8; 32]), String>
+pub(crate) async fn write_chunks<S, E>(
+    dest: &Path,
+    mut chunks: S,
+) -> Result<(u64, [u8; 32]), String>
 where
     S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,

@@ -1,0 +1,760 @@
+//! Prometheus metrics of one gateway instance, kept in the instance's own registry.
+//!
+//! Per-request metrics are updated as requests end. The cache tiers' counters and the plugins'
+//! rejection counts are read when `/metrics` is scraped ([`Metrics::render`]), so they always
+//! match `/cache/stats` and `/limits/stats`. Every metric is prefixed
+//! `mirror_gateway_`, uses base units (seconds, bytes) and ends counters in `_total`.
+//!
+//! Label values come from the config or from fixed sets, never from raw request data, so the
+//! number of series stays bounded: `domain` is a configured domain id (`-` for requests that
+//! matched no domain), `method` is `GET`, `HEAD` or `other`, `status_class` is one of
+//! [`STATUS_CLASSES`], and `cache_status` is an `X-Cache-Status` value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use pingora_prometheus::prometheus::core::Collector;
+use pingora_prometheus::prometheus::proto::MetricFamily;
+use pingora_prometheus::prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::cache::TierSnapshot;
+
+/// The `Content-Type` of the text exposition format that [`Metrics::render`] writes.
+pub const CONTENT_TYPE: &str = pingora_prometheus::prometheus::TEXT_FORMAT;
+
+/// Values of the `status_class` label, in the order of [`DomainSummary::by_class`]; `none` is a
+/// request that ended before a response header was sent (the client went away).
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// `X-Cache-Status` values that count as served from the cache in the hit ratio.
+const CACHE_HITS: [&str; 4] = ["HIT", "STALE", "UPDATING", "REVALIDATED"];
+/// `X-Cache-Status` values of cache lookups that the origin served.
+const CACHE_MISSES: [&str; 2] = ["MISS", "EXPIRED"];
+
+/// Histogram buckets in seconds: from a memory hit to a multi-gigabyte bundle download.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Maximum length of an origin error message kept for the status page, in bytes.
+const MAX_ERROR_MESSAGE: usize = 300;
+
+/// The metrics of one gateway instance. Shared by the states that config reloads make, so
+/// counters continue across reloads.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    body_bytes: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    origin_errors: IntCounterVec,
+    tls_handshakes: IntCounterVec,
+    reloads: IntCounterVec,
+    last_reload_ok: IntGaugeVec,
+    sync_runs: IntCounterVec,
+    sync_lag: GaugeVec,
+    tallies: RwLock<HashMap<String, Arc<DomainTally>>>,
+    started: Instant,
+}
+
+/// A finished client request, as recorded in the gateway's logging phase.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord<'a> {
+    /// The domain id, or `None` when the request matched no domain.
+    pub domain: Option<&'a str>,
+    pub method: &'a http::Method,
+    /// The status sent downstream; 0 when no response header was sent.
+    pub status: u16,
+    /// The `X-Cache-Status` value.
+    pub cache_status: &'a str,
+    pub body_bytes: u64,
+    pub duration: Duration,
+    /// True for the gateway's own background refresh of a stale entry, which is not counted.
+    pub background: bool,
+}
+
+/// The last origin failure of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginError {
+    /// The `kind` label: `connect`, `timeout`, `status_5xx` or `other`.
+    pub kind: &'static str,
+    pub message: String,
+    pub at: SystemTime,
+}
+
+/// Counters of one domain since the gateway started, for the status page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainSummary {
+    pub requests: u64,
+    /// Requests per status class, in the order of [`STATUS_CLASSES`].
+    pub by_class: [u64; 6],
+    /// Requests served from the cache (`HIT`, `STALE`, `UPDATING`, `REVALIDATED`).
+    pub cache_hits: u64,
+    /// Requests that looked up the cache: the hits plus `MISS` and `EXPIRED`.
+    pub cache_lookups: u64,
+    pub body_bytes: u64,
+    pub origin_errors: u64,
+    pub last_origin_error: Option<OriginError>,
+}
+
+/// Inputs that [`Metrics::render`] reads at scrape time besides the registry.
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeInputs {
+    /// The configured domain ids; `auth_failures_total` starts at 0 for each.
+    pub domains: Vec<String>,
+    /// Each cache tier's label (`memory`, `disk`) and counters.
+    pub tiers: Vec<(&'static str, TierSnapshot)>,
+    /// Requests rejected by plugins, by domain id and plugin label.
+    pub rejections: BTreeMap<(String, &'static str), u64>,
+    /// The `quota` plugin's rejections of these domains.
+    pub quota: Vec<mirror_plugins::quota::RejectionCount>,
+}
+
+/// When a request started talking to its origin; a field of the request's context.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpstreamTimer {
+    started: Option<Instant>,
+}
+
+impl UpstreamTimer {
+    /// Records the start of the origin exchange at `now`, unless an earlier attempt did.
+    pub fn start(&mut self, now: Instant) {
+        self.started.get_or_insert(now);
+    }
+
+    /// Returns the time from the first [`Self::start`] to `now`, if it was started.
+    pub fn elapsed(&self, now: Instant) -> Option<Duration> {
+        self.started
+            .map(|start| now.saturating_duration_since(start))
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in a new registry of their own, so several
+    /// gateways in one process never share or clash.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let add = Registrar(&registry);
+        Self {
+            requests: add.counter(REQUESTS, &REQUEST_LABELS),
+            body_bytes: add.counter(BODY_BYTES, &["domain"]),
+            request_duration: add.histogram(REQUEST_DURATION),
+            upstream_duration: add.histogram(UPSTREAM_DURATION),
+            origin_errors: add.counter(ORIGIN_ERRORS, &["domain", "kind"]),
+            tls_handshakes: add.counter(TLS_HANDSHAKES, &["domain", "result"]),
+            reloads: add.counter(RELOADS, &["result"]),
+            last_reload_ok: add.register(IntGaugeVec::new(opts(LAST_RELOAD_OK), &[])),
+            sync_runs: add.counter(SYNC_RUNS, &["job", "result"]),
+            sync_lag: add.register(GaugeVec::new(opts(SYNC_LAG), &["job"])),
+            tallies: RwLock::new(HashMap::new()),
+            started: Instant::now(),
+            registry,
+        }
+    }
+
+    /// Counts a finished client request: its status class, cache outcome, body bytes and
+    /// duration. Background refreshes are skipped.
+    pub fn observe_request(&self, record: &RequestRecord<'_>) {
+        if record.background {
+            return;
+        }
+        let domain = record.domain.unwrap_or("-");
+        let class = status_class(record.status);
+        let method = match record.method.as_str() {
+            m @ ("GET" | "HEAD") => m,
+            _ => "other",
+        };
+        self.requests
+            .with_label_values(&[domain, method, STATUS_CLASSES[class], record.cache_status])
+            .inc();
+        self.body_bytes
+            .with_label_values(&[domain])
+            .inc_by(record.body_bytes);
+        self.request_duration
+            .with_label_values(&[domain])
+            .observe(record.duration.as_secs_f64());
+        if record.domain.is_some() {
+            let tally = self.tally(domain);
+            tally.requests.fetch_add(1, Ordering::Relaxed);
+            tally.by_class[class].fetch_add(1, Ordering::Relaxed);
+            tally
+                .body_bytes
+                .fetch_add(record.body_bytes, Ordering::Relaxed);
+            let hit = CACHE_HITS.contains(&record.cache_status);
+            if hit || CACHE_MISSES.contains(&record.cache_status) {
+                tally.cache_lookups.fetch_add(1, Ordering::Relaxed);
+            }
+            if hit {
+                tally.cache_hits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records an origin response header with `status`, `elapsed` after the request first
+    /// requested an origin peer. A 5xx status counts as an origin error of kind `status_5xx`.
+    pub fn upstream_response(
+        &self,
+        domain: Option<&str>,
+        status: u16,
+        elapsed: Option<Duration>,
+        now: SystemTime,
+    ) {
+        let label = domain.unwrap_or("-");
+        if let Some(elapsed) = elapsed {
+            self.upstream_duration
+                .with_label_values(&[label])
+                .observe(elapsed.as_secs_f64());
+        }
+        if status >= 500 {
+            let message = format!("the origin responded with status {status}");
+            self.count_origin_error(domain, "status_5xx", message, now);
+        }
+    }
+
+    /// Counts an error that ended or interrupted a request's exchange with its origin, by kind:
+    /// `connect`, `timeout` or `other`. Errors not caused by the origin (client side, internal)
+    /// and errors carrying an HTTP status (counted by [`Self::upstream_response`], or the
+    /// gateway's own origin-slot limit) are ignored.
+    pub fn origin_error(&self, domain: Option<&str>, error: &pingora::Error, now: SystemTime) {
+        if let Some(kind) = origin_error_kind(error) {
+            let mut message = error.to_string();
+            truncate_at_char(&mut message, MAX_ERROR_MESSAGE);
+            self.count_origin_error(domain, kind, message, now);
+        }
+    }
+
+    /// Counts a TLS handshake with a client, for the TLS listener to call.
+    ///
+    /// `domain` must be a configured domain id, or `-` when the SNI name matched none. Never
+    /// pass the raw SNI name, because clients could then create series at will. Metric:
+    /// `mirror_gateway_tls_handshakes_total{domain,result="ok"|"error"}`.
+    pub fn tls_handshake(&self, domain: &str, ok: bool) {
+        self.tls_handshakes
+            .with_label_values(&[domain, result_label(ok)])
+            .inc();
+    }
+
+    /// Counts a config reload, for the reload code to call once per attempt. Metrics:
+    /// `mirror_gateway_config_reloads_total{result}` and
+    /// `mirror_gateway_config_last_reload_successful` (1 or 0).
+    pub fn reload(&self, ok: bool) {
+        self.reloads.with_label_values(&[result_label(ok)]).inc();
+        self.last_reload_ok
+            .with_label_values(&[] as &[&str])
+            .set(i64::from(ok));
+    }
+
+    /// Counts a finished run of sync job `job`, for the sync task to call, with the age in
+    /// seconds of the newest data the mirror serves after the run. Metrics:
+    /// `mirror_gateway_sync_runs_total{job,result}` and `mirror_gateway_sync_lag_seconds{job}`.
+    pub fn sync_run(&self, job: &str, ok: bool, lag_secs: f64) {
+        self.sync_runs
+            .with_label_values(&[job, result_label(ok)])
+            .inc();
+        self.sync_lag.with_label_values(&[job]).set(lag_secs);
+    }
+
+    /// Returns the counters of `domain` since the gateway started (zeros for an unknown id).
+    pub fn domain_summary(&self, domain: &str) -> DomainSummary {
+        let Some(tally) = self.tallies.read().get(domain).cloned() else {
+            return DomainSummary::default();
+        };
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let last_error = tally.last_origin_error.lock().clone();
+        DomainSummary {
+            requests: load(&tally.requests),
+            by_class: std::array::from_fn(|i| load(&tally.by_class[i])),
+            cache_hits: load(&tally.cache_hits),
+            cache_lookups: load(&tally.cache_lookups),
+            body_bytes: load(&tally.body_bytes),
+            origin_errors: load(&tally.origin_errors),
+            last_origin_error: last_error,
+        }
+    }
+
+    /// Returns how long ago these metrics were created.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Writes every metric in the text exposition format ([`CONTENT_TYPE`]): the registry's
+    /// and those read from `inputs`.
+    pub fn render(&self, inputs: &ScrapeInputs) -> Result<String, String> {
+        let mut families = self.registry.gather();
+        families.extend(scrape_families(inputs).map_err(|e| e.to_string())?);
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut out)
+            .map_err(|e| format!("cannot encode the metrics: {e}"))?;
+        String::from_utf8(out).map_err(|e| format!("the metrics are not UTF-8: {e}"))
+    }
+
+    fn tally(&self, domain: &str) -> Arc<DomainTally> {
+        if let Some(tally) = self.tallies.read().get(domain) {
+            return Arc::clone(tally);
+        }
+        let mut tallies = self.tallies.write();
+        Arc::clone(tallies.entry(domain.to_string()).or_default())
+    }
+
+    fn count_origin_error(
+        &self,
+        domain: Option<&str>,
+        kind: &'static str,
+        message: String,
+        at: SystemTime,
+    ) {
+        self.origin_errors
+            .with_label_values(&[domain.unwrap_or("-"), kind])
+            .inc();
+        if let Some(domain) = domain {
+            let tally = self.tally(domain);
+            tally.origin_errors.fetch_add(1, Ordering::Relaxed);
+            *tally.last_origin_error.lock() = Some(OriginError { kind, message, at });
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Message of the `expect`s on metric definitions: they are constants, checked by the tests.
+const DEFINITION: &str = "the metric definitions are valid and registered once";
+
+/// A metric's name and help text.
+type Definition = (&'static str, &'static str);
+
+const REQUEST_LABELS: [&str; 4] = ["domain", "method", "status_class", "cache_status"];
+const REQUESTS: Definition = (
+    "mirror_gateway_requests_total",
+    "Client requests that ended, by domain, method, status class and X-Cache-Status.",
+);
+const BODY_BYTES: Definition = (
+    "mirror_gateway_response_body_bytes_total",
+    "Response body bytes sent to clients.",
+);
+const REQUEST_DURATION: Definition = (
+    "mirror_gateway_request_duration_seconds",
+    "Time from the start of a client request to the end of its response.",
+);
+const UPSTREAM_DURATION: Definition = (
+    "mirror_gateway_upstream_duration_seconds",
+    "Time from choosing an origin peer to the origin's response header.",
+);
+const ORIGIN_ERRORS: Definition = (
+    "mirror_gateway_origin_errors_total",
+    "Failed origin exchanges, by kind: connect, timeout, status_5xx, other.",
+);
+const TLS_HANDSHAKES: Definition = (
+    "mirror_gateway_tls_handshakes_total",
+    "TLS handshakes with clients, by domain and result.",
+);
+const RELOADS: Definition = (
+    "mirror_gateway_config_reloads_total",
+    "Config reload attempts, by result.",
+);
+const LAST_RELOAD_OK: Definition = (
+    "mirror_gateway_config_last_reload_successful",
+    "1 if the last config reload succeeded, 0 if it failed.",
+);
+const SYNC_RUNS: Definition = (
+    "mirror_gateway_sync_runs_total",
+    "Finished sync runs, by job and result.",
+);
+const SYNC_LAG: Definition = (
+    "mirror_gateway_sync_lag_seconds",
+    "Age of the newest synced data after the job's last run.",
+);
+
+fn opts((name, help): Definition) -> Opts {
+    Opts::new(name, help)
+}
+
+/// Creates metrics and registers them in one registry.
+struct Registrar<'a>(&'a Registry);
+
+impl Registrar<'_> {
+    fn register<C: Collector + Clone + 'static>(&self, metric: Result<C, PromError>) -> C {
+        let metric = metric.expect(DEFINITION);
+        self.0.register(Box::new(metric.clone())).expect(DEFINITION);
+        metric
+    }
+
+    fn counter(&self, definition: Definition, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(opts(definition), labels))
+    }
+
+    fn histogram(&self, definition: Definition) -> HistogramVec {
+        let opts = HistogramOpts::from(opts(definition)).buckets(DURATION_BUCKETS.to_vec());
+        self.register(HistogramVec::new(opts, &["domain"]))
+    }
+}
+
+/// Per-domain counters behind [`DomainSummary`].
+#[derive(Default)]
+struct DomainTally {
+    requests: AtomicU64,
+    by_class: [AtomicU64; 6],
+    cache_hits: AtomicU64,
+    cache_lookups: AtomicU64,
+    body_bytes: AtomicU64,
+    origin_errors: AtomicU64,
+    last_origin_error: Mutex<Option<OriginError>>,
+}
+
+/// Returns the index in [`STATUS_CLASSES`] of `status`.
+fn status_class(status: u16) -> usize {
+    match status {
+        100..=599 => usize::from(status / 100 - 1),
+        _ => 5,
+    }
+}
+
+fn result_label(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "error"
+    }
+}
+
+/// Returns the `kind` label of an origin error, or `None` when the origin did not cause it.
+fn origin_error_kind(error: &pingora::Error) -> Option<&'static str> {
+    use pingora::ErrorType::*;
+    if error.esource() != &pingora::ErrorSource::Upstream {
+        return None;
+    }
+    Some(match error.etype() {
+        HTTPStatus(_) => return None,
+        ConnectTimedout | TLSHandshakeTimedout | ReadTimedout | WriteTimedout => "timeout",
+        ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure | BindError
+        | SocketError | TLSHandshakeFailure | TLSWantX509Lookup | InvalidCert | HandshakeError => {
+            "connect"
+        }
+        _ => "other",
+    })
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+/// Builds the families read at scrape time: cache tiers, plugin rejections, auth failures.
+fn scrape_families(inputs: &ScrapeInputs) -> Result<Vec<MetricFamily>, PromError> {
+    let mut families = tier_families(&inputs.tiers)?;
+    families.extend(rejection_families(inputs)?);
+    // The text encoder refuses a family without series.
+    families.retain(|family| !family.get_metric().is_empty());
+    Ok(families)
+}
+
+const CACHE_ENTRIES: Definition = (
+    "mirror_gateway_cache_entries",
+    "Responses stored in the tier.",
+);
+const CACHE_BYTES: Definition = (
+    "mirror_gateway_cache_bytes",
+    "Body bytes stored in the tier.",
+);
+const CACHE_HITS_TOTAL: Definition = (
+    "mirror_gateway_cache_hits_total",
+    "Lookups that found the entry in the tier.",
+);
+const CACHE_MISSES_TOTAL: Definition = (
+    "mirror_gateway_cache_misses_total",
+    "Lookups that did not find the entry in the tier.",
+);
+const CACHE_EVICTIONS: Definition = (
+    "mirror_gateway_cache_evictions_total",
+    "Entries dropped to keep the tier within its byte budget.",
+);
+const CACHE_WRITE_ERRORS: Definition = (
+    "mirror_gateway_cache_write_errors_total",
+    "Failed writes to the tier.",
+);
+const REJECTIONS: Definition = (
+    "mirror_gateway_rejections_total",
+    "Requests that a plugin rejected with its own response, by plugin.",
+);
+const AUTH_FAILURES: Definition = (
+    "mirror_gateway_auth_failures_total",
+    "Requests that the htpasswd plugin rejected with 401: missing or wrong credentials.",
+);
+const QUOTA_REJECTIONS: Definition = (
+    "mirror_gateway_quota_rejections_total",
+    "Requests the quota plugin rejected, by class and reason.",
+);
+
+type PromError = pingora_prometheus::prometheus::Error;
+
+/// Builds the cache tier families from the tiers' counters.
+fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFamily>, PromError> {
+    let gauge = |definition| IntGaugeVec::new(opts(definition), &["tier"]);
+    let counter = |definition| IntCounterVec::new(opts(definition), &["tier"]);
+    let (entries, bytes) = (gauge(CACHE_ENTRIES)?, gauge(CACHE_BYTES)?);
+    let hits = counter(CACHE_HITS_TOTAL)?;
+    let misses = counter(CACHE_MISSES_TOTAL)?;
+    let evictions = counter(CACHE_EVICTIONS)?;
+    let write_errors = counter(CACHE_WRITE_ERRORS)?;
+    for (tier, t) in tiers {
+        let label = [*tier];
+        entries
+            .with_label_values(&label)
+            .set(saturating_i64(t.entries));
+        bytes.with_label_values(&label).set(saturating_i64(t.bytes));
+        hits.with_label_values(&label).inc_by(t.hits);
+        misses.with_label_values(&label).inc_by(t.misses);
+        evictions.with_label_values(&label).inc_by(t.evictions);
+        write_errors
+            .with_label_values(&label)
+            .inc_by(t.write_errors);
+    }
+    let collectors: [&dyn Collector; 6] =
+        [&entries, &bytes, &hits, &misses, &evictions, &write_errors];
+    Ok(collectors.iter().flat_map(|c| c.collect()).collect())
+}
+
+/// Builds the rejection, auth failure and quota families. Auth failures are the `htpasswd`
+/// plugin's rejections, and start at 0 for every configured domain.
+fn rejection_families(inputs: &ScrapeInputs) -> Result<Vec<MetricFamily>, PromError> {
+    let rejections = IntCounterVec::new(opts(REJECTIONS), &["domain", "plugin"])?;
+    let auth = IntCounterVec::new(opts(AUTH_FAILURES), &["domain"])?;
+    for domain in &inputs.domains {
+        auth.with_label_values(&[domain]);
+    }
+    for ((domain, plugin), count) in &inputs.rejections {
+        rejections
+            .with_label_values(&[domain.as_str(), plugin])
+            .inc_by(*count);
+        if *plugin == "htpasswd" {
+            auth.with_label_values(&[domain]).inc_by(*count);
+        }
+    }
+    let quota = IntCounterVec::new(opts(QUOTA_REJECTIONS), &["domain", "class", "reason"])?;
+    for r in &inputs.quota {
+        quota
+            .with_label_values(&[&r.domain, r.class, r.reason])
+            .inc_by(r.count);
+    }
+    let collectors: [&dyn Collector; 3] = [&rejections, &auth, &quota];
+    Ok(collectors.iter().flat_map(|c| c.collect()).collect())
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(
+        domain: Option<&'a str>,
+        status: u16,
+        cache_status: &'a str,
+    ) -> RequestRecord<'a> {
+        RequestRecord {
+            domain,
+            method: &http::Method::GET,
+            status,
+            cache_status,
+            body_bytes: 10,
+            duration: Duration::from_millis(3),
+            background: false,
+        }
+    }
+
+    #[test]
+    fn render_names_request_series() {
+        let metrics = Metrics::new();
+        metrics.observe_request(&record(Some("primary"), 200, "HIT"));
+        let text = metrics.render(&ScrapeInputs::default()).expect("render");
+        let line = "mirror_gateway_requests_total{cache_status=\"HIT\",domain=\"primary\",method=\"GET\",status_class=\"2xx\"} 1";
+        assert!(text.contains(line), "{text}");
+    }
+
+    #[test]
+    fn two_instances_do_not_share() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.observe_request(&record(Some("primary"), 200, "MISS"));
+        assert_eq!(a.domain_summary("primary").requests, 1);
+        assert_eq!(b.domain_summary("primary").requests, 0);
+    }
+
+    #[test]
+    fn summary_counts_classes_and_hits() {
+        let metrics = Metrics::new();
+        for (status, cache) in [(200, "HIT"), (200, "MISS"), (404, "BYPASS"), (0, "BYPASS")] {
+            metrics.observe_request(&record(Some("primary"), status, cache));
+        }
+        let summary = metrics.domain_summary("primary");
+        assert_eq!(summary.by_class, [0, 2, 0, 1, 0, 1]);
+        assert_eq!((summary.cache_hits, summary.cache_lookups), (1, 2));
+        assert_eq!(summary.body_bytes, 40);
+    }
+
+    #[test]
+    fn background_refresh_not_counted() {
+        let metrics = Metrics::new();
+        let mut background = record(Some("primary"), 200, "MISS");
+        background.background = true;
+        metrics.observe_request(&background);
+        assert_eq!(metrics.domain_summary("primary").requests, 0);
+    }
+
+    #[test]
+    fn upstream_5xx_is_origin_error() {
+        let metrics = Metrics::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        metrics.upstream_response(Some("primary"), 503, Some(Duration::from_millis(5)), now);
+        metrics.upstream_response(Some("primary"), 200, None, now);
+        let summary = metrics.domain_summary("primary");
+        assert_eq!(summary.origin_errors, 1);
+        let last = summary.last_origin_error.expect("last error");
+        assert_eq!((last.kind, last.at), ("status_5xx", now));
+    }
+
+    #[test]
+    fn origin_error_kinds() {
+        use pingora::{Error, ErrorType};
+        let up = |etype| Error::new(etype).into_up();
+        assert_eq!(
+            origin_error_kind(&up(ErrorType::ConnectRefused)),
+            Some("connect")
+        );
+        assert_eq!(
+            origin_error_kind(&up(ErrorType::ReadTimedout)),
+            Some("timeout")
+        );
+        assert_eq!(origin_error_kind(&up(ErrorType::H1Error)), Some("other"));
+        assert_eq!(origin_error_kind(&up(ErrorType::HTTPStatus(503))), None);
+        let client = Error::new(ErrorType::ReadError).into_down();
+        assert_eq!(origin_error_kind(&client), None);
+    }
+
+    #[test]
+    fn scrape_reads_tiers_and_rejections() {
+        let mut inputs = ScrapeInputs {
+            domains: vec!["primary".into(), "community".into()],
+            ..ScrapeInputs::default()
+        };
+        let tier = TierSnapshot {
+            entries: 2,
+            bytes: 30,
+            hits: 5,
+            ..TierSnapshot::default()
+        };
+        inputs.tiers.push(("memory", tier));
+        inputs.rejections.insert(("primary".into(), "htpasswd"), 3);
+        let text = Metrics::new().render(&inputs).expect("render");
+        for line in [
+            "mirror_gateway_cache_entries{tier=\"memory\"} 2",
+            "mirror_gateway_cache_hits_total{tier=\"memory\"} 5",
+            "mirror_gateway_rejections_total{domain=\"primary\",plugin=\"htpasswd\"} 3",
+            "mirror_gateway_auth_failures_total{domain=\"primary\"} 3",
+            "mirror_gateway_auth_failures_total{domain=\"community\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn hooks_register_series() {
+        let metrics = Metrics::new();
+        metrics.tls_handshake("primary", false);
+        metrics.reload(true);
+        metrics.sync_run("nightly", true, 42.5);
+        let text = metrics.render(&ScrapeInputs::default()).expect("render");
+        for line in [
+            "mirror_gateway_tls_handshakes_total{domain=\"primary\",result=\"error\"} 1",
+            "mirror_gateway_config_reloads_total{result=\"ok\"} 1",
+            "mirror_gateway_config_last_reload_successful 1",
+            "mirror_gateway_sync_runs_total{job=\"nightly\",result=\"ok\"} 1",
+            "mirror_gateway_sync_lag_seconds{job=\"nightly\"} 42.5",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    /// Checks that every metric deploy/grafana/mirror-gateway.json queries is one this module
+    /// defines, so a rename cannot silently empty a panel.
+    #[test]
+    fn dashboard_queries_defined_metrics() {
+        let defined: Vec<&str> = [
+            REQUESTS,
+            BODY_BYTES,
+            REQUEST_DURATION,
+            UPSTREAM_DURATION,
+            ORIGIN_ERRORS,
+            TLS_HANDSHAKES,
+            RELOADS,
+            LAST_RELOAD_OK,
+            SYNC_RUNS,
+            SYNC_LAG,
+            CACHE_ENTRIES,
+            CACHE_BYTES,
+            CACHE_HITS_TOTAL,
+            CACHE_MISSES_TOTAL,
+            CACHE_EVICTIONS,
+            CACHE_WRITE_ERRORS,
+            REJECTIONS,
+            AUTH_FAILURES,
+            QUOTA_REJECTIONS,
+        ]
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+        let dashboard = include_str!("../../deploy/grafana/mirror-gateway.json");
+        let mut queried = 0;
+        for (start, _) in dashboard.match_indices("mirror_gateway_") {
+            let rest = &dashboard[start..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(defined.contains(&base), "the dashboard queries {name}");
+            queried += 1;
+        }
+        assert!(queried > 10, "only {queried} queries found");
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundary() {
+        let mut text = "aé".repeat(10);
+        truncate_at_char(&mut text, 4);
+        assert_eq!(text, "aéa");
+    }
+
+    #[test]
+    fn timer_keeps_first_start() {
+        let mut timer = UpstreamTimer::default();
+        let t0 = Instant::now();
+        timer.start(t0);
+        timer.start(t0 + Duration::from_secs(5));
+        assert_eq!(
+            timer.elapsed(t0 + Duration::from_secs(7)),
+            Some(Duration::from_secs(7))
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! Live reload: a new configuration replaces the running one without dropping a request.
+//!
+//! On SIGHUP, and when the config file changes on disk (checked every 2 seconds), the file is
+//! read and validated again. If anything is invalid the gateway keeps running on the old
+//! configuration and logs every error. Otherwise a new [`GatewayState`] is built and swapped in
+//! atomically: requests that already started finish with the state they started with, and new
+//! requests use the new one. Connections, keep-alive included, stay open.
+//!
+//! A reload also reads the TLS certificates, keys and OCSP responses again, so certificates
+//! renewed in place are served from the next handshake on.
+//!
+//! What a reload keeps: the cache (both tiers), the access log, the plugins' counters (quota
+//! counts and rate-limit buckets live in process-wide registries keyed by domain id) and the
+//! export-tree file servers. What needs a restart, and is logged as such when it changed:
+//! listen addresses, the admin listener, `[cache]` settings, the access-log target, and an
+//! export-tree origin that is new or whose root changed (its file server is not running).
+//! htpasswd files are re-read by their plugin when they change, without a reload.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::access_log::AccessLog;
+use crate::cache::CacheTier;
+use crate::config::{self, GatewayConfig};
+use crate::gateway::{DomainRuntime, GatewayState};
+use crate::routing::Router;
+use crate::upstream::Upstream;
+
+/// How often the config file's metadata is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The parts every state shares, whatever the configuration.
+pub struct Shared {
+    pub cache: Arc<CacheTier>,
+    pub access_log: AccessLog,
+    pub rejections: Arc<Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+    pub runtime_dir: PathBuf,
+    /// The running export-tree file servers: socket path to the tree root they serve.
+    pub export_trees: HashMap<PathBuf, PathBuf>,
+    /// The TLS listeners' certificate store and addresses; a reload swaps the store's contents.
+    pub tls: Arc<crate::tls::TlsState>,
+}
+
+/// Builds the state for `config`, reusing what `shared` holds.
+pub fn build_state(config: &GatewayConfig, shared: &Shared) -> Result<GatewayState, String> {
+    let mut domains = Vec::new();
+    for domain in &config.domains {
+        let mut upstreams = Vec::new();
+        for origin in &domain.origins {
+            let upstream =
+                Upstream::new(&domain.id, origin, &shared.runtime_dir).map_err(|reason| {
+                    format!("domain {}, origin {}: {reason}", domain.id, origin.name)
+                })?;
+            if let Upstream::ExportTree { tree, socket } = &upstream {
+                let running = shared.export_trees.get(socket);
+                if running.map(PathBuf::as_path) != Some(tree.root()) {
+                    return Err(format!(
+                        "domain {}, origin {}: a new export tree, or a new root for one, needs a restart",
+                        domain.id, origin.name
+                    ));
+                }
+            }
+            upstreams.push(upstream);
+        }
+        let slots = usize::try_from(domain.max_origin_requests).unwrap_or(usize::MAX);
+        domains.push(DomainRuntime {
+            config: domain.clone(),
+            upstreams,
+            origin_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+        });
+    }
+    Ok(GatewayState {
+        debug_headers: config.cache.debug_headers,
+        rejections: Arc::clone(&shared.rejections),
+        router: Router::new(&config.domains).map_err(|e| e.to_string())?,
+        domains,
+        cache: Arc::clone(&shared.cache),
+        access_log: shared.access_log.clone(),
+        trusted_proxies: config.server.trusted_proxies.clone(),
+        tls: Arc::clone(&shared.tls),
+    })
+}
+
+/// Reloads the configuration on request, keeping the old one when the new one is invalid.
+pub struct Reloader {
+    path: PathBuf,
+    current: Arc<ArcSwap<GatewayState>>,
+    shared: Shared,
+    /// The configuration running now, to tell which changes need a restart.
+    running: Mutex<GatewayConfig>,
+    stamp: Mutex<Option<FileStamp>>,
+}
+
+/// The outcome of a reload, for logs, metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Applied,
+    /// The new configuration was rejected; the old one keeps running.
+    Rejected(Vec<String>),
+}
+
+impl Reloader {
+    /// Watches `config.path` and swaps states into `current`.
+    pub fn new(
+        config: &GatewayConfig,
+        current: Arc<ArcSwap<GatewayState>>,
+        shared: Shared,
+    ) -> Self {
+        Self {
+            path: config.path.clone(),
+            current,
+            shared,
+            running: Mutex::new(config.clone()),
+            stamp: Mutex::new(FileStamp::of(&config.path)),
+        }
+    }
+
+    /// Reads, validates and applies the config file, with environment overrides from `env`.
+    pub fn reload_with(&self, env: Vec<(String, String)>) -> ReloadOutcome {
+        *self.stamp.lock() = FileStamp::of(&self.path);
+        let config = match config::load(&self.path, env) {
+            Ok(config) => config,
+            Err(errors) => {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                for error in &errors {
+                    tracing::error!(%error, "reload rejected; the running configuration stays");
+                }
+                return ReloadOutcome::Rejected(errors);
+            }
+        };
+        let certificates = match crate::tls::CertStore::from_config(&config) {
+            Ok(store) => store,
+            Err(e) => {
+                let error = e.to_string();
+                tracing::error!(%error, "reload rejected; the running configuration stays");
+                return ReloadOutcome::Rejected(vec![error]);
+            }
+        };
+        match build_state(&config, &self.shared) {
+            Ok(state) => {
+                for warning in &config.warnings {
+                    tracing::warn!(%warning, "configuration warning");
+                }
+                // Certificates and keys renewed on disk are read again here.
+                self.shared.tls.store().reload(certificates);
+                self.warn_restart_needed(&config);
+                self.current.store(Arc::new(state));
+                let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
+                tracing::info!(config = %self.path.display(), ?domains, "reload applied");
+                *self.running.lock() = config;
+                ReloadOutcome::Applied
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload rejected; the running configuration stays");
+                ReloadOutcome::Rejected(vec![error])
+            }
+        }
+    }
+
+    /// Reloads with the process environment.
+    pub fn reload(&self) -> ReloadOutcome {
+        self.reload_with(utf8_environment())
+    }
+
+    /// Logs each setting that changed but only takes effect after a restart.
+    fn warn_restart_needed(&self, new: &GatewayConfig) {
+        let old = self.running.lock();
+        let mut changed = Vec::new();
+        if old.server.listen != new.server.listen {
+            changed.push("server.listen");
+        }
+        if old.tls.listen != new.tls.listen {
+            changed.push("server.tls_listen");
+        }
+        if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+            changed.push("admin.listen");
+        }
+        if format!("{:?}", old.cache) != format!("{:?}", new.cache) {
+            changed.push("cache");
+        }
+        if old.log.access_log != new.log.access_log {
+            changed.push("log.access_log");
+        }
+        if !changed.is_empty() {
+            tracing::warn!(
+                ?changed,
+                "these settings changed but take effect only after a restart"
+            );
+        }
+    }
+
+    /// Returns whether the config file changed since the last load.
+    fn file_changed(&self) -> bool {
+        let now = FileStamp::of(&self.path);
+        now.is_some() && now != *self.stamp.lock()
+    }
+}
+
+/// Returns the process environment's UTF-8 variables.
+fn utf8_environment() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// A file's modification time, size and inode, compared to detect a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// Runs the reloader: SIGHUP and config file changes reload, SIGUSR1 reopens the access log.
+pub struct ReloadService(pub Arc<Reloader>);
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut hangup), Ok(mut user1)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+        ) else {
+            tracing::error!("cannot handle SIGHUP and SIGUSR1; reload by signal is off");
+            return;
+        };
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP received; reloading the configuration");
+                    let reloader = Arc::clone(&self.0);
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                }
+                _ = user1.recv() => {
+                    tracing::info!("SIGUSR1 received; reopening the access log");
+                    self.0.shared.access_log.reopen();
+                }
+                _ = tick.tick() => {
+                    if self.0.file_changed() {
+                        tracing::info!(config = %self.0.path.display(), "config file changed; reloading");
+                        let reloader = Arc::clone(&self.0);
+                        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! An S3 bucket (or an S3-compatible store) as a source, through `object_store`.
+//!
+//! Listing is streamed page by page and kept as one small entry per key. `object_store`
+//! retries requests that fail with 5xx, 429, timeouts or connection errors, with exponential
+//! backoff and jitter. A body cut off mid-download is fetched again here, with the same kind
+//! of backoff. Every download carries `If-Match` with the listed ETag, so an
+//! object replaced after the listing is noticed and fetched again under its new ETag.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ClientOptions, GetOptions, ObjectStore, RetryConfig};
+use rand::Rng;
+
+use super::{aws_profile, write_chunks, Fetched, Listed, Source};
+use crate::config::S3Settings;
+use crate::error::SyncError;
+
+/// How many times one object is fetched before its download fails.
+const MAX_ATTEMPTS: u32 = 4;
+
+/// Timing of requests and retries.
+#[derive(Debug, Clone)]
+pub struct S3Tuning {
+    /// Retries of one request after a transient failure.
+    pub max_retries: usize,
+    /// First backoff; it doubles after each retry, with jitter.
+    pub init_backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+    /// No retry starts later than this after the first attempt.
+    pub retry_timeout: Duration,
+    /// Limit for one request, body included.
+    pub request_timeout: Duration,
+}
+
+impl Default for S3Tuning {
+    fn default() -> Self {
+        Self {
+            max_retries: 6,
+            init_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Reads objects under a prefix of one bucket.
+#[derive(Clone)]
+pub struct S3Source {
+    store: Arc<AmazonS3>,
+    bucket: String,
+    /// The prefix with one trailing `/`, or empty for the whole bucket.
+    prefix: String,
+    tuning: S3Tuning,
+}
+
+impl S3Source {
+    /// Builds a client for `settings`, with credentials from `env`.
+    ///
+    /// Credentials are looked up as the AWS tools do: `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`), else the profile `AWS_PROFILE` of the
+    /// shared credentials file, else web identity (`AWS_WEB_IDENTITY_TOKEN_FILE`,
+    /// `AWS_ROLE_ARN`), the container endpoint, then instance metadata. Other `AWS_*`
+    /// variables that `object_store` reads are applied first, and `settings` override them.
+    pub fn new(
+        settings: &S3Settings,
+        env: &[(String, String)],
+        tuning: S3Tuning,
+    ) -> Result<Self, String> {
+        let mut builder = AmazonS3Builder::new();
+        for (key, value) in env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
+            if let Ok(config_key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                builder = builder.with_config(config_key, value);
+            }
+        }
+        let has_env_keys = env.iter().any(|(k, _)| k == "AWS_ACCESS_KEY_ID");
+        if !has_env_keys {
+            if let Some(creds) = aws_profile::from_env(env)? {
+                builder = builder
+                    .with_access_key_id(creds.access_key_id)
+                    .with_secret_access_key(creds.secret_access_key);
+                if let Some(token) = creds.session_token {
+                    builder = builder.with_token(token);
+                }
+            }
+        }
+        builder = builder
+            .with_bucket_name(&settings.bucket)
+            .with_virtual_hosted_style_request(!settings.path_style)
+            .with_retry(retry_config(&tuning))
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(settings.allow_http)
+                    .with_timeout(tuning.request_timeout)
+                    .with_connect_timeout(Duration::from_secs(10)),
+            );
+        if let Some(region) = &settings.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| format!("S3 client for bucket {:?}: {e}", settings.bucket))?;
+        let prefix = settings.prefix.trim_matches('/');
+        Ok(Self {
+            store: Arc::new(store),
+            bucket: settings.bucket.clone(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            tuning,
+        })
+    }
+
+    async fn fetch_once(
+        &self,
+        location: &ObjectPath,
+        etag: &str,
+        dest: &Path,
+    ) -> Result<Fetched, Attempt> {
+        let options = GetOptions {
+            if_match: real_etag(etag).map(str::to_string),
+            ..GetOptions::default()
+        };
+        let result = match self.store.get_opts(location, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::Precondition { .. }) => return Err(Attempt::Replaced),
+            Err(e) => return Err(Attempt::Fatal(e.to_string())),
+        };
+        let expected = result.meta.size;
+        let etag = result
+            .meta
+            .e_tag
+            .clone()
+            .unwrap_or_else(|| etag.to_string());
+        let (size, sha256) = write_chunks(dest, result.into_stream())
+            .await
+            .map_err(Attempt::Transient)?;
+        if size != expected {
+            return Err(Attempt::Transient(format!(
+                "got {size} bytes of {expected}"
+            )));
+        }
+        Ok(Fetched { size, etag, sha256 })
+    }
+}
+
+/// Shows the bucket and prefix only: the client's configuration includes credentials.
+impl std::fmt::Debug for S3Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Source")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Source for S3Source {
+    fn name(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    async fn list(&self) -> Result<Vec<Listed>, SyncError> {
+        let listing_err = |reason: String| SyncError::Listing {
+            source_name: self.name(),
+            reason,
+        };
+        let prefix = match self.prefix.is_empty() {
+            true => None,
+            false => Some(ObjectPath::parse(&self.prefix).map_err(|e| listing_err(e.to_string()))?),
+        };
+        let mut stream = self.store.list(prefix.as_ref());
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            let meta = item.map_err(|e| listing_err(e.to_string()))?;
+            let location = meta.location.as_ref();
+            let Some(key) = location.strip_prefix(&self.prefix) else {
+                return Err(listing_err(format!(
+                    "key {location:?} is outside the prefix {:?}",
+                    self.prefix
+                )));
+            };
+            if key.is_empty() {
+                continue;
+            }
+            let etag = match &meta.e_tag {
+                Some(etag) => etag.clone(),
+                None => format!("modified-{}", meta.last_modified.to_rfc3339()),
+            };
+            out.push(Listed::new(key, meta.size, &etag));
+        }
+        Ok(out)
+    }
+
+    async fn fetch(&self, entry: &Listed, dest: &Path) -> Result<Fetched, SyncError> {
+        let download_err = |reason: String| SyncError::Download {
+            key: entry.key.to_string(),
+            reason,
+        };
+        let location = ObjectPath::parse(format!("{}{}", self.prefix, entry.key))
+            .map_err(|e| download_err(e.to_string()))?;
+        let mut etag = entry.etag.to_string();
+        let mut last = String::new();
+        for attempt in 1..=MAX_ATTEMPTS {
+            match self.fetch_once(&location, &etag, dest).await {
+                Ok(fetched) => return Ok(fetched),
+                Err(Attempt::Fatal(reason)) => return Err(download_err(reason)),
+                Err(Attempt::Replaced) => {
+                    let meta = self.store.head(&location).await.map_err(|e| {
+                        download_err(format!("replaced after the listing, then HEAD failed: {e}"))
+                    })?;
+                    tracing::warn!(key = %entry.key, attempt, "object replaced after the listing; fetching its new version");
+                    etag = meta.e_tag.unwrap_or_default();
+                    last = "the object kept being replaced".to_string();
+                }
+                Err(Attempt::Transient(reason)) => {
+                    let pause = backoff(&self.tuning, attempt);
+                    tracing::warn!(key = %entry.key, attempt, error = %reason, ?pause, "download failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    last = reason;
+                }
+            }
+        }
+        Err(download_err(format!("{last} ({MAX_ATTEMPTS} attempts)")))
+    }
+}
+
+/// The failure kinds of one download attempt.
+enum Attempt {
+    /// The ETag no longer matches: fetch the new version.
+    Replaced,
+    /// The body broke off or was short: try again after a pause.
+    Transient(String),
+    /// `object_store` already retried, or retrying cannot help.
+    Fatal(String),
+}
+
+fn retry_config(tuning: &S3Tuning) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: tuning.init_backoff,
+            max_backoff: tuning.max_backoff,
+            base: 2.0,
+        },
+        max_retries: tuning.max_retries,
+        retry_timeout: tuning.retry_timeout,
+    }
+}
+
+/// Returns the pause before attempt `attempt + 1`: exponential, capped, with full jitter
+/// between half and all of it.
+fn backoff(tuning: &S3Tuning, attempt: u32) -> Duration {
+    let base = tuning.init_backoff.saturating_mul(1 << attempt.min(16));
+    let capped = base.min(tuning.max_backoff);
+    capped.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+}
+
+/// Returns the ETag to send in `If-Match`, or `None` for the listing's stand-in tag.
+fn real_etag(etag: &str) -> Option<&str> {
+    (!etag.is_empty() && !etag.starts_with("modified-")).then_some(etag)
+}

@@ -1,0 +1,241 @@
+//! End-to-end: live reload by call, by SIGHUP and by `mirror-gateway reload`, under load.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{client, spawn_gateway, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use mirror_proxy::reload::ReloadOutcome;
+
+/// A config with one domain answering `hosts` from an HTTP origin, with a quota of `budget`
+/// index requests per hour.
+fn config(
+    id: &str,
+    origin: std::net::SocketAddr,
+    hosts: &str,
+    budget: u32,
+    extra_server: &str,
+) -> String {
+    let base = BASE_CONFIG.replace("[server]\n", &format!("[server]\n{extra_server}\n"));
+    format!(
+        r#"{base}
+[domains.reload-{pid}]
+hosts = [{hosts}]
+[domains.reload-{pid}.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.reload-{pid}.routes]]
+prefix = "/"
+origin = "web"
+[[domains.reload-{pid}.plugins]]
+name = "quota"
+index_per_hour = {budget}
+download_per_hour = 1000000
+index_paths = ["/index.json"]
+download_paths = ["/**"]
+"#,
+        pid = format!("{}-{id}", std::process::id()),
+    )
+}
+
+async fn status(url: String, host: &str) -> u16 {
+    client()
+        .get(url)
+        .header("host", host)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_adds_host_keeps_cache() {
+    let id = "reload-adds-host-keeps-cache";
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(id, origin.addr, "\"a.test\"", 100, ""));
+    assert_eq!(status(gateway.url("/bundle.json"), "a.test").await, 200);
+    assert_eq!(status(gateway.url("/bundle.json"), "b.test").await, 421);
+
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        config(id, origin.addr, "\"a.test\", \"b.test\"", 100, ""),
+    )
+    .expect("write");
+    assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    assert_eq!(status(gateway.url("/bundle.json"), "b.test").await, 200);
+    let hit = client()
+        .get(gateway.url("/bundle.json"))
+        .header("host", "a.test")
+        .send()
+        .await
+        .expect("after reload");
+    assert_eq!(
+        hit.headers()["x-cache-status"],
+        "HIT",
+        "the cache survives a reload"
+    );
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_reload_keeps_running() {
+    let id = "broken-reload-keeps-running";
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(id, origin.addr, "\"a.test\"", 100, ""));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "[server]\nthreads = \"many\"\n").expect("write broken config");
+    let outcome = gateway.running.reload(Vec::new());
+    assert!(
+        matches!(&outcome, ReloadOutcome::Rejected(errors) if errors.iter().any(|e| e.contains("server.threads"))),
+        "{outcome:?}"
+    );
+    assert_eq!(status(gateway.url("/bundle.json"), "a.test").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_keeps_quota_counts() {
+    let id = "reload-keeps-quota-counts";
+    let origin = TestOrigin::start(|_| Reply::ok("{}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(id, origin.addr, "\"a.test\"", 3, ""));
+    // Budgets reset at every UTC hour; stay clear of the boundary.
+    let into_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() % 3600);
+    if into_hour > 3590 {
+        tokio::time::sleep(Duration::from_secs(3601 - into_hour)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(status(gateway.url("/index.json"), "a.test").await, 200);
+    }
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config(id, origin.addr, "\"a.test\"", 2, "")).expect("write");
+    assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    assert_eq!(
+        status(gateway.url("/index.json"), "a.test").await,
+        429,
+        "the new budget applies to the count so far"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_under_load_drops_nothing() {
+    let id = "reload-under-load-drops-nothing";
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(
+        dir.path(),
+        &config(id, origin.addr, "\"a.test\"", 100_000, ""),
+    );
+    let url = gateway.url("/bundle.json");
+    let load = tokio::spawn(async move {
+        let client = client();
+        let mut failures = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut sent = 0;
+        while Instant::now() < deadline && sent < 2_000 {
+            let status = client
+                .get(&url)
+                .header("host", "a.test")
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            if status.as_ref().ok() != Some(&200) {
+                failures.push(format!("{status:?}"));
+            }
+            sent += 1;
+        }
+        (sent, failures)
+    });
+    let path = dir.path().join("gateway.toml");
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let hosts = if round % 2 == 0 {
+            "\"a.test\", \"c.test\""
+        } else {
+            "\"a.test\""
+        };
+        std::fs::write(&path, config(id, origin.addr, hosts, 100_000, "")).expect("write");
+        assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    }
+    let (sent, failures) = load.await.expect("load");
+    assert!(sent > 50, "only {sent} requests were sent");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed, first ones: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// The real binary: SIGHUP sent by `mirror-gateway reload` applies a changed config file.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_command_signals_binary() {
+    let id = "reload-command-signals-binary";
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let extra = format!("pid_file = \"{}\"", pid_file.display());
+    let info = |text: String| text.replace("level = \"warn\"", "level = \"info\"");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        info(config(id, origin.addr, "\"a.test\"", 100, &extra)),
+    )
+    .expect("write");
+    let (mut child, addr) = spawn_gateway(dir.path());
+    let url = format!("http://{addr}/bundle.json");
+    assert_eq!(status(url.clone(), "b.test").await, 421);
+    wait_for_file(&pid_file);
+
+    // Keep the file's modification from reloading it first: the reload command must do it.
+    std::fs::write(
+        &path,
+        info(config(
+            id,
+            origin.addr,
+            "\"a.test\", \"b.test\"",
+            100,
+            &extra,
+        )),
+    )
+    .expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
+        .args(["reload", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run mirror-gateway reload");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        last = status(url.clone(), "b.test").await;
+        if last == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().expect("stop gateway");
+    child.wait().expect("reap gateway");
+    assert_eq!(last, 200);
+}
+
+fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} was not written",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,436 @@
+//! End-to-end: TLS listeners with a certificate per domain, chosen by SNI.
+//!
+//! Certificates come from the `openssl` command: a root, an intermediate, and per domain a
+//! certificate that the intermediate issued. Handshakes are checked with `openssl s_client`,
+//! requests with reqwest over rustls, which trusts only the test root.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Reply, TestGateway, TestOrigin};
+
+/// `openssl req` arguments for a new P-256 key without a passphrase.
+const EC: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+
+/// A test certificate authority in a directory: `root.pem`, `int.pem` and their keys.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// Makes the root and the intermediate, and certificates for `a.test` and `*.b.test`.
+    fn new(dir: &Path) -> Self {
+        let pki = Self {
+            dir: dir.to_path_buf(),
+        };
+        pki.openssl(&format!(
+            "req -x509 {EC} -subj /CN=Test-Root -keyout root.key -out root.pem -days 2 \
+             -addext basicConstraints=critical,CA:TRUE \
+             -addext keyUsage=critical,keyCertSign,cRLSign"
+        ));
+        pki.openssl(&format!(
+            "req -new {EC} -subj /CN=Test-Intermediate -keyout int.key -out int.csr \
+             -addext basicConstraints=critical,CA:TRUE,pathlen:0 \
+             -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
+        ));
+        pki.openssl(
+            "x509 -req -in int.csr -CA root.pem -CAkey root.key -set_serial 100 -days 2 \
+             -copy_extensions copyall -out int.pem",
+        );
+        pki.issue("a", "a.test", "DNS:a.test", 7);
+        pki.issue("b", "*.b.test", "DNS:*.b.test", 9);
+        pki
+    }
+
+    /// Writes `<stem>.pem` (the certificate, then the intermediate) and `<stem>.key`.
+    fn issue(&self, stem: &str, cn: &str, san: &str, serial: u32) {
+        self.openssl(&format!(
+            "req -new {EC} -subj /CN={cn} -keyout {stem}.key -out {stem}.csr \
+             -addext subjectAltName={san} -addext basicConstraints=critical,CA:FALSE \
+             -addext extendedKeyUsage=serverAuth"
+        ));
+        self.openssl(&format!(
+            "x509 -req -in {stem}.csr -CA int.pem -CAkey int.key -set_serial {serial} -days 2 \
+             -copy_extensions copyall -out {stem}.leaf"
+        ));
+        let leaf = format!("{stem}.leaf");
+        let mut chain = std::fs::read(self.dir.join(&leaf)).expect("read leaf");
+        chain.extend(std::fs::read(self.dir.join("int.pem")).expect("read intermediate"));
+        std::fs::write(self.dir.join(format!("{stem}.pem")), chain).expect("write chain");
+    }
+
+    /// Writes `<stem>.ocsp`, a DER OCSP response saying "good" for `<stem>.leaf`.
+    fn ocsp(&self, stem: &str, serial: u32) {
+        let index = format!("V\t301231235959Z\t\t{serial:02X}\tunknown\t/CN=x\n");
+        std::fs::write(self.dir.join("index.txt"), index).expect("write index");
+        self.openssl(&format!(
+            "ocsp -issuer int.pem -cert {stem}.leaf -reqout req.der -no_nonce"
+        ));
+        self.openssl(&format!(
+            "ocsp -index index.txt -rsigner int.pem -rkey int.key -CA int.pem -reqin req.der \
+             -respout {stem}.ocsp -ndays 1"
+        ));
+    }
+
+    /// Runs `openssl` with the whitespace-separated arguments of `line` in the directory.
+    fn openssl(&self, line: &str) {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let out = run("openssl", &args, &self.dir);
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    }
+
+    fn root(&self) -> reqwest::Certificate {
+        let pem = std::fs::read(self.dir.join("root.pem")).expect("read root");
+        reqwest::Certificate::from_pem(&pem).expect("root certificate")
+    }
+}
+
+/// Runs a command for at most 10 seconds.
+fn run(program: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new("timeout")
+        .arg("10")
+        .arg(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run command")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Handshakes with `openssl s_client` and returns the certificate's subject and serial, as
+/// `subject=CN = a.test serial=07`, or the tool's output when the handshake failed.
+fn handshake(addr: SocketAddr, args: &[&str]) -> Result<String, String> {
+    let connect = addr.to_string();
+    let mut all = vec!["s_client", "-connect", &connect];
+    all.extend_from_slice(args);
+    let out = run("openssl", &all, Path::new("."));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() || !stdout.contains("BEGIN CERTIFICATE") {
+        return Err(text(&out));
+    }
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run openssl x509");
+    x509.stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdout.as_bytes())
+        .expect("write certificate");
+    let parsed = x509.wait_with_output().expect("openssl x509");
+    Ok(String::from_utf8_lossy(&parsed.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// A config with a plain and a TLS listener and two domains: `a` (`a.test`) and `b`
+/// (`*.b.test`), both in front of `origin`. `server` and `domain_a` add keys to those tables.
+fn config(origin: SocketAddr, server: &str, domain_a: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+tls_listen = ["127.0.0.1:0"]
+threads = 2
+grace_period_secs = 0
+shutdown_timeout_secs = 1
+{server}
+
+[log]
+access_log = "off"
+level = "warn"
+
+[cache]
+memory_bytes = "16MiB"
+max_object_bytes = "1MiB"
+
+[domains.a]
+hosts = ["a.test"]
+tls_cert = "a.pem"
+tls_key = "a.key"
+{domain_a}
+[domains.a.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.a.routes]]
+prefix = "/"
+origin = "web"
+
+[domains.b]
+hosts = ["*.b.test"]
+tls_cert = "b.pem"
+tls_key = "b.key"
+[domains.b.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.b.routes]]
+prefix = "/"
+origin = "web"
+"#
+    )
+}
+
+/// An origin that is never reached, for tests that only handshake.
+fn unused_origin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9))
+}
+
+fn start(dir: &Path, config: &str) -> (TestGateway, SocketAddr) {
+    let gateway = TestGateway::start(dir, config);
+    let tls = gateway.running.tls_addrs()[0];
+    (gateway, tls)
+}
+
+/// A client that trusts the test root, sends `a.test` and `x.b.test` to `tls`, and does not
+/// follow redirects.
+fn https_client(pki: &Pki, tls: SocketAddr) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .no_proxy()
+        .add_root_certificate(pki.root())
+        .resolve("a.test", tls)
+        .resolve("x.b.test", tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+}
+
+#[test]
+fn sni_selects_exact_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    let got = handshake(tls, &["-servername", "a.test"]);
+    assert_eq!(got, Ok("subject=CN = a.test serial=07".to_string()));
+}
+
+#[test]
+fn sni_selects_wildcard_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    let got = handshake(tls, &["-servername", "x.b.test"]);
+    assert_eq!(got, Ok("subject=CN = *.b.test serial=09".to_string()));
+}
+
+#[test]
+fn no_sni_refused_without_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    let output = handshake(tls, &["-noservername"]).expect_err("the handshake must fail");
+    assert!(output.contains("alert handshake failure"), "{output}");
+}
+
+#[test]
+fn unknown_sni_refused_without_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    let output =
+        handshake(tls, &["-servername", "other.test"]).expect_err("the handshake must fail");
+    assert!(output.contains("alert handshake failure"), "{output}");
+}
+
+#[test]
+fn default_domain_answers_without_sni() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let server = r#"tls_default_domain = "a""#;
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), server, ""));
+    let expected = Ok("subject=CN = a.test serial=07".to_string());
+    assert_eq!(handshake(tls, &["-noservername"]), expected);
+    assert_eq!(handshake(tls, &["-servername", "other.test"]), expected);
+}
+
+#[test]
+fn tls_1_1_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    // Security level 0 lets the client offer TLS 1.1, so the refusal is the server's.
+    let legacy = ["-servername", "a.test", "-cipher", "DEFAULT:@SECLEVEL=0"];
+    let tls_1_2 = handshake(tls, &[&legacy[..], &["-tls1_2"]].concat());
+    assert!(tls_1_2.is_ok(), "{tls_1_2:?}");
+    let tls_1_1 = handshake(tls, &[&legacy[..], &["-tls1_1"]].concat());
+    let output = tls_1_1.expect_err("TLS 1.1 must fail");
+    assert!(output.contains("protocol version"), "{output}");
+}
+
+#[test]
+fn ocsp_response_stapled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    pki.ocsp("a", 7);
+    let domain_a = r#"tls_ocsp = "a.ocsp""#;
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", domain_a));
+    let connect = tls.to_string();
+    let args = [
+        "s_client",
+        "-connect",
+        &connect,
+        "-servername",
+        "a.test",
+        "-status",
+    ];
+    let out = text(&run("openssl", &args, dir.path()));
+    assert!(out.contains("OCSP Response Status: successful"), "{out}");
+}
+
+#[test]
+fn renewed_certificate_served_after_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    pki.issue("a", "a.test", "DNS:a.test", 8);
+    let before = handshake(tls, &["-servername", "a.test"]);
+    assert_eq!(before, Ok("subject=CN = a.test serial=07".to_string()));
+
+    let outcome = gateway.running.reload(Vec::new());
+    assert_eq!(outcome, mirror_proxy::reload::ReloadOutcome::Applied);
+    let after = handshake(tls, &["-servername", "a.test"]);
+    assert_eq!(after, Ok("subject=CN = a.test serial=08".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sni_and_host_of_same_domain_proxied() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let client = https_client(&pki, tls)
+        .http1_only()
+        .build()
+        .expect("client");
+    let url = format!("https://a.test:{}/file", tls.port());
+    let response = client.get(&url).send().await.expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "from origin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_of_other_domain_is_421() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let client = https_client(&pki, tls)
+        .http1_only()
+        .build()
+        .expect("client");
+    let url = format!("https://a.test:{}/file", tls.port());
+    let response = client
+        .get(&url)
+        .header("host", "x.b.test")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 421);
+    assert_eq!(response.headers()["x-cache-status"], "BYPASS");
+    assert_eq!(origin.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_over_tls() {
+    let origin = TestOrigin::start(|_| Reply::ok("over h2")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let client = https_client(&pki, tls).build().expect("client");
+    let url = format!("https://x.b.test:{}/file", tls.port());
+    let response = client.get(&url).send().await.expect("request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "over h2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_to_https_is_308() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let config = config(origin.addr, "", "redirect_to_https = true");
+    let (gateway, tls) = start(dir.path(), &config);
+    let client = https_client(&pki, tls).build().expect("client");
+    let url = format!("http://{}/dir/file.json?x=1&y=2", gateway.addr);
+    let response = client
+        .get(&url)
+        .header("host", "a.test:8080")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 308);
+    let location = format!("https://a.test:{}/dir/file.json?x=1&y=2", tls.port());
+    assert_eq!(response.headers()["location"], location.as_str());
+    assert_eq!(response.headers()["x-cache-status"], "BYPASS");
+    assert_eq!(origin.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_off_serves_plain_http() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (gateway, _tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let url = format!("http://{}/file", gateway.addr);
+    let response = common::client()
+        .get(&url)
+        .header("host", "x.b.test")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+}
+
+#[test]
+fn config_errors_listed_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let text = config(unused_origin(), r#"tls_default_domain = "c""#, "")
+        .replace("tls_key = \"a.key\"", "tls_key = \"b.key\"")
+        .replace(
+            "tls_key = \"b.key\"\n[domains.b.origins",
+            "[domains.b.origins",
+        );
+    let path = dir.path().join("gateway.toml");
+    let errors = mirror_proxy::config::load_str(&text, &path, Vec::new())
+        .err()
+        .expect("config is invalid");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"domains.a.tls_key"), "{errors:#?}");
+    assert!(keys.contains(&"domains.b.tls_key"), "{errors:#?}");
+    assert!(keys.contains(&"server.tls_default_domain"), "{errors:#?}");
+}
+
+#[test]
+fn config_warns_uncovered_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let text = config(unused_origin(), "", "").replace(
+        r#"hosts = ["a.test"]"#,
+        r#"hosts = ["a.test", "127.0.0.1"]"#,
+    );
+    let path = dir.path().join("gateway.toml");
+    let config = mirror_proxy::config::load_str(&text, &path, Vec::new()).expect("valid");
+    let warning = config
+        .warnings
+        .iter()
+        .find(|w| w.key == "domains.a.tls_cert");
+    let reason = warning.map(|w| w.reason.as_str()).unwrap_or_default();
+    assert!(reason.contains("127.0.0.1"), "{:#?}", config.warnings);
+}
