@@ -224,6 +224,38 @@ async fn readyz_sync_lag_over_limit() {
     );
 }
 
+/// Checks that a request on a connection opened before a graceful shutdown gets `draining`.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_draining_after_shutdown() {
+    let origin = TestOrigin::start(origin_reply).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_text(dir.path(), origin.addr, origin.addr, ("", ""));
+    // The grace period keeps open connections served while the shutdown runs.
+    let config = config.replace("grace_period_secs = 0", "grace_period_secs = 3");
+    let gateway = TestGateway::start(dir.path(), &config);
+    let admin = gateway.running.admin_addr().expect("admin listener");
+    let monitor = gateway.running.monitor();
+    let mut stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let (status, body) = keep_alive_get(&mut stream, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    let stopper = std::thread::spawn(move || drop(gateway));
+    for _ in 0..250 {
+        if monitor.health.is_draining() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(monitor.health.is_draining(), "no shutdown within 5 s");
+    let (status, body) = keep_alive_get(&mut stream, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let expected = "{\"ready\":false,\"reasons\":[\"draining: the gateway is shutting down\"]}";
+    assert_eq!(body.trim(), expected);
+    stopper.join().expect("gateway stopped");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_json_fields() {
     let origin = TestOrigin::start(origin_reply).await;
@@ -278,6 +310,19 @@ fn start_with(
     down_origin: SocketAddr,
     community: (&str, &str),
 ) -> (TestGateway, SocketAddr) {
+    let config = config_text(dir, origin, down_origin, community);
+    let gateway = TestGateway::start(dir, &config);
+    let admin = gateway.running.admin_addr().expect("admin listener");
+    (gateway, admin)
+}
+
+/// Writes the htpasswd files of [`start_with`] into `dir` and returns its config.
+fn config_text(
+    dir: &Path,
+    origin: SocketAddr,
+    down_origin: SocketAddr,
+    community: (&str, &str),
+) -> String {
     let line = |(user, password)| htpasswd_line(&["-B", "-C", "5"], user, password);
     std::fs::write(dir.join("admin.htpasswd"), line(ADMIN) + "\n").expect("write");
     std::fs::write(dir.join("users.htpasswd"), line(MIRROR) + "\n").expect("write");
@@ -300,11 +345,9 @@ fn start_with(
             "[domains.{id}]\nhosts = [\"{host}\"]\n{domain_extra}[domains.{id}.origins.web]\nkind = \"http\"\naddresses = [\"{address}\"]\nconnect_timeout_ms = 1000\n{origin_extra}[[domains.{id}.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
         ));
     }
+    let plugin = "[[domains.primary.plugins]]\nname = \"htpasswd\"\nfile = \"users.htpasswd\"\n";
+    config.push_str(plugin);
     config
-        .push_str("[[domains.primary.plugins]]\nname = \"htpasswd\"\nfile = \"users.htpasswd\"\n");
-    let gateway = TestGateway::start(dir, &config);
-    let admin = gateway.running.admin_addr().expect("admin listener");
-    (gateway, admin)
 }
 
 /// Returns the first response to GET `/s` that is not a `HIT`, polling every 100 ms from 1.1 s
@@ -319,6 +362,44 @@ async fn first_after_expiry(addr: SocketAddr, headers: &[(&str, &str)]) -> commo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("/s was still fresh 4 s after a max-age=1 fill");
+}
+
+/// Sends GET `path` on `stream`, keeping the connection open, and returns the status and the
+/// body (read by `Content-Length`); panics after 10 s.
+async fn keep_alive_get(stream: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut data = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(response) = complete_response(&data) {
+                return response;
+            }
+            let read = stream.read(&mut chunk).await.expect("read");
+            assert!(read > 0, "connection closed before the response ended");
+            data.extend_from_slice(&chunk[..read]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("response within 10 s")
+}
+
+/// Returns the status and body of `data` once it holds a whole `Content-Length` response.
+fn complete_response(data: &[u8]) -> Option<(u16, String)> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let body = data.get(end + 4..end + 4 + length)?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, String::from_utf8_lossy(body).into_owned()))
 }
 
 /// Returns a loopback address where nothing listens.

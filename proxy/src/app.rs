@@ -124,17 +124,18 @@ impl App {
         let state =
             Arc::new(crate::reload::build_state(config, &shared).map_err(StartError::Hosts)?);
         let current = Arc::new(ArcSwap::new(Arc::clone(&state)));
+        let monitor = Arc::new(crate::status::Monitor::default());
         let reloader = Arc::new(crate::reload::Reloader::new(
             config,
             Arc::clone(&current),
             shared,
+            Arc::clone(&monitor),
         ));
         server.add_service(pingora::services::background::background_service(
             "config reload",
             crate::reload::ReloadService(Arc::clone(&reloader)),
         ));
 
-        let monitor = Arc::new(crate::status::Monitor::default());
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             Gateway::new(Arc::clone(&current)).with_monitor(Arc::clone(&monitor)),

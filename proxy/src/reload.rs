@@ -97,6 +97,8 @@ pub struct Reloader {
     /// The configuration running now, to tell which changes need a restart.
     running: Mutex<GatewayConfig>,
     stamp: Mutex<Option<FileStamp>>,
+    /// Counts reloads and their outcome in the metrics.
+    monitor: Arc<crate::status::Monitor>,
 }
 
 /// The outcome of a reload, for logs, metrics and tests.
@@ -113,6 +115,7 @@ impl Reloader {
         config: &GatewayConfig,
         current: Arc<ArcSwap<GatewayState>>,
         shared: Shared,
+        monitor: Arc<crate::status::Monitor>,
     ) -> Self {
         Self {
             path: config.path.clone(),
@@ -120,11 +123,21 @@ impl Reloader {
             shared,
             running: Mutex::new(config.clone()),
             stamp: Mutex::new(FileStamp::of(&config.path)),
+            monitor,
         }
     }
 
-    /// Reads, validates and applies the config file, with environment overrides from `env`.
+    /// Reads, validates and applies the config file, with environment overrides from `env`,
+    /// and counts the outcome in the metrics.
     pub fn reload_with(&self, env: Vec<(String, String)>) -> ReloadOutcome {
+        let outcome = self.apply(env);
+        self.monitor
+            .metrics
+            .reload(outcome == ReloadOutcome::Applied);
+        outcome
+    }
+
+    fn apply(&self, env: Vec<(String, String)>) -> ReloadOutcome {
         *self.stamp.lock() = FileStamp::of(&self.path);
         let config = match config::load(&self.path, env) {
             Ok(config) => config,
