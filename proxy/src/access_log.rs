@@ -7,8 +7,15 @@
 //! The fields after the user agent are the domain id, the authenticated user, the
 //! `X-Cache-Status` value and the request time in seconds with millisecond resolution; `-`
 //! stands for an empty field. Quotes, backslashes, control and non-ASCII bytes in quoted
-//! fields are written as `\xHH`, so a client cannot forge log fields. Lines are written by a
-//! background thread, so a slow disk never blocks a request.
+//! fields are written as `\xHH`, so a client cannot forge log fields.
+//!
+//! With `log.access_log_format = "json"` each line is one JSON object with the same facts:
+//!
+//! ```text
+//! {"time":"2026-12-04T16:13:16Z","remote_addr":"127.0.0.1","user":"mirror","method":"GET","target":"/concelier/exports/index.json","protocol":"HTTP/1.1","status":200,"body_bytes":512,"referer":null,"user_agent":"curl/8.5.0","domain":"primary","cache_status":"HIT","request_time":0.000}
+//! ```
+//!
+//! Lines are written by a background thread, so a slow disk never blocks a request.
 
 use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
@@ -16,7 +23,7 @@ use std::net::IpAddr;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::AccessLogTarget;
+use crate::config::{AccessLogFormat, AccessLogTarget};
 
 /// What one access-log line records.
 #[derive(Debug, Clone)]
@@ -35,6 +42,51 @@ pub struct AccessEntry<'a> {
     pub domain: Option<&'a str>,
     pub cache_status: &'a str,
     pub duration: Duration,
+}
+
+/// Formats one JSON line, without the trailing newline.
+pub fn format_json(e: &AccessEntry<'_>) -> String {
+    let text = |value: Option<&str>| value.map_or_else(|| "null".to_string(), json_string);
+    let secs = e.time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{{\"time\":\"{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z\",\"remote_addr\":{},\"user\":{},\"method\":{},\"target\":{},\"protocol\":{},\"status\":{},\"body_bytes\":{},\"referer\":{},\"user_agent\":{},\"domain\":{},\"cache_status\":{},\"request_time\":{}.{:03}}}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        text(e.remote_addr.map(|a| a.to_string()).as_deref()),
+        text(e.user),
+        json_string(e.method),
+        json_string(e.target),
+        json_string(e.version),
+        e.status,
+        e.body_bytes,
+        text(e.referer),
+        text(e.user_agent),
+        text(e.domain),
+        json_string(e.cache_status),
+        e.duration.as_secs(),
+        e.duration.subsec_millis(),
+    )
+}
+
+/// Quotes `value` as a JSON string; control characters become `\u` escapes.
+fn json_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Formats one line, without the trailing newline.
@@ -119,6 +171,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[derive(Clone)]
 pub struct AccessLog {
     sender: Option<mpsc::Sender<Message>>,
+    format: AccessLogFormat,
 }
 
 enum Message {
@@ -129,9 +182,14 @@ enum Message {
 
 impl AccessLog {
     /// Opens the log target and starts its writer thread; `Off` writes nothing.
-    pub fn open(target: &AccessLogTarget) -> io::Result<Self> {
+    pub fn open(target: &AccessLogTarget, format: AccessLogFormat) -> io::Result<Self> {
         let writer = match target {
-            AccessLogTarget::Off => return Ok(Self { sender: None }),
+            AccessLogTarget::Off => {
+                return Ok(Self {
+                    sender: None,
+                    format,
+                })
+            }
             target => open_target(target)?,
         };
         let (sender, receiver) = mpsc::channel::<Message>();
@@ -141,6 +199,7 @@ impl AccessLog {
             .spawn(move || write_lines(receiver, writer, &target))?;
         Ok(Self {
             sender: Some(sender),
+            format,
         })
     }
 
@@ -149,7 +208,11 @@ impl AccessLog {
         if let Some(sender) = &self.sender {
             // The writer thread only stops when every sender is gone, so this cannot fail
             // while `self` exists.
-            let _ = sender.send(Message::Line(format_line(entry)));
+            let line = match self.format {
+                AccessLogFormat::Combined => format_line(entry),
+                AccessLogFormat::Json => format_json(entry),
+            };
+            let _ = sender.send(Message::Line(line));
         }
     }
 
@@ -245,6 +308,29 @@ mod tests {
         assert_eq!(
             format_line(&entry),
             "127.0.0.1 - mirror [04/Dec/2026:16:13:16 +0000] \"GET /concelier/exports/index.json HTTP/1.1\" 200 512 \"-\" \"curl/8.5.0\" primary mirror HIT 0.001"
+        );
+    }
+
+    #[test]
+    fn json_line_has_every_field() {
+        let entry = AccessEntry {
+            remote_addr: Some("127.0.0.1".parse().expect("ip")),
+            user: None,
+            time: UNIX_EPOCH + Duration::from_secs(1_796_400_796),
+            method: "GET",
+            target: "/a\"b",
+            version: "HTTP/1.1",
+            status: 200,
+            body_bytes: 512,
+            referer: None,
+            user_agent: Some("curl\n"),
+            domain: Some("primary"),
+            cache_status: "HIT",
+            duration: Duration::from_micros(1_500),
+        };
+        assert_eq!(
+            format_json(&entry),
+            "{\"time\":\"2026-12-04T16:13:16Z\",\"remote_addr\":\"127.0.0.1\",\"user\":null,\"method\":\"GET\",\"target\":\"/a\\\"b\",\"protocol\":\"HTTP/1.1\",\"status\":200,\"body_bytes\":512,\"referer\":null,\"user_agent\":\"curl\\u000a\",\"domain\":\"primary\",\"cache_status\":\"HIT\",\"request_time\":0.001}"
         );
     }
 

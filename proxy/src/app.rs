@@ -115,7 +115,8 @@ impl App {
         }
         let shared = crate::reload::Shared {
             cache: Arc::new(CacheTier::new(&config.cache).map_err(StartError::DiskCache)?),
-            access_log: AccessLog::open(&config.log.access_log).map_err(StartError::AccessLog)?,
+            access_log: AccessLog::open(&config.log.access_log, config.log.access_log_format)
+                .map_err(StartError::AccessLog)?,
             rejections: Default::default(),
             runtime_dir: runtime_dir.path().to_path_buf(),
             export_trees,

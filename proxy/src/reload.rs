@@ -202,6 +202,9 @@ impl Reloader {
         if old.log.access_log != new.log.access_log {
             changed.push("log.access_log");
         }
+        if old.log.access_log_format != new.log.access_log_format {
+            changed.push("log.access_log_format");
+        }
         if !changed.is_empty() {
             tracing::warn!(
                 ?changed,

@@ -22,6 +22,13 @@ pub struct SyncConfig {
     pub path: PathBuf,
     /// The jobs, ordered by name.
     pub jobs: Vec<JobSettings>,
+    /// Pause between two scheduled runs when the gateway runs the jobs (`interval_secs`).
+    pub interval: Duration,
+    /// Largest random change, either way, of each pause (`jitter_secs`, below `interval`).
+    pub jitter: Duration,
+    /// Age of the newest synced data above which the gateway reports itself not ready
+    /// (`max_lag_secs`).
+    pub max_lag: Duration,
 }
 
 /// One job: fill `destination` from `source`.
@@ -140,6 +147,7 @@ pub fn load_str(text: &str, path: &Path) -> Result<SyncConfig, Vec<ConfigError>>
         return Err(vec![error(path, "sync", None, reason.to_string())]);
     };
     let raw: RawSync = parse(section).map_err(|errors| within(path, "sync", errors))?;
+    check_schedule(&raw).map_err(|errors| within(path, "sync", errors))?;
     let mut pins = gateway_pins(&root, &dir);
     if let Some(gateway) = &raw.gateway_config {
         let gateway_path = dir.join(gateway);
@@ -168,6 +176,9 @@ pub fn load_str(text: &str, path: &Path) -> Result<SyncConfig, Vec<ConfigError>>
         Ok(SyncConfig {
             path: path.to_path_buf(),
             jobs,
+            interval: Duration::from_secs(raw.interval_secs),
+            jitter: Duration::from_secs(raw.jitter_secs),
+            max_lag: Duration::from_secs(raw.max_lag_secs),
         })
     } else {
         Err(errors)
@@ -177,6 +188,12 @@ pub fn load_str(text: &str, path: &Path) -> Result<SyncConfig, Vec<ConfigError>>
 #[derive(Deserialize)]
 struct RawSync {
     gateway_config: Option<String>,
+    #[serde(default = "default_interval")]
+    interval_secs: u64,
+    #[serde(default = "default_jitter")]
+    jitter_secs: u64,
+    #[serde(default = "default_max_lag")]
+    max_lag_secs: u64,
     #[serde(default)]
     jobs: BTreeMap<String, toml::Value>,
 }
@@ -222,6 +239,15 @@ struct RawS3 {
     allow_http: bool,
 }
 
+fn default_interval() -> u64 {
+    300
+}
+fn default_jitter() -> u64 {
+    30
+}
+fn default_max_lag() -> u64 {
+    900
+}
 fn default_keep() -> usize {
     3
 }
@@ -303,6 +329,31 @@ fn job(
         public_key,
         pinned,
     })
+}
+
+/// Checks the schedule keys of `[sync]`: every pause between runs must be positive.
+fn check_schedule(raw: &RawSync) -> Result<(), Vec<SettingError>> {
+    let bad = |key: &str, value: u64, reason: &str| {
+        Err(vec![SettingError::new(
+            key,
+            Some(value.to_string()),
+            reason,
+        )])
+    };
+    if raw.interval_secs == 0 {
+        return bad("interval_secs", 0, "must be at least 1, e.g. 300");
+    }
+    if raw.jitter_secs >= raw.interval_secs {
+        let reason = format!(
+            "must be less than interval_secs ({}), e.g. a tenth of it",
+            raw.interval_secs
+        );
+        return bad("jitter_secs", raw.jitter_secs, &reason);
+    }
+    if raw.max_lag_secs == 0 {
+        return bad("max_lag_secs", 0, "must be at least 1, e.g. 900");
+    }
+    Ok(())
 }
 
 fn check_limits(raw: &RawJob) -> Result<(), Vec<SettingError>> {

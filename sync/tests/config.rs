@@ -195,3 +195,60 @@ fn run_once_rejects_unknown_job() {
     };
     assert!(!run_once(&args));
 }
+
+#[test]
+fn load_applies_schedule_defaults() {
+    let config = load_str(MINIMAL, Path::new("/etc/mg/sync.toml")).expect("valid");
+    assert_eq!(
+        (config.interval, config.jitter, config.max_lag),
+        (
+            Duration::from_secs(300),
+            Duration::from_secs(30),
+            Duration::from_secs(900)
+        )
+    );
+}
+
+#[test]
+fn load_reads_schedule() {
+    let text =
+        format!("[sync]\ninterval_secs = 60\njitter_secs = 5\nmax_lag_secs = 180\n{MINIMAL}");
+    let config = load_str(&text, Path::new("/etc/mg/sync.toml")).expect("valid");
+    assert_eq!(
+        (config.interval, config.jitter, config.max_lag),
+        (
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            Duration::from_secs(180)
+        )
+    );
+}
+
+#[test]
+fn load_rejects_zero_interval() {
+    let errors = errors_of(&format!("[sync]\ninterval_secs = 0\n{MINIMAL}"));
+    assert!(
+        errors[0].contains("sync.interval_secs = 0: must be at least 1"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn load_rejects_jitter_not_below_interval() {
+    let errors = errors_of(&format!(
+        "[sync]\ninterval_secs = 10\njitter_secs = 10\n{MINIMAL}"
+    ));
+    assert!(
+        errors[0].contains("sync.jitter_secs = 10: must be less than interval_secs (10)"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn load_rejects_zero_max_lag() {
+    let errors = errors_of(&format!("[sync]\nmax_lag_secs = 0\n{MINIMAL}"));
+    assert!(
+        errors[0].contains("sync.max_lag_secs = 0: must be at least 1"),
+        "{errors:?}"
+    );
+}

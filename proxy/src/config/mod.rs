@@ -101,9 +101,19 @@ pub enum AccessLogTarget {
     Off,
 }
 
+/// How access-log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// nginx's `combined` format followed by domain, user, cache status and request time.
+    Combined,
+    /// One JSON object a line.
+    Json,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     pub access_log: AccessLogTarget,
+    pub access_log_format: AccessLogFormat,
     /// A `tracing` filter directive such as `info` or `mirror_proxy=debug,info`.
     pub level: String,
 }

@@ -38,6 +38,7 @@ impl Default for ServerSection {
 #[serde(default)]
 pub struct LogSection {
     pub access_log: String,
+    pub access_log_format: String,
     pub level: String,
 }
 
@@ -45,6 +46,7 @@ impl Default for LogSection {
     fn default() -> Self {
         Self {
             access_log: "stdout".into(),
+            access_log_format: "combined".into(),
             level: "info".into(),
         }
     }

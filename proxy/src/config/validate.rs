@@ -17,8 +17,8 @@ use super::schema::{
     ServerSection,
 };
 use super::{
-    AccessLogTarget, AdminSettings, CacheSettings, ConfigError, DiskCacheSettings, Domain,
-    ExportTreeOrigin, GatewayConfig, HttpOrigin, LogSettings, Origin, OriginKind, Route,
+    AccessLogFormat, AccessLogTarget, AdminSettings, CacheSettings, ConfigError, DiskCacheSettings,
+    Domain, ExportTreeOrigin, GatewayConfig, HttpOrigin, LogSettings, Origin, OriginKind, Route,
     ServerSettings, StaleWindows,
 };
 use crate::client_ip::{Cidr, TrustedProxies};
@@ -294,8 +294,21 @@ fn validate_log(s: LogSection, dir: &Path, errors: &mut Errors<'_>) -> Option<Lo
     if let Err(reason) = check_level(&s.level) {
         errors.push("log.level", Some(format!("{:?}", s.level)), reason);
     }
+    let access_log_format = match s.access_log_format.as_str() {
+        "combined" => AccessLogFormat::Combined,
+        "json" => AccessLogFormat::Json,
+        other => {
+            errors.push(
+                "log.access_log_format",
+                Some(format!("{other:?}")),
+                "write \"combined\" (nginx's format plus four fields) or \"json\" (one JSON object a line)",
+            );
+            AccessLogFormat::Combined
+        }
+    };
     (errors.list.len() == before).then_some(LogSettings {
         access_log,
+        access_log_format,
         level: s.level,
     })
 }
