@@ -30,6 +30,10 @@ enum Command {
         /// Config file.
         #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Take over the listening sockets of the running gateway (zero-downtime binary
+        /// upgrade): start this, then send the old process SIGQUIT.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file and list every error; exit 0 when valid, 1 otherwise.
     Check {
@@ -69,13 +73,13 @@ fn main() -> ExitCode {
         }
         Some(Command::Check { config }) => check(&config),
         Some(Command::Reload { config }) => reload(&config),
-        Some(Command::Run { config }) => run(&config),
+        Some(Command::Run { config, upgrade }) => run(&config, upgrade),
         Some(Command::Sync {
             config,
             jobs,
             allow_mass_delete,
         }) => sync(config, jobs, allow_mass_delete),
-        None => run(&cli.config),
+        None => run(&cli.config, false),
     }
 }
 
@@ -151,13 +155,13 @@ fn sync(config: PathBuf, jobs: Vec<String>, allow_mass_delete: bool) -> ExitCode
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+fn run(path: &Path, upgrade: bool) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
     mirror_proxy::logging::init(&config.log.level);
-    let app = match App::build(&config) {
+    let app = match App::build_with(&config, upgrade) {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");

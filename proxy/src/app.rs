@@ -67,20 +67,38 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("invalid [sync] section: {}", .0.join("; "))]
+    Sync(Vec<String>),
 }
 
 impl App {
     /// Builds every service and binds every socket, so that errors surface before running.
     pub fn build(config: &GatewayConfig) -> Result<Self, StartError> {
+        Self::build_with(config, false)
+    }
+
+    /// Builds the gateway like [`App::build`]; with `upgrade`, it takes over the listening
+    /// sockets of the running gateway instead of binding them (Pingora's zero-downtime
+    /// upgrade): it waits until that process gets SIGQUIT and hands them over.
+    pub fn build_with(config: &GatewayConfig, upgrade: bool) -> Result<Self, StartError> {
         let runtime_dir = RuntimeDir::create(config.server.runtime_dir.as_deref())?;
         let server_conf = server_conf(config, runtime_dir.path());
-        let mut server = Server::new_with_opt_and_conf(None, server_conf);
+        let options = pingora::server::configuration::Opt {
+            upgrade,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Some(options), server_conf);
+        if upgrade {
+            tracing::info!("waiting for the running gateway's listening sockets (send it SIGQUIT)");
+            server.bootstrap();
+        }
+        let binder = Binder { upgrade };
         for warning in &config.warnings {
             tracing::warn!(%warning, "config warning");
         }
         let tls = crate::tls::CertStore::from_config(config)
             .map_err(|e| StartError::Tls(e.to_string()))?;
-        let tls_bound = bind_tls(&config.tls.listen)?;
+        let tls_bound = binder.tls(&config.tls.listen)?;
         let tls = Arc::new(crate::tls::TlsState::new(
             Arc::new(crate::tls::TlsStore::new(tls)),
             tls_bound.iter().map(|(addr, _)| *addr).collect(),
@@ -145,15 +163,15 @@ impl App {
         let mut prebound = Vec::new();
         let mut listen = Vec::new();
         for addr in &config.server.listen {
-            let (bound, fd) = bind_tcp(*addr)?;
+            let (bound, fd) = binder.tcp(*addr)?;
             proxy.add_tcp(&bound.to_string());
-            prebound.push((bound.to_string(), fd));
+            prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
             listen.push(bound);
         }
         for (bound, fd) in tls_bound {
             let settings = crate::tls::listener_settings(tls.store()).map_err(StartError::Tls)?;
             proxy.add_tls_with_settings(&bound.to_string(), None, settings);
-            prebound.push((bound.to_string(), fd));
+            prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
         }
         server.add_service(Prebound::new(proxy, prebound));
 
@@ -163,12 +181,18 @@ impl App {
                 .with_monitor(Arc::clone(&monitor));
             let mut service =
                 pingora::services::listening::Service::new("mirror-gateway admin".into(), app);
-            let (bound, fd) = bind_tcp(admin.listen)?;
+            let (bound, fd) = binder.tcp(admin.listen)?;
             service.add_tcp(&bound.to_string());
-            server.add_service(Prebound::new(service, vec![(bound.to_string(), fd)]));
+            let prebound = fd.map(|fd| (bound.to_string(), fd)).into_iter().collect();
+            server.add_service(Prebound::new(service, prebound));
             admin_addr = Some(bound);
         }
         server.add_service(crate::status::lifecycle_service(Arc::clone(&monitor)));
+        // A `[sync]` section in the gateway's file makes the gateway run the sync jobs itself.
+        let sync = crate::sync_service::from_gateway_config(&config.path, Arc::clone(&monitor));
+        if let Some(service) = sync.map_err(StartError::Sync)? {
+            server.add_service(service);
+        }
         Ok(Self {
             server,
             listen,
@@ -220,7 +244,12 @@ impl App {
         server.run(RunArgs::default());
         // Hourly request counts survive the restart that usually follows a shutdown.
         mirror_plugins::quota::save_state_files();
-        let _ = std::fs::remove_file(pid_file);
+        // After an upgrade the file holds the new process's pid; leave it alone then.
+        let ours = std::fs::read_to_string(pid_file)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(pid_file);
+        }
         drop(runtime_dir);
     }
 
@@ -354,7 +383,14 @@ fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(config.server.shutdown_timeout.as_secs()),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool_size,
         pid_file: runtime_dir.join("mirror-gateway.pid").display().to_string(),
-        upgrade_sock: runtime_dir.join("upgrade.sock").display().to_string(),
+        // The old and the new process of an upgrade must agree on this path, so it sits beside
+        // the pid file rather than in the per-process runtime directory.
+        upgrade_sock: config
+            .server
+            .pid_file
+            .with_extension("upgrade.sock")
+            .display()
+            .to_string(),
         ..ServerConf::default()
     }
 }
@@ -415,13 +451,37 @@ fn bind_tcp(addr: SocketAddr) -> Result<(SocketAddr, i32), StartError> {
     Ok((bound, listener.into_raw_fd()))
 }
 
-/// Binds each TLS listener like [`bind_tcp`]; an error names `server.tls_listen`.
-fn bind_tls(addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, i32)>, StartError> {
-    let rename = |e| match e {
-        StartError::Listen { addr, source } => StartError::TlsListen { addr, source },
-        other => other,
-    };
-    addrs.iter().map(|a| bind_tcp(*a).map_err(rename)).collect()
+/// Binds the TCP listeners, or, in an upgrade, leaves them to the sockets the old process
+/// hands over (Pingora finds them by address).
+struct Binder {
+    upgrade: bool,
+}
+
+impl Binder {
+    /// Returns the listener's address and, when this process bound it, its descriptor.
+    fn tcp(&self, addr: SocketAddr) -> Result<(SocketAddr, Option<i32>), StartError> {
+        if !self.upgrade {
+            return bind_tcp(addr).map(|(bound, fd)| (bound, Some(fd)));
+        }
+        if addr.port() == 0 {
+            return Err(StartError::Listen {
+                addr: addr.to_string(),
+                source: std::io::Error::other(
+                    "an upgrade takes over fixed ports; port 0 cannot be handed over",
+                ),
+            });
+        }
+        Ok((addr, None))
+    }
+
+    /// Binds each TLS listener like [`Binder::tcp`]; an error names `server.tls_listen`.
+    fn tls(&self, addrs: &[SocketAddr]) -> Result<Vec<(SocketAddr, Option<i32>)>, StartError> {
+        let rename = |e| match e {
+            StartError::Listen { addr, source } => StartError::TlsListen { addr, source },
+            other => other,
+        };
+        addrs.iter().map(|a| self.tcp(*a).map_err(rename)).collect()
+    }
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {

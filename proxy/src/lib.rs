@@ -22,5 +22,6 @@ pub mod reload;
 mod respond;
 pub mod routing;
 pub mod status;
+pub mod sync_service;
 pub mod tls;
 pub mod upstream;
