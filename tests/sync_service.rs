@@ -51,8 +51,8 @@ impl Fixture {
         (status, resp.text().await.expect("body"))
     }
 
-    /// Polls `path` every 100 ms until it answers 200 with `body`; panics after 10 s with the
-    /// last answer.
+    /// Polls `path` every 100 ms until it responds 200 with `body`. Panics after 10 s with the
+    /// last response.
     async fn wait_for_body(&self, path: &str, body: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = (0, String::new());
@@ -63,7 +63,7 @@ impl Fixture {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{path} did not answer 200 {body:?} within 10 s; last answer: {last:?}");
+        panic!("{path} did not respond 200 {body:?} within 10 s; last response: {last:?}");
     }
 
     /// Returns the status and body of GET `path` on the admin listener, with credentials.

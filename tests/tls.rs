@@ -434,3 +434,21 @@ fn config_warns_uncovered_host() {
     let reason = warning.map(|w| w.reason.as_str()).unwrap_or_default();
     assert!(reason.contains("127.0.0.1"), "{:#?}", config.warnings);
 }
+
+#[test]
+fn renewed_certificate_picked_up_by_watch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    // The renewed files have a new modification time, which the watch (every 2 seconds) notices.
+    pki.issue("a", "a.test", "DNS:a.test", 8);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = handshake(tls, &["-servername", "a.test"]);
+    while seen != Ok("subject=CN = a.test serial=08".to_string())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        seen = handshake(tls, &["-servername", "a.test"]);
+    }
+    assert_eq!(seen, Ok("subject=CN = a.test serial=08".to_string()));
+}

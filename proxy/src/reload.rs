@@ -1,7 +1,7 @@
 //! Live reload: a new configuration replaces the running one without dropping a request.
 //!
-//! On SIGHUP, and when the config file changes on disk (checked every 2 seconds), the file is
-//! read and validated again. If anything is invalid the gateway keeps running on the old
+//! On SIGHUP, and when the config file or a TLS certificate, key or OCSP file changes on disk
+//! (checked every 2 seconds), the configuration is read and validated again. If anything is invalid the gateway keeps running on the old
 //! configuration and logs every error. Otherwise a new [`GatewayState`] is built and swapped in
 //! atomically: requests that already started finish with the state they started with, and new
 //! requests use the new one. Connections, keep-alive included, stay open.
@@ -96,7 +96,9 @@ pub struct Reloader {
     shared: Shared,
     /// The configuration running now, to tell which changes need a restart.
     running: Mutex<GatewayConfig>,
-    stamp: Mutex<Option<FileStamp>>,
+    /// The watched files (the config file, then TLS certificates, keys and OCSP responses)
+    /// and how they looked at the last load.
+    stamps: Mutex<Vec<(PathBuf, Option<FileStamp>)>>,
     /// Counts reloads and their outcome in the metrics.
     monitor: Arc<crate::status::Monitor>,
 }
@@ -122,7 +124,7 @@ impl Reloader {
             current,
             shared,
             running: Mutex::new(config.clone()),
-            stamp: Mutex::new(FileStamp::of(&config.path)),
+            stamps: Mutex::new(stamps_of(config)),
             monitor,
         }
     }
@@ -138,7 +140,14 @@ impl Reloader {
     }
 
     fn apply(&self, env: Vec<(String, String)>) -> ReloadOutcome {
-        *self.stamp.lock() = FileStamp::of(&self.path);
+        // Remember the files as they are now, so that a broken file is not reloaded again
+        // every few seconds; it is reloaded when it changes again.
+        {
+            let mut stamps = self.stamps.lock();
+            for (path, stamp) in stamps.iter_mut() {
+                *stamp = FileStamp::of(path);
+            }
+        }
         let config = match config::load(&self.path, env) {
             Ok(config) => config,
             Err(errors) => {
@@ -168,6 +177,7 @@ impl Reloader {
                 self.current.store(Arc::new(state));
                 let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
                 tracing::info!(config = %self.path.display(), ?domains, "reload applied");
+                *self.stamps.lock() = stamps_of(&config);
                 *self.running.lock() = config;
                 ReloadOutcome::Applied
             }
@@ -213,10 +223,16 @@ impl Reloader {
         }
     }
 
-    /// Returns whether the config file changed since the last load.
-    fn file_changed(&self) -> bool {
-        let now = FileStamp::of(&self.path);
-        now.is_some() && now != *self.stamp.lock()
+    /// Returns the first watched file that changed since the last load, if any.
+    fn changed_file(&self) -> Option<PathBuf> {
+        let stamps = self.stamps.lock();
+        stamps
+            .iter()
+            .find(|(path, stamp)| {
+                let now = FileStamp::of(path);
+                now.is_some() && now != *stamp
+            })
+            .map(|(path, _)| path.clone())
     }
 }
 
@@ -224,6 +240,27 @@ impl Reloader {
 fn utf8_environment() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// Returns the files a reload reads: the config file and every TLS certificate, key and OCSP
+/// response, each with how it looks now. htpasswd files are watched by their plugin.
+fn stamps_of(config: &GatewayConfig) -> Vec<(PathBuf, Option<FileStamp>)> {
+    let mut paths = vec![config.path.clone()];
+    for domain in config.tls.domains.values() {
+        if let Some(cert) = &domain.cert {
+            let files = cert.files();
+            paths.push(files.cert.clone());
+            paths.push(files.key.clone());
+            paths.extend(files.ocsp.clone());
+        }
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let stamp = FileStamp::of(&path);
+            (path, stamp)
+        })
         .collect()
 }
 
@@ -275,8 +312,8 @@ impl BackgroundService for ReloadService {
                     self.0.shared.access_log.reopen();
                 }
                 _ = tick.tick() => {
-                    if self.0.file_changed() {
-                        tracing::info!(config = %self.0.path.display(), "config file changed; reloading");
+                    if let Some(changed) = self.0.changed_file() {
+                        tracing::info!(file = %changed.display(), "watched file changed; reloading");
                         let reloader = Arc::clone(&self.0);
                         let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
                     }
