@@ -110,6 +110,12 @@ async fn small_disk_hit_promoted_to_memory() {
         .expect("disk hit");
     assert_eq!(from_disk.headers()["x-cache-status"], "HIT");
     assert_eq!(from_disk.text().await.expect("body"), "{\"small\":true}");
+    // The copy into memory happens when the gateway reads the end of the body, which can be
+    // just after the client has all of it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while second.running.memory_stats().entries == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(second.running.memory_stats().entries, 1, "promoted");
     let from_memory = client()
         .get(second.url("/index.json"))
