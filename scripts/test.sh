@@ -30,7 +30,7 @@ main() {
     section "moto (S3 test server) in .venv"
     moto_venv
     section "cargo test"
-    cargo test --workspace
+    cargo test --workspace --no-fail-fast
     section "gateway build ($profile)"
     local build_flags=()
     [[ "$profile" == release ]] && build_flags=(--release)

@@ -57,7 +57,8 @@ use redis_store::{Op, RedisStore, Unavailable};
 pub use state_file::FORMAT_VERSION as STATE_FILE_VERSION;
 use state_file::{Saver, StateFile};
 pub use store::{
-    Class, ClassCounts, Counts, Decision, Limits, Reason, Registry, RejectionCount, Scope,
+    Class, ClassCounts, ClassUsage, Counts, Decision, Limits, Reason, Registry, RejectionCount,
+    Scope,
 };
 pub use window::Window;
 
@@ -75,6 +76,15 @@ pub fn build(
 /// Returns the rejections counted in this process per domain, class and reason.
 pub fn rejection_counts() -> Vec<RejectionCount> {
     Registry::global().rejections()
+}
+
+/// Returns the requests counted in `domain` in `now`'s hour per class, with the budgets of
+/// the domain's live `quota` plugin; empty when the domain has none.
+///
+/// The counts are this process's: with a `redis` table they are the shared counts as of this
+/// process's last Redis reply, plus the requests it counted locally while Redis was away.
+pub fn usage(domain: &str, now: SystemTime) -> Vec<ClassUsage> {
+    Registry::global().usage(domain, Window::at(now).hour)
 }
 
 /// Writes every state file whose counts changed since its last write. Call it on a graceful
@@ -102,6 +112,8 @@ pub struct QuotaPlugin {
     state_file: Option<Arc<StateFile>>,
     /// Writes the state file periodically; dropped (and written a last time) with the plugin.
     _saver: Option<Saver>,
+    /// Keeps this plugin's budgets in [`usage`] while the plugin lives.
+    _registered_limits: [Arc<Limits>; 2],
 }
 
 struct ClassRule {
@@ -149,9 +161,14 @@ impl QuotaPlugin {
             load_state(ctx.domain, &file);
             file
         });
+        let registered_limits = [
+            index.counts.register_limits(index.limits),
+            download.counts.register_limits(download.limits),
+        ];
         Ok(Self {
             domain: ctx.domain.to_owned(),
             _saver: state_file.as_ref().map(|f| Saver::start(Arc::clone(f))),
+            _registered_limits: registered_limits,
             index,
             download,
             count_cache_hits: config.count_cache_hits,

@@ -9,7 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Weak};
 
 use parking_lot::Mutex;
 use tracing::warn;
@@ -135,6 +135,19 @@ pub struct RejectionCount {
     pub count: u64,
 }
 
+/// Requests of one class of one domain counted in one hour, with the budgets that apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassUsage {
+    /// `"index"` or `"download"`.
+    pub class: &'static str,
+    /// Requests of every principal together in the hour.
+    pub requests_this_hour: u64,
+    /// Requests per principal per hour.
+    pub principal_limit: u64,
+    /// Requests of the whole domain per hour, if capped.
+    pub domain_limit: Option<u64>,
+}
+
 /// The counter sets of every domain and class, looked up by domain id.
 ///
 /// The process-wide registry ([`Registry::global`]) outlives plugin instances, so a plugin
@@ -182,6 +195,26 @@ impl Registry {
         out.sort_by(|a, b| (&a.domain, a.class, a.reason).cmp(&(&b.domain, b.class, b.reason)));
         out
     }
+
+    /// Returns the count of `hour` of each class of `domain` that a live plugin budgets, index
+    /// first. A class without a live plugin (quota not configured, or removed by a reload) is
+    /// left out.
+    pub fn usage(&self, domain: &str, hour: u64) -> Vec<ClassUsage> {
+        let sets = self.sets.lock();
+        [Class::Index, Class::Download]
+            .into_iter()
+            .filter_map(|class| {
+                let counts = sets.get(&(domain.to_owned(), class))?;
+                let limits = counts.limits()?;
+                Some(ClassUsage {
+                    class: class.label(),
+                    requests_this_hour: counts.domain_count(hour),
+                    principal_limit: limits.principal,
+                    domain_limit: limits.domain,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The counters of one class of one domain.
@@ -195,6 +228,9 @@ pub struct ClassCounts {
     changes: AtomicU64,
     rejected: [AtomicU64; 3],
     overflow_logged: AtomicBool,
+    /// The budgets of the plugins built on these counters, oldest first. An entry lives as
+    /// long as its plugin.
+    limits: Mutex<Vec<Weak<Limits>>>,
 }
 
 #[derive(Debug, Default)]
@@ -247,7 +283,29 @@ impl ClassCounts {
             changes: AtomicU64::new(0),
             rejected: Default::default(),
             overflow_logged: AtomicBool::new(false),
+            limits: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records the budgets of a plugin built on these counters. They are the current budgets
+    /// until a newer plugin registers or the returned handle is dropped; the plugin keeps it.
+    pub fn register_limits(&self, limits: Limits) -> Arc<Limits> {
+        let handle = Arc::new(limits);
+        let mut all = self.limits.lock();
+        all.retain(|entry| entry.strong_count() > 0);
+        all.push(Arc::downgrade(&handle));
+        handle
+    }
+
+    /// Returns the budgets of the newest plugin still alive; `None` without one.
+    pub fn limits(&self) -> Option<Limits> {
+        let all = self.limits.lock();
+        all.iter().rev().find_map(|entry| entry.upgrade().map(|l| *l))
+    }
+
+    /// Returns the domain-wide count of `hour`: every principal's requests together.
+    pub fn domain_count(&self, hour: u64) -> u64 {
+        self.domain.lock().current(hour)
     }
 
     /// Counts the request if both the principal's budget and the domain ceiling have room in
