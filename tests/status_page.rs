@@ -43,6 +43,10 @@ async fn status_page_shows_domains() {
     let requests = |domain| cell(&dom, domain, "requests");
     assert_eq!(requests("primary").as_deref(), Some("7"), "{dom}");
     assert_eq!(requests("community").as_deref(), Some("3"), "{dom}");
+    let quota = cell(&dom, "community", "quota").unwrap_or_default();
+    assert!(quota.starts_with("index: 3 of 50"), "{dom}");
+    let unmetered = cell(&dom, "primary", "quota");
+    assert_eq!(unmetered.as_deref(), Some("not configured"), "{dom}");
     let origin_cell = cell(&dom, "down", "origin");
     assert!(
         origin_cell.is_some_and(|text| text.starts_with("errors: 1 ")),
@@ -174,8 +178,8 @@ fn origin_reply(req: &common::Recorded) -> Reply {
 }
 
 /// Starts a gateway with an admin listener and the domains `primary` (host `127.0.0.1`) and
-/// `community` (`community.test`) in front of `origin`, and `down` (`down.test`) in front of a
-/// port where nothing listens.
+/// `community` (`community.test`, with a `quota` plugin counting `/b` as an index request) in
+/// front of `origin`, and `down` (`down.test`) in front of a port where nothing listens.
 async fn start(dir: &Path, origin: SocketAddr) -> (TestGateway, SocketAddr) {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -197,6 +201,10 @@ async fn start(dir: &Path, origin: SocketAddr) -> (TestGateway, SocketAddr) {
             "[domains.{id}]\nhosts = [\"{host}\"]\n[domains.{id}.origins.web]\nkind = \"http\"\naddresses = [\"{origin}\"]\n[[domains.{id}.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
         ));
     }
+    config.push_str(
+        "[[domains.community.plugins]]\nname = \"quota\"\nindex_per_hour = 100\n\
+         download_per_hour = 100\ndomain_index_per_hour = 50\nindex_paths = [\"/b\"]\n",
+    );
     let gateway = TestGateway::start(dir, &config);
     let admin = gateway.running.admin_addr().expect("admin listener");
     (gateway, admin)

@@ -258,6 +258,51 @@ fn default_domain_answers_without_sni() {
     assert_eq!(handshake(tls, &["-servername", "other.test"]), expected);
 }
 
+/// Checks `mirror_gateway_tls_handshakes_total` on the admin listener after one handshake
+/// that gets a certificate and one rejected for its unknown server name.
+#[tokio::test(flavor = "multi_thread")]
+async fn handshakes_counted_by_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let line = common::htpasswd_line(&["-B", "-C", "5"], "admin", "admin-pass");
+    let htpasswd = dir.path().join("admin.htpasswd");
+    std::fs::write(&htpasswd, line + "\n").expect("write htpasswd");
+    let admin = format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"\n",
+        htpasswd.display()
+    );
+    let (gateway, tls) = start(dir.path(), &(config(unused_origin(), "", "") + &admin));
+    let admin = gateway.running.admin_addr().expect("admin listener");
+    assert!(handshake(tls, &["-servername", "a.test"]).is_ok());
+    assert!(handshake(tls, &["-servername", "other.test"]).is_err());
+
+    let ok = "mirror_gateway_tls_handshakes_total{domain=\"a\",result=\"ok\"} 1\n";
+    let error = "mirror_gateway_tls_handshakes_total{domain=\"-\",result=\"error\"} 1\n";
+    // The server may finish a handshake just after the client does, so poll for up to 5 s.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = scrape_metrics(admin).await;
+        if text.contains(ok) && text.contains(error) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains(ok), "{text}");
+    assert!(text.contains(error), "{text}");
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("mirror_gateway_tls_handshakes_total{"));
+    assert_eq!(series.count(), 2, "{text}");
+}
+
+/// Returns the body of `/metrics` on the admin listener, with the test's admin credentials.
+async fn scrape_metrics(admin: SocketAddr) -> String {
+    let credentials = common::basic("admin", "admin-pass");
+    let resp = common::raw_get(admin, "/metrics", &[("authorization", &credentials)]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    resp.text()
+}
+
 #[test]
 fn tls_1_1_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -169,7 +169,8 @@ impl App {
             listen.push(bound);
         }
         for (bound, fd) in tls_bound {
-            let settings = crate::tls::listener_settings(tls.store()).map_err(StartError::Tls)?;
+            let settings = crate::tls::listener_settings(tls.store(), &monitor);
+            let settings = settings.map_err(StartError::Tls)?;
             proxy.add_tls_with_settings(&bound.to_string(), None, settings);
             prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
         }
@@ -187,7 +188,14 @@ impl App {
             server.add_service(Prebound::new(service, prebound));
             admin_addr = Some(bound);
         }
-        server.add_service(crate::status::lifecycle_service(Arc::clone(&monitor)));
+        let drain = crate::status::DrainLimits {
+            grace_period: config.server.grace_period,
+            shutdown_timeout: config.server.shutdown_timeout,
+        };
+        server.add_service(crate::status::lifecycle_service(
+            Arc::clone(&monitor),
+            drain,
+        ));
         // A `[sync]` section in the gateway's file makes the gateway run the sync jobs itself.
         let sync = crate::sync_service::from_gateway_config(&config.path, Arc::clone(&monitor));
         if let Some(service) = sync.map_err(StartError::Sync)? {
@@ -239,9 +247,19 @@ impl App {
         let Self {
             server,
             runtime_dir,
+            monitor,
             ..
         } = self;
         server.run(RunArgs::default());
+        match monitor.health.draining_for() {
+            Some(drain) => tracing::info!(
+                drain_secs = drain.as_secs_f64(),
+                "mirror-gateway stopped after draining for {:.1} s",
+                drain.as_secs_f64()
+            ),
+            // A fast shutdown (SIGINT) stops without draining.
+            None => tracing::info!("mirror-gateway stopped without draining"),
+        }
         // Hourly request counts survive the restart that usually follows a shutdown.
         mirror_plugins::quota::save_state_files();
         // After an upgrade the file holds the new process's pid; leave it alone then.

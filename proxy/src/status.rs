@@ -8,8 +8,8 @@
 //! reloads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -41,6 +41,8 @@ pub struct Monitor {
 pub struct Health {
     started: AtomicBool,
     draining: AtomicBool,
+    /// When the graceful shutdown began.
+    drain_started: OnceLock<Instant>,
     sync: RwLock<Option<Arc<SyncLagHook>>>,
 }
 
@@ -81,7 +83,13 @@ impl Health {
 
     /// Records that a graceful shutdown began, so `/readyz` responds 503 `draining` from now on.
     pub fn start_draining(&self) {
+        let _ = self.drain_started.set(Instant::now());
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns the time since the graceful shutdown began, or `None` before it began.
+    pub fn draining_for(&self) -> Option<Duration> {
+        self.drain_started.get().map(Instant::elapsed)
     }
 
     /// Returns whether a graceful shutdown began.
@@ -116,22 +124,50 @@ impl Health {
 
 /// Returns a background service that marks the monitor's health started when the server
 /// starts its services, and draining when Pingora broadcasts a graceful shutdown. Add it to the
-/// server once.
-pub fn lifecycle_service(monitor: Arc<Monitor>) -> GenBackgroundService<LifecycleWatch> {
-    background_service("mirror-gateway lifecycle", LifecycleWatch(monitor))
+/// server once. `drain` is the server's limits for the shutdown, for the log line.
+pub fn lifecycle_service(
+    monitor: Arc<Monitor>,
+    drain: DrainLimits,
+) -> GenBackgroundService<LifecycleWatch> {
+    background_service(
+        "mirror-gateway lifecycle",
+        LifecycleWatch { monitor, drain },
+    )
+}
+
+/// How long a graceful shutdown may take: Pingora waits `grace_period`, then gives its
+/// runtimes up to `shutdown_timeout` to finish their tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainLimits {
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
 }
 
 /// The task of [`lifecycle_service`].
-pub struct LifecycleWatch(Arc<Monitor>);
+pub struct LifecycleWatch {
+    monitor: Arc<Monitor>,
+    drain: DrainLimits,
+}
 
 #[async_trait]
 impl BackgroundService for LifecycleWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let health = &self.0.health;
+        let health = &self.monitor.health;
         health.mark_started();
         loop {
             if *shutdown.borrow_and_update() {
                 health.start_draining();
+                let DrainLimits {
+                    grace_period,
+                    shutdown_timeout,
+                } = self.drain;
+                tracing::info!(
+                    grace_period_secs = grace_period.as_secs(),
+                    shutdown_timeout_secs = shutdown_timeout.as_secs(),
+                    "shutdown started; draining for {} s, then stopping within {} s",
+                    grace_period.as_secs(),
+                    shutdown_timeout.as_secs()
+                );
                 return;
             }
             if shutdown.changed().await.is_err() {
@@ -283,7 +319,7 @@ pub async fn readiness(state: &GatewayState, health: &Health) -> Vec<String> {
 /// Builds the `/status.json` document (fields in docs/configuration.md).
 pub fn status_json(state: &GatewayState, monitor: &Monitor, now: SystemTime) -> String {
     let rejections = state.rejections.lock().clone();
-    let quota = mirror_plugins::quota::rejection_counts();
+    let quota_rejections = mirror_plugins::quota::rejection_counts();
     let freshness = monitor.health.sync_freshness();
     let domains: Vec<String> = state
         .domains
@@ -295,19 +331,14 @@ pub fn status_json(state: &GatewayState, monitor: &Monitor, now: SystemTime) -> 
                 .filter(|((d, _), _)| d == id)
                 .map(|((_, plugin), count)| format!("{}:{count}", json_string(plugin)))
                 .collect();
-            let quota: Vec<String> = quota
-                .iter()
-                .filter(|r| r.domain == id)
-                .map(|r| {
-                    let (class, reason) = (json_string(r.class), json_string(r.reason));
-                    format!(
-                        "{{\"class\":{class},\"reason\":{reason},\"count\":{}}}",
-                        r.count
-                    )
-                })
-                .collect();
             let summary = monitor.metrics.domain_summary(id);
-            domain_json(id, &summary, &plugins, &quota, freshness)
+            let rejections = quota_rejections_json(&quota_rejections, id);
+            let usage = quota_usage_json(&mirror_plugins::quota::usage(id, now));
+            let quota = QuotaJson {
+                rejections: &rejections,
+                usage: &usage,
+            };
+            domain_json(id, &summary, &plugins, quota, freshness)
         })
         .collect();
     let disk = state
@@ -411,11 +442,52 @@ async fn probe_tcp(addresses: &[std::net::SocketAddr], limit: Duration) -> Resul
     Err(last)
 }
 
+/// The `quota` plugin's parts of a domain's `/status.json` object, each entry already JSON.
+#[derive(Clone, Copy)]
+struct QuotaJson<'a> {
+    rejections: &'a [String],
+    usage: &'a [String],
+}
+
+/// Builds the `quota_rejections` entries of domain `id`'s `/status.json` object.
+fn quota_rejections_json(
+    counts: &[mirror_plugins::quota::RejectionCount],
+    id: &str,
+) -> Vec<String> {
+    counts
+        .iter()
+        .filter(|r| r.domain == id)
+        .map(|r| {
+            let (class, reason) = (json_string(r.class), json_string(r.reason));
+            format!(
+                "{{\"class\":{class},\"reason\":{reason},\"count\":{}}}",
+                r.count
+            )
+        })
+        .collect()
+}
+
+/// Builds the `quota` entries of a domain's `/status.json` object.
+fn quota_usage_json(usage: &[mirror_plugins::quota::ClassUsage]) -> Vec<String> {
+    usage
+        .iter()
+        .map(|u| {
+            let domain_limit = u.domain_limit.map_or("null".into(), |l| l.to_string());
+            format!(
+                "{{\"class\":{},\"requests_this_hour\":{},\"principal_limit\":{},\"domain_limit\":{domain_limit}}}",
+                json_string(u.class),
+                u.requests_this_hour,
+                u.principal_limit
+            )
+        })
+        .collect()
+}
+
 fn domain_json(
     id: &str,
     summary: &DomainSummary,
     plugins: &[String],
-    quota: &[String],
+    quota: QuotaJson<'_>,
     freshness: Option<SyncFreshness>,
 ) -> String {
     let classes: Vec<String> = STATUS_CLASSES
@@ -444,7 +516,7 @@ fn domain_json(
         ),
     };
     format!(
-        "{{\"id\":{},\"requests\":{},\"status\":{{{}}},\"cache_hits\":{},\"cache_lookups\":{},\"body_bytes\":{},\"rejections\":{{{}}},\"quota_rejections\":[{}],\"origin\":{{\"errors\":{},\"last_error\":{last_error}}},\"sync\":{sync}}}",
+        "{{\"id\":{},\"requests\":{},\"status\":{{{}}},\"cache_hits\":{},\"cache_lookups\":{},\"body_bytes\":{},\"rejections\":{{{}}},\"quota_rejections\":[{}],\"quota\":[{}],\"origin\":{{\"errors\":{},\"last_error\":{last_error}}},\"sync\":{sync}}}",
         json_string(id),
         summary.requests,
         classes.join(","),
@@ -452,7 +524,8 @@ fn domain_json(
         summary.cache_lookups,
         summary.body_bytes,
         plugins.join(","),
-        quota.join(","),
+        quota.rejections.join(","),
+        quota.usage.join(","),
         summary.origin_errors,
     )
 }
@@ -514,7 +587,14 @@ mod tests {
         let monitor = Arc::new(Monitor::default());
         let (sender, receiver) = tokio::sync::watch::channel(false);
         let task = tokio::spawn({
-            let watch = LifecycleWatch(Arc::clone(&monitor));
+            let drain = DrainLimits {
+                grace_period: Duration::ZERO,
+                shutdown_timeout: Duration::ZERO,
+            };
+            let watch = LifecycleWatch {
+                monitor: Arc::clone(&monitor),
+                drain,
+            };
             async move { watch.start(receiver).await }
         });
         sender.send(true).expect("send");
@@ -524,6 +604,7 @@ mod tests {
             .expect("join");
         assert!(monitor.health.started.load(Ordering::Relaxed));
         assert!(monitor.health.is_draining());
+        assert!(monitor.health.draining_for().is_some());
     }
 
     #[tokio::test]
@@ -547,8 +628,24 @@ mod tests {
     }
 
     #[test]
+    fn quota_usage_json_fields() {
+        let usage = mirror_plugins::quota::ClassUsage {
+            class: "index",
+            requests_this_hour: 7,
+            principal_limit: 100,
+            domain_limit: None,
+        };
+        let expected = "{\"class\":\"index\",\"requests_this_hour\":7,\"principal_limit\":100,\"domain_limit\":null}";
+        assert_eq!(quota_usage_json(&[usage]), [expected]);
+    }
+
+    #[test]
     fn domain_json_sync_placeholder() {
-        let json = domain_json("primary", &DomainSummary::default(), &[], &[], None);
+        let quota = QuotaJson {
+            rejections: &[],
+            usage: &[],
+        };
+        let json = domain_json("primary", &DomainSummary::default(), &[], quota, None);
         assert!(json.contains("\"sync\":{\"configured\":false}"), "{json}");
         assert!(json.contains("\"status\":{\"1xx\":0,\"2xx\":0"), "{json}");
     }

@@ -10,6 +10,12 @@
 //! belongs to another domain gets 421 Misdirected Request: an HTTP/2 connection that a client
 //! reuses for a second host name cannot reach another domain. Certificates live in a
 //! [`TlsStore`], which [`TlsStore::reload`] swaps without a restart.
+//!
+//! Handshakes are counted in `mirror_gateway_tls_handshakes_total`: `ok` when one completes
+//! (resumed ones included), `error` when the certificate callback has no certificate to give.
+//! Failures inside OpenSSL before that callback (a rejected protocol version or cipher, a
+//! malformed hello) or after it (the client rejects the certificate, the connection drops)
+//! never reach the gateway's code, so they are not counted.
 
 mod certs;
 #[cfg(test)]
@@ -32,6 +38,7 @@ use pingora::tls::ssl::{NameType, SslVersion};
 use crate::config::GatewayConfig;
 use crate::host::{HostError, HostMatcher};
 use crate::respond::error_response;
+use crate::status::Monitor;
 
 pub use certs::{CertFile, CertFiles, CertProblem, DomainCert, LoadedCert};
 
@@ -102,7 +109,8 @@ impl TlsStore {
     }
 }
 
-/// Builds the settings of one TLS listener that takes its certificates from `store`.
+/// Builds the settings of one TLS listener that takes its certificates from `store` and counts
+/// its handshakes in `monitor`'s metrics.
 ///
 /// The base is `TlsSettings::with_callbacks`, OpenSSL's Mozilla intermediate profile (version
 /// 5): ECDHE (and DHE) key exchange with AES-GCM or ChaCha20-Poly1305 for TLS 1.2, the three
@@ -112,9 +120,13 @@ impl TlsStore {
 /// # Errors
 ///
 /// OpenSSL's message when it cannot create the context.
-pub fn listener_settings(store: &Arc<TlsStore>) -> Result<TlsSettings, String> {
+pub fn listener_settings(
+    store: &Arc<TlsStore>,
+    monitor: &Arc<Monitor>,
+) -> Result<TlsSettings, String> {
     let callbacks = SniCallbacks {
         store: Arc::clone(store),
+        monitor: Arc::clone(monitor),
     };
     let mut tls = TlsSettings::with_callbacks(Box::new(callbacks)).map_err(|e| e.to_string())?;
     tls.set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -178,6 +190,15 @@ impl CertStore {
             .and_then(|name| self.hosts.lookup(name))
             .and_then(|i| self.with_cert(i));
         by_name.or_else(|| self.default.and_then(|i| self.with_cert(i)))
+    }
+
+    /// Returns the id of the domain that a server name selects, with or without a
+    /// certificate; `None` for no name or a name that selects no domain.
+    pub fn domain_of(&self, server_name: Option<&str>) -> Option<&Arc<str>> {
+        let index = server_name
+            .filter(|name| !name.contains(':'))
+            .and_then(|name| self.hosts.lookup(name))?;
+        self.domains.get(index).map(|domain| &domain.id)
     }
 
     /// Returns whether plain-HTTP requests for `domain` (an id) are redirected to HTTPS.
@@ -250,9 +271,11 @@ impl TlsState {
     }
 }
 
-/// Chooses each handshake's certificate from the store and records the connection's domain.
+/// Chooses each handshake's certificate from the store, records the connection's domain and
+/// counts the handshake.
 struct SniCallbacks {
     store: Arc<TlsStore>,
+    monitor: Arc<Monitor>,
 }
 
 #[async_trait]
@@ -268,13 +291,17 @@ impl TlsAccept for SniCallbacks {
                         error = %e,
                         "cannot use the domain's certificate; the handshake fails"
                     );
+                    self.monitor.metrics.tls_handshake(domain, false);
                 }
             }
             None => {
                 tracing::debug!(
                     server_name = ?name,
-                    "TLS handshake refused: no domain certificate for this server name, no default"
+                    "TLS handshake rejected: no domain certificate for this server name, no default"
                 );
+                // The label is a configured id, never the client's name, to bound the series.
+                let domain = store.domain_of(name.as_deref()).map_or("-", |id| &**id);
+                self.monitor.metrics.tls_handshake(domain, false);
             }
         }
     }
@@ -287,6 +314,9 @@ impl TlsAccept for SniCallbacks {
         let name = ssl.servername(NameType::HOST_NAME);
         let store = self.store.current();
         let domain = store.select(name).map(|(id, _)| Arc::clone(id));
+        // NOTE: a reload between the two callbacks can leave `domain` empty; it counts as `-`.
+        let label = domain.as_deref().unwrap_or("-");
+        self.monitor.metrics.tls_handshake(label, true);
         Some(Arc::new(TlsConnection {
             server_name: name.map(str::to_owned),
             domain,
@@ -394,6 +424,16 @@ mod tests {
         assert_eq!(selected(&store, Some("unknown.test")), Some("b".into()));
         assert_eq!(selected(&store, Some("c.test")), Some("b".into()));
         assert_eq!(selected(&store, Some("a.test")), Some("a".into()));
+    }
+
+    #[test]
+    fn domain_of_ignores_certificates() {
+        let store = store(None);
+        let id = |name| store.domain_of(name).map(|id| id.to_string());
+        assert_eq!(id(Some("c.test")), Some("c".into()));
+        assert_eq!(id(Some("x.b.test")), Some("b".into()));
+        assert_eq!(id(Some("unknown.test")), None);
+        assert_eq!(id(None), None);
     }
 
     #[test]

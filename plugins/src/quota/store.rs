@@ -300,7 +300,9 @@ impl ClassCounts {
     /// Returns the budgets of the newest plugin still alive; `None` without one.
     pub fn limits(&self) -> Option<Limits> {
         let all = self.limits.lock();
-        all.iter().rev().find_map(|entry| entry.upgrade().map(|l| *l))
+        all.iter()
+            .rev()
+            .find_map(|entry| entry.upgrade().map(|l| *l))
     }
 
     /// Returns the domain-wide count of `hour`: every principal's requests together.

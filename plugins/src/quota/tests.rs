@@ -464,6 +464,65 @@ async fn rejections_are_counted_per_reason() {
     assert_eq!(seen, [("index", "domain", 1), ("index", "principal", 1)]);
 }
 
+/// Returns the usage of `primary` in the hour of [`at`].
+fn usage_of(registry: &Registry) -> Vec<ClassUsage> {
+    registry.usage("primary", Window::at(at(10)).hour)
+}
+
+#[tokio::test]
+async fn usage_sums_all_principals() {
+    let registry = Registry::new();
+    let plugin = build_in(&registry, "primary", CEILING);
+    statuses(&plugin, INDEX, Sender::User("alice"), 2).await;
+    statuses(&plugin, INDEX, Sender::User("bob"), 1).await;
+    statuses(&plugin, BUNDLE, Sender::User("bob"), 1).await;
+    let index = ClassUsage {
+        class: "index",
+        requests_this_hour: 3,
+        principal_limit: 3,
+        domain_limit: Some(4),
+    };
+    let download = ClassUsage {
+        class: "download",
+        requests_this_hour: 1,
+        principal_limit: 3,
+        domain_limit: None,
+    };
+    assert_eq!(usage_of(&registry), [index, download]);
+}
+
+#[tokio::test]
+async fn usage_starts_at_zero_next_hour() {
+    let registry = Registry::new();
+    let plugin = build_in(&registry, "primary", SMALL);
+    statuses(&plugin, INDEX, Sender::User("alice"), 2).await;
+    let next_hour = Window::at(at(3600)).hour;
+    let counts: Vec<u64> = registry
+        .usage("primary", next_hour)
+        .iter()
+        .map(|u| u.requests_this_hour)
+        .collect();
+    assert_eq!(counts, [0, 0]);
+}
+
+#[test]
+fn usage_empty_without_live_plugin() {
+    let registry = Registry::new();
+    drop(build_in(&registry, "primary", SMALL));
+    assert_eq!(usage_of(&registry), []);
+}
+
+#[test]
+fn usage_limits_of_newest_live_plugin() {
+    let registry = Registry::new();
+    let _old = build_in(&registry, "primary", SMALL);
+    let new = build_in(&registry, "primary", CEILING);
+    let limits = |registry: &Registry| usage_of(registry).first().map(|u| u.principal_limit);
+    assert_eq!(limits(&registry), Some(3));
+    drop(new);
+    assert_eq!(limits(&registry), Some(2));
+}
+
 #[test]
 fn settings_reject_zero_budget() {
     let errors = build_errors("index_per_hour = 0\ndownload_per_hour = 1");
