@@ -254,11 +254,11 @@ impl App {
         match monitor.health.draining_for() {
             Some(drain) => tracing::info!(
                 drain_secs = drain.as_secs_f64(),
-                "mirror-gateway stopped after draining for {:.1} s",
+                "shutdown finished after draining for {:.1} s",
                 drain.as_secs_f64()
             ),
-            // A fast shutdown (SIGINT) stops without draining.
-            None => tracing::info!("mirror-gateway stopped without draining"),
+            // A fast shutdown (SIGINT) does not broadcast the graceful shutdown.
+            None => tracing::info!("shutdown finished without draining"),
         }
         // Hourly request counts survive the restart that usually follows a shutdown.
         mirror_plugins::quota::save_state_files();

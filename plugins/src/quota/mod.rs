@@ -81,8 +81,9 @@ pub fn rejection_counts() -> Vec<RejectionCount> {
 /// Returns the requests counted in `domain` in `now`'s hour per class, with the budgets of
 /// the domain's live `quota` plugin; empty when the domain has none.
 ///
-/// The counts are this process's: with a `redis` table they are the shared counts as of this
-/// process's last Redis reply, plus the requests it counted locally while Redis was away.
+/// The counts are this process's. With a `redis` table each is at least the shared count in
+/// this process's last Redis reply, and it grows with requests counted locally while Redis was
+/// unreachable.
 pub fn usage(domain: &str, now: SystemTime) -> Vec<ClassUsage> {
     Registry::global().usage(domain, Window::at(now).hour)
 }
