@@ -27,12 +27,70 @@ use crate::upstream::Upstream;
 /// A gateway built from a config, with its listening sockets bound, ready to run.
 pub struct App {
     server: Server,
+    handles: Handles,
+    runtime_dir: RuntimeDir,
+}
+
+/// What a built or running gateway exposes: its addresses, counters and reload. `App` and
+/// [`RunningGateway`] both dereference to it.
+pub struct Handles {
     listen: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     state: Arc<GatewayState>,
     reloader: Arc<crate::reload::Reloader>,
     monitor: Arc<crate::status::Monitor>,
-    runtime_dir: RuntimeDir,
+}
+
+impl Handles {
+    /// Returns the bound listening addresses (port 0 in the config resolved to the real port).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    /// Returns the admin listener's bound address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Returns the gateway's metrics and health, for the parts that report to them: TLS
+    /// handshakes, reloads, sync runs and the sync lag hook.
+    pub fn monitor(&self) -> Arc<crate::status::Monitor> {
+        Arc::clone(&self.monitor)
+    }
+
+    /// Returns the bound TLS listening addresses (port 0 resolved).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        self.state.tls.addrs()
+    }
+
+    /// Returns the certificate store of the TLS listeners; its `reload` swaps certificates.
+    pub fn tls_store(&self) -> Arc<crate::tls::TlsStore> {
+        Arc::clone(self.state.tls.store())
+    }
+
+    /// Reloads the config file now, with environment overrides from `env`, as SIGHUP does
+    /// with the process environment.
+    pub fn reload(&self, env: Vec<(String, String)>) -> crate::reload::ReloadOutcome {
+        self.reloader.reload_with(env)
+    }
+
+    /// Returns the memory tier's counters.
+    pub fn memory_stats(&self) -> TierSnapshot {
+        self.state.cache.memory_stats()
+    }
+
+    /// Returns the disk tier's counters, when there is a disk tier.
+    pub fn disk_stats(&self) -> Option<crate::cache::DiskSnapshot> {
+        self.state.cache.disk_stats()
+    }
+}
+
+impl std::ops::Deref for App {
+    type Target = Handles;
+
+    fn deref(&self) -> &Handles {
+        &self.handles
+    }
 }
 
 /// Why the gateway could not start.
@@ -203,39 +261,15 @@ impl App {
         }
         Ok(Self {
             server,
-            listen,
-            admin_addr,
-            state,
-            reloader,
-            monitor,
+            handles: Handles {
+                listen,
+                admin_addr,
+                state,
+                reloader,
+                monitor,
+            },
             runtime_dir,
         })
-    }
-
-    /// Returns the bound listening addresses (port 0 in the config resolved to the real port).
-    pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen
-    }
-
-    /// Returns the admin listener's bound address, when one is configured.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
-    }
-
-    /// Returns the gateway's metrics and health, for the parts that report to them: TLS
-    /// handshakes, reloads, sync runs and the sync lag hook.
-    pub fn monitor(&self) -> Arc<crate::status::Monitor> {
-        Arc::clone(&self.monitor)
-    }
-
-    /// Returns the bound TLS listening addresses (port 0 resolved).
-    pub fn tls_addrs(&self) -> &[SocketAddr] {
-        self.state.tls.addrs()
-    }
-
-    /// Returns the certificate store of the TLS listeners; its `reload` swaps certificates.
-    pub fn tls_store(&self) -> Arc<crate::tls::TlsStore> {
-        Arc::clone(self.state.tls.store())
     }
 
     /// Runs until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade hand-over), with the
@@ -246,10 +280,10 @@ impl App {
         }
         let Self {
             server,
+            handles,
             runtime_dir,
-            monitor,
-            ..
         } = self;
+        let monitor = handles.monitor;
         server.run(RunArgs::default());
         match monitor.health.draining_for() {
             Some(drain) => tracing::info!(
@@ -277,11 +311,7 @@ impl App {
         let (sender, receiver) = oneshot::channel();
         let Self {
             server,
-            listen,
-            admin_addr,
-            state,
-            reloader,
-            monitor,
+            handles,
             runtime_dir,
         } = self;
         let thread = std::thread::Builder::new()
@@ -295,11 +325,7 @@ impl App {
             })
             .ok();
         RunningGateway {
-            listen,
-            admin_addr,
-            state,
-            reloader,
-            monitor,
+            handles,
             shutdown: Some(sender),
             thread,
         }
@@ -308,57 +334,20 @@ impl App {
 
 /// A gateway running on a background thread.
 pub struct RunningGateway {
-    listen: Vec<SocketAddr>,
-    admin_addr: Option<SocketAddr>,
-    state: Arc<GatewayState>,
-    reloader: Arc<crate::reload::Reloader>,
-    monitor: Arc<crate::status::Monitor>,
+    handles: Handles,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+impl std::ops::Deref for RunningGateway {
+    type Target = Handles;
+
+    fn deref(&self) -> &Handles {
+        &self.handles
+    }
+}
+
 impl RunningGateway {
-    /// Returns the bound listening addresses.
-    pub fn listen_addrs(&self) -> &[SocketAddr] {
-        &self.listen
-    }
-
-    /// Returns the admin listener's bound address, when one is configured.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
-    }
-
-    /// Returns the gateway's metrics and health (see [`App::monitor`]).
-    pub fn monitor(&self) -> Arc<crate::status::Monitor> {
-        Arc::clone(&self.monitor)
-    }
-
-    /// Returns the bound TLS listening addresses.
-    pub fn tls_addrs(&self) -> &[SocketAddr] {
-        self.state.tls.addrs()
-    }
-
-    /// Returns the certificate store of the TLS listeners; its `reload` swaps certificates.
-    pub fn tls_store(&self) -> Arc<crate::tls::TlsStore> {
-        Arc::clone(self.state.tls.store())
-    }
-
-    /// Reloads the config file now, with environment overrides from `env`, as SIGHUP does
-    /// with the process environment.
-    pub fn reload(&self, env: Vec<(String, String)>) -> crate::reload::ReloadOutcome {
-        self.reloader.reload_with(env)
-    }
-
-    /// Returns the memory tier's counters.
-    pub fn memory_stats(&self) -> TierSnapshot {
-        self.state.cache.memory_stats()
-    }
-
-    /// Returns the disk tier's counters, when there is a disk tier.
-    pub fn disk_stats(&self) -> Option<crate::cache::DiskSnapshot> {
-        self.state.cache.disk_stats()
-    }
-
     /// Stops the gateway gracefully and waits for it.
     pub fn shutdown(mut self) {
         self.stop();
