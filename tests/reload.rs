@@ -239,3 +239,55 @@ fn wait_for_file(path: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// SIGUSR1 makes the gateway reopen its access-log file, as logrotate's `postrotate` expects.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigusr1_reopens_access_log() {
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let text = config("sigusr1", origin.addr, "\"a.test\"", 100, "")
+        .replace("level = \"warn\"", "level = \"info\"")
+        .replace(
+            "access_log = \"off\"",
+            &format!("access_log = \"{}\"", log.display()),
+        );
+    std::fs::write(dir.path().join("gateway.toml"), text).expect("write config");
+    let (mut child, addr) = spawn_gateway(dir.path());
+    let url = format!("http://{addr}/before.json");
+    assert_eq!(status(url, "a.test").await, 200);
+    wait_for_line(&log, "/before.json");
+
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate the log");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1");
+    // The reopen happens on the writer thread before the next line; give the signal a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status(format!("http://{addr}/after.json"), "a.test").await,
+        200
+    );
+    wait_for_line(&log, "/after.json");
+    child.kill().expect("stop gateway");
+    child.wait().expect("reap gateway");
+    let old = std::fs::read_to_string(&rotated).expect("rotated log");
+    assert!(old.contains("/before.json"), "{old}");
+    assert!(!old.contains("/after.json"), "{old}");
+}
+
+fn wait_for_line(path: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no line with {needle}: {text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

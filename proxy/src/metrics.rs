@@ -57,8 +57,10 @@ pub struct Metrics {
     tls_handshakes: IntCounterVec,
     reloads: IntCounterVec,
     last_reload_ok: IntGaugeVec,
+    last_reload_time: IntGaugeVec,
     sync_runs: IntCounterVec,
     sync_lag: GaugeVec,
+    sync_last_success: IntGaugeVec,
     tallies: RwLock<HashMap<String, Arc<DomainTally>>>,
     started: Instant,
 }
@@ -150,8 +152,10 @@ impl Metrics {
             tls_handshakes: add.counter(TLS_HANDSHAKES, &["domain", "result"]),
             reloads: add.counter(RELOADS, &["result"]),
             last_reload_ok: add.register(IntGaugeVec::new(opts(LAST_RELOAD_OK), &[])),
+            last_reload_time: add.register(IntGaugeVec::new(opts(LAST_RELOAD_TIME), &[])),
             sync_runs: add.counter(SYNC_RUNS, &["job", "result"]),
             sync_lag: add.register(GaugeVec::new(opts(SYNC_LAG), &["job"])),
+            sync_last_success: add.register(IntGaugeVec::new(opts(SYNC_LAST_SUCCESS), &["job"])),
             tallies: RwLock::new(HashMap::new()),
             started: Instant::now(),
             registry,
@@ -241,23 +245,33 @@ impl Metrics {
     }
 
     /// Counts a config reload, for the reload code to call once per attempt. Metrics:
-    /// `mirror_gateway_config_reloads_total{result}` and
-    /// `mirror_gateway_config_last_reload_successful` (1 or 0).
+    /// `mirror_gateway_config_reloads_total{result}`,
+    /// `mirror_gateway_config_last_reload_successful` (1 or 0) and
+    /// `mirror_gateway_config_last_reload_timestamp_seconds`.
     pub fn reload(&self, ok: bool) {
         self.reloads.with_label_values(&[result_label(ok)]).inc();
         self.last_reload_ok
             .with_label_values(&[] as &[&str])
             .set(i64::from(ok));
+        self.last_reload_time
+            .with_label_values(&[] as &[&str])
+            .set(unix_now());
     }
 
     /// Counts a finished run of sync job `job`, for the sync task to call, with the age in
     /// seconds of the newest data the mirror serves after the run. Metrics:
-    /// `mirror_gateway_sync_runs_total{job,result}` and `mirror_gateway_sync_lag_seconds{job}`.
+    /// `mirror_gateway_sync_runs_total{job,result}`, `mirror_gateway_sync_lag_seconds{job}` and
+    /// `mirror_gateway_sync_last_success_timestamp_seconds{job}`.
     pub fn sync_run(&self, job: &str, ok: bool, lag_secs: f64) {
         self.sync_runs
             .with_label_values(&[job, result_label(ok)])
             .inc();
         self.sync_lag.with_label_values(&[job]).set(lag_secs);
+        if ok {
+            self.sync_last_success
+                .with_label_values(&[job])
+                .set(unix_now());
+        }
     }
 
     /// Returns the counters of `domain` since the gateway started (zeros for an unknown id).
@@ -375,6 +389,22 @@ const SYNC_LAG: Definition = (
     "mirror_gateway_sync_lag_seconds",
     "Age of the newest synced data after the job's last run.",
 );
+
+const LAST_RELOAD_TIME: Definition = (
+    "mirror_gateway_config_last_reload_timestamp_seconds",
+    "Unix time of the last config reload attempt.",
+);
+const SYNC_LAST_SUCCESS: Definition = (
+    "mirror_gateway_sync_last_success_timestamp_seconds",
+    "Unix time of the last successful run, by job.",
+);
+
+/// Returns the current Unix time in whole seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
 
 fn opts((name, help): Definition) -> Opts {
     Opts::new(name, help)
