@@ -71,11 +71,13 @@ smoke() {
     stop_gateway
 }
 
-# Prints a loopback TCP port that nothing listens on (random, at most 50 tries).
+# Prints a loopback TCP port that nothing listens on (random, at most 50 tries). The ports
+# come from below Linux's usual ephemeral range (32768 and up), so that no outgoing
+# connection of the test suite holds one.
 free_port() {
     local port
     for _ in $(seq 50); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((10000 + RANDOM % 22000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return 0
