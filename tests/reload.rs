@@ -291,3 +291,61 @@ fn wait_for_line(path: &Path, needle: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The real binary under steady traffic: SIGHUPs that change the config drop no request.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_under_load_drops_nothing() {
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    let write = |hosts: &str| {
+        let text = config("sighup-load", origin.addr, hosts, 1_000_000, "")
+            .replace("level = \"warn\"", "level = \"info\"");
+        std::fs::write(&path, text).expect("write config");
+    };
+    write("\"a.test\"");
+    let (mut child, addr) = spawn_gateway(dir.path());
+    let url = format!("http://{addr}/bundle.json");
+    let load = tokio::spawn(async move {
+        // One client: its keep-alive connections stay open across the reloads.
+        let client = client();
+        let mut failures = Vec::new();
+        let mut sent = 0;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && sent < 2_000 {
+            let status = client
+                .get(&url)
+                .header("host", "a.test")
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            if status.as_ref().ok() != Some(&200) {
+                failures.push(format!("{status:?}"));
+            }
+            sent += 1;
+        }
+        (sent, failures)
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        write(if round % 2 == 0 {
+            "\"a.test\", \"c.test\""
+        } else {
+            "\"a.test\""
+        });
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+    let (sent, failures) = load.await.expect("load");
+    let still_running = child.try_wait().expect("poll the gateway").is_none();
+    child.kill().expect("stop gateway");
+    child.wait().expect("reap gateway");
+    assert!(still_running, "SIGHUP stopped the gateway");
+    assert!(sent > 50, "only {sent} requests were sent");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed, first ones: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
