@@ -235,6 +235,9 @@ async fn readyz_draining_after_shutdown() {
     let gateway = TestGateway::start(dir.path(), &config);
     let admin = gateway.running.admin_addr().expect("admin listener");
     let monitor = gateway.running.monitor();
+    // Wait until the services have started; the sockets accept before that.
+    let (status, body) = readyz(admin).await;
+    assert_eq!(status, 200, "{body}");
     let mut stream = tokio::net::TcpStream::connect(admin)
         .await
         .expect("connect");
