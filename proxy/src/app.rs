@@ -520,7 +520,16 @@ impl RuntimeDir {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let path = base.join(name);
-        let created = std::fs::DirBuilder::new().mode(0o700).create(&path);
+        let mut created = std::fs::DirBuilder::new().mode(0o700).create(&path);
+        if created
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::AlreadyExists)
+        {
+            // The name holds this process's id, so the directory is a leftover of a process
+            // that had the same id and was killed before it could remove it.
+            let _ = std::fs::remove_dir_all(&path);
+            created = std::fs::DirBuilder::new().mode(0o700).create(&path);
+        }
         created.map_err(|source| StartError::RuntimeDir {
             path: path.clone(),
             source,
