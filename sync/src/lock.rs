@@ -18,11 +18,15 @@ pub struct RunLock {
     path: PathBuf,
 }
 
+/// How often, and how far apart, a held lock is tried again.
+const LOCK_ATTEMPTS: u32 = 20;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl RunLock {
-    /// Takes the lock of `root` without waiting.
+    /// Takes the lock of `root`, waiting at most about one second.
     ///
-    /// Fails with [`SyncError::Locked`] when another run, in this process or another, holds
-    /// it, and with [`SyncError::Io`] when the lock file cannot be opened.
+    /// Fails with [`SyncError::Locked`] when another run, in this process or another, still
+    /// holds it then, and with [`SyncError::Io`] when the lock file cannot be opened.
     pub fn acquire(root: &Path) -> Result<Self, SyncError> {
         let path = root.join(LOCK_FILE);
         let file = OpenOptions::new()
@@ -31,11 +35,17 @@ impl RunLock {
             .write(true)
             .open(&path)
             .map_err(|e| SyncError::io("opening the lock file", &path, e))?;
-        match file.try_lock_exclusive() {
-            Ok(true) => Ok(Self { _file: file, path }),
-            Ok(false) => Err(SyncError::Locked { path }),
-            Err(e) => Err(SyncError::io("locking", &path, e)),
+        // A lock released a moment ago can still look held: a child process forked by another
+        // thread shares the descriptor until it calls exec. So a held lock is tried again for
+        // up to one second before the run gives up.
+        for _ in 0..LOCK_ATTEMPTS {
+            match file.try_lock_exclusive() {
+                Ok(true) => return Ok(Self { _file: file, path }),
+                Ok(false) => std::thread::sleep(LOCK_RETRY_PAUSE),
+                Err(e) => return Err(SyncError::io("locking", &path, e)),
+            }
         }
+        Err(SyncError::Locked { path })
     }
 
     /// Returns the lock file's path.
