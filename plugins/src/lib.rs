@@ -159,7 +159,7 @@ pub struct LogRecord<'a> {
 /// that needs CPU for milliseconds (a bcrypt check, say) moves that work off the async workers.
 #[async_trait]
 pub trait Plugin: Send + Sync + 'static {
-    /// The name this plugin has in the config file, for logs.
+    /// Returns the name this plugin has in the config file, for logs.
     fn name(&self) -> &'static str;
 
     /// Runs once per downstream request, after routing and before the cache lookup.

@@ -93,7 +93,7 @@ impl std::ops::Deref for App {
     }
 }
 
-/// Why the gateway could not start.
+/// The reason the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}; free the port or change server.listen")]

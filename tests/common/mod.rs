@@ -73,7 +73,7 @@ lock_wait_timeout_secs = 10
 lock_age_timeout_secs = 20
 "#;
 
-/// An HTTP client that never uses a proxy from the environment.
+/// Returns an HTTP client that never uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -257,7 +257,7 @@ pub fn export_tree(root: &Path) {
     std::os::unix::fs::symlink("20260102T000000Z", root.join("latest")).expect("symlink");
 }
 
-/// A counter for unique names within one test process.
+/// Returns a counter value for unique names within one test process.
 pub fn unique() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)

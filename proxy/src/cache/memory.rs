@@ -425,7 +425,7 @@ impl HandleHit for PartialHit {
             } else if matches!(progress, Progress::Done(_)) {
                 return Ok(None);
             } else if self.progress.changed().await.is_err() {
-                // The writer is gone; its last state tells whether the body is whole.
+                // The writer is gone, so its last state decides whether the body is whole.
                 if !matches!(*self.progress.borrow(), Progress::Done(_)) {
                     return Error::e_explain(
                         ErrorType::ReadError,

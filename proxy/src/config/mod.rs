@@ -86,7 +86,8 @@ pub struct ServerSettings {
     pub pid_file: PathBuf,
 }
 
-/// The pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else `/tmp`.
+/// Returns the pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else
+/// `/tmp`.
 pub fn default_pid_file() -> PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
@@ -101,7 +102,7 @@ pub enum AccessLogTarget {
     Off,
 }
 
-/// How access-log lines are written.
+/// The format of access-log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessLogFormat {
     /// nginx's `combined` format followed by domain, user, cache status and request time.
@@ -167,7 +168,7 @@ pub struct Domain {
 pub struct StaleWindows {
     /// Served at once while one background request refreshes the entry.
     pub while_revalidate: Duration,
-    /// Served when the origin is down, times out or answers 5xx.
+    /// Served when the origin is down, times out or returns 5xx.
     pub if_error: Duration,
 }
 
