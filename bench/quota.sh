@@ -6,18 +6,36 @@
 #
 #   bench/quota.sh [SECONDS] [ROUNDS]   default 5 seconds per wrk run, 3 runs per scenario;
 #                                       about 90 seconds in all
+#   bench/quota.sh instructions [REQUESTS]
+#                                       runs the gateway under callgrind instead and counts
+#                                       the instructions it executes per request over REQUESTS
+#                                       requests (default 5000, `ab -k -c 8`); slower, but the
+#                                       same on a busy machine as on an idle one. The ratio is
+#                                       then the instructions without budget plugins divided
+#                                       by the scenario's: the throughput ratio on a CPU-bound
+#                                       gateway, leaving out the kernel's share.
 #
 # Each scenario reports its best run (highest requests/s, with that run's p99), which filters
 # out some of the noise of a busy machine. On a shared machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
-# (scripts/setup-debian.sh installs them). Everything runs on 127.0.0.1 with free ports, in a
-# temp dir removed on exit. With two or more CPUs the gateway (1 worker thread) runs on CPU 0,
-# and wrk and redis-server on CPU 1. Every request comes from 127.0.0.1 without credentials,
-# so all of them count against one principal: the most contended case. Budgets are set high
-# enough that nothing is rejected.
+# (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
+# Everything runs on 127.0.0.1 with free ports, in a temp dir removed on exit. With two or
+# more CPUs the gateway (1 worker thread) runs on CPU 0, and wrk and redis-server on CPU 1.
+# Every request comes from 127.0.0.1 without credentials, so all of them count against one
+# principal: the most contended case. Budgets are set high enough that nothing is rejected.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mode=wrk
+if [[ ${1:-} == instructions ]]; then
+    mode=instructions
+    requests=${2:-5000}
+    set -- 5 1
+    [[ $requests =~ ^[0-9]+$ && $requests -ge 100 && $requests -le 100000 ]] || {
+        echo "quota bench: REQUESTS must be a whole number from 100 to 100000, got '$requests'" >&2
+        exit 2
+    }
+fi
 seconds=${1:-5}
 rounds=${2:-3}
 binary=$root/target/release/mirror-gateway
@@ -31,7 +49,9 @@ binary=$root/target/release/mirror-gateway
     exit 2
 }
 [[ -x $binary ]] || { echo "quota bench: $binary missing; run cargo build --release" >&2; exit 1; }
-for tool in wrk curl python3 redis-server redis-cli; do
+tools=(wrk curl python3 redis-server redis-cli)
+[[ $mode == wrk ]] || tools+=(valgrind callgrind_control callgrind_annotate ab)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || {
         echo "quota bench: $tool not found; run scripts/setup-debian.sh" >&2
         exit 1
@@ -58,14 +78,15 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Waits up to 10 s until URL returns 200.
+# Waits up to 10 s (60 s under callgrind) until URL returns 200.
 wait_ready() {
-    local url=$1 log=$2
-    for _ in $(seq 1 100); do
+    local url=$1 log=$2 tries=100
+    [[ $mode == wrk ]] || tries=600
+    for _ in $(seq 1 "$tries"); do
         curl -fs -o /dev/null --max-time 1 "$url" && return 0
         sleep 0.1
     done
-    echo "quota bench: no 200 response from $url within 10 s; log:" >&2
+    echo "quota bench: no 200 response from $url within $((tries / 10)) s; log:" >&2
     tail -20 "$log" >&2 || true
     exit 1
 }
@@ -138,15 +159,42 @@ write_config probe "$rate_limit_plugin" 1
 "$binary" check -c "$tmp/probe.toml" >/dev/null 2>&1 && has_rate_limit=yes
 
 baseline=""
+# Runs the gateway of scenario NAME under callgrind, counts its instructions over $requests
+# requests after a warm-up, and prints a table row.
+count_instructions() {
+    local name=$1 label=$2 url=$3 gateway total per_request ratio failed
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$tmp/$name.cg" \
+        "$binary" run -c "$tmp/$name.toml" >"$tmp/$name.log" 2>&1 &
+    gateway=$!
+    pids+=("$gateway")
+    wait_ready "$url" "$tmp/$name.log"
+    ab -q -k -n 500 -c 8 "$url" >/dev/null 2>&1
+    callgrind_control -i on "$gateway" >/dev/null 2>&1
+    failed=$(ab -k -n "$requests" -c 8 "$url" 2>/dev/null | awk '/^Failed requests/ {print $3}')
+    callgrind_control -i off "$gateway" >/dev/null 2>&1
+    kill "$gateway" 2>/dev/null || true
+    wait "$gateway" 2>/dev/null || true
+    [[ $failed == 0 ]] || echo "quota bench: $label had ${failed:-unknown} failed requests" >&2
+    total=$(callgrind_annotate "$tmp/$name.cg" 2>/dev/null | awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}')
+    per_request=$((total / requests))
+    [[ -n $baseline ]] || baseline=$per_request
+    ratio=$(awk -v a="$baseline" -v b="$per_request" 'BEGIN { printf "%.3f", a / b }')
+    printf '| %-34s | %12s | %8s | %6s |\n' "$label" "$per_request" "-" "$ratio"
+}
+
 # Runs one scenario: starts the gateway, warms the cache, runs wrk, prints a table row.
 scenario() {
     local name=$1 label=$2 plugins=$3 port out rps p99 ratio gateway
     port=$(free_port)
     write_config "$name" "$plugins" "$port"
+    local url="http://127.0.0.1:$port/concelier/exports/index.json"
+    if [[ $mode == instructions ]]; then
+        count_instructions "$name" "$label" "$url"
+        return
+    fi
     "${pin_server[@]}" "$binary" run -c "$tmp/$name.toml" >"$tmp/$name.log" 2>&1 &
     gateway=$!
     pids+=("$gateway")
-    local url="http://127.0.0.1:$port/concelier/exports/index.json"
     wait_ready "$url" "$tmp/$name.log"
     curl -fs -o /dev/null "$url"
     rps=0 p99=-
@@ -171,11 +219,19 @@ scenario() {
 }
 
 echo "machine: $(nproc) CPUs, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
-echo "binary: $("$binary" version 2>/dev/null || echo unknown); best of $rounds wrk runs of $seconds s (-t1 -c32); gateway threads = 1"
+if [[ $mode == wrk ]]; then
+    echo "binary: $("$binary" version 2>/dev/null || echo unknown); best of $rounds wrk runs of $seconds s (-t1 -c32); gateway threads = 1"
+else
+    echo "binary: $("$binary" version 2>/dev/null || echo unknown); callgrind over $requests requests (ab -k -c 8) after 500 warm-up requests; gateway threads = 1"
+fi
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "redis: $(redis-server --version | awk '{print $3}')"
 echo
-echo "| scenario                           | requests/s   | p99      | ratio  |"
+if [[ $mode == wrk ]]; then
+    echo "| scenario                           | requests/s   | p99      | ratio  |"
+else
+    echo "| scenario                           | instr./req.  | p99      | ratio  |"
+fi
 echo "|------------------------------------|--------------|----------|--------|"
 scenario none "no budget plugins" ""
 scenario quota_local "quota, local" "$quota_plugin"

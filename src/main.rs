@@ -21,6 +21,11 @@ struct Cli {
     config: PathBuf,
 }
 
+/// mimalloc in place of the C library's allocator: a request allocates and frees many small
+/// buffers, and glibc's malloc spent about a fifth of the gateway's instructions on a cache hit.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/mirror-gateway/gateway.toml";
 
 #[derive(Subcommand)]

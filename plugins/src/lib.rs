@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fields;
 pub mod htpasswd;
 pub mod limits;
 pub mod quota;
@@ -76,6 +77,8 @@ pub struct RequestState {
     /// The budget whose `RateLimit-*` fields go downstream. A plugin that rejects a request
     /// sets its own budget. Otherwise the `quota` plugin sets its budget whatever is there, and
     /// the `rate_limit` plugin only when it is unset, so the quota's fields win either way.
+    /// The gateway sets the fields once, after every plugin's response filter (see
+    /// [`RequestState::set_budget_fields`]).
     pub rate_limit: Option<limits::BudgetState>,
     /// A place among the client IP's concurrent requests, taken by the `rate_limit` plugin.
     /// It is given back when the last copy of this state is dropped, which the gateway does
@@ -84,6 +87,16 @@ pub struct RequestState {
     /// A request the `quota` plugin checked before the cache lookup and counts only if it goes
     /// to the origin (`count_cache_hits = false`).
     pub quota_pending: Option<quota::PendingCount>,
+}
+
+impl RequestState {
+    /// Sets the `RateLimit-*` fields of [`Self::rate_limit`] on a response going downstream;
+    /// does nothing without a budget.
+    pub fn set_budget_fields(&self, resp: &mut ResponseHeader) {
+        if let Some(budget) = &self.rate_limit {
+            budget.apply(resp);
+        }
+    }
 }
 
 /// How the cache treats a response and what `Cache-Control` goes downstream.

@@ -1,10 +1,15 @@
 //! What the `quota` and `rate_limit` plugins share: the 429 response and the `RateLimit-*`
 //! header fields of the IETF "RateLimit header fields for HTTP" draft.
 
+use bytes::BytesMut;
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 
 use crate::LocalResponse;
+
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// The state of one budget for one request, sent downstream as `RateLimit-*` fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,30 +23,34 @@ pub struct BudgetState {
 }
 
 impl BudgetState {
-    /// Returns the header fields for this state.
+    /// Returns the header fields for this state. The three values share one allocation.
     pub fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
+        let mut digits = itoa::Buffer::new();
+        let mut text = BytesMut::with_capacity(60);
+        let mut ends = [0; 3];
+        for (end, number) in ends
+            .iter_mut()
+            .zip([self.limit, self.remaining, self.reset_secs])
+        {
+            text.extend_from_slice(digits.format(number).as_bytes());
+            *end = text.len();
+        }
+        let text = text.freeze();
+        let value = |from: usize, to: usize| {
+            // Decimal digits are always a valid header value.
+            HeaderValue::from_maybe_shared(text.slice(from..to))
+                .unwrap_or_else(|_| HeaderValue::from_static("0"))
+        };
         [
-            (
-                HeaderName::from_static("ratelimit-limit"),
-                HeaderValue::from(self.limit),
-            ),
-            (
-                HeaderName::from_static("ratelimit-remaining"),
-                HeaderValue::from(self.remaining),
-            ),
-            (
-                HeaderName::from_static("ratelimit-reset"),
-                HeaderValue::from(self.reset_secs),
-            ),
+            (RATELIMIT_LIMIT, value(0, ends[0])),
+            (RATELIMIT_REMAINING, value(ends[0], ends[1])),
+            (RATELIMIT_RESET, value(ends[1], ends[2])),
         ]
     }
 
     /// Sets the header fields on a response.
-    pub fn apply(&self, resp: &mut ResponseHeader) -> pingora::Result<()> {
-        for (name, value) in self.headers() {
-            resp.insert_header(name, value)?;
-        }
-        Ok(())
+    pub fn apply(&self, resp: &mut ResponseHeader) {
+        crate::fields::insert(resp, self.headers());
     }
 }
 

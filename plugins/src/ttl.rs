@@ -41,6 +41,8 @@ struct RuleSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     segments: Vec<Segment>,
+    /// The whole pattern when it has no `*`: then a path matches only when equal to it.
+    literal: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +52,9 @@ enum Segment {
     /// A segment in which `*` matches any characters; stored split at the `*`s.
     Glob(Vec<String>),
 }
+
+/// Segments of a path that [`PathPattern::matches`] splits without allocating.
+const INLINE_SEGMENTS: usize = 32;
 
 impl PathPattern {
     /// Compiles a pattern such as `/excititor/mirror/**/index.json`.
@@ -75,16 +80,30 @@ impl PathPattern {
                 segments.push(Segment::Glob(part.split('*').map(str::to_owned).collect()));
             }
         }
-        Ok(Self { segments })
+        let literal = (!pattern.contains('*')).then(|| pattern.to_owned());
+        Ok(Self { segments, literal })
     }
 
     /// Returns whether the normalised `path` matches this pattern.
     pub fn matches(&self, path: &str) -> bool {
+        if let Some(literal) = &self.literal {
+            return path == literal;
+        }
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
-        let parts: Vec<&str> = rest.split('/').collect();
-        match_segments(&self.segments, &parts)
+        // Paths of a mirror have a handful of segments; they are split on the stack.
+        let mut inline = [""; INLINE_SEGMENTS];
+        let mut count = 0;
+        for part in rest.split('/') {
+            let Some(slot) = inline.get_mut(count) else {
+                let parts: Vec<&str> = rest.split('/').collect();
+                return match_segments(&self.segments, &parts);
+            };
+            *slot = part;
+            count += 1;
+        }
+        match_segments(&self.segments, &inline[..count])
     }
 }
 
@@ -226,7 +245,7 @@ impl Plugin for TtlPlugin {
             return Ok(());
         };
         if status.is_success() || status == http::StatusCode::NOT_MODIFIED {
-            resp.insert_header(http::header::CACHE_CONTROL, value)?;
+            crate::fields::insert(resp, [(http::header::CACHE_CONTROL, value)]);
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::{Method, StatusCode};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mirror_plugins::{LocalResponse, LogRecord, RequestInfo, RequestState, Verdict};
 use pingora::cache::{CacheKey, NoCacheReason, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -426,8 +426,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let state = Arc::clone(&ctx.state);
-        upstream_response
-            .insert_header(CACHE_STATUS_HEADER, cache_status(&session.cache.phase()))?;
+        let status = HeaderValue::from_static(cache_status(&session.cache.phase()));
+        mirror_plugins::fields::insert(
+            upstream_response,
+            [(HeaderName::from_static(CACHE_STATUS_HEADER), status)],
+        );
         if state.debug_headers {
             let reason = match (ctx.no_store, session.cache.phase()) {
                 (Some(reason), _) => Some(reason.label()),
@@ -443,6 +446,7 @@ impl ProxyHttp for Gateway {
                 plugin.response_filter(upstream_response, &ctx.plugin_state)?;
             }
         }
+        ctx.plugin_state.set_budget_fields(upstream_response);
         Ok(())
     }
 

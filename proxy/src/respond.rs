@@ -27,6 +27,7 @@ pub async fn write_local(
     for plugin in plugins {
         plugin.response_filter(&mut header, state)?;
     }
+    state.set_budget_fields(&mut header);
     let head_only = session.req_header().method == Method::HEAD || local.body.is_empty();
     session
         .write_response_header(Box::new(header), head_only)

@@ -39,13 +39,13 @@ mod window;
 #[cfg(test)]
 mod tests;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 use tracing::{info, warn};
 
 use crate::limits::{too_many_requests, BudgetState};
@@ -105,7 +105,6 @@ pub struct PendingCount {
 
 /// The `quota` plugin of one domain.
 pub struct QuotaPlugin {
-    domain: String,
     index: ClassRule,
     download: ClassRule,
     count_cache_hits: bool,
@@ -167,7 +166,6 @@ impl QuotaPlugin {
             download.counts.register_limits(download.limits),
         ];
         Ok(Self {
-            domain: ctx.domain.to_owned(),
             _saver: state_file.as_ref().map(|f| Saver::start(Arc::clone(f))),
             _registered_limits: registered_limits,
             index,
@@ -348,21 +346,6 @@ impl Plugin for QuotaPlugin {
         self.count_upstream_at(state, SystemTime::now());
         Ok(())
     }
-
-    /// Sets the `RateLimit-*` fields of the request's budget. A failure to set them is logged
-    /// and the response goes out without them.
-    fn response_filter(
-        &self,
-        resp: &mut ResponseHeader,
-        state: &RequestState,
-    ) -> pingora::Result<()> {
-        if let Some(budget) = state.rate_limit {
-            if let Err(e) = budget.apply(resp) {
-                warn!(domain = %self.domain, error = %e, "cannot set RateLimit header fields");
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Returns the principal a request counts against: the user, the client address (an IPv6
@@ -372,9 +355,9 @@ pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> String {
         return format!("user:{user}");
     }
     match req.client_addr {
-        Some(IpAddr::V4(addr)) => format!("ip:{addr}"),
+        Some(IpAddr::V4(addr)) => v4_principal(addr),
         Some(IpAddr::V6(addr)) => match addr.to_ipv4_mapped() {
-            Some(v4) => format!("ip:{v4}"),
+            Some(v4) => v4_principal(v4),
             None => {
                 let s = addr.segments();
                 format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
@@ -382,6 +365,26 @@ pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> String {
         },
         None => "unknown".to_owned(),
     }
+}
+
+/// Returns `ip:` and the dotted form of `addr`, without the formatting machinery, as every
+/// counted request needs it.
+fn v4_principal(addr: Ipv4Addr) -> String {
+    let mut out = String::with_capacity(18);
+    out.push_str("ip:");
+    for (i, octet) in addr.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+    out
 }
 
 /// Returns the name a 429 gives the budget of `class` and `scope`.

@@ -327,6 +327,32 @@ fn principal_ipv4_mapped_is_ipv4() {
     assert_eq!(principal_of(&req, &RequestState::default()), "ip:192.0.2.7");
 }
 
+#[test]
+fn principal_ipv4_matches_the_standard_formatting() {
+    let headers = HeaderMap::new();
+    for text in [
+        "0.0.0.0",
+        "10.9.99.100",
+        "127.0.0.1",
+        "255.255.255.255",
+        "1.20.255.9",
+    ] {
+        let addr: IpAddr = text.parse().expect("address");
+        let req = RequestInfo {
+            domain: "primary",
+            method: &Method::GET,
+            path: INDEX,
+            query: None,
+            headers: &headers,
+            client_addr: Some(addr),
+        };
+        assert_eq!(
+            principal_of(&req, &RequestState::default()),
+            format!("ip:{text}")
+        );
+    }
+}
+
 const CEILING: &str = "index_per_hour = 3\ndownload_per_hour = 3\ndomain_index_per_hour = 4";
 
 #[tokio::test]

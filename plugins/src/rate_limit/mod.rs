@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::http::ResponseHeader;
 use serde::Deserialize;
 
 use crate::limits::{too_many_requests, BudgetState};
@@ -127,18 +126,6 @@ impl Plugin for RateLimitPlugin {
 
     async fn request_filter(&self, req: &RequestInfo<'_>, state: &mut RequestState) -> Verdict {
         self.admit(req, state, Instant::now())
-    }
-
-    /// Sets the `RateLimit-*` fields of the budget in [`RequestState::rate_limit`].
-    fn response_filter(
-        &self,
-        resp: &mut ResponseHeader,
-        state: &RequestState,
-    ) -> pingora::Result<()> {
-        match &state.rate_limit {
-            Some(budget) => budget.apply(resp),
-            None => Ok(()),
-        }
     }
 }
 

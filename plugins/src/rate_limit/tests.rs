@@ -173,12 +173,12 @@ fn quota_budget_wins_on_allowed_request() {
 }
 
 #[test]
-fn response_filter_sets_headers() {
+fn admitted_request_carries_its_budget_fields() {
     let plugin = plugin(1.0, 5, None);
     let mut state = RequestState::default();
     admit(&plugin, Some("192.0.2.1"), &mut state, Instant::now());
-    let mut resp = ResponseHeader::build(StatusCode::OK, None).expect("header");
-    plugin.response_filter(&mut resp, &state).expect("filter");
+    let mut resp = pingora::http::ResponseHeader::build(StatusCode::OK, None).expect("header");
+    state.set_budget_fields(&mut resp);
     let remaining = resp.headers.get("ratelimit-remaining");
     assert_eq!(remaining.and_then(|v| v.to_str().ok()), Some("4"));
 }
