@@ -322,7 +322,7 @@ async fn handshake_failures_counted_by_reason() {
     count_failure(&mut expected, "-", "protocol_version");
     assert_tls_series(admin, &expected).await;
 
-    // TLS 1.2 asks for the certificate before it picks the cipher, so the domain is known.
+    // TLS 1.2 requests the certificate before it picks the cipher, so the domain is known.
     let cipher = ["-servername", "a.test", "-tls1_2", "-cipher", "AES128-SHA"];
     assert!(handshake(tls, &cipher).is_err());
     count_failure(&mut expected, "a", "no_shared_cipher");
@@ -359,12 +359,12 @@ async fn handshake_failures_counted_by_reason() {
     assert_tls_series(admin, &expected).await;
 }
 
-/// The key of a `mirror_gateway_tls_handshakes_total` series.
+/// Returns the name and labels of a `mirror_gateway_tls_handshakes_total` series.
 fn handshakes(domain: &str, result: &str) -> String {
     format!("mirror_gateway_tls_handshakes_total{{domain=\"{domain}\",result=\"{result}\"}}")
 }
 
-/// Adds one failed handshake to the series `expected` holds.
+/// Adds one failed handshake to the expected series values.
 fn count_failure(expected: &mut BTreeMap<String, u64>, domain: &str, reason: &str) {
     *expected.entry(handshakes(domain, "error")).or_default() += 1;
     let failures = format!(

@@ -1,4 +1,4 @@
-//! The TLS listeners' handshake, run by the gateway so that it sees how each one ends.
+//! The TLS listeners' handshake, run by the gateway so that it learns how each one ends.
 //!
 //! Pingora's own TLS listener logs a failed handshake and drops it, so no code of the gateway
 //! learns about failures inside OpenSSL. The TLS listeners are therefore plain TCP listeners
@@ -26,8 +26,8 @@ use pingora::tls::ssl::{
 use super::{CertStore, HandshakeFailure, TlsConnection, TlsStore};
 use crate::status::Monitor;
 
-/// Maximum time from accepting a TLS connection to the end of its handshake; the same limit
-/// Pingora 0.9.1 puts on the handshakes of its own listeners.
+/// Maximum time from accepting a TLS connection to the end of its handshake. Pingora 0.9.1
+/// puts the same limit on the handshakes of its own listeners.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// ALPN protocols in order of preference, in wire format: HTTP/2, then HTTP/1.1.
@@ -148,12 +148,14 @@ impl Handshaker {
                 return None;
             }
         };
+
         let attempt = Attempt {
             store: self.store.current(),
             seen: Mutex::default(),
         };
         let handshake = handshake_with_callback(&self.acceptor, stream, &attempt);
         let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+
         let Seen { domain, failure } = std::mem::take(&mut *attempt.seen.lock());
         let label = domain.as_deref().unwrap_or(NO_DOMAIN);
         let (reason, error) = match result {
@@ -185,8 +187,8 @@ impl Handshaker {
 
 #[async_trait]
 impl TlsAccept for Attempt {
-    /// Installs the certificate of the domain that the server name selects. OpenSSL asks for
-    /// it after it accepted the client's TLS version; resumed sessions skip this step.
+    /// Installs the certificate of the domain that the server name selects. OpenSSL requests
+    /// it after it accepted the client's TLS version, and resumed sessions skip this step.
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
         let name = ssl.servername(NameType::HOST_NAME).map(str::to_owned);
         match self.store.select(name.as_deref()) {
@@ -231,7 +233,7 @@ impl TlsAccept for Attempt {
     }
 }
 
-/// Selects `h2` when the client offers it, else `http/1.1`; other offers get no protocol.
+/// Selects `h2` when the client offers it, else `http/1.1`. Other offers get no protocol.
 fn prefer_h2<'a>(_: &mut SslRef, offered: &'a [u8]) -> Result<&'a [u8], AlpnError> {
     select_next_proto(ALPN_H2_H1, offered).ok_or(AlpnError::NOACK)
 }

@@ -96,7 +96,7 @@ impl HandshakeFailure {
         if !codes.is_empty() {
             return Self::of_codes(codes);
         }
-        // The texts `ssl::Error` writes for ZERO_RETURN and for SYSCALL without an I/O error;
+        // The texts `ssl::Error` writes for ZERO_RETURN and for SYSCALL without an I/O error.
         // SYSCALL with one writes the I/O error, which ends in `(os error N)`.
         let closed = [
             "the SSL session has been shut down",
