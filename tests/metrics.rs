@@ -206,6 +206,69 @@ async fn readyz_unreachable_origin_empty_cache() {
     assert!(!body.contains("domain primary"), "{body}");
 }
 
+/// Checks that readiness judges each domain by its own cache: a warm cache of `primary` does
+/// not make up for `down`, whose origin stopped before anything of it was cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_names_domain_without_origin_or_cache() {
+    let origin = TestOrigin::start(origin_reply).await;
+    let down_origin = TestOrigin::start(origin_reply).await;
+    let down_addr = down_origin.addr;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start(dir.path(), origin.addr, down_addr);
+    let credentials = basic(MIRROR.0, MIRROR.1);
+    let headers = [
+        ("host", "127.0.0.1"),
+        ("authorization", credentials.as_str()),
+    ];
+    assert_eq!(raw_get(gateway.addr, "/a", &headers).await.status, 200);
+    assert_eq!(gateway.running.memory_stats().entries, 1);
+
+    drop(down_origin);
+    wait_until_closed(down_addr).await;
+    let (status, body) = readyz(admin).await;
+    assert_eq!(status, 503, "{body}");
+    let reason = format!("domain down: origin web is unreachable ({down_addr}: ");
+    assert!(body.contains(&reason), "{body}");
+    assert!(
+        body.contains("and the domain has no cache entries"),
+        "{body}"
+    );
+    assert!(!body.contains("domain primary"), "{body}");
+    assert!(!body.contains("domain community"), "{body}");
+
+    let (_, _, json) = admin_get(admin, "/status.json").await;
+    let primary = "\"readiness\":{\"servable\":true,\"cache_entries\":1,\"origins_probed\":false,\"problems\":[]}";
+    assert!(json.contains(primary), "{json}");
+    let community = "\"readiness\":{\"servable\":true,\"cache_entries\":0,\"origins_probed\":true,\"problems\":[]}";
+    assert!(json.contains(community), "{json}");
+    let down = format!(
+        "\"readiness\":{{\"servable\":false,\"cache_entries\":0,\"origins_probed\":true,\"problems\":[\"origin web is unreachable ({down_addr}: "
+    );
+    assert!(json.contains(&down), "{json}");
+}
+
+/// Checks that a domain whose origin stopped after its cache was filled stays servable.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_warm_cache_covers_stopped_origin() {
+    let origin = TestOrigin::start(origin_reply).await;
+    let down_origin = TestOrigin::start(origin_reply).await;
+    let down_addr = down_origin.addr;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start(dir.path(), origin.addr, down_addr);
+    let resp = raw_get(gateway.addr, "/d", &[("host", "down.test")]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(gateway.running.memory_stats().entries, 1);
+
+    drop(down_origin);
+    wait_until_closed(down_addr).await;
+    let (status, body) = readyz(admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.trim(), "{\"ready\":true,\"reasons\":[]}");
+    let resp = raw_get(gateway.addr, "/d", &[("host", "down.test")]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-cache-status"), Some("HIT"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_sync_lag_over_limit() {
     let origin = TestOrigin::start(origin_reply).await;
@@ -272,7 +335,7 @@ async fn status_json_fields() {
     assert_eq!((status, content_type.as_str()), (200, "application/json"));
     let body_bytes = 2 * "body of /c".len();
     let community = format!(
-        "{{\"id\":\"community\",\"requests\":2,\"status\":{{\"1xx\":0,\"2xx\":2,\"3xx\":0,\"4xx\":0,\"5xx\":0,\"none\":0}},\"cache_hits\":1,\"cache_lookups\":2,\"body_bytes\":{body_bytes},\"rejections\":{{}},\"quota_rejections\":[],\"quota\":[],\"origin\":{{\"errors\":0,\"last_error\":null}},\"sync\":{{\"configured\":false}}}}"
+        "{{\"id\":\"community\",\"requests\":2,\"status\":{{\"1xx\":0,\"2xx\":2,\"3xx\":0,\"4xx\":0,\"5xx\":0,\"none\":0}},\"cache_hits\":1,\"cache_lookups\":2,\"body_bytes\":{body_bytes},\"rejections\":{{}},\"quota_rejections\":[],\"quota\":[],\"origin\":{{\"errors\":0,\"last_error\":null}},\"sync\":{{\"configured\":false}},\"readiness\":{{\"servable\":true,\"cache_entries\":1,\"origins_probed\":false,\"problems\":[]}}}}"
     );
     assert!(json.contains(&community), "{json}");
     for field in [
@@ -449,6 +512,17 @@ fn complete_response(data: &[u8]) -> Option<(u16, String)> {
     let body = data.get(end + 4..end + 4 + length)?;
     let status = head.split(' ').nth(1)?.parse().ok()?;
     Some((status, String::from_utf8_lossy(body).into_owned()))
+}
+
+/// Waits up to 5 s until `addr` refuses connections, after its origin was dropped.
+async fn wait_until_closed(addr: SocketAddr) {
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{addr} still accepts connections 5 s after its origin was dropped");
 }
 
 /// Returns a loopback address where nothing listens.
