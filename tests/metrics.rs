@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{basic, client, htpasswd_line, raw_get, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{
+    basic, client, htpasswd_line, raw_get, readyz, wait_until_closed, Reply, TestGateway,
+    TestOrigin, BASE_CONFIG,
+};
 
 const ADMIN: (&str, &str) = ("admin", "admin-pass");
 const MIRROR: (&str, &str) = ("mirror", "mirror-pass");
@@ -514,17 +517,6 @@ fn complete_response(data: &[u8]) -> Option<(u16, String)> {
     Some((status, String::from_utf8_lossy(body).into_owned()))
 }
 
-/// Waits up to 5 s until `addr` refuses connections, after its origin was dropped.
-async fn wait_until_closed(addr: SocketAddr) {
-    for _ in 0..50 {
-        if tokio::net::TcpStream::connect(addr).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{addr} still accepts connections 5 s after its origin was dropped");
-}
-
 /// Returns a loopback address where nothing listens.
 async fn closed_port() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -545,25 +537,6 @@ async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String, String) {
     let content_type = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
     let (status, content_type) = (resp.status().as_u16(), content_type.to_string());
     (status, content_type, resp.text().await.expect("body"))
-}
-
-/// GETs `/readyz` without credentials, again while the server is still starting its services
-/// (the sockets accept before that), for at most 5 seconds.
-async fn readyz(admin: SocketAddr) -> (u16, String) {
-    for _ in 0..250 {
-        let resp = client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        let status = resp.status().as_u16();
-        let body = resp.text().await.expect("body");
-        if !body.contains("have not started") {
-            return (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the gateway did not start its services within 5 s");
 }
 
 /// Samples of a text exposition, by metric name and then by sorted `label="value"` list.
