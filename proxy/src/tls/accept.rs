@@ -45,6 +45,7 @@ pub struct ProxyListener<A> {
 /// Runs the TLS handshakes of the TLS listeners and counts how each one ends.
 pub struct Handshaker {
     acceptor: SslAcceptor,
+    timeout: Duration,
     store: Arc<TlsStore>,
     monitor: Arc<Monitor>,
 }
@@ -125,6 +126,7 @@ impl Handshaker {
         builder.set_alpn_select_callback(prefer_h2);
         Ok(Self {
             acceptor: builder.build(),
+            timeout: HANDSHAKE_TIMEOUT,
             store: Arc::clone(store),
             monitor: Arc::clone(monitor),
         })
@@ -154,7 +156,7 @@ impl Handshaker {
             seen: Mutex::default(),
         };
         let handshake = handshake_with_callback(&self.acceptor, stream, &attempt);
-        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+        let result = tokio::time::timeout(self.timeout, handshake).await;
 
         let Seen { domain, failure } = std::mem::take(&mut *attempt.seen.lock());
         let label = domain.as_deref().unwrap_or(NO_DOMAIN);
@@ -165,8 +167,8 @@ impl Handshaker {
             }
             Ok(Err(e)) => (HandshakeFailure::of_accept_error(&e), e.to_string()),
             Err(_) => {
-                let secs = HANDSHAKE_TIMEOUT.as_secs();
-                let error = format!("the handshake did not finish within {secs} s");
+                let millis = self.timeout.as_millis();
+                let error = format!("the handshake did not finish within {millis} ms");
                 (HandshakeFailure::Timeout, error)
             }
         };
@@ -236,4 +238,56 @@ impl TlsAccept for Attempt {
 /// Selects `h2` when the client offers it, else `http/1.1`. Other offers get no protocol.
 fn prefer_h2<'a>(_: &mut SslRef, offered: &'a [u8]) -> Result<&'a [u8], AlpnError> {
     select_next_proto(ALPN_H2_H1, offered).ok_or(AlpnError::NOACK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ScrapeInputs;
+
+    /// Accepts one connection on a handshaker with no certificates and a 200 ms timeout, after
+    /// `client` wrote to it; returns whether the handshake succeeded and the metrics text.
+    async fn accept_one(client: &'static [u8]) -> (bool, String) {
+        let monitor = Arc::new(Monitor::default());
+        let store = Arc::new(TlsStore::new(CertStore::default()));
+        let mut handshaker = Handshaker::new(&store, &monitor).expect("handshaker");
+        handshaker.timeout = Duration::from_millis(200);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(client).await.expect("write");
+            // Keep the connection open past the handshake timeout.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let stream: Stream = Box::new(L4Stream::from(server));
+        let accepted = handshaker.accept(stream).await.is_some();
+        client.await.expect("client");
+        let text = monitor
+            .metrics
+            .render(&ScrapeInputs::default())
+            .expect("render");
+        (accepted, text)
+    }
+
+    #[tokio::test]
+    async fn silent_client_times_out() {
+        let (accepted, text) = accept_one(b"").await;
+        assert!(!accepted);
+        let line = "mirror_gateway_tls_handshake_failures_total{domain=\"-\",reason=\"timeout\"} 1";
+        assert!(text.contains(line), "{text}");
+    }
+
+    #[tokio::test]
+    async fn plain_http_is_malformed() {
+        let (accepted, text) = accept_one(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        assert!(!accepted);
+        let line =
+            "mirror_gateway_tls_handshake_failures_total{domain=\"-\",reason=\"malformed\"} 1";
+        assert!(text.contains(line), "{text}");
+    }
 }
