@@ -75,8 +75,9 @@ impl HandshakeFailure {
     /// `TLS accept() failed: <error>`, so this reads the packed OpenSSL error codes
     /// (`error:0A000102:...`) or the fixed messages of the `openssl` crate's `ssl::Error` from
     /// that text. An error whose cause is still the `ssl::Error` is classified from it.
-    // NOTE: a Pingora release that words this context differently turns every reason but
-    // `unknown_sni` into `other`; the end-to-end TLS tests check each reason.
+    // NOTE: a Pingora release that words this context differently turns the reasons read here
+    // into `other` (`unknown_sni` and `timeout` do not come from here). The end-to-end TLS
+    // test checks each reason.
     pub fn of_accept_error(error: &pingora::Error) -> Self {
         let cause = error.root_cause().downcast_ref::<ssl::Error>();
         if let Some(cause) = cause {
