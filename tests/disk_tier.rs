@@ -86,6 +86,41 @@ async fn disk_entry_survives_restart() {
     assert_eq!(origin.count(), 1);
 }
 
+/// Checks that entries found on disk at start count for readiness: after a restart with the
+/// memory tier empty and the origin stopped, the domain is servable from disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_entries_keep_ready_after_restart() {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let origin_addr = origin.addr;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let line = common::htpasswd_line(&["-B", "-C", "5"], "admin", "admin-pass");
+    std::fs::write(dir.path().join("admin.htpasswd"), line + "\n").expect("write htpasswd");
+    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"admin.htpasswd\"\n";
+    let text = config(dir.path(), origin_addr, "127.0.0.1:0") + admin;
+
+    let first = TestGateway::start(dir.path(), &text);
+    let fill = client()
+        .get(first.url("/bundle.json"))
+        .send()
+        .await
+        .expect("fill");
+    assert_eq!(fill.headers()["x-cache-status"], "MISS");
+    assert_eq!(fill.text().await.expect("body"), payload);
+    first.running.shutdown();
+    drop(origin);
+    common::wait_until_closed(origin_addr).await;
+
+    let second = TestGateway::start(dir.path(), &text);
+    assert_eq!(second.running.memory_stats().entries, 0);
+    let disk = second.running.disk_stats().expect("disk tier");
+    assert_eq!(disk.entries, 1);
+    let admin = second.running.admin_addr().expect("admin listener");
+    let (status, body) = common::readyz(admin).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn small_disk_hit_promoted_to_memory() {
     let origin = TestOrigin::start(|_| Reply::ok("{\"small\":true}")).await;

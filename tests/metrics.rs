@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{basic, client, htpasswd_line, raw_get, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{
+    basic, client, htpasswd_line, raw_get, readyz, wait_until_closed, Reply, TestGateway,
+    TestOrigin, BASE_CONFIG,
+};
 
 const ADMIN: (&str, &str) = ("admin", "admin-pass");
 const MIRROR: (&str, &str) = ("mirror", "mirror-pass");
@@ -206,6 +209,69 @@ async fn readyz_unreachable_origin_empty_cache() {
     assert!(!body.contains("domain primary"), "{body}");
 }
 
+/// Checks that readiness judges each domain by its own cache: a warm cache of `primary` does
+/// not make up for `down`, whose origin stopped before anything of it was cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_names_domain_without_origin_or_cache() {
+    let origin = TestOrigin::start(origin_reply).await;
+    let down_origin = TestOrigin::start(origin_reply).await;
+    let down_addr = down_origin.addr;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start(dir.path(), origin.addr, down_addr);
+    let credentials = basic(MIRROR.0, MIRROR.1);
+    let headers = [
+        ("host", "127.0.0.1"),
+        ("authorization", credentials.as_str()),
+    ];
+    assert_eq!(raw_get(gateway.addr, "/a", &headers).await.status, 200);
+    assert_eq!(gateway.running.memory_stats().entries, 1);
+
+    drop(down_origin);
+    wait_until_closed(down_addr).await;
+    let (status, body) = readyz(admin).await;
+    assert_eq!(status, 503, "{body}");
+    let reason = format!("domain down: origin web is unreachable ({down_addr}: ");
+    assert!(body.contains(&reason), "{body}");
+    assert!(
+        body.contains("and the domain has no cache entries"),
+        "{body}"
+    );
+    assert!(!body.contains("domain primary"), "{body}");
+    assert!(!body.contains("domain community"), "{body}");
+
+    let (_, _, json) = admin_get(admin, "/status.json").await;
+    let primary = "\"readiness\":{\"servable\":true,\"cache_entries\":1,\"origins_probed\":false,\"problems\":[]}";
+    assert!(json.contains(primary), "{json}");
+    let community = "\"readiness\":{\"servable\":true,\"cache_entries\":0,\"origins_probed\":true,\"problems\":[]}";
+    assert!(json.contains(community), "{json}");
+    let down = format!(
+        "\"readiness\":{{\"servable\":false,\"cache_entries\":0,\"origins_probed\":true,\"problems\":[\"origin web is unreachable ({down_addr}: "
+    );
+    assert!(json.contains(&down), "{json}");
+}
+
+/// Checks that a domain whose origin stopped after its cache was filled stays servable.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_warm_cache_covers_stopped_origin() {
+    let origin = TestOrigin::start(origin_reply).await;
+    let down_origin = TestOrigin::start(origin_reply).await;
+    let down_addr = down_origin.addr;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start(dir.path(), origin.addr, down_addr);
+    let resp = raw_get(gateway.addr, "/d", &[("host", "down.test")]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(gateway.running.memory_stats().entries, 1);
+
+    drop(down_origin);
+    wait_until_closed(down_addr).await;
+    let (status, body) = readyz(admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.trim(), "{\"ready\":true,\"reasons\":[]}");
+    let resp = raw_get(gateway.addr, "/d", &[("host", "down.test")]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-cache-status"), Some("HIT"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_sync_lag_over_limit() {
     let origin = TestOrigin::start(origin_reply).await;
@@ -272,7 +338,7 @@ async fn status_json_fields() {
     assert_eq!((status, content_type.as_str()), (200, "application/json"));
     let body_bytes = 2 * "body of /c".len();
     let community = format!(
-        "{{\"id\":\"community\",\"requests\":2,\"status\":{{\"1xx\":0,\"2xx\":2,\"3xx\":0,\"4xx\":0,\"5xx\":0,\"none\":0}},\"cache_hits\":1,\"cache_lookups\":2,\"body_bytes\":{body_bytes},\"rejections\":{{}},\"quota_rejections\":[],\"quota\":[],\"origin\":{{\"errors\":0,\"last_error\":null}},\"sync\":{{\"configured\":false}}}}"
+        "{{\"id\":\"community\",\"requests\":2,\"status\":{{\"1xx\":0,\"2xx\":2,\"3xx\":0,\"4xx\":0,\"5xx\":0,\"none\":0}},\"cache_hits\":1,\"cache_lookups\":2,\"body_bytes\":{body_bytes},\"rejections\":{{}},\"quota_rejections\":[],\"quota\":[],\"origin\":{{\"errors\":0,\"last_error\":null}},\"sync\":{{\"configured\":false}},\"readiness\":{{\"servable\":true,\"cache_entries\":1,\"origins_probed\":false,\"problems\":[]}}}}"
     );
     assert!(json.contains(&community), "{json}");
     for field in [
@@ -471,25 +537,6 @@ async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String, String) {
     let content_type = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
     let (status, content_type) = (resp.status().as_u16(), content_type.to_string());
     (status, content_type, resp.text().await.expect("body"))
-}
-
-/// GETs `/readyz` without credentials, again while the server is still starting its services
-/// (the sockets accept before that), for at most 5 seconds.
-async fn readyz(admin: SocketAddr) -> (u16, String) {
-    for _ in 0..250 {
-        let resp = client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        let status = resp.status().as_u16();
-        let body = resp.text().await.expect("body");
-        if !body.contains("have not started") {
-            return (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the gateway did not start its services within 5 s");
 }
 
 /// Samples of a text exposition, by metric name and then by sorted `label="value"` list.

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{Reply, TestGateway, TestOrigin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `openssl req` arguments for a new P-256 key without a passphrase.
 const EC: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
@@ -264,13 +266,7 @@ fn default_domain_answers_without_sni() {
 async fn handshakes_counted_by_result() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _pki = Pki::new(dir.path());
-    let line = common::htpasswd_line(&["-B", "-C", "5"], "admin", "admin-pass");
-    let htpasswd = dir.path().join("admin.htpasswd");
-    std::fs::write(&htpasswd, line + "\n").expect("write htpasswd");
-    let admin = format!(
-        "\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"\n",
-        htpasswd.display()
-    );
+    let admin = admin_section(dir.path());
     let (gateway, tls) = start(dir.path(), &(config(unused_origin(), "", "") + &admin));
     let admin = gateway.running.admin_addr().expect("admin listener");
     assert!(handshake(tls, &["-servername", "a.test"]).is_ok());
@@ -293,6 +289,136 @@ async fn handshakes_counted_by_result() {
         .lines()
         .filter(|l| l.starts_with("mirror_gateway_tls_handshakes_total{"));
     assert_eq!(series.count(), 2, "{text}");
+}
+
+/// Makes each kind of failed handshake in turn against one gateway and checks that it raises
+/// exactly one `mirror_gateway_tls_handshake_failures_total` series by one, with the domain
+/// and reason expected, and `mirror_gateway_tls_handshakes_total{result="error"}` with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn handshake_failures_counted_by_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    // A root that did not issue the gateway's certificates, for a client that rejects them.
+    pki.openssl(&format!(
+        "req -x509 {EC} -subj /CN=Other-Root -keyout other.key -out other.pem -days 2"
+    ));
+    let admin = admin_section(dir.path());
+    let (gateway, tls) = start(dir.path(), &(config(unused_origin(), "", "") + &admin));
+    let admin = gateway.running.admin_addr().expect("admin listener");
+    let mut expected = BTreeMap::new();
+
+    assert!(handshake(tls, &["-servername", "a.test"]).is_ok());
+    expected.insert(handshakes("a", "ok"), 1);
+    assert_tls_series(admin, &expected).await;
+
+    let legacy = [
+        "-servername",
+        "a.test",
+        "-tls1_1",
+        "-cipher",
+        "DEFAULT:@SECLEVEL=0",
+    ];
+    assert!(handshake(tls, &legacy).is_err());
+    count_failure(&mut expected, "-", "protocol_version");
+    assert_tls_series(admin, &expected).await;
+
+    // TLS 1.2 requests the certificate before it picks the cipher, so the domain is known.
+    let cipher = ["-servername", "a.test", "-tls1_2", "-cipher", "AES128-SHA"];
+    assert!(handshake(tls, &cipher).is_err());
+    count_failure(&mut expected, "a", "no_shared_cipher");
+    assert_tls_series(admin, &expected).await;
+
+    assert!(handshake(tls, &["-servername", "other.test"]).is_err());
+    count_failure(&mut expected, "-", "unknown_sni");
+    assert_tls_series(admin, &expected).await;
+
+    assert!(handshake(tls, &["-noservername"]).is_err());
+    count_failure(&mut expected, "-", "unknown_sni");
+    assert_tls_series(admin, &expected).await;
+
+    let other_root = dir.path().join("other.pem");
+    let other_root = other_root.to_str().expect("utf-8 path");
+    let rejecting = [
+        "-servername",
+        "x.b.test",
+        "-verify_return_error",
+        "-CAfile",
+        other_root,
+    ];
+    assert!(handshake(tls, &rejecting).is_err());
+    count_failure(&mut expected, "b", "client_alert");
+    assert_tls_series(admin, &expected).await;
+
+    send_raw(tls, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    count_failure(&mut expected, "-", "malformed");
+    assert_tls_series(admin, &expected).await;
+
+    // A handshake record header that announces 512 bytes, then 4, then the end of the stream.
+    send_raw(tls, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]).await;
+    count_failure(&mut expected, "-", "aborted");
+    assert_tls_series(admin, &expected).await;
+}
+
+/// Returns the name and labels of a `mirror_gateway_tls_handshakes_total` series.
+fn handshakes(domain: &str, result: &str) -> String {
+    format!("mirror_gateway_tls_handshakes_total{{domain=\"{domain}\",result=\"{result}\"}}")
+}
+
+/// Adds one failed handshake to the expected series values.
+fn count_failure(expected: &mut BTreeMap<String, u64>, domain: &str, reason: &str) {
+    *expected.entry(handshakes(domain, "error")).or_default() += 1;
+    let failures = format!(
+        "mirror_gateway_tls_handshake_failures_total{{domain=\"{domain}\",reason=\"{reason}\"}}"
+    );
+    *expected.entry(failures).or_default() += 1;
+}
+
+/// Polls `/metrics` for up to 5 s until its TLS handshake series are `expected`, then asserts
+/// they are.
+async fn assert_tls_series(admin: SocketAddr, expected: &BTreeMap<String, u64>) {
+    let mut got = BTreeMap::new();
+    for _ in 0..50 {
+        got = scrape_metrics(admin)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("mirror_gateway_tls_handshake"))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(series, value)| (series.to_string(), value.parse().expect("counter value")))
+            .collect();
+        if got == *expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, *expected);
+}
+
+/// Sends `bytes` to `addr`, closes the sending side and reads until the gateway closes too.
+async fn send_raw(addr: SocketAddr, bytes: &[u8]) {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(bytes).await?;
+        stream.shutdown().await?;
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.map(|_| ())
+    };
+    let done = tokio::time::timeout(Duration::from_secs(10), exchange).await;
+    // A reset on close is as good as an orderly close here.
+    assert!(
+        done.is_ok(),
+        "the gateway kept the connection open for 10 s"
+    );
+}
+
+/// Writes an htpasswd file for user `admin` and returns an `[admin]` section that uses it.
+fn admin_section(dir: &Path) -> String {
+    let line = common::htpasswd_line(&["-B", "-C", "5"], "admin", "admin-pass");
+    let htpasswd = dir.join("admin.htpasswd");
+    std::fs::write(&htpasswd, line + "\n").expect("write htpasswd");
+    format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"\n",
+        htpasswd.display()
+    )
 }
 
 /// Returns the body of `/metrics` on the admin listener, with the test's admin credentials.

@@ -199,7 +199,7 @@ impl ServeHttp for AdminApp {
             return Reply::json(StatusCode::UNAUTHORIZED, body).into_response();
         }
         let now = SystemTime::now();
-        if let Some(reply) = status::admin_endpoint(&state, monitor, &method, &path, now) {
+        if let Some(reply) = status::admin_endpoint(&state, monitor, &method, &path, now).await {
             return reply.into_response();
         }
         let (status, body) = self.handle(&method, &path, query.as_deref()).await;

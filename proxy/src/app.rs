@@ -14,7 +14,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
 };
-use pingora::services::Service;
+use pingora::services::listening::Service;
 use tokio::sync::oneshot;
 
 use crate::access_log::AccessLog;
@@ -22,6 +22,7 @@ use crate::cache::{CacheTier, TierSnapshot};
 use crate::config::{GatewayConfig, OriginKind};
 use crate::gateway::{Gateway, GatewayState};
 use crate::origin::file_server::file_server_service;
+use crate::tls::{Handshaker, ProxyListener};
 use crate::upstream::Upstream;
 
 /// A gateway built from a config, with its listening sockets bound, ready to run.
@@ -213,33 +214,43 @@ impl App {
             crate::reload::ReloadService(Arc::clone(&reloader)),
         ));
 
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        // One proxy serves both kinds of listener, so they share the origin connection pools.
+        let proxy = Arc::new(pingora::proxy::http_proxy(
             &server.configuration,
             Gateway::new(Arc::clone(&current)).with_monitor(Arc::clone(&monitor)),
-            "mirror-gateway proxy",
+        ));
+        let mut plain = Service::new(
+            "mirror-gateway proxy".into(),
+            ProxyListener::plain(Arc::clone(&proxy)),
         );
         let mut prebound = Vec::new();
         let mut listen = Vec::new();
         for addr in &config.server.listen {
             let (bound, fd) = binder.tcp(*addr)?;
-            proxy.add_tcp(&bound.to_string());
+            plain.add_tcp(&bound.to_string());
             prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
             listen.push(bound);
         }
-        for (bound, fd) in tls_bound {
-            let settings = crate::tls::listener_settings(tls.store(), &monitor);
-            let settings = settings.map_err(StartError::Tls)?;
-            proxy.add_tls_with_settings(&bound.to_string(), None, settings);
-            prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
+        server.add_service(Prebound::new(plain, prebound));
+        if !tls_bound.is_empty() {
+            let handshaker = Handshaker::new(tls.store(), &monitor).map_err(StartError::Tls)?;
+            let mut secure = Service::new(
+                "mirror-gateway TLS proxy".into(),
+                ProxyListener::tls(proxy, handshaker),
+            );
+            let mut prebound = Vec::new();
+            for (bound, fd) in tls_bound {
+                secure.add_tcp(&bound.to_string());
+                prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
+            }
+            server.add_service(Prebound::new(secure, prebound));
         }
-        server.add_service(Prebound::new(proxy, prebound));
 
         let mut admin_addr = None;
         if let Some(admin) = &config.admin {
             let app = crate::admin::AdminApp::new(Arc::clone(&current), Arc::clone(&admin.users))
                 .with_monitor(Arc::clone(&monitor));
-            let mut service =
-                pingora::services::listening::Service::new("mirror-gateway admin".into(), app);
+            let mut service = Service::new("mirror-gateway admin".into(), app);
             let (bound, fd) = binder.tcp(admin.listen)?;
             service.add_tcp(&bound.to_string());
             let prebound = fd.map(|fd| (bound.to_string(), fd)).into_iter().collect();
@@ -418,7 +429,7 @@ impl<S> Prebound<S> {
 }
 
 #[async_trait]
-impl<S: Service> Service for Prebound<S> {
+impl<S: pingora::services::Service> pingora::services::Service for Prebound<S> {
     async fn start_service(
         &mut self,
         fds: Option<ListenFds>,

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod origin;
 pub mod path;
+pub mod readiness;
 pub mod reload;
 mod respond;
 pub mod routing;

@@ -24,6 +24,7 @@ use pingora_prometheus::prometheus::{
 };
 
 use crate::cache::TierSnapshot;
+use crate::tls::HandshakeFailure;
 
 /// The `Content-Type` of the text exposition format that [`Metrics::render`] writes.
 pub const CONTENT_TYPE: &str = pingora_prometheus::prometheus::TEXT_FORMAT;
@@ -55,6 +56,7 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
     origin_errors: IntCounterVec,
     tls_handshakes: IntCounterVec,
+    tls_failures: IntCounterVec,
     reloads: IntCounterVec,
     last_reload_ok: IntGaugeVec,
     last_reload_time: IntGaugeVec,
@@ -150,6 +152,7 @@ impl Metrics {
             upstream_duration: add.histogram(UPSTREAM_DURATION),
             origin_errors: add.counter(ORIGIN_ERRORS, &["domain", "kind"]),
             tls_handshakes: add.counter(TLS_HANDSHAKES, &["domain", "result"]),
+            tls_failures: add.counter(TLS_FAILURES, &["domain", "reason"]),
             reloads: add.counter(RELOADS, &["result"]),
             last_reload_ok: add.register(IntGaugeVec::new(opts(LAST_RELOAD_OK), &[])),
             last_reload_time: add.register(IntGaugeVec::new(opts(LAST_RELOAD_TIME), &[])),
@@ -233,15 +236,23 @@ impl Metrics {
         }
     }
 
-    /// Counts a TLS handshake with a client, for the TLS listener to call.
+    /// Counts a TLS handshake with a client, for the TLS listener to call once per handshake:
+    /// `Ok` for one that completed (resumed ones included), `Err` with the reason for one that
+    /// failed.
     ///
-    /// `domain` must be a configured domain id, or `-` when the SNI name matched none. Never
-    /// pass the raw SNI name, because clients could then create series at will. Metric:
-    /// `mirror_gateway_tls_handshakes_total{domain,result="ok"|"error"}`.
-    pub fn tls_handshake(&self, domain: &str, ok: bool) {
+    /// `domain` must be a configured domain id, or `-` when no domain is known. Never pass the
+    /// raw SNI name, because clients could then create series at will. Metrics:
+    /// `mirror_gateway_tls_handshakes_total{domain,result="ok"|"error"}` and, for failures,
+    /// `mirror_gateway_tls_handshake_failures_total{domain,reason}`.
+    pub fn tls_handshake(&self, domain: &str, outcome: Result<(), HandshakeFailure>) {
         self.tls_handshakes
-            .with_label_values(&[domain, result_label(ok)])
+            .with_label_values(&[domain, result_label(outcome.is_ok())])
             .inc();
+        if let Err(reason) = outcome {
+            self.tls_failures
+                .with_label_values(&[domain, reason.label()])
+                .inc();
+        }
     }
 
     /// Counts a config reload, for the reload code to call once per attempt. Metrics:
@@ -372,6 +383,10 @@ const ORIGIN_ERRORS: Definition = (
 const TLS_HANDSHAKES: Definition = (
     "mirror_gateway_tls_handshakes_total",
     "TLS handshakes with clients, by domain and result.",
+);
+const TLS_FAILURES: Definition = (
+    "mirror_gateway_tls_handshake_failures_total",
+    "Failed TLS handshakes with clients, by domain and reason.",
 );
 const RELOADS: Definition = (
     "mirror_gateway_config_reloads_total",
@@ -708,12 +723,13 @@ mod tests {
     #[test]
     fn hooks_register_series() {
         let metrics = Metrics::new();
-        metrics.tls_handshake("primary", false);
+        metrics.tls_handshake("primary", Err(HandshakeFailure::ClientAlert));
         metrics.reload(true);
         metrics.sync_run("nightly", true, 42.5);
         let text = metrics.render(&ScrapeInputs::default()).expect("render");
         for line in [
             "mirror_gateway_tls_handshakes_total{domain=\"primary\",result=\"error\"} 1",
+            "mirror_gateway_tls_handshake_failures_total{domain=\"primary\",reason=\"client_alert\"} 1",
             "mirror_gateway_config_reloads_total{result=\"ok\"} 1",
             "mirror_gateway_config_last_reload_successful 1",
             "mirror_gateway_sync_runs_total{job=\"nightly\",result=\"ok\"} 1",
@@ -734,6 +750,7 @@ mod tests {
             UPSTREAM_DURATION,
             ORIGIN_ERRORS,
             TLS_HANDSHAKES,
+            TLS_FAILURES,
             RELOADS,
             LAST_RELOAD_OK,
             SYNC_RUNS,

@@ -19,15 +19,12 @@ use pingora::services::background::{background_service, BackgroundService, GenBa
 
 use crate::admin::json_string;
 use crate::cache::TierSnapshot;
-use crate::gateway::{DomainRuntime, GatewayState};
+use crate::gateway::GatewayState;
 use crate::metrics::{DomainSummary, Metrics, ScrapeInputs, STATUS_CLASSES};
-use crate::upstream::Upstream;
+use crate::readiness::{domains_readiness, DomainReadiness};
 
 /// The status page: one self-contained HTML file with inline CSS and JavaScript.
 pub const STATUS_PAGE: &str = include_str!("status_page.html");
-
-/// Maximum wait for a TCP connection when `/readyz` probes an HTTP origin.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The metrics and health of a gateway instance, shared by its proxy and admin services.
 #[derive(Default)]
@@ -79,6 +76,11 @@ impl Health {
     /// Records that the server started its services; the listening sockets were bound before.
     pub fn mark_started(&self) {
         self.started.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns whether the server started its services.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Records that a graceful shutdown began, so `/readyz` responds 503 `draining` from now on.
@@ -227,7 +229,7 @@ pub async fn public_endpoint(
             body: b"ok\n".to_vec(),
         });
     }
-    let reasons = readiness(state, &monitor.health).await;
+    let reasons = crate::readiness::readiness(state, &monitor.health).await;
     let status = match reasons.is_empty() {
         true => StatusCode::OK,
         false => StatusCode::SERVICE_UNAVAILABLE,
@@ -243,7 +245,7 @@ pub async fn public_endpoint(
 
 /// Serves `/metrics`, `/status` and `/status.json` for an authenticated admin. Returns `None`
 /// for any other path. `now` is the time `/status.json` reports.
-pub fn admin_endpoint(
+pub async fn admin_endpoint(
     state: &GatewayState,
     monitor: &Monitor,
     method: &Method,
@@ -274,50 +276,21 @@ pub fn admin_endpoint(
             content_type: "text/html; charset=utf-8",
             body: STATUS_PAGE.as_bytes().to_vec(),
         },
-        _ => Reply::json(StatusCode::OK, status_json(state, monitor, now)),
+        _ => {
+            let readiness = domains_readiness(state).await;
+            Reply::json(StatusCode::OK, status_json(state, monitor, &readiness, now))
+        }
     })
 }
 
-/// Returns why the gateway is not ready, or nothing when it is: shutdown began, the services
-/// have not started, the sync lag is over its limit, or a domain has an unreachable origin and
-/// an empty cache.
-///
-/// HTTP origins are probed with a TCP connection to each address. One is reachable when a
-/// connection opens within its connect timeout (at most 2 s). Export-tree origins are
-/// reachable when they have an export to serve. The cache tiers do not count entries per domain, so "an empty
-/// cache" means no tier holds any entry.
-pub async fn readiness(state: &GatewayState, health: &Health) -> Vec<String> {
-    if health.is_draining() {
-        return vec!["draining: the gateway is shutting down".into()];
-    }
-    let mut reasons = Vec::new();
-    if !health.started.load(Ordering::Relaxed) {
-        reasons.push("the listeners have not started yet".into());
-    }
-    if let Some(SyncFreshness {
-        lag: Some(lag),
-        max_lag,
-    }) = health.sync_freshness()
-    {
-        if lag > max_lag {
-            reasons.push(format!(
-                "the synced data is {} s old, over the {} s limit",
-                lag.as_secs(),
-                max_lag.as_secs()
-            ));
-        }
-    }
-    // With entries in the cache the origins do not decide readiness, so they are not probed.
-    if cache_entries(state) == 0 {
-        for problem in unreachable_origins(&state.domains).await {
-            reasons.push(format!("{problem}, and the cache is empty"));
-        }
-    }
-    reasons
-}
-
-/// Builds the `/status.json` document (fields in docs/configuration.md).
-pub fn status_json(state: &GatewayState, monitor: &Monitor, now: SystemTime) -> String {
+/// Builds the `/status.json` document (fields in docs/configuration.md) with the domains'
+/// readiness verdicts.
+pub fn status_json(
+    state: &GatewayState,
+    monitor: &Monitor,
+    readiness: &[DomainReadiness],
+    now: SystemTime,
+) -> String {
     let rejections = state.rejections.lock().clone();
     let quota_rejections = mirror_plugins::quota::rejection_counts();
     let freshness = monitor.health.sync_freshness();
@@ -338,7 +311,8 @@ pub fn status_json(state: &GatewayState, monitor: &Monitor, now: SystemTime) -> 
                 rejections: &rejections,
                 usage: &usage,
             };
-            domain_json(id, &summary, &plugins, quota, freshness)
+            let verdict = readiness.iter().find(|r| r.id == id);
+            domain_json(id, &summary, &plugins, quota, freshness, verdict)
         })
         .collect();
     let disk = state
@@ -373,73 +347,6 @@ fn scrape_inputs(state: &GatewayState) -> ScrapeInputs {
         tiers,
         quota,
     }
-}
-
-fn cache_entries(state: &GatewayState) -> u64 {
-    let disk = state.cache.disk_stats().map_or(0, |d| d.entries);
-    state.cache.memory_stats().entries + disk
-}
-
-/// Returns one line for each origin of `domains` that cannot be reached now, in config order.
-/// The origins are probed at the same time, so the wait is that of the slowest probe.
-async fn unreachable_origins(domains: &[DomainRuntime]) -> Vec<String> {
-    let mut probes = tokio::task::JoinSet::new();
-    let origins = domains.iter().flat_map(|domain| {
-        let pairs = domain.config.origins.iter().zip(&domain.upstreams);
-        pairs.map(move |(origin, upstream)| (&domain.config.id, &origin.name, upstream))
-    });
-    for (index, (domain, name, upstream)) in origins.enumerate() {
-        let subject = format!("domain {domain}: origin {name}");
-        match upstream {
-            Upstream::Http {
-                addresses,
-                settings,
-                ..
-            } => {
-                let (addresses, limit) = (addresses.clone(), settings.connect_timeout);
-                probes.spawn(async move {
-                    let result = probe_tcp(&addresses, limit.min(PROBE_TIMEOUT)).await;
-                    let problem = result
-                        .err()
-                        .map(|e| format!("{subject} is unreachable ({e})"));
-                    (index, problem)
-                });
-            }
-            Upstream::ExportTree { tree, .. } => {
-                let problem = tree.active_export().err();
-                let problem = problem.map(|e| format!("{subject} has no export to serve ({e})"));
-                probes.spawn(async move { (index, problem) });
-            }
-        }
-    }
-    let mut problems = Vec::new();
-    while let Some(joined) = probes.join_next().await {
-        match joined {
-            Ok((index, Some(problem))) => problems.push((index, problem)),
-            Ok((_, None)) => {}
-            Err(e) => problems.push((usize::MAX, format!("an origin probe failed: {e}"))),
-        }
-    }
-    problems.sort();
-    problems.into_iter().map(|(_, problem)| problem).collect()
-}
-
-/// Connects to each address in turn until one accepts within `limit`; returns the last error.
-async fn probe_tcp(addresses: &[std::net::SocketAddr], limit: Duration) -> Result<(), String> {
-    let mut last = String::from("no address");
-    for address in addresses {
-        match tokio::time::timeout(limit, tokio::net::TcpStream::connect(address)).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => last = format!("{address}: {e}"),
-            Err(_) => {
-                last = format!(
-                    "{address}: connect timed out after {} ms",
-                    limit.as_millis()
-                )
-            }
-        }
-    }
-    Err(last)
 }
 
 /// The `quota` plugin's parts of a domain's `/status.json` object, each entry already JSON.
@@ -489,6 +396,7 @@ fn domain_json(
     plugins: &[String],
     quota: QuotaJson<'_>,
     freshness: Option<SyncFreshness>,
+    readiness: Option<&DomainReadiness>,
 ) -> String {
     let classes: Vec<String> = STATUS_CLASSES
         .iter()
@@ -515,8 +423,9 @@ fn domain_json(
             f.max_lag.as_secs_f64()
         ),
     };
+    let readiness = readiness.map_or("null".into(), readiness_json);
     format!(
-        "{{\"id\":{},\"requests\":{},\"status\":{{{}}},\"cache_hits\":{},\"cache_lookups\":{},\"body_bytes\":{},\"rejections\":{{{}}},\"quota_rejections\":[{}],\"quota\":[{}],\"origin\":{{\"errors\":{},\"last_error\":{last_error}}},\"sync\":{sync}}}",
+        "{{\"id\":{},\"requests\":{},\"status\":{{{}}},\"cache_hits\":{},\"cache_lookups\":{},\"body_bytes\":{},\"rejections\":{{{}}},\"quota_rejections\":[{}],\"quota\":[{}],\"origin\":{{\"errors\":{},\"last_error\":{last_error}}},\"sync\":{sync},\"readiness\":{readiness}}}",
         json_string(id),
         summary.requests,
         classes.join(","),
@@ -527,6 +436,21 @@ fn domain_json(
         quota.rejections.join(","),
         quota.usage.join(","),
         summary.origin_errors,
+    )
+}
+
+fn readiness_json(verdict: &DomainReadiness) -> String {
+    let problems: Vec<String> = verdict
+        .origin_problems
+        .iter()
+        .map(|p| json_string(p))
+        .collect();
+    format!(
+        "{{\"servable\":{},\"cache_entries\":{},\"origins_probed\":{},\"problems\":[{}]}}",
+        verdict.servable(),
+        verdict.cache_entries,
+        verdict.origins_probed,
+        problems.join(",")
     )
 }
 
@@ -607,26 +531,6 @@ mod tests {
         assert!(monitor.health.draining_for().is_some());
     }
 
-    #[tokio::test]
-    async fn probe_refused_port() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        let result = probe_tcp(&[addr], Duration::from_secs(1)).await;
-        assert!(result.is_err(), "{result:?}");
-    }
-
-    #[tokio::test]
-    async fn probe_open_port() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        assert_eq!(probe_tcp(&[addr], Duration::from_secs(1)).await, Ok(()));
-    }
-
     #[test]
     fn quota_usage_json_fields() {
         let usage = mirror_plugins::quota::ClassUsage {
@@ -645,7 +549,7 @@ mod tests {
             rejections: &[],
             usage: &[],
         };
-        let json = domain_json("primary", &DomainSummary::default(), &[], quota, None);
+        let json = domain_json("primary", &DomainSummary::default(), &[], quota, None, None);
         assert!(json.contains("\"sync\":{\"configured\":false}"), "{json}");
         assert!(json.contains("\"status\":{\"1xx\":0,\"2xx\":0"), "{json}");
     }

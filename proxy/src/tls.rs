@@ -11,36 +11,31 @@
 //! reuses for a second host name cannot reach another domain. Certificates live in a
 //! [`TlsStore`], which [`TlsStore::reload`] swaps without a restart.
 //!
-//! Handshakes are counted in `mirror_gateway_tls_handshakes_total`: `ok` when one completes
-//! (resumed ones included), `error` when the certificate callback has no certificate to give.
-//! Failures inside OpenSSL before that callback (a rejected protocol version or cipher, a
-//! malformed hello) or after it (the client rejects the certificate, the connection drops)
-//! never reach the gateway's code, so they are not counted.
+//! The gateway runs each handshake itself ([`Handshaker`]) and counts every outcome in
+//! `mirror_gateway_tls_handshakes_total`, and each failure with its [`HandshakeFailure`] reason
+//! in `mirror_gateway_tls_handshake_failures_total`.
 
+mod accept;
 mod certs;
+mod failure;
 #[cfg(test)]
 mod test_certs;
 
-use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use http::{HeaderValue, StatusCode};
 use mirror_plugins::LocalResponse;
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::TlsAccept;
-use pingora::protocols::tls::TlsRef;
 use pingora::proxy::Session;
-use pingora::tls::ssl::{NameType, SslVersion};
 
 use crate::config::GatewayConfig;
 use crate::host::{HostError, HostMatcher};
 use crate::respond::error_response;
-use crate::status::Monitor;
 
+pub use accept::{Handshaker, ProxyListener, HANDSHAKE_TIMEOUT};
 pub use certs::{CertFile, CertFiles, CertProblem, DomainCert, LoadedCert};
+pub use failure::HandshakeFailure;
 
 /// The certificates in use, swappable while the gateway runs.
 pub struct TlsStore {
@@ -107,35 +102,6 @@ impl TlsStore {
     pub fn current(&self) -> Arc<CertStore> {
         self.current.load_full()
     }
-}
-
-/// Builds the settings of one TLS listener that takes its certificates from `store` and counts
-/// its handshakes in `monitor`'s metrics.
-///
-/// The base is `TlsSettings::with_callbacks`, OpenSSL's Mozilla intermediate profile (version
-/// 5): ECDHE (and DHE) key exchange with AES-GCM or ChaCha20-Poly1305 for TLS 1.2, the three
-/// standard TLS 1.3 suites. On top: TLS 1.2 as the lowest version, ALPN preferring `h2` over
-/// `http/1.1`, and OCSP stapling for certificates that have a response.
-///
-/// # Errors
-///
-/// OpenSSL's message when it cannot create the context.
-pub fn listener_settings(
-    store: &Arc<TlsStore>,
-    monitor: &Arc<Monitor>,
-) -> Result<TlsSettings, String> {
-    let callbacks = SniCallbacks {
-        store: Arc::clone(store),
-        monitor: Arc::clone(monitor),
-    };
-    let mut tls = TlsSettings::with_callbacks(Box::new(callbacks)).map_err(|e| e.to_string())?;
-    tls.set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(|e| format!("cannot set the lowest TLS version: {e}"))?;
-    // The certificate callback sets the response, and this callback makes OpenSSL send it.
-    tls.set_status_callback(|ssl| Ok(ssl.ocsp_status().is_some()))
-        .map_err(|e| format!("cannot turn on OCSP stapling: {e}"))?;
-    tls.enable_h2();
-    Ok(tls)
 }
 
 impl CertStore {
@@ -268,59 +234,6 @@ impl TlsState {
                 "the request's host and path do not form a valid HTTPS URL",
             )),
         }
-    }
-}
-
-/// Chooses each handshake's certificate from the store, records the connection's domain and
-/// counts the handshake.
-struct SniCallbacks {
-    store: Arc<TlsStore>,
-    monitor: Arc<Monitor>,
-}
-
-#[async_trait]
-impl TlsAccept for SniCallbacks {
-    async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let store = self.store.current();
-        let name = ssl.servername(NameType::HOST_NAME).map(str::to_owned);
-        match store.select(name.as_deref()) {
-            Some((domain, cert)) => {
-                if let Err(e) = cert.install(ssl) {
-                    tracing::warn!(
-                        %domain,
-                        error = %e,
-                        "cannot use the domain's certificate; the handshake fails"
-                    );
-                    self.monitor.metrics.tls_handshake(domain, false);
-                }
-            }
-            None => {
-                tracing::debug!(
-                    server_name = ?name,
-                    "TLS handshake rejected: no domain certificate for this server name, no default"
-                );
-                // The label is a configured id, never the client's name, to bound the series.
-                let domain = store.domain_of(name.as_deref()).map_or("-", |id| &**id);
-                self.monitor.metrics.tls_handshake(domain, false);
-            }
-        }
-    }
-
-    /// Runs after every handshake, resumed ones too, which skip the certificate callback.
-    async fn handshake_complete_callback(
-        &self,
-        ssl: &TlsRef,
-    ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let name = ssl.servername(NameType::HOST_NAME);
-        let store = self.store.current();
-        let domain = store.select(name).map(|(id, _)| Arc::clone(id));
-        // NOTE: a reload between the two callbacks can leave `domain` empty; it counts as `-`.
-        let label = domain.as_deref().unwrap_or("-");
-        self.monitor.metrics.tls_handshake(label, true);
-        Some(Arc::new(TlsConnection {
-            server_name: name.map(str::to_owned),
-            domain,
-        }))
     }
 }
 

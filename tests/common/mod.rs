@@ -430,3 +430,33 @@ pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
     wait_for_port(addr);
     (child, addr)
 }
+
+/// GETs `/readyz` without credentials, again while the server is still starting its services
+/// (the sockets accept before that), for at most 5 seconds.
+pub async fn readyz(admin: SocketAddr) -> (u16, String) {
+    for _ in 0..250 {
+        let resp = client()
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = resp.status().as_u16();
+        let body = resp.text().await.expect("body");
+        if !body.contains("have not started") {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway did not start its services within 5 s");
+}
+
+/// Waits up to 5 s until `addr` refuses connections, after its origin was dropped.
+pub async fn wait_until_closed(addr: SocketAddr) {
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{addr} still accepts connections 5 s after its origin was dropped");
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora::cache::storage::streaming_write::U64WriteId;
 use pingora::cache::storage::{
@@ -28,6 +28,8 @@ use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::{Error, ErrorType, Result};
 use tokio::sync::watch;
+
+use super::by_domain::EntriesByDomain;
 
 /// Largest chunk a hit hands to the downstream writer at once.
 const READ_CHUNK: usize = 256 * 1024;
@@ -111,6 +113,7 @@ pub struct MemoryStorage {
     /// Largest body a fill may stream; larger fills fail.
     max_stream_bytes: usize,
     stats: TierStats,
+    by_domain: Mutex<EntriesByDomain>,
 }
 
 impl MemoryStorage {
@@ -127,6 +130,7 @@ impl MemoryStorage {
             max_object_bytes,
             max_stream_bytes: max_stream_bytes.max(max_object_bytes),
             stats: TierStats::default(),
+            by_domain: Mutex::default(),
         }
     }
 
@@ -135,10 +139,16 @@ impl MemoryStorage {
         &self.stats
     }
 
+    /// Returns the number of complete entries of `domain` (the key's user tag).
+    pub fn domain_entries(&self, domain: &str) -> u64 {
+        self.by_domain.lock().get(domain)
+    }
+
     fn remove(&self, key: &HashBinary) -> bool {
         self.lru.remove(lru_key(key));
         let removed = self.entries.write().remove(key);
         if let Some(entry) = &removed {
+            self.by_domain.lock().remove(&entry.compact.user_tag);
             self.stats.entries.fetch_sub(1, Ordering::Relaxed);
             self.stats
                 .bytes
@@ -154,9 +164,11 @@ impl MemoryStorage {
         if entry.body.len() > self.max_object_bytes {
             return;
         }
+        self.by_domain.lock().add(&entry.compact.user_tag);
         let replaced = self.entries.write().insert(key, entry);
         match replaced {
             Some(old) => {
+                self.by_domain.lock().remove(&old.compact.user_tag);
                 self.stats
                     .bytes
                     .fetch_sub(old.body.len() as u64, Ordering::Relaxed);
@@ -169,6 +181,7 @@ impl MemoryStorage {
         self.lru.admit(lru_key(&key), key, size as usize);
         for (evicted, _) in self.lru.evict_to_limit() {
             if let Some(old) = self.entries.write().remove(&evicted) {
+                self.by_domain.lock().remove(&old.compact.user_tag);
                 self.stats.entries.fetch_sub(1, Ordering::Relaxed);
                 self.stats
                     .bytes
@@ -218,6 +231,12 @@ impl MemoryStorage {
             }
             keep
         });
+        // Not under the `entries` lock, which eviction takes before this one.
+        let mut by_domain = self.by_domain.lock();
+        for key in &removed {
+            by_domain.remove(&key.user_tag);
+        }
+        drop(by_domain);
         // The LRU list must forget them too, or their bytes keep counting against the budget.
         for key in &removed_keys {
             self.lru.remove(lru_key(key));
@@ -625,6 +644,34 @@ mod tests {
             .await
             .expect("write");
         miss.finish().await.expect("finish");
+    }
+
+    #[tokio::test]
+    async fn memory_counts_entries_by_domain() {
+        let storage = storage();
+        fill(storage, &CacheKey::new("a/1", "a"), b"one").await;
+        fill(storage, &CacheKey::new("a/1", "a"), b"one again").await;
+        fill(storage, &CacheKey::new("a/2", "a"), b"two").await;
+        fill(storage, &CacheKey::new("b/1", "b"), b"three").await;
+        assert_eq!(storage.domain_entries("a"), 2);
+        assert_eq!(storage.domain_entries("b"), 1);
+
+        let purged = storage.purge_matching(|domain, _| domain == "a");
+        assert_eq!(purged.len(), 2);
+        assert_eq!(storage.domain_entries("a"), 0);
+        assert_eq!(storage.domain_entries("b"), 1);
+    }
+
+    #[tokio::test]
+    async fn memory_eviction_updates_domain_count() {
+        // A budget of 8 bytes keeps one of two 5-byte bodies.
+        let storage: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(8, 1024, 1024)));
+        fill(storage, &CacheKey::new("a/1", "a"), b"first").await;
+        fill(storage, &CacheKey::new("b/1", "b"), b"other").await;
+        let total = storage.domain_entries("a") + storage.domain_entries("b");
+        assert_eq!(total, storage.stats().snapshot().entries);
+        assert_eq!(total, 1);
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! Cache wiring: the memory and disk tiers, cache keys, cacheability and `X-Cache-Status`.
 
+mod by_domain;
 pub mod disk;
 pub mod memory;
 mod policy;
@@ -120,6 +121,13 @@ impl CacheTier {
     /// Returns the disk tier's counters, when there is a disk tier.
     pub fn disk_stats(&self) -> Option<DiskSnapshot> {
         self.disk.map(DiskStorage::stats)
+    }
+
+    /// Returns the number of entries of `domain` (a domain id) in the memory tier plus those
+    /// in the disk tier. A response held in both tiers counts twice.
+    pub fn domain_entries(&self, domain: &str) -> u64 {
+        let disk = self.disk.map_or(0, |disk| disk.domain_entries(domain));
+        self.memory.domain_entries(domain) + disk
     }
 
     /// Removes the stored responses in `scope` from every tier and returns how many responses

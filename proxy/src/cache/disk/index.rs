@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pingora::cache::key::HashBinary;
 
 use super::format::EntryKey;
+use crate::cache::by_domain::EntriesByDomain;
 
 /// Index record of one published entry file.
 #[derive(Debug, Clone)]
@@ -47,6 +48,7 @@ pub struct Index {
     order: BTreeMap<u64, HashBinary>,
     next_tick: u64,
     bytes: u64,
+    by_domain: EntriesByDomain,
 }
 
 impl Index {
@@ -60,6 +62,11 @@ impl Index {
         self.bytes
     }
 
+    /// Returns the number of entries of `domain` (the key's user tag).
+    pub fn domain_len(&self, domain: &str) -> u64 {
+        self.by_domain.get(domain)
+    }
+
     /// Returns an entry without changing its recency.
     pub fn get(&self, name: &HashBinary) -> Option<&Slot> {
         self.map.get(name)
@@ -71,6 +78,7 @@ impl Index {
         slot.tick = self.bump();
         self.order.insert(slot.tick, name);
         self.bytes += slot.size;
+        self.by_domain.add(&slot.key.user_tag);
         self.map.insert(name, slot);
         old
     }
@@ -90,6 +98,7 @@ impl Index {
         let slot = self.map.remove(name)?;
         self.order.remove(&slot.tick);
         self.bytes -= slot.size;
+        self.by_domain.remove(&slot.key.user_tag);
         Some(slot)
     }
 
@@ -204,6 +213,18 @@ mod tests {
             .map(|v| v.0)
             .collect();
         assert_eq!(victims, vec![name(2)]);
+    }
+
+    #[test]
+    fn index_counts_entries_by_domain() {
+        let mut index = Index::default();
+        index.insert(name(1), slot(10));
+        index.insert(name(1), slot(10));
+        index.insert(name(2), slot(10));
+        assert_eq!(index.domain_len("t"), 2);
+        index.evict_over(10, None);
+        assert_eq!(index.domain_len("t"), 1);
+        assert_eq!(index.domain_len("other"), 0);
     }
 
     #[test]

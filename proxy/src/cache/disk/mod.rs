@@ -259,6 +259,11 @@ impl DiskStorage {
         self.scan
     }
 
+    /// Returns the number of published entries of `domain` (the key's user tag).
+    pub fn domain_entries(&self, domain: &str) -> u64 {
+        self.index.lock().domain_len(domain)
+    }
+
     /// Returns the tier's counters.
     pub fn stats(&self) -> DiskSnapshot {
         let (entries, bytes) = {
