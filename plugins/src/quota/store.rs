@@ -5,12 +5,12 @@
 //! as 0 and is replaced on the next count; entries of older hours are pruned when a shard first
 //! sees a newer hour. A clock that steps back keeps counting against the newest hour it saw.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
+use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 use tracing::warn;
 
@@ -235,7 +235,7 @@ pub struct ClassCounts {
 
 #[derive(Debug, Default)]
 struct Shard {
-    entries: HashMap<String, Slot>,
+    entries: HashMap<String, Slot, RandomState>,
     /// The newest hour this shard has seen; older entries are gone.
     hour: u64,
 }
@@ -278,7 +278,7 @@ impl ClassCounts {
         Self {
             domain_id: domain.to_owned(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             domain: Mutex::new(Slot::default()),
             changes: AtomicU64::new(0),
             rejected: Default::default(),

@@ -10,7 +10,6 @@
 //! domain (a config reload) keeps every count. Both maps are split into shards, each behind its
 //! own mutex, so concurrent requests from different clients rarely wait for each other.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -18,6 +17,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
 use crate::limits::BudgetState;
@@ -58,7 +58,7 @@ pub struct ClientTable {
     epoch: Instant,
     hasher: RandomState,
     buckets: [Mutex<BucketShard>; SHARDS],
-    in_flight: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+    in_flight: [Mutex<HashMap<IpAddr, u32, RandomState>>; SHARDS],
 }
 
 /// A held place among a client IP's concurrent requests; the last clone to drop gives it back.
@@ -84,9 +84,9 @@ impl ClientTable {
     pub fn new() -> Self {
         Self {
             epoch: Instant::now(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             buckets: std::array::from_fn(|_| Mutex::new(BucketShard::default())),
-            in_flight: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            in_flight: std::array::from_fn(|_| Mutex::new(HashMap::default())),
         }
     }
 
@@ -222,7 +222,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Buckets of one shard: each principal's TAT as an offset from the table's epoch.
 #[derive(Default)]
 struct BucketShard {
-    tats: HashMap<Principal, Duration>,
+    tats: HashMap<Principal, Duration, RandomState>,
     next_prune: Duration,
 }
 

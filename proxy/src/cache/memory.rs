@@ -30,6 +30,7 @@ use pingora::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
 use super::by_domain::EntriesByDomain;
+use super::raw_header;
 
 /// Largest chunk a hit hands to the downstream writer at once.
 const READ_CHUNK: usize = 256 * 1024;
@@ -194,7 +195,7 @@ impl MemoryStorage {
     /// Publishes a complete object read from another tier, when it fits this one.
     pub fn promote(&self, key: &CacheKey, meta: (Vec<u8>, Vec<u8>), body: Bytes) {
         let entry = Entry {
-            meta,
+            meta: raw_header::store_raw(meta),
             body,
             compact: key.to_compact(),
             primary: key.primary_key().to_vec(),
@@ -352,7 +353,7 @@ impl Storage for MemoryStorage {
         let id = self.next_write_id.fetch_add(1, Ordering::Relaxed);
         let fill = Arc::new(InFlight {
             id,
-            meta: meta.serialize()?,
+            meta: raw_header::store_raw(meta.serialize()?),
             compact: key.to_compact(),
             primary: key.primary_key().to_vec(),
             chunks: RwLock::new(Vec::new()),
@@ -393,7 +394,7 @@ impl Storage for MemoryStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<bool> {
-        let serialized = meta.serialize()?;
+        let serialized = raw_header::store_raw(meta.serialize()?);
         let mut entries = self.entries.write();
         match entries.get_mut(&key.combined_bin()) {
             Some(entry) => {

@@ -4,6 +4,7 @@ mod by_domain;
 pub mod disk;
 pub mod memory;
 mod policy;
+mod raw_header;
 mod status;
 pub mod tiered;
 
