@@ -1,4 +1,4 @@
-//! The source export's time: when the export a snapshot holds was made at the source.
+//! The source export's time: when the source made the export that a snapshot contains.
 //!
 //! Stella Ops exports carry their own time: every index and manifest document has a top-level
 //! `generatedAt` (RFC 3339, e.g. `2026-12-02T00:00:00Z`). When a snapshot has such documents,
