@@ -66,6 +66,16 @@ pub fn service(
     config: Option<SyncConfig>,
     monitor: Arc<Monitor>,
 ) -> (Arc<SyncControl>, GenBackgroundService<SyncScheduler>) {
+    let (control, scheduler) = scheduler(config, monitor, Arc::new(SourceRunner));
+    (control, background_service("sync scheduler", scheduler))
+}
+
+/// Builds the control handle and the scheduler that runs jobs with `runner`.
+fn scheduler(
+    config: Option<SyncConfig>,
+    monitor: Arc<Monitor>,
+    runner: Arc<dyn JobRunner>,
+) -> (Arc<SyncControl>, SyncScheduler) {
     let (sender, receiver) = watch::channel(None);
     let freshness = Arc::new(Freshness::default());
     let control = Arc::new(SyncControl {
@@ -78,8 +88,26 @@ pub fn service(
         configs: receiver,
         freshness,
         monitor,
+        runner,
     };
-    (control, background_service("sync scheduler", scheduler))
+    (control, scheduler)
+}
+
+/// Runs one job once. The gateway's runner, [`SourceRunner`], builds the job's source and
+/// calls `mirror_sync::run_job`; tests put a stalling runner in its place.
+#[async_trait]
+trait JobRunner: Send + Sync {
+    async fn run(&self, job: &JobSettings, options: &RunOptions) -> Result<JobReport, String>;
+}
+
+/// Runs jobs from their configured source.
+struct SourceRunner;
+
+#[async_trait]
+impl JobRunner for SourceRunner {
+    async fn run(&self, job: &JobSettings, options: &RunOptions) -> Result<JobReport, String> {
+        run_configured(job, options).await
+    }
 }
 
 /// The handle through which a reload changes the sync jobs and schedule.
@@ -122,13 +150,14 @@ pub struct SyncScheduler {
     configs: watch::Receiver<Option<Arc<SyncConfig>>>,
     freshness: Arc<Freshness>,
     monitor: Arc<Monitor>,
+    runner: Arc<dyn JobRunner>,
 }
 
 impl SyncScheduler {
     /// Runs `job` once, records its outcome and logs it.
     async fn run(&self, job: &JobSettings) {
         let started = SystemTime::now();
-        let result = run_configured(job, &RunOptions::new(started)).await;
+        let result = self.runner.run(job, &RunOptions::new(started)).await;
         let export_time = match &result {
             Ok(report) => report.export_time.map(|time| time.system_time()),
             Err(_) => None,
@@ -249,3 +278,6 @@ async fn run_configured(job: &JobSettings, options: &RunOptions) -> Result<JobRe
     }
     .map_err(|e: SyncError| e.to_string())
 }
+
+#[cfg(test)]
+mod tests;
