@@ -66,6 +66,18 @@ impl Fixture {
         panic!("{path} did not respond 200 {body:?} within 10 s; last response: {last:?}");
     }
 
+    /// Returns the status and body of GET `/readyz` on the admin listener, without
+    /// credentials.
+    async fn readyz(&self) -> (u16, String) {
+        let resp = client()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("readyz");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
+    }
+
     /// Returns the status and body of GET `path` on the admin listener, with credentials.
     async fn admin_get(&self, path: &str) -> (u16, String) {
         let resp = client()
@@ -141,14 +153,7 @@ async fn sync_service_picks_up_change() {
 async fn sync_service_ready_while_fresh() {
     let fixture = Fixture::start("one\n", "max_lag_secs = 60");
     fixture.wait_for_body(FILE, "one\n").await;
-    let client = client();
-    let resp = client
-        .get(format!("http://{}/readyz", fixture.admin))
-        .send()
-        .await
-        .expect("readyz");
-    let status = resp.status().as_u16();
-    let body = resp.text().await.expect("body");
+    let (status, body) = fixture.readyz().await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -176,18 +181,13 @@ async fn sync_service_counts_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sync_service_not_ready_when_stale() {
     let fixture = Fixture::start("one\n", "max_lag_secs = 1");
-    // Every run fails from now on; the lag counts from the last success.
+    // Every run fails from now on, so the served export's time stays and the lag grows.
     fixture.wait_for_body(FILE, "one\n").await;
     std::fs::remove_dir_all(&fixture.source).expect("remove the source");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = (0, String::new());
     while Instant::now() < deadline {
-        let resp = client()
-            .get(format!("http://{}/readyz", fixture.admin))
-            .send()
-            .await
-            .expect("readyz");
-        last = (resp.status().as_u16(), resp.text().await.expect("body"));
+        last = fixture.readyz().await;
         if last.0 == 503 {
             break;
         }
@@ -267,12 +267,19 @@ fn schedule(interval: u64) -> String {
 /// 2026-01-01T00:00:00Z, the `generatedAt` of the stale export below.
 const OLD_EXPORT_UNIX: u64 = 1_767_225_600;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sync_lag_counts_from_export_time() {
+/// Starts a gateway with `max_lag_secs = 900` whose source export was generated at
+/// [`OLD_EXPORT_UNIX`], and waits until it serves that export's index.
+async fn serve_old_export() -> Fixture {
     let fixture = Fixture::start("one\n", "max_lag_secs = 900");
     let index = r#"{"kind": "concelier.mirror-index", "generatedAt": "2026-01-01T00:00:00Z"}"#;
     std::fs::write(fixture.source.join("mirror/index.json"), index).expect("write");
     fixture.wait_for_body("/concelier/index.json", index).await;
+    fixture
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_lag_counts_from_export_time() {
+    let fixture = serve_old_export().await;
     let series = "mirror_gateway_sync_source_export_timestamp_seconds{job=\"concelier\"}";
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut exported = None;
@@ -298,18 +305,9 @@ async fn sync_lag_counts_from_export_time() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sync_old_export_not_ready() {
-    let fixture = Fixture::start("one\n", "max_lag_secs = 900");
-    let index = r#"{"kind": "concelier.mirror-index", "generatedAt": "2026-01-01T00:00:00Z"}"#;
-    std::fs::write(fixture.source.join("mirror/index.json"), index).expect("write");
-    fixture.wait_for_body("/concelier/index.json", index).await;
+    let fixture = serve_old_export().await;
     // The runs succeed, but the export itself is old: the gateway is not ready.
-    let resp = client()
-        .get(format!("http://{}/readyz", fixture.admin))
-        .send()
-        .await
-        .expect("readyz");
-    let status = resp.status().as_u16();
-    let body = resp.text().await.expect("body");
+    let (status, body) = fixture.readyz().await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("over the 900 s limit"), "{body}");
 }

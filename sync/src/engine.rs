@@ -69,6 +69,27 @@ pub struct JobReport {
     pub duration: Duration,
 }
 
+impl JobReport {
+    /// Returns the report of a run of `job` that listed `listed` objects and published
+    /// nothing, leaving `export_id` as `latest`.
+    pub fn unpublished(job: &str, export_id: &str, listed: usize) -> Self {
+        Self {
+            job: job.to_string(),
+            export_id: export_id.to_string(),
+            published: false,
+            listed,
+            downloaded: 0,
+            linked: 0,
+            deleted: 0,
+            bytes: 0,
+            verified: Verified::default(),
+            export_time: None,
+            pruned: Vec::new(),
+            duration: Duration::ZERO,
+        }
+    }
+}
+
 /// Runs `job` once from `source`.
 ///
 /// On any error nothing is published and nothing is deleted: `latest` and the snapshot it
@@ -143,20 +164,7 @@ async fn stage(
     let newest_modified = export_time::newest_modified(&listing);
     let previous = previous_files(root, current).await?;
     let plan = plan(listing, previous.as_ref());
-    let mut report = JobReport {
-        job: job.name.clone(),
-        export_id: current.unwrap_or_default().to_string(),
-        published: false,
-        listed,
-        downloaded: 0,
-        linked: 0,
-        deleted: 0,
-        bytes: 0,
-        verified: Verified::default(),
-        export_time: None,
-        pruned: Vec::new(),
-        duration: Duration::ZERO,
-    };
+    let mut report = JobReport::unpublished(&job.name, current.unwrap_or_default(), listed);
     if let Some(Previous::Manifest(m)) = &previous {
         if plan.download.is_empty() && plan.removed == 0 {
             // The published snapshot matches the source, so its export time still holds; a

@@ -73,8 +73,16 @@ async fn export_time_from_newest_mtime() {
     assert_eq!(time.basis, TimeBasis::NewestModified);
 }
 
-#[tokio::test]
-async fn export_time_kept_without_change() {
+/// A synced export: the source and destination directories, the job and its source, after
+/// a first run of an export generated at 2026-12-02T00:00:00Z.
+struct Synced {
+    src: tempfile::TempDir,
+    _dest: tempfile::TempDir,
+    job: mirror_sync::JobSettings,
+    source: DirSource,
+}
+
+async fn first_run() -> Synced {
     let (src, dest) = (
         tempfile::tempdir().expect("src"),
         tempfile::tempdir().expect("dest"),
@@ -83,7 +91,20 @@ async fn export_time_kept_without_change() {
     let job = dir_job(src.path(), dest.path());
     let source = DirSource::new(src.path());
     run_job(&job, &source, &at(0)).await.expect("first run");
-    let report = run_job(&job, &source, &at(60)).await.expect("second run");
+    Synced {
+        src,
+        _dest: dest,
+        job,
+        source,
+    }
+}
+
+#[tokio::test]
+async fn export_time_kept_without_change() {
+    let synced = first_run().await;
+    let report = run_job(&synced.job, &synced.source, &at(60))
+        .await
+        .expect("second run");
     assert!(!report.published);
     let time = report.export_time.expect("an export time");
     assert_eq!(time.unix, GENERATED);
@@ -92,16 +113,11 @@ async fn export_time_kept_without_change() {
 
 #[tokio::test]
 async fn export_time_follows_new_export() {
-    let (src, dest) = (
-        tempfile::tempdir().expect("src"),
-        tempfile::tempdir().expect("dest"),
-    );
-    export_tree(src.path(), "2026-12-02T00:00:00Z");
-    let job = dir_job(src.path(), dest.path());
-    let source = DirSource::new(src.path());
-    run_job(&job, &source, &at(0)).await.expect("first run");
-    export_tree(src.path(), "2026-12-02T00:05:00Z");
-    let report = run_job(&job, &source, &at(60)).await.expect("second run");
+    let synced = first_run().await;
+    export_tree(synced.src.path(), "2026-12-02T00:05:00Z");
+    let report = run_job(&synced.job, &synced.source, &at(60))
+        .await
+        .expect("second run");
     assert!(report.published);
     let time = report.export_time.expect("an export time");
     assert_eq!(time.unix, GENERATED + 300);

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use mirror_sync::verify::Verified;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
@@ -32,20 +31,7 @@ impl JobRunner for StallingRunner {
         permit.forget();
         self.active.fetch_sub(1, Ordering::SeqCst);
         self.finished.fetch_add(1, Ordering::SeqCst);
-        Ok(JobReport {
-            job: job.name.clone(),
-            export_id: "20260101T120000Z".into(),
-            published: false,
-            listed: 1,
-            downloaded: 0,
-            linked: 0,
-            deleted: 0,
-            bytes: 0,
-            verified: Verified::default(),
-            export_time: None,
-            pruned: Vec::new(),
-            duration: Duration::ZERO,
-        })
+        Ok(JobReport::unpublished(&job.name, "20260101T120000Z", 1))
     }
 }
 
