@@ -3,7 +3,8 @@
 # skipping those already installed. Runs as root, or through sudo otherwise. Idempotent.
 #
 #   scripts/setup-debian.sh           build, run and test
-#   scripts/setup-debian.sh --bench   also nginx and varnish, for bench/compare.sh
+#   scripts/setup-debian.sh --bench   also nginx and varnish (bench/compare.sh), and rclone and
+#                                     awscli in .venv-bench (bench/sync-compare.sh)
 # The Rust toolchain (cargo with rustfmt and clippy) is not a Debian package here: it must
 # already be on PATH.
 set -euo pipefail
@@ -16,8 +17,9 @@ PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk red
     chromium)
 # nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
 # services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
+# rclone and awscli are only for bench/sync-compare.sh, which compares them with our sync task.
 if [[ ${1:-} == --bench ]]; then
-    PACKAGES+=(nginx varnish)
+    PACKAGES+=(nginx varnish rclone)
 fi
 readonly PACKAGES
 
@@ -51,3 +53,14 @@ fi
 for tool in cargo rustfmt cargo-clippy; do
     command -v "$tool" >/dev/null || echo "setup-debian: warning: '$tool' not on PATH (Rust toolchain)" >&2
 done
+
+# awscli comes from PyPI (its 1.x line, which pins one botocore release) into a virtual
+# environment of its own, so that its botocore does not clash with moto's in .venv.
+if [[ ${1:-} == --bench ]]; then
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    if [[ ! -x "$root/.venv-bench/bin/aws" ]]; then
+        echo "setup-debian: installing awscli 1.x into $root/.venv-bench"
+        python3 -m venv "$root/.venv-bench"
+        "$root/.venv-bench/bin/pip" install -q "awscli==1.*"
+    fi
+fi

@@ -203,11 +203,17 @@ impl App {
             Arc::new(crate::reload::build_state(config, &shared).map_err(StartError::Hosts)?);
         let current = Arc::new(ArcSwap::new(Arc::clone(&state)));
         let monitor = Arc::new(crate::status::Monitor::default());
+        // A `[sync]` section in the gateway's file makes the gateway run the sync jobs itself;
+        // the scheduler runs in any case, so that a reload can add the section later.
+        let sync = crate::sync_service::read_section(&config.path).map_err(StartError::Sync)?;
+        let (sync, scheduler) = crate::sync_service::service(sync, Arc::clone(&monitor));
+        server.add_service(scheduler);
         let reloader = Arc::new(crate::reload::Reloader::new(
             config,
             Arc::clone(&current),
             shared,
             Arc::clone(&monitor),
+            sync,
         ));
         server.add_service(pingora::services::background::background_service(
             "config reload",
@@ -265,11 +271,6 @@ impl App {
             Arc::clone(&monitor),
             drain,
         ));
-        // A `[sync]` section in the gateway's file makes the gateway run the sync jobs itself.
-        let sync = crate::sync_service::from_gateway_config(&config.path, Arc::clone(&monitor));
-        if let Some(service) = sync.map_err(StartError::Sync)? {
-            server.add_service(service);
-        }
         Ok(Self {
             server,
             handles: Handles {

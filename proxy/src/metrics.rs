@@ -63,6 +63,7 @@ pub struct Metrics {
     sync_runs: IntCounterVec,
     sync_lag: GaugeVec,
     sync_last_success: IntGaugeVec,
+    sync_export_time: IntGaugeVec,
     tallies: RwLock<HashMap<String, Arc<DomainTally>>>,
     started: Instant,
 }
@@ -159,6 +160,7 @@ impl Metrics {
             sync_runs: add.counter(SYNC_RUNS, &["job", "result"]),
             sync_lag: add.register(GaugeVec::new(opts(SYNC_LAG), &["job"])),
             sync_last_success: add.register(IntGaugeVec::new(opts(SYNC_LAST_SUCCESS), &["job"])),
+            sync_export_time: add.register(IntGaugeVec::new(opts(SYNC_EXPORT_TIME), &["job"])),
             tallies: RwLock::new(HashMap::new()),
             started: Instant::now(),
             registry,
@@ -269,20 +271,38 @@ impl Metrics {
             .set(unix_now());
     }
 
-    /// Counts a finished run of sync job `job`, for the sync task to call, with the age in
-    /// seconds of the newest data the mirror serves after the run. Metrics:
-    /// `mirror_gateway_sync_runs_total{job,result}`, `mirror_gateway_sync_lag_seconds{job}` and
+    /// Counts a finished run of sync job `job`, for the sync task to call, with the job's lag
+    /// in seconds (now minus the source export's time) and that export time, when known.
+    /// Metrics: `mirror_gateway_sync_runs_total{job,result}`,
+    /// `mirror_gateway_sync_lag_seconds{job}`,
+    /// `mirror_gateway_sync_source_export_timestamp_seconds{job}` and
     /// `mirror_gateway_sync_last_success_timestamp_seconds{job}`.
-    pub fn sync_run(&self, job: &str, ok: bool, lag_secs: f64) {
+    pub fn sync_run(&self, job: &str, ok: bool, lag_secs: f64, export_time: Option<SystemTime>) {
         self.sync_runs
             .with_label_values(&[job, result_label(ok)])
             .inc();
         self.sync_lag.with_label_values(&[job]).set(lag_secs);
+        if let Some(time) = export_time {
+            let secs = time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.sync_export_time
+                .with_label_values(&[job])
+                .set(i64::try_from(secs).unwrap_or(i64::MAX));
+        }
         if ok {
             self.sync_last_success
                 .with_label_values(&[job])
                 .set(unix_now());
         }
+    }
+
+    /// Removes the gauges of a sync job that a reload removed, so that no stale lag stays
+    /// behind. Its run counters stay, as counters do.
+    pub fn remove_sync_job(&self, job: &str) {
+        let _ = self.sync_lag.remove_label_values(&[job]);
+        let _ = self.sync_export_time.remove_label_values(&[job]);
+        let _ = self.sync_last_success.remove_label_values(&[job]);
     }
 
     /// Returns the counters of `domain` since the gateway started (zeros for an unknown id).
@@ -402,7 +422,11 @@ const SYNC_RUNS: Definition = (
 );
 const SYNC_LAG: Definition = (
     "mirror_gateway_sync_lag_seconds",
-    "Age of the newest synced data after the job's last run.",
+    "Time from the source export's time to the end of the job's last run.",
+);
+const SYNC_EXPORT_TIME: Definition = (
+    "mirror_gateway_sync_source_export_timestamp_seconds",
+    "Unix time the source made the export the job serves, by job.",
 );
 
 const LAST_RELOAD_TIME: Definition = (
@@ -725,7 +749,8 @@ mod tests {
         let metrics = Metrics::new();
         metrics.tls_handshake("primary", Err(HandshakeFailure::ClientAlert));
         metrics.reload(true);
-        metrics.sync_run("nightly", true, 42.5);
+        let exported = std::time::UNIX_EPOCH + Duration::from_secs(1_796_169_600);
+        metrics.sync_run("nightly", true, 42.5, Some(exported));
         let text = metrics.render(&ScrapeInputs::default()).expect("render");
         for line in [
             "mirror_gateway_tls_handshakes_total{domain=\"primary\",result=\"error\"} 1",
@@ -734,9 +759,23 @@ mod tests {
             "mirror_gateway_config_last_reload_successful 1",
             "mirror_gateway_sync_runs_total{job=\"nightly\",result=\"ok\"} 1",
             "mirror_gateway_sync_lag_seconds{job=\"nightly\"} 42.5",
+            "mirror_gateway_sync_source_export_timestamp_seconds{job=\"nightly\"} 1796169600",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn removed_sync_job_drops_gauges() {
+        let metrics = Metrics::new();
+        metrics.sync_run("nightly", true, 42.5, Some(std::time::UNIX_EPOCH));
+        metrics.remove_sync_job("nightly");
+        let text = metrics.render(&ScrapeInputs::default()).expect("render");
+        assert!(!text.contains("mirror_gateway_sync_lag_seconds{"), "{text}");
+        let export = "mirror_gateway_sync_source_export_timestamp_seconds{";
+        assert!(!text.contains(export), "{text}");
+        let runs = "mirror_gateway_sync_runs_total{job=\"nightly\",result=\"ok\"} 1";
+        assert!(text.contains(runs), "{text}");
     }
 
     /// Checks that every metric deploy/grafana/mirror-gateway.json queries is one this module

@@ -7,7 +7,8 @@
 //! requests use the new one. Connections, keep-alive included, stay open.
 //!
 //! A reload also reads the TLS certificates, keys and OCSP responses again, so certificates
-//! renewed in place are served from the next handshake on.
+//! renewed in place are served from the next handshake on, and hands the `[sync]` section to
+//! the sync scheduler (see [`crate::sync_service`]); an invalid `[sync]` rejects the reload.
 //!
 //! What a reload keeps: the cache (both tiers), the access log, the plugins' counters (quota
 //! counts and rate-limit buckets live in process-wide registries keyed by domain id) and the
@@ -32,6 +33,7 @@ use crate::cache::CacheTier;
 use crate::config::{self, GatewayConfig};
 use crate::gateway::{DomainRuntime, GatewayState};
 use crate::routing::Router;
+use crate::sync_service::SyncControl;
 use crate::upstream::Upstream;
 
 /// How often the config file's metadata is checked for changes.
@@ -101,6 +103,8 @@ pub struct Reloader {
     stamps: Mutex<Vec<(PathBuf, Option<FileStamp>)>>,
     /// Counts reloads and their outcome in the metrics.
     monitor: Arc<crate::status::Monitor>,
+    /// Hands a new `[sync]` section to the sync scheduler.
+    sync: Arc<SyncControl>,
 }
 
 /// The outcome of a reload, for logs, metrics and tests.
@@ -118,6 +122,7 @@ impl Reloader {
         current: Arc<ArcSwap<GatewayState>>,
         shared: Shared,
         monitor: Arc<crate::status::Monitor>,
+        sync: Arc<SyncControl>,
     ) -> Self {
         Self {
             path: config.path.clone(),
@@ -126,6 +131,7 @@ impl Reloader {
             running: Mutex::new(config.clone()),
             stamps: Mutex::new(stamps_of(config)),
             monitor,
+            sync,
         }
     }
 
@@ -158,6 +164,15 @@ impl Reloader {
                 return ReloadOutcome::Rejected(errors);
             }
         };
+        let sync = match crate::sync_service::read_section(&self.path) {
+            Ok(sync) => sync,
+            Err(errors) => {
+                for error in &errors {
+                    tracing::error!(%error, "reload rejected; the running configuration stays");
+                }
+                return ReloadOutcome::Rejected(errors);
+            }
+        };
         let certificates = match crate::tls::CertStore::from_config(&config) {
             Ok(store) => store,
             Err(e) => {
@@ -175,6 +190,7 @@ impl Reloader {
                 self.shared.tls.store().reload(certificates);
                 self.warn_restart_needed(&config);
                 self.current.store(Arc::new(state));
+                self.sync.apply(sync);
                 let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
                 tracing::info!(config = %self.path.display(), ?domains, "reload applied");
                 *self.stamps.lock() = stamps_of(&config);

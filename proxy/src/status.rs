@@ -113,6 +113,11 @@ impl Health {
         *self.sync.write() = Some(Arc::new(SyncLagHook { max_lag, provider }));
     }
 
+    /// Removes the sync task's lag hook, as when a reload removes the `[sync]` section.
+    pub fn clear_sync_lag_provider(&self) {
+        *self.sync.write() = None;
+    }
+
     /// Returns the sync freshness, or `None` when no lag hook is installed.
     pub fn sync_freshness(&self) -> Option<SyncFreshness> {
         // The provider runs outside the lock, so it may install another hook.
@@ -484,6 +489,14 @@ mod tests {
     #[test]
     fn sync_freshness_absent_without_hook() {
         assert_eq!(Health::new().sync_freshness(), None);
+    }
+
+    #[test]
+    fn sync_freshness_cleared() {
+        let health = Health::new();
+        health.set_sync_lag_provider(Duration::from_secs(60), || None);
+        health.clear_sync_lag_provider();
+        assert_eq!(health.sync_freshness(), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct SyncConfig {
 }
 
 /// One job: fill `destination` from `source`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobSettings {
     /// The job's name, its key under `[sync.jobs]` (e.g. `concelier`).
     pub name: String,

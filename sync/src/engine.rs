@@ -8,6 +8,7 @@ use crate::build::{build, BuildContext, Plan};
 use crate::config::JobSettings;
 use crate::error::SyncError;
 use crate::export_id;
+use crate::export_time::{self, ExportTime};
 use crate::key::check_listing;
 use crate::lock::RunLock;
 use crate::manifest::{self, FileEntry, Manifest};
@@ -60,9 +61,33 @@ pub struct JobReport {
     /// Bytes downloaded.
     pub bytes: u64,
     pub verified: Verified,
+    /// When the source made the export that `latest` holds after the run (see
+    /// [`crate::export_time`]); `None` when the source gives no time at all.
+    pub export_time: Option<ExportTime>,
     /// Old snapshots removed.
     pub pruned: Vec<String>,
     pub duration: Duration,
+}
+
+impl JobReport {
+    /// Returns the report of a run of `job` that listed `listed` objects and published
+    /// nothing, leaving `export_id` as `latest`.
+    pub fn unpublished(job: &str, export_id: &str, listed: usize) -> Self {
+        Self {
+            job: job.to_string(),
+            export_id: export_id.to_string(),
+            published: false,
+            listed,
+            downloaded: 0,
+            linked: 0,
+            deleted: 0,
+            bytes: 0,
+            verified: Verified::default(),
+            export_time: None,
+            pruned: Vec::new(),
+            duration: Duration::ZERO,
+        }
+    }
 }
 
 /// Runs `job` once from `source`.
@@ -136,24 +161,18 @@ async fn stage(
     let listing = check_listing(&source.name(), listing)?;
     let listed = listing.len();
     tracing::info!(job = %job.name, listed, "listing complete");
+    let newest_modified = export_time::newest_modified(&listing);
     let previous = previous_files(root, current).await?;
     let plan = plan(listing, previous.as_ref());
-    let mut report = JobReport {
-        job: job.name.clone(),
-        export_id: current.unwrap_or_default().to_string(),
-        published: false,
-        listed,
-        downloaded: 0,
-        linked: 0,
-        deleted: 0,
-        bytes: 0,
-        verified: Verified::default(),
-        pruned: Vec::new(),
-        duration: Duration::ZERO,
-    };
-    let unchanged = matches!(&previous, Some(Previous::Manifest(_)));
-    if unchanged && plan.download.is_empty() && plan.removed == 0 {
-        return Ok(report);
+    let mut report = JobReport::unpublished(&job.name, current.unwrap_or_default(), listed);
+    if let Some(Previous::Manifest(m)) = &previous {
+        if plan.download.is_empty() && plan.removed == 0 {
+            // The published snapshot matches the source, so its export time still holds; a
+            // manifest from before export times were recorded falls back to the listing.
+            let fallback = ExportTime::choose(None, newest_modified);
+            report.export_time = m.export_time.or(fallback);
+            return Ok(report);
+        }
     }
     check_deletions(job, options, &plan, previous.as_ref())?;
     let id = export_id::next(options.now, publish::newest(root)?.as_deref());
@@ -170,11 +189,13 @@ async fn stage(
     let removed = plan.removed;
     let built = build(&ctx, plan).await?;
     let verified = verify(&staging, &built.files, job).await?;
+    let export_time = ExportTime::choose(verified.generated_at, newest_modified);
     let manifest = Manifest {
         format: manifest::FORMAT,
         export_id: id.clone(),
         source: source.name(),
         published_unix: unix_secs(options.now + started.elapsed()),
+        export_time,
         files: built.files,
     };
     manifest::write(&staging, &manifest)
@@ -186,6 +207,7 @@ async fn stage(
     report.deleted = removed;
     report.bytes = built.bytes;
     report.verified = verified;
+    report.export_time = export_time;
     Ok(report)
 }
 
@@ -304,6 +326,8 @@ fn log_report(r: &JobReport) {
         bytes = r.bytes,
         digests = r.verified.digests,
         signatures = r.verified.signatures,
+        export_time_unix = r.export_time.map(|t| t.unix),
+        export_time_basis = r.export_time.map(|t| t.basis.as_str()),
         pruned = ?r.pruned,
         duration_ms = r.duration.as_millis() as u64,
         "sync run finished"

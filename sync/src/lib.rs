@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod export_id;
+pub mod export_time;
 pub mod key;
 pub mod lock;
 pub mod manifest;
@@ -24,6 +25,7 @@ use std::time::SystemTime;
 pub use config::{JobSettings, SourceSettings, SyncConfig};
 pub use engine::{run_job, JobReport, RunOptions};
 pub use error::SyncError;
+pub use export_time::{ExportTime, TimeBasis};
 pub use source::{DirSource, S3Source, Source};
 
 /// The arguments of the `sync` subcommand.

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::export_time::ExportTime;
+
 /// Name of the manifest file inside a snapshot directory.
 pub const MANIFEST_FILE: &str = ".mirror-sync-manifest.json";
 
@@ -27,6 +29,10 @@ pub struct Manifest {
     pub source: String,
     /// When the snapshot was published (seconds since the Unix epoch).
     pub published_unix: u64,
+    /// When the source made the export (see [`crate::export_time`]). Absent in manifests
+    /// written before this field existed, which format 1 still reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_time: Option<ExportTime>,
     /// Files, sorted by key.
     pub files: Vec<FileEntry>,
 }
@@ -89,6 +95,10 @@ mod tests {
             export_id: "20260101T120000Z".into(),
             source: "s3://b/p/".into(),
             published_unix: 1_767_268_800,
+            export_time: Some(ExportTime {
+                unix: 1_767_268_000,
+                basis: crate::export_time::TimeBasis::GeneratedAt,
+            }),
             files: vec![FileEntry {
                 key: "mirror/index.json".into(),
                 size: 3,
@@ -103,6 +113,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), &sample()).expect("write");
         assert_eq!(read(dir.path()), Ok(Some(sample())));
+    }
+
+    #[test]
+    fn read_without_export_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = r#"{"format":1,"export_id":"20260101T120000Z","source":"s","published_unix":1,"files":[]}"#;
+        std::fs::write(dir.path().join(MANIFEST_FILE), text).expect("write");
+        let manifest = read(dir.path()).expect("readable").expect("present");
+        assert_eq!(manifest.export_time, None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 const MAX_SIGNATURE_LEN: usize = 16 * 1024;
 
 /// A public key that signatures are checked against.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicKey {
     /// ECDSA over P-256 (cosign blobs, JWS `ES256`).
     P256(p256::ecdsa::VerifyingKey),

@@ -22,13 +22,16 @@ const MAX_DOCUMENT_LEN: u64 = 64 * 1024 * 1024;
 /// Names of the documents whose digest references are checked.
 const DOCUMENTS: [&str; 2] = ["manifest.json", "index.json"];
 
-/// Counts of the checks a verification made.
+/// Counts of the checks a verification made, and the export time the documents carry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Verified {
     /// Digest references checked.
     pub digests: usize,
     /// Signatures checked.
     pub signatures: usize,
+    /// The newest top-level `generatedAt` of the checked documents, in seconds since the Unix
+    /// epoch (see [`crate::export_time`]).
+    pub generated_at: Option<i64>,
 }
 
 /// Checks the snapshot in `dir`, whose files are `files`.
@@ -47,7 +50,9 @@ pub fn verify_snapshot(
         .iter()
         .filter(|f| DOCUMENTS.contains(&file_name(&f.key)))
     {
-        verified.digests += check_document(dir, file, &by_key)?;
+        let (digests, generated_at) = check_document(dir, file, &by_key)?;
+        verified.digests += digests;
+        verified.generated_at = verified.generated_at.max(generated_at);
     }
     if let Some(key) = key {
         for file in files.iter().filter(|f| file_name(&f.key) == "bundle.json") {
@@ -58,11 +63,13 @@ pub fn verify_snapshot(
     Ok(verified)
 }
 
+/// Checks the digest references of one document; returns how many it has and its
+/// top-level `generatedAt`.
 fn check_document(
     dir: &Path,
     doc: &FileEntry,
     files: &HashMap<&str, &FileEntry>,
-) -> Result<usize, SyncError> {
+) -> Result<(usize, Option<i64>), SyncError> {
     let fail = |reason: String| SyncError::Verify {
         key: doc.key.clone(),
         reason,
@@ -93,7 +100,7 @@ fn check_document(
             )));
         }
     }
-    Ok(refs.len())
+    Ok((refs.len(), crate::export_time::generated_at(&value)))
 }
 
 fn check_signature(

@@ -169,3 +169,22 @@ async fn replaced_object_refetched_under_new_etag() {
     assert_ne!(fetched.etag, *listed.etag);
     assert_eq!((proxy.stats.gets(), proxy.stats.heads()), (2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_time_from_last_modified() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (moto, _proxy, job, source) = setup(dest.path()).await;
+    let before = std::time::SystemTime::now() - Duration::from_secs(2);
+    moto::put_all(&moto.client(BUCKET), objects(3, "v1")).await;
+    let report = run_job(&job, &source, &at(0)).await.expect("run");
+    let time = report.export_time.expect("an export time");
+    assert_eq!(time.basis, mirror_sync::TimeBasis::NewestModified);
+    let age = std::time::SystemTime::now()
+        .duration_since(time.system_time())
+        .expect("LastModified is not in the future");
+    assert!(
+        time.system_time() >= before,
+        "{time:?} is before the upload"
+    );
+    assert!(age < Duration::from_secs(60), "{age:?}");
+}

@@ -304,4 +304,8 @@ async fn sample_mirror_verifies() {
         .await
         .expect("run");
     assert_eq!(report.verified.signatures, 2);
+    // Every document of the sample's latest export has generatedAt 2026-12-02T00:00:00Z.
+    let time = report.export_time.expect("an export time");
+    assert_eq!(time.unix, 1_796_169_600);
+    assert_eq!(time.basis, mirror_sync::TimeBasis::GeneratedAt);
 }

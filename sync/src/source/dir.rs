@@ -107,7 +107,8 @@ fn walk(root: &Path) -> Result<Vec<Listed>, String> {
                 let meta = entry
                     .metadata()
                     .map_err(|e| format!("stat of {}: {e}", entry.path().display()))?;
-                out.push(Listed::new(&key, meta.len(), &fingerprint(&meta)));
+                let listed = Listed::new(&key, meta.len(), &fingerprint(&meta));
+                out.push(listed.with_modified(meta.mtime()));
             } else {
                 skipped += 1;
             }

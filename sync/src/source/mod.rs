@@ -25,16 +25,26 @@ pub struct Listed {
     /// Version tag that changes whenever the content may have changed: the S3 ETag, or a
     /// stat fingerprint for a directory (see [`DirSource`]).
     pub etag: Box<str>,
+    /// Last modification, in seconds since the Unix epoch: the S3 `LastModified`, or a
+    /// file's mtime. `None` when the source gives none.
+    pub modified: Option<i64>,
 }
 
 impl Listed {
-    /// Builds an entry.
+    /// Builds an entry without a modification time.
     pub fn new(key: &str, size: u64, etag: &str) -> Self {
         Self {
             key: key.into(),
             size,
             etag: etag.into(),
+            modified: None,
         }
+    }
+
+    /// Sets the modification time, in seconds since the Unix epoch.
+    pub fn with_modified(mut self, unix_secs: i64) -> Self {
+        self.modified = Some(unix_secs);
+        self
     }
 }
 

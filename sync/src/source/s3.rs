@@ -199,7 +199,8 @@ impl Source for S3Source {
                 Some(etag) => etag.clone(),
                 None => format!("modified-{}", meta.last_modified.to_rfc3339()),
             };
-            out.push(Listed::new(key, meta.size, &etag));
+            let modified = meta.last_modified.timestamp();
+            out.push(Listed::new(key, meta.size, &etag).with_modified(modified));
         }
         Ok(out)
     }

@@ -1,0 +1,129 @@
+//! The scheduler loop on a paused clock, with a runner that stalls each run until released.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+
+use super::*;
+
+/// A runner that records the source of every run it starts and holds each run until a permit
+/// is added.
+struct StallingRunner {
+    started: Mutex<Vec<PathBuf>>,
+    finished: AtomicUsize,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+    release: Semaphore,
+}
+
+#[async_trait]
+impl JobRunner for StallingRunner {
+    async fn run(&self, job: &JobSettings, _options: &RunOptions) -> Result<JobReport, String> {
+        let SourceSettings::Directory { path } = &job.source else {
+            return Err("the test jobs read directories".into());
+        };
+        self.started.lock().push(path.clone());
+        let active = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_active.fetch_max(active, Ordering::SeqCst);
+        let permit = self.release.acquire().await.map_err(|e| e.to_string())?;
+        permit.forget();
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        Ok(JobReport::unpublished(&job.name, "20260101T120000Z", 1))
+    }
+}
+
+impl Default for StallingRunner {
+    fn default() -> Self {
+        Self {
+            started: Mutex::default(),
+            finished: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
+            release: Semaphore::new(0),
+        }
+    }
+}
+
+impl StallingRunner {
+    fn started(&self) -> Vec<PathBuf> {
+        self.started.lock().clone()
+    }
+}
+
+/// Returns a `[sync]` section with one job `a` reading `source`, run every `interval_secs`.
+fn config(interval_secs: u64, source: &str) -> SyncConfig {
+    let source = SourceSettings::Directory {
+        path: PathBuf::from(source),
+    };
+    SyncConfig {
+        path: PathBuf::from("gateway.toml"),
+        jobs: vec![JobSettings::new("a", source, "/nonexistent/a")],
+        interval: Duration::from_secs(interval_secs),
+        jitter: Duration::ZERO,
+        max_lag: Duration::from_secs(900),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_keeps_run_in_progress() {
+    let runner = Arc::new(StallingRunner::default());
+    let monitor = Arc::new(Monitor::default());
+    let (control, scheduler) = scheduler(Some(config(3600, "/v1")), monitor, runner.clone());
+    let (stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(async move { scheduler.start(shutdown).await });
+
+    tokio::time::sleep(FIRST_RUN_DELAY + Duration::from_millis(100)).await;
+    assert_eq!(runner.started(), [PathBuf::from("/v1")]);
+    control.apply(Some(config(1, "/v2")));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        runner.started().len(),
+        1,
+        "a second run started beside the first"
+    );
+    assert_eq!(
+        runner.finished.load(Ordering::SeqCst),
+        0,
+        "the run was interrupted"
+    );
+
+    runner.release.add_permits(100);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = runner.started();
+    assert!(started.len() >= 2, "no run after the reload: {started:?}");
+    assert_eq!(started[0], PathBuf::from("/v1"));
+    assert!(
+        started[1..]
+            .iter()
+            .all(|path| path == &PathBuf::from("/v2")),
+        "{started:?}"
+    );
+    assert_eq!(runner.max_active.load(Ordering::SeqCst), 1);
+
+    stop.send(true).expect("the scheduler listens");
+    task.await.expect("the scheduler stops");
+}
+
+#[tokio::test(start_paused = true)]
+async fn removed_section_stops_runs() {
+    let runner = Arc::new(StallingRunner::default());
+    runner.release.add_permits(1000);
+    let monitor = Arc::new(Monitor::default());
+    let (control, scheduler) = scheduler(Some(config(1, "/v1")), monitor.clone(), runner.clone());
+    let (stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(async move { scheduler.start(shutdown).await });
+
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let before = runner.started().len();
+    assert!(before >= 2, "{before} runs in 3.5 s at a 1 s interval");
+    control.apply(None);
+    assert_eq!(monitor.health.sync_freshness(), None);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(runner.started().len(), before);
+
+    stop.send(true).expect("the scheduler listens");
+    task.await.expect("the scheduler stops");
+}
