@@ -34,7 +34,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replaces_and_adds_fields_and_keeps_the_rest() {
+    fn insert_replaces_and_keeps_fields() {
         let mut resp = ResponseHeader::build(203, None).expect("status");
         resp.insert_header("X-Origin-Field", "kept").expect("name");
         resp.insert_header("RateLimit-Limit", "1").expect("name");
@@ -65,7 +65,7 @@ mod tests {
     }
 
     #[test]
-    fn later_pingora_inserts_still_work() {
+    fn later_pingora_inserts_work() {
         let mut resp = ResponseHeader::build(200, None).expect("status");
         insert(
             &mut resp,

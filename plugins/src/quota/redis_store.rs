@@ -468,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_short_long_and_garbled_replies() {
+    fn rejects_malformed_replies() {
         assert_eq!(parse_decisions("1 3 9", 1), None);
         assert_eq!(parse_decisions("1 3 9 0 1", 1), None);
         assert_eq!(parse_decisions("1 3 x 0", 1), None);
