@@ -33,7 +33,7 @@ use super::by_domain::EntriesByDomain;
 use super::raw_header;
 
 /// Largest chunk a hit hands to the downstream writer at once.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
 
 /// Counters of one cache tier, readable at any time.
 #[derive(Debug, Default)]
