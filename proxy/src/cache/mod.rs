@@ -2,12 +2,13 @@
 
 mod by_domain;
 pub mod disk;
+mod lock;
 pub mod memory;
 mod policy;
 mod status;
 pub mod tiered;
 
-use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
 use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache, Storage};
 
@@ -74,11 +75,16 @@ impl CacheTier {
             settings.max_object_bytes,
             max_object_bytes,
         )));
-        let storage: &'static (dyn Storage + Sync) = match disk {
-            Some(disk) => Box::leak(Box::new(tiered::TieredStorage::new(memory, disk))),
-            None => memory,
-        };
-        let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(settings.lock_age_timeout);
+        let (storage, fills): (&'static (dyn Storage + Sync), &'static dyn lock::FillState) =
+            match disk {
+                Some(disk) => {
+                    let tiered = Box::leak(Box::new(tiered::TieredStorage::new(memory, disk)));
+                    (tiered, tiered)
+                }
+                None => (memory, memory),
+            };
+        let lock: Box<CacheKeyLockImpl> =
+            Box::new(lock::FillAwareLock::new(settings.lock_age_timeout, fills));
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
         // (`Custom`) keep looking up, and coalescing, every request.
         let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));

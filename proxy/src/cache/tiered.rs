@@ -1,6 +1,6 @@
 //! The two cache tiers together: memory in front of disk.
 //!
-//! A lookup tries memory first (complete entries and fills in progress), then fills of large
+//! A lookup tries memory first (fills in progress, then complete entries), then fills of large
 //! objects in progress, then disk. A complete disk hit of an object small enough for memory is
 //! copied into memory as it is read, so the next request is served from memory.
 //!
@@ -35,6 +35,7 @@ use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::{Error, ErrorType, Result};
 
 use super::disk::{DiskMiss, DiskStorage, FileTap};
+use super::lock::FillState;
 use super::memory::MemoryStorage;
 
 /// Write ids of large fills have this bit set, so they never clash with the memory tier's.
@@ -125,6 +126,16 @@ impl TieredStorage {
             id,
             tag: U64WriteId::from(id),
         }))
+    }
+}
+
+impl FillState for TieredStorage {
+    fn fill_running(&self, key: &HashBinary) -> bool {
+        self.memory.fill_running(key) || self.large_fills.read().contains_key(key)
+    }
+
+    fn stored(&self, key: &HashBinary) -> bool {
+        self.memory.stored(key) || self.disk.contains(key)
     }
 }
 
