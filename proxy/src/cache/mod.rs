@@ -1,6 +1,7 @@
 //! Cache wiring: the memory and disk tiers, cache keys, cacheability and `X-Cache-Status`.
 
 mod by_domain;
+mod clock;
 pub mod disk;
 mod lock;
 pub mod memory;
@@ -12,6 +13,7 @@ use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
 use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache, Storage};
 
+pub use clock::{CacheClock, TestClock};
 pub use disk::{DiskError, DiskSnapshot, DiskStorage};
 pub use memory::{MemoryStorage, TierSnapshot, TierStats};
 pub use policy::{decide_cacheability, NoStoreReason};
@@ -40,12 +42,14 @@ pub struct CacheTier {
     lock_wait_timeout: std::time::Duration,
     /// Largest response stored in any tier.
     max_object_bytes: usize,
+    /// The time responses are stored and judged by.
+    clock: CacheClock,
 }
 
 impl CacheTier {
     /// Creates the memory tier, the disk tier when configured (scanning its directory), the
-    /// predictor and the cache lock.
-    pub fn new(settings: &CacheSettings) -> Result<Self, DiskError> {
+    /// predictor and the cache lock; freshness follows `clock`.
+    pub fn new(settings: &CacheSettings, clock: CacheClock) -> Result<Self, DiskError> {
         let disk = match &settings.disk {
             Some(disk) => {
                 let storage =
@@ -96,6 +100,7 @@ impl CacheTier {
             predictor: Box::leak(Box::new(predictor)),
             lock_wait_timeout: settings.lock_wait_timeout,
             max_object_bytes,
+            clock,
         })
     }
 
@@ -112,6 +117,11 @@ impl CacheTier {
             Some(overrides),
         );
         cache.set_max_file_size_bytes(self.max_object_bytes);
+    }
+
+    /// Returns the clock that stored responses are stamped and judged by.
+    pub fn clock(&self) -> &CacheClock {
+        &self.clock
     }
 
     /// Returns the cache-wide wait for another request's fill.
