@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Pause between the body pieces of the slow origins.
 const PIECE_GAP: Duration = Duration::from_millis(200);
-/// Pause before the origin answers a background refresh, so that the tests can see stale
+/// Pause before the origin responds to a background refresh, so that the tests can see stale
 /// responses served while it runs.
 const REFRESH_DELAY: Duration = Duration::from_millis(500);
 
@@ -193,7 +193,7 @@ async fn stale_while_revalidate_window_edges() {
 }
 
 /// Moves the cache clock across the TTL (60 s) and the stale-if-error window (30 s) while the
-/// origin answers 503, then brings the origin back.
+/// origin responds with 503, then brings the origin back.
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_if_error_window_edges() {
     let phase = Arc::new(AtomicU8::new(UP_FIRST));
@@ -214,13 +214,8 @@ async fn stale_if_error_window_edges() {
     );
     assert_eq!(origin.count(), 1);
 
-    for (step, edge) in [(2, "1 s after the TTL"), (28, "1 s before the window ends")] {
-        clock.advance(secs(step));
-        let stale = fetch(&url, &[]).await;
-        assert_eq!(stale.status, 200, "{edge}");
-        assert_eq!(stale.text(), "v1", "{edge}");
-        assert_eq!(stale.cache, "STALE", "{edge}");
-    }
+    let edges = [(2, "1 s after the TTL"), (28, "1 s before the window ends")];
+    expect_stale_at(&clock, &url, &edges).await;
 
     clock.advance(secs(2));
     let past = fetch(&url, &[]).await;
@@ -250,16 +245,11 @@ async fn stale_if_error_unreachable_edges() {
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
     origin.stop().await;
-    for (step, edge) in [
+    let edges = [
         (61, "1 s after the TTL"),
         (28, "1 s before the window ends"),
-    ] {
-        clock.advance(secs(step));
-        let stale = fetch(&url, &[]).await;
-        assert_eq!(stale.status, 200, "{edge}");
-        assert_eq!(stale.text(), "v1", "{edge}");
-        assert_eq!(stale.cache, "STALE", "{edge}");
-    }
+    ];
+    expect_stale_at(&clock, &url, &edges).await;
     clock.advance(secs(2));
     let past = fetch(&url, &[]).await;
     assert_eq!(past.status, 502, "1 s after the window ends");
@@ -713,6 +703,18 @@ async fn fetch_until_body(url: &str, body: &str) -> Fetched {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{url} did not serve {body:?} within 5 s");
+}
+
+/// Moves `clock` forward by each step's seconds in turn and checks that `url` then serves its
+/// stale `v1` as `STALE`; each step's label names the edge in failure messages.
+async fn expect_stale_at(clock: &TestClock, url: &str, steps: &[(u64, &str)]) {
+    for &(step, edge) in steps {
+        clock.advance(secs(step));
+        let stale = fetch(url, &[]).await;
+        assert_eq!(stale.status, 200, "{edge}");
+        assert_eq!(stale.text(), "v1", "{edge}");
+        assert_eq!(stale.cache, "STALE", "{edge}");
+    }
 }
 
 fn secs(n: u64) -> Duration {

@@ -370,8 +370,40 @@ async fn streaming_origin(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+    counting_origin(move |_, mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncache-control: max-age=60\r\n\r\n"
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut sent = 0;
+        while sent < len {
+            let n = CHUNK.len().min(len - sent);
+            if stream.write_all(&CHUNK[..n]).await.is_err() {
+                return;
+            }
+            sent += n;
+        }
+    })
+    .await
+}
+
+/// Starts an origin on a loopback port that reads each connection's first request head,
+/// counts it, and hands the request line and the connection to `respond`; returns its address
+/// and the request counter.
+async fn counting_origin<F, R>(
+    respond: F,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)
+where
+    F: Fn(String, tokio::net::TcpStream) -> R + Clone + Send + 'static,
+    R: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -380,38 +412,37 @@ async fn streaming_origin(
     let counter = requests.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let (counter, respond) = (counter.clone(), respond.clone());
             tokio::spawn(async move {
                 let mut reader = tokio::io::BufReader::new(stream);
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncache-control: max-age=60\r\n\r\n"
-                );
-                let stream = reader.get_mut();
-                if stream.write_all(head.as_bytes()).await.is_err() {
+                let Some(request_line) = read_head(&mut reader).await else {
                     return;
-                }
-                let mut sent = 0;
-                while sent < len {
-                    let n = CHUNK.len().min(len - sent);
-                    if stream.write_all(&CHUNK[..n]).await.is_err() {
-                        return;
-                    }
-                    sent += n;
-                }
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                respond(request_line, reader.into_inner()).await;
             });
         }
     });
     (addr, requests)
+}
+
+/// Reads a request head and returns its request line, or `None` when the connection ends
+/// first.
+async fn read_head(reader: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> Option<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if line.trim_end().is_empty() {
+            return Some(request_line);
+        }
+    }
 }
 
 fn resident_kib() -> usize {
@@ -431,7 +462,7 @@ const CUT_AFTER: usize = 3 << 20;
 /// Size of each chunk [`chunked_origin`] writes.
 const CHUNK: usize = 64 * 1024;
 
-/// A fill without `Content-Length` goes to the disk tier as it arrives: the gateway process's
+/// A fill without `Content-Length` goes to the disk tier as it arrives. The gateway process's
 /// peak resident memory stays bounded while it caches and serves a 300 MiB body, and the
 /// second request is a hit from disk with the same bytes.
 #[tokio::test(flavor = "multi_thread")]
@@ -439,7 +470,7 @@ async fn chunked_fill_streams_to_disk() {
     chunked_fill_case(CHUNKED_LEN).await;
 }
 
-/// The same as [`chunked_fill_streams_to_disk`] with a 2 GiB body.
+/// Checks what [`chunked_fill_streams_to_disk`] checks, with a 2 GiB body.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "writes 2 GiB to disk twice over and takes about a minute; run by hand to measure"]
 async fn chunked_fill_2gib_streams_to_disk() {
@@ -608,7 +639,7 @@ fn chunked_digest(len: usize) -> Vec<u8> {
     hasher.finalize().to_vec()
 }
 
-/// An origin that answers `/chunked.bin` with `len` bytes in `Transfer-Encoding: chunked`,
+/// An origin that responds to `/chunked.bin` with `len` bytes in `Transfer-Encoding: chunked`,
 /// generated as it writes them, and `/cut.bin` with [`CUT_AFTER`] bytes of chunks and then a
 /// closed connection; returns its address and a request counter.
 async fn chunked_origin(
@@ -617,68 +648,41 @@ async fn chunked_origin(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut reader = tokio::io::BufReader::new(stream);
-                let mut target = String::new();
-                if reader.read_line(&mut target).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let (total, cut) = if target.contains("/cut.bin") {
-                    (CUT_AFTER, true)
-                } else {
-                    (len, false)
-                };
-                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
-                            cache-control: max-age=60\r\n\r\n";
-                let stream = reader.get_mut();
-                if stream.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                let pattern = chunk_pattern();
-                let mut chunk = Vec::with_capacity(CHUNK);
-                let mut sent = 0;
-                let mut index = 0;
-                while sent < total {
-                    body_chunk(&pattern, index, &mut chunk);
-                    let n = CHUNK.min(total - sent);
-                    let size = format!("{n:x}\r\n");
-                    let written = async {
-                        stream.write_all(size.as_bytes()).await?;
-                        stream.write_all(&chunk[..n]).await?;
-                        stream.write_all(b"\r\n").await
-                    };
-                    if written.await.is_err() {
-                        return;
-                    }
-                    sent += n;
-                    index += 1;
-                }
-                if !cut {
-                    let _ = stream.write_all(b"0\r\n\r\n").await;
-                }
-                let _ = stream.shutdown().await;
-            });
+    counting_origin(move |target, mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let (total, cut) = if target.contains("/cut.bin") {
+            (CUT_AFTER, true)
+        } else {
+            (len, false)
+        };
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                    cache-control: max-age=60\r\n\r\n";
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
         }
-    });
-    (addr, requests)
+        let pattern = chunk_pattern();
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut sent = 0;
+        let mut index = 0;
+        while sent < total {
+            body_chunk(&pattern, index, &mut chunk);
+            let n = CHUNK.min(total - sent);
+            let size = format!("{n:x}\r\n");
+            let written = async {
+                stream.write_all(size.as_bytes()).await?;
+                stream.write_all(&chunk[..n]).await?;
+                stream.write_all(b"\r\n").await
+            };
+            if written.await.is_err() {
+                return;
+            }
+            sent += n;
+            index += 1;
+        }
+        if !cut {
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+        let _ = stream.shutdown().await;
+    })
+    .await
 }

@@ -295,9 +295,9 @@ impl ProxyHttp for Gateway {
         ))
     }
 
-    /// Runs on every stored response found, fresh or stale. Returns `None` (Pingora's own
-    /// judgement stands) unless the cache clock is ahead of the system clock, which only tests
-    /// do; see `cache/clock.rs`.
+    /// Runs on every stored response found, fresh or stale. Returns `None`, which keeps
+    /// Pingora's own decision, unless the cache clock is ahead of the system clock. Only tests
+    /// move it (see `cache/clock.rs`).
     async fn cache_hit_filter(
         &self,
         _session: &mut Session,

@@ -6,7 +6,7 @@
 //! The gateway therefore stamps every response it stores with [`CacheClock::now`], and its
 //! `cache_hit_filter` hands Pingora a stored response whose freshness is shifted back by the
 //! clock's offset ([`CacheClock::forced_freshness`]). Pingora's own checks against the system
-//! clock then give the answers they would give at the clock's time. With the system clock (the
+//! clock then decide as they would at the clock's time. With the system clock (the
 //! only one a config can give) the offset is zero and the hook does nothing.
 //!
 //! NOTE: the `Age` header that Pingora computes on hits still uses the system clock, so with a
@@ -47,8 +47,8 @@ impl CacheClock {
     /// system clock, so that its decisions match this clock.
     ///
     /// `meta` was stored with times of this clock. Returns `None` when Pingora's own check
-    /// gives the right answer: always for the system clock, and for a response fresh at this
-    /// clock's time (it is then fresh at the earlier system time too). Otherwise the response
+    /// decides right: always for the system clock, and for a response fresh at this clock's
+    /// time (it is then fresh at the earlier system time too). Otherwise the response
     /// is expired at the system time `fresh_until - offset`, which keeps its stale windows
     /// the same length, measured from its expiry as seen by this clock.
     pub fn forced_freshness(&self, meta: &CacheMeta) -> Option<ForcedFreshness> {
@@ -129,7 +129,7 @@ mod tests {
         else {
             panic!("a response 1 s past its TTL was not expired");
         };
-        // What Pingora does with the answer, then its own checks by the system clock.
+        // What Pingora does with the result, then its own checks by the system clock.
         meta.expire_at(at);
         let now = SystemTime::now();
         assert!(!meta.is_fresh(now));

@@ -3,10 +3,11 @@
 //! With a storage that streams fills (`support_streaming_partial_write`), Pingora 0.9.1 releases
 //! a key's lock as soon as the filling request has its miss handler, because later requests can
 //! read the fill from the storage. A request looks the key up first and takes the lock after,
-//! and the two steps are not atomic: when a fill starts and releases the lock between them (a
-//! disk lookup takes a blocking-thread round trip, so the gap is real under load), the request
-//! found nothing, finds no lock, and becomes a second writer that fetches from the origin again.
-//! The same happens to a request that found a stale entry while a refresh of it starts.
+//! and the two steps are not atomic. A fill can start and release the lock between them, which
+//! under load is likely because a disk lookup takes a blocking-thread round trip. The request
+//! then found nothing and finds no lock, so it becomes a second writer and fetches from the
+//! origin again. The same happens to a request that found a stale entry while a refresh of it
+//! starts.
 //!
 //! [`FillAwareLock`] closes that gap. When Pingora's lock would hand out a write permit, it
 //! first asks the storage whether a fill of the key is running, or, for a request that found
@@ -21,7 +22,7 @@ use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::lock::{CacheKeyLock, CacheLock, LockStatus, Locked, WritePermit};
 use pingora::cache::CacheKey;
 
-/// What the lock asks the storage about a key (the combined cache key hash).
+/// What the lock checks in the storage about a key (the combined cache key hash).
 pub trait FillState: Send + Sync {
     /// Returns whether a fill of `key` is running and readable.
     fn fill_running(&self, key: &HashBinary) -> bool;

@@ -148,7 +148,7 @@ pub fn decide_cacheability(
 
 /// Returns the end of the origin's lifetime in `meta`, moved to the time frame of `now`.
 ///
-/// `resp_cacheable` measures the lifetime from the system clock; the cache clock may be ahead
+/// `resp_cacheable` measures the lifetime from the system clock. The cache clock may be ahead
 /// of it (see `clock.rs`), so the lifetime is measured again from `now`.
 fn origin_fresh_until(meta: &CacheMeta, now: SystemTime) -> SystemTime {
     match meta.fresh_until().duration_since(meta.created()) {

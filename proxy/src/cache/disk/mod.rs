@@ -259,7 +259,7 @@ impl DiskStorage {
         self.scan
     }
 
-    /// Returns whether the index holds a published entry named `name` (a combined key hash).
+    /// Returns whether the index contains a published entry named `name` (a combined key hash).
     pub fn contains(&self, name: &HashBinary) -> bool {
         self.index.lock().get(name).is_some()
     }
