@@ -706,7 +706,7 @@ async fn fetch_until_body(url: &str, body: &str) -> Fetched {
 }
 
 /// Moves `clock` forward by each step's seconds in turn and checks that `url` then serves its
-/// stale `v1` as `STALE`; each step's label names the edge in failure messages.
+/// stale `v1` as `STALE`. Each step's label names the edge in failure messages.
 async fn expect_stale_at(clock: &TestClock, url: &str, steps: &[(u64, &str)]) {
     for &(step, edge) in steps {
         clock.advance(secs(step));

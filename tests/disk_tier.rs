@@ -391,9 +391,9 @@ async fn streaming_origin(
     .await
 }
 
-/// Starts an origin on a loopback port that reads each connection's first request head,
-/// counts it, and hands the request line and the connection to `respond`; returns its address
-/// and the request counter.
+/// Starts an origin on a loopback port that reads and counts each connection's first request
+/// head, then hands the request line and the connection to `respond`. Returns its address and
+/// the request counter.
 async fn counting_origin<F, R>(
     respond: F,
 ) -> (
