@@ -1,24 +1,27 @@
 //! End-to-end: how the cache streams fills, rejects broken bodies, serves stale entries and
 //! serves ranges.
 //!
-//! Pingora's freshness checks read `SystemTime::now()`, so no clock can be injected. The expiry
-//! tests store a `max-age=1` response and wait for it to run out, then poll with a bound until
-//! the gateway stops returning `HIT`.
+//! The expiry tests never sleep: they start the gateway with a cache clock
+//! (`TestGateway::start_with_clock`) and move it forward past a TTL and into or out of a
+//! stale window, one second before and after each edge.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client, Recorded, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{client, Recorded, Reply, TestClock, TestGateway, TestOrigin, BASE_CONFIG};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Pause between the body pieces of the slow origins.
 const PIECE_GAP: Duration = Duration::from_millis(200);
+/// Pause before the origin responds to a background refresh, so that the tests can see stale
+/// responses served while it runs.
+const REFRESH_DELAY: Duration = Duration::from_millis(500);
 
 /// NOTE: Pingora buffers up to 1460 bytes of a `Content-Length` response before writing to the
 /// client, so with 1000-byte pieces the first bytes arrive with the second piece.
@@ -130,98 +133,126 @@ async fn origin_death_not_stored() {
     assert_eq!(origin.count(), 2, "the second request reached the origin");
 }
 
+/// Moves the cache clock to one second before and after each edge: the TTL (60 s), then the
+/// stale-while-revalidate window (10 s). Paths `/a`, `/b` and `/c` are stored at the same
+/// moment, so each edge is checked on a path that no earlier step refreshed.
 #[tokio::test(flavor = "multi_thread")]
-async fn stale_while_revalidate_refreshes_once() {
-    let origin = ScriptOrigin::start(|_, index| match index {
-        0 => Script::ok("v1", "max-age=1"),
-        _ => Script {
-            delay: Duration::from_millis(600),
-            ..Script::ok("v2", "max-age=60")
-        },
+async fn stale_while_revalidate_window_edges() {
+    let refreshing = Arc::new(AtomicBool::new(false));
+    let origin_refreshing = Arc::clone(&refreshing);
+    let origin = ScriptOrigin::start(move |_, _| {
+        if origin_refreshing.load(Ordering::SeqCst) {
+            Script {
+                delay: REFRESH_DELAY,
+                ..Script::ok("v2", "max-age=60")
+            }
+        } else {
+            Script::ok("v1", "max-age=60")
+        }
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let domain = "stale_while_revalidate_secs = 30";
-    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
-    let url = gateway.url("/swr.json");
-    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
-
-    let stale = first_after_expiry(&url, &[]).await;
-    let served_at = Instant::now();
-    assert_eq!(stale.text(), "v1");
-    assert!(
-        ["UPDATING", "STALE"].contains(&stale.cache.as_str()),
-        "cache status {}",
-        stale.cache
-    );
-
-    poll(|| origin.replied_at(1).is_some(), "the background refresh").await;
-    let refreshed_at = origin.replied_at(1).expect("the refresh reply");
-    assert!(
-        served_at < refreshed_at,
-        "the stale response waited for the refresh"
-    );
-
-    let mut fresh = None;
-    for _ in 0..60 {
-        let resp = fetch(&url, &[]).await;
-        if resp.text() == "v2" {
-            fresh = Some(resp);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let domain = "stale_while_revalidate_secs = 10\nstale_if_error_secs = 0";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    for path in ["/a", "/b", "/c"] {
+        assert_eq!(fetch(&gateway.url(path), &[]).await.cache, "MISS", "{path}");
     }
-    let fresh = fresh.expect("the refreshed body within 3 s");
+    refreshing.store(true, Ordering::SeqCst);
+
+    clock.advance(secs(59));
+    let before_ttl = fetch(&gateway.url("/a"), &[]).await;
+    assert_eq!(before_ttl.cache, "HIT", "1 s before the TTL ends");
+    assert_eq!(origin.count_of("/a"), 1);
+
+    clock.advance(secs(2));
+    for round in 1..=3 {
+        let stale = fetch(&gateway.url("/a"), &[]).await;
+        assert_eq!(stale.cache, "UPDATING", "1 s after the TTL, round {round}");
+        assert_eq!(stale.text(), "v1", "round {round}");
+    }
+    assert!(
+        origin.replied_at(3).is_none(),
+        "the stale responses waited for the refresh"
+    );
+    let fresh = fetch_until_body(&gateway.url("/a"), "v2").await;
     assert_eq!(fresh.cache, "HIT");
-    assert_eq!(origin.count(), 2, "exactly one refresh");
+    assert_eq!(origin.count_of("/a"), 2, "background refreshes of /a");
+
+    clock.advance(secs(8));
+    let before_end = fetch(&gateway.url("/b"), &[]).await;
+    assert_eq!(before_end.cache, "UPDATING", "1 s before the window ends");
+    assert_eq!(before_end.text(), "v1");
+    fetch_until_body(&gateway.url("/b"), "v2").await;
+    assert_eq!(origin.count_of("/b"), 2, "background refreshes of /b");
+
+    clock.advance(secs(2));
+    let after_end = fetch(&gateway.url("/c"), &[]).await;
+    assert_eq!(after_end.cache, "EXPIRED", "1 s after the window ends");
+    assert_eq!(after_end.text(), "v2");
+    assert_eq!(origin.count_of("/c"), 2);
 }
 
+/// Moves the cache clock across the TTL (60 s) and the stale-if-error window (30 s) while the
+/// origin responds with 503, then brings the origin back.
 #[tokio::test(flavor = "multi_thread")]
-async fn stale_if_error_on_503() {
+async fn stale_if_error_window_edges() {
     let phase = Arc::new(AtomicU8::new(UP_FIRST));
     let origin_phase = Arc::clone(&phase);
     let origin = ScriptOrigin::start(move |_, _| phased_reply(&origin_phase)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let domain = "stale_while_revalidate_secs = 0";
-    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 30";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
     let url = gateway.url("/sie.json");
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
-
     phase.store(DOWN, Ordering::SeqCst);
-    let stale = first_after_expiry(&url, &[]).await;
-    assert_eq!(stale.status, 200);
-    assert_eq!(stale.text(), "v1");
-    assert_eq!(stale.cache, "STALE");
-    let again = fetch(&url, &[]).await;
-    assert_eq!(again.text(), "v1", "the 503 replaced the stored entry");
-    assert_eq!(again.cache, "STALE");
+
+    clock.advance(secs(59));
+    assert_eq!(
+        fetch(&url, &[]).await.cache,
+        "HIT",
+        "1 s before the TTL ends"
+    );
+    assert_eq!(origin.count(), 1);
+
+    let edges = [(2, "1 s after the TTL"), (28, "1 s before the window ends")];
+    expect_stale_at(&clock, &url, &edges).await;
+
+    clock.advance(secs(2));
+    let past = fetch(&url, &[]).await;
+    assert_eq!(past.status, 503, "1 s after the window ends");
+    assert_eq!(past.text(), "origin down");
 
     phase.store(UP_AGAIN, Ordering::SeqCst);
     let recovered = fetch(&url, &[]).await;
     assert_eq!(recovered.status, 200);
     assert_eq!(recovered.text(), "v2");
     assert_eq!(fetch(&url, &[]).await.cache, "HIT");
-    assert_eq!(origin.count(), 4, "origin requests");
+    assert_eq!(origin.count(), 5, "origin requests");
 }
 
+/// Like [`stale_if_error_window_edges`], with the origin refusing connections.
 #[tokio::test(flavor = "multi_thread")]
-async fn stale_if_error_unreachable() {
+async fn stale_if_error_unreachable_edges() {
     let mut origin = ScriptOrigin::start(|_, index| match index {
-        0 => Script::ok("v1", "max-age=1"),
+        0 => Script::ok("v1", "max-age=60"),
         _ => Script::ok("v2", "max-age=60"),
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let domain = "stale_while_revalidate_secs = 0";
-    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 30";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
     let url = gateway.url("/down.json");
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
     origin.stop().await;
-    let stale = first_after_expiry(&url, &[]).await;
-    assert_eq!(stale.status, 200);
-    assert_eq!(stale.text(), "v1");
-    assert_eq!(stale.cache, "STALE");
+    let edges = [
+        (61, "1 s after the TTL"),
+        (28, "1 s before the window ends"),
+    ];
+    expect_stale_at(&clock, &url, &edges).await;
+    clock.advance(secs(2));
+    let past = fetch(&url, &[]).await;
+    assert_eq!(past.status, 502, "1 s after the window ends");
 
     origin.restart().await;
     let recovered = fetch(&url, &[]).await;
@@ -240,7 +271,7 @@ async fn not_modified_revalidates() {
             reply.headers = vec![etag, ("cache-control".into(), "max-age=60".into())];
             reply
         } else {
-            let mut reply = Script::ok("original", "max-age=1");
+            let mut reply = Script::ok("original", "max-age=60");
             reply.headers.push(etag);
             reply
         }
@@ -248,11 +279,12 @@ async fn not_modified_revalidates() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let domain = "stale_while_revalidate_secs = 0";
-    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
     let url = gateway.url("/etag.json");
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
-    let revalidated = first_after_expiry(&url, &[]).await;
+    clock.advance(secs(61));
+    let revalidated = fetch(&url, &[]).await;
     assert_eq!(revalidated.status, 200);
     assert_eq!(revalidated.text(), "original");
     assert_eq!(revalidated.cache, "REVALIDATED");
@@ -260,7 +292,10 @@ async fn not_modified_revalidates() {
     let requests = origin.requests();
     assert_eq!(requests.len(), 2, "origin requests");
     assert_eq!(requests[1].header("if-none-match"), Some("\"e1\""));
+    // The 304 gave the entry 60 s more from the moment of revalidation.
+    clock.advance(secs(59));
     assert_eq!(fetch(&url, &[]).await.cache, "HIT");
+    assert_eq!(origin.count(), 2, "origin requests");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -460,12 +495,14 @@ async fn stale_while_revalidate_survives_503() {
     let origin = ScriptOrigin::start(move |_, _| phased_reply(&origin_phase)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let domain = "stale_while_revalidate_secs = 30";
-    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
     let url = gateway.url("/swr-503.json");
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
     phase.store(DOWN, Ordering::SeqCst);
-    let stale = first_after_expiry(&url, &[]).await;
+    clock.advance(secs(61));
+    let stale = fetch(&url, &[]).await;
+    assert_eq!(stale.cache, "UPDATING");
     assert_eq!(stale.status, 200);
     assert_eq!(stale.text(), "v1");
     poll(|| origin.count() == 2, "the background refresh").await;
@@ -528,7 +565,7 @@ async fn origin_cap_serves_stale() {
             headers: vec![("cache-control".into(), "no-store".into())],
             ..Script::pieces(vec![b"x".to_vec(); 15])
         },
-        (_, 0) => Script::ok("v1", "max-age=1"),
+        (_, 0) => Script::ok("v1", "max-age=60"),
         _ => Script::ok("v2", "max-age=60"),
     })
     .await;
@@ -536,12 +573,11 @@ async fn origin_cap_serves_stale() {
     let domain = "stale_while_revalidate_secs = 0
 max_origin_requests = 1
 lock_wait_timeout_secs = 1";
-    let gateway = start_gateway(dir.path(), origin.addr, domain, false);
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
     let url = gateway.url("/stale.json");
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
-    // Waits out max-age=1 without a request, because a request would revalidate at once.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    clock.advance(secs(61));
     let busy_url = gateway.url("/busy");
     let busy = tokio::spawn(async move { fetch(&busy_url, &[]).await });
     poll(
@@ -562,6 +598,12 @@ lock_wait_timeout_secs = 1";
 /// domain table and `[cache] debug_headers` set to `debug`.
 fn start_gateway(dir: &Path, origin: SocketAddr, domain_keys: &str, debug: bool) -> TestGateway {
     TestGateway::start(dir, &gateway_config(origin, domain_keys, debug))
+}
+
+/// Starts the gateway of [`start_gateway`] without debug headers, with a cache clock that the
+/// test moves forward.
+fn start_clocked(dir: &Path, origin: SocketAddr, domain_keys: &str) -> (TestGateway, TestClock) {
+    TestGateway::start_with_clock(dir, &gateway_config(origin, domain_keys, false))
 }
 
 /// Returns the config that [`start_gateway`] starts.
@@ -591,10 +633,10 @@ const UP_FIRST: u8 = 0;
 const DOWN: u8 = 1;
 const UP_AGAIN: u8 = 2;
 
-/// Returns `v1` (fresh for 1 s), a 503, or `v2` (fresh for 60 s) by `phase`.
+/// Returns `v1`, a 503, or `v2` (each storable one fresh for 60 s) by `phase`.
 fn phased_reply(phase: &AtomicU8) -> Script {
     match phase.load(Ordering::SeqCst) {
-        UP_FIRST => Script::ok("v1", "max-age=1"),
+        UP_FIRST => Script::ok("v1", "max-age=60"),
         DOWN => Script {
             status: 503,
             ..Script::ok("origin down", "no-store")
@@ -651,17 +693,32 @@ async fn fetch(url: &str, headers: &[(&str, &str)]) -> Fetched {
     }
 }
 
-/// Waits out a `max-age=1` entry of `url`, then returns the first response that is not `HIT`.
-async fn first_after_expiry(url: &str, headers: &[(&str, &str)]) -> Fetched {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    for _ in 0..30 {
-        let resp = fetch(url, headers).await;
-        if resp.cache != "HIT" {
+/// Fetches `url` until its body is `body`, every 20 ms for up to 5 s, and returns that response.
+async fn fetch_until_body(url: &str, body: &str) -> Fetched {
+    for _ in 0..250 {
+        let resp = fetch(url, &[]).await;
+        if resp.text() == body {
             return resp;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{url} was still fresh 4 s after a max-age=1 fill");
+    panic!("{url} did not serve {body:?} within 5 s");
+}
+
+/// Moves `clock` forward by each step's seconds in turn and checks that `url` then serves its
+/// stale `v1` as `STALE`. Each step's label names the edge in failure messages.
+async fn expect_stale_at(clock: &TestClock, url: &str, steps: &[(u64, &str)]) {
+    for &(step, edge) in steps {
+        clock.advance(secs(step));
+        let stale = fetch(url, &[]).await;
+        assert_eq!(stale.status, 200, "{edge}");
+        assert_eq!(stale.text(), "v1", "{edge}");
+        assert_eq!(stale.cache, "STALE", "{edge}");
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 /// Polls `done` every 20 ms for up to 5 s, and panics naming `what` when it stays false.
@@ -798,6 +855,12 @@ impl ScriptOrigin {
 
     fn requests(&self) -> Vec<Recorded> {
         self.seen.requests.lock().expect("lock").clone()
+    }
+
+    /// Returns how many requests for `target` the origin received.
+    fn count_of(&self, target: &str) -> usize {
+        let requests = self.seen.requests.lock().expect("lock");
+        requests.iter().filter(|r| r.target == target).count()
     }
 
     fn replied_at(&self, index: usize) -> Option<Instant> {

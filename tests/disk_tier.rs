@@ -346,13 +346,8 @@ async fn large_fill_streams_from_disk() {
         .load(std::sync::atomic::Ordering::Relaxed)
         .saturating_sub(before)
         / 1024;
-    // NOTE: under heavy load a second origin request was seen once in CI (a waiter that found
-    // neither the fill in progress nor the published entry); the cause is not found yet.
     let origin_requests = requests.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        (1..=2).contains(&origin_requests),
-        "{origin_requests} origin requests"
-    );
+    assert_eq!(origin_requests, 1, "origin requests");
     assert_eq!(gateway.running.memory_stats().entries, 0);
     assert!(
         growth_mib < 32,
@@ -375,8 +370,40 @@ async fn streaming_origin(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+    counting_origin(move |_, mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncache-control: max-age=60\r\n\r\n"
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut sent = 0;
+        while sent < len {
+            let n = CHUNK.len().min(len - sent);
+            if stream.write_all(&CHUNK[..n]).await.is_err() {
+                return;
+            }
+            sent += n;
+        }
+    })
+    .await
+}
+
+/// Starts an origin on a loopback port that reads and counts each connection's first request
+/// head, then hands the request line and the connection to `respond`. Returns its address and
+/// the request counter.
+async fn counting_origin<F, R>(
+    respond: F,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)
+where
+    F: Fn(String, tokio::net::TcpStream) -> R + Clone + Send + 'static,
+    R: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -385,38 +412,37 @@ async fn streaming_origin(
     let counter = requests.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let (counter, respond) = (counter.clone(), respond.clone());
             tokio::spawn(async move {
                 let mut reader = tokio::io::BufReader::new(stream);
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ncache-control: max-age=60\r\n\r\n"
-                );
-                let stream = reader.get_mut();
-                if stream.write_all(head.as_bytes()).await.is_err() {
+                let Some(request_line) = read_head(&mut reader).await else {
                     return;
-                }
-                let mut sent = 0;
-                while sent < len {
-                    let n = CHUNK.len().min(len - sent);
-                    if stream.write_all(&CHUNK[..n]).await.is_err() {
-                        return;
-                    }
-                    sent += n;
-                }
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                respond(request_line, reader.into_inner()).await;
             });
         }
     });
     (addr, requests)
+}
+
+/// Reads a request head and returns its request line, or `None` when the connection ends
+/// first.
+async fn read_head(reader: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> Option<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if line.trim_end().is_empty() {
+            return Some(request_line);
+        }
+    }
 }
 
 fn resident_kib() -> usize {
@@ -426,4 +452,237 @@ fn resident_kib() -> usize {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Bytes of the chunked body that [`chunked_origin`] sends for `/chunked.bin`.
+const CHUNKED_LEN: usize = 300 << 20;
+/// Bytes that [`chunked_origin`] sends for `/cut.bin` before it closes the connection without
+/// the terminating chunk.
+const CUT_AFTER: usize = 3 << 20;
+/// Size of each chunk [`chunked_origin`] writes.
+const CHUNK: usize = 64 * 1024;
+
+/// A fill without `Content-Length` goes to the disk tier as it arrives. The gateway process's
+/// peak resident memory stays bounded while it caches and serves a 300 MiB body, and the
+/// second request is a hit from disk with the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_fill_streams_to_disk() {
+    chunked_fill_case(CHUNKED_LEN).await;
+}
+
+/// Checks what [`chunked_fill_streams_to_disk`] checks, with a 2 GiB body.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "writes 2 GiB to disk twice over and takes about a minute; run by hand to measure"]
+async fn chunked_fill_2gib_streams_to_disk() {
+    chunked_fill_case(2 << 30).await;
+}
+
+async fn chunked_fill_case(len: usize) {
+    let (origin, requests) = chunked_origin(len).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = format!("{}MiB", (len >> 20) * 2 + 64);
+    let text = config(dir.path(), origin, "127.0.0.1:0")
+        .replace("level = \"warn\"", "level = \"info\"")
+        .replace(
+            "disk_bytes = \"256MiB\"",
+            &format!("disk_bytes = \"{budget}\""),
+        )
+        .replace(
+            "disk_max_object_bytes = \"128MiB\"",
+            &format!("disk_max_object_bytes = \"{budget}\""),
+        );
+    std::fs::write(dir.path().join("gateway.toml"), &text).expect("write config");
+    let (mut child, addr) = common::spawn_gateway(dir.path());
+    let started_kib = proc_status_kib(child.id(), "VmHWM");
+    let expected = chunked_digest(len);
+
+    let url = format!("http://{addr}/chunked.bin");
+    let (first_status, first_digest, first_len) = fetch_digest(&url).await;
+    let (second_status, second_digest, second_len) = fetch_digest(&url).await;
+    let peak_kib = proc_status_kib(child.id(), "VmHWM");
+    child.kill().expect("stop the gateway");
+    child.wait().expect("reap the gateway");
+
+    let growth_mib = peak_kib.saturating_sub(started_kib) / 1024;
+    eprintln!(
+        "{} MiB chunked body: gateway VmHWM {} MiB at start, {} MiB at peak (+{growth_mib} MiB)",
+        len >> 20,
+        started_kib / 1024,
+        peak_kib / 1024
+    );
+    assert_eq!(first_status, "MISS");
+    assert_eq!(first_len, len, "first body length");
+    assert!(
+        first_digest == expected,
+        "first body differs from the origin's"
+    );
+    assert_eq!(second_status, "HIT");
+    assert_eq!(second_len, len, "second body length");
+    assert!(
+        second_digest == expected,
+        "cached body differs from the origin's"
+    );
+    assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let entries = entry_files(&dir.path().join("disk"));
+    assert_eq!(entries.len(), 1, "disk entries");
+    assert!(
+        growth_mib < 100,
+        "peak memory grew by {growth_mib} MiB for a {} MiB body",
+        len >> 20
+    );
+}
+
+/// A chunked body that the origin cuts off (no terminating chunk) fails for the client and is
+/// never stored: the next request goes to the origin again, and no entry or temp file is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_cut_not_stored() {
+    let (origin, requests) = chunked_origin(CHUNKED_LEN).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin, "127.0.0.1:0"));
+    let url = gateway.url("/cut.bin");
+    for round in 1..=2 {
+        let body = match client().get(&url).send().await {
+            Ok(response) => {
+                let status = response.headers()["x-cache-status"].clone();
+                assert_ne!(status, "HIT", "round {round}");
+                response.bytes().await.map(|b| b.len())
+            }
+            Err(e) => Err(e),
+        };
+        assert!(body.is_err(), "round {round}: a clean {body:?}-byte body");
+    }
+    assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let disk = dir.path().join("disk");
+    assert!(entry_files(&disk).is_empty(), "a cut body was stored");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while temp_files(&disk) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(temp_files(&disk), 0, "temp files left behind");
+    assert_eq!(gateway.running.disk_stats().expect("disk tier").entries, 0);
+}
+
+fn temp_files(disk: &Path) -> usize {
+    std::fs::read_dir(disk.join("tmp")).map_or(0, |dir| dir.count())
+}
+
+/// GETs `url` with a client that allows minutes for the body, and returns `X-Cache-Status`,
+/// the SHA-256 of the body and its length.
+async fn fetch_digest(url: &str) -> (String, Vec<u8>, usize) {
+    use sha2::Digest;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client");
+    let mut response = client.get(url).send().await.expect("request");
+    let status = response.headers()["x-cache-status"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0;
+    while let Some(chunk) = response.chunk().await.expect("body chunk") {
+        hasher.update(&chunk);
+        len += chunk.len();
+    }
+    (status, hasher.finalize().to_vec(), len)
+}
+
+/// Returns a field of `/proc/<pid>/status` in KiB (`VmHWM`: peak resident memory).
+fn proc_status_kib(pid: u32, field: &str) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Returns chunk `index` of the chunked origin's body: a fixed pseudo-random pattern that
+/// starts with the chunk's index, so that a lost, repeated or reordered chunk changes the
+/// digest.
+fn body_chunk(pattern: &[u8], index: usize, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(pattern);
+    out[..8].copy_from_slice(&(index as u64).to_le_bytes());
+}
+
+fn chunk_pattern() -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..CHUNK)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Returns the SHA-256 of the body [`chunked_origin`] sends for `/chunked.bin`.
+fn chunked_digest(len: usize) -> Vec<u8> {
+    use sha2::Digest;
+    let pattern = chunk_pattern();
+    let mut hasher = sha2::Sha256::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut sent = 0;
+    for index in 0.. {
+        if sent == len {
+            break;
+        }
+        body_chunk(&pattern, index, &mut chunk);
+        let n = CHUNK.min(len - sent);
+        hasher.update(&chunk[..n]);
+        sent += n;
+    }
+    hasher.finalize().to_vec()
+}
+
+/// An origin that responds to `/chunked.bin` with `len` bytes in `Transfer-Encoding: chunked`,
+/// generated as it writes them, and `/cut.bin` with [`CUT_AFTER`] bytes of chunks and then a
+/// closed connection; returns its address and a request counter.
+async fn chunked_origin(
+    len: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    counting_origin(move |target, mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let (total, cut) = if target.contains("/cut.bin") {
+            (CUT_AFTER, true)
+        } else {
+            (len, false)
+        };
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                    cache-control: max-age=60\r\n\r\n";
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let pattern = chunk_pattern();
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut sent = 0;
+        let mut index = 0;
+        while sent < total {
+            body_chunk(&pattern, index, &mut chunk);
+            let n = CHUNK.min(total - sent);
+            let size = format!("{n:x}\r\n");
+            let written = async {
+                stream.write_all(size.as_bytes()).await?;
+                stream.write_all(&chunk[..n]).await?;
+                stream.write_all(b"\r\n").await
+            };
+            if written.await.is_err() {
+                return;
+            }
+            sent += n;
+            index += 1;
+        }
+        if !cut {
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+        let _ = stream.shutdown().await;
+    })
+    .await
 }

@@ -140,6 +140,25 @@ impl App {
     /// sockets of the running gateway instead of binding them (Pingora's zero-downtime
     /// upgrade): it waits until that process gets SIGQUIT and hands them over.
     pub fn build_with(config: &GatewayConfig, upgrade: bool) -> Result<Self, StartError> {
+        Self::build_inner(config, upgrade, crate::cache::CacheClock::system())
+    }
+
+    /// Builds the gateway like [`App::build`], with the cache's freshness following `clock`
+    /// instead of the system clock: a test harness moves it forward to expire responses
+    /// without sleeping.
+    #[doc(hidden)]
+    pub fn build_with_cache_clock(
+        config: &GatewayConfig,
+        clock: &crate::cache::TestClock,
+    ) -> Result<Self, StartError> {
+        Self::build_inner(config, false, clock.cache_clock())
+    }
+
+    fn build_inner(
+        config: &GatewayConfig,
+        upgrade: bool,
+        clock: crate::cache::CacheClock,
+    ) -> Result<Self, StartError> {
         let runtime_dir = RuntimeDir::create(config.server.runtime_dir.as_deref())?;
         let server_conf = server_conf(config, runtime_dir.path());
         let options = pingora::server::configuration::Opt {
@@ -191,7 +210,7 @@ impl App {
             }
         }
         let shared = crate::reload::Shared {
-            cache: Arc::new(CacheTier::new(&config.cache).map_err(StartError::DiskCache)?),
+            cache: Arc::new(CacheTier::new(&config.cache, clock).map_err(StartError::DiskCache)?),
             access_log: AccessLog::open(&config.log.access_log, config.log.access_log_format)
                 .map_err(StartError::AccessLog)?,
             rejections: Default::default(),

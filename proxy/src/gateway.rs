@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mirror_plugins::{LocalResponse, LogRecord, RequestInfo, RequestState, Verdict};
-use pingora::cache::{CacheKey, NoCacheReason, RespCacheable};
+use pingora::cache::{CacheKey, ForcedFreshness, NoCacheReason, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -295,6 +295,20 @@ impl ProxyHttp for Gateway {
         ))
     }
 
+    /// Runs on every stored response found, fresh or stale. Returns `None`, which keeps
+    /// Pingora's own decision, unless the cache clock is ahead of the system clock. Only tests
+    /// move it (see `cache/clock.rs`).
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &pingora::cache::CacheMeta,
+        _hit_handler: &mut pingora::cache::storage::HitHandler,
+        _is_fresh: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<ForcedFreshness>> {
+        Ok(ctx.state.cache.clock().forced_freshness(meta))
+    }
+
     fn cache_vary_filter(
         &self,
         meta: &pingora::cache::CacheMeta,
@@ -320,7 +334,8 @@ impl ProxyHttp for Gateway {
         let stale = state
             .domain(ctx)
             .map_or(crate::config::StaleWindows::NONE, |d| d.config.stale);
-        match decide_cacheability(resp, policy, forwarded, stale, SystemTime::now()) {
+        let now = state.cache.clock().now();
+        match decide_cacheability(resp, policy, forwarded, stale, now) {
             Ok(decision) => Ok(decision),
             Err(reason) => {
                 ctx.no_store = Some(reason);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mirror_proxy::app::{App, RunningGateway};
+pub use mirror_proxy::cache::TestClock;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -23,11 +24,26 @@ impl TestGateway {
     /// Writes `config` to `dir/gateway.toml` and starts the gateway; `[server]` must listen on
     /// `127.0.0.1:0`.
     pub fn start(dir: &Path, config: &str) -> Self {
+        Self::start_inner(dir, config, None)
+    }
+
+    /// Starts the gateway like [`TestGateway::start`], with the cache's freshness following
+    /// the returned clock, which the test moves forward instead of sleeping.
+    pub fn start_with_clock(dir: &Path, config: &str) -> (Self, TestClock) {
+        let clock = TestClock::new();
+        (Self::start_inner(dir, config, Some(&clock)), clock)
+    }
+
+    fn start_inner(dir: &Path, config: &str, clock: Option<&TestClock>) -> Self {
         let path = dir.join("gateway.toml");
         std::fs::write(&path, config).expect("write config");
         let config = mirror_proxy::config::load(&path, Vec::new())
             .unwrap_or_else(|errors| panic!("invalid test config: {errors:#?}"));
-        let app = App::build(&config).expect("gateway builds");
+        let app = match clock {
+            Some(clock) => App::build_with_cache_clock(&config, clock),
+            None => App::build(&config),
+        }
+        .expect("gateway builds");
         let addr = app.listen_addrs()[0];
         let running = app.spawn();
         wait_for_port(addr);

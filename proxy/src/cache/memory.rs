@@ -209,6 +209,16 @@ impl MemoryStorage {
     }
 }
 
+impl super::lock::FillState for MemoryStorage {
+    fn fill_running(&self, key: &HashBinary) -> bool {
+        self.in_flight.read().contains_key(key)
+    }
+
+    fn stored(&self, key: &HashBinary) -> bool {
+        self.entries.read().contains_key(key)
+    }
+}
+
 /// The LRU list's key: the first 8 bytes of the combined cache key hash.
 fn lru_key(key: &HashBinary) -> u64 {
     let mut bytes = [0u8; 8];
@@ -313,15 +323,14 @@ impl Storage for MemoryStorage {
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let key = key.combined_bin();
-        if let Some(hit) = self.complete_hit(&key)? {
-            return Ok(Some(hit));
-        }
+        // A fill in progress is newer than a complete entry of the same key (it refreshes a
+        // stale one), and Pingora has already released the key's lock to let readers join it.
         if let Some(partial) = self.partial_hit(&key, None) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(partial));
         }
-        // A fill that finished between the two checks above published its entry before dropping
-        // its in-flight record, so the entry is there now.
+        // A fill that finished after the check above published its entry before dropping its
+        // in-flight record, so the entry is there now.
         if let Some(hit) = self.complete_hit(&key)? {
             return Ok(Some(hit));
         }

@@ -1,17 +1,20 @@
 //! Cache wiring: the memory and disk tiers, cache keys, cacheability and `X-Cache-Status`.
 
 mod by_domain;
+mod clock;
 pub mod disk;
+mod lock;
 pub mod memory;
 mod policy;
 mod raw_header;
 mod status;
 pub mod tiered;
 
-use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
 use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache, Storage};
 
+pub use clock::{CacheClock, TestClock};
 pub use disk::{DiskError, DiskSnapshot, DiskStorage};
 pub use memory::{MemoryStorage, TierSnapshot, TierStats};
 pub use policy::{decide_cacheability, NoStoreReason};
@@ -40,12 +43,14 @@ pub struct CacheTier {
     lock_wait_timeout: std::time::Duration,
     /// Largest response stored in any tier.
     max_object_bytes: usize,
+    /// The time responses are stored and judged by.
+    clock: CacheClock,
 }
 
 impl CacheTier {
     /// Creates the memory tier, the disk tier when configured (scanning its directory), the
-    /// predictor and the cache lock.
-    pub fn new(settings: &CacheSettings) -> Result<Self, DiskError> {
+    /// predictor and the cache lock; freshness follows `clock`.
+    pub fn new(settings: &CacheSettings, clock: CacheClock) -> Result<Self, DiskError> {
         let disk = match &settings.disk {
             Some(disk) => {
                 let storage =
@@ -75,11 +80,16 @@ impl CacheTier {
             settings.max_object_bytes,
             max_object_bytes,
         )));
-        let storage: &'static (dyn Storage + Sync) = match disk {
-            Some(disk) => Box::leak(Box::new(tiered::TieredStorage::new(memory, disk))),
-            None => memory,
-        };
-        let lock: Box<CacheKeyLockImpl> = CacheLock::new_boxed(settings.lock_age_timeout);
+        let (storage, fills): (&'static (dyn Storage + Sync), &'static dyn lock::FillState) =
+            match disk {
+                Some(disk) => {
+                    let tiered = Box::leak(Box::new(tiered::TieredStorage::new(memory, disk)));
+                    (tiered, tiered)
+                }
+                None => (memory, memory),
+            };
+        let lock: Box<CacheKeyLockImpl> =
+            Box::new(lock::FillAwareLock::new(settings.lock_age_timeout, fills));
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
         // (`Custom`) keep looking up, and coalescing, every request.
         let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));
@@ -91,6 +101,7 @@ impl CacheTier {
             predictor: Box::leak(Box::new(predictor)),
             lock_wait_timeout: settings.lock_wait_timeout,
             max_object_bytes,
+            clock,
         })
     }
 
@@ -107,6 +118,11 @@ impl CacheTier {
             Some(overrides),
         );
         cache.set_max_file_size_bytes(self.max_object_bytes);
+    }
+
+    /// Returns the clock that stored responses are stamped and judged by.
+    pub fn clock(&self) -> &CacheClock {
+        &self.clock
     }
 
     /// Returns the cache-wide wait for another request's fill.

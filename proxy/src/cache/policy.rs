@@ -129,7 +129,7 @@ pub fn decide_cacheability(
         RespCacheable::Cacheable(meta) => {
             let fresh_until = match policy {
                 Some(policy) if !origin_no_cache => now + policy.ttl,
-                _ => meta.fresh_until(),
+                _ => origin_fresh_until(&meta, now),
             };
             Ok(RespCacheable::Cacheable(CacheMeta::new(
                 fresh_until,
@@ -143,6 +143,20 @@ pub fn decide_cacheability(
             Err(NoStoreReason::NoLifetime)
         }
         RespCacheable::Uncacheable(_) => Err(NoStoreReason::Status),
+    }
+}
+
+/// Returns the end of the origin's lifetime in `meta`, moved to the time frame of `now`.
+///
+/// `resp_cacheable` measures the lifetime from the system clock. The cache clock may be ahead
+/// of it (see `clock.rs`), so the lifetime is measured again from `now`.
+fn origin_fresh_until(meta: &CacheMeta, now: SystemTime) -> SystemTime {
+    match meta.fresh_until().duration_since(meta.created()) {
+        Ok(lifetime) => now + lifetime,
+        // An `Expires` in the past: the response expired that long before it was stored.
+        Err(e) => now
+            .checked_sub(e.duration())
+            .unwrap_or(SystemTime::UNIX_EPOCH),
     }
 }
 
@@ -282,6 +296,17 @@ mod tests {
         assert!(decide_cacheability(&response(200, &[]), Some(&p), true, STALE, now).is_err());
         let public = response(200, &[("cache-control", "public, max-age=10")]);
         assert!(decide_cacheability(&public, Some(&p), true, STALE, now).is_ok());
+    }
+
+    #[test]
+    fn origin_lifetime_counts_from_now() {
+        // A cache clock an hour ahead of the system clock.
+        let now = SystemTime::now() + Duration::from_secs(3600);
+        let resp = response(200, &[("cache-control", "max-age=60")]);
+        assert_eq!(
+            fresh_secs(decide_cacheability(&resp, None, false, STALE, now), now),
+            60
+        );
     }
 }
 

@@ -1,17 +1,20 @@
 //! The two cache tiers together: memory in front of disk.
 //!
-//! A lookup tries memory first (complete entries and fills in progress), then fills of large
+//! A lookup tries memory first (fills in progress, then complete entries), then fills of large
 //! objects in progress, then disk. A complete disk hit of an object small enough for memory is
 //! copied into memory as it is read, so the next request is served from memory.
 //!
-//! A fill of an object whose `Content-Length` fits the memory tier (or is unknown) writes to
-//! both tiers: readers stream it from memory while the disk copy is written, and the disk entry
-//! is published before the memory one. A disk write error turns the disk copy off for that
+//! A fill of an object whose `Content-Length` fits the memory tier writes to both tiers:
+//! readers stream it from memory while the disk copy is written, and the disk entry is
+//! published before the memory one. A disk write error turns the disk copy off for that
 //! object only; the client still gets the response and the memory copy.
 //!
-//! A fill of a larger object goes to disk only, and its readers follow the temp file as it is
-//! written, so memory stays bounded whatever the object's size. A disk write error then fails
-//! that fill's readers, like an origin error would; the next request fetches the object again.
+//! A fill of a larger object, or of one without `Content-Length`, goes to disk only, and its
+//! readers follow the temp file as it is written, so memory stays bounded whatever the
+//! object's size. A disk write error then fails that fill's readers, like an origin error
+//! would; the next request fetches the object again. NOTE: when the disk tier cannot even
+//! create the temp file, a fill without `Content-Length` falls back to the memory tier and is
+//! held there whole, up to the largest object size of either tier.
 //!
 //! Each tier bounds itself; a purge removes from both.
 
@@ -35,6 +38,7 @@ use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::{Error, ErrorType, Result};
 
 use super::disk::{DiskMiss, DiskStorage, FileTap};
+use super::lock::FillState;
 use super::memory::MemoryStorage;
 
 /// Write ids of large fills have this bit set, so they never clash with the memory tier's.
@@ -86,22 +90,25 @@ impl TieredStorage {
         }
     }
 
-    /// Starts a disk-only fill with readers, when the object is known to be too large for
-    /// memory and the disk accepts it.
+    /// Starts a disk-only fill with readers, when the object is too large for memory or of
+    /// unknown size (no `Content-Length`), and the disk accepts it.
+    ///
+    /// A fill of unknown size that turns out small enough for memory gets there on its first
+    /// disk hit, like any small disk entry.
     async fn start_large_fill(
         &'static self,
         key: &CacheKey,
         meta: &CacheMeta,
     ) -> Option<MissHandler> {
-        let length: usize = meta
+        let length = meta
             .headers()
-            .get(http::header::CONTENT_LENGTH)?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok()?;
-        if length <= self.memory.max_object_bytes() {
-            return None;
+            .get(http::header::CONTENT_LENGTH)
+            .map(|value| value.to_str().ok()?.parse::<usize>().ok());
+        match length {
+            // No usable length: the size is known only when the body ends.
+            None | Some(None) => {}
+            Some(Some(length)) if length > self.memory.max_object_bytes() => {}
+            Some(Some(_)) => return None,
         }
         let mut disk = match self.disk.start_fill(key, meta).await {
             Ok(disk) => disk,
@@ -125,6 +132,16 @@ impl TieredStorage {
             id,
             tag: U64WriteId::from(id),
         }))
+    }
+}
+
+impl FillState for TieredStorage {
+    fn fill_running(&self, key: &HashBinary) -> bool {
+        self.memory.fill_running(key) || self.large_fills.read().contains_key(key)
+    }
+
+    fn stored(&self, key: &HashBinary) -> bool {
+        self.memory.stored(key) || self.disk.contains(key)
     }
 }
 

@@ -259,6 +259,11 @@ impl DiskStorage {
         self.scan
     }
 
+    /// Returns whether the index contains a published entry named `name` (a combined key hash).
+    pub fn contains(&self, name: &HashBinary) -> bool {
+        self.index.lock().get(name).is_some()
+    }
+
     /// Returns the number of published entries of `domain` (the key's user tag).
     pub fn domain_entries(&self, domain: &str) -> u64 {
         self.index.lock().domain_len(domain)

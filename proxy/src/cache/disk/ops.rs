@@ -127,7 +127,12 @@ impl DiskStorage {
         let path = self.entry_path(&name);
         let file = match File::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Deleted behind this process's back (by the other process during an upgrade,
+                // or by hand): the index must not keep claiming it.
+                self.index.lock().remove(&name);
+                return Ok(None);
+            }
             Err(e) => return Err(io_error(ErrorType::FileOpenError, "open", &path, e)),
         };
         let (header, md) = match self.read_checked(&file, &name) {
