@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -253,7 +252,7 @@ impl App {
         let mut listen = Vec::new();
         for addr in &config.server.listen {
             let (bound, fd) = binder.tcp(*addr)?;
-            plain.add_listener(client_listener(&bound.to_string()));
+            plain.add_tcp(&bound.to_string());
             prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
             listen.push(bound);
         }
@@ -266,7 +265,7 @@ impl App {
             );
             let mut prebound = Vec::new();
             for (bound, fd) in tls_bound {
-                secure.add_listener(client_listener(&bound.to_string()));
+                secure.add_tcp(&bound.to_string());
                 prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
             }
             server.add_service(Prebound::new(secure, prebound));
@@ -413,17 +412,6 @@ impl ShutdownSignalWatch for ChannelShutdown {
         }
         ShutdownSignal::GracefulTerminate
     }
-}
-
-/// Bytes of a client connection's write buffer. Pingora's default of 1460 sends the header and
-/// the body of a 1 KB index in two segments as soon as a few header fields are added; 16 KiB
-/// sends a response of that size in one, next to the 64 KiB read buffer of each connection.
-const CLIENT_WRITE_BUFFER_BYTES: usize = 16 * 1024;
-
-/// Returns the listener config of a client-facing TCP address.
-fn client_listener(addr: &str) -> ListenerConfig {
-    let buffers = L4BufferSettings::default().write(CLIENT_WRITE_BUFFER_BYTES);
-    ListenerConfig::tcp(addr).l4_buffer(buffers)
 }
 
 fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {
