@@ -3,9 +3,9 @@
 //! `ResponseHeader::insert_header` turns each name into its title-case spelling, parses it
 //! back into a `HeaderName` and keeps both in two maps, so every field costs a few
 //! allocations. [`insert`] writes into the `http::HeaderMap` itself instead. The first call
-//! drops the header's record of the origin's name spelling: from then on standard names go
-//! out in their usual capitalisation (`Content-Type`) and other names in lower case
-//! (`ratelimit-limit`), as HTTP/2 sends every name. HTTP treats names without regard to case.
+//! drops the header's record of the origin's name spelling: from then on the names Pingora
+//! spells itself go out capitalised (`Content-Type`) and all others in lower case (`etag`,
+//! `ratelimit-limit`), as HTTP/2 sends every name. HTTP treats names without regard to case.
 
 use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
