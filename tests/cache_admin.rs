@@ -107,6 +107,9 @@ async fn purge_bad_requests() {
     let cases = [
         ("POST", "/cache/purge?domain=nowhere&path=/a", 404),
         ("POST", "/cache/purge?path=/a", 400),
+        ("POST", "/cache/purge?domain=primary&paht=/a", 400),
+        ("POST", "/cache/purge?domain=primary&path=/a&path=/b", 400),
+        ("POST", "/cache/purge?domain=primary&prefix=/a&query=x", 400),
         ("GET", "/cache/purge?domain=primary", 405),
     ];
     for (method, target, expected) in cases {

@@ -192,3 +192,62 @@ async fn post_405_with_allow() {
     }
     assert_eq!(fx.origin.count(), 0);
 }
+
+/// Sends `request` as raw bytes and returns the whole answer as text.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer within 10 s")
+        .expect("exchange");
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_host_is_400() {
+    let fx = Fixture::start().await;
+    let answer = raw_exchange(
+        fx.gateway.addr,
+        "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(fx.origin.count(), 0);
+}
+
+/// An origin that answers in HTTP/1.0 does not make the gateway answer in HTTP/1.0.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_version_not_passed_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin_addr = listener.local_addr().expect("addr");
+    let origin = tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = [0u8; 2048];
+            let _ = stream.read(&mut request).await;
+            let _ = stream
+                .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!("{BASE_CONFIG}{}", domain("a", "a.test", origin_addr));
+    let gateway = TestGateway::start(dir.path(), &config);
+    let request = "GET /old HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(gateway.addr, request).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    origin.abort();
+}

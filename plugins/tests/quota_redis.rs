@@ -307,3 +307,42 @@ async fn origin_counts_reach_other_replica() {
     }
     assert_eq!(send(&b, "alice", now).await.0, 429);
 }
+
+/// A check sent just before Redis pauses is counted by Redis once it resumes; the request gave
+/// up long before, was turned away, and its count is taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_paused_count_taken_back() {
+    let server = RedisServer::start();
+    let text = format!(
+        "index_per_hour = 3\ndownload_per_hour = 3\n\
+         [redis]\nurl = \"{}\"\nkey_prefix = \"test\"\ntimeout_ms = 100\nfailure_mode = \"fail_closed\"",
+        server.url()
+    );
+    let settings = toml::Value::Table(text.parse().expect("valid TOML"));
+    let ctx = BuildContext {
+        domain: "primary",
+        config_dir: Path::new("/"),
+    };
+    let plugin = QuotaPlugin::with_registry(settings, &ctx, &Registry::new())
+        .unwrap_or_else(|errors| panic!("settings rejected: {errors:?}"));
+    let now = SystemTime::now();
+    assert_eq!(send(&plugin, "alice", now).await.0, 200);
+
+    let pid = server.child.as_ref().expect("running").id().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let (paused, _) = send(&plugin, "alice", now).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal("-CONT");
+    // The reply arrives, the count is taken back, and the backoff before the next probe passes.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    assert_eq!(paused, 429);
+    assert_eq!(statuses(&plugin, "alice", 3, now).await, [200, 200, 429]);
+}

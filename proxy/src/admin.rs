@@ -140,8 +140,20 @@ impl AdminApp {
     }
 
     fn purge_scope(&self, query: Option<&str>) -> Result<PurgeScope, (StatusCode, String)> {
-        let params = parse_query(query.unwrap_or(""));
         let bad = |message: String| (StatusCode::BAD_REQUEST, message);
+        let params = parse_query(query.unwrap_or("")).map_err(bad)?;
+        // A misspelt parameter must not widen the purge to the whole domain.
+        if let Some(unknown) = params
+            .keys()
+            .find(|name| !PURGE_PARAMETERS.contains(&name.as_str()))
+        {
+            return Err(bad(format!(
+                "unknown parameter {unknown:?}; use domain, and path (with optional query) or prefix"
+            )));
+        }
+        if params.contains_key("query") && !params.contains_key("path") {
+            return Err(bad("`query` goes with `path` only".into()));
+        }
         let domain = params
             .get("domain")
             .ok_or_else(|| bad("missing the `domain` parameter".into()))?
@@ -244,21 +256,29 @@ fn error_json(message: &str) -> String {
 }
 
 /// Parses `a=1&b=2`, percent-decoding names and values; later duplicates win.
-fn parse_query(query: &str) -> HashMap<String, String> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let decode = |s: &str| {
-                percent_encoding::percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8()
-                    .ok()
-                    .map(|v| v.into_owned())
-            };
-            Some((decode(name)?, decode(value)?))
-        })
-        .collect()
+/// The parameters a purge accepts.
+const PURGE_PARAMETERS: [&str; 4] = ["domain", "path", "prefix", "query"];
+
+/// Decodes `query` into its parameters. A parameter given twice or not valid UTF-8 once
+/// decoded is an error that names it.
+fn parse_query(query: &str) -> Result<HashMap<String, String>, String> {
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(&text.replace('+', " "))
+            .decode_utf8()
+            .map(|v| v.into_owned())
+            .map_err(|_| format!("parameter {text:?} is not valid UTF-8 once decoded"))
+    };
+    let mut params = HashMap::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode(name)?;
+        let value = decode(value)?;
+        if params.contains_key(&name) {
+            return Err(format!("parameter {name:?} is given twice; give it once"));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
 }
 
 #[cfg(test)]
@@ -266,8 +286,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn query_rejects_repeated_parameter() {
+        let error = parse_query("domain=a&path=/x&path=/y").expect_err("repeated");
+        assert!(error.contains("\"path\" is given twice"), "{error}");
+    }
+
+    #[test]
     fn query_decodes_values() {
-        let params = parse_query("domain=primary&path=%2Fconcelier%2Fexports%2Findex.json&x");
+        let params = parse_query("domain=primary&path=%2Fconcelier%2Fexports%2Findex.json&x")
+            .expect("valid query");
         assert_eq!(params["domain"], "primary");
         assert_eq!(params["path"], "/concelier/exports/index.json");
         assert_eq!(params["x"], "");

@@ -148,6 +148,13 @@ impl GatewayState {
         let req = session.req_header();
         ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
         let host = request_host(req);
+        if host.is_empty() && req.version == http::Version::HTTP_11 {
+            // RFC 9112, section 3.2: an HTTP/1.1 request without a host is malformed.
+            return Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
         let domain_index = self.router.domain_for_host(host).ok_or_else(|| {
             error_response(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -441,6 +448,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let state = Arc::clone(&ctx.state);
+        // An HTTP/1.0 origin's version must not reach the client: the gateway speaks HTTP/1.1.
+        if upstream_response.version == http::Version::HTTP_10 {
+            upstream_response.set_version(http::Version::HTTP_11);
+        }
         let status = HeaderValue::from_static(cache_status(&session.cache.phase()));
         mirror_plugins::fields::insert(
             upstream_response,

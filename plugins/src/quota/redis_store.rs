@@ -5,7 +5,10 @@
 //! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks), which Redis runs
 //! atomically, one check after the other in queue order. Under load a round trip carries many
 //! requests; a lone request waits for one round trip as before. A check whose request stopped
-//! waiting (its timeout passed) is dropped from the queue instead of counted.
+//! waiting (its timeout passed) is dropped from the queue instead of counted. A check already
+//! on the way is counted by Redis; when the reply comes within [`LATE_REPLY_WAIT`] after the
+//! request gave up, the count is taken back. A Redis that stalls for longer than that and then
+//! runs the check leaves it counted.
 //!
 //! While Redis does not respond, [`RedisStore::run`] returns [`Unavailable`] at once, without
 //! waiting, and the caller falls back (see the plugin's failure mode). One request probes Redis
@@ -33,6 +36,9 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Seconds a key outlives its hour, for replicas whose clocks run a little behind.
 const EXPIRY_MARGIN_SECS: u64 = 120;
+/// How much longer than a request the sending task waits for a reply, so that it can take back
+/// the counts of requests that stopped waiting.
+const LATE_REPLY_WAIT: Duration = Duration::from_secs(1);
 /// Checks sent to Redis in one script call at most.
 pub const MAX_BATCH: usize = 128;
 /// Principals whose hashed key part is remembered; the memo starts afresh when full.
@@ -71,6 +77,16 @@ return table.concat(out, ' ')
 ";
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SCRIPT_SOURCE));
+
+/// Lowers each key by one, not below zero: the counts of requests that stopped waiting.
+const REFUND_SOURCE: &str = r"
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 0
+";
+
+static REFUND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_SOURCE));
 
 /// The operation on a request's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,8 +372,20 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
         }
         match link.eval(&batch).await {
             Ok(decisions) => {
+                let mut refunds = Vec::new();
                 for (check, decision) in batch.drain(..).zip(decisions) {
-                    let _ = check.reply.send(Ok(decision));
+                    let counted = check.op != Op::Peek && matches!(decision, Decision::Allowed(_));
+                    // The request gave up while its check was on the way and fell back; a
+                    // count it made in Redis is taken back.
+                    if check.reply.send(Ok(decision)).is_err() && counted {
+                        refunds.extend(check.keys);
+                    }
+                }
+                if !refunds.is_empty() {
+                    if let Err(e) = link.refund(&refunds).await {
+                        warn!(error = %e, keys = refunds.len(),
+                            "quota: cannot take back counts of requests that stopped waiting for Redis");
+                    }
                 }
             }
             Err(e) => {
@@ -395,13 +423,23 @@ impl Link {
         })
     }
 
+    /// Lowers each of `keys` by one, not below zero.
+    async fn refund(&self, keys: &[String]) -> RedisResult<()> {
+        let mut conn = self.connection().await?;
+        let mut invocation = REFUND_SCRIPT.prepare_invoke();
+        for key in keys {
+            invocation.key(key.as_str());
+        }
+        invocation.invoke_async::<i64>(&mut conn).await.map(|_| ())
+    }
+
     async fn connection(&self) -> RedisResult<MultiplexedConnection> {
         if let Some(conn) = self.conn.lock().clone() {
             return Ok(conn);
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout);
+            .set_response_timeout(self.timeout + LATE_REPLY_WAIT);
         let conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
