@@ -188,3 +188,42 @@ async fn export_time_from_last_modified() {
     );
     assert!(age < Duration::from_secs(60), "{age:?}");
 }
+
+/// Stores `body` under `key` exactly as written, through a plain HTTP PUT: the S3 client
+/// library cannot write keys with `..` segments, which a hostile bucket may still hold.
+fn put_raw(port: u16, key: &str, body: &[u8]) {
+    use std::io::{Read, Write};
+    let target = key.replace('.', "%2E");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "PUT /{BUCKET}/{target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("write head");
+    stream.write_all(body).expect("write body");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "PUT {key}: {answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segment_key_named_in_error() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (moto, _proxy, job, source) = setup(dest.path()).await;
+    moto::put_all(&moto.client(BUCKET), objects(2, "v1")).await;
+    put_raw(moto.port, &format!("{PREFIX}mirror/../evil.txt"), b"x");
+    let err = run_job(&job, &source, &at(0)).await.expect_err("must fail");
+    match &err {
+        SyncError::InvalidKey { key, .. } => assert_eq!(key, "mirror/../evil.txt"),
+        other => panic!("expected an invalid key error, got {other}"),
+    }
+    assert!(
+        err.to_string().contains("fix the key at the source"),
+        "{err}"
+    );
+    assert!(!dest.path().join("latest").exists());
+}

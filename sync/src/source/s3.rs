@@ -184,7 +184,13 @@ impl Source for S3Source {
         let mut stream = self.store.list(prefix.as_ref());
         let mut out = Vec::new();
         while let Some(item) = stream.next().await {
-            let meta = item.map_err(|e| listing_err(e.to_string()))?;
+            let meta = item.map_err(|e| match listed_key_error(&e) {
+                Some(key) => SyncError::InvalidKey {
+                    key: key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned(),
+                    reason: "has a `.`, `..` or empty segment, which could escape the snapshot",
+                },
+                None => listing_err(e.to_string()),
+            })?;
             let location = meta.location.as_ref();
             let Some(key) = location.strip_prefix(&self.prefix) else {
                 return Err(listing_err(format!(
@@ -271,4 +277,19 @@ fn backoff(tuning: &S3Tuning, attempt: u32) -> Duration {
 /// Returns the ETag to send in `If-Match`, or `None` for the listing's stand-in tag.
 fn real_etag(etag: &str) -> Option<&str> {
     (!etag.is_empty() && !etag.starts_with("modified-")).then_some(etag)
+}
+
+/// Returns the key of a listed object that the S3 client rejected as a path (a `.` or `..`
+/// segment, an empty segment), so that the error names the key like other hostile keys.
+fn listed_key_error(error: &object_store::Error) -> Option<String> {
+    use object_store::path::Error as PathError;
+    match error {
+        object_store::Error::InvalidPath { source } => match source {
+            PathError::EmptySegment { path } | PathError::BadSegment { path, .. } => {
+                Some(path.clone())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
 }
