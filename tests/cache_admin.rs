@@ -166,6 +166,52 @@ fn admin_listen_needs_htpasswd() {
 }
 
 /// Host of the `primary` domain.
+/// A purge that arrives while a fill runs also removes what that fill stores when it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_during_fill_holds() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // An origin that sends the header and half the body, then the rest 500 ms later.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin_addr = listener.local_addr().expect("addr");
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    let origin = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\
+                            cache-control: max-age=300\r\n\r\nfirst";
+                let _ = stream.write_all(head.as_bytes()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let _ = stream.write_all(b"end").await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start_with_admin(dir.path(), origin_addr);
+
+    let addr = gateway.addr;
+    let filler = tokio::spawn(async move { raw_get(addr, "/slow", &[("host", PRIMARY)]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (status, body) =
+        admin_request(admin, "POST", "/cache/purge?domain=primary&path=/slow").await;
+    assert_eq!(status, 200, "{body}");
+    let filled = filler.await.expect("filler");
+    assert_eq!(filled.status, 200);
+    assert_eq!(filled.header("x-cache-status"), Some("MISS"));
+
+    assert_eq!(get_cache_status(&gateway, PRIMARY, "/slow").await, "MISS");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+    origin.abort();
+}
+
 const PRIMARY: &str = "127.0.0.1";
 /// Host of the `community` domain.
 const COMMUNITY: &str = "community.test";

@@ -194,26 +194,14 @@ async fn post_405_with_allow() {
 }
 
 /// Sends `request` as raw bytes and returns the whole answer as text.
-async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
-        .await
-        .expect("an answer within 10 s")
-        .expect("exchange");
-    String::from_utf8_lossy(&raw).into_owned()
+async fn raw_text(addr: std::net::SocketAddr, request: &str) -> String {
+    String::from_utf8_lossy(&common::raw_exchange(addr, request).await).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_host_is_400() {
     let fx = Fixture::start().await;
-    let answer = raw_exchange(
+    let answer = raw_text(
         fx.gateway.addr,
         "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
     )
@@ -246,7 +234,7 @@ async fn origin_version_not_passed_on() {
     let config = format!("{BASE_CONFIG}{}", domain("a", "a.test", origin_addr));
     let gateway = TestGateway::start(dir.path(), &config);
     let request = "GET /old HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
-    let answer = raw_exchange(gateway.addr, request).await;
+    let answer = raw_text(gateway.addr, request).await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
     origin.abort();

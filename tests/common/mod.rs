@@ -304,6 +304,23 @@ impl RawResponse {
     }
 }
 
+/// Sends `request` byte for byte and returns everything the server sends until it closes.
+/// Panics after 10 s without the end of the answer, or on a connection error.
+pub async fn raw_exchange(addr: SocketAddr, request: &str) -> Vec<u8> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let first_line = request.lines().next().unwrap_or("");
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no complete answer to {first_line:?} within 10 s"))
+        .unwrap_or_else(|e| panic!("{first_line:?} failed: {e}"))
+}
+
 /// Sends `GET <raw_target> HTTP/1.1` byte for byte, so that no client library rewrites the
 /// path, and reads the whole response (the request carries `Connection: close`).
 ///
@@ -325,17 +342,7 @@ pub async fn raw_get(
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("Connection: close\r\n\r\n");
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("no complete response to GET {raw_target:?} within 10 s"))
-        .unwrap_or_else(|e| panic!("GET {raw_target:?} failed: {e}"));
+    let raw = raw_exchange(addr, &request).await;
     parse_response(&raw).unwrap_or_else(|| {
         panic!(
             "GET {raw_target:?} got no valid HTTP response: {:?}",

@@ -6,6 +6,7 @@ pub mod disk;
 mod lock;
 pub mod memory;
 mod policy;
+mod purge_log;
 mod raw_header;
 mod status;
 pub mod tiered;
@@ -34,8 +35,9 @@ const PREDICTOR_KEYS_PER_SHARD: usize = 1024;
 pub struct CacheTier {
     memory: &'static MemoryStorage,
     disk: Option<&'static DiskStorage>,
-    /// What Pingora reads and writes: the memory tier alone, or memory in front of disk.
-    storage: &'static (dyn Storage + Sync),
+    /// What Pingora reads and writes: the memory tier alone, or memory in front of disk, with
+    /// fills that honour purges made while they run.
+    storage: &'static purge_log::PurgeAware,
     lock: &'static CacheKeyLockImpl,
     /// Remembers keys whose response outgrew `max_object_bytes`, so that their next requests
     /// bypass the cache instead of failing again mid-body.
@@ -93,6 +95,7 @@ impl CacheTier {
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
         // (`Custom`) keep looking up, and coalescing, every request.
         let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));
+        let storage = Box::leak(Box::new(purge_log::PurgeAware::new(storage, memory, disk)));
         Ok(Self {
             memory,
             disk,
@@ -151,6 +154,8 @@ impl CacheTier {
     /// were removed (one held in both tiers counts once). It does blocking file I/O when there
     /// is a disk tier.
     pub fn purge(&self, scope: &PurgeScope) -> usize {
+        // Recorded first, so that a fill publishing during the removal below still sees it.
+        self.storage.log().record(scope.clone());
         let matches = |domain: &str, primary: &[u8]| {
             key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
         };

@@ -284,12 +284,9 @@ fn real_etag(etag: &str) -> Option<&str> {
 fn listed_key_error(error: &object_store::Error) -> Option<String> {
     use object_store::path::Error as PathError;
     match error {
-        object_store::Error::InvalidPath { source } => match source {
-            PathError::EmptySegment { path } | PathError::BadSegment { path, .. } => {
-                Some(path.clone())
-            }
-            _ => None,
-        },
+        object_store::Error::InvalidPath {
+            source: PathError::EmptySegment { path } | PathError::BadSegment { path, .. },
+        } => Some(path.clone()),
         _ => None,
     }
 }

@@ -1,0 +1,247 @@
+//! Purges that a fill running at the time of the purge honours.
+//!
+//! A purge removes what the tiers hold. A fill that started earlier publishes its response
+//! when it ends, which would bring back what the purge removed. So every purge is recorded
+//! first, each fill notes the record count when it starts, and a fill that ends after a purge
+//! covering its key removes what it just published. The published entry is visible for the
+//! moment between its publication and its removal.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::cache::storage::PurgeOutcome;
+use pingora::cache::storage::{HandleMiss, MissFinishType, PurgeType};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, PurgeTarget, Storage};
+use pingora::Result;
+
+use super::disk::DiskStorage;
+use super::memory::MemoryStorage;
+use super::{key_parts, PurgeScope};
+
+/// Purges kept; a fill that started before all of them treats its key as purged.
+const KEPT_PURGES: usize = 256;
+
+/// The recent purges of one cache, numbered from 1.
+#[derive(Debug, Default)]
+pub struct PurgeLog {
+    /// Number of the last purge recorded.
+    last: AtomicU64,
+    recent: Mutex<VecDeque<(u64, PurgeScope)>>,
+}
+
+impl PurgeLog {
+    /// Returns the number of the last purge, to note when a fill starts.
+    pub fn mark(&self) -> u64 {
+        self.last.load(Ordering::Acquire)
+    }
+
+    /// Records a purge; call it before the purge removes anything.
+    pub fn record(&self, scope: PurgeScope) {
+        let mut recent = self.recent.lock();
+        let number = self.last.load(Ordering::Acquire) + 1;
+        recent.push_back((number, scope));
+        if recent.len() > KEPT_PURGES {
+            recent.pop_front();
+        }
+        self.last.store(number, Ordering::Release);
+    }
+
+    /// Returns whether a purge recorded after `mark` covers the key of `domain` and `primary`.
+    pub fn purged_since(&self, mark: u64, domain: &str, primary: &[u8]) -> bool {
+        if self.mark() == mark {
+            return false;
+        }
+        let recent = self.recent.lock();
+        // Purges after `mark` were dropped from the log: any of them may have covered the key.
+        if recent.front().is_some_and(|(number, _)| *number > mark + 1) {
+            return true;
+        }
+        let Some(parts) = key_parts(primary) else {
+            return false;
+        };
+        recent
+            .iter()
+            .any(|(number, scope)| *number > mark && scope.covers(domain, &parts))
+    }
+}
+
+/// The storage Pingora uses, with fills that honour purges made while they ran.
+pub struct PurgeAware {
+    inner: &'static (dyn Storage + Sync),
+    memory: &'static MemoryStorage,
+    disk: Option<&'static DiskStorage>,
+    log: PurgeLog,
+}
+
+impl PurgeAware {
+    /// Wraps `inner`, the storage made of `memory` and `disk`.
+    pub fn new(
+        inner: &'static (dyn Storage + Sync),
+        memory: &'static MemoryStorage,
+        disk: Option<&'static DiskStorage>,
+    ) -> Self {
+        Self {
+            inner,
+            memory,
+            disk,
+            log: PurgeLog::default(),
+        }
+    }
+
+    /// Returns the log that purges are recorded in.
+    pub fn log(&self) -> &PurgeLog {
+        &self.log
+    }
+
+    /// Removes the entries of one key from both tiers. Blocks on file I/O with a disk tier.
+    fn remove(&self, domain: &str, primary: &[u8]) {
+        let matches = |d: &str, p: &[u8]| d == domain && p == primary;
+        self.memory.purge_matching(matches);
+        if let Some(disk) = self.disk {
+            disk.purge_matching(matches);
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for PurgeAware {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        self.inner.lookup(key, trace).await
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        streaming_write_tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        self.inner
+            .lookup_streaming_write(key, streaming_write_tag, trace)
+            .await
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let mark = self.log.mark();
+        let inner = self.inner.get_miss_handler(key, meta, trace).await?;
+        Ok(Box::new(PurgeAwareMiss {
+            inner,
+            storage: self,
+            domain: key.to_compact().user_tag.into(),
+            primary: key.primary_key().to_vec(),
+            mark,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        self.inner.purge(target, purge_type, trace).await
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<bool> {
+        self.inner.update_meta(key, meta, trace).await
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        self.inner.support_streaming_partial_write()
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self.inner.as_any()
+    }
+}
+
+/// A fill that removes its own entry again when a purge covered its key while it ran.
+struct PurgeAwareMiss {
+    inner: MissHandler,
+    storage: &'static PurgeAware,
+    /// The key's domain id (its user tag) and primary key bytes.
+    domain: String,
+    primary: Vec<u8>,
+    /// The purge log's mark when the fill started.
+    mark: u64,
+}
+
+#[async_trait]
+impl HandleMiss for PurgeAwareMiss {
+    async fn write_body(&mut self, data: bytes::Bytes, eof: bool) -> Result<()> {
+        self.inner.write_body(data, eof).await
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let finished = self.inner.finish().await;
+        if self
+            .storage
+            .log
+            .purged_since(self.mark, &self.domain, &self.primary)
+        {
+            tracing::debug!(domain = %self.domain, "a purge covered this fill while it ran; not keeping it");
+            self.storage.remove(&self.domain, &self.primary);
+        }
+        finished
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        self.inner.streaming_write_tag()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(path: &str) -> PurgeScope {
+        PurgeScope::Url {
+            domain: "primary".into(),
+            path: path.into(),
+            query: None,
+        }
+    }
+
+    #[test]
+    fn only_later_purges_count() {
+        let log = PurgeLog::default();
+        log.record(url("/a"));
+        let mark = log.mark();
+        let key = crate::cache::cache_key("primary", Some("e1"), "/a", None);
+        let primary = key.primary_key();
+        assert!(!log.purged_since(mark, "primary", primary));
+        log.record(url("/b"));
+        assert!(!log.purged_since(mark, "primary", primary));
+        log.record(url("/a"));
+        assert!(log.purged_since(mark, "primary", primary));
+        assert!(!log.purged_since(mark, "other", primary));
+    }
+
+    #[test]
+    fn dropped_purges_count_as_covering() {
+        let log = PurgeLog::default();
+        let mark = log.mark();
+        for _ in 0..=KEPT_PURGES {
+            log.record(url("/elsewhere"));
+        }
+        let key = crate::cache::cache_key("primary", None, "/a", None);
+        assert!(log.purged_since(mark, "primary", key.primary_key()));
+    }
+}
