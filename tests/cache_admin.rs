@@ -116,6 +116,14 @@ async fn purge_bad_requests() {
         let (status, body) = admin_request(admin, method, target).await;
         assert_eq!(status, expected, "{method} {target}: {body}");
     }
+    let wrong_method = client()
+        .get(format!("http://{admin}/cache/purge?domain=primary"))
+        .header("authorization", basic(USER, PASSWORD))
+        .send()
+        .await
+        .expect("purge with GET");
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
 }
 
 /// Purged bytes leave the memory budget: after purging two of three 300 KiB objects from a

@@ -215,7 +215,12 @@ impl ServeHttp for AdminApp {
             return reply.into_response();
         }
         let (status, body) = self.handle(&method, &path, query.as_deref()).await;
-        Reply::json(status, body).into_response()
+        let allow = if path == "/cache/purge" {
+            "POST"
+        } else {
+            "GET"
+        };
+        Reply::json(status, body).into_response_allowing(allow)
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use pingora_prometheus::prometheus::core::Collector;
-use pingora_prometheus::prometheus::proto::MetricFamily;
+use pingora_prometheus::prometheus::proto::{Metric, MetricFamily};
 use pingora_prometheus::prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -334,6 +334,7 @@ impl Metrics {
         let mut families = self.registry.gather();
         families.extend(scrape_families(inputs).map_err(|e| e.to_string())?);
         families.sort_by(|a, b| a.name().cmp(b.name()));
+        sort_series(&mut families);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&families, &mut out)
@@ -526,6 +527,19 @@ fn truncate_at_char(text: &mut String, max: usize) {
 }
 
 /// Builds the families read at scrape time: cache tiers, plugin rejections, auth failures.
+/// Orders the series of each family by their labels, so that two scrapes list them alike.
+fn sort_series(families: &mut [MetricFamily]) {
+    let labels = |m: &Metric| -> Vec<(String, String)> {
+        m.get_label()
+            .iter()
+            .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
+            .collect()
+    };
+    for family in families {
+        family.mut_metric().sort_by_key(labels);
+    }
+}
+
 fn scrape_families(inputs: &ScrapeInputs) -> Result<Vec<MetricFamily>, PromError> {
     let mut families = tier_families(&inputs.tiers)?;
     families.extend(rejection_families(inputs)?);
@@ -648,6 +662,29 @@ mod tests {
             duration: Duration::from_millis(3),
             background: false,
         }
+    }
+
+    #[test]
+    fn series_sorted_by_labels() {
+        let series = |domain: &str| {
+            let mut pair = pingora_prometheus::prometheus::proto::LabelPair::default();
+            pair.set_name("domain".to_owned());
+            pair.set_value(domain.to_owned());
+            let mut metric = Metric::default();
+            metric.set_label(vec![pair]);
+            metric
+        };
+        let mut family = MetricFamily::default();
+        family.set_name("x".to_owned());
+        family.set_metric(vec![series("b"), series("c"), series("a")]);
+        let mut families = [family];
+        sort_series(&mut families);
+        let order: Vec<&str> = families[0]
+            .get_metric()
+            .iter()
+            .map(|m| m.get_label()[0].value())
+            .collect();
+        assert_eq!(order, ["a", "b", "c"]);
     }
 
     #[test]

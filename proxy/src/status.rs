@@ -196,11 +196,19 @@ impl Reply {
 
     /// Builds the HTTP response, with `WWW-Authenticate` when the reply is a 401.
     pub fn into_response(self) -> Response<Vec<u8>> {
+        self.into_response_allowing("GET, HEAD")
+    }
+
+    /// Turns the reply into a response, with `allow` as the `Allow` field of a 405.
+    pub fn into_response_allowing(self, allow: &str) -> Response<Vec<u8>> {
         let mut builder = Response::builder()
             .status(self.status)
             .header(http::header::CONTENT_TYPE, self.content_type)
             .header(http::header::CACHE_CONTROL, "no-store")
             .header(http::header::CONTENT_LENGTH, self.body.len());
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            builder = builder.header(http::header::ALLOW, allow);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             builder = builder.header(
                 http::header::WWW_AUTHENTICATE,
