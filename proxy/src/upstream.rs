@@ -13,6 +13,11 @@ use crate::origin::export_tree::ExportTree;
 
 /// `Host` header sent to the internal export-tree server.
 const EXPORT_TREE_HOST: &str = "export-tree.internal";
+/// Seconds a pooled connection to the file server may stay idle. Shorter than the file
+/// server's keep-alive, so the pool never reuses a connection the server is closing, which
+/// Pingora reports as an error ("failed to acquire reusable stream").
+const EXPORT_TREE_IDLE_SECS: u64 = 30;
+const _: () = assert!(EXPORT_TREE_IDLE_SECS < crate::origin::file_server::KEEPALIVE_SECS);
 
 /// A configured origin, ready to hand out peers.
 pub enum Upstream {
@@ -101,7 +106,8 @@ impl Upstream {
                     Error::explain(ErrorType::InternalError, "socket path is not UTF-8")
                 })?;
                 let mut peer = HttpPeer::new_uds(path, false, String::new())?;
-                peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+                peer.options.idle_timeout =
+                    Some(std::time::Duration::from_secs(EXPORT_TREE_IDLE_SECS));
                 Ok(Box::new(peer))
             }
         }

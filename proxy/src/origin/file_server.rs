@@ -34,7 +34,7 @@ const FIRST_CHUNK: usize = 64 * 1024;
 /// Largest body chunk read and written at once, bounding memory per response.
 const MAX_CHUNK: usize = 1024 * 1024;
 /// Seconds an idle keep-alive connection is held open.
-const KEEPALIVE_SECS: u64 = 60;
+pub const KEEPALIVE_SECS: u64 = 60;
 /// Maximum wait for one write to the gateway before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Latest time `httpdate` can format: the last second of year 9999.
