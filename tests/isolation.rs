@@ -193,7 +193,7 @@ async fn post_405_with_allow() {
     assert_eq!(fx.origin.count(), 0);
 }
 
-/// Sends `request` as raw bytes and returns the whole answer as text.
+/// Sends `request` as raw bytes and returns the whole response as text.
 async fn raw_text(addr: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&common::raw_exchange(addr, request).await).into_owned()
 }
@@ -210,7 +210,7 @@ async fn missing_host_is_400() {
     assert_eq!(fx.origin.count(), 0);
 }
 
-/// An origin that answers in HTTP/1.0 does not make the gateway answer in HTTP/1.0.
+/// An origin that responds in HTTP/1.0 does not make the gateway respond in HTTP/1.0.
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_version_not_passed_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

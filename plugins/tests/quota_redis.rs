@@ -308,8 +308,8 @@ async fn origin_counts_reach_other_replica() {
     assert_eq!(send(&b, "alice", now).await.0, 429);
 }
 
-/// A check sent just before Redis pauses is counted by Redis once it resumes; the request gave
-/// up long before, was turned away, and its count is taken back.
+/// A check sent just before Redis pauses is counted by Redis once it resumes. The request gave
+/// up long before and was turned away, so its count is taken back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_paused_count_taken_back() {
     let server = RedisServer::start();

@@ -305,7 +305,7 @@ impl RawResponse {
 }
 
 /// Sends `request` byte for byte and returns everything the server sends until it closes.
-/// Panics after 10 s without the end of the answer, or on a connection error.
+/// Panics after 10 s without the end of the response, or on a connection error.
 pub async fn raw_exchange(addr: SocketAddr, request: &str) -> Vec<u8> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -317,7 +317,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> Vec<u8> {
     let first_line = request.lines().next().unwrap_or("");
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .unwrap_or_else(|_| panic!("no complete answer to {first_line:?} within 10 s"))
+        .unwrap_or_else(|_| panic!("no complete response to {first_line:?} within 10 s"))
         .unwrap_or_else(|e| panic!("{first_line:?} failed: {e}"))
 }
 

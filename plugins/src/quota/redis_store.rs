@@ -1,8 +1,8 @@
 //! The shared store: counts in Redis, one key per domain, class, principal and hour, checked
 //! and counted by one Lua script, so every replica works on the same counts.
 //!
-//! Requests do not call Redis one by one. Each hands its check to a queue; one task per store
-//! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks), which Redis runs
+//! Requests do not call Redis one by one. Each puts its check in a queue, and one task per store
+//! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks). Redis runs the call
 //! atomically, one check after the other in queue order. Under load a round trip carries many
 //! requests; a lone request waits for one round trip as before. A check whose request stopped
 //! waiting (its timeout passed) is dropped from the queue instead of counted. A check already
@@ -236,13 +236,13 @@ impl RedisStore {
     /// addresses are not stored in Redis.
     pub fn key(&self, class: Class, principal: Option<&str>, hour: u64) -> String {
         let tag = principal.map(|name| self.tag(name));
-        let who = tag.as_deref().unwrap_or("all");
+        let principal_part = tag.as_deref().unwrap_or("all");
         let mut hour_digits = itoa::Buffer::new();
         let hour = hour_digits.format(hour);
         let mut key = String::with_capacity(
-            self.prefix.len() + self.domain.len() + who.len() + hour.len() + 12,
+            self.prefix.len() + self.domain.len() + principal_part.len() + hour.len() + 12,
         );
-        for part in [&self.prefix, &self.domain, class.label(), who] {
+        for part in [&self.prefix, &self.domain, class.label(), principal_part] {
             key.push_str(part);
             key.push(':');
         }
@@ -414,11 +414,11 @@ impl Link {
         }
         let reply: String = invocation.invoke_async(&mut conn).await?;
         parse_decisions(&reply, batch.len()).ok_or_else(|| {
-            let shown: String = reply.chars().take(80).collect();
+            let excerpt: String = reply.chars().take(80).collect();
             redis::RedisError::from((
                 redis::ErrorKind::TypeError,
                 "unexpected reply from the quota script",
-                format!("{} checks, reply {shown:?}", batch.len()),
+                format!("{} checks, reply {excerpt:?}", batch.len()),
             ))
         })
     }

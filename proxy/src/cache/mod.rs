@@ -35,8 +35,8 @@ const PREDICTOR_KEYS_PER_SHARD: usize = 1024;
 pub struct CacheTier {
     memory: &'static MemoryStorage,
     disk: Option<&'static DiskStorage>,
-    /// What Pingora reads and writes: the memory tier alone, or memory in front of disk, with
-    /// fills that honour purges made while they run.
+    /// The storage Pingora reads and writes: the memory tier alone, or memory in front of disk,
+    /// with fills that honour purges made while they run.
     storage: &'static purge_log::PurgeAware,
     lock: &'static CacheKeyLockImpl,
     /// Remembers keys whose response outgrew `max_object_bytes`, so that their next requests
@@ -154,7 +154,7 @@ impl CacheTier {
     /// were removed (one held in both tiers counts once). It does blocking file I/O when there
     /// is a disk tier.
     pub fn purge(&self, scope: &PurgeScope) -> usize {
-        // Recorded first, so that a fill publishing during the removal below still sees it.
+        // Recorded first, so that a fill publishing during the removal below still finds it.
         self.storage.log().record(scope.clone());
         let matches = |domain: &str, primary: &[u8]| {
             key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))

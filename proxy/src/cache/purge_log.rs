@@ -139,7 +139,7 @@ impl Storage for PurgeAware {
         Ok(Box::new(PurgeAwareMiss {
             inner,
             storage: self,
-            domain: key.to_compact().user_tag.into(),
+            domain: key.user_tag.clone(),
             primary: key.primary_key().to_vec(),
             mark,
         }))

@@ -29,8 +29,8 @@ fn raw_frame(data: &[u8]) -> Vec<u8> {
     let blocks = data.len() / MAX_BLOCK_BYTES + 1;
     let mut frame = Vec::with_capacity(data.len() + MAGIC.len() + 9 + 3 * blocks);
     frame.extend_from_slice(&MAGIC);
-    // Frame header descriptor: bit 5 says single segment (no window descriptor), bits 7-6 give
-    // the size of the content size field that follows.
+    // Frame header descriptor: bit 5 marks a single segment (no window descriptor), and bits 7-6
+    // give the size of the content size field that follows.
     let len = data.len();
     if let Ok(small) = u8::try_from(len) {
         frame.push(0b0010_0000);
