@@ -23,8 +23,9 @@ const PIECE_GAP: Duration = Duration::from_millis(200);
 /// responses served while it runs.
 const REFRESH_DELAY: Duration = Duration::from_millis(500);
 
-/// NOTE: Pingora buffers up to 1460 bytes of a `Content-Length` response before writing to the
-/// client, so with 1000-byte pieces the first bytes arrive with the second piece.
+/// NOTE: the gateway holds up to 2 KiB of a `Content-Length` response (header included)
+/// before writing to the client, so with 1000-byte pieces the first bytes arrive with the
+/// second or third piece, well before the fifth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stampede_streams_one_fetch() {
     let pieces = five_pieces();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -252,7 +253,7 @@ impl App {
         let mut listen = Vec::new();
         for addr in &config.server.listen {
             let (bound, fd) = binder.tcp(*addr)?;
-            plain.add_tcp(&bound.to_string());
+            plain.add_listener(client_listener(&bound.to_string()));
             prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
             listen.push(bound);
         }
@@ -265,7 +266,7 @@ impl App {
             );
             let mut prebound = Vec::new();
             for (bound, fd) in tls_bound {
-                secure.add_tcp(&bound.to_string());
+                secure.add_listener(client_listener(&bound.to_string()));
                 prebound.extend(fd.map(|fd| (bound.to_string(), fd)));
             }
             server.add_service(Prebound::new(secure, prebound));
@@ -412,6 +413,22 @@ impl ShutdownSignalWatch for ChannelShutdown {
         }
         ShutdownSignal::GracefulTerminate
     }
+}
+
+/// Bytes of a client connection's write buffer.
+///
+/// Pingora holds up to 1460 bytes (one Ethernet MSS) of a response before writing, header
+/// included. With a header of 300 to 600 bytes, a response whose body is a little over 1 KB
+/// (a small index, a signature) then leaves in two `send` calls, each waking the client. 2 KiB
+/// leaves room for the header next to one MSS of body. The buffer also bounds how long the
+/// bytes of a slow origin wait before going out: a `Content-Length` body is written when more
+/// than this much has gathered, or at its end.
+const CLIENT_WRITE_BUFFER_BYTES: usize = 2 * 1024;
+
+/// Returns the listener config of a client-facing TCP address.
+fn client_listener(addr: &str) -> ListenerConfig {
+    let buffers = L4BufferSettings::default().write(CLIENT_WRITE_BUFFER_BYTES);
+    ListenerConfig::tcp(addr).l4_buffer(buffers)
 }
 
 fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {

@@ -3,15 +3,21 @@
 //! A tree contains one directory per export, named by a UTC timestamp (`20260101T120000Z`), and an
 //! optional `latest` symlink naming one of them. The active export is, in order: the pinned
 //! export id, the target of `latest`, the newest export directory.
+//!
+//! On a local filesystem a [`RootWatch`] reports when an entry of the root changed, and until
+//! then the last resolution is reused. Elsewhere, or once the watch ends, the root is read on every
+//! call.
 
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
+
+use super::root_watch::{RootWatch, Seen};
 
 /// Name of the symlink that points at the export to serve.
 pub const LATEST_LINK: &str = "latest";
@@ -34,6 +40,20 @@ pub struct ExportTree {
     newest: Mutex<Option<NewestListing>>,
     warned: AtomicBool,
     last_warning: Mutex<String>,
+    /// The watch on the root and the resolution it keeps valid; `None` where the root is
+    /// read on every call.
+    watched: Option<Mutex<Watched>>,
+    /// How many times the active export was resolved by reading the root.
+    reads: AtomicU64,
+}
+
+/// A watch on the root and the last successful resolution, reused while the watch reports
+/// no change.
+#[derive(Debug)]
+struct Watched {
+    watch: RootWatch,
+    last: Option<ActiveExport>,
+    ended: bool,
 }
 
 /// The export to serve: its id and its canonical directory.
@@ -96,6 +116,17 @@ impl ExportTree {
         let root = fs::canonicalize(&given)
             .map_err(|e| root_err(format!("resolving the path failed: {e}")))?;
         let configured_root = std::path::absolute(&given).unwrap_or_else(|_| root.clone());
+        let watched = match RootWatch::new(&root) {
+            Ok(watch) => Some(Mutex::new(Watched {
+                watch,
+                last: None,
+                ended: false,
+            })),
+            Err(e) => {
+                info!(root = %root.display(), reason = %e, "not watching the export root; reading it on every request");
+                None
+            }
+        };
         Ok(Self {
             root,
             configured_root,
@@ -103,7 +134,27 @@ impl ExportTree {
             newest: Mutex::new(None),
             warned: AtomicBool::new(false),
             last_warning: Mutex::new(String::new()),
+            watched,
+            reads: AtomicU64::new(0),
         })
+    }
+
+    /// Opens the tree as [`ExportTree::new`] does, without a watch: every call reads the root.
+    #[cfg(test)]
+    fn unwatched(root: &Path, pinned: Option<String>) -> Result<Self, ExportTreeError> {
+        let mut tree = Self::new(root, pinned)?;
+        tree.watched = None;
+        Ok(tree)
+    }
+
+    /// Returns whether a watch on the root is in use, so that resolutions are reused.
+    pub fn is_watched(&self) -> bool {
+        self.watched.as_ref().is_some_and(|w| !w.lock().ended)
+    }
+
+    /// Returns how many times the active export was resolved by reading the root.
+    pub fn root_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// Returns the canonical root directory.
@@ -118,8 +169,10 @@ impl ExportTree {
 
     /// Resolves the export to serve now.
     ///
-    /// Costs one `readlink` and one `lstat` when `latest` exists, one `lstat` with a pin. An
-    /// error is logged at warn level once until the resolution changes or succeeds again.
+    /// With a watch on the root, costs one non-blocking `read` while no entry of the root
+    /// changed. Reading the root costs one `readlink` and one `lstat` when `latest` exists,
+    /// one `lstat` with a pin. An error is logged at warn level once until the resolution
+    /// changes or succeeds again, and is never reused: the next call reads the root again.
     pub fn active_export(&self) -> Result<ActiveExport, ExportTreeError> {
         self.active_export_at(Instant::now())
     }
@@ -127,6 +180,37 @@ impl ExportTree {
     /// Resolves the export to serve, as [`ExportTree::active_export`], with `now` as the clock
     /// that ages the cached listing of the root (used only without pin and `latest`).
     pub fn active_export_at(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
+        let Some(watched) = &self.watched else {
+            return self.read_root(now);
+        };
+        // The lock is held while the root is read, so that no call reuses a resolution
+        // that a change seen by another call has made stale.
+        let mut watched = watched.lock();
+        if !watched.ended {
+            match watched.watch.look() {
+                Seen::Nothing => {
+                    if let Some(active) = &watched.last {
+                        return Ok(active.clone());
+                    }
+                }
+                Seen::Changed => watched.last = None,
+                Seen::Ended => {
+                    warn!(root = %self.root.display(), "the watch on the export root ended; reading the root on every request from now on");
+                    watched.ended = true;
+                    watched.last = None;
+                }
+            }
+        }
+        let result = self.read_root(now);
+        if !watched.ended {
+            watched.last = result.as_ref().ok().cloned();
+        }
+        result
+    }
+
+    /// Resolves the active export from the root as it is on disk.
+    fn read_root(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let result = match &self.pinned {
             Some(id) => self.pinned_export(id),
             None => match self.read_latest()? {
@@ -607,6 +691,90 @@ mod tests {
         set_mtime(tmp.path(), mtime + Duration::from_secs(1));
         let id = tree.active_export_at(start).map(|a| a.id);
         assert_eq!(id, Ok("20260103T120000Z".to_string()));
+    }
+
+    /// Opens a tree with a watch, or returns `None` (and prints why) where the temp directory's
+    /// filesystem gets none.
+    fn watched_tree(root: &Path, pinned: Option<String>) -> Option<ExportTree> {
+        if RootWatch::local_filesystem(root).is_none() {
+            eprintln!("skipped: the temp directory is on a filesystem without watches");
+            return None;
+        }
+        let tree = ExportTree::new(root, pinned).expect("tree");
+        assert!(tree.is_watched(), "a tree on a local filesystem is watched");
+        Some(tree)
+    }
+
+    #[test]
+    fn watched_reuse_until_switch() {
+        let tmp = two_exports();
+        let link = tmp.path().join(LATEST_LINK);
+        symlink(OLD, &link).expect("symlink");
+        let Some(tree) = watched_tree(tmp.path(), None) else {
+            return;
+        };
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        // A file written inside an export does not change which export is active.
+        fs::write(tmp.path().join(OLD).join("mirror").join("extra.json"), "{}").expect("write");
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        assert_eq!(tree.root_reads(), 1);
+
+        // The sync task's publish: a new link under a temporary name, renamed over `latest`.
+        symlink(NEW, tmp.path().join(".latest.tmp")).expect("symlink");
+        fs::rename(tmp.path().join(".latest.tmp"), &link).expect("rename");
+        assert_eq!(active(&tree), Ok(NEW.into()));
+        assert_eq!(active(&tree), Ok(NEW.into()));
+        assert_eq!(tree.root_reads(), 2);
+    }
+
+    #[test]
+    fn watched_removed_pin_reread() {
+        let tmp = two_exports();
+        let Some(tree) = watched_tree(tmp.path(), Some(OLD.to_string())) else {
+            return;
+        };
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        fs::remove_dir_all(tmp.path().join(OLD)).expect("rm");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Pinned { .. })));
+        assert!(matches!(active(&tree), Err(ExportTreeError::Pinned { .. })));
+        assert_eq!(tree.root_reads(), 3, "an error is read again on every call");
+        fs::create_dir(tmp.path().join(OLD)).expect("mkdir");
+        assert_eq!(active(&tree), Ok(OLD.into()));
+    }
+
+    #[test]
+    fn watched_root_replaced_fallback() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("concelier");
+        fs::create_dir_all(root.join(OLD)).expect("mkdir");
+        symlink(OLD, root.join(LATEST_LINK)).expect("symlink");
+        let Some(tree) = watched_tree(&root, None) else {
+            return;
+        };
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        // The root is moved away and a new one takes its path: the watch followed the old
+        // directory, so the tree must read the path from now on.
+        fs::rename(&root, parent.path().join("old-root")).expect("rename");
+        fs::create_dir_all(root.join(NEW)).expect("mkdir");
+        symlink(NEW, root.join(LATEST_LINK)).expect("symlink");
+        assert_eq!(active(&tree), Ok(NEW.into()));
+        assert!(!tree.is_watched());
+        let reads = tree.root_reads();
+        assert_eq!(active(&tree), Ok(NEW.into()));
+        assert_eq!(tree.root_reads(), reads + 1);
+    }
+
+    #[test]
+    fn unwatched_reads_every_call() {
+        let tmp = two_exports();
+        symlink(OLD, tmp.path().join(LATEST_LINK)).expect("symlink");
+        let tree = ExportTree::unwatched(tmp.path(), None).expect("tree");
+        assert!(!tree.is_watched());
+        for _ in 0..3 {
+            assert_eq!(active(&tree), Ok(OLD.into()));
+        }
+        assert_eq!(tree.root_reads(), 3);
     }
 
     #[test]

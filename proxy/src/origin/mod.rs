@@ -1,2 +1,3 @@
 pub mod export_tree;
 pub mod file_server;
+pub mod root_watch;
