@@ -100,3 +100,52 @@ cache_control = "public, max-age=300, immutable"
     assert_eq!(head.headers()["x-cache-status"], "HIT");
     assert_eq!(head.headers()["content-length"], "29");
 }
+
+/// A request whose origin refuses the connection gets a 502 and exactly one error line, which
+/// names the domain and the path.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_down_logs_one_error() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = http_origin_config(dead).replace(r#"level = "warn""#, r#"level = "info""#);
+    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let (mut child, addr, log) = common::spawn_gateway_logged(dir.path());
+
+    let resp = client()
+        .get(format!("http://{addr}/concelier/exports/index.json"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 502);
+    let error_lines = || -> Vec<String> {
+        let lines = log.lock().expect("log lines");
+        lines
+            .iter()
+            .filter(|l| l.contains("ERROR"))
+            .cloned()
+            .collect()
+    };
+    // The lines are read by another thread: wait for the first, then a little longer so that a
+    // second one would have arrived too.
+    for _ in 0..50 {
+        if !error_lines().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let errors = error_lines();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("domain=\"primary\""), "{}", errors[0]);
+    assert!(
+        errors[0].contains("/concelier/exports/index.json"),
+        "{}",
+        errors[0]
+    );
+}

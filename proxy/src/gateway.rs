@@ -521,6 +521,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Leaves out Pingora's own line for the failures that [`Self::fail_to_proxy`] logged with
+    /// the domain and path, so that each failed request logs one error line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
+        respond::status_for_error(e) >= 500
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         // The response is finished, so the origin request is too.
         drop(ctx.origin_slot.take());

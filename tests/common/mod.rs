@@ -425,6 +425,19 @@ pub fn basic(user: &str, password: &str) -> String {
 /// Starts the real binary on `dir/gateway.toml` and reads its listen address from the start-up
 /// log line, which needs `[log] level` at `info` or lower.
 pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
+    let (child, addr, _log) = spawn_gateway_logged(dir);
+    (child, addr)
+}
+
+/// Starts the gateway as [`spawn_gateway`] does and also returns every log line written after
+/// the start-up line, as it arrives.
+pub fn spawn_gateway_logged(
+    dir: &Path,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
         .args(["run", "-c"])
         .arg(dir.join("gateway.toml"))
@@ -448,10 +461,16 @@ pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
         }
     };
     // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = std::sync::Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            kept.lock().expect("log lines").push(line);
+        }
+    });
     let addr: SocketAddr = addr.parse().expect("the logged listen address");
     wait_for_port(addr);
-    (child, addr)
+    (child, addr, log)
 }
 
 /// GETs `/readyz` without credentials, again while the server is still starting its services

@@ -45,12 +45,19 @@ pub struct Limits {
 pub struct RateLimitPlugin {
     limits: Limits,
     table: Arc<ClientTable>,
+    /// The budget named in the body of a 429 for the request rate.
+    rate_budget: String,
 }
 
 impl RateLimitPlugin {
     /// Builds the plugin on `table`, which keeps the counts and may outlive the plugin.
     pub fn new(limits: Limits, table: Arc<ClientTable>) -> Self {
-        Self { limits, table }
+        let rate_budget = rate_budget(limits.rate);
+        Self {
+            limits,
+            table,
+            rate_budget,
+        }
     }
 
     /// Returns the table that keeps this plugin's counts.
@@ -96,7 +103,7 @@ impl RateLimitPlugin {
                 state.rate_limit = Some(budget);
                 state.rejected_by = Some(REJECTED_BY);
                 Verdict::Respond(too_many_requests(
-                    "requests per second",
+                    &self.rate_budget,
                     budget,
                     retry_after_secs,
                 ))
@@ -183,6 +190,18 @@ impl RateLimitSettings {
             _ => Err(errors),
         }
     }
+}
+
+/// Names the rate budget for a client: `request rate of 5 per second, bursts of 20`. The
+/// body's `limit` is the burst, so the rate must be named next to it.
+fn rate_budget(rate: Rate) -> String {
+    let per_second = 1e9 / rate.interval.as_nanos() as f64;
+    let per_second = format!("{per_second:.3}");
+    let per_second = per_second.trim_end_matches('0').trim_end_matches('.');
+    format!(
+        "request rate of {per_second} per second, bursts of {}",
+        rate.burst
+    )
 }
 
 /// Builds the 429 for a client IP that holds all of its `max` places.

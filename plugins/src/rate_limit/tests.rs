@@ -128,6 +128,26 @@ fn burst_then_429() {
     assert_eq!(header(&response, "ratelimit-limit"), Some("2"));
     assert_eq!(header(&response, "ratelimit-remaining"), Some("0"));
     assert_eq!(state.rejected_by, Some("rate_limit"));
+    let body = String::from_utf8_lossy(&response.body);
+    assert!(
+        body.contains("\"budget\":\"request rate of 1 per second, bursts of 2\""),
+        "{body}"
+    );
+}
+
+#[test]
+fn rate_budget_names_fractions() {
+    let cases = [(0.25, 1, "0.25"), (2.5, 4, "2.5"), (100.0, 200, "100")];
+    for (rate, burst, shown) in cases {
+        let name = rate_budget(Rate {
+            interval: Duration::from_secs_f64(1.0 / rate),
+            burst,
+        });
+        assert_eq!(
+            name,
+            format!("request rate of {shown} per second, bursts of {burst}")
+        );
+    }
 }
 
 #[test]
