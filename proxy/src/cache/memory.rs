@@ -30,7 +30,7 @@ use pingora::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
 use super::by_domain::EntriesByDomain;
-use super::raw_header;
+use super::stored_meta::StoredMeta;
 
 /// Largest chunk a hit hands to the downstream writer at once.
 const READ_CHUNK: usize = 1024 * 1024;
@@ -72,8 +72,7 @@ impl TierStats {
 }
 
 struct Entry {
-    /// `CacheMeta::serialize` output: the internal part and the response header.
-    meta: (Vec<u8>, Vec<u8>),
+    meta: StoredMeta,
     body: Bytes,
     /// The key as the eviction manager knows it, and the primary key bytes, for purges.
     compact: CompactCacheKey,
@@ -83,7 +82,7 @@ struct Entry {
 /// A fill in progress: the chunks received so far and how far the writer got.
 struct InFlight {
     id: u64,
-    meta: (Vec<u8>, Vec<u8>),
+    meta: StoredMeta,
     compact: CompactCacheKey,
     primary: Vec<u8>,
     chunks: RwLock<Vec<Bytes>>,
@@ -195,7 +194,7 @@ impl MemoryStorage {
     /// Publishes a complete object read from another tier, when it fits this one.
     pub fn promote(&self, key: &CacheKey, meta: (Vec<u8>, Vec<u8>), body: Bytes) {
         let entry = Entry {
-            meta: raw_header::store_raw(meta),
+            meta: StoredMeta::from_serialized(meta),
             body,
             compact: key.to_compact(),
             primary: key.primary_key().to_vec(),
@@ -263,9 +262,7 @@ impl MemoryStorage {
     fn complete_hit(&self, key: &HashBinary) -> Result<Option<(CacheMeta, HitHandler)>> {
         let found = {
             let entries = self.entries.read();
-            entries
-                .get(key)
-                .map(|e| (CacheMeta::deserialize(&e.meta.0, &e.meta.1), e.body.clone()))
+            entries.get(key).map(|e| (e.meta.rebuild(), e.body.clone()))
         };
         let Some((meta, body)) = found else {
             return Ok(None);
@@ -290,7 +287,7 @@ impl MemoryStorage {
         if write_id.is_some_and(|id| id != fill.id) {
             return None;
         }
-        let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1).ok()?;
+        let meta = fill.meta.rebuild().ok()?;
         let progress = fill.progress.subscribe();
         Some((
             meta,
@@ -362,7 +359,7 @@ impl Storage for MemoryStorage {
         let id = self.next_write_id.fetch_add(1, Ordering::Relaxed);
         let fill = Arc::new(InFlight {
             id,
-            meta: raw_header::store_raw(meta.serialize()?),
+            meta: StoredMeta::of(meta)?,
             compact: key.to_compact(),
             primary: key.primary_key().to_vec(),
             chunks: RwLock::new(Vec::new()),
@@ -403,11 +400,11 @@ impl Storage for MemoryStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<bool> {
-        let serialized = raw_header::store_raw(meta.serialize()?);
+        let stored = StoredMeta::of(meta)?;
         let mut entries = self.entries.write();
         match entries.get_mut(&key.combined_bin()) {
             Some(entry) => {
-                entry.meta = serialized;
+                entry.meta = stored;
                 Ok(true)
             }
             None => Ok(false),

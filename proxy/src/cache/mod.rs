@@ -9,8 +9,10 @@ mod policy;
 mod purge_log;
 mod raw_header;
 mod status;
+mod stored_meta;
 pub mod tiered;
 
+use pingora::cache::key::CacheHashKey;
 use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
 use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache, Storage};
@@ -284,7 +286,12 @@ pub fn cache_key(domain: &str, export: Option<&str>, path: &str, query: Option<&
         primary.push(b':');
         primary.extend_from_slice(part.as_bytes());
     }
-    CacheKey::new(primary, domain)
+    let mut key = CacheKey::new(primary, domain);
+    // Pingora hashes the primary key again on every `primary_bin` call (the lookup, the lock,
+    // the storage), so the hash is computed once here and kept as the override.
+    let hash = key.primary_bin();
+    key.set_primary_bin_override(hash);
+    key
 }
 
 #[cfg(test)]

@@ -187,7 +187,8 @@ impl ExportTree {
         // that a change seen by another call has made stale.
         let mut watched = watched.lock();
         if !watched.ended {
-            match watched.watch.look() {
+            let seen = watched.watch.look();
+            match seen {
                 Seen::Nothing => {
                     if let Some(active) = &watched.last {
                         return Ok(active.clone());

@@ -30,7 +30,15 @@ pub enum Seen {
 #[derive(Debug)]
 pub struct RootWatch {
     inotify: Inotify,
+    /// Room for the queued events, allocated once: a look usually finds none.
+    buffer: Vec<u8>,
 }
+
+/// Bytes read from the queue at once: at least one event with the longest name (16 + 256).
+const READ_BYTES: usize = 4096;
+
+/// Bytes of an event before its name: watch descriptor, mask, cookie and name length.
+const EVENT_HEADER_BYTES: usize = 16;
 
 /// Filesystems whose changes all pass through this kernel, so that inotify reports every one
 /// of them. A network filesystem (NFS, CIFS, a FUSE mount) can be changed by another machine
@@ -76,13 +84,16 @@ impl RootWatch {
         let kind = statfs::statfs(root)?.filesystem_type();
         if !LOCAL_FILESYSTEMS.iter().any(|(local, _)| *local == kind) {
             return Err(io::Error::other(format!(
-                "the filesystem (type {:#x}) may change without telling this kernel",
+                "filesystem type {:#x} can change without an inotify event here (a network or FUSE filesystem)",
                 kind.0
             )));
         }
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         inotify.add_watch(root, watched_events())?;
-        Ok(Self { inotify })
+        Ok(Self {
+            inotify,
+            buffer: vec![0; READ_BYTES],
+        })
     }
 
     /// Returns the name of `root`'s filesystem when a watch there reports every change.
@@ -95,13 +106,13 @@ impl RootWatch {
     }
 
     /// Reads every queued event and returns what they amount to, without blocking.
-    pub fn look(&self) -> Seen {
+    pub fn look(&mut self) -> Seen {
         let mut seen = Seen::Nothing;
         loop {
-            match self.inotify.read_events() {
-                Ok(events) if events.is_empty() => return Seen::Ended,
-                Ok(events) => {
-                    if events.iter().any(|e| e.mask.intersects(ending_events())) {
+            match nix::unistd::read(&self.inotify, &mut self.buffer) {
+                Ok(0) => return Seen::Ended,
+                Ok(read) => {
+                    if has_ending_event(&self.buffer[..read]) {
                         return Seen::Ended;
                     }
                     seen = Seen::Changed;
@@ -112,6 +123,28 @@ impl RootWatch {
             }
         }
     }
+}
+
+/// Returns whether the events in `events` (as `read` returns them) include one that ends the
+/// watch. Each event is a 16-byte header (watch descriptor, mask, cookie, name length in
+/// native byte order) followed by the name.
+fn has_ending_event(events: &[u8]) -> bool {
+    let field = |event: &[u8], at: usize| {
+        let bytes: [u8; 4] = event[at..at + 4].try_into().expect("4 bytes");
+        u32::from_ne_bytes(bytes)
+    };
+    let mut rest = events;
+    while rest.len() >= EVENT_HEADER_BYTES {
+        let mask = AddWatchFlags::from_bits_truncate(field(rest, 4));
+        if mask.intersects(ending_events()) {
+            return true;
+        }
+        let name_len = field(rest, 12) as usize;
+        rest = rest
+            .get(EVENT_HEADER_BYTES + name_len..)
+            .unwrap_or_default();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -132,7 +165,7 @@ mod tests {
 
     #[test]
     fn quiet_root_reports_nothing() {
-        let Some((tmp, watch)) = watched_dir() else {
+        let Some((tmp, mut watch)) = watched_dir() else {
             return;
         };
         assert_eq!(watch.look(), Seen::Nothing);
@@ -143,7 +176,7 @@ mod tests {
 
     #[test]
     fn rename_over_link_is_a_change() {
-        let Some((tmp, watch)) = watched_dir() else {
+        let Some((tmp, mut watch)) = watched_dir() else {
             return;
         };
         symlink("a", tmp.path().join("next")).expect("symlink");
@@ -154,7 +187,7 @@ mod tests {
 
     #[test]
     fn change_deeper_down_is_not_seen() {
-        let Some((tmp, watch)) = watched_dir() else {
+        let Some((tmp, mut watch)) = watched_dir() else {
             return;
         };
         fs::create_dir(tmp.path().join("export")).expect("mkdir");
@@ -165,7 +198,7 @@ mod tests {
 
     #[test]
     fn removed_root_ends_the_watch() {
-        let Some((tmp, watch)) = watched_dir() else {
+        let Some((tmp, mut watch)) = watched_dir() else {
             return;
         };
         let root = tmp.path().to_path_buf();
