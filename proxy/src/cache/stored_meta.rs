@@ -1,12 +1,13 @@
-//! A `CacheMeta` kept by the memory tier, in the cheapest form that gives it back exactly.
+//! A `CacheMeta` kept by the memory tier, in the cheapest form that gives it back.
 //!
 //! Pingora hands a storage its `CacheMeta` when a fill starts and expects one back on every hit.
 //! Deserializing it from bytes parses the response header again, which was about a sixth of
 //! the instructions of a small cached hit. Most entries were filled once and never revalidated:
-//! [`CacheMeta::new`] and its public setters rebuild those exactly from the parsed header and
-//! the time fields, for the price of a header clone. The others (an entry refreshed by a 304
-//! has an `updated` time after its `created` time, which no public setter writes) stay
-//! serialized.
+//! [`CacheMeta::new`] and its public setters rebuild those from the parsed header and the time
+//! fields, for the price of a header clone, equal in every field Pingora reads. Only the
+//! origin's spelling of header names is not kept, which the gateway drops from every response
+//! anyway. The others (an entry refreshed by a 304 has an `updated` time after its `created`
+//! time, which no public setter writes) stay serialized.
 
 use std::time::SystemTime;
 
@@ -47,7 +48,7 @@ impl StoredMeta {
             return Ok(Self::Serialized(internal, header));
         }
         Ok(Self::Parsed(Box::new(ParsedMeta {
-            header: meta.response_header_copy(),
+            header: compact(meta.response_header()),
             fresh_until: meta.fresh_until(),
             created,
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
@@ -91,15 +92,53 @@ impl StoredMeta {
     }
 }
 
+/// Copies `header` into a map sized to its fields, with its values in one buffer of their own.
+///
+/// A header parsed from an origin response keeps room for many more fields, and its values
+/// may be slices of the buffer the response was read into, which a stored copy would keep
+/// alive. The copy also leaves out the record of the origin's name spellings: the gateway's
+/// first added field drops it anyway (see `mirror_plugins::fields`).
+fn compact(header: &ResponseHeader) -> ResponseHeader {
+    let total = header.headers.values().map(|v| v.len()).sum();
+    let mut bytes = bytes::BytesMut::with_capacity(total);
+    for value in header.headers.values() {
+        bytes.extend_from_slice(value.as_bytes());
+    }
+    let bytes = bytes.freeze();
+    let mut fields = http::HeaderMap::with_capacity(header.headers.len());
+    let mut start = 0;
+    for (name, value) in &header.headers {
+        let end = start + value.len();
+        let own_value = http::HeaderValue::from_maybe_shared(bytes.slice(start..end))
+            .unwrap_or_else(|_| value.clone());
+        let own_name =
+            http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+        fields.append(own_name, own_value);
+        start = end;
+    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = header.status;
+    parts.version = header.version;
+    parts.headers = fields;
+    // Like Pingora's serialized form, this keeps no custom reason phrase.
+    ResponseHeader::from(parts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
     fn header() -> ResponseHeader {
-        let mut header = ResponseHeader::build(200, None).expect("valid status");
+        let mut header = ResponseHeader::build(200, Some(64)).expect("valid status");
         header
             .append_header("ETag", "\"v1\"")
+            .expect("valid header");
+        header
+            .append_header("Vary", "accept-encoding")
+            .expect("valid header");
+        header
+            .append_header("Vary", "origin")
             .expect("valid header");
         header
             .append_header("cache-control", "public, max-age=60")
@@ -136,10 +175,12 @@ mod tests {
         assert_eq!(got_header.status, want_header.status, "status");
         assert_eq!(got_header.headers, want_header.headers, "headers");
         assert_eq!(
-            got.serialize().ok(),
-            want.serialize().ok(),
-            "serialized form"
+            got_header.get_reason_phrase(),
+            want_header.get_reason_phrase(),
+            "reason phrase"
         );
+        let internal = |meta: &CacheMeta| meta.serialize().map(|(internal, _)| internal).ok();
+        assert_eq!(internal(got), internal(want), "serialized internal part");
     }
 
     #[test]
@@ -175,6 +216,30 @@ mod tests {
         let stored = StoredMeta::from_serialized(meta.serialize().expect("serialize"));
         assert!(matches!(stored, StoredMeta::Parsed(_)));
         assert_same(&stored.rebuild().expect("rebuild"), &meta);
+    }
+
+    #[test]
+    fn parsed_header_owns_its_values() {
+        let buffer = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        let mut header = ResponseHeader::build(200, None).expect("valid status");
+        let value = http::HeaderValue::from_maybe_shared(buffer.slice(0..16)).expect("value");
+        header
+            .append_header("x-slice", value)
+            .expect("valid header");
+        let now = SystemTime::now();
+        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header);
+
+        let rebuilt = StoredMeta::of(&meta)
+            .expect("store")
+            .rebuild()
+            .expect("rebuild");
+        let kept = rebuilt.headers()["x-slice"].as_bytes();
+        assert_eq!(kept, &buffer[0..16]);
+        let inside = buffer.as_ptr_range().contains(&kept.as_ptr());
+        assert!(
+            !inside,
+            "the stored value still points into the read buffer"
+        );
     }
 
     #[test]
