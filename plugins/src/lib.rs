@@ -78,7 +78,7 @@ pub struct RequestState {
     /// sets its own budget. Otherwise the `quota` plugin sets its budget whatever is there, and
     /// the `rate_limit` plugin only when it is unset, so the quota's fields win either way.
     /// The gateway sets the fields once, after every plugin's response filter (see
-    /// [`RequestState::set_budget_fields`]).
+    /// [`RequestState::budget_fields`] and [`RequestState::set_budget_fields`]).
     pub rate_limit: Option<limits::BudgetState>,
     /// A place among the client IP's concurrent requests, taken by the `rate_limit` plugin.
     /// It is given back when the last copy of this state is dropped, which the gateway does
@@ -96,6 +96,12 @@ impl RequestState {
         if let Some(budget) = &self.rate_limit {
             budget.apply(resp);
         }
+    }
+
+    /// Returns the `RateLimit-*` fields of [`Self::rate_limit`], for a caller that sets them
+    /// together with fields of its own; `None` without a budget.
+    pub fn budget_fields(&self) -> Option<[(http::HeaderName, http::HeaderValue); 3]> {
+        self.rate_limit.as_ref().map(limits::BudgetState::headers)
     }
 }
 

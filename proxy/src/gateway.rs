@@ -452,10 +452,9 @@ impl ProxyHttp for Gateway {
         if upstream_response.version == http::Version::HTTP_10 {
             upstream_response.set_version(http::Version::HTTP_11);
         }
-        let status = HeaderValue::from_static(cache_status(&session.cache.phase()));
-        mirror_plugins::fields::insert(
-            upstream_response,
-            [(HeaderName::from_static(CACHE_STATUS_HEADER), status)],
+        let status = (
+            HeaderName::from_static(CACHE_STATUS_HEADER),
+            HeaderValue::from_static(cache_status(&session.cache.phase())),
         );
         if state.debug_headers {
             let reason = match (ctx.no_store, session.cache.phase()) {
@@ -472,7 +471,13 @@ impl ProxyHttp for Gateway {
                 plugin.response_filter(upstream_response, &ctx.plugin_state)?;
             }
         }
-        ctx.plugin_state.set_budget_fields(upstream_response);
+        // One insert for all of them: each insert moves the whole header map out and back.
+        match ctx.plugin_state.budget_fields() {
+            Some([limit, remaining, reset]) => {
+                mirror_plugins::fields::insert(upstream_response, [status, limit, remaining, reset])
+            }
+            None => mirror_plugins::fields::insert(upstream_response, [status]),
+        }
         Ok(())
     }
 
