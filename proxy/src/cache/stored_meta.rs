@@ -2,12 +2,19 @@
 //!
 //! Pingora hands a storage its `CacheMeta` when a fill starts and expects one back on every hit.
 //! Deserializing it from bytes parses the response header again, which was about a sixth of
-//! the instructions of a small cached hit. Most entries were filled once and never revalidated:
-//! [`CacheMeta::new`] and its public setters rebuild those from the parsed header and the time
-//! fields, for the price of a header clone, equal in every field Pingora reads. Only the
-//! origin's spelling of header names is not kept, which the gateway drops from every response
-//! anyway. The others (an entry refreshed by a 304 has an `updated` time after its `created`
-//! time, which no public setter writes) stay serialized.
+//! the instructions of a small cached hit. The memory tier keeps the parsed header and the time
+//! fields instead, and rebuilds the meta with [`CacheMeta::new`] and its public setters, for
+//! the price of a header clone. Two fields have no public setter:
+//!
+//! - `updated`, the time of the last 304 refresh. Pingora reads it only as the epoch that the
+//!   age counts from, so the rebuilt meta carries it as its epoch override.
+//! - `provenance`, which a 200 refresh of a stale entry copies from the entry it replaces.
+//!   Pingora reads it only to reject variants older than the primary entry of a response with
+//!   `Vary`. An entry whose response has no `Vary` is rebuilt with its creation time there,
+//!   and one with `Vary` and an older provenance stays serialized.
+//!
+//! The origin's spelling of header names is not kept either: the gateway drops it from every
+//! response anyway.
 
 use std::time::SystemTime;
 
@@ -21,13 +28,13 @@ use super::raw_header;
 /// A `CacheMeta` as the memory tier keeps it.
 #[derive(Debug, Clone)]
 pub enum StoredMeta {
-    /// The parts that [`CacheMeta::new`] and the public setters rebuild exactly.
+    /// The parts that [`CacheMeta::new`] and the public setters rebuild.
     Parsed(Box<ParsedMeta>),
     /// The output of `CacheMeta::serialize`, with the header stored raw (see [`raw_header`]).
     Serialized(Vec<u8>, Vec<u8>),
 }
 
-/// The fields of a `CacheMeta` whose `updated` time and provenance equal its `created` time.
+/// The fields of a `CacheMeta` that its rebuild needs.
 #[derive(Debug, Clone)]
 pub struct ParsedMeta {
     header: ResponseHeader,
@@ -40,13 +47,18 @@ pub struct ParsedMeta {
 }
 
 impl StoredMeta {
-    /// Keeps `meta` parsed when it can be rebuilt exactly, else serialized.
+    /// Keeps `meta` parsed when the rebuilt meta behaves the same in Pingora, else serialized.
     pub fn of(meta: &CacheMeta) -> Result<Self> {
         let created = meta.created();
-        if meta.updated() != created || meta.provenance() != created {
+        let varies = meta.variance().is_some() || meta.headers().contains_key(http::header::VARY);
+        if varies && meta.provenance() != created {
             let (internal, header) = raw_header::store_raw(meta.serialize()?);
             return Ok(Self::Serialized(internal, header));
         }
+        // The age counts from `epoch()`: the override if set, else `updated`.
+        let epoch_override = meta
+            .epoch_override()
+            .or(Some(meta.updated()).filter(|updated| *updated != created));
         Ok(Self::Parsed(Box::new(ParsedMeta {
             header: compact(meta.response_header()),
             fresh_until: meta.fresh_until(),
@@ -54,13 +66,13 @@ impl StoredMeta {
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
             variance: meta.variance(),
-            epoch_override: meta.epoch_override(),
+            epoch_override,
         })))
     }
 
-    /// Keeps the output of `CacheMeta::serialize` (read from another tier), parsed when it can
-    /// be rebuilt exactly. Bytes that do not deserialize stay as they are, so that the hit
-    /// fails the same way it would have in the other tier.
+    /// Keeps the output of `CacheMeta::serialize` (read from another tier) as [`Self::of`]
+    /// would. Bytes that do not deserialize stay as they are, so that the hit fails the same
+    /// way it would have in the other tier.
     pub fn from_serialized(meta: (Vec<u8>, Vec<u8>)) -> Self {
         if let Ok(Ok(parsed)) = CacheMeta::deserialize(&meta.0, &meta.1).map(|m| Self::of(&m)) {
             return parsed;
@@ -129,35 +141,32 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn header() -> ResponseHeader {
+    fn header(vary: bool) -> ResponseHeader {
         let mut header = ResponseHeader::build(200, Some(64)).expect("valid status");
         header
             .append_header("ETag", "\"v1\"")
             .expect("valid header");
-        header
-            .append_header("Vary", "accept-encoding")
-            .expect("valid header");
-        header
-            .append_header("Vary", "origin")
-            .expect("valid header");
+        if vary {
+            header
+                .append_header("Vary", "accept-encoding")
+                .expect("valid header");
+            header
+                .append_header("Vary", "origin")
+                .expect("valid header");
+        }
         header
             .append_header("cache-control", "public, max-age=60")
             .expect("valid header");
         header
     }
 
-    /// Compares every field that Pingora reads from a `CacheMeta`.
-    fn assert_same(got: &CacheMeta, want: &CacheMeta) {
+    /// Compares what Pingora reads from a `CacheMeta`: freshness, stale windows, the epoch the
+    /// age counts from, the variance and the response header. The provenance is compared
+    /// only when `same_provenance` is set.
+    fn assert_behaves_same(got: &CacheMeta, want: &CacheMeta, same_provenance: bool) {
         assert_eq!(got.created(), want.created(), "created");
-        assert_eq!(got.updated(), want.updated(), "updated");
-        assert_eq!(got.provenance(), want.provenance(), "provenance");
         assert_eq!(got.fresh_until(), want.fresh_until(), "fresh_until");
         assert_eq!(got.epoch(), want.epoch(), "epoch");
-        assert_eq!(
-            got.epoch_override(),
-            want.epoch_override(),
-            "epoch_override"
-        );
         assert_eq!(got.variance(), want.variance(), "variance");
         assert_eq!(
             got.stale_while_revalidate_sec(),
@@ -169,53 +178,112 @@ mod tests {
             want.stale_if_error_sec(),
             "stale_if_error_sec"
         );
+        if same_provenance {
+            assert_eq!(got.provenance(), want.provenance(), "provenance");
+        }
 
         let got_header = got.response_header();
         let want_header = want.response_header();
         assert_eq!(got_header.status, want_header.status, "status");
         assert_eq!(got_header.headers, want_header.headers, "headers");
+    }
+
+    /// Builds a meta that a 200 refresh of a stale entry leaves: its provenance is older than
+    /// its creation. No public setter writes it, so the meta is decoded from its serialized
+    /// form (Pingora's version 2 layout, a MessagePack array).
+    fn refreshed_meta(created: SystemTime, provenance: SystemTime, vary: bool) -> CacheMeta {
+        let fresh_until = created + Duration::from_secs(60);
+        let internal = rmp_serde::to_vec(&(
+            2u8,
+            fresh_until,
+            created,
+            created,
+            0u32,
+            0u32,
+            None::<[u8; 16]>,
+            None::<SystemTime>,
+            Some(provenance),
+        ))
+        .expect("encode");
+        let plain = CacheMeta::new(fresh_until, created, 0, 0, header(vary));
+        let (_, header_bytes) = plain.serialize().expect("serialize");
+        let meta = CacheMeta::deserialize(&internal, &header_bytes).expect("a version 2 meta");
         assert_eq!(
-            got_header.get_reason_phrase(),
-            want_header.get_reason_phrase(),
-            "reason phrase"
+            meta.provenance(),
+            provenance,
+            "the layout above is Pingora's"
         );
-        let internal = |meta: &CacheMeta| meta.serialize().map(|(internal, _)| internal).ok();
-        assert_eq!(internal(got), internal(want), "serialized internal part");
+        meta
     }
 
     #[test]
     fn new_meta_is_kept_parsed() {
         let now = SystemTime::now();
-        let mut meta = CacheMeta::new(now + Duration::from_secs(60), now, 10, 20, header());
+        let mut meta = CacheMeta::new(now + Duration::from_secs(60), now, 10, 20, header(true));
         meta.set_variance([7u8; 16]);
         meta.set_epoch_override(now - Duration::from_secs(5));
 
         let stored = StoredMeta::of(&meta).expect("store");
         assert!(matches!(stored, StoredMeta::Parsed(_)));
-        assert_same(&stored.rebuild().expect("rebuild"), &meta);
+        let rebuilt = stored.rebuild().expect("rebuild");
+        assert_behaves_same(&rebuilt, &meta, true);
+        // Nothing was approximated, so even the serialized internal fields are equal.
+        let internal = |meta: &CacheMeta| meta.serialize().map(|(internal, _)| internal).ok();
+        assert_eq!(internal(&rebuilt), internal(&meta));
     }
 
     #[test]
-    fn revalidated_meta_is_kept_serialized() {
+    fn revalidated_meta_is_kept_parsed() {
         let created = SystemTime::now() - Duration::from_secs(120);
-        let mut meta = CacheMeta::new(created + Duration::from_secs(60), created, 0, 0, header());
+        let fresh_until = created + Duration::from_secs(60);
+        let mut meta = CacheMeta::new(fresh_until, created, 0, 0, header(true));
         // What a 304 does: new freshness, and `updated` set to now.
         meta.update_freshness(SystemTime::now() + Duration::from_secs(60), 0, 0);
         assert_ne!(meta.updated(), meta.created());
 
         let stored = StoredMeta::of(&meta).expect("store");
+        assert!(matches!(stored, StoredMeta::Parsed(_)));
+        let rebuilt = stored.rebuild().expect("rebuild");
+        assert_behaves_same(&rebuilt, &meta, true);
+        assert_eq!(
+            rebuilt.epoch(),
+            meta.updated(),
+            "the age counts from the refresh"
+        );
+    }
+
+    #[test]
+    fn refreshed_meta_without_vary_is_parsed() {
+        let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let provenance = created - Duration::from_secs(600);
+        let meta = refreshed_meta(created, provenance, false);
+
+        let stored = StoredMeta::of(&meta).expect("store");
+        assert!(matches!(stored, StoredMeta::Parsed(_)));
+        let rebuilt = stored.rebuild().expect("rebuild");
+        assert_behaves_same(&rebuilt, &meta, false);
+        assert_eq!(rebuilt.provenance(), created);
+    }
+
+    #[test]
+    fn refreshed_meta_with_vary_stays_serialized() {
+        let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let provenance = created - Duration::from_secs(600);
+        let meta = refreshed_meta(created, provenance, true);
+
+        let stored = StoredMeta::of(&meta).expect("store");
         assert!(matches!(stored, StoredMeta::Serialized(..)));
-        assert_same(&stored.rebuild().expect("rebuild"), &meta);
+        assert_behaves_same(&stored.rebuild().expect("rebuild"), &meta, true);
     }
 
     #[test]
     fn serialized_from_disk_is_parsed() {
         let now = SystemTime::now();
-        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 5, header());
+        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 5, header(false));
 
         let stored = StoredMeta::from_serialized(meta.serialize().expect("serialize"));
         assert!(matches!(stored, StoredMeta::Parsed(_)));
-        assert_same(&stored.rebuild().expect("rebuild"), &meta);
+        assert_behaves_same(&stored.rebuild().expect("rebuild"), &meta, true);
     }
 
     #[test]
