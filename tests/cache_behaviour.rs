@@ -413,8 +413,9 @@ async fn debug_header_names_status() {
     assert_eq!(resp.header("x-cache-reason"), Some("status"));
 }
 
-/// The first piece is larger than Pingora's 1460-byte downstream write buffer, so the filler's
-/// header reaches it at once and the waiter joins the fill before the origin dies.
+/// The first piece and the header together are larger than the gateway's 2 KiB downstream
+/// write buffer, so the filler's header reaches it at once and the waiter joins the fill
+/// before the origin dies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn origin_death_fails_waiters() {
     let origin = ScriptOrigin::start(|_, _| Script {

@@ -193,13 +193,20 @@ impl RateLimitSettings {
 }
 
 /// Names the rate budget for a client: `request rate of 5 per second, bursts of 20`. The
-/// body's `limit` is the burst, so the rate must be named next to it.
+/// body's `limit` is the burst, so the rate must be named next to it. A rate under one per
+/// second is named per minute, hour or day, whichever gives a number of at least one.
 fn rate_budget(rate: Rate) -> String {
     let per_second = 1e9 / rate.interval.as_nanos() as f64;
-    let per_second = format!("{per_second:.3}");
-    let per_second = per_second.trim_end_matches('0').trim_end_matches('.');
+    let units = [("second", 1.0), ("minute", 60.0), ("hour", 3600.0)];
+    let (unit, count) = units
+        .iter()
+        .map(|(unit, secs)| (*unit, per_second * secs))
+        .find(|(_, count)| *count >= 1.0)
+        .unwrap_or(("day", per_second * 86_400.0));
+    let count = format!("{count:.3}");
+    let count = count.trim_end_matches('0').trim_end_matches('.');
     format!(
-        "request rate of {per_second} per second, bursts of {}",
+        "request rate of {count} per {unit}, bursts of {}",
         rate.burst
     )
 }

@@ -137,16 +137,19 @@ fn burst_then_429() {
 
 #[test]
 fn rate_budget_names_fractions() {
-    let cases = [(0.25, 1, "0.25"), (2.5, 4, "2.5"), (100.0, 200, "100")];
+    let cases = [
+        (2.5, 4, "2.5 per second"),
+        (100.0, 200, "100 per second"),
+        (0.25, 1, "15 per minute"),
+        (0.001, 1, "3.6 per hour"),
+        (1.0 / 86_400.0, 1, "1 per day"),
+    ];
     for (rate, burst, shown) in cases {
         let name = rate_budget(Rate {
             interval: Duration::from_secs_f64(1.0 / rate),
             burst,
         });
-        assert_eq!(
-            name,
-            format!("request rate of {shown} per second, bursts of {burst}")
-        );
+        assert_eq!(name, format!("request rate of {shown}, bursts of {burst}"));
     }
 }
 

@@ -12,12 +12,13 @@ use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
-use super::root_watch::{RootWatch, Seen};
+use super::root_watch::{RootWatch, Seen, WatchError};
 
 /// Name of the symlink that points at the export to serve.
 pub const LATEST_LINK: &str = "latest";
@@ -40,9 +41,13 @@ pub struct ExportTree {
     newest: Mutex<Option<NewestListing>>,
     warned: AtomicBool,
     last_warning: Mutex<String>,
-    /// The watch on the root and the resolution it keeps valid; `None` where the root is
-    /// read on every call.
-    watched: Option<Mutex<Watched>>,
+    /// The watch on the root and the resolution it keeps valid, started by the first
+    /// resolution, so that a tree that is never asked gets none. `None` inside when the root
+    /// gets no watch.
+    watched: OnceLock<Option<Mutex<Watched>>>,
+    /// Set when the root gets no watch or its watch ended: every call then reads the root,
+    /// without taking the watch's lock.
+    unwatched: AtomicBool,
     /// How many times the active export was resolved by reading the root.
     reads: AtomicU64,
 }
@@ -53,7 +58,6 @@ pub struct ExportTree {
 struct Watched {
     watch: RootWatch,
     last: Option<ActiveExport>,
-    ended: bool,
 }
 
 /// The export to serve: its id and its canonical directory.
@@ -116,17 +120,6 @@ impl ExportTree {
         let root = fs::canonicalize(&given)
             .map_err(|e| root_err(format!("resolving the path failed: {e}")))?;
         let configured_root = std::path::absolute(&given).unwrap_or_else(|_| root.clone());
-        let watched = match RootWatch::new(&root) {
-            Ok(watch) => Some(Mutex::new(Watched {
-                watch,
-                last: None,
-                ended: false,
-            })),
-            Err(e) => {
-                info!(root = %root.display(), reason = %e, "not watching the export root; reading it on every request");
-                None
-            }
-        };
         Ok(Self {
             root,
             configured_root,
@@ -134,7 +127,8 @@ impl ExportTree {
             newest: Mutex::new(None),
             warned: AtomicBool::new(false),
             last_warning: Mutex::new(String::new()),
-            watched,
+            watched: OnceLock::new(),
+            unwatched: AtomicBool::new(false),
             reads: AtomicU64::new(0),
         })
     }
@@ -142,14 +136,31 @@ impl ExportTree {
     /// Opens the tree as [`ExportTree::new`] does, without a watch: every call reads the root.
     #[cfg(test)]
     fn unwatched(root: &Path, pinned: Option<String>) -> Result<Self, ExportTreeError> {
-        let mut tree = Self::new(root, pinned)?;
-        tree.watched = None;
+        let tree = Self::new(root, pinned)?;
+        tree.unwatched.store(true, Ordering::Relaxed);
         Ok(tree)
     }
 
-    /// Returns whether a watch on the root is in use, so that resolutions are reused.
+    /// Returns whether a watch on the root is in use, so that resolutions are reused. Starts
+    /// the watch if no resolution has yet.
     pub fn is_watched(&self) -> bool {
-        self.watched.as_ref().is_some_and(|w| !w.lock().ended)
+        !self.unwatched.load(Ordering::Relaxed) && self.watched().is_some()
+    }
+
+    /// Returns the watch, starting it on the first call.
+    fn watched(&self) -> Option<&Mutex<Watched>> {
+        let start = || match RootWatch::new(&self.root) {
+            Ok(watch) => Some(Mutex::new(Watched { watch, last: None })),
+            Err(e @ WatchError::NotLocal(_)) => {
+                info!(root = %self.root.display(), reason = %e, "not watching the export root; reading it on every request");
+                None
+            }
+            Err(e) => {
+                warn!(root = %self.root.display(), error = %e, "cannot watch the export root; reading it on every request");
+                None
+            }
+        };
+        self.watched.get_or_init(start).as_ref()
     }
 
     /// Returns how many times the active export was resolved by reading the root.
@@ -180,43 +191,52 @@ impl ExportTree {
     /// Resolves the export to serve, as [`ExportTree::active_export`], with `now` as the clock
     /// that ages the cached listing of the root (used only without pin and `latest`).
     pub fn active_export_at(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
-        let Some(watched) = &self.watched else {
-            return self.read_root(now);
+        if self.unwatched.load(Ordering::Relaxed) {
+            return self.read_root(now, true);
+        }
+        let Some(watched) = self.watched() else {
+            self.unwatched.store(true, Ordering::Relaxed);
+            return self.read_root(now, true);
         };
         // The lock is held while the root is read, so that no call reuses a resolution
         // that a change seen by another call has made stale.
         let mut watched = watched.lock();
-        if !watched.ended {
-            let seen = watched.watch.look();
-            match seen {
-                Seen::Nothing => {
-                    if let Some(active) = &watched.last {
-                        return Ok(active.clone());
-                    }
-                }
-                Seen::Changed => watched.last = None,
-                Seen::Ended => {
-                    warn!(root = %self.root.display(), "the watch on the export root ended; reading the root on every request from now on");
-                    watched.ended = true;
-                    watched.last = None;
+        if self.unwatched.load(Ordering::Relaxed) {
+            return self.read_root(now, true);
+        }
+        match watched.watch.look() {
+            Seen::Nothing => {
+                if let Some(active) = &watched.last {
+                    return Ok(active.clone());
                 }
             }
+            Seen::Changed => watched.last = None,
+            Seen::Ended => {
+                warn!(root = %self.root.display(), "the export root was moved, removed or unmounted, or its watch lost events; reading the root on every request until a reload");
+                watched.last = None;
+                self.unwatched.store(true, Ordering::Relaxed);
+                return self.read_root(now, true);
+            }
         }
-        let result = self.read_root(now);
-        if !watched.ended {
-            watched.last = result.as_ref().ok().cloned();
-        }
+        // The watch saw the change, so a listing of the root kept from before it is stale.
+        let result = self.read_root(now, false);
+        watched.last = result.as_ref().ok().cloned();
         result
     }
 
-    /// Resolves the active export from the root as it is on disk.
-    fn read_root(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
+    /// Resolves the active export from the root as it is on disk. Without pin and `latest`,
+    /// `reuse_listing` lets a listing of the root younger than [`NEWEST_CACHE_TTL`] serve.
+    fn read_root(
+        &self,
+        now: Instant,
+        reuse_listing: bool,
+    ) -> Result<ActiveExport, ExportTreeError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let result = match &self.pinned {
             Some(id) => self.pinned_export(id),
             None => match self.read_latest()? {
                 Some(target) => self.latest_export(&target),
-                None => self.newest_export(now),
+                None => self.newest_export(now, reuse_listing),
             },
         };
         self.note_outcome(&result);
@@ -316,7 +336,11 @@ impl ExportTree {
         }
     }
 
-    fn newest_export(&self, now: Instant) -> Result<ActiveExport, ExportTreeError> {
+    fn newest_export(
+        &self,
+        now: Instant,
+        reuse_listing: bool,
+    ) -> Result<ActiveExport, ExportTreeError> {
         let mtime = fs::metadata(&self.root)
             .and_then(|m| m.modified())
             .map_err(|e| ExportTreeError::Root {
@@ -324,7 +348,7 @@ impl ExportTree {
                 reason: format!("stat failed: {e}"),
             })?;
         let mut cache = self.newest.lock();
-        if let Some(listing) = cache.as_ref() {
+        if let Some(listing) = cache.as_ref().filter(|_| reuse_listing) {
             let age = now.saturating_duration_since(listing.listed_at);
             if listing.root_mtime == mtime && age < NEWEST_CACHE_TTL {
                 return listing.result.clone();
@@ -648,7 +672,7 @@ mod tests {
     #[test]
     fn newest_listing_cached_within_ttl() {
         let tmp = two_exports();
-        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let tree = ExportTree::unwatched(tmp.path(), None).expect("tree");
         let start = Instant::now();
         let mtime = fs::metadata(tmp.path())
             .and_then(|m| m.modified())
@@ -665,7 +689,7 @@ mod tests {
     #[test]
     fn newest_listing_expires() {
         let tmp = two_exports();
-        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let tree = ExportTree::unwatched(tmp.path(), None).expect("tree");
         let start = Instant::now();
         let mtime = fs::metadata(tmp.path())
             .and_then(|m| m.modified())
@@ -682,7 +706,7 @@ mod tests {
     #[test]
     fn newest_listing_follows_mtime() {
         let tmp = two_exports();
-        let tree = ExportTree::new(tmp.path(), None).expect("tree");
+        let tree = ExportTree::unwatched(tmp.path(), None).expect("tree");
         let start = Instant::now();
         let mtime = fs::metadata(tmp.path())
             .and_then(|m| m.modified())
@@ -697,7 +721,7 @@ mod tests {
     /// Opens a tree with a watch, or returns `None` (and prints why) where the temp directory's
     /// filesystem gets none.
     fn watched_tree(root: &Path, pinned: Option<String>) -> Option<ExportTree> {
-        if RootWatch::local_filesystem(root).is_none() {
+        if RootWatch::local_filesystem(root).ok().flatten().is_none() {
             eprintln!("skipped: the temp directory is on a filesystem without watches");
             return None;
         }
@@ -764,6 +788,55 @@ mod tests {
         let reads = tree.root_reads();
         assert_eq!(active(&tree), Ok(NEW.into()));
         assert_eq!(tree.root_reads(), reads + 1);
+    }
+
+    #[test]
+    fn watched_parent_swap_followed() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("mirror").join("concelier");
+        fs::create_dir_all(root.join(OLD)).expect("mkdir");
+        symlink(OLD, root.join(LATEST_LINK)).expect("symlink");
+        let Some(tree) = watched_tree(&root, None) else {
+            return;
+        };
+        assert_eq!(active(&tree), Ok(OLD.into()));
+
+        // A blue/green swap of the directory above the root.
+        let next = parent.path().join("mirror.new").join("concelier");
+        fs::create_dir_all(next.join(NEW)).expect("mkdir");
+        symlink(NEW, next.join(LATEST_LINK)).expect("symlink");
+        fs::rename(
+            parent.path().join("mirror"),
+            parent.path().join("mirror.old"),
+        )
+        .expect("mv");
+        fs::rename(
+            parent.path().join("mirror.new"),
+            parent.path().join("mirror"),
+        )
+        .expect("mv");
+        assert_eq!(active(&tree), Ok(NEW.into()));
+        assert!(!tree.is_watched());
+    }
+
+    #[test]
+    fn watched_newest_ignores_old_listing() {
+        let tmp = two_exports();
+        let Some(tree) = watched_tree(tmp.path(), None) else {
+            return;
+        };
+        let start = Instant::now();
+        let mtime = fs::metadata(tmp.path())
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        assert_eq!(tree.active_export_at(start).map(|a| a.id), Ok(NEW.into()));
+        // A newer export whose creation left the root's mtime as it was (coarse timestamps).
+        fs::create_dir(tmp.path().join("20260103T120000Z")).expect("mkdir");
+        set_mtime(tmp.path(), mtime);
+        let id = tree
+            .active_export_at(start + Duration::from_millis(100))
+            .map(|a| a.id);
+        assert_eq!(id, Ok("20260103T120000Z".to_string()));
     }
 
     #[test]

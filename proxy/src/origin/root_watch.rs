@@ -1,12 +1,21 @@
 //! Notices, through inotify, when an entry directly under an export root is created, removed or
 //! renamed, so that the active export is read from disk again only after such a change.
 //!
+//! The root's path can also come to name another directory: a parent directory renamed or
+//! replaced (a blue/green swap of `/srv/mirror`). So each directory above the root is watched
+//! too, for changes to the one entry on the way down, and such a change ends the watch: the
+//! export tree then reads the root by its path on every request.
+//!
+//! NOTE: a filesystem mounted over the root or one of its parents after the watch started
+//! sends no event, so the gateway keeps serving what lies under the mount until a reload.
+//!
 //! The kernel queues an event before the `rename`, `symlink` or `unlink` that caused it returns.
 //! A read of the queue made after a switch of `latest` has returned therefore finds that switch.
 //! So reusing the last resolution while the queue is empty serves exactly what reading the link
 //! on every request would serve, for one non-blocking `read` instead of two path lookups.
 
-use std::io;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -18,20 +27,40 @@ use nix::sys::statfs::{self, FsType};
 pub enum Seen {
     /// No entry of the root changed since the last look.
     Nothing,
-    /// An entry was created, removed or renamed, or the kernel dropped events: read the
-    /// root again.
+    /// An entry of the root was created, removed or renamed: read the root again.
     Changed,
-    /// The watch ended: the root was removed, moved away or unmounted, or reading failed.
-    /// Nothing more will be reported.
+    /// The watch ended: the root was removed, moved away or unmounted, a directory above it
+    /// no longer leads to it, the kernel dropped events, or reading failed. Read the root by
+    /// its path from now on.
     Ended,
 }
 
-/// An inotify watch on one directory's entries.
+/// An inotify watch on one directory's entries and on the path that leads to it.
 #[derive(Debug)]
 pub struct RootWatch {
     inotify: Inotify,
+    /// The watch on the root itself.
+    root: i32,
+    /// Each directory above the root: its watch, and the name of its entry on the way to the
+    /// root.
+    ancestors: Vec<(i32, OsString)>,
     /// Room for the queued events, allocated once: a look usually finds none.
     buffer: Vec<u8>,
+}
+
+/// Reason a directory gets no watch.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The directory is on a filesystem that can change without telling this kernel.
+    #[error("filesystem type {0:#x} can change without an inotify event here (a network or FUSE filesystem)")]
+    NotLocal(u64),
+    /// The kernel rejected the watch, for example at the `fs.inotify.max_user_instances`
+    /// limit.
+    #[error("{0}")]
+    Kernel(#[from] Errno),
+    /// The directory's filesystem could not be identified.
+    #[error("statfs failed: {0}")]
+    Statfs(Errno),
 }
 
 /// Bytes read from the queue at once: at least one event with the longest name (16 + 256).
@@ -42,7 +71,9 @@ const EVENT_HEADER_BYTES: usize = 16;
 
 /// Filesystems whose changes all pass through this kernel, so that inotify reports every one
 /// of them. A network filesystem (NFS, CIFS, a FUSE mount) can be changed by another machine
-/// without an event here, so a root there is read on every request instead.
+/// without an event here, so a root there is read on every request instead. On overlay, only
+/// changes made through the overlay itself are reported, which is the only supported way to
+/// change it.
 const LOCAL_FILESYSTEMS: [(FsType, &str); 8] = [
     (statfs::EXT4_SUPER_MAGIC, "ext2/3/4"),
     (statfs::XFS_SUPER_MAGIC, "xfs"),
@@ -55,7 +86,8 @@ const LOCAL_FILESYSTEMS: [(FsType, &str); 8] = [
 ];
 
 /// Returns the events that can change which export is active: an entry created, removed or
-/// renamed, and the root itself removed or moved.
+/// renamed, and the directory itself removed or moved. The same events on a directory above
+/// the root tell whether the root's path still leads to the same directory.
 fn watched_events() -> AddWatchFlags {
     AddWatchFlags::IN_CREATE
         | AddWatchFlags::IN_DELETE
@@ -66,7 +98,7 @@ fn watched_events() -> AddWatchFlags {
         | AddWatchFlags::IN_ONLYDIR
 }
 
-/// Returns the events after which the watch reports nothing more.
+/// Returns the events after which a watched directory no longer lies where it did.
 fn ending_events() -> AddWatchFlags {
     AddWatchFlags::IN_DELETE_SELF
         | AddWatchFlags::IN_MOVE_SELF
@@ -75,34 +107,42 @@ fn ending_events() -> AddWatchFlags {
 }
 
 impl RootWatch {
-    /// Starts watching `root`'s entries.
+    /// Starts watching `root`'s entries and the directories above it. `root` must be
+    /// canonical (no symlink, `.` or `..` in it).
     ///
     /// Fails when `root` is on a filesystem outside [`LOCAL_FILESYSTEMS`], or when the
-    /// kernel rejects the watch (for example at the `fs.inotify.max_user_instances` limit).
-    /// The error names the cause, for the log.
-    pub fn new(root: &Path) -> io::Result<Self> {
-        let kind = statfs::statfs(root)?.filesystem_type();
-        if !LOCAL_FILESYSTEMS.iter().any(|(local, _)| *local == kind) {
-            return Err(io::Error::other(format!(
-                "filesystem type {:#x} can change without an inotify event here (a network or FUSE filesystem)",
-                kind.0
-            )));
+    /// kernel rejects a watch.
+    pub fn new(root: &Path) -> Result<Self, WatchError> {
+        if Self::local_filesystem(root)?.is_none() {
+            let kind = statfs::statfs(root).map_err(WatchError::Statfs)?;
+            return Err(WatchError::NotLocal(kind.filesystem_type().0 as u64));
         }
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        inotify.add_watch(root, watched_events())?;
+        let root_wd = inotify.add_watch(root, watched_events())?.as_raw();
+        let mut ancestors = Vec::new();
+        let mut below = root;
+        while let (Some(parent), Some(name)) = (below.parent(), below.file_name()) {
+            let wd = inotify.add_watch(parent, watched_events())?.as_raw();
+            ancestors.push((wd, name.to_os_string()));
+            below = parent;
+        }
         Ok(Self {
             inotify,
+            root: root_wd,
+            ancestors,
             buffer: vec![0; READ_BYTES],
         })
     }
 
     /// Returns the name of `root`'s filesystem when a watch there reports every change.
-    pub fn local_filesystem(root: &Path) -> Option<&'static str> {
-        let kind = statfs::statfs(root).ok()?.filesystem_type();
-        LOCAL_FILESYSTEMS
+    pub fn local_filesystem(root: &Path) -> Result<Option<&'static str>, WatchError> {
+        let kind = statfs::statfs(root)
+            .map_err(WatchError::Statfs)?
+            .filesystem_type();
+        Ok(LOCAL_FILESYSTEMS
             .iter()
             .find(|(local, _)| *local == kind)
-            .map(|(_, name)| *name)
+            .map(|(_, name)| *name))
     }
 
     /// Reads every queued event and returns what they amount to, without blocking.
@@ -111,40 +151,56 @@ impl RootWatch {
         loop {
             match nix::unistd::read(&self.inotify, &mut self.buffer) {
                 Ok(0) => return Seen::Ended,
-                Ok(read) => {
-                    if has_ending_event(&self.buffer[..read]) {
-                        return Seen::Ended;
-                    }
-                    seen = Seen::Changed;
-                }
+                Ok(read) => match self.sort(read) {
+                    Seen::Ended => return Seen::Ended,
+                    Seen::Changed => seen = Seen::Changed,
+                    Seen::Nothing => {}
+                },
                 Err(Errno::EAGAIN) => return seen,
                 Err(Errno::EINTR) => {}
                 Err(_) => return Seen::Ended,
             }
         }
     }
-}
 
-/// Returns whether the events in `events` (as `read` returns them) include one that ends the
-/// watch. Each event is a 16-byte header (watch descriptor, mask, cookie, name length in
-/// native byte order) followed by the name.
-fn has_ending_event(events: &[u8]) -> bool {
-    let field = |event: &[u8], at: usize| {
-        let bytes: [u8; 4] = event[at..at + 4].try_into().expect("4 bytes");
-        u32::from_ne_bytes(bytes)
-    };
-    let mut rest = events;
-    while rest.len() >= EVENT_HEADER_BYTES {
-        let mask = AddWatchFlags::from_bits_truncate(field(rest, 4));
-        if mask.intersects(ending_events()) {
-            return true;
+    /// Sorts the first `read` bytes of the buffer, as `read` returned them. Each event is a
+    /// 16-byte header (watch descriptor, mask, cookie, name length, in native byte order)
+    /// followed by the name, padded with NUL bytes.
+    fn sort(&self, read: usize) -> Seen {
+        let field = |event: &[u8], at: usize| {
+            let bytes: [u8; 4] = event[at..at + 4].try_into().expect("4 bytes");
+            u32::from_ne_bytes(bytes)
+        };
+        let mut seen = Seen::Nothing;
+        let mut rest = &self.buffer[..read];
+        while rest.len() >= EVENT_HEADER_BYTES {
+            let wd = field(rest, 0) as i32;
+            let mask = AddWatchFlags::from_bits_truncate(field(rest, 4));
+            let name_len = field(rest, 12) as usize;
+            let name = rest
+                .get(EVENT_HEADER_BYTES..EVENT_HEADER_BYTES + name_len)
+                .unwrap_or_default();
+            let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+            if mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                // Events were lost, some possibly about a directory above the root.
+                return Seen::Ended;
+            }
+            if wd == self.root {
+                if mask.intersects(ending_events()) {
+                    return Seen::Ended;
+                }
+                seen = Seen::Changed;
+            } else if let Some((_, on_path)) = self.ancestors.iter().find(|(a, _)| *a == wd) {
+                if mask.intersects(ending_events()) || name == on_path.as_bytes() {
+                    return Seen::Ended;
+                }
+            }
+            rest = rest
+                .get(EVENT_HEADER_BYTES + name_len..)
+                .unwrap_or_default();
         }
-        let name_len = field(rest, 12) as usize;
-        rest = rest
-            .get(EVENT_HEADER_BYTES + name_len..)
-            .unwrap_or_default();
+        seen
     }
-    false
 }
 
 #[cfg(test)]
@@ -155,7 +211,11 @@ mod tests {
 
     fn watched_dir() -> Option<(tempfile::TempDir, RootWatch)> {
         let tmp = tempfile::tempdir().expect("tempdir");
-        if RootWatch::local_filesystem(tmp.path()).is_none() {
+        if RootWatch::local_filesystem(tmp.path())
+            .ok()
+            .flatten()
+            .is_none()
+        {
             eprintln!("skipped: the temp directory is on a filesystem without watches");
             return None;
         }
@@ -204,6 +264,25 @@ mod tests {
         let root = tmp.path().to_path_buf();
         drop(tmp);
         assert!(!root.exists());
+        assert_eq!(watch.look(), Seen::Ended);
+    }
+
+    #[test]
+    fn parent_rename_ends_the_watch() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("mirror").join("concelier");
+        fs::create_dir_all(&root).expect("mkdir");
+        if RootWatch::local_filesystem(&root).ok().flatten().is_none() {
+            eprintln!("skipped: the temp directory is on a filesystem without watches");
+            return;
+        }
+        let mut watch = RootWatch::new(&root).expect("watch on a local filesystem");
+        // Other entries of the directories above the root do not matter.
+        fs::create_dir(tmp.path().join("other")).expect("mkdir");
+        fs::create_dir(tmp.path().join("mirror").join("excititor")).expect("mkdir");
+        assert_eq!(watch.look(), Seen::Nothing);
+
+        fs::rename(tmp.path().join("mirror"), tmp.path().join("mirror.old")).expect("mv");
         assert_eq!(watch.look(), Seen::Ended);
     }
 }
