@@ -5,8 +5,8 @@
 //! export id, the target of `latest`, the newest export directory.
 //!
 //! On a local filesystem a [`RootWatch`] reports when an entry of the root changed, and until
-//! then the last resolution is reused. Elsewhere, or once the watch ends, the root is read on every
-//! call.
+//! then the last resolution is reused. Elsewhere, or when no watch can start, the root is read
+//! on every call.
 
 use std::fs;
 use std::io;
@@ -45,8 +45,8 @@ pub struct ExportTree {
     /// resolution, so that a tree that is never asked gets none. `None` inside when the root
     /// gets no watch.
     watched: OnceLock<Option<Mutex<Watched>>>,
-    /// Set when the root gets no watch or its watch ended: every call then reads the root,
-    /// without taking the watch's lock.
+    /// Set when the root gets no watch, or its watch ended and no new one could start: every
+    /// call then reads the root, without taking the watch's lock.
     unwatched: AtomicBool,
     /// How many times the active export was resolved by reading the root.
     reads: AtomicU64,
@@ -56,7 +56,8 @@ pub struct ExportTree {
 /// no change.
 #[derive(Debug)]
 struct Watched {
-    watch: RootWatch,
+    /// `None` once a watch ended and no new one could be started.
+    watch: Option<RootWatch>,
     last: Option<ActiveExport>,
 }
 
@@ -150,7 +151,10 @@ impl ExportTree {
     /// Returns the watch, starting it on the first call.
     fn watched(&self) -> Option<&Mutex<Watched>> {
         let start = || match RootWatch::new(&self.root) {
-            Ok(watch) => Some(Mutex::new(Watched { watch, last: None })),
+            Ok(watch) => Some(Mutex::new(Watched {
+                watch: Some(watch),
+                last: None,
+            })),
             Err(e @ WatchError::NotLocal(_)) => {
                 info!(root = %self.root.display(), reason = %e, "not watching the export root; reading it on every request");
                 None
@@ -201,10 +205,10 @@ impl ExportTree {
         // The lock is held while the root is read, so that no call reuses a resolution
         // that a change seen by another call has made stale.
         let mut watched = watched.lock();
-        if self.unwatched.load(Ordering::Relaxed) {
+        let Some(watch) = watched.watch.as_mut() else {
             return self.read_root(now, true);
-        }
-        match watched.watch.look() {
+        };
+        match watch.look() {
             Seen::Nothing => {
                 if let Some(active) = &watched.last {
                     return Ok(active.clone());
@@ -212,10 +216,20 @@ impl ExportTree {
             }
             Seen::Changed => watched.last = None,
             Seen::Ended => {
-                warn!(root = %self.root.display(), "the export root was moved, removed or unmounted, or its watch lost events; reading the root on every request until a reload");
                 watched.last = None;
-                self.unwatched.store(true, Ordering::Relaxed);
-                return self.read_root(now, true);
+                // A new watch on what the path names now, started before the root is read.
+                match RootWatch::new(&self.root) {
+                    Ok(fresh) => {
+                        info!(root = %self.root.display(), "the export root's path changed or its watch lost events; watching it again");
+                        watched.watch = Some(fresh);
+                    }
+                    Err(e) => {
+                        warn!(root = %self.root.display(), error = %e, "cannot watch the export root again; reading it on every request until a reload");
+                        watched.watch = None;
+                        self.unwatched.store(true, Ordering::Relaxed);
+                        return self.read_root(now, false);
+                    }
+                }
             }
         }
         // The watch saw the change, so a listing of the root kept from before it is stale.
@@ -351,14 +365,15 @@ impl ExportTree {
         if let Some(listing) = cache.as_ref().filter(|_| reuse_listing) {
             let age = now.saturating_duration_since(listing.listed_at);
             if listing.root_mtime == mtime && age < NEWEST_CACHE_TTL {
-                return listing.result.clone();
+                return Ok(listing.active.clone());
             }
         }
         let result = self.list_newest();
-        *cache = Some(NewestListing {
+        // A failed listing is not kept: the next call lists again.
+        *cache = result.as_ref().ok().map(|active| NewestListing {
             root_mtime: mtime,
             listed_at: now,
-            result: result.clone(),
+            active: active.clone(),
         });
         result
     }
@@ -455,12 +470,12 @@ pub fn is_timestamp_id(name: &str) -> bool {
         && field(13) <= 60
 }
 
-/// The outcome of the last listing of the root, valid while the root's mtime is unchanged.
+/// The last successful listing of the root, valid while the root's mtime is unchanged.
 #[derive(Debug)]
 struct NewestListing {
     root_mtime: SystemTime,
     listed_at: Instant,
-    result: Result<ActiveExport, ExportTreeError>,
+    active: ActiveExport,
 }
 
 #[cfg(test)]
@@ -768,8 +783,15 @@ mod tests {
         assert_eq!(active(&tree), Ok(OLD.into()));
     }
 
+    /// Moves `latest` in `root` to `id` the way the sync task publishes.
+    fn publish(root: &Path, id: &str) {
+        let temporary = root.join(".latest.tmp");
+        symlink(id, &temporary).expect("symlink");
+        fs::rename(&temporary, root.join(LATEST_LINK)).expect("rename");
+    }
+
     #[test]
-    fn watched_root_replaced_fallback() {
+    fn watched_root_replaced_rewatched() {
         let parent = tempfile::tempdir().expect("tempdir");
         let root = parent.path().join("concelier");
         fs::create_dir_all(root.join(OLD)).expect("mkdir");
@@ -778,16 +800,43 @@ mod tests {
             return;
         };
         assert_eq!(active(&tree), Ok(OLD.into()));
+
         // The root is moved away and a new one takes its path: the watch followed the old
-        // directory, so the tree must read the path from now on.
+        // directory, so a new watch starts on the new one.
         fs::rename(&root, parent.path().join("old-root")).expect("rename");
         fs::create_dir_all(root.join(NEW)).expect("mkdir");
+        fs::create_dir_all(root.join(OLD)).expect("mkdir");
         symlink(NEW, root.join(LATEST_LINK)).expect("symlink");
         assert_eq!(active(&tree), Ok(NEW.into()));
-        assert!(!tree.is_watched());
+        assert!(tree.is_watched());
         let reads = tree.root_reads();
         assert_eq!(active(&tree), Ok(NEW.into()));
-        assert_eq!(tree.root_reads(), reads + 1);
+        assert_eq!(
+            tree.root_reads(),
+            reads,
+            "the new watch keeps the resolution"
+        );
+
+        publish(&root, OLD);
+        assert_eq!(active(&tree), Ok(OLD.into()));
+    }
+
+    #[test]
+    fn watched_root_removed_unwatched() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("concelier");
+        fs::create_dir_all(root.join(OLD)).expect("mkdir");
+        let Some(tree) = watched_tree(&root, Some(OLD.to_string())) else {
+            return;
+        };
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        fs::remove_dir_all(&root).expect("rm");
+        assert!(matches!(active(&tree), Err(ExportTreeError::Pinned { .. })));
+        assert!(!tree.is_watched(), "nothing is left to watch");
+
+        // Reading the path on every request finds the root when it comes back.
+        fs::create_dir_all(root.join(OLD)).expect("mkdir");
+        assert_eq!(active(&tree), Ok(OLD.into()));
     }
 
     #[test]
@@ -804,6 +853,7 @@ mod tests {
         // A blue/green swap of the directory above the root.
         let next = parent.path().join("mirror.new").join("concelier");
         fs::create_dir_all(next.join(NEW)).expect("mkdir");
+        fs::create_dir_all(next.join(OLD)).expect("mkdir");
         symlink(NEW, next.join(LATEST_LINK)).expect("symlink");
         fs::rename(
             parent.path().join("mirror"),
@@ -816,7 +866,61 @@ mod tests {
         )
         .expect("mv");
         assert_eq!(active(&tree), Ok(NEW.into()));
-        assert!(!tree.is_watched());
+        assert!(tree.is_watched());
+
+        // Publishing in the swapped-in tree is seen at once.
+        publish(&root, OLD);
+        assert_eq!(active(&tree), Ok(OLD.into()));
+    }
+
+    #[test]
+    fn watched_overflow_rewatched() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("concelier");
+        fs::create_dir_all(root.join(OLD)).expect("mkdir");
+        fs::create_dir_all(root.join(NEW)).expect("mkdir");
+        symlink(OLD, root.join(LATEST_LINK)).expect("symlink");
+        let Some(tree) = watched_tree(&root, None) else {
+            return;
+        };
+        assert_eq!(active(&tree), Ok(OLD.into()));
+
+        // Unrelated entries come and go beside the root until the event queue overflows
+        // (16,384 events by default).
+        let limit = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(16_384);
+        let other = parent.path().join("other");
+        for _ in 0..limit.min(100_000) / 2 + 1 {
+            fs::create_dir(&other).expect("mkdir");
+            fs::remove_dir(&other).expect("rmdir");
+        }
+        assert_eq!(active(&tree), Ok(OLD.into()));
+        assert!(
+            tree.is_watched(),
+            "a new watch replaced the one that lost events"
+        );
+        publish(&root, NEW);
+        assert_eq!(active(&tree), Ok(NEW.into()));
+    }
+
+    #[test]
+    fn failed_listing_not_reused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let tree = ExportTree::unwatched(tmp.path(), None).expect("tree");
+        let start = Instant::now();
+        let mtime = fs::metadata(tmp.path())
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let first = tree.active_export_at(start);
+        assert!(matches!(first, Err(ExportTreeError::NoExport { .. })));
+        fs::create_dir(tmp.path().join(OLD)).expect("mkdir");
+        set_mtime(tmp.path(), mtime);
+        let id = tree
+            .active_export_at(start + Duration::from_millis(100))
+            .map(|a| a.id);
+        assert_eq!(id, Ok(OLD.to_string()));
     }
 
     #[test]

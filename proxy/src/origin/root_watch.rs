@@ -3,8 +3,8 @@
 //!
 //! The root's path can also come to name another directory: a parent directory renamed or
 //! replaced (a blue/green swap of `/srv/mirror`). So each directory above the root is watched
-//! too, for changes to the one entry on the way down, and such a change ends the watch: the
-//! export tree then reads the root by its path on every request.
+//! too, for changes to the one entry on the way down, and such a change ends the watch. The
+//! export tree then starts a new watch on what the path names now.
 //!
 //! NOTE: a filesystem mounted over the root or one of its parents after the watch started
 //! sends no event, so the gateway keeps serving what lies under the mount until a reload.
@@ -30,8 +30,8 @@ pub enum Seen {
     /// An entry of the root was created, removed or renamed: read the root again.
     Changed,
     /// The watch ended: the root was removed, moved away or unmounted, a directory above it
-    /// no longer leads to it, the kernel dropped events, or reading failed. Read the root by
-    /// its path from now on.
+    /// no longer leads to it, the kernel dropped events, or reading failed. Nothing more will
+    /// be reported; a new watch follows the path as it is now.
     Ended,
 }
 
@@ -118,14 +118,20 @@ impl RootWatch {
             return Err(WatchError::NotLocal(kind.filesystem_type().0 as u64));
         }
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        let root_wd = inotify.add_watch(root, watched_events())?.as_raw();
+        // From the top down: each directory is watched before the next one is looked up in
+        // it, so a swap made while the watches are being added is reported by one of them.
         let mut ancestors = Vec::new();
+        let mut steps: Vec<(&Path, &std::ffi::OsStr)> = Vec::new();
         let mut below = root;
         while let (Some(parent), Some(name)) = (below.parent(), below.file_name()) {
-            let wd = inotify.add_watch(parent, watched_events())?.as_raw();
-            ancestors.push((wd, name.to_os_string()));
+            steps.push((parent, name));
             below = parent;
         }
+        for (parent, name) in steps.into_iter().rev() {
+            let wd = inotify.add_watch(parent, watched_events())?.as_raw();
+            ancestors.push((wd, name.to_os_string()));
+        }
+        let root_wd = inotify.add_watch(root, watched_events())?.as_raw();
         Ok(Self {
             inotify,
             root: root_wd,
