@@ -13,6 +13,8 @@
 # script started. Each tool run is limited to TOOL_TIMEOUT seconds (default 600).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/free-port.sh
+source scripts/free-port.sh
 
 objects=${1:-10000}
 large=${2:-5}
@@ -61,20 +63,6 @@ check_tools() {
         printf 'sync-compare.sh: missing: %s\n' "${missing[@]}" >&2
         exit 1
     fi
-}
-
-# Prints a loopback TCP port that nothing listens on (random, at most 50 tries).
-free_port() {
-    local port
-    for _ in $(seq 50); do
-        port=$((10000 + RANDOM % 22000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    echo "sync-compare.sh: found no free loopback port in 50 tries" >&2
-    return 1
 }
 
 # Starts moto on 127.0.0.1:PORT, logging every request to $work/moto.log; waits up to 30 s.

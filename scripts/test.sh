@@ -7,6 +7,8 @@
 # has mostly built already). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/free-port.sh
+source scripts/free-port.sh
 # Incremental artifacts would double the disk a full build needs; a test run gains nothing.
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 
@@ -69,22 +71,6 @@ smoke() {
         return 1
     fi
     stop_gateway
-}
-
-# Prints a loopback TCP port that nothing listens on (random, at most 50 tries). The ports
-# come from below Linux's usual ephemeral range (32768 and up), so that no outgoing
-# connection of the test suite holds one.
-free_port() {
-    local port
-    for _ in $(seq 50); do
-        port=$((10000 + RANDOM % 22000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    echo "test.sh: found no free loopback port in 50 tries" >&2
-    return 1
 }
 
 # Waits up to 30 s until the gateway returns any HTTP response; fails at once if it exits.

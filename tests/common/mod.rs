@@ -462,10 +462,10 @@ pub fn spawn_gateway_logged(
     };
     // Keep draining the log so the child never blocks on a full pipe.
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let kept = std::sync::Arc::clone(&log);
+    let collected = std::sync::Arc::clone(&log);
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
-            kept.lock().expect("log lines").push(line);
+            collected.lock().expect("log lines").push(line);
         }
     });
     let addr: SocketAddr = addr.parse().expect("the logged listen address");

@@ -301,9 +301,9 @@ mod tests {
             .expect("store")
             .rebuild()
             .expect("rebuild");
-        let kept = rebuilt.headers()["x-slice"].as_bytes();
-        assert_eq!(kept, &buffer[0..16]);
-        let inside = buffer.as_ptr_range().contains(&kept.as_ptr());
+        let stored_value = rebuilt.headers()["x-slice"].as_bytes();
+        assert_eq!(stored_value, &buffer[0..16]);
+        let inside = buffer.as_ptr_range().contains(&stored_value.as_ptr());
         assert!(
             !inside,
             "the stored value still points into the read buffer"

@@ -85,6 +85,14 @@ const LOCAL_FILESYSTEMS: [(FsType, &str); 8] = [
     (FsType(0x8584_58f6), "ramfs"),
 ];
 
+/// Returns the name of filesystem type `kind` when it is in [`LOCAL_FILESYSTEMS`].
+fn local_name(kind: FsType) -> Option<&'static str> {
+    LOCAL_FILESYSTEMS
+        .iter()
+        .find(|(local, _)| *local == kind)
+        .map(|(_, name)| *name)
+}
+
 /// Returns the events that can change which export is active: an entry created, removed or
 /// renamed, and the directory itself removed or moved. The same events on a directory above
 /// the root tell whether the root's path still leads to the same directory.
@@ -113,9 +121,11 @@ impl RootWatch {
     /// Fails when `root` is on a filesystem outside [`LOCAL_FILESYSTEMS`], or when the
     /// kernel rejects a watch.
     pub fn new(root: &Path) -> Result<Self, WatchError> {
-        if Self::local_filesystem(root)?.is_none() {
-            let kind = statfs::statfs(root).map_err(WatchError::Statfs)?;
-            return Err(WatchError::NotLocal(kind.filesystem_type().0 as u64));
+        let kind = statfs::statfs(root)
+            .map_err(WatchError::Statfs)?
+            .filesystem_type();
+        if local_name(kind).is_none() {
+            return Err(WatchError::NotLocal(kind.0 as u64));
         }
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         // From the top down: each directory is watched before the next one is looked up in
@@ -145,10 +155,7 @@ impl RootWatch {
         let kind = statfs::statfs(root)
             .map_err(WatchError::Statfs)?
             .filesystem_type();
-        Ok(LOCAL_FILESYSTEMS
-            .iter()
-            .find(|(local, _)| *local == kind)
-            .map(|(_, name)| *name))
+        Ok(local_name(kind))
     }
 
     /// Reads every queued event and returns what they amount to, without blocking.
