@@ -15,8 +15,10 @@
 #                                       by the scenario's: the throughput ratio on a CPU-bound
 #                                       gateway, leaving out the kernel's share.
 #
-# Each scenario reports its best run (highest requests/s, with that run's p99), which filters
-# out some of the noise of a busy machine. On a shared machine, compare ratios, not absolutes.
+# The scenarios take turns: every gateway starts first, then each round runs wrk once on each,
+# so that a slow spell of the machine falls on all of them alike. Each scenario reports its
+# best run (highest requests/s, with that run's p99), which filters out more of the noise. On a
+# shared machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
 # (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
 # Everything runs on 127.0.0.1 with free ports, in a temp dir removed on exit. With two or
@@ -182,9 +184,13 @@ count_instructions() {
     printf '| %-34s | %12s | %8s | %6s |\n' "$label" "$per_request" "-" "$ratio"
 }
 
-# Runs one scenario: starts the gateway, warms the cache, runs wrk, prints a table row.
+# Scenarios started for wrk, in table order: name, label and URL; the best run of each.
+names=() labels=() urls=() best_rps=() best_p99=()
+
+# Sets up one scenario. Under callgrind it runs at once and prints its table row. For wrk it
+# starts the gateway and warms its cache; `measure` runs them all later.
 scenario() {
-    local name=$1 label=$2 plugins=$3 port out rps p99 ratio gateway
+    local name=$1 label=$2 plugins=$3 port gateway
     port=$(free_port)
     write_config "$name" "$plugins" "$port"
     local url="http://127.0.0.1:$port/concelier/exports/index.json"
@@ -197,30 +203,37 @@ scenario() {
     pids+=("$gateway")
     wait_ready "$url" "$tmp/$name.log"
     curl -fs -o /dev/null "$url"
-    rps=0 p99=-
-    for _ in $(seq 1 "$rounds"); do
-        out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "$url")
-        if grep -q 'Non-2xx' <<<"$out"; then
-            echo "quota bench: $label got non-2xx responses:" >&2
-            grep 'Non-2xx' <<<"$out" >&2
-        fi
-        local run_rps run_p99
-        run_rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-        run_p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-        if awk -v a="$run_rps" -v b="$rps" 'BEGIN { exit !(a > b) }'; then
-            rps=$run_rps p99=$run_p99
-        fi
+    names+=("$name") labels+=("$label") urls+=("$url") best_rps+=(0) best_p99+=(-)
+}
+
+# Runs wrk on every scenario in turn, $rounds times over, so that a slow spell of a shared
+# machine falls on all scenarios alike; then prints one table row per scenario with its best
+# run. Only the gateway under load does work: the others wait idle.
+measure() {
+    local round i out run_rps run_p99 ratio
+    for round in $(seq 1 "$rounds"); do
+        for i in "${!names[@]}"; do
+            out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[i]}")
+            if grep -q 'Non-2xx' <<<"$out"; then
+                echo "quota bench: ${labels[i]} got non-2xx responses in round $round:" >&2
+                grep 'Non-2xx' <<<"$out" >&2
+            fi
+            run_rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+            run_p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+            if awk -v a="$run_rps" -v b="${best_rps[i]}" 'BEGIN { exit !(a > b) }'; then
+                best_rps[i]=$run_rps best_p99[i]=$run_p99
+            fi
+        done
     done
-    kill "$gateway" 2>/dev/null || true
-    wait "$gateway" 2>/dev/null || true
-    [[ -n $baseline ]] || baseline=$rps
-    ratio=$(awk -v a="$rps" -v b="$baseline" 'BEGIN { printf "%.3f", a / b }')
-    printf '| %-34s | %12s | %8s | %6s |\n' "$label" "$rps" "$p99" "$ratio"
+    for i in "${!names[@]}"; do
+        ratio=$(awk -v a="${best_rps[i]}" -v b="${best_rps[0]}" 'BEGIN { printf "%.3f", a / b }')
+        printf '| %-34s | %12s | %8s | %6s |\n' "${labels[i]}" "${best_rps[i]}" "${best_p99[i]}" "$ratio"
+    done
 }
 
 echo "machine: $(nproc) CPUs, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
 if [[ $mode == wrk ]]; then
-    echo "binary: $("$binary" version 2>/dev/null || echo unknown); best of $rounds wrk runs of $seconds s (-t1 -c32); gateway threads = 1"
+    echo "binary: $("$binary" version 2>/dev/null || echo unknown); best of $rounds wrk runs of $seconds s (-t1 -c32), the scenarios taking turns; gateway threads = 1"
 else
     echo "binary: $("$binary" version 2>/dev/null || echo unknown); callgrind over $requests requests (ab -k -c 8) after 500 warm-up requests; gateway threads = 1"
 fi
@@ -246,3 +259,4 @@ if [[ $has_rate_limit == yes ]]; then
 $quota_plugin
 $redis_table"
 fi
+[[ $mode == instructions ]] || measure

@@ -1,7 +1,8 @@
 //! What the `quota` and `rate_limit` plugins share: the 429 response and the `RateLimit-*`
 //! header fields of the IETF "RateLimit header fields for HTTP" draft.
 
-use bytes::BytesMut;
+use std::cell::RefCell;
+
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 
@@ -10,6 +11,35 @@ use crate::LocalResponse;
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+const LIMIT_SLOT: usize = 0;
+const RESET_SLOT: usize = 1;
+
+thread_local! {
+    /// The `RateLimit-Limit` and `RateLimit-Reset` values this thread made last, with their
+    /// numbers. A budget's limit stays the same and the seconds to its reset change about once
+    /// a second, so most responses clone a value here (one reference count) instead of
+    /// formatting and allocating a new one.
+    static RECENT: RefCell<[(u64, HeaderValue); 2]> = const {
+        RefCell::new([
+            (0, HeaderValue::from_static("0")),
+            (0, HeaderValue::from_static("0")),
+        ])
+    };
+}
+
+/// Returns the header value of `number`, cloned from slot `slot` of [`RECENT`] when the slot
+/// has it.
+fn recent_value(slot: usize, number: u64) -> HeaderValue {
+    RECENT.with_borrow_mut(|recent| {
+        let (last, value) = &mut recent[slot];
+        if *last != number {
+            *last = number;
+            *value = HeaderValue::from(number);
+        }
+        value.clone()
+    })
+}
 
 /// The state of one budget for one request, sent downstream as `RateLimit-*` fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,28 +53,12 @@ pub struct BudgetState {
 }
 
 impl BudgetState {
-    /// Returns the header fields for this state. The three values share one allocation.
+    /// Returns the header fields for this state.
     pub fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
-        let mut digits = itoa::Buffer::new();
-        let mut text = BytesMut::with_capacity(60);
-        let mut ends = [0; 3];
-        for (end, number) in ends
-            .iter_mut()
-            .zip([self.limit, self.remaining, self.reset_secs])
-        {
-            text.extend_from_slice(digits.format(number).as_bytes());
-            *end = text.len();
-        }
-        let text = text.freeze();
-        let value = |from: usize, to: usize| {
-            // Decimal digits are always a valid header value.
-            HeaderValue::from_maybe_shared(text.slice(from..to))
-                .unwrap_or_else(|_| HeaderValue::from_static("0"))
-        };
         [
-            (RATELIMIT_LIMIT, value(0, ends[0])),
-            (RATELIMIT_REMAINING, value(ends[0], ends[1])),
-            (RATELIMIT_RESET, value(ends[1], ends[2])),
+            (RATELIMIT_LIMIT, recent_value(LIMIT_SLOT, self.limit)),
+            (RATELIMIT_REMAINING, HeaderValue::from(self.remaining)),
+            (RATELIMIT_RESET, recent_value(RESET_SLOT, self.reset_secs)),
         ]
     }
 
@@ -128,6 +142,29 @@ mod tests {
         assert!(
             body.contains("\"budget\":\"index requests per hour\""),
             "{body}"
+        );
+    }
+
+    #[test]
+    fn headers_follow_changing_numbers() {
+        let text = |state: BudgetState| {
+            state
+                .headers()
+                .map(|(_, value)| value.to_str().unwrap_or_default().to_owned())
+        };
+        let state = |limit, remaining, reset_secs| BudgetState {
+            limit,
+            remaining,
+            reset_secs,
+        };
+        assert_eq!(text(state(600, 599, 42)), ["600", "599", "42"]);
+        assert_eq!(text(state(600, 598, 42)), ["600", "598", "42"]);
+        assert_eq!(text(state(20, 0, 1)), ["20", "0", "1"]);
+        assert_eq!(text(state(600, 597, 41)), ["600", "597", "41"]);
+        assert_eq!(text(state(0, 0, 0)), ["0", "0", "0"]);
+        assert_eq!(
+            text(state(u64::MAX, u64::MAX, 3600)),
+            [u64::MAX.to_string(), u64::MAX.to_string(), "3600".into()]
         );
     }
 

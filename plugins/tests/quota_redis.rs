@@ -225,6 +225,42 @@ async fn replicas_share_budget_exactly() {
     assert_eq!(passed_together(&replicas, "alice", 300).await, 100);
 }
 
+/// The domain-wide ceiling holds across replicas, and the requests that either budget turns
+/// away leave no count behind in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn replicas_share_domain_ceiling_exactly() {
+    let server = RedisServer::start();
+    let ceiling = |n: u64| format!("domain_index_per_hour = {n}");
+    let replicas = [
+        replica_with(&server, 2, "fail_open", &ceiling(50)),
+        replica_with(&server, 2, "fail_open", &ceiling(50)),
+    ];
+    // 40 users send 3 requests each: 80 fit their own budget, 50 fit the domain's.
+    let now = SystemTime::now();
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let plugin = Arc::clone(&replicas[i % 2]);
+            let user = format!("user{}", i % 40);
+            tokio::spawn(async move { send(&plugin, &user, now).await.0 == 200 })
+        })
+        .collect();
+    let mut passed = 0;
+    for task in tasks {
+        passed += usize::from(task.await.expect("task runs"));
+    }
+    assert_eq!(passed, 50);
+
+    // The domain's count is 50, not more: with a ceiling of 52, two more requests pass.
+    let wider = replica_with(&server, 2, "fail_open", &ceiling(52));
+    assert_eq!(statuses(&wider, "newcomer", 2, now).await, [200, 200]);
+    let (status, body) = send(&wider, "latecomer", now).await;
+    assert_eq!(status, 429);
+    assert!(
+        body.contains("domain-wide index requests per hour"),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_see_each_others_counts() {
     let server = RedisServer::start();

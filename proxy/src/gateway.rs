@@ -186,9 +186,12 @@ impl GatewayState {
         };
         ctx.plugin_state.background_refresh = session.subrequest_ctx.is_some();
         for plugin in &domain.config.plugins {
-            if let Verdict::Respond(local) =
-                plugin.request_filter(&info, &mut ctx.plugin_state).await
-            {
+            let state = &mut ctx.plugin_state;
+            let verdict = match plugin.request_filter_now(&info, state) {
+                Some(verdict) => verdict,
+                None => plugin.request_filter(&info, state).await,
+            };
+            if let Verdict::Respond(local) = verdict {
                 return Err(local);
             }
         }

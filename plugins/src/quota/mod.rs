@@ -195,35 +195,39 @@ impl QuotaPlugin {
         };
         let principal = principal_of(req, state);
         let window = Window::at(now);
-        let op = if self.count_cache_hits {
+        let op = self.op();
+        let checked = self.decide(rule, op, &principal, window).await;
+        settle(rule, op, principal, window, checked, state)
+    }
+
+    /// Runs the request filter like [`Self::check_at`] when the counts are in this process;
+    /// `None` when they are in Redis, which means waiting for a reply.
+    pub fn check_local_at(
+        &self,
+        req: &RequestInfo<'_>,
+        state: &mut RequestState,
+        now: SystemTime,
+    ) -> Option<Verdict> {
+        if self.redis.is_some() {
+            return None;
+        }
+        let Some(rule) = self.rule_for(req.path) else {
+            return Some(Verdict::Continue);
+        };
+        let principal = principal_of(req, state);
+        let window = Window::at(now);
+        let op = self.op();
+        let decision = decide_local(rule, op, &principal, window);
+        Some(settle(rule, op, principal, window, Ok(decision), state))
+    }
+
+    /// Returns what a request filter does to the counts: count at once, or only check and
+    /// count when the request goes to the origin.
+    fn op(&self) -> Op {
+        if self.count_cache_hits {
             Op::Count
         } else {
             Op::Peek
-        };
-        match self.decide(rule, op, &principal, window).await {
-            Ok(Decision::Allowed(counts)) => {
-                let budget = budget_state(rule.limits, counts, window);
-                state.rate_limit = Some(budget);
-                if op == Op::Peek {
-                    state.quota_pending = Some(PendingCount {
-                        class: rule.class,
-                        principal,
-                        budget,
-                    });
-                }
-                Verdict::Continue
-            }
-            Ok(Decision::Rejected(scope, _)) => {
-                rule.counts.record_rejection(scope.into());
-                reject(rule, scope, window, state)
-            }
-            Err(unavailable) => {
-                rule.counts.record_rejection(Reason::StoreUnavailable);
-                state.rejected_by = Some(REJECTED_BY);
-                // No counts are known, so no plugin's `RateLimit-*` fields go out.
-                state.rate_limit = None;
-                Verdict::Respond(store_unavailable(rule, unavailable))
-            }
         }
     }
 
@@ -303,11 +307,7 @@ impl QuotaPlugin {
     /// Checks (and for [`Op::Count`] counts) in Redis when configured, else locally; falls
     /// back to local counting while Redis is away unless the plugin fails closed.
     async fn decide(&self, rule: &ClassRule, op: Op, principal: &str, window: Window) -> Checked {
-        let local = || match op {
-            Op::Count => rule.counts.try_count(principal, rule.limits, window.hour),
-            Op::Peek => rule.counts.peek(principal, rule.limits, window.hour),
-            Op::Add => Decision::Allowed(rule.counts.add(principal, window.hour)),
-        };
+        let local = || decide_local(rule, op, principal, window);
         let Some(redis) = &self.redis else {
             return Ok(local());
         };
@@ -334,6 +334,14 @@ impl Plugin for QuotaPlugin {
         "quota"
     }
 
+    fn request_filter_now(
+        &self,
+        req: &RequestInfo<'_>,
+        state: &mut RequestState,
+    ) -> Option<Verdict> {
+        self.check_local_at(req, state, SystemTime::now())
+    }
+
     async fn request_filter(&self, req: &RequestInfo<'_>, state: &mut RequestState) -> Verdict {
         self.check_at(req, state, SystemTime::now()).await
     }
@@ -345,6 +353,52 @@ impl Plugin for QuotaPlugin {
     ) -> pingora::Result<()> {
         self.count_upstream_at(state, SystemTime::now());
         Ok(())
+    }
+}
+
+/// Checks (and for [`Op::Count`] counts) in this process's counters.
+fn decide_local(rule: &ClassRule, op: Op, principal: &str, window: Window) -> Decision {
+    match op {
+        Op::Count => rule.counts.try_count(principal, rule.limits, window.hour),
+        Op::Peek => rule.counts.peek(principal, rule.limits, window.hour),
+        Op::Add => Decision::Allowed(rule.counts.add(principal, window.hour)),
+    }
+}
+
+/// Turns the outcome of a check into the request filter's verdict, recording in `state` the
+/// budget sent downstream and, for [`Op::Peek`], the count left for the origin request.
+fn settle(
+    rule: &ClassRule,
+    op: Op,
+    principal: String,
+    window: Window,
+    checked: Checked,
+    state: &mut RequestState,
+) -> Verdict {
+    match checked {
+        Ok(Decision::Allowed(counts)) => {
+            let budget = budget_state(rule.limits, counts, window);
+            state.rate_limit = Some(budget);
+            if op == Op::Peek {
+                state.quota_pending = Some(PendingCount {
+                    class: rule.class,
+                    principal,
+                    budget,
+                });
+            }
+            Verdict::Continue
+        }
+        Ok(Decision::Rejected(scope, _)) => {
+            rule.counts.record_rejection(scope.into());
+            reject(rule, scope, window, state)
+        }
+        Err(unavailable) => {
+            rule.counts.record_rejection(Reason::StoreUnavailable);
+            state.rejected_by = Some(REJECTED_BY);
+            // No counts are known, so no plugin's `RateLimit-*` fields go out.
+            state.rate_limit = None;
+            Verdict::Respond(store_unavailable(rule, unavailable))
+        }
     }
 }
 

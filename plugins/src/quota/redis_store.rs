@@ -4,11 +4,15 @@
 //! Requests do not call Redis one by one. Each puts its check in a queue, and one task per store
 //! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks). Redis runs the call
 //! atomically, one check after the other in queue order. Under load a round trip carries many
-//! requests; a lone request waits for one round trip as before. A check whose request stopped
-//! waiting (its timeout passed) is dropped from the queue instead of counted. A check already
-//! on the way is counted by Redis; when the reply comes within [`LATE_REPLY_WAIT`] after the
-//! request gave up, the count is taken back. A Redis that stalls for longer than that and then
-//! runs the check leaves it counted.
+//! requests; a lone request waits for one round trip as before.
+//!
+//! Each check carries its deadline (the configured timeout after the request queued it), and
+//! the sending task answers every check by then: a check whose deadline passed in the queue, or
+//! whose request went away, is dropped instead of counted, and a call that is not answered by
+//! the earliest deadline of its batch fails every check in it. Requests thus need no timer of
+//! their own. A check already on the way is counted by Redis; when the reply comes within
+//! [`LATE_REPLY_WAIT`] after the deadline, the count is taken back. A Redis that stalls for
+//! longer than that and then runs the check leaves it counted.
 //!
 //! While Redis does not respond, [`RedisStore::run`] returns [`Unavailable`] at once, without
 //! waiting, and the caller falls back (see the plugin's failure mode). One request probes Redis
@@ -16,9 +20,11 @@
 //! and the recovery are each logged once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisResult, Script};
@@ -41,37 +47,55 @@ const EXPIRY_MARGIN_SECS: u64 = 120;
 const LATE_REPLY_WAIT: Duration = Duration::from_secs(1);
 /// Checks sent to Redis in one script call at most.
 pub const MAX_BATCH: usize = 128;
-/// Principals whose hashed key part is remembered; the memo starts afresh when full.
-const TAG_MEMO_ENTRIES: usize = 65_536;
+/// Keys remembered per request class; the memo starts afresh when full or when the hour turns.
+const KEY_MEMO_ENTRIES: usize = 65_536;
 
-/// Checks and counts atomically, for a batch of checks in order. For check `i` (from 0):
-/// KEYS[2i+1] is the principal's key, KEYS[2i+2] the domain's; ARGV[4i+1..4i+4] are the
-/// principal limit, the domain limit (0 for none), the keys' lifetime in seconds, and the
+/// Checks and counts atomically, for a batch of checks in order. ARGV[1] is the keys' lifetime
+/// in seconds. For check `i` (from 0): KEYS[2i+1] is the principal's key, KEYS[2i+2] the
+/// domain's; ARGV[3i+2..3i+4] are the principal limit, the domain limit (0 for none) and the
 /// operation: `count` (check, then count if both fit), `peek` (check only) or `add` (count
-/// without a check). Returns one string with four numbers per check, separated by spaces:
-/// allowed (1 or 0), principal count, domain count, and the scope that did not fit (1 for the
-/// principal's budget, 2 for the domain's, 0 when allowed).
+/// without a check). A count increments first and takes the increment back when a budget does
+/// not fit, so an allowed request, the common case, costs two commands. Returns one string with
+/// three numbers per check, separated by spaces: the scope that did not fit (0 when allowed, 1
+/// for the principal's budget, 2 for the domain's), then the principal's and the domain's
+/// counts (after the request when allowed, as they stay when not).
 const SCRIPT_SOURCE: &str = r"
 local out = {}
-for i = 0, #ARGV / 4 - 1 do
+local lifetime = ARGV[1]
+for i = 0, (#ARGV - 1) / 3 - 1 do
   local pk, dk = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local op = ARGV[4 * i + 4]
-  local p = tonumber(redis.call('GET', pk) or '0')
-  local d = tonumber(redis.call('GET', dk) or '0')
-  local ceiling = tonumber(ARGV[4 * i + 2])
-  if op ~= 'add' and p >= tonumber(ARGV[4 * i + 1]) then
-    out[#out + 1] = '0 ' .. p .. ' ' .. d .. ' 1'
-  elseif op ~= 'add' and ceiling > 0 and d >= ceiling then
-    out[#out + 1] = '0 ' .. p .. ' ' .. d .. ' 2'
-  elseif op == 'peek' then
-    out[#out + 1] = '1 ' .. p .. ' ' .. d .. ' 0'
+  local limit = tonumber(ARGV[3 * i + 2])
+  local ceiling = tonumber(ARGV[3 * i + 3])
+  local op = ARGV[3 * i + 4]
+  local scope, p, d = 0, 0, 0
+  if op == 'peek' then
+    p = tonumber(redis.call('GET', pk) or '0')
+    d = tonumber(redis.call('GET', dk) or '0')
+    if p >= limit then
+      scope = 1
+    elseif ceiling > 0 and d >= ceiling then
+      scope = 2
+    end
   else
     p = redis.call('INCR', pk)
-    d = redis.call('INCR', dk)
-    if p == 1 then redis.call('EXPIRE', pk, ARGV[4 * i + 3]) end
-    if d == 1 then redis.call('EXPIRE', dk, ARGV[4 * i + 3]) end
-    out[#out + 1] = '1 ' .. p .. ' ' .. d .. ' 0'
+    if p == 1 then redis.call('EXPIRE', pk, lifetime) end
+    if op ~= 'add' and p > limit then
+      redis.call('DECR', pk)
+      p = p - 1
+      d = tonumber(redis.call('GET', dk) or '0')
+      scope = 1
+    else
+      d = redis.call('INCR', dk)
+      if d == 1 then redis.call('EXPIRE', dk, lifetime) end
+      if op ~= 'add' and ceiling > 0 and d > ceiling then
+        redis.call('DECR', dk)
+        redis.call('DECR', pk)
+        p, d = p - 1, d - 1
+        scope = 2
+      end
+    end
   end
+  out[#out + 1] = scope .. ' ' .. p .. ' ' .. d
 end
 return table.concat(out, ' ')
 ";
@@ -125,9 +149,21 @@ pub struct RedisStore {
     failure_mode: FailureMode,
     /// The queue of the task that sends checks to Redis, started by the first check.
     queue: OnceLock<mpsc::UnboundedSender<Check>>,
-    /// The hashed key part of recent principals.
-    tags: Mutex<HashMap<String, Arc<str>>>,
+    /// The keys of this hour's recent principals and of the domain, so that a request builds
+    /// and hashes none.
+    keys: Mutex<KeyMemo>,
     health: Mutex<Health>,
+    /// A copy of `health.down`, written under its lock, so that requests need not take the lock
+    /// while Redis is up.
+    down: AtomicBool,
+}
+
+/// The keys of one hour, per request class.
+#[derive(Default)]
+struct KeyMemo {
+    hour: u64,
+    principals: [HashMap<String, Arc<str>, RandomState>; 2],
+    domain: [Option<Arc<str>>; 2],
 }
 
 /// The connection that the sending task uses; shared with the store, which drops it after a
@@ -140,12 +176,19 @@ struct Link {
 
 /// One request's check, waiting in the queue.
 struct Check {
-    keys: [String; 2],
+    call: Call,
+    /// When the request stops waiting: the check must be answered by then.
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Decision, String>>,
+}
+
+/// What a check sends to Redis.
+struct Call {
+    keys: [Arc<str>; 2],
     principal_limit: u64,
     domain_limit: u64,
     lifetime_secs: u64,
     op: Op,
-    reply: oneshot::Sender<Result<Decision, String>>,
 }
 
 #[derive(Debug)]
@@ -170,7 +213,8 @@ impl RedisStore {
             timeout: config.timeout,
             failure_mode: config.failure_mode,
             queue: OnceLock::new(),
-            tags: Mutex::new(HashMap::new()),
+            keys: Mutex::new(KeyMemo::default()),
+            down: AtomicBool::new(false),
             health: Mutex::new(Health {
                 down: false,
                 retry_at: Instant::now(),
@@ -187,7 +231,7 @@ impl RedisStore {
 
     /// Returns whether the last exchange with Redis succeeded (true before the first one).
     pub fn available(&self) -> bool {
-        !self.health.lock().down
+        !self.down.load(Ordering::Acquire)
     }
 
     /// Runs `op` on the principal's and the domain's keys of `window`, waiting at most the
@@ -200,26 +244,26 @@ impl RedisStore {
         limits: Limits,
         window: Window,
     ) -> Result<Decision, Unavailable> {
-        let probe = self.admit(Instant::now())?;
+        let now = Instant::now();
+        let probe = self.admit(now)?;
         let (reply, answer) = oneshot::channel();
         let check = Check {
-            keys: [
-                self.key(class, Some(principal), window.hour),
-                self.key(class, None, window.hour),
-            ],
-            principal_limit: limits.principal,
-            domain_limit: limits.domain.unwrap_or(0),
-            lifetime_secs: window.reset_secs + EXPIRY_MARGIN_SECS,
-            op,
+            call: Call {
+                keys: self.keys(class, principal, window.hour),
+                principal_limit: limits.principal,
+                domain_limit: limits.domain.unwrap_or(0),
+                lifetime_secs: window.reset_secs + EXPIRY_MARGIN_SECS,
+                op,
+            },
+            deadline: now + self.timeout,
             reply,
         };
+        // The sending task replies by the deadline, so this waits no longer than that.
         let result = match self.queue().send(check) {
             Err(_) => Err("the Redis sending task has stopped".to_owned()),
-            Ok(()) => match tokio::time::timeout(self.timeout, answer).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err("the Redis sending task dropped the check".to_owned()),
-                Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
-            },
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err("the Redis sending task dropped the check".to_owned())),
         };
         match result {
             Ok(decision) => {
@@ -235,7 +279,7 @@ impl RedisStore {
     /// The principal appears as the first 16 hex digits of its SHA-256, so user names and
     /// addresses are not stored in Redis.
     pub fn key(&self, class: Class, principal: Option<&str>, hour: u64) -> String {
-        let tag = principal.map(|name| self.tag(name));
+        let tag = principal.map(|name| hex16(&Sha256::digest(name.as_bytes())));
         let principal_part = tag.as_deref().unwrap_or("all");
         let mut hour_digits = itoa::Buffer::new();
         let hour = hour_digits.format(hour);
@@ -282,18 +326,32 @@ impl RedisStore {
         });
     }
 
-    /// Returns the hashed key part of `principal`, from the memo when it is there.
-    fn tag(&self, principal: &str) -> Arc<str> {
-        if let Some(tag) = self.tags.lock().get(principal) {
-            return Arc::clone(tag);
+    /// Returns the keys of `principal` and of the domain in `class` and `hour`, from the memo
+    /// when they are there.
+    fn keys(&self, class: Class, principal: &str, hour: u64) -> [Arc<str>; 2] {
+        let slot = class as usize;
+        let mut memo = self.keys.lock();
+        if memo.hour != hour {
+            *memo = KeyMemo {
+                hour,
+                ..KeyMemo::default()
+            };
         }
-        let tag: Arc<str> = hex16(&Sha256::digest(principal.as_bytes())).into();
-        let mut tags = self.tags.lock();
-        if tags.len() >= TAG_MEMO_ENTRIES {
-            tags.clear();
-        }
-        tags.insert(principal.to_owned(), Arc::clone(&tag));
-        tag
+        let own = match memo.principals[slot].get(principal) {
+            Some(key) => Arc::clone(key),
+            None => {
+                let key: Arc<str> = self.key(class, Some(principal), hour).into();
+                let principals = &mut memo.principals[slot];
+                if principals.len() >= KEY_MEMO_ENTRIES {
+                    principals.clear();
+                }
+                principals.insert(principal.to_owned(), Arc::clone(&key));
+                key
+            }
+        };
+        let domain =
+            Arc::clone(memo.domain[slot].get_or_insert_with(|| self.key(class, None, hour).into()));
+        [own, domain]
     }
 
     /// Returns the queue of the sending task, starting the task on first use.
@@ -307,6 +365,9 @@ impl RedisStore {
     /// Decides whether a request may call Redis. While Redis is up, every request may. While
     /// it is down, only one request may once the backoff has passed: the probe (`Some`).
     fn admit(&self, now: Instant) -> Result<Option<ProbeGuard<'_>>, Unavailable> {
+        if !self.down.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let mut health = self.health.lock();
         if !health.down {
             return Ok(None);
@@ -322,9 +383,13 @@ impl RedisStore {
     }
 
     fn succeeded(&self) {
+        if !self.down.load(Ordering::Acquire) {
+            return;
+        }
         let mut health = self.health.lock();
         if health.down {
             health.down = false;
+            self.down.store(false, Ordering::Release);
             health.backoff = BACKOFF_FIRST;
             info!(domain = %self.domain, "quota: Redis responds again; counting in Redis");
         }
@@ -338,6 +403,7 @@ impl RedisStore {
         let mut health = self.health.lock();
         if !health.down {
             health.down = true;
+            self.down.store(true, Ordering::Release);
             health.backoff = BACKOFF_FIRST;
             health.retry_at = now + health.backoff;
             let fallback = match self.failure_mode {
@@ -364,73 +430,138 @@ impl RedisStore {
 async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // A request that stopped waiting has fallen back already; counting it too would count
-        // it twice.
-        batch.retain(|check| !check.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        match link.eval(&batch).await {
-            Ok(decisions) => {
-                let mut refunds = Vec::new();
-                for (check, decision) in batch.drain(..).zip(decisions) {
-                    let counted = check.op != Op::Peek && matches!(decision, Decision::Allowed(_));
-                    // The request gave up while its check was on the way and fell back; a
-                    // count it made in Redis is taken back.
-                    if check.reply.send(Ok(decision)).is_err() && counted {
-                        refunds.extend(check.keys);
-                    }
-                }
-                if !refunds.is_empty() {
-                    if let Err(e) = link.refund(&refunds).await {
-                        warn!(error = %e, keys = refunds.len(),
-                            "quota: cannot take back counts of requests that stopped waiting for Redis");
-                    }
-                }
+        let now = Instant::now();
+        let mut calls = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut deadline = None::<Instant>;
+        for check in batch.drain(..) {
+            if check.reply.is_closed() {
+                // The request went away; it is not counted.
+                continue;
             }
-            Err(e) => {
-                let reason = e.to_string();
-                for check in batch.drain(..) {
-                    let _ = check.reply.send(Err(reason.clone()));
+            if check.deadline <= now {
+                let _ = check.reply.send(Err(link.no_answer()));
+                continue;
+            }
+            deadline = Some(deadline.map_or(check.deadline, |d| d.min(check.deadline)));
+            calls.push(check.call);
+            replies.push(check.reply);
+        }
+        let Some(deadline) = deadline else {
+            continue;
+        };
+        let call_link = Arc::clone(&link);
+        let mut call = Box::pin(async move {
+            let result = call_link.eval(&calls).await;
+            (result, calls)
+        });
+        match tokio::time::timeout_at(deadline.into(), &mut call).await {
+            Ok((result, calls)) => answer(&link, result, &calls, replies).await,
+            Err(_) => {
+                for reply in replies {
+                    let _ = reply.send(Err(link.no_answer()));
                 }
+                // Every request of the batch has fallen back. Redis may still run the call, so
+                // its counts are taken back when the reply comes, if it comes within the
+                // connection's response timeout.
+                let late_link = Arc::clone(&link);
+                tokio::spawn(async move {
+                    let (result, calls) = call.await;
+                    answer(&late_link, result, &calls, Vec::new()).await;
+                });
             }
         }
     }
 }
 
-impl Link {
-    /// Runs the script on `batch`; returns one decision per check, in order.
-    async fn eval(&self, batch: &[Check]) -> RedisResult<Vec<Decision>> {
-        let mut conn = self.connection().await?;
-        let mut invocation = SCRIPT.prepare_invoke();
-        for check in batch {
-            invocation
-                .key(check.keys[0].as_str())
-                .key(check.keys[1].as_str())
-                .arg(check.principal_limit)
-                .arg(check.domain_limit)
-                .arg(check.lifetime_secs)
-                .arg(check.op.label());
+/// Answers each check of a call with its decision, in order, and takes back the counts of
+/// checks whose request no longer waits: those past `replies` and those whose request went
+/// away.
+async fn answer(
+    link: &Link,
+    result: RedisResult<Vec<Decision>>,
+    calls: &[Call],
+    replies: Vec<oneshot::Sender<Result<Decision, String>>>,
+) {
+    let decisions = match result {
+        Ok(decisions) => decisions,
+        Err(e) => {
+            let reason = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(reason.clone()));
+            }
+            return;
         }
-        let reply: String = invocation.invoke_async(&mut conn).await?;
-        parse_decisions(&reply, batch.len()).ok_or_else(|| {
-            let excerpt: String = reply.chars().take(80).collect();
+    };
+    let mut replies = replies.into_iter();
+    let mut refunds = Vec::new();
+    for (call, decision) in calls.iter().zip(decisions) {
+        let counted = call.op != Op::Peek && matches!(decision, Decision::Allowed(_));
+        let delivered = replies
+            .next()
+            .is_some_and(|reply| reply.send(Ok(decision)).is_ok());
+        if counted && !delivered {
+            refunds.extend(call.keys.iter().cloned());
+        }
+    }
+    if !refunds.is_empty() {
+        if let Err(e) = link.refund(&refunds).await {
+            warn!(error = %e, keys = refunds.len(),
+                "quota: cannot take back counts of requests that stopped waiting for Redis");
+        }
+    }
+}
+
+impl Link {
+    /// Runs the script on `calls`; returns one decision per call, in order.
+    async fn eval(&self, calls: &[Call]) -> RedisResult<Vec<Decision>> {
+        let mut conn = self.connection().await?;
+        // The command is built by hand: `Script::prepare_invoke` would allocate once per
+        // argument, and a command keeps all of its arguments in one buffer.
+        let mut command = redis::cmd("EVALSHA");
+        command.arg(SCRIPT.get_hash()).arg(calls.len() * 2);
+        for call in calls {
+            command.arg(&*call.keys[0]).arg(&*call.keys[1]);
+        }
+        // Keys of one hour die together, with the latest lifetime of the batch.
+        let lifetime = calls.iter().map(|c| c.lifetime_secs).max().unwrap_or(0);
+        command.arg(lifetime);
+        for call in calls {
+            command
+                .arg(call.principal_limit)
+                .arg(call.domain_limit)
+                .arg(call.op.label());
+        }
+        let reply: Vec<u8> = match command.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                SCRIPT.load_async(&mut conn).await?;
+                command.query_async(&mut conn).await?
+            }
+            reply => reply?,
+        };
+        parse_decisions(&reply, calls.len()).ok_or_else(|| {
+            let excerpt: String = String::from_utf8_lossy(&reply).chars().take(80).collect();
             redis::RedisError::from((
                 redis::ErrorKind::TypeError,
                 "unexpected reply from the quota script",
-                format!("{} checks, reply {excerpt:?}", batch.len()),
+                format!("{} checks, reply {excerpt:?}", calls.len()),
             ))
         })
     }
 
     /// Lowers each of `keys` by one, not below zero.
-    async fn refund(&self, keys: &[String]) -> RedisResult<()> {
+    async fn refund(&self, keys: &[Arc<str>]) -> RedisResult<()> {
         let mut conn = self.connection().await?;
         let mut invocation = REFUND_SCRIPT.prepare_invoke();
         for key in keys {
-            invocation.key(key.as_str());
+            invocation.key(&**key);
         }
         invocation.invoke_async::<i64>(&mut conn).await.map(|_| ())
+    }
+
+    /// Returns the error of a check not answered within the timeout.
+    fn no_answer(&self) -> String {
+        format!("no answer within {} ms", self.timeout.as_millis())
     }
 
     async fn connection(&self) -> RedisResult<MultiplexedConnection> {
@@ -449,22 +580,38 @@ impl Link {
     }
 }
 
-/// Parses the script's reply: four numbers per check. `None` when it does not hold exactly
-/// `checks` groups of numbers.
-fn parse_decisions(reply: &str, checks: usize) -> Option<Vec<Decision>> {
-    let mut numbers = reply.split_ascii_whitespace().map(str::parse::<u64>);
+/// Parses the script's reply: three numbers per check, each followed by one space but the
+/// last. `None` when it does not hold exactly `checks` groups of numbers.
+fn parse_decisions(reply: &[u8], checks: usize) -> Option<Vec<Decision>> {
+    let mut numbers = reply.split(|&b| b == b' ').map(parse_number);
     let mut decisions = Vec::with_capacity(checks);
     for _ in 0..checks {
-        let mut next = || numbers.next()?.ok();
-        let (allowed, principal, domain, scope) = (next()?, next()?, next()?, next()?);
+        let mut next = || numbers.next()?;
+        let (scope, principal, domain) = (next()?, next()?, next()?);
         let counts = Counts { principal, domain };
-        decisions.push(match (allowed, scope) {
-            (1, _) => Decision::Allowed(counts),
-            (_, 2) => Decision::Rejected(Scope::Domain, counts),
+        decisions.push(match scope {
+            0 => Decision::Allowed(counts),
+            2 => Decision::Rejected(Scope::Domain, counts),
             _ => Decision::Rejected(Scope::Principal, counts),
         });
     }
-    numbers.next().is_none().then_some(decisions)
+    // An empty reply splits into one empty piece, which is no number.
+    let rest = numbers.next();
+    (rest.is_none() || (checks == 0 && reply.is_empty())).then_some(decisions)
+}
+
+/// Parses decimal digits; `None` for anything else, an empty piece or an overflow.
+fn parse_number(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if d.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        } else {
+            None
+        }
+    })
 }
 
 /// Ends a probe when dropped, also when the request is cancelled mid-way.
@@ -493,7 +640,7 @@ mod tests {
 
     #[test]
     fn parses_one_group_per_check() {
-        let decisions = parse_decisions("1 3 9 0 0 5 9 1 0 2 10 2", 3).expect("three checks");
+        let decisions = parse_decisions(b"0 3 9 1 5 9 2 2 10", 3).expect("three checks");
         let counts = |principal, domain| Counts { principal, domain };
         assert_eq!(
             decisions,
@@ -507,10 +654,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed_replies() {
-        assert_eq!(parse_decisions("1 3 9", 1), None);
-        assert_eq!(parse_decisions("1 3 9 0 1", 1), None);
-        assert_eq!(parse_decisions("1 3 x 0", 1), None);
-        assert_eq!(parse_decisions("1 3 9 0", 2), None);
-        assert_eq!(parse_decisions("", 0), Some(Vec::new()));
+        assert_eq!(parse_decisions(b"0 3", 1), None);
+        assert_eq!(parse_decisions(b"0 3 9 1", 1), None);
+        assert_eq!(parse_decisions(b"0 3 x", 1), None);
+        assert_eq!(parse_decisions(b"0 3 9", 2), None);
+        assert_eq!(parse_decisions(b"0 3 9 ", 1), None);
+        assert_eq!(parse_decisions(b"0  3 9", 1), None);
+        assert_eq!(parse_decisions(b"0 3 -9", 1), None);
+        assert_eq!(parse_decisions(b"0 3 99999999999999999999", 1), None);
+        assert_eq!(parse_decisions(b"", 1), None);
+        assert_eq!(parse_decisions(b"", 0), Some(Vec::new()));
     }
 }

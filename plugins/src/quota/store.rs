@@ -419,15 +419,16 @@ impl ClassCounts {
             shard.entries.retain(|_, slot| slot.hour >= hour);
             shard.hour = hour;
         }
-        let key = if shard.entries.contains_key(principal)
-            || shard.entries.len() < MAX_PRINCIPALS / SHARDS
-        {
+        let mut domain = self.domain.lock();
+        if let Some(slot) = shard.entries.get_mut(principal) {
+            return f(slot, &mut domain);
+        }
+        let key = if shard.entries.len() < MAX_PRINCIPALS / SHARDS {
             principal
         } else {
             self.log_overflow();
             OVERFLOW_PRINCIPAL
         };
-        let mut domain = self.domain.lock();
         let out = match shard.entries.get_mut(key) {
             Some(slot) => f(slot, &mut domain),
             None => {

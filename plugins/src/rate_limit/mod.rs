@@ -20,7 +20,6 @@ pub mod table;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::limits::{too_many_requests, BudgetState};
@@ -125,14 +124,17 @@ pub fn build(
     )))
 }
 
-#[async_trait]
 impl Plugin for RateLimitPlugin {
     fn name(&self) -> &'static str {
         "rate_limit"
     }
 
-    async fn request_filter(&self, req: &RequestInfo<'_>, state: &mut RequestState) -> Verdict {
-        self.admit(req, state, Instant::now())
+    fn request_filter_now(
+        &self,
+        req: &RequestInfo<'_>,
+        state: &mut RequestState,
+    ) -> Option<Verdict> {
+        Some(self.admit(req, state, Instant::now()))
     }
 }
 

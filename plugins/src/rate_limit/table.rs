@@ -103,7 +103,9 @@ impl ClientTable {
 
         let mut shard = self.buckets[self.shard(principal)].lock();
         shard.prune(now);
-        let tat = shard.tats.get(principal).map_or(now, |tat| (*tat).max(now));
+        let shard = &mut *shard;
+        let known = shard.tats.get_mut(principal);
+        let tat = known.as_deref().map_or(now, |tat| (*tat).max(now));
         let next = tat.saturating_add(interval);
         let used = next.saturating_sub(now);
 
@@ -120,7 +122,7 @@ impl ClientTable {
             };
         }
 
-        match shard.tats.get_mut(principal) {
+        match known {
             Some(tat) => *tat = next,
             None => {
                 shard.tats.insert(principal.clone(), next);
