@@ -204,6 +204,11 @@ impl AccessLog {
     }
 
     /// Queues one entry.
+    /// Returns whether lines go anywhere, so that a caller can skip building an entry.
+    pub fn is_on(&self) -> bool {
+        self.sender.is_some()
+    }
+
     pub fn log(&self, entry: &AccessEntry<'_>) {
         if let Some(sender) = &self.sender {
             // The writer thread only stops when every sender is gone, so this cannot fail

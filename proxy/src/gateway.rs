@@ -27,6 +27,9 @@ use crate::respond::{self, error_response, write_local, CACHE_STATUS_HEADER};
 use crate::routing::{match_route, Router};
 use crate::upstream::Upstream;
 
+/// The `X-Cache-Status` field name, made once at compile time.
+const CACHE_STATUS: HeaderName = HeaderName::from_static(CACHE_STATUS_HEADER);
+
 /// A domain with its origins ready to use.
 pub struct DomainRuntime {
     pub config: Domain,
@@ -216,7 +219,11 @@ impl GatewayState {
                     )
                 })?;
                 let path = crate::path::encode(&route_match.origin_path);
-                ctx.upstream_uri = format!("/{}{path}", active.id);
+                let mut uri = String::with_capacity(1 + active.id.len() + path.len());
+                uri.push('/');
+                uri.push_str(&active.id);
+                uri.push_str(&path);
+                ctx.upstream_uri = uri;
                 ctx.export_id = Some(active.id);
             }
             None => {
@@ -456,7 +463,7 @@ impl ProxyHttp for Gateway {
             upstream_response.set_version(http::Version::HTTP_11);
         }
         let status = (
-            HeaderName::from_static(CACHE_STATUS_HEADER),
+            CACHE_STATUS,
             HeaderValue::from_static(cache_status(&session.cache.phase())),
         );
         if state.debug_headers {
@@ -608,28 +615,30 @@ impl Gateway {
                 duration,
                 background: ctx.plugin_state.background_refresh,
             });
-        let header = |name| {
-            req.headers
-                .get(name)
-                .and_then(|v: &http::HeaderValue| v.to_str().ok())
-        };
-        let target = req.uri.path_and_query().map_or("-", |pq| pq.as_str());
-        let version = format!("{:?}", req.version);
-        state.access_log.log(&AccessEntry {
-            remote_addr: ctx.client_ip.or_else(|| peer_ip(session)),
-            user: ctx.plugin_state.user.as_deref(),
-            time: SystemTime::now(),
-            method: req.method.as_str(),
-            target,
-            version: &version,
-            status,
-            body_bytes,
-            referer: header(http::header::REFERER),
-            user_agent: header(http::header::USER_AGENT),
-            domain: domain.map(|d| d.config.id.as_str()),
-            cache_status,
-            duration,
-        });
+        if state.access_log.is_on() {
+            let header = |name| {
+                req.headers
+                    .get(name)
+                    .and_then(|v: &http::HeaderValue| v.to_str().ok())
+            };
+            let target = req.uri.path_and_query().map_or("-", |pq| pq.as_str());
+            let version = format!("{:?}", req.version);
+            state.access_log.log(&AccessEntry {
+                remote_addr: ctx.client_ip.or_else(|| peer_ip(session)),
+                user: ctx.plugin_state.user.as_deref(),
+                time: SystemTime::now(),
+                method: req.method.as_str(),
+                target,
+                version: &version,
+                status,
+                body_bytes,
+                referer: header(http::header::REFERER),
+                user_agent: header(http::header::USER_AGENT),
+                domain: domain.map(|d| d.config.id.as_str()),
+                cache_status,
+                duration,
+            });
+        }
         if let Some(reason) = ctx.no_store {
             tracing::debug!(path = %ctx.path, reason = reason.label(), "response not stored");
         }

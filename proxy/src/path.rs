@@ -114,6 +114,14 @@ pub fn normalize(raw_path: &str) -> Result<String, PathError> {
     if !raw_path.starts_with('/') {
         return Err(PathError::NotOriginForm);
     }
+    if is_normal(raw_path.as_bytes()) {
+        return Ok(raw_path.to_owned());
+    }
+    decode_and_resolve(raw_path)
+}
+
+/// Normalises a path that starts with `/` the long way: decodes, checks and resolves it.
+fn decode_and_resolve(raw_path: &str) -> Result<String, PathError> {
     let decoded = decode_once(raw_path.as_bytes())?;
     let decoded = String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)?;
     resolve_segments(&decoded)
@@ -126,6 +134,9 @@ pub fn normalize(raw_path: &str) -> Result<String, PathError> {
 /// Use it when the path leaves the gateway, in upstream requests and `Location` headers, because
 /// an upstream given the decoded form would decode a literal `%2e` a second time.
 pub fn encode(normalized: &str) -> String {
+    if normalized.bytes().all(is_path_safe) {
+        return normalized.to_owned();
+    }
     let mut out = String::with_capacity(normalized.len());
     for &byte in normalized.as_bytes() {
         if is_path_safe(byte) {
@@ -136,6 +147,30 @@ pub fn encode(normalized: &str) -> String {
         }
     }
     out
+}
+
+/// Tells whether a raw path that starts with `/` is already normal: no escape, no backslash or
+/// control byte, no empty or dot segment but a trailing slash, and few enough segments. Most
+/// requests are, and [`normalize`] then returns them as they are, without decoding.
+fn is_normal(raw: &[u8]) -> bool {
+    let mut slashes = 0;
+    for (i, &byte) in raw.iter().enumerate() {
+        match byte {
+            b'%' | b'\\' => return false,
+            b'/' => {
+                slashes += 1;
+                let rest = &raw[i + 1..];
+                let segment = rest.split(|&b| b == b'/').next().unwrap_or_default();
+                let last = segment.len() == rest.len();
+                if matches!(segment, b"." | b"..") || (segment.is_empty() && !last) {
+                    return false;
+                }
+            }
+            byte if byte.is_ascii_control() => return false,
+            _ => {}
+        }
+    }
+    slashes <= MAX_SEGMENTS
 }
 
 /// Decodes every `%XX` escape once and enforces the byte-level rules.
@@ -465,6 +500,13 @@ mod tests {
         fn prop_encode_round_trips(raw in raw_path()) {
             if let Ok(path) = normalize(&raw) {
                 prop_assert_eq!(normalize(&encode(&path)), Ok(path));
+            }
+        }
+
+        #[test]
+        fn prop_normal_paths_need_no_decoding(raw in raw_path()) {
+            if raw.starts_with('/') && is_normal(raw.as_bytes()) {
+                prop_assert_eq!(decode_and_resolve(&raw), Ok(raw.clone()));
             }
         }
 

@@ -63,7 +63,13 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 fn origin_path(route: &Route, path: &str) -> String {
     match &route.origin_path {
-        Some(replacement) => format!("{replacement}{}", &path[route.prefix.len()..]),
+        Some(replacement) => {
+            let rest = &path[route.prefix.len()..];
+            let mut out = String::with_capacity(replacement.len() + rest.len());
+            out.push_str(replacement);
+            out.push_str(rest);
+            out
+        }
         None => path.to_string(),
     }
 }
