@@ -12,15 +12,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use pingora_prometheus::prometheus::core::Collector;
 use pingora_prometheus::prometheus::proto::{Metric, MetricFamily};
 use pingora_prometheus::prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::cache::TierSnapshot;
@@ -173,35 +173,48 @@ impl Metrics {
         if record.background {
             return;
         }
-        let domain = record.domain.unwrap_or("-");
         let class = status_class(record.status);
         let method = match record.method.as_str() {
-            m @ ("GET" | "HEAD") => m,
+            "GET" => "GET",
+            "HEAD" => "HEAD",
             _ => "other",
         };
-        self.requests
-            .with_label_values(&[domain, method, STATUS_CLASSES[class], record.cache_status])
+        let Some(domain) = record.domain else {
+            let labels = ["-", method, STATUS_CLASSES[class], record.cache_status];
+            self.requests.with_label_values(&labels).inc();
+            self.body_bytes
+                .with_label_values(&["-"])
+                .inc_by(record.body_bytes);
+            self.request_duration
+                .with_label_values(&["-"])
+                .observe(record.duration.as_secs_f64());
+            return;
+        };
+        let tally = self.tally(domain);
+        let series = tally.series.get_or_init(|| DomainSeries {
+            body_bytes: self.body_bytes.with_label_values(&[domain]),
+            duration: self.request_duration.with_label_values(&[domain]),
+            requests: RwLock::new(Vec::new()),
+        });
+        series
+            .request_counter(method, class, record.cache_status, || {
+                let labels = [domain, method, STATUS_CLASSES[class], record.cache_status];
+                self.requests.with_label_values(&labels)
+            })
             .inc();
-        self.body_bytes
-            .with_label_values(&[domain])
-            .inc_by(record.body_bytes);
-        self.request_duration
-            .with_label_values(&[domain])
-            .observe(record.duration.as_secs_f64());
-        if record.domain.is_some() {
-            let tally = self.tally(domain);
-            tally.requests.fetch_add(1, Ordering::Relaxed);
-            tally.by_class[class].fetch_add(1, Ordering::Relaxed);
-            tally
-                .body_bytes
-                .fetch_add(record.body_bytes, Ordering::Relaxed);
-            let hit = CACHE_HITS.contains(&record.cache_status);
-            if hit || CACHE_MISSES.contains(&record.cache_status) {
-                tally.cache_lookups.fetch_add(1, Ordering::Relaxed);
-            }
-            if hit {
-                tally.cache_hits.fetch_add(1, Ordering::Relaxed);
-            }
+        series.body_bytes.inc_by(record.body_bytes);
+        series.duration.observe(record.duration.as_secs_f64());
+        tally.requests.fetch_add(1, Ordering::Relaxed);
+        tally.by_class[class].fetch_add(1, Ordering::Relaxed);
+        tally
+            .body_bytes
+            .fetch_add(record.body_bytes, Ordering::Relaxed);
+        let hit = CACHE_HITS.contains(&record.cache_status);
+        if hit || CACHE_MISSES.contains(&record.cache_status) {
+            tally.cache_lookups.fetch_add(1, Ordering::Relaxed);
+        }
+        if hit {
+            tally.cache_hits.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -480,6 +493,56 @@ struct DomainTally {
     body_bytes: AtomicU64,
     origin_errors: AtomicU64,
     last_origin_error: Mutex<Option<OriginError>>,
+    /// The domain's Prometheus series that every request updates, looked up once instead of
+    /// by their labels on every request.
+    series: OnceLock<DomainSeries>,
+}
+
+/// Handles on the request series of one domain. Request series are never removed from the
+/// registry, so a handle stays valid for the life of the process.
+struct DomainSeries {
+    body_bytes: IntCounter,
+    duration: Histogram,
+    /// The `requests` counters seen so far, by method, status class and cache status.
+    requests: RwLock<Vec<RequestSeries>>,
+}
+
+struct RequestSeries {
+    method: &'static str,
+    class: usize,
+    cache_status: String,
+    counter: IntCounter,
+}
+
+impl DomainSeries {
+    /// Returns the `requests` counter of a method, class and cache status, made by `make` the
+    /// first time.
+    fn request_counter(
+        &self,
+        method: &'static str,
+        class: usize,
+        cache_status: &str,
+        make: impl FnOnce() -> IntCounter,
+    ) -> IntCounter {
+        let matches = |s: &RequestSeries| {
+            s.method == method && s.class == class && s.cache_status == cache_status
+        };
+        if let Some(series) = self.requests.read().iter().find(|s| matches(s)) {
+            return series.counter.clone();
+        }
+        let mut all = self.requests.write();
+        if let Some(series) = all.iter().find(|s| matches(s)) {
+            return series.counter.clone();
+        }
+        let counter = make();
+        all.push(RequestSeries {
+            method,
+            class,
+            cache_status: cache_status.to_owned(),
+            counter: counter.clone(),
+        });
+        counter
+    }
 }
 
 /// Returns the index in [`STATUS_CLASSES`] of `status`.
@@ -694,6 +757,41 @@ mod tests {
         let text = metrics.render(&ScrapeInputs::default()).expect("render");
         let line = "mirror_gateway_requests_total{cache_status=\"HIT\",domain=\"primary\",method=\"GET\",status_class=\"2xx\"} 1";
         assert!(text.contains(line), "{text}");
+    }
+
+    #[test]
+    fn render_counts_each_series_apart() {
+        let metrics = Metrics::new();
+        let mut head = record(Some("primary"), 200, "HIT");
+        head.method = &http::Method::HEAD;
+        for r in [
+            record(Some("primary"), 200, "HIT"),
+            record(Some("primary"), 200, "MISS"),
+            record(Some("primary"), 200, "HIT"),
+            head,
+            record(Some("other"), 200, "HIT"),
+            record(None, 421, "BYPASS"),
+        ] {
+            metrics.observe_request(&r);
+        }
+        let text = metrics.render(&ScrapeInputs::default()).expect("render");
+        let series = |domain: &str, method: &str, class: &str, cache: &str, n: u32| {
+            format!(
+                "mirror_gateway_requests_total{{cache_status=\"{cache}\",domain=\"{domain}\",\
+                 method=\"{method}\",status_class=\"{class}\"}} {n}\n"
+            )
+        };
+        for line in [
+            series("primary", "GET", "2xx", "HIT", 2),
+            series("primary", "GET", "2xx", "MISS", 1),
+            series("primary", "HEAD", "2xx", "HIT", 1),
+            series("other", "GET", "2xx", "HIT", 1),
+            series("-", "GET", "4xx", "BYPASS", 1),
+        ] {
+            assert!(text.contains(&line), "{line} missing from {text}");
+        }
+        let bytes = "mirror_gateway_response_body_bytes_total{domain=\"primary\"} 40\n";
+        assert!(text.contains(bytes), "{text}");
     }
 
     #[test]
