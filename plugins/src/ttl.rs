@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use serde::Deserialize;
@@ -218,15 +217,18 @@ fn compile_rule(rule: RuleSettings) -> Result<(PathPattern, CachePolicy), Settin
     Ok((pattern, policy))
 }
 
-#[async_trait]
 impl Plugin for TtlPlugin {
     fn name(&self) -> &'static str {
         "ttl"
     }
 
-    async fn request_filter(&self, req: &RequestInfo<'_>, state: &mut RequestState) -> Verdict {
+    fn request_filter_now(
+        &self,
+        req: &RequestInfo<'_>,
+        state: &mut RequestState,
+    ) -> Option<Verdict> {
         state.cache_policy = self.policy_for(req.path).cloned();
-        Verdict::Continue
+        Some(Verdict::Continue)
     }
 
     /// Sets the rule's `Cache-Control` on successful and not-modified responses; errors keep

@@ -382,3 +382,103 @@ async fn redis_paused_count_taken_back() {
     assert_eq!(paused, 429);
     assert_eq!(statuses(&plugin, "alice", 3, now).await, [200, 200, 429]);
 }
+
+/// How long the fault-injecting proxy holds back a chunk from the gateway to Redis.
+#[derive(Debug, Default, Clone, Copy)]
+struct Delays {
+    /// A chunk with a call of the quota script (it names an operation such as `count`).
+    check: Duration,
+    /// A chunk with another script call: the one that takes counts back.
+    refund: Duration,
+}
+
+/// Starts a loopback proxy in front of `upstream` that holds back script calls by `delays`;
+/// returns its port. Replies pass at once.
+async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Delays>>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let delays = Arc::clone(&delays);
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                });
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    let chunk = &buf[..n];
+                    let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+                    if has(b"EVALSHA") {
+                        let d = *delays.lock();
+                        let check =
+                            has(b"\r\ncount\r\n") || has(b"\r\npeek\r\n") || has(b"\r\nadd\r\n");
+                        tokio::time::sleep(if check { d.check } else { d.refund }).await;
+                    }
+                    if to_server.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A request that goes away while its check is on the way has its count taken back. Taking it
+/// back must not hold up the checks queued meanwhile: they are answered within their own
+/// timeout, and Redis is not marked unavailable, even when the take-back call is slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_take_back_holds_up_no_check() {
+    let server = RedisServer::start();
+    let delays = Arc::new(parking_lot::Mutex::new(Delays::default()));
+    let port = start_delaying_proxy(server.port, Arc::clone(&delays)).await;
+    let text = format!(
+        "index_per_hour = 100\ndownload_per_hour = 100\n\
+         [redis]\nurl = \"redis://127.0.0.1:{port}/0\"\nkey_prefix = \"test\"\ntimeout_ms = 300\nfailure_mode = \"fail_open\""
+    );
+    let settings = toml::Value::Table(text.parse().expect("valid TOML"));
+    let ctx = BuildContext {
+        domain: "primary",
+        config_dir: Path::new("/"),
+    };
+    let plugin = Arc::new(
+        QuotaPlugin::with_registry(settings, &ctx, &Registry::new())
+            .unwrap_or_else(|errors| panic!("settings rejected: {errors:?}")),
+    );
+    let now = SystemTime::now();
+    assert_eq!(send(&plugin, "warmup", now).await.0, 200);
+
+    *delays.lock() = Delays {
+        check: Duration::from_millis(100),
+        refund: Duration::from_secs(5),
+    };
+    let gone = Arc::clone(&plugin);
+    let cancelled = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_millis(50), send(&gone, "carol", now))
+            .await
+            .is_err()
+    });
+    tokio::time::sleep(Duration::from_millis(70)).await;
+    let started = Instant::now();
+    let (status, _) = send(&plugin, "bob", now).await;
+    let waited = started.elapsed();
+    assert!(
+        cancelled.await.expect("task runs"),
+        "carol's request went away"
+    );
+    assert_eq!(status, 200);
+    assert!(
+        waited < Duration::from_millis(300),
+        "bob waited {waited:?}, longer than timeout_ms"
+    );
+    assert_eq!(plugin.redis_available(), Some(true));
+}

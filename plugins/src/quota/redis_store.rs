@@ -456,7 +456,7 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
             (result, calls)
         });
         match tokio::time::timeout_at(deadline.into(), &mut call).await {
-            Ok((result, calls)) => answer(&link, result, &calls, replies).await,
+            Ok((result, calls)) => answer(&link, result, &calls, replies),
             Err(_) => {
                 for reply in replies {
                     let _ = reply.send(Err(link.no_answer()));
@@ -467,7 +467,7 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
                 let late_link = Arc::clone(&link);
                 tokio::spawn(async move {
                     let (result, calls) = call.await;
-                    answer(&late_link, result, &calls, Vec::new()).await;
+                    answer(&late_link, result, &calls, Vec::new());
                 });
             }
         }
@@ -476,9 +476,10 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
 
 /// Answers each check of a call with its decision, in order, and takes back the counts of
 /// checks whose request no longer waits: those past `replies` and those whose request went
-/// away.
-async fn answer(
-    link: &Link,
+/// away. The counts are taken back in a task of their own, so that the sending task never waits
+/// for Redis beyond the deadlines of the checks it sent.
+fn answer(
+    link: &Arc<Link>,
     result: RedisResult<Vec<Decision>>,
     calls: &[Call],
     replies: Vec<oneshot::Sender<Result<Decision, String>>>,
@@ -505,10 +506,13 @@ async fn answer(
         }
     }
     if !refunds.is_empty() {
-        if let Err(e) = link.refund(&refunds).await {
-            warn!(error = %e, keys = refunds.len(),
-                "quota: cannot take back counts of requests that stopped waiting for Redis");
-        }
+        let link = Arc::clone(link);
+        tokio::spawn(async move {
+            if let Err(e) = link.refund(&refunds).await {
+                warn!(error = %e, keys = refunds.len(),
+                    "quota: cannot take back counts of requests that stopped waiting for Redis");
+            }
+        });
     }
 }
 
