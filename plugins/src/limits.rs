@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 
+use bytes::BytesMut;
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 
@@ -12,33 +13,56 @@ const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-const LIMIT_SLOT: usize = 0;
-const RESET_SLOT: usize = 1;
+/// Bytes of the buffer that `RateLimit-Remaining` values are cut from.
+const DIGITS_BUFFER: usize = 4096;
 
 thread_local! {
-    /// The `RateLimit-Limit` and `RateLimit-Reset` values this thread made last, with their
-    /// numbers. A budget's limit stays the same and the seconds to its reset change about once
-    /// a second, so most responses clone a value here (one reference count) instead of
-    /// formatting and allocating a new one.
-    static RECENT: RefCell<[(u64, HeaderValue); 2]> = const {
-        RefCell::new([
-            (0, HeaderValue::from_static("0")),
-            (0, HeaderValue::from_static("0")),
-        ])
-    };
+    static RECENT: RefCell<Recent> = RefCell::new(Recent::default());
 }
 
-/// Returns the header value of `number`, cloned from slot `slot` of [`RECENT`] when the slot
-/// has it.
-fn recent_value(slot: usize, number: u64) -> HeaderValue {
-    RECENT.with_borrow_mut(|recent| {
-        let (last, value) = &mut recent[slot];
-        if *last != number {
-            *last = number;
-            *value = HeaderValue::from(number);
+/// What a worker thread keeps to make `RateLimit-*` values cheaply.
+///
+/// A budget's limit stays the same and the seconds to its reset change about once a second, so
+/// most responses clone the value made last (one reference count) instead of formatting and
+/// allocating a new one. The remaining count changes with every request; its digits are cut
+/// from a shared buffer, so that they need no allocation of their own.
+struct Recent {
+    limit: (u64, HeaderValue),
+    reset: (u64, HeaderValue),
+    digits: BytesMut,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Self {
+            limit: (0, HeaderValue::from_static("0")),
+            reset: (0, HeaderValue::from_static("0")),
+            digits: BytesMut::new(),
         }
-        value.clone()
-    })
+    }
+}
+
+impl Recent {
+    /// Returns the value of `number` in `slot`, made again only when the number changed.
+    fn reuse(slot: &mut (u64, HeaderValue), number: u64) -> HeaderValue {
+        if slot.0 != number {
+            *slot = (number, HeaderValue::from(number));
+        }
+        slot.1.clone()
+    }
+
+    /// Returns the value of `number` with its digits cut from the shared buffer.
+    fn cut(&mut self, number: u64) -> HeaderValue {
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(number);
+        if self.digits.capacity() < text.len() {
+            self.digits = BytesMut::with_capacity(DIGITS_BUFFER);
+        }
+        self.digits.extend_from_slice(text.as_bytes());
+        // Decimal digits are always a valid header value.
+        HeaderValue::from_maybe_shared(self.digits.split().freeze())
+            .unwrap_or_else(|_| HeaderValue::from(number))
+    }
 }
 
 /// The state of one budget for one request, sent downstream as `RateLimit-*` fields.
@@ -55,11 +79,19 @@ pub struct BudgetState {
 impl BudgetState {
     /// Returns the header fields for this state.
     pub fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
-        [
-            (RATELIMIT_LIMIT, recent_value(LIMIT_SLOT, self.limit)),
-            (RATELIMIT_REMAINING, HeaderValue::from(self.remaining)),
-            (RATELIMIT_RESET, recent_value(RESET_SLOT, self.reset_secs)),
-        ]
+        RECENT.with_borrow_mut(|recent| {
+            [
+                (
+                    RATELIMIT_LIMIT,
+                    Recent::reuse(&mut recent.limit, self.limit),
+                ),
+                (RATELIMIT_REMAINING, recent.cut(self.remaining)),
+                (
+                    RATELIMIT_RESET,
+                    Recent::reuse(&mut recent.reset, self.reset_secs),
+                ),
+            ]
+        })
     }
 
     /// Sets the header fields on a response.

@@ -99,7 +99,7 @@ pub fn save_state_files() {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingCount {
     class: Class,
-    principal: String,
+    principal: PrincipalName,
     budget: BudgetState,
 }
 
@@ -253,7 +253,7 @@ impl QuotaPlugin {
                 }
             }
             None => {
-                let counts = rule.counts.add(&pending.principal, window.hour);
+                let counts = rule.counts.add(pending.principal.as_bytes(), window.hour);
                 budget_state(rule.limits, counts, window)
             }
         };
@@ -268,7 +268,7 @@ impl QuotaPlugin {
             domain: None,
         };
         rule.counts
-            .peek(principal, unlimited, Window::at(now).hour)
+            .peek(principal.as_bytes(), unlimited, Window::at(now).hour)
             .counts()
             .principal
     }
@@ -306,18 +306,24 @@ impl QuotaPlugin {
 
     /// Checks (and for [`Op::Count`] counts) in Redis when configured, else locally; falls
     /// back to local counting while Redis is away unless the plugin fails closed.
-    async fn decide(&self, rule: &ClassRule, op: Op, principal: &str, window: Window) -> Checked {
+    async fn decide(
+        &self,
+        rule: &ClassRule,
+        op: Op,
+        principal: &PrincipalName,
+        window: Window,
+    ) -> Checked {
         let local = || decide_local(rule, op, principal, window);
         let Some(redis) = &self.redis else {
             return Ok(local());
         };
         match redis
-            .run(op, rule.class, principal, rule.limits, window)
+            .run(op, rule.class, principal.as_bytes(), rule.limits, window)
             .await
         {
             Ok(decision) => {
                 rule.counts
-                    .observe(principal, window.hour, decision.counts());
+                    .observe(principal.as_bytes(), window.hour, decision.counts());
                 Ok(decision)
             }
             Err(unavailable) => match redis.failure_mode() {
@@ -357,7 +363,8 @@ impl Plugin for QuotaPlugin {
 }
 
 /// Checks (and for [`Op::Count`] counts) in this process's counters.
-fn decide_local(rule: &ClassRule, op: Op, principal: &str, window: Window) -> Decision {
+fn decide_local(rule: &ClassRule, op: Op, principal: &PrincipalName, window: Window) -> Decision {
+    let principal = principal.as_bytes();
     match op {
         Op::Count => rule.counts.try_count(principal, rule.limits, window.hour),
         Op::Peek => rule.counts.peek(principal, rule.limits, window.hour),
@@ -370,7 +377,7 @@ fn decide_local(rule: &ClassRule, op: Op, principal: &str, window: Window) -> De
 fn settle(
     rule: &ClassRule,
     op: Op,
-    principal: String,
+    principal: PrincipalName,
     window: Window,
     checked: Checked,
     state: &mut RequestState,
@@ -404,9 +411,9 @@ fn settle(
 
 /// Returns the principal a request counts against: the user, the client address (an IPv6
 /// address's `/64` network), or `unknown`.
-pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> String {
+pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> PrincipalName {
     if let Some(user) = &state.user {
-        return format!("user:{user}");
+        return PrincipalName::Named(format!("user:{user}"));
     }
     match req.client_addr {
         Some(IpAddr::V4(addr)) => v4_principal(addr),
@@ -414,31 +421,84 @@ pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> String {
             Some(v4) => v4_principal(v4),
             None => {
                 let s = addr.segments();
-                format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                PrincipalName::Named(format!(
+                    "ip:{:x}:{:x}:{:x}:{:x}::/64",
+                    s[0], s[1], s[2], s[3]
+                ))
             }
         },
-        None => "unknown".to_owned(),
+        None => PrincipalName::Named("unknown".to_owned()),
     }
 }
 
-/// Returns `ip:` and the dotted form of `addr`, without the formatting machinery, as every
-/// counted request needs it.
-fn v4_principal(addr: Ipv4Addr) -> String {
-    let mut out = String::with_capacity(18);
-    out.push_str("ip:");
+/// The name of a principal, UTF-8 text. The counters take it as bytes, so an IPv4 address,
+/// which every anonymous request has, is written into the value itself: no allocation, and no
+/// UTF-8 check to read it back.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PrincipalName {
+    /// `ip:` and a dotted IPv4 address, in the first `len` bytes.
+    Address {
+        bytes: [u8; 18],
+        len: u8,
+    },
+    Named(String),
+}
+
+impl PrincipalName {
+    /// Returns the name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Address { bytes, len } => &bytes[..usize::from(*len)],
+            Self::Named(name) => name.as_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Display for PrincipalName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for PrincipalName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&String::from_utf8_lossy(self.as_bytes()), f)
+    }
+}
+
+impl PartialEq<&str> for PrincipalName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+/// Returns `ip:` and the dotted form of `addr`, written without the formatting machinery, as
+/// every anonymous request needs it.
+fn v4_principal(addr: Ipv4Addr) -> PrincipalName {
+    let mut bytes = [0; 18];
+    bytes[..3].copy_from_slice(b"ip:");
+    let mut len = 3;
     for (i, octet) in addr.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            bytes[len] = b'.';
+            len += 1;
         }
         if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
+            bytes[len] = b'0' + octet / 100;
+            len += 1;
         }
         if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
+            bytes[len] = b'0' + octet / 10 % 10;
+            len += 1;
         }
-        out.push(char::from(b'0' + octet % 10));
+        bytes[len] = b'0' + octet % 10;
+        len += 1;
     }
-    out
+    // At most 18 bytes (`ip:255.255.255.255`), which fits in a u8.
+    PrincipalName::Address {
+        bytes,
+        len: len as u8,
+    }
 }
 
 /// Returns the name a 429 gives the budget of `class` and `scope`.

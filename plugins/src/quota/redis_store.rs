@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use super::config::{FailureMode, RedisConfig};
 use super::store::{Class, ClassCounts, Counts, Decision, Limits, Scope};
 use super::window::Window;
+use super::PrincipalName;
 
 /// First wait before Redis is tried again after a failure.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
@@ -162,7 +163,7 @@ pub struct RedisStore {
 #[derive(Default)]
 struct KeyMemo {
     hour: u64,
-    principals: [HashMap<String, Arc<str>, RandomState>; 2],
+    principals: [HashMap<Box<[u8]>, Arc<str>, RandomState>; 2],
     domain: [Option<Arc<str>>; 2],
 }
 
@@ -240,7 +241,7 @@ impl RedisStore {
         &self,
         op: Op,
         class: Class,
-        principal: &str,
+        principal: &[u8],
         limits: Limits,
         window: Window,
     ) -> Result<Decision, Unavailable> {
@@ -278,8 +279,8 @@ impl RedisStore {
     ///
     /// The principal appears as the first 16 hex digits of its SHA-256, so user names and
     /// addresses are not stored in Redis.
-    pub fn key(&self, class: Class, principal: Option<&str>, hour: u64) -> String {
-        let tag = principal.map(|name| hex16(&Sha256::digest(name.as_bytes())));
+    pub fn key(&self, class: Class, principal: Option<&[u8]>, hour: u64) -> String {
+        let tag = principal.map(|name| hex16(&Sha256::digest(name)));
         let principal_part = tag.as_deref().unwrap_or("all");
         let mut hour_digits = itoa::Buffer::new();
         let hour = hour_digits.format(hour);
@@ -300,12 +301,12 @@ impl RedisStore {
     pub fn spawn_add(
         self: &Arc<Self>,
         class: Class,
-        principal: String,
+        principal: PrincipalName,
         window: Window,
         local: Arc<ClassCounts>,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            local.add(&principal, window.hour);
+            local.add(principal.as_bytes(), window.hour);
             return;
         };
         let store = Arc::clone(self);
@@ -315,12 +316,14 @@ impl RedisStore {
         };
         runtime.spawn(async move {
             match store
-                .run(Op::Add, class, &principal, no_limits, window)
+                .run(Op::Add, class, principal.as_bytes(), no_limits, window)
                 .await
             {
-                Ok(decision) => local.observe(&principal, window.hour, decision.counts()),
+                Ok(decision) => {
+                    local.observe(principal.as_bytes(), window.hour, decision.counts());
+                }
                 Err(_) => {
-                    local.add(&principal, window.hour);
+                    local.add(principal.as_bytes(), window.hour);
                 }
             }
         });
@@ -328,7 +331,7 @@ impl RedisStore {
 
     /// Returns the keys of `principal` and of the domain in `class` and `hour`, from the memo
     /// when they are there.
-    fn keys(&self, class: Class, principal: &str, hour: u64) -> [Arc<str>; 2] {
+    fn keys(&self, class: Class, principal: &[u8], hour: u64) -> [Arc<str>; 2] {
         let slot = class as usize;
         let mut memo = self.keys.lock();
         if memo.hour != hour {
@@ -345,7 +348,7 @@ impl RedisStore {
                 if principals.len() >= KEY_MEMO_ENTRIES {
                     principals.clear();
                 }
-                principals.insert(principal.to_owned(), Arc::clone(&key));
+                principals.insert(Box::from(principal), Arc::clone(&key));
                 key
             }
         };

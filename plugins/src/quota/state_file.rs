@@ -104,7 +104,11 @@ impl StateFile {
                 continue;
             };
             if let Some((_, counts)) = self.sets.iter().find(|(c, _)| *c == class) {
-                counts.restore(entry.principal.as_deref(), hour, entry.count);
+                counts.restore(
+                    entry.principal.as_deref().map(str::as_bytes),
+                    hour,
+                    entry.count,
+                );
                 taken += 1;
             }
         }

@@ -235,7 +235,7 @@ pub struct ClassCounts {
 
 #[derive(Debug, Default)]
 struct Shard {
-    entries: HashMap<String, Slot, RandomState>,
+    entries: HashMap<Box<[u8]>, Slot, RandomState>,
     /// The newest hour this shard has seen; older entries are gone.
     hour: u64,
 }
@@ -312,7 +312,7 @@ impl ClassCounts {
 
     /// Counts the request if both the principal's budget and the domain ceiling have room in
     /// `hour`; otherwise counts nothing. Check and count are one atomic step.
-    pub fn try_count(&self, principal: &str, limits: Limits, hour: u64) -> Decision {
+    pub fn try_count(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
         self.with_slots(principal, hour, |slot, domain| {
             let counts = Counts {
                 principal: slot.current(hour),
@@ -330,7 +330,7 @@ impl ClassCounts {
     }
 
     /// Checks the budgets like [`Self::try_count`] without counting.
-    pub fn peek(&self, principal: &str, limits: Limits, hour: u64) -> Decision {
+    pub fn peek(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
         self.with_slots(principal, hour, |slot, domain| {
             let counts = Counts {
                 principal: slot.current(hour),
@@ -344,7 +344,7 @@ impl ClassCounts {
     }
 
     /// Counts the request without checking the budgets; returns the counts after it.
-    pub fn add(&self, principal: &str, hour: u64) -> Counts {
+    pub fn add(&self, principal: &[u8], hour: u64) -> Counts {
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.with_slots(principal, hour, |slot, domain| Counts {
             principal: slot.add(hour),
@@ -353,7 +353,7 @@ impl ClassCounts {
     }
 
     /// Raises the counts of `hour` to at least `counts`, as seen in a shared store.
-    pub fn observe(&self, principal: &str, hour: u64, counts: Counts) {
+    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) {
         self.with_slots(principal, hour, |slot, domain| {
             slot.raise(hour, counts.principal);
             domain.raise(hour, counts.domain);
@@ -362,7 +362,7 @@ impl ClassCounts {
     }
 
     /// Raises one counter of `hour` to at least `count`; `None` is the domain's counter.
-    pub fn restore(&self, principal: Option<&str>, hour: u64, count: u64) {
+    pub fn restore(&self, principal: Option<&[u8]>, hour: u64, count: u64) {
         match principal {
             Some(principal) => self.with_slots(principal, hour, |slot, _| slot.raise(hour, count)),
             None => self.domain.lock().raise(hour, count),
@@ -385,7 +385,9 @@ impl ClassCounts {
                     .entries
                     .iter()
                     .filter(|(_, slot)| slot.hour == hour && slot.count > 0)
-                    .map(|(name, slot)| (Some(name.clone()), slot.count)),
+                    .map(|(name, slot)| {
+                        (Some(String::from_utf8_lossy(name).into_owned()), slot.count)
+                    }),
             );
         }
         out
@@ -409,7 +411,7 @@ impl ClassCounts {
     /// Runs `f` on the principal's slot and the domain's slot, locked in that order.
     fn with_slots<T>(
         &self,
-        principal: &str,
+        principal: &[u8],
         hour: u64,
         f: impl FnOnce(&mut Slot, &mut Slot) -> T,
     ) -> T {
@@ -427,7 +429,7 @@ impl ClassCounts {
             principal
         } else {
             self.log_overflow();
-            OVERFLOW_PRINCIPAL
+            OVERFLOW_PRINCIPAL.as_bytes()
         };
         let out = match shard.entries.get_mut(key) {
             Some(slot) => f(slot, &mut domain),
@@ -435,7 +437,7 @@ impl ClassCounts {
                 let mut slot = Slot::default();
                 let out = f(&mut slot, &mut domain);
                 if slot.count > 0 {
-                    shard.entries.insert(key.to_owned(), slot);
+                    shard.entries.insert(Box::from(key), slot);
                 }
                 out
             }

@@ -347,7 +347,7 @@ fn principal_ipv4_matches_the_standard_formatting() {
             client_addr: Some(addr),
         };
         assert_eq!(
-            principal_of(&req, &RequestState::default()),
+            principal_of(&req, &RequestState::default()).to_string(),
             format!("ip:{text}")
         );
     }
@@ -662,7 +662,7 @@ async fn redis_down_reports_unavailable() {
 fn redis_key_hashes_principal() {
     let plugin = build(&unreachable_redis("fail_open"));
     let redis = plugin.redis.as_ref().expect("redis configured");
-    let key = redis.key(Class::Download, Some("user:alice"), 490_907);
+    let key = redis.key(Class::Download, Some(b"user:alice".as_slice()), 490_907);
     let parts: Vec<&str> = key.split(':').collect();
     assert_eq!(parts.len(), 6, "{key}");
     assert_eq!(
@@ -694,13 +694,13 @@ fn state_file_round_trip() {
     let hour = Window::at(at(10)).hour;
     before
         .counts("primary", Class::Index)
-        .add("user:alice", hour);
+        .add(b"user:alice", hour);
     before
         .counts("primary", Class::Index)
-        .add("user:alice", hour);
+        .add(b"user:alice", hour);
     before
         .counts("primary", Class::Download)
-        .add("ip:192.0.2.1", hour);
+        .add(b"ip:192.0.2.1", hour);
 
     let saved = StateFile::new(path.clone(), "primary", state_set(&before, "primary"));
     saved.save(at(20)).expect("save");
@@ -715,7 +715,7 @@ fn state_file_round_trip() {
     };
     let index = after
         .counts("primary", Class::Index)
-        .peek("user:alice", limits, hour);
+        .peek(b"user:alice", limits, hour);
     assert_eq!(
         index.counts(),
         Counts {
@@ -732,7 +732,7 @@ fn state_file_skips_older_hours() {
     let before = Registry::new();
     before
         .counts("primary", Class::Index)
-        .add("user:alice", Window::at(at(10)).hour);
+        .add(b"user:alice", Window::at(at(10)).hour);
     StateFile::new(path.clone(), "primary", state_set(&before, "primary"))
         .save(at(10))
         .expect("save");
@@ -747,7 +747,7 @@ fn state_file_write_leaves_no_temp_file() {
     let registry = Registry::new();
     registry
         .counts("primary", Class::Index)
-        .add("user:alice", Window::at(at(0)).hour);
+        .add(b"user:alice", Window::at(at(0)).hour);
     StateFile::new(path, "primary", state_set(&registry, "primary"))
         .save(at(0))
         .expect("save");
@@ -765,7 +765,7 @@ fn state_file_write_failure_keeps_previous_file() {
     let registry = Registry::new();
     registry
         .counts("primary", Class::Index)
-        .add("user:alice", Window::at(at(0)).hour);
+        .add(b"user:alice", Window::at(at(0)).hour);
     let file = StateFile::new(path, "primary", state_set(&registry, "primary"));
     assert!(file.save(at(0)).is_err());
 }
@@ -776,7 +776,7 @@ fn state_file_unchanged_is_not_written_again() {
     let registry = Registry::new();
     registry
         .counts("primary", Class::Index)
-        .add("user:alice", Window::at(at(0)).hour);
+        .add(b"user:alice", Window::at(at(0)).hour);
     let file = StateFile::new(
         dir.path().join("quota.state"),
         "primary",
