@@ -17,8 +17,11 @@
 #
 # The scenarios take turns: every gateway starts first, then each round runs wrk once on each,
 # so that a slow spell of the machine falls on all of them alike. Each scenario reports its
-# best run (highest requests/s, with that run's p99), which filters out more of the noise. On a
-# shared machine, compare ratios, not absolutes.
+# best run (highest requests/s, with that run's p99), which filters out more of the noise, and
+# the ratio of its best run to the best run without budget plugins. The last column is the
+# median over the rounds of the ratio within each round: the scenario's run against the run
+# without plugins just before it, which a slow spell of the machine affects least. On a shared
+# machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
 # (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
 # Everything runs on 127.0.0.1 with free ports, in a temp dir removed on exit. With two or
@@ -208,9 +211,11 @@ scenario() {
 
 # Runs wrk on every scenario in turn, $rounds times over, so that a slow spell of a shared
 # machine falls on all scenarios alike; then prints one table row per scenario with its best
-# run. Only the gateway under load does work: the others wait idle.
+# run and the median of its per-round ratios. Only the gateway under load does work: the others
+# wait idle.
 measure() {
-    local round i out run_rps run_p99 ratio
+    local round i out run_rps run_p99 ratio median
+    local -A round_rps=()
     for round in $(seq 1 "$rounds"); do
         for i in "${!names[@]}"; do
             out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[i]}")
@@ -220,6 +225,7 @@ measure() {
             fi
             run_rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
             run_p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+            round_rps[$i,$round]=$run_rps
             if awk -v a="$run_rps" -v b="${best_rps[i]}" 'BEGIN { exit !(a > b) }'; then
                 best_rps[i]=$run_rps best_p99[i]=$run_p99
             fi
@@ -227,7 +233,10 @@ measure() {
     done
     for i in "${!names[@]}"; do
         ratio=$(awk -v a="${best_rps[i]}" -v b="${best_rps[0]}" 'BEGIN { printf "%.3f", a / b }')
-        printf '| %-34s | %12s | %8s | %6s |\n' "${labels[i]}" "${best_rps[i]}" "${best_p99[i]}" "$ratio"
+        median=$(for round in $(seq 1 "$rounds"); do
+            awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf "%.4f\n", a / b }'
+        done | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.3f", m }')
+        printf '| %-34s | %12s | %8s | %6s | %6s |\n' "${labels[i]}" "${best_rps[i]}" "${best_p99[i]}" "$ratio" "$median"
     done
 }
 
@@ -241,11 +250,12 @@ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "redis: $(redis-server --version | awk '{print $3}')"
 echo
 if [[ $mode == wrk ]]; then
-    echo "| scenario                           | requests/s   | p99      | ratio  |"
+    echo "| scenario                           | requests/s   | p99      | ratio  | median |"
+    echo "|------------------------------------|--------------|----------|--------|--------|"
 else
     echo "| scenario                           | instr./req.  | p99      | ratio  |"
+    echo "|------------------------------------|--------------|----------|--------|"
 fi
-echo "|------------------------------------|--------------|----------|--------|"
 scenario none "no budget plugins" ""
 scenario quota_local "quota, local" "$quota_plugin"
 if [[ $has_rate_limit == yes ]]; then
