@@ -13,8 +13,10 @@ const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-/// Bytes of the buffer that `RateLimit-Remaining` values are cut from.
-const DIGITS_BUFFER: usize = 4096;
+/// Bytes of each buffer that `RateLimit-Remaining` values are cut from: room for at least three
+/// values. A value keeps its whole buffer alive, also where it outlives the response (an HTTP/2
+/// connection's header compression table keeps recent values), so the buffer stays small.
+const DIGITS_BUFFER: usize = 64;
 
 thread_local! {
     static RECENT: RefCell<Recent> = RefCell::new(Recent::default());
@@ -25,7 +27,7 @@ thread_local! {
 /// A budget's limit stays the same and the seconds to its reset change about once a second, so
 /// most responses clone the value made last (one reference count) instead of formatting and
 /// allocating a new one. The remaining count changes with every request; its digits are cut
-/// from a shared buffer, so that they need no allocation of their own.
+/// from a small shared buffer, so that several values share one allocation.
 struct Recent {
     limit: (u64, HeaderValue),
     reset: (u64, HeaderValue),

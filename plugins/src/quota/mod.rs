@@ -413,7 +413,7 @@ fn settle(
 /// address's `/64` network), or `unknown`.
 pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> PrincipalName {
     if let Some(user) = &state.user {
-        return PrincipalName::Named(format!("user:{user}"));
+        return PrincipalName::named(format!("user:{user}"));
     }
     match req.client_addr {
         Some(IpAddr::V4(addr)) => v4_principal(addr),
@@ -421,22 +421,25 @@ pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> PrincipalNam
             Some(v4) => v4_principal(v4),
             None => {
                 let s = addr.segments();
-                PrincipalName::Named(format!(
+                PrincipalName::named(format!(
                     "ip:{:x}:{:x}:{:x}:{:x}::/64",
                     s[0], s[1], s[2], s[3]
                 ))
             }
         },
-        None => PrincipalName::Named("unknown".to_owned()),
+        None => PrincipalName::named("unknown".to_owned()),
     }
 }
 
 /// The name of a principal, UTF-8 text. The counters take it as bytes, so an IPv4 address,
 /// which every anonymous request has, is written into the value itself: no allocation, and no
 /// UTF-8 check to read it back.
-#[derive(Clone, PartialEq, Eq)]
-pub enum PrincipalName {
-    /// `ip:` and a dotted IPv4 address, in the first `len` bytes.
+#[derive(Clone)]
+pub struct PrincipalName(Name);
+
+#[derive(Clone)]
+enum Name {
+    /// `ip:` and a dotted IPv4 address, in the first `len` bytes (at most 18).
     Address {
         bytes: [u8; 18],
         len: u8,
@@ -445,14 +448,26 @@ pub enum PrincipalName {
 }
 
 impl PrincipalName {
+    fn named(name: String) -> Self {
+        Self(Name::Named(name))
+    }
+
     /// Returns the name's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Address { bytes, len } => &bytes[..usize::from(*len)],
-            Self::Named(name) => name.as_bytes(),
+        match &self.0 {
+            Name::Address { bytes, len } => &bytes[..usize::from(*len)],
+            Name::Named(name) => name.as_bytes(),
         }
     }
 }
+
+impl PartialEq for PrincipalName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for PrincipalName {}
 
 impl std::fmt::Display for PrincipalName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -495,10 +510,10 @@ fn v4_principal(addr: Ipv4Addr) -> PrincipalName {
         len += 1;
     }
     // At most 18 bytes (`ip:255.255.255.255`), which fits in a u8.
-    PrincipalName::Address {
+    PrincipalName(Name::Address {
         bytes,
         len: len as u8,
-    }
+    })
 }
 
 /// Returns the name a 429 gives the budget of `class` and `scope`.
