@@ -22,7 +22,7 @@ thread_local! {
     static RECENT: RefCell<Recent> = RefCell::new(Recent::default());
 }
 
-/// What a worker thread keeps to make `RateLimit-*` values cheaply.
+/// The state a worker thread keeps to make `RateLimit-*` values cheaply.
 ///
 /// A budget's limit stays the same and the seconds to its reset change about once a second, so
 /// most responses clone the value made last (one reference count) instead of formatting and
