@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 
-use bytes::BytesMut;
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 
@@ -13,35 +12,26 @@ const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-/// Bytes of each buffer that `RateLimit-Remaining` values are cut from: room for at least three
-/// values. A value keeps its whole buffer alive, also where it outlives the response (an HTTP/2
-/// connection's header compression table keeps recent values), so the buffer stays small.
-const DIGITS_BUFFER: usize = 64;
-
 thread_local! {
-    static RECENT: RefCell<Recent> = RefCell::new(Recent::default());
+    static RECENT: RefCell<Recent> = const {
+        RefCell::new(Recent {
+            limit: (0, HeaderValue::from_static("0")),
+            reset: (0, HeaderValue::from_static("0")),
+        })
+    };
 }
 
 /// The state a worker thread keeps to make `RateLimit-*` values cheaply.
 ///
 /// A budget's limit stays the same and the seconds to its reset change about once a second, so
 /// most responses clone the value made last (one reference count) instead of formatting and
-/// allocating a new one. The remaining count changes with every request; its digits are cut
-/// from a small shared buffer, so that several values share one allocation.
+/// allocating a new one. The remaining count changes with every request and is formatted
+/// anew, into an allocation of its own: a value shared with others would keep them all alive
+/// as long as it lives, and an HTTP/2 connection's header compression table keeps recent
+/// values.
 struct Recent {
     limit: (u64, HeaderValue),
     reset: (u64, HeaderValue),
-    digits: BytesMut,
-}
-
-impl Default for Recent {
-    fn default() -> Self {
-        Self {
-            limit: (0, HeaderValue::from_static("0")),
-            reset: (0, HeaderValue::from_static("0")),
-            digits: BytesMut::new(),
-        }
-    }
 }
 
 impl Recent {
@@ -51,19 +41,6 @@ impl Recent {
             *slot = (number, HeaderValue::from(number));
         }
         slot.1.clone()
-    }
-
-    /// Returns the value of `number` with its digits cut from the shared buffer.
-    fn cut(&mut self, number: u64) -> HeaderValue {
-        let mut digits = itoa::Buffer::new();
-        let text = digits.format(number);
-        if self.digits.capacity() < text.len() {
-            self.digits = BytesMut::with_capacity(DIGITS_BUFFER);
-        }
-        self.digits.extend_from_slice(text.as_bytes());
-        // Decimal digits are always a valid header value.
-        HeaderValue::from_maybe_shared(self.digits.split().freeze())
-            .unwrap_or_else(|_| HeaderValue::from(number))
     }
 }
 
@@ -87,7 +64,7 @@ impl BudgetState {
                     RATELIMIT_LIMIT,
                     Recent::reuse(&mut recent.limit, self.limit),
                 ),
-                (RATELIMIT_REMAINING, recent.cut(self.remaining)),
+                (RATELIMIT_REMAINING, HeaderValue::from(self.remaining)),
                 (
                     RATELIMIT_RESET,
                     Recent::reuse(&mut recent.reset, self.reset_secs),
