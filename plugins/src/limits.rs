@@ -25,10 +25,9 @@ thread_local! {
 ///
 /// A budget's limit stays the same and the seconds to its reset change about once a second, so
 /// most responses clone the value made last (one reference count) instead of formatting and
-/// allocating a new one. The remaining count changes with every request and is formatted
-/// anew, into an allocation of its own: a value shared with others would keep them all alive
-/// as long as it lives, and an HTTP/2 connection's header compression table keeps recent
-/// values.
+/// allocating a new one. The remaining count changes with every request, so each value gets
+/// an allocation of its own. A value cut from a shared buffer would keep the whole buffer
+/// alive, and an HTTP/2 connection's header compression table keeps recent values.
 struct Recent {
     limit: (u64, HeaderValue),
     reset: (u64, HeaderValue),
