@@ -210,9 +210,9 @@ scenario() {
 }
 
 # Runs wrk on every scenario in turn, $rounds times over, so that a slow spell of a shared
-# machine falls on all scenarios alike; then prints one table row per scenario with its best
-# run and the median of its per-round ratios. Only the gateway under load does work: the others
-# wait idle.
+# machine falls on all scenarios alike. Then prints one table row per scenario with its best
+# run and the median of its per-round ratios. Only the gateway under load does work, while the
+# others wait idle.
 measure() {
     local round i out run_rps run_p99 ratio median
     local -A round_rps=()

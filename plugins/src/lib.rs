@@ -186,9 +186,9 @@ pub trait Plugin: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Runs once per downstream request, after routing and before the cache lookup, when the
-    /// plugin can decide without waiting; returns `None` when it cannot, and the gateway then
+    /// plugin can decide without waiting. Returns `None` when it cannot, and the gateway then
     /// awaits [`Plugin::request_filter`] instead. A plugin that decides at once for most
-    /// requests implements this, which spares each request an allocation per plugin.
+    /// requests implements this, because it spares each request an allocation per plugin.
     ///
     /// A returned [`Verdict`] means what it means from [`Plugin::request_filter`]. The default
     /// returns `None`.

@@ -225,7 +225,7 @@ async fn replicas_share_budget_exactly() {
     assert_eq!(passed_together(&replicas, "alice", 300).await, 100);
 }
 
-/// The domain-wide ceiling holds across replicas, and the requests that either budget turns
+/// The domain-wide ceiling is kept across replicas, and the requests that either budget turns
 /// away leave no count behind in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn replicas_share_domain_ceiling_exactly() {
@@ -434,7 +434,7 @@ async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Dela
 }
 
 /// A request that goes away while its check is on the way has its count taken back. Taking it
-/// back must not hold up the checks queued meanwhile: they are answered within their own
+/// back must not hold up the checks queued meanwhile: they get their reply within their own
 /// timeout, and Redis is not marked unavailable, even when the take-back call is slow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_take_back_holds_up_no_check() {
@@ -461,9 +461,9 @@ async fn slow_take_back_holds_up_no_check() {
         check: Duration::from_millis(100),
         refund: Duration::from_secs(5),
     };
-    let gone = Arc::clone(&plugin);
+    let for_carol = Arc::clone(&plugin);
     let cancelled = tokio::spawn(async move {
-        tokio::time::timeout(Duration::from_millis(50), send(&gone, "carol", now))
+        tokio::time::timeout(Duration::from_millis(50), send(&for_carol, "carol", now))
             .await
             .is_err()
     });

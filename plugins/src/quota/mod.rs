@@ -190,18 +190,17 @@ impl QuotaPlugin {
         state: &mut RequestState,
         now: SystemTime,
     ) -> Verdict {
-        let Some(rule) = self.rule_for(req.path) else {
+        let Some(check) = self.check_of(req, state, now) else {
             return Verdict::Continue;
         };
-        let principal = principal_of(req, state);
-        let window = Window::at(now);
-        let op = self.op();
-        let checked = self.decide(rule, op, &principal, window).await;
-        settle(rule, op, principal, window, checked, state)
+        let checked = self
+            .decide(check.rule, check.op, &check.principal, check.window)
+            .await;
+        settle(check, checked, state)
     }
 
-    /// Runs the request filter like [`Self::check_at`] when the counts are in this process;
-    /// `None` when they are in Redis, which means waiting for a reply.
+    /// Runs the request filter like [`Self::check_at`] when the counts are in this process.
+    /// Returns `None` when they are in Redis, because deciding then means waiting for a reply.
     pub fn check_local_at(
         &self,
         req: &RequestInfo<'_>,
@@ -211,24 +210,33 @@ impl QuotaPlugin {
         if self.redis.is_some() {
             return None;
         }
-        let Some(rule) = self.rule_for(req.path) else {
+        let Some(check) = self.check_of(req, state, now) else {
             return Some(Verdict::Continue);
         };
-        let principal = principal_of(req, state);
-        let window = Window::at(now);
-        let op = self.op();
-        let decision = decide_local(rule, op, &principal, window);
-        Some(settle(rule, op, principal, window, Ok(decision), state))
+        let decision = decide_local(check.rule, check.op, &check.principal, check.window);
+        Some(settle(check, Ok(decision), state))
     }
 
-    /// Returns what a request filter does to the counts: count at once, or only check and
-    /// count when the request goes to the origin.
-    fn op(&self) -> Op {
-        if self.count_cache_hits {
-            Op::Count
-        } else {
-            Op::Peek
-        }
+    /// Returns the check that the request filter makes for `req` at `now`; `None` when the
+    /// request's path is in no class. The check counts at once, or with
+    /// `count_cache_hits = false` only peeks and counts when the request goes to the origin.
+    fn check_of(
+        &self,
+        req: &RequestInfo<'_>,
+        state: &RequestState,
+        now: SystemTime,
+    ) -> Option<Check<'_>> {
+        let rule = self.rule_for(req.path)?;
+        Some(Check {
+            rule,
+            principal: principal_of(req, state),
+            window: Window::at(now),
+            op: if self.count_cache_hits {
+                Op::Count
+            } else {
+                Op::Peek
+            },
+        })
     }
 
     /// Runs the upstream request filter with `now` as the time: counts a request that
@@ -372,16 +380,24 @@ fn decide_local(rule: &ClassRule, op: Op, principal: &PrincipalName, window: Win
     }
 }
 
-/// Turns the outcome of a check into the request filter's verdict, recording in `state` the
-/// budget sent downstream and, for [`Op::Peek`], the count left for the origin request.
-fn settle(
-    rule: &ClassRule,
-    op: Op,
+/// A request filter's check: the class rule of the request's path, its principal, the window
+/// and the operation on the counts.
+struct Check<'a> {
+    rule: &'a ClassRule,
     principal: PrincipalName,
     window: Window,
-    checked: Checked,
-    state: &mut RequestState,
-) -> Verdict {
+    op: Op,
+}
+
+/// Turns the outcome of `check` into the request filter's verdict, recording in `state` the
+/// budget sent downstream and, for [`Op::Peek`], the count left for the origin request.
+fn settle(check: Check<'_>, checked: Checked, state: &mut RequestState) -> Verdict {
+    let Check {
+        rule,
+        principal,
+        window,
+        op,
+    } = check;
     match checked {
         Ok(Decision::Allowed(counts)) => {
             let budget = budget_state(rule.limits, counts, window);

@@ -7,10 +7,10 @@
 //! requests; a lone request waits for one round trip as before.
 //!
 //! Each check carries its deadline (the configured timeout after the request queued it), and
-//! the sending task answers every check by then: a check whose deadline passed in the queue, or
-//! whose request went away, is dropped instead of counted, and a call that is not answered by
-//! the earliest deadline of its batch fails every check in it. Requests thus need no timer of
-//! their own. A check already on the way is counted by Redis; when the reply comes within
+//! the sending task replies to every check by then. A check whose deadline passed in the queue,
+//! or whose request went away, is dropped instead of counted. A call that Redis has not replied
+//! to by the earliest deadline of its batch fails every check in it. Requests thus need no
+//! timer of their own. A check already on the way is counted by Redis; when the reply comes within
 //! [`LATE_REPLY_WAIT`] after the deadline, the count is taken back. A Redis that stalls for
 //! longer than that and then runs the check leaves it counted.
 //!
@@ -48,7 +48,7 @@ const EXPIRY_MARGIN_SECS: u64 = 120;
 const LATE_REPLY_WAIT: Duration = Duration::from_secs(1);
 /// Checks sent to Redis in one script call at most.
 pub const MAX_BATCH: usize = 128;
-/// Keys remembered per request class; the memo starts afresh when full or when the hour turns.
+/// Keys remembered per request class. The memo starts afresh when full or when the hour turns.
 const KEY_MEMO_ENTRIES: usize = 65_536;
 
 /// Checks and counts atomically, for a batch of checks in order. ARGV[1] is the keys' lifetime
@@ -57,9 +57,9 @@ const KEY_MEMO_ENTRIES: usize = 65_536;
 /// operation: `count` (check, then count if both fit), `peek` (check only) or `add` (count
 /// without a check). A count increments first and takes the increment back when a budget does
 /// not fit, so an allowed request, the common case, costs two commands. Returns one string with
-/// three numbers per check, separated by spaces: the scope that did not fit (0 when allowed, 1
-/// for the principal's budget, 2 for the domain's), then the principal's and the domain's
-/// counts (after the request when allowed, as they stay when not).
+/// three numbers per check, separated by spaces. The first is the scope that did not fit: 0 when
+/// allowed, 1 for the principal's budget, 2 for the domain's. The other two are the principal's
+/// and the domain's counts, after the request when allowed and unchanged when not.
 const SCRIPT_SOURCE: &str = r"
 local out = {}
 local lifetime = ARGV[1]
@@ -178,12 +178,12 @@ struct Link {
 /// One request's check, waiting in the queue.
 struct Check {
     call: Call,
-    /// When the request stops waiting: the check must be answered by then.
+    /// The instant the request stops waiting, by which the sending task must reply.
     deadline: Instant,
     reply: oneshot::Sender<Result<Decision, String>>,
 }
 
-/// What a check sends to Redis.
+/// The part of a check that goes to Redis.
 struct Call {
     keys: [Arc<str>; 2],
     principal_limit: u64,
@@ -439,7 +439,7 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
         let mut deadline = None::<Instant>;
         for check in batch.drain(..) {
             if check.reply.is_closed() {
-                // The request went away; it is not counted.
+                // The request went away, so it is not counted.
                 continue;
             }
             if check.deadline <= now {
@@ -477,9 +477,8 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
     }
 }
 
-/// Answers each check of a call with its decision, in order, and takes back the counts of
-/// checks whose request no longer waits: those past `replies` and those whose request went
-/// away. The counts are taken back in a task of their own, so that the sending task never waits
+/// Sends each check of a call its decision, in order, and takes back the counts of checks whose
+/// request no longer waits: those past `replies` and those whose request went away. The counts are taken back in a task of their own, so that the sending task never waits
 /// for Redis beyond the deadlines of the checks it sent.
 fn answer(
     link: &Arc<Link>,
@@ -520,7 +519,7 @@ fn answer(
 }
 
 impl Link {
-    /// Runs the script on `calls`; returns one decision per call, in order.
+    /// Runs the script on `calls` and returns one decision per call, in order.
     async fn eval(&self, calls: &[Call]) -> RedisResult<Vec<Decision>> {
         let mut conn = self.connection().await?;
         // The command is built by hand: `Script::prepare_invoke` would allocate once per
