@@ -341,6 +341,74 @@ async fn ranges_and_conditionals_from_cache() {
     assert_eq!(origin.count(), 1, "origin requests");
 }
 
+/// The gateway serves a plain GET or HEAD of a fresh entry straight from the memory tier, and
+/// a request with a conditional field through Pingora's cache phases. Both must give the same
+/// response: status, fields (only `Date` and `Age` may move with the clock) and body.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_hits_match_the_cache_path() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("stored body");
+        reply.headers.push(("etag".into(), "\"p1\"".into()));
+        reply
+            .headers
+            .push(("cache-control".into(), "max-age=60".into()));
+        reply.headers.push(("x-origin-field".into(), "kept".into()));
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/plain.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    let plain = fetch(&url, &[]).await;
+    // An If-None-Match that matches nothing gets 200 with the stored response.
+    let through_cache = fetch(&url, &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.cache, "HIT");
+    assert_eq!(plain.text(), "stored body");
+    assert_eq!(through_cache.status, plain.status);
+    assert_eq!(through_cache.body, plain.body);
+    assert_eq!(fields(&plain), fields(&through_cache));
+    assert!(plain
+        .header("age")
+        .is_some_and(|age| age.parse::<u64>().is_ok()));
+    assert_eq!(plain.header("accept-ranges"), Some("bytes"));
+
+    let head = client()
+        .head(&url)
+        .send()
+        .await
+        .expect("HEAD of a stored response");
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some("11")
+    );
+    assert_eq!(
+        head.headers()
+            .get("x-cache-status")
+            .and_then(|v| v.to_str().ok()),
+        Some("HIT")
+    );
+    assert!(head.bytes().await.expect("HEAD body").is_empty());
+    assert_eq!(origin.count(), 1, "origin requests");
+}
+
+/// Returns the fields of `resp` other than `Date` and `Age`, sorted by name and value.
+fn fields(resp: &Fetched) -> Vec<(String, String)> {
+    let mut fields: Vec<_> = resp
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != "date" && *name != "age")
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("?").to_string()))
+        .collect();
+    fields.sort();
+    fields
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn vary_stores_each_variant() {
     let origin = TestOrigin::start(|req| {

@@ -20,7 +20,10 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, Result};
 
 use crate::access_log::{AccessEntry, AccessLog};
-use crate::cache::{cache_key, cache_status, decide_cacheability, CacheTier, NoStoreReason};
+use crate::cache::memory::body_chunks;
+use crate::cache::{
+    cache_key, cache_status, decide_cacheability, key_hash, CacheTier, FreshHit, NoStoreReason,
+};
 use crate::client_ip::TrustedProxies;
 use crate::config::Domain;
 use crate::respond::{self, error_response, write_local, CACHE_STATUS_HEADER};
@@ -239,6 +242,57 @@ impl GatewayState {
     }
 }
 
+/// Sets what every response from the cache or the origin carries: HTTP/1.1, `X-Cache-Status`
+/// with `status`, `X-Cache-Reason` with `reason` when debug headers are on, the plugins' fields
+/// and the budget fields.
+fn finish_response_header(
+    ctx: &RequestCtx,
+    resp: &mut ResponseHeader,
+    status: &'static str,
+    reason: Option<&str>,
+    fields: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+) -> Result<()> {
+    // An HTTP/1.0 origin's version must not reach the client: the gateway speaks HTTP/1.1.
+    if resp.version == http::Version::HTTP_10 {
+        resp.set_version(http::Version::HTTP_11);
+    }
+    let status = (CACHE_STATUS, HeaderValue::from_static(status));
+    if let Some(reason) = reason.filter(|_| ctx.state.debug_headers) {
+        resp.insert_header("x-cache-reason", reason)?;
+    }
+    if let Some(domain) = ctx.state.domain(ctx) {
+        for plugin in &domain.config.plugins {
+            plugin.response_filter(resp, &ctx.plugin_state)?;
+        }
+    }
+    // One insert for all of them: each insert moves the whole header map out and back.
+    let budget = ctx.plugin_state.budget_fields().into_iter().flatten();
+    let all = fields
+        .into_iter()
+        .chain(std::iter::once(status))
+        .chain(budget);
+    mirror_plugins::fields::insert_all(resp, all);
+    Ok(())
+}
+
+/// Returns whether `req` requests the whole stored response as it is: no range and no
+/// conditional field. The cache path serves those with ranges, 304s and validator checks.
+fn wants_whole_response(req: &RequestHeader) -> bool {
+    use http::header::{
+        IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE,
+    };
+    ![
+        RANGE,
+        IF_RANGE,
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+    ]
+    .iter()
+    .any(|name| req.headers.contains_key(name))
+}
+
 /// Returns the id of the request's domain, once routing found one.
 fn domain_id(ctx: &RequestCtx) -> Option<&str> {
     ctx.state.domain(ctx).map(|d| d.config.id.as_str())
@@ -275,7 +329,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let state = Arc::clone(&ctx.state);
         let Err(local) = state.prepare(session, ctx).await else {
-            return Ok(false);
+            return self.serve_fresh_hit(session, ctx).await;
         };
         ctx.local_cache_status = Some("BYPASS");
         let plugins = state
@@ -457,38 +511,13 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let state = Arc::clone(&ctx.state);
-        // An HTTP/1.0 origin's version must not reach the client: the gateway speaks HTTP/1.1.
-        if upstream_response.version == http::Version::HTTP_10 {
-            upstream_response.set_version(http::Version::HTTP_11);
-        }
-        let status = (
-            CACHE_STATUS,
-            HeaderValue::from_static(cache_status(&session.cache.phase())),
-        );
-        if state.debug_headers {
-            let reason = match (ctx.no_store, session.cache.phase()) {
-                (Some(reason), _) => Some(reason.label()),
-                (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
-                _ => None,
-            };
-            if let Some(reason) = reason {
-                upstream_response.insert_header("x-cache-reason", reason)?;
-            }
-        }
-        if let Some(domain) = state.domain(ctx) {
-            for plugin in &domain.config.plugins {
-                plugin.response_filter(upstream_response, &ctx.plugin_state)?;
-            }
-        }
-        // One insert for all of them: each insert moves the whole header map out and back.
-        match ctx.plugin_state.budget_fields() {
-            Some([limit, remaining, reset]) => {
-                mirror_plugins::fields::insert(upstream_response, [status, limit, remaining, reset])
-            }
-            None => mirror_plugins::fields::insert(upstream_response, [status]),
-        }
-        Ok(())
+        let phase = session.cache.phase();
+        let reason = match (ctx.no_store, &phase) {
+            (Some(reason), _) => Some(reason.label()),
+            (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
+            _ => None,
+        };
+        finish_response_header(ctx, upstream_response, cache_status(&phase), reason, [])
     }
 
     /// Serves a stale entry while a background request refreshes it (error `None`), and when
@@ -550,6 +579,71 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
+    /// Serves a plain GET or HEAD from a fresh memory-tier entry, and returns whether it did.
+    ///
+    /// Pingora's cache phases (key hashing, lookup, freshness, the hit's filters) cost more
+    /// instructions than the rest of a small cached request. For a request whose response is
+    /// the stored one as it is, this writes the same response directly: the stored header with
+    /// `Age` and `Accept-Ranges` as Pingora adds them, then the fields of
+    /// [`finish_response_header`]. Any other request (a range, a conditional field, a
+    /// background refresh, an entry that is stale, varies, is being filled or is only on disk)
+    /// gets `false` with nothing written and takes the cache path.
+    async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let state = Arc::clone(&ctx.state);
+        if session.subrequest_ctx.is_some()
+            || ctx.route.is_none()
+            || !wants_whole_response(session.req_header())
+        {
+            return Ok(false);
+        }
+        let Some(domain) = state.domain(ctx) else {
+            return Ok(false);
+        };
+
+        let key = key_hash(
+            &domain.config.id,
+            ctx.export_id.as_deref(),
+            &ctx.path,
+            ctx.query.as_deref(),
+        );
+        let Some(FreshHit {
+            header,
+            epoch,
+            body,
+        }) = state.cache.fresh_memory_hit(&key)
+        else {
+            return Ok(false);
+        };
+
+        let mut header = Box::new(header);
+        header.set_version(http::Version::HTTP_11);
+        // RFC 9111, section 4: a response served from the cache carries its age.
+        let age = SystemTime::now()
+            .duration_since(epoch)
+            .unwrap_or_default()
+            .as_secs();
+        let fields = [
+            (http::header::AGE, HeaderValue::from(age)),
+            (
+                http::header::ACCEPT_RANGES,
+                HeaderValue::from_static("bytes"),
+            ),
+        ];
+        ctx.local_cache_status = Some("HIT");
+        finish_response_header(ctx, &mut header, "HIT", None, fields)?;
+
+        let header_only = session.req_header().method == Method::HEAD || body.is_empty();
+        session.write_response_header(header, header_only).await?;
+        if !header_only {
+            let mut chunks = body_chunks(&body).peekable();
+            while let Some(chunk) = chunks.next() {
+                let last = chunks.peek().is_none();
+                session.write_response_body(Some(chunk), last).await?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Waits for one of the domain's origin slots, so that a cold cache cannot flood the
     /// origin; gives up with 503 after the domain's lock wait timeout.
     async fn take_origin_slot(&self, ctx: &mut RequestCtx) -> Result<()> {

@@ -14,6 +14,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -69,6 +70,21 @@ impl TierStats {
             write_errors: self.write_errors.load(Ordering::Relaxed),
         }
     }
+}
+
+/// A fresh stored response, copied out of the memory tier.
+pub struct FreshHit {
+    pub header: pingora::http::ResponseHeader,
+    /// The time the response's age counts from.
+    pub epoch: SystemTime,
+    pub body: Bytes,
+}
+
+/// Splits `body` into the chunks a lookup's reader hands out.
+pub fn body_chunks(body: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    (0..body.len())
+        .step_by(READ_CHUNK)
+        .map(|start| body.slice(start..body.len().min(start + READ_CHUNK)))
 }
 
 struct Entry {
@@ -200,6 +216,29 @@ impl MemoryStorage {
             primary: key.primary_key().to_vec(),
         };
         self.insert(key.combined_bin(), entry);
+    }
+
+    /// Returns a copy of the complete entry of `key` when it is fresh at `now` and a copy of it
+    /// is the complete response (see [`StoredMeta::fresh_at`]), counting a hit as a lookup
+    /// does. Returns `None`, counting nothing, while a fill of `key` runs, because a lookup
+    /// would join that fill.
+    pub fn fresh_hit(&self, key: &HashBinary, now: SystemTime) -> Option<FreshHit> {
+        if self.in_flight.read().contains_key(key) {
+            return None;
+        }
+        let hit = {
+            let entries = self.entries.read();
+            let entry = entries.get(key)?;
+            let (header, epoch) = entry.meta.fresh_at(now)?;
+            FreshHit {
+                header: header.clone(),
+                epoch,
+                body: entry.body.clone(),
+            }
+        };
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        self.lru.promote(lru_key(key));
+        Some(hit)
     }
 
     /// Returns the largest body this tier keeps.

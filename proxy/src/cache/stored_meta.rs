@@ -81,6 +81,23 @@ impl StoredMeta {
         Self::Serialized(internal, header)
     }
 
+    /// Returns the stored header and the time the response's age counts from, when the
+    /// response is fresh at `now` and a copy of it is the complete response to a plain
+    /// request: kept parsed, a 200 with a `Content-Length`, and without `Vary`.
+    pub fn fresh_at(&self, now: SystemTime) -> Option<(&ResponseHeader, SystemTime)> {
+        let Self::Parsed(parsed) = self else {
+            return None;
+        };
+        let header = &parsed.header;
+        let plain = header.status == http::StatusCode::OK
+            && header.headers.contains_key(http::header::CONTENT_LENGTH)
+            && parsed.variance.is_none()
+            && !header.headers.contains_key(http::header::VARY);
+        // The same comparison as `CacheMeta::is_fresh`: fresh until and including `fresh_until`.
+        (plain && parsed.fresh_until >= now)
+            .then(|| (header, parsed.epoch_override.unwrap_or(parsed.created)))
+    }
+
     /// Builds the `CacheMeta` back.
     pub fn rebuild(&self) -> Result<CacheMeta> {
         let parsed = match self {
@@ -284,6 +301,44 @@ mod tests {
         let stored = StoredMeta::from_serialized(meta.serialize().expect("serialize"));
         assert!(matches!(stored, StoredMeta::Parsed(_)));
         assert_behaves_same(&stored.rebuild().expect("rebuild"), &meta, true);
+    }
+
+    #[test]
+    fn fresh_at_agrees_with_pingora() {
+        let now = SystemTime::now();
+        let fresh_until = now + Duration::from_secs(60);
+        let with_length = |status: u16, vary: bool| {
+            let mut header = header(vary);
+            header.set_status(status).expect("valid status");
+            header
+                .append_header("content-length", "3")
+                .expect("valid header");
+            header
+        };
+        let mut meta = CacheMeta::new(fresh_until, now, 0, 0, with_length(200, false));
+        let epoch = now - Duration::from_secs(5);
+        meta.set_epoch_override(epoch);
+        let stored = StoredMeta::of(&meta).expect("store");
+        for at in [now, fresh_until, fresh_until + Duration::from_nanos(1)] {
+            assert_eq!(
+                stored.fresh_at(at).is_some(),
+                meta.is_fresh(at),
+                "fresh at {at:?}"
+            );
+        }
+        let (stored_header, age_from) = stored.fresh_at(now).expect("fresh");
+        assert_eq!(age_from, meta.epoch());
+        assert_eq!(&stored_header.headers, meta.headers());
+
+        // For these, Pingora's hit path adds a framing field, skips `Accept-Ranges` or picks a
+        // variant, so a copy is not the complete response.
+        let no_length = CacheMeta::new(fresh_until, now, 0, 0, header(false));
+        let not_ok = CacheMeta::new(fresh_until, now, 0, 0, with_length(404, false));
+        let varies = CacheMeta::new(fresh_until, now, 0, 0, with_length(200, true));
+        for meta in [no_length, not_ok, varies] {
+            let stored = StoredMeta::of(&meta).expect("store");
+            assert!(stored.fresh_at(now).is_none(), "{:?}", meta.headers());
+        }
     }
 
     #[test]
