@@ -266,12 +266,11 @@ fn finish_response_header(
         }
     }
     // One insert for all of them: each insert moves the whole header map out and back.
-    let budget = ctx.plugin_state.budget_fields().into_iter().flatten();
-    let all = fields
-        .into_iter()
-        .chain(std::iter::once(status))
-        .chain(budget);
-    mirror_plugins::fields::insert_all(resp, all);
+    let fields = fields.into_iter().chain([status]);
+    match ctx.plugin_state.budget_fields() {
+        Some(budget) => mirror_plugins::fields::insert_all(resp, fields.chain(budget)),
+        None => mirror_plugins::fields::insert_all(resp, fields),
+    }
     Ok(())
 }
 
