@@ -15,18 +15,8 @@ const SPARE_FIELDS: usize = 6;
 
 /// Sets each field of `fields` on `resp`, replacing fields of the same name.
 pub fn insert<const N: usize>(resp: &mut ResponseHeader, fields: [(HeaderName, HeaderValue); N]) {
-    insert_all(resp, fields);
-}
-
-/// Sets each field of `fields` on `resp`, as [`insert`] does, for a number of fields known
-/// only when they are read.
-pub fn insert_all(
-    resp: &mut ResponseHeader,
-    fields: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
-) {
-    let fields = fields.into_iter();
     let mut parts = take_parts(resp);
-    parts.headers.reserve(fields.size_hint().0 + SPARE_FIELDS);
+    parts.headers.reserve(N + SPARE_FIELDS);
     for (name, value) in fields {
         parts.headers.insert(name, value);
     }

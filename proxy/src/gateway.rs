@@ -250,7 +250,6 @@ fn finish_response_header(
     resp: &mut ResponseHeader,
     status: &'static str,
     reason: Option<&str>,
-    fields: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
 ) -> Result<()> {
     // An HTTP/1.0 origin's version must not reach the client: the gateway speaks HTTP/1.1.
     if resp.version == http::Version::HTTP_10 {
@@ -266,10 +265,11 @@ fn finish_response_header(
         }
     }
     // One insert for all of them: each insert moves the whole header map out and back.
-    let fields = fields.into_iter().chain([status]);
     match ctx.plugin_state.budget_fields() {
-        Some(budget) => mirror_plugins::fields::insert_all(resp, fields.chain(budget)),
-        None => mirror_plugins::fields::insert_all(resp, fields),
+        Some([limit, remaining, reset]) => {
+            mirror_plugins::fields::insert(resp, [status, limit, remaining, reset])
+        }
+        None => mirror_plugins::fields::insert(resp, [status]),
     }
     Ok(())
 }
@@ -516,7 +516,7 @@ impl ProxyHttp for Gateway {
             (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
             _ => None,
         };
-        finish_response_header(ctx, upstream_response, cache_status(&phase), reason, [])
+        finish_response_header(ctx, upstream_response, cache_status(&phase), reason)
     }
 
     /// Serves a stale entry while a background request refreshes it (error `None`), and when
@@ -621,6 +621,7 @@ impl Gateway {
             .duration_since(epoch)
             .unwrap_or_default()
             .as_secs();
+        // Before the plugins' fields, in the order Pingora's hit path sets them.
         let fields = [
             (http::header::AGE, HeaderValue::from(age)),
             (
@@ -628,16 +629,25 @@ impl Gateway {
                 HeaderValue::from_static("bytes"),
             ),
         ];
+        mirror_plugins::fields::insert(&mut header, fields);
         ctx.local_cache_status = Some("HIT");
-        finish_response_header(ctx, &mut header, "HIT", None, fields)?;
+        finish_response_header(ctx, &mut header, "HIT", None)?;
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
-        session.write_response_header(header, header_only).await?;
+        // Marked as the client's side, as Pingora's hit path marks them: a client that leaves
+        // mid-body is no failure of the gateway.
+        session
+            .write_response_header(header, header_only)
+            .await
+            .map_err(|e| e.into_down())?;
         if !header_only {
             let mut chunks = body_chunks(&body).peekable();
             while let Some(chunk) = chunks.next() {
                 let last = chunks.peek().is_none();
-                session.write_response_body(Some(chunk), last).await?;
+                session
+                    .write_response_body(Some(chunk), last)
+                    .await
+                    .map_err(|e| e.into_down())?;
             }
         }
         Ok(true)

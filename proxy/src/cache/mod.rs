@@ -125,8 +125,9 @@ impl CacheTier {
         cache.set_max_file_size_bytes(self.max_object_bytes);
     }
 
-    /// Returns a copy of the memory tier's entry of `key` (a hash of [`key_hash`]) when it is fresh by the cache clock
-    /// and a copy of it is the complete response to a plain GET or HEAD, counting a memory hit.
+    /// Returns a copy of the memory tier's entry of `key` (a hash of [`key_hash`]), counting a
+    /// memory hit. It does so only when the entry is fresh by the cache clock and a copy of it
+    /// is the complete response to a plain GET or HEAD.
     pub fn fresh_memory_hit(&self, key: &pingora::cache::key::HashBinary) -> Option<FreshHit> {
         self.memory.fresh_hit(key, self.clock.now())
     }
@@ -318,6 +319,9 @@ fn primary_key(domain: &str, export: Option<&str>, path: &str, query: Option<&st
 
 /// Primary keys hashed on this thread lately, at most this many.
 const PRIMARY_HASH_MEMO: usize = 1024;
+/// Longest primary key kept in the memo, so that one thread's memo stays under 512 KiB of
+/// keys. Longer keys (long queries of HTTP origins) are hashed every time.
+const PRIMARY_HASH_MEMO_KEY_BYTES: usize = 512;
 
 type HashMemo = std::collections::HashMap<
     Box<[u8]>,
@@ -334,6 +338,9 @@ thread_local! {
 
 /// Returns the BLAKE2b hash that Pingora gives `primary`.
 fn primary_hash(primary: &[u8]) -> pingora::cache::key::HashBinary {
+    if primary.len() > PRIMARY_HASH_MEMO_KEY_BYTES {
+        return CacheKey::new(primary, "").primary_bin();
+    }
     PRIMARY_HASHES.with_borrow_mut(|memo| {
         if let Some(hash) = memo.get(primary) {
             return *hash;
@@ -425,6 +432,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn hash_memo_bytes_are_bounded() {
+        let query = "q".repeat(60 * 1024);
+        for i in 0..PRIMARY_HASH_MEMO {
+            let path = format!("/long/{i}");
+            let key = cache_key("primary", None, &path, Some(&query));
+            let unhashed = CacheKey::new(key.primary_key().to_vec(), "primary");
+            assert_eq!(key.primary_bin(), unhashed.primary_bin(), "{path}");
+        }
+        let memo_bytes: usize =
+            PRIMARY_HASHES.with_borrow(|memo| memo.keys().map(|key| key.len()).sum());
+        assert!(
+            memo_bytes <= PRIMARY_HASH_MEMO * PRIMARY_HASH_MEMO_KEY_BYTES,
+            "one thread's memo holds {memo_bytes} bytes of primary keys"
+        );
     }
 
     #[test]
