@@ -6,6 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use mirror_proxy::cache::PurgeScope;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const BODY_LEN: usize = 256 * 1024;
 
@@ -159,6 +162,75 @@ async fn small_disk_hit_promoted_to_memory() {
         .expect("memory hit");
     assert_eq!(from_memory.headers()["x-cache-status"], "HIT");
     assert_eq!(second.running.memory_stats().hits, 1);
+}
+
+/// A purge made while a disk hit streams its body keeps that hit's copy out of memory, so the
+/// next request goes to the origin. The client stops reading after the header, which pauses the
+/// gateway's disk read mid-body (the body is larger than the sockets' buffers).
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_during_disk_hit_not_promoted() {
+    const BIG: usize = 16 << 20;
+    let payload: String = (0..BIG)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A memory tier that keeps the body, so that a disk hit copies it there.
+    let text = config(dir.path(), origin.addr, "127.0.0.1:0").replace(
+        "max_object_bytes = \"64KiB\"",
+        "max_object_bytes = \"32MiB\"",
+    );
+    let first = TestGateway::start(dir.path(), &text);
+    let filled = client()
+        .get(first.url("/big.bin"))
+        .send()
+        .await
+        .expect("fill");
+    assert_eq!(filled.bytes().await.expect("fill body").len(), BIG);
+    first.running.shutdown();
+
+    let second = TestGateway::start(dir.path(), &text);
+    let mut stream = TcpStream::connect(second.addr).await.expect("connect");
+    let request = "GET /big.bin HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut first_bytes = vec![0u8; 4096];
+    let read = stream.read(&mut first_bytes).await.expect("first bytes");
+    let head = String::from_utf8_lossy(&first_bytes[..read]).to_lowercase();
+    assert!(head.contains("x-cache-status: hit"), "{head}");
+
+    let scope = PurgeScope::Url {
+        domain: "primary".into(),
+        path: "/big.bin".into(),
+        query: None,
+    };
+    assert_eq!(second.running.purge(&scope), 1, "the disk entry");
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .await
+        .expect("rest of the body");
+    assert!(
+        read + rest.len() > BIG,
+        "{} bytes in all",
+        read + rest.len()
+    );
+
+    // A copy into memory would be made when the gateway reads the end of the body, before it
+    // closes the connection. The pause is a margin.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        second.running.memory_stats().entries,
+        0,
+        "copy kept in memory"
+    );
+    let again = client()
+        .get(second.url("/big.bin"))
+        .send()
+        .await
+        .expect("again");
+    assert_eq!(again.headers()["x-cache-status"], "MISS");
+    assert_eq!(again.bytes().await.expect("body").len(), BIG);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -85,6 +85,12 @@ impl Handles {
     pub fn disk_stats(&self) -> Option<crate::cache::DiskSnapshot> {
         self.state.cache.disk_stats()
     }
+
+    /// Removes the stored responses in `scope`, as the admin listener's purge does, and
+    /// returns how many were removed.
+    pub fn purge(&self, scope: &crate::cache::PurgeScope) -> usize {
+        self.state.cache.purge(scope)
+    }
 }
 
 impl std::ops::Deref for App {

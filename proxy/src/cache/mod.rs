@@ -84,10 +84,11 @@ impl CacheTier {
             settings.max_object_bytes,
             max_object_bytes,
         )));
+        let log: &'static purge_log::PurgeLog = Box::leak(Box::default());
         let (storage, fills): (&'static (dyn Storage + Sync), &'static dyn lock::FillState) =
             match disk {
                 Some(disk) => {
-                    let tiered = Box::leak(Box::new(tiered::TieredStorage::new(memory, disk)));
+                    let tiered = Box::leak(Box::new(tiered::TieredStorage::new(memory, disk, log)));
                     (tiered, tiered)
                 }
                 None => (memory, memory),
@@ -97,7 +98,9 @@ impl CacheTier {
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
         // (`Custom`) keep looking up, and coalescing, every request.
         let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));
-        let storage = Box::leak(Box::new(purge_log::PurgeAware::new(storage, memory, disk)));
+        let storage = Box::leak(Box::new(purge_log::PurgeAware::new(
+            storage, memory, disk, log,
+        )));
         Ok(Self {
             memory,
             disk,

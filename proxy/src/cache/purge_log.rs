@@ -74,27 +74,28 @@ pub struct PurgeAware {
     inner: &'static (dyn Storage + Sync),
     memory: &'static MemoryStorage,
     disk: Option<&'static DiskStorage>,
-    log: PurgeLog,
+    log: &'static PurgeLog,
 }
 
 impl PurgeAware {
-    /// Wraps `inner`, the storage made of `memory` and `disk`.
+    /// Wraps `inner`, the storage made of `memory` and `disk`, whose purges go to `log`.
     pub fn new(
         inner: &'static (dyn Storage + Sync),
         memory: &'static MemoryStorage,
         disk: Option<&'static DiskStorage>,
+        log: &'static PurgeLog,
     ) -> Self {
         Self {
             inner,
             memory,
             disk,
-            log: PurgeLog::default(),
+            log,
         }
     }
 
     /// Returns the log that purges are recorded in.
     pub fn log(&self) -> &PurgeLog {
-        &self.log
+        self.log
     }
 
     /// Removes the entries of one key from both tiers. Blocks on file I/O with a disk tier.

@@ -40,6 +40,7 @@ use pingora::{Error, ErrorType, Result};
 use super::disk::{DiskMiss, DiskStorage, FileTap};
 use super::lock::FillState;
 use super::memory::MemoryStorage;
+use super::purge_log::PurgeLog;
 
 /// Write ids of large fills have this bit set, so they never clash with the memory tier's.
 const LARGE_FILL_BIT: u64 = 1 << 63;
@@ -48,6 +49,8 @@ const LARGE_FILL_BIT: u64 = 1 << 63;
 pub struct TieredStorage {
     memory: &'static MemoryStorage,
     disk: &'static DiskStorage,
+    /// The cache's purges, which a disk hit checks before its copy in memory may stay.
+    purges: &'static PurgeLog,
     /// Fills of objects too large for memory, readable through their temp files.
     large_fills: RwLock<HashMap<HashBinary, Arc<LargeFill>>>,
     next_large_id: AtomicU64,
@@ -62,10 +65,15 @@ struct LargeFill {
 
 impl TieredStorage {
     /// Puts `memory` in front of `disk`.
-    pub fn new(memory: &'static MemoryStorage, disk: &'static DiskStorage) -> Self {
+    pub fn new(
+        memory: &'static MemoryStorage,
+        disk: &'static DiskStorage,
+        purges: &'static PurgeLog,
+    ) -> Self {
         Self {
             memory,
             disk,
+            purges,
             large_fills: RwLock::new(HashMap::new()),
             next_large_id: AtomicU64::new(1),
         }
@@ -158,6 +166,8 @@ impl Storage for TieredStorage {
         if let Some(hit) = self.large_fill_hit(key, None) {
             return Ok(Some(hit));
         }
+        // Noted before the read, so that a purge made while the body streams is seen.
+        let mark = self.purges.mark();
         let Some((meta, inner)) = self.disk.lookup(key, trace).await? else {
             return Ok(None);
         };
@@ -165,10 +175,12 @@ impl Storage for TieredStorage {
             key: key.clone(),
             meta: serialized,
             body: BytesMut::new(),
+            mark,
         });
         let hit = PromotingHit {
             inner,
             memory: self.memory,
+            purges: self.purges,
             promotion,
         };
         Ok(Some((meta, Box::new(hit))))
@@ -271,12 +283,15 @@ struct Promotion {
     key: CacheKey,
     meta: (Vec<u8>, Vec<u8>),
     body: BytesMut,
+    /// The purge log's count when the disk read started.
+    mark: u64,
 }
 
 /// A disk hit that copies the body into memory when it is read whole and fits there.
 struct PromotingHit {
     inner: HitHandler,
     memory: &'static MemoryStorage,
+    purges: &'static PurgeLog,
     /// `None` once the object turned out too large, was read in ranges, or was promoted.
     promotion: Option<Promotion>,
 }
@@ -299,6 +314,13 @@ impl HandleHit for PromotingHit {
                 if let Some(done) = self.promotion.take() {
                     self.memory
                         .promote(&done.key, done.meta, done.body.freeze());
+                    // Checked after the copy is in memory: a purge recorded before this check
+                    // is seen here, and one recorded after it removes the copy itself.
+                    let (domain, primary) = (&done.key.user_tag, done.key.primary_key());
+                    if self.purges.purged_since(done.mark, domain, primary) {
+                        self.memory
+                            .purge_matching(|d, p| d == domain.as_str() && p == primary);
+                    }
                 }
             }
             _ => {}
