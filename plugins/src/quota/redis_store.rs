@@ -478,8 +478,9 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
 }
 
 /// Sends each check of a call its decision, in order, and takes back the counts of checks whose
-/// request no longer waits: those past `replies` and those whose request went away. The counts are taken back in a task of their own, so that the sending task never waits
-/// for Redis beyond the deadlines of the checks it sent.
+/// request no longer waits: those past `replies` and those whose request went away. The counts
+/// are taken back in a task of their own, so that the sending task never waits for Redis
+/// beyond the deadlines of the checks it sent.
 fn answer(
     link: &Arc<Link>,
     result: RedisResult<Vec<Decision>>,
