@@ -15,9 +15,9 @@
 #
 # Environment:
 #   BENCH_DELAY_MS         first-byte delay of the origin's /slow/ and /stale/ paths (500)
-#   BENCH_GATEWAY_CACHE    extra lines for the gateway's [cache] table, to turn on the disk
-#                          tier once it exists. @TMP@ is replaced by the temp dir. Example (the
-#                          key name is a guess): BENCH_GATEWAY_CACHE='disk_path = "@TMP@/disk"'
+#   BENCH_GATEWAY_CACHE    extra lines for the gateway's [cache] table, for example to turn on
+#                          the disk tier. @TMP@ is replaced by the temp dir. Example:
+#                          BENCH_GATEWAY_CACHE=$'disk_dir = "@TMP@/disk"\ndisk_bytes = "1GiB"'
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -273,7 +273,7 @@ level = "warn"
 [cache]
 memory_bytes = "512MiB"
 max_object_bytes = "64MiB"
-# --- disk tier: set BENCH_GATEWAY_CACHE to add its keys here once the gateway has one ---
+# --- extra [cache] keys from BENCH_GATEWAY_CACHE (the disk tier, for example) ---
 ${gateway_cache_extra//@TMP@/$tmp}
 
 # open.bench: no authentication.
