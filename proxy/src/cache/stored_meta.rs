@@ -121,6 +121,10 @@ impl StoredMeta {
     }
 }
 
+/// Spare room in a stored header's map: the two fields a fresh hit inserts first (`Age`,
+/// `Accept-Ranges`) and the six that `mirror_plugins::fields::insert` reserves on top.
+const HIT_FIELDS: usize = 8;
+
 /// Copies `header` into a map sized to its fields, with its values in one buffer of their own.
 ///
 /// A header parsed from an origin response keeps room for many more fields, and its values
@@ -134,7 +138,9 @@ fn compact(header: &ResponseHeader) -> ResponseHeader {
         bytes.extend_from_slice(value.as_bytes());
     }
     let bytes = bytes.freeze();
-    let mut fields = http::HeaderMap::with_capacity(header.headers.len());
+    // Room for the fields a hit adds. A clone keeps the index's size, so the hit's first
+    // insert does not rebuild the index.
+    let mut fields = http::HeaderMap::with_capacity(header.headers.len() + HIT_FIELDS);
     let mut start = 0;
     for (name, value) in &header.headers {
         let end = start + value.len();
