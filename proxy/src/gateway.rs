@@ -95,8 +95,8 @@ pub struct RequestCtx {
     path: String,
     /// The query, kept only for HTTP origins (export trees ignore it).
     query: Option<String>,
-    /// Path and query sent upstream.
-    upstream_uri: String,
+    /// The path to request from the origin, decoded; see [`RequestCtx::upstream_uri`].
+    origin_path: String,
     /// The export that serves this request, for export-tree origins.
     export_id: Option<String>,
     /// The client IP resolved from the peer and trusted `X-Forwarded-For` entries.
@@ -122,7 +122,7 @@ impl RequestCtx {
             route: None,
             path: String::new(),
             query: None,
-            upstream_uri: String::new(),
+            origin_path: String::new(),
             export_id: None,
             client_ip: None,
             plugin_state: RequestState::default(),
@@ -132,6 +132,20 @@ impl RequestCtx {
             attempts: 0,
             origin_slot: None,
             upstream_timer: Default::default(),
+        }
+    }
+}
+
+impl RequestCtx {
+    /// Returns the path and query sent to the origin: the encoded origin path, under the
+    /// export's directory for an export tree, with the query for an HTTP origin. Built only
+    /// when a request goes to the origin.
+    fn upstream_uri(&self) -> String {
+        let path = crate::path::encode(&self.origin_path);
+        match (&self.export_id, &self.query) {
+            (Some(export), _) => format!("/{export}{path}"),
+            (None, Some(query)) => format!("{path}?{query}"),
+            (None, None) => path,
         }
     }
 }
@@ -221,23 +235,11 @@ impl GatewayState {
                         "no export is available yet",
                     )
                 })?;
-                let path = crate::path::encode(&route_match.origin_path);
-                let mut uri = String::with_capacity(1 + active.id.len() + path.len());
-                uri.push('/');
-                uri.push_str(&active.id);
-                uri.push_str(&path);
-                ctx.upstream_uri = uri;
                 ctx.export_id = Some(active.id);
             }
-            None => {
-                ctx.query = req.uri.query().map(str::to_owned);
-                let path = crate::path::encode(&route_match.origin_path);
-                ctx.upstream_uri = match &ctx.query {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path,
-                };
-            }
+            None => ctx.query = req.uri.query().map(str::to_owned),
         }
+        ctx.origin_path = route_match.origin_path;
         Ok(())
     }
 }
@@ -454,7 +456,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let state = Arc::clone(&ctx.state);
-        let uri = ctx.upstream_uri.parse().map_err(|e| {
+        let uri = ctx.upstream_uri().parse().map_err(|e| {
             Error::because(pingora::ErrorType::InternalError, "invalid upstream URI", e)
         })?;
         upstream_request.set_uri(uri);

@@ -153,24 +153,30 @@ pub fn encode(normalized: &str) -> String {
 /// control byte, no empty or dot segment but a trailing slash, and few enough segments. Most
 /// requests are, and [`normalize`] then returns them as they are, without decoding.
 fn is_normal(raw: &[u8]) -> bool {
+    // One pass: each segment is judged when the slash after it, or the end, is reached.
     let mut slashes = 0;
+    let mut segment_start = 0;
     for (i, &byte) in raw.iter().enumerate() {
         match byte {
             b'%' | b'\\' => return false,
             b'/' => {
-                slashes += 1;
-                let rest = &raw[i + 1..];
-                let segment = rest.split(|&b| b == b'/').next().unwrap_or_default();
-                let last = segment.len() == rest.len();
-                if matches!(segment, b"." | b"..") || (segment.is_empty() && !last) {
+                if i > 0 && !normal_segment(&raw[segment_start..i], false) {
                     return false;
                 }
+                slashes += 1;
+                segment_start = i + 1;
             }
             byte if byte.is_ascii_control() => return false,
             _ => {}
         }
     }
-    slashes <= MAX_SEGMENTS
+    normal_segment(&raw[segment_start..], true) && slashes <= MAX_SEGMENTS
+}
+
+/// Tells whether a segment stays as it is: not `.` or `..`, and not empty unless it is the
+/// `last` one (a trailing slash).
+fn normal_segment(segment: &[u8], last: bool) -> bool {
+    !matches!(segment, b"." | b"..") && (last || !segment.is_empty())
 }
 
 /// Decodes every `%XX` escape once and enforces the byte-level rules.
@@ -330,6 +336,28 @@ mod tests {
         ("/%C3", "not_utf8"),
         ("/%C3%28", "not_utf8"),
     ];
+
+    #[test]
+    fn is_normal_judges_each_segment() {
+        let cases = [
+            ("/", true),
+            ("/a/b", true),
+            ("/a/", true),
+            ("/a/..b", true),
+            ("/.well-known/x", true),
+            ("/a//b", false),
+            ("//", false),
+            ("/.", false),
+            ("/a/.", false),
+            ("/a/../b", false),
+            ("/./a", false),
+            ("/a%2fb", false),
+            ("/a\\b", false),
+        ];
+        for (path, normal) in cases {
+            assert_eq!(is_normal(path.as_bytes()), normal, "{path}");
+        }
+    }
 
     #[test]
     fn normalize_table_accepted() {
