@@ -167,7 +167,8 @@ impl CacheTier {
     /// is a disk tier.
     pub fn purge(&self, scope: &PurgeScope) -> usize {
         // Recorded first, so that a fill publishing during the removal below still finds it.
-        self.storage.log().record(scope.clone());
+        // A disk hit that starts before the removal ends counts it as after its start.
+        let _running = self.storage.log().record(scope.clone());
         let matches = |domain: &str, primary: &[u8]| {
             key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
         };

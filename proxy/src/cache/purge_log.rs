@@ -7,7 +7,7 @@
 //! moment between its publication and its removal.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
@@ -31,23 +31,56 @@ pub struct PurgeLog {
     /// Number of the last purge recorded.
     last: AtomicU64,
     recent: Mutex<VecDeque<(u64, PurgeScope)>>,
+    /// Numbers of the recorded purges still removing entries.
+    running: Mutex<BTreeSet<u64>>,
+}
+
+/// A recorded purge while it removes entries; dropping it marks the purge finished.
+pub struct RunningPurge<'a> {
+    log: &'a PurgeLog,
+    number: u64,
+}
+
+impl Drop for RunningPurge<'_> {
+    fn drop(&mut self) {
+        self.log.running.lock().remove(&self.number);
+    }
 }
 
 impl PurgeLog {
-    /// Returns the number of the last purge, to note when a fill starts.
+    /// Returns the number of the last purge, to note when a fill starts. A fill fetches from
+    /// the origin, so a purge recorded before it starts does not concern it.
     pub fn mark(&self) -> u64 {
         self.last.load(Ordering::Acquire)
     }
 
-    /// Records a purge; call it before the purge removes anything.
-    pub fn record(&self, scope: PurgeScope) {
+    /// Returns the number to note when a read of stored entries starts, such as a disk hit
+    /// that copies its object into memory. It is the purge before the first one still
+    /// removing entries, because a running purge may not have reached the entry read yet.
+    pub fn read_mark(&self) -> u64 {
+        let running = self.running.lock();
+        match running.first() {
+            Some(first) => first - 1,
+            None => self.last.load(Ordering::Acquire),
+        }
+    }
+
+    /// Records a purge; call it before the purge removes anything, and keep the result until
+    /// the removal has ended.
+    pub fn record(&self, scope: PurgeScope) -> RunningPurge<'_> {
         let mut recent = self.recent.lock();
         let number = self.last.load(Ordering::Acquire) + 1;
         recent.push_back((number, scope));
         if recent.len() > KEPT_PURGES {
             recent.pop_front();
         }
+        // Under the lock `read_mark` takes, so that `read_mark` never reads the new number
+        // while the purge is missing from `running`.
+        let mut running = self.running.lock();
+        running.insert(number);
         self.last.store(number, Ordering::Release);
+        drop(running);
+        RunningPurge { log: self, number }
     }
 
     /// Returns whether a purge recorded after `mark` covers the key of `domain` and `primary`.
@@ -233,6 +266,19 @@ mod tests {
         log.record(url("/a"));
         assert!(log.purged_since(mark, "primary", primary));
         assert!(!log.purged_since(mark, "other", primary));
+    }
+
+    #[test]
+    fn read_mark_stays_before_running_purges() {
+        let log = PurgeLog::default();
+        drop(log.record(url("/done")));
+        assert_eq!(log.read_mark(), 1);
+        let running = log.record(url("/a"));
+        drop(log.record(url("/b")));
+        assert_eq!(log.mark(), 3);
+        assert_eq!(log.read_mark(), 1, "purge 2 still runs");
+        drop(running);
+        assert_eq!(log.read_mark(), 3);
     }
 
     #[test]

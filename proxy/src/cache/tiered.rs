@@ -166,8 +166,9 @@ impl Storage for TieredStorage {
         if let Some(hit) = self.large_fill_hit(key, None) {
             return Ok(Some(hit));
         }
-        // Noted before the read, so that a purge made while the body streams is seen.
-        let mark = self.purges.mark();
+        // Noted before the read, so that a purge made while the body streams, or one still
+        // removing entries, is seen.
+        let mark = self.purges.read_mark();
         let Some((meta, inner)) = self.disk.lookup(key, trace).await? else {
             return Ok(None);
         };
@@ -436,5 +437,76 @@ impl HandleMiss for LargeMiss {
 impl Drop for LargeMiss {
     fn drop(&mut self) {
         self.storage.end_large_fill(&self.name, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use pingora::cache::trace::Span;
+    use pingora::http::ResponseHeader;
+
+    use super::*;
+    use crate::cache::{cache_key, key_parts, PurgeScope};
+
+    /// Replays a purge's steps (record, memory, disk) with a disk hit between the memory and
+    /// the disk step: the purge is still running, so the hit's copy must not stay in memory.
+    #[tokio::test]
+    async fn disk_hit_during_purge_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = DiskStorage::open(dir.path(), 1 << 30, 1 << 20).expect("disk tier");
+        let disk: &'static DiskStorage = Box::leak(Box::new(disk));
+        let memory: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(1 << 20, 64 * 1024, 1 << 20)));
+        let log: &'static PurgeLog = Box::leak(Box::default());
+        let tiered: &'static TieredStorage =
+            Box::leak(Box::new(TieredStorage::new(memory, disk, log)));
+        let trace = Span::inactive().handle();
+
+        let key = cache_key("primary", None, "/a", None);
+        let body = b"stored body";
+        let mut header = ResponseHeader::build(200, None).expect("status");
+        header
+            .append_header("content-length", body.len().to_string())
+            .expect("header");
+        let now = SystemTime::now();
+        let meta = CacheMeta::new(now + Duration::from_secs(600), now, 0, 0, header);
+        let mut miss = tiered
+            .get_miss_handler(&key, &meta, &trace)
+            .await
+            .expect("miss handler");
+        miss.write_body(Bytes::from_static(body), true)
+            .await
+            .expect("write");
+        miss.finish().await.expect("finish");
+        memory.purge_matching(|_, _| true);
+        assert!(disk.contains(&key.combined_bin()), "stored on disk");
+
+        let scope = PurgeScope::Url {
+            domain: "primary".into(),
+            path: "/a".into(),
+            query: None,
+        };
+        let matches = |domain: &str, primary: &[u8]| {
+            key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
+        };
+        let running = log.record(scope.clone());
+        memory.purge_matching(matches);
+
+        let (_, mut hit) = tiered
+            .lookup(&key, &trace)
+            .await
+            .expect("lookup")
+            .expect("a disk hit");
+        while hit.read_body().await.expect("read").is_some() {}
+
+        disk.purge_matching(matches);
+        drop(running);
+        assert!(!disk.contains(&key.combined_bin()), "purged from disk");
+        assert!(
+            !memory.stored(&key.combined_bin()),
+            "the purged body stays in memory"
+        );
     }
 }
