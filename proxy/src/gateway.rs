@@ -636,8 +636,8 @@ impl Gateway {
         finish_response_header(ctx, &mut header, "HIT", None)?;
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
-        // Marked as the client's side, as Pingora's hit path marks them: a client that leaves
-        // mid-body is no failure of the gateway.
+        // Marked as the client's side, as Pingora's hit path marks them, so a client that
+        // disconnects mid-body is not logged as a gateway failure.
         session
             .write_response_header(header, header_only)
             .await

@@ -173,7 +173,7 @@ fn is_normal(raw: &[u8]) -> bool {
     normal_segment(&raw[segment_start..], true) && slashes <= MAX_SEGMENTS
 }
 
-/// Tells whether a segment stays as it is: not `.` or `..`, and not empty unless it is the
+/// Returns whether a segment stays as it is: not `.` or `..`, and not empty unless it is the
 /// `last` one (a trailing slash).
 fn normal_segment(segment: &[u8], last: bool) -> bool {
     !matches!(segment, b"." | b"..") && (last || !segment.is_empty())

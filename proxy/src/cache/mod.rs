@@ -169,9 +169,7 @@ impl CacheTier {
         // Recorded first, so that a fill publishing during the removal below still finds it.
         // A disk hit that starts before the removal ends counts it as after its start.
         let _running = self.storage.log().record(scope.clone());
-        let matches = |domain: &str, primary: &[u8]| {
-            key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
-        };
+        let matches = |domain: &str, primary: &[u8]| scope.covers_key(domain, primary);
         let mut removed: std::collections::HashSet<_> = self
             .memory
             .purge_matching(matches)
@@ -206,6 +204,12 @@ pub enum PurgeScope {
 }
 
 impl PurgeScope {
+    /// Returns whether the purge covers the stored response of `domain` whose primary key
+    /// (made by [`cache_key`]) is `primary`.
+    pub fn covers_key(&self, domain: &str, primary: &[u8]) -> bool {
+        key_parts(primary).is_some_and(|parts| self.covers(domain, &parts))
+    }
+
     fn covers(&self, domain: &str, parts: &KeyParts<'_>) -> bool {
         match self {
             Self::Url {
@@ -323,8 +327,8 @@ fn primary_key(domain: &str, export: Option<&str>, path: &str, query: Option<&st
 
 /// Primary keys hashed on this thread lately, at most this many.
 const PRIMARY_HASH_MEMO: usize = 1024;
-/// Longest primary key kept in the memo, so that one thread's memo stays under 512 KiB of
-/// keys. Longer keys (long queries of HTTP origins) are hashed every time.
+/// Maximum length of a primary key kept in the memo, so that one thread's memo stays under
+/// 512 KiB of keys. Longer keys (long queries of HTTP origins) are hashed every time.
 const PRIMARY_HASH_MEMO_KEY_BYTES: usize = 512;
 
 type HashMemo = std::collections::HashMap<

@@ -36,6 +36,7 @@ pub struct PurgeLog {
 }
 
 /// A recorded purge while it removes entries; dropping it marks the purge finished.
+#[must_use = "dropping it at once marks the purge finished before it removed anything"]
 pub struct RunningPurge<'a> {
     log: &'a PurgeLog,
     number: u64,
@@ -256,14 +257,14 @@ mod tests {
     #[test]
     fn only_later_purges_count() {
         let log = PurgeLog::default();
-        log.record(url("/a"));
+        drop(log.record(url("/a")));
         let mark = log.mark();
         let key = crate::cache::cache_key("primary", Some("e1"), "/a", None);
         let primary = key.primary_key();
         assert!(!log.purged_since(mark, "primary", primary));
-        log.record(url("/b"));
+        drop(log.record(url("/b")));
         assert!(!log.purged_since(mark, "primary", primary));
-        log.record(url("/a"));
+        drop(log.record(url("/a")));
         assert!(log.purged_since(mark, "primary", primary));
         assert!(!log.purged_since(mark, "other", primary));
     }
@@ -286,7 +287,7 @@ mod tests {
         let log = PurgeLog::default();
         let mark = log.mark();
         for _ in 0..=KEPT_PURGES {
-            log.record(url("/elsewhere"));
+            drop(log.record(url("/elsewhere")));
         }
         let key = crate::cache::cache_key("primary", None, "/a", None);
         assert!(log.purged_since(mark, "primary", key.primary_key()));

@@ -448,7 +448,7 @@ mod tests {
     use pingora::http::ResponseHeader;
 
     use super::*;
-    use crate::cache::{cache_key, key_parts, PurgeScope};
+    use crate::cache::{cache_key, PurgeScope};
 
     /// Replays a purge's steps (record, memory, disk) with a disk hit between the memory and
     /// the disk step: the purge is still running, so the hit's copy must not stay in memory.
@@ -488,9 +488,7 @@ mod tests {
             path: "/a".into(),
             query: None,
         };
-        let matches = |domain: &str, primary: &[u8]| {
-            key_parts(primary).is_some_and(|parts| scope.covers(domain, &parts))
-        };
+        let matches = |domain: &str, primary: &[u8]| scope.covers_key(domain, primary);
         let running = log.record(scope.clone());
         memory.purge_matching(matches);
 
