@@ -129,8 +129,8 @@ fn replica_with(server: &RedisServer, budget: u64, mode: &str, extra: &str) -> A
     }
 }
 
-/// Sends one index request as `user`; returns the status (200 when let through) and body.
-async fn send(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (u16, String) {
+/// Checks one index request as `user` at `now`; returns the verdict and the request's state.
+async fn check(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (Verdict, RequestState) {
     let headers = HeaderMap::new();
     let mut state = RequestState {
         user: Some(user.to_owned()),
@@ -144,7 +144,13 @@ async fn send(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (u16, String
         headers: &headers,
         client_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
     };
-    match plugin.check_at(&req, &mut state, now).await {
+    let verdict = plugin.check_at(&req, &mut state, now).await;
+    (verdict, state)
+}
+
+/// Sends one index request as `user`; returns the status (200 when let through) and body.
+async fn send(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (u16, String) {
+    match check(plugin, user, now).await.0 {
         Verdict::Continue => (200, String::new()),
         Verdict::Respond(local) => (
             local.status.as_u16(),
@@ -156,20 +162,7 @@ async fn send(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (u16, String
 /// Sends one index request as `user` that misses the cache: checked, then counted as it goes
 /// to the origin.
 async fn send_miss(plugin: &QuotaPlugin, user: &str, now: SystemTime) {
-    let headers = HeaderMap::new();
-    let mut state = RequestState {
-        user: Some(user.to_owned()),
-        ..RequestState::default()
-    };
-    let req = RequestInfo {
-        domain: "primary",
-        method: &Method::GET,
-        path: INDEX,
-        query: None,
-        headers: &headers,
-        client_addr: None,
-    };
-    plugin.check_at(&req, &mut state, now).await;
+    let (_, mut state) = check(plugin, user, now).await;
     plugin.count_upstream_at(&mut state, now);
 }
 
@@ -223,6 +216,39 @@ async fn replicas_share_budget_exactly() {
         replica(&server, 100, "fail_open"),
     ];
     assert_eq!(passed_together(&replicas, "alice", 300).await, 100);
+}
+
+/// Concurrent checks of one principal reach Redis together. Each request that passes is told
+/// its own place in the budget (`RateLimit-Remaining` from 99 down to 0, each once), as if the
+/// checks had run one at a time, and each request turned away is told 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn concurrent_checks_get_their_own_counts() {
+    let server = RedisServer::start();
+    let plugin = replica(&server, 100, "fail_open");
+    let now = SystemTime::now();
+    let tasks: Vec<_> = (0..160)
+        .map(|_| {
+            let plugin = Arc::clone(&plugin);
+            tokio::spawn(async move {
+                let (verdict, state) = check(&plugin, "alice", now).await;
+                let passed = matches!(verdict, Verdict::Continue);
+                let remaining = state.rate_limit.map(|budget| budget.remaining);
+                (passed, remaining)
+            })
+        })
+        .collect();
+    let mut passed_remaining = Vec::new();
+    let mut rejected = 0;
+    for task in tasks {
+        match task.await.expect("task runs") {
+            (true, Some(remaining)) => passed_remaining.push(remaining),
+            (false, _) => rejected += 1,
+            (true, None) => panic!("a counted request carries its budget"),
+        }
+    }
+    passed_remaining.sort_unstable();
+    assert_eq!(passed_remaining, (0..100).collect::<Vec<u64>>());
+    assert_eq!(rejected, 60);
 }
 
 /// The domain-wide ceiling is kept across replicas, and the requests that either budget turns

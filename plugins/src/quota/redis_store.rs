@@ -3,8 +3,9 @@
 //!
 //! Requests do not call Redis one by one. Each puts its check in a queue, and one task per store
 //! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks). Redis runs the call
-//! atomically, one check after the other in queue order. Under load a round trip carries many
-//! requests; a lone request waits for one round trip as before.
+//! atomically. Checks with the same keys, limits and operation form one group, which the script
+//! counts in one step and whose requests get the decisions of checks made one after the other.
+//! Under load a round trip carries many requests; a lone request waits for one round trip.
 //!
 //! Each check carries its deadline (the configured timeout after the request queued it), and
 //! the sending task replies to every check by then. A check whose deadline passed in the queue,
@@ -33,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::config::{FailureMode, RedisConfig};
-use super::store::{Class, ClassCounts, Counts, Decision, Limits, Scope};
+use super::store::{over_budget, Class, ClassCounts, Counts, Decision, Limits, Scope};
 use super::window::Window;
 use super::PrincipalName;
 
@@ -51,52 +52,49 @@ pub const MAX_BATCH: usize = 128;
 /// Keys remembered per request class. The memo starts afresh when full or when the hour turns.
 const KEY_MEMO_ENTRIES: usize = 65_536;
 
-/// Checks and counts atomically, for a batch of checks in order. ARGV[1] is the keys' lifetime
-/// in seconds. For check `i` (from 0): KEYS[2i+1] is the principal's key, KEYS[2i+2] the
-/// domain's; ARGV[3i+2..3i+4] are the principal limit, the domain limit (0 for none) and the
-/// operation: `count` (check, then count if both fit), `peek` (check only) or `add` (count
-/// without a check). A count increments first and takes the increment back when a budget does
-/// not fit, so an allowed request, the common case, costs two commands. Returns one string with
-/// three numbers per check, separated by spaces. The first is the scope that did not fit: 0 when
-/// allowed, 1 for the principal's budget, 2 for the domain's. The other two are the principal's
-/// and the domain's counts, after the request when allowed and unchanged when not.
+/// Checks and counts atomically, for a batch of groups of checks in order. A group is the checks
+/// with the same keys, limits and operation. The script takes each group as one step, with the
+/// result of running its checks one after the other. ARGV[1] is the keys' lifetime in seconds.
+/// For group `i` (from 0), KEYS[2i+1] is the principal's key and KEYS[2i+2] the domain's.
+/// ARGV[4i+2..4i+5] are the principal limit, the domain limit (0 for none), the operation and
+/// the number of checks. The operation is `count` (count as many as both budgets take), `peek`
+/// (check only) or `add` (count all without a check). A count increments first and takes back
+/// what does not fit, so a group that fits, the common case, costs two commands. The result is
+/// one string with three numbers per group, separated by spaces: how many checks were counted,
+/// then the principal's and the domain's counts before the group.
 const SCRIPT_SOURCE: &str = r"
 local out = {}
 local lifetime = ARGV[1]
-for i = 0, (#ARGV - 1) / 3 - 1 do
+for i = 0, (#ARGV - 1) / 4 - 1 do
   local pk, dk = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local limit = tonumber(ARGV[3 * i + 2])
-  local ceiling = tonumber(ARGV[3 * i + 3])
-  local op = ARGV[3 * i + 4]
-  local scope, p, d = 0, 0, 0
+  local limit = tonumber(ARGV[4 * i + 2])
+  local ceiling = tonumber(ARGV[4 * i + 3])
+  local op = ARGV[4 * i + 4]
+  local size = tonumber(ARGV[4 * i + 5])
+  local counted, p, d = 0, 0, 0
   if op == 'peek' then
     p = tonumber(redis.call('GET', pk) or '0')
     d = tonumber(redis.call('GET', dk) or '0')
-    if p >= limit then
-      scope = 1
-    elseif ceiling > 0 and d >= ceiling then
-      scope = 2
-    end
   else
-    p = redis.call('INCR', pk)
-    if p == 1 then redis.call('EXPIRE', pk, lifetime) end
-    if op ~= 'add' and p > limit then
-      redis.call('DECR', pk)
-      p = p - 1
-      d = tonumber(redis.call('GET', dk) or '0')
-      scope = 1
-    else
-      d = redis.call('INCR', dk)
-      if d == 1 then redis.call('EXPIRE', dk, lifetime) end
-      if op ~= 'add' and ceiling > 0 and d > ceiling then
-        redis.call('DECR', dk)
-        redis.call('DECR', pk)
-        p, d = p - 1, d - 1
-        scope = 2
+    p = redis.call('INCRBY', pk, size) - size
+    if p == 0 then redis.call('EXPIRE', pk, lifetime) end
+    counted = size
+    if op ~= 'add' then counted = math.max(0, math.min(size, limit - p)) end
+    if counted < size then redis.call('DECRBY', pk, size - counted) end
+    if counted > 0 then
+      d = redis.call('INCRBY', dk, counted) - counted
+      if d == 0 then redis.call('EXPIRE', dk, lifetime) end
+      if op ~= 'add' and ceiling > 0 and d + counted > ceiling then
+        local excess = math.min(counted, d + counted - ceiling)
+        redis.call('DECRBY', dk, excess)
+        redis.call('DECRBY', pk, excess)
+        counted = counted - excess
       end
+    else
+      d = tonumber(redis.call('GET', dk) or '0')
     end
   end
-  out[#out + 1] = scope .. ' ' .. p .. ' ' .. d
+  out[#out + 1] = counted .. ' ' .. p .. ' ' .. d
 end
 return table.concat(out, ' ')
 ";
@@ -114,7 +112,7 @@ return 0
 static REFUND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_SOURCE));
 
 /// The operation on a request's counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// Check both budgets and count the request if it fits.
     Count,
@@ -186,8 +184,7 @@ struct Check {
 /// The part of a check that goes to Redis.
 struct Call {
     keys: [Arc<str>; 2],
-    principal_limit: u64,
-    domain_limit: u64,
+    limits: Limits,
     lifetime_secs: u64,
     op: Op,
 }
@@ -251,8 +248,7 @@ impl RedisStore {
         let check = Check {
             call: Call {
                 keys: self.keys(class, principal, window.hour),
-                principal_limit: limits.principal,
-                domain_limit: limits.domain.unwrap_or(0),
+                limits,
                 lifetime_secs: window.reset_secs + EXPIRY_MARGIN_SECS,
                 op,
             },
@@ -523,21 +519,25 @@ impl Link {
     /// Runs the script on `calls` and returns one decision per call, in order.
     async fn eval(&self, calls: &[Call]) -> RedisResult<Vec<Decision>> {
         let mut conn = self.connection().await?;
+        let (groups, group_of) = group(calls);
         // The command is built by hand: `Script::prepare_invoke` would allocate once per
         // argument, and a command keeps all of its arguments in one buffer.
         let mut command = redis::cmd("EVALSHA");
-        command.arg(SCRIPT.get_hash()).arg(calls.len() * 2);
-        for call in calls {
-            command.arg(&*call.keys[0]).arg(&*call.keys[1]);
+        command.arg(SCRIPT.get_hash()).arg(groups.len() * 2);
+        for group in &groups {
+            let keys = &calls[group.first].keys;
+            command.arg(&*keys[0]).arg(&*keys[1]);
         }
         // Keys of one hour die together, with the latest lifetime of the batch.
         let lifetime = calls.iter().map(|c| c.lifetime_secs).max().unwrap_or(0);
         command.arg(lifetime);
-        for call in calls {
+        for group in &groups {
+            let call = &calls[group.first];
             command
-                .arg(call.principal_limit)
-                .arg(call.domain_limit)
-                .arg(call.op.label());
+                .arg(call.limits.principal)
+                .arg(call.limits.domain.unwrap_or(0))
+                .arg(call.op.label())
+                .arg(group.size);
         }
         let reply: Vec<u8> = match command.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
@@ -546,14 +546,25 @@ impl Link {
             }
             reply => reply?,
         };
-        parse_decisions(&reply, calls.len()).ok_or_else(|| {
+        let Some(outcomes) = parse_outcomes(&reply, &groups) else {
             let excerpt: String = String::from_utf8_lossy(&reply).chars().take(80).collect();
-            redis::RedisError::from((
+            return Err(redis::RedisError::from((
                 redis::ErrorKind::TypeError,
                 "unexpected reply from the quota script",
-                format!("{} checks, reply {excerpt:?}", calls.len()),
-            ))
-        })
+                format!("{} groups of checks, reply {excerpt:?}", groups.len()),
+            )));
+        };
+        let mut seen = vec![0; groups.len()];
+        let decisions = calls
+            .iter()
+            .zip(group_of)
+            .map(|(call, g)| {
+                let nth = seen[g];
+                seen[g] += 1;
+                outcomes[g].decision(call, nth)
+            })
+            .collect();
+        Ok(decisions)
     }
 
     /// Lowers each of `keys` by one, not below zero.
@@ -587,24 +598,100 @@ impl Link {
     }
 }
 
-/// Parses the script's reply: three numbers per check, each followed by one space but the
-/// last. `None` when it does not hold exactly `checks` groups of numbers.
-fn parse_decisions(reply: &[u8], checks: usize) -> Option<Vec<Decision>> {
+/// Checks of one batch that the script takes as one step: those with the same keys, limits
+/// and operation. `first` is the index of the first of them in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Group {
+    first: usize,
+    size: u64,
+}
+
+/// The number of groups searched for a check's group. A check that matches none of them starts a
+/// group of its own, so the work per check stays bounded when a batch has many principals.
+const GROUP_SEARCH: usize = 32;
+
+/// Sorts `calls` into groups, in the order of each group's first check, and returns the groups
+/// and the group of each call. Keys are compared by address, because a store hands out one key
+/// per principal and hour, so two checks of one principal share it.
+fn group(calls: &[Call]) -> (Vec<Group>, Vec<usize>) {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut group_of = Vec::with_capacity(calls.len());
+    for (index, call) in calls.iter().enumerate() {
+        let same = |group: &Group| {
+            let other = &calls[group.first];
+            Arc::ptr_eq(&other.keys[0], &call.keys[0])
+                && Arc::ptr_eq(&other.keys[1], &call.keys[1])
+                && other.limits == call.limits
+                && other.op == call.op
+        };
+        match groups.iter().take(GROUP_SEARCH).position(same) {
+            Some(g) => {
+                groups[g].size += 1;
+                group_of.push(g);
+            }
+            None => {
+                group_of.push(groups.len());
+                groups.push(Group {
+                    first: index,
+                    size: 1,
+                });
+            }
+        }
+    }
+    (groups, group_of)
+}
+
+/// The script's result for one group: how many of its checks it counted, and the counts before
+/// the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outcome {
+    counted: u64,
+    before: Counts,
+}
+
+impl Outcome {
+    /// Returns the decision for the `nth` check of the group (from 0), `call`: the one it gets
+    /// when the group's checks run one after the other.
+    fn decision(&self, call: &Call, nth: u64) -> Decision {
+        let after = |n: u64| Counts {
+            principal: self.before.principal.saturating_add(n),
+            domain: self.before.domain.saturating_add(n),
+        };
+        if call.op == Op::Peek {
+            return match over_budget(call.limits, self.before) {
+                Some(scope) => Decision::Rejected(scope, self.before),
+                None => Decision::Allowed(self.before),
+            };
+        }
+        if nth < self.counted {
+            return Decision::Allowed(after(nth + 1));
+        }
+        let counts = after(self.counted);
+        let scope = over_budget(call.limits, counts).unwrap_or(Scope::Principal);
+        Decision::Rejected(scope, counts)
+    }
+}
+
+/// Parses the script's reply: three numbers per group, each followed by one space but the
+/// last. Returns `None` when the reply does not contain exactly one outcome per group, or
+/// counts more checks than a group has.
+fn parse_outcomes(reply: &[u8], groups: &[Group]) -> Option<Vec<Outcome>> {
     let mut numbers = reply.split(|&b| b == b' ').map(parse_number);
-    let mut decisions = Vec::with_capacity(checks);
-    for _ in 0..checks {
+    let mut outcomes = Vec::with_capacity(groups.len());
+    for group in groups {
         let mut next = || numbers.next()?;
-        let (scope, principal, domain) = (next()?, next()?, next()?);
-        let counts = Counts { principal, domain };
-        decisions.push(match scope {
-            0 => Decision::Allowed(counts),
-            2 => Decision::Rejected(Scope::Domain, counts),
-            _ => Decision::Rejected(Scope::Principal, counts),
+        let (counted, principal, domain) = (next()?, next()?, next()?);
+        if counted > group.size {
+            return None;
+        }
+        outcomes.push(Outcome {
+            counted,
+            before: Counts { principal, domain },
         });
     }
     // An empty reply splits into one empty piece, which is no number.
     let rest = numbers.next();
-    (rest.is_none() || (checks == 0 && reply.is_empty())).then_some(decisions)
+    (rest.is_none() || (groups.is_empty() && reply.is_empty())).then_some(outcomes)
 }
 
 /// Parses decimal digits; `None` for anything else, an empty piece or an overflow.
@@ -645,31 +732,142 @@ fn hex16(digest: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    fn groups(sizes: &[u64]) -> Vec<Group> {
+        sizes.iter().map(|&size| Group { first: 0, size }).collect()
+    }
+
     #[test]
-    fn parses_one_group_per_check() {
-        let decisions = parse_decisions(b"0 3 9 1 5 9 2 2 10", 3).expect("three checks");
-        let counts = |principal, domain| Counts { principal, domain };
+    fn parses_one_outcome_per_group() {
+        let outcomes = parse_outcomes(b"2 3 9 0 5 9 1 2 10", &groups(&[2, 1, 1])).expect("three");
+        let outcome = |counted, principal, domain| Outcome {
+            counted,
+            before: Counts { principal, domain },
+        };
         assert_eq!(
-            decisions,
-            vec![
-                Decision::Allowed(counts(3, 9)),
-                Decision::Rejected(Scope::Principal, counts(5, 9)),
-                Decision::Rejected(Scope::Domain, counts(2, 10)),
-            ]
+            outcomes,
+            vec![outcome(2, 3, 9), outcome(0, 5, 9), outcome(1, 2, 10)]
         );
     }
 
     #[test]
     fn rejects_malformed_replies() {
-        assert_eq!(parse_decisions(b"0 3", 1), None);
-        assert_eq!(parse_decisions(b"0 3 9 1", 1), None);
-        assert_eq!(parse_decisions(b"0 3 x", 1), None);
-        assert_eq!(parse_decisions(b"0 3 9", 2), None);
-        assert_eq!(parse_decisions(b"0 3 9 ", 1), None);
-        assert_eq!(parse_decisions(b"0  3 9", 1), None);
-        assert_eq!(parse_decisions(b"0 3 -9", 1), None);
-        assert_eq!(parse_decisions(b"0 3 99999999999999999999", 1), None);
-        assert_eq!(parse_decisions(b"", 1), None);
-        assert_eq!(parse_decisions(b"", 0), Some(Vec::new()));
+        let one = groups(&[1]);
+        assert_eq!(parse_outcomes(b"0 3", &one), None);
+        assert_eq!(parse_outcomes(b"0 3 9 1", &one), None);
+        assert_eq!(parse_outcomes(b"0 3 x", &one), None);
+        assert_eq!(parse_outcomes(b"0 3 9", &groups(&[1, 1])), None);
+        assert_eq!(parse_outcomes(b"0 3 9 ", &one), None);
+        assert_eq!(parse_outcomes(b"0  3 9", &one), None);
+        assert_eq!(parse_outcomes(b"0 3 -9", &one), None);
+        assert_eq!(parse_outcomes(b"0 3 99999999999999999999", &one), None);
+        assert_eq!(
+            parse_outcomes(b"2 3 9", &one),
+            None,
+            "counted more than the group"
+        );
+        assert_eq!(parse_outcomes(b"", &one), None);
+        assert_eq!(parse_outcomes(b"", &[]), Some(Vec::new()));
+    }
+
+    fn call(keys: &[Arc<str>; 2], principal: u64, domain: Option<u64>, op: Op) -> Call {
+        Call {
+            keys: keys.clone(),
+            limits: Limits { principal, domain },
+            lifetime_secs: 60,
+            op,
+        }
+    }
+
+    #[test]
+    fn groups_share_keys_limits_and_operation() {
+        let a: [Arc<str>; 2] = ["p:a".into(), "d".into()];
+        let b: [Arc<str>; 2] = ["p:b".into(), Arc::clone(&a[1])];
+        // Equal text in another allocation is another group: still correct, only not merged.
+        let a_again: [Arc<str>; 2] = ["p:a".into(), Arc::clone(&a[1])];
+        let calls = [
+            call(&a, 5, None, Op::Count),
+            call(&b, 5, None, Op::Count),
+            call(&a, 5, None, Op::Count),
+            call(&a, 6, None, Op::Count),
+            call(&a, 5, None, Op::Peek),
+            call(&a, 5, Some(9), Op::Count),
+            call(&a_again, 5, None, Op::Count),
+            call(&b, 5, None, Op::Count),
+        ];
+        let (groups, group_of) = group(&calls);
+        assert_eq!(group_of, [0, 1, 0, 2, 3, 4, 5, 1]);
+        let sizes: Vec<_> = groups.iter().map(|g| (g.first, g.size)).collect();
+        assert_eq!(sizes, [(0, 2), (1, 2), (3, 1), (4, 1), (5, 1), (6, 1)]);
+    }
+
+    #[test]
+    fn group_search_is_bounded() {
+        let calls: Vec<Call> = (0..GROUP_SEARCH + 2)
+            .map(|i| call(&[format!("p:{i}").into(), "d".into()], 5, None, Op::Count))
+            .chain(std::iter::once(call(
+                &["late".into(), "d".into()],
+                5,
+                None,
+                Op::Count,
+            )))
+            .collect();
+        let mut calls = calls;
+        // The last check repeats a group past the searched ones, so it starts its own.
+        let last = calls.len() - 1;
+        calls[last].keys = calls[GROUP_SEARCH + 1].keys.clone();
+        let (groups, group_of) = group(&calls);
+        assert_eq!(groups.len(), calls.len());
+        assert_eq!(group_of[last], last);
+        // One within the searched groups joins it.
+        calls[last].keys = calls[3].keys.clone();
+        let (groups, group_of) = group(&calls);
+        assert_eq!(groups.len(), calls.len() - 1);
+        assert_eq!(group_of[last], 3);
+    }
+
+    /// The decisions of a group match those of a store that takes the checks one at a time.
+    #[test]
+    fn outcomes_match_checks_one_by_one() {
+        let keys: [Arc<str>; 2] = ["p".into(), "d".into()];
+        for (limit, ceiling) in [(5, None), (5, Some(7)), (9, Some(4)), (1, Some(1))] {
+            for (p0, d0) in [(0, 0), (3, 3), (4, 6), (5, 2), (0, 9), (7, 7)] {
+                for size in 1..=6u64 {
+                    let limits = Limits {
+                        principal: limit,
+                        domain: ceiling,
+                    };
+                    // One by one, as the local store counts.
+                    let mut now = Counts {
+                        principal: p0,
+                        domain: d0,
+                    };
+                    let mut expected = Vec::new();
+                    for _ in 0..size {
+                        expected.push(match over_budget(limits, now) {
+                            Some(scope) => Decision::Rejected(scope, now),
+                            None => {
+                                now.principal += 1;
+                                now.domain += 1;
+                                Decision::Allowed(now)
+                            }
+                        });
+                    }
+                    // As the script counts a group: as many as both budgets take.
+                    let fits = |count: u64, budget: Option<u64>| {
+                        budget.map_or(size, |b| b.saturating_sub(count).min(size))
+                    };
+                    let outcome = Outcome {
+                        counted: fits(p0, Some(limit)).min(fits(d0, ceiling)),
+                        before: Counts {
+                            principal: p0,
+                            domain: d0,
+                        },
+                    };
+                    let check = call(&keys, limit, ceiling, Op::Count);
+                    let got: Vec<_> = (0..size).map(|n| outcome.decision(&check, n)).collect();
+                    assert_eq!(got, expected, "limit {limit} {ceiling:?} from {p0}/{d0}");
+                }
+            }
+        }
     }
 }
