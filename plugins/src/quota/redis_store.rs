@@ -61,7 +61,9 @@ const KEY_MEMO_ENTRIES: usize = 65_536;
 /// (check only) or `add` (count all without a check). A count increments first and takes back
 /// what does not fit, so a group that fits, the common case, costs two commands. The result is
 /// one string with three numbers per group, separated by spaces: how many checks were counted,
-/// then the principal's and the domain's counts before the group.
+/// then the principal's and the domain's counts before the group. They are formatted with `%d`
+/// because Lua's own number formatting writes 10^14 and more with an exponent.
+/// NOTE: Lua numbers are doubles, so budgets above 2^53 are compared after rounding.
 const SCRIPT_SOURCE: &str = r"
 local out = {}
 local lifetime = ARGV[1]
@@ -94,7 +96,7 @@ for i = 0, (#ARGV - 1) / 4 - 1 do
       d = tonumber(redis.call('GET', dk) or '0')
     end
   end
-  out[#out + 1] = counted .. ' ' .. p .. ' ' .. d
+  out[#out + 1] = string.format('%d %d %d', counted, p, d)
 end
 return table.concat(out, ' ')
 ";
@@ -731,6 +733,7 @@ fn hex16(digest: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::store::Registry;
 
     fn groups(sizes: &[u64]) -> Vec<Group> {
         sizes.iter().map(|&size| Group { first: 0, size }).collect()
@@ -869,5 +872,213 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A `redis-server` child on a free loopback port, without persistence, killed by PID when
+    /// dropped.
+    struct Server {
+        child: std::process::Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("a free port")
+                .port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server runs (Debian package redis-server)");
+            Self {
+                child,
+                port,
+                _dir: dir,
+            }
+        }
+
+        /// Connects, waiting up to 10 s for the server to listen.
+        fn connect(&self) -> (redis::Client, redis::Connection) {
+            let client =
+                redis::Client::open(format!("redis://127.0.0.1:{}/0", self.port)).expect("url");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match client.get_connection() {
+                    Ok(conn) => return (client, conn),
+                    Err(e) if Instant::now() > deadline => panic!("redis-server: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The script in a real Redis gives the decisions and totals of the local store. Each batch
+    /// mixes principals that share the domain's key, operations and budgets. The local store
+    /// takes the same checks one at a time, group after group.
+    #[tokio::test]
+    async fn script_matches_local_store_in_redis() {
+        let server = Server::start();
+        let (client, mut admin) = server.connect();
+        let link = Link {
+            client,
+            timeout: Duration::from_secs(5),
+            conn: Mutex::new(None),
+        };
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let domain: Arc<str> = "d".into();
+        let principals: Vec<Arc<str>> = (0..40).map(|i| format!("p:{i}").into()).collect();
+        let unlimited = Limits {
+            principal: u64::MAX,
+            domain: None,
+        };
+        let hour = 1;
+        for round in 0..300 {
+            redis::cmd("FLUSHDB")
+                .query::<()>(&mut admin)
+                .expect("FLUSHDB");
+            let local = Registry::new().counts("d", Class::Index);
+            let used = [1, 2, 4, 40][next(4) as usize];
+            let mut preset = Vec::new();
+            for key in principals.iter().take(used).chain([&domain]) {
+                if next(2) == 0 {
+                    let count = next(if Arc::ptr_eq(key, &domain) { 25 } else { 9 });
+                    redis::cmd("SET")
+                        .arg(&**key)
+                        .arg(count)
+                        .query::<()>(&mut admin)
+                        .expect("SET");
+                    let name = (!Arc::ptr_eq(key, &domain)).then_some(key.as_bytes());
+                    local.restore(name, hour, count);
+                    preset.push(Arc::clone(key));
+                }
+            }
+            let ceiling = [None, Some(1), Some(3), Some(8), Some(20)][next(5) as usize];
+            let calls: Vec<Call> = (0..=next(MAX_BATCH as u64))
+                .map(|_| {
+                    let key = &principals[next(used as u64) as usize];
+                    let (op, limits) = match next(8) {
+                        0 => (Op::Add, unlimited),
+                        1 => (
+                            Op::Peek,
+                            Limits {
+                                principal: 1 + next(7),
+                                domain: ceiling,
+                            },
+                        ),
+                        2 => (
+                            Op::Count,
+                            Limits {
+                                principal: u64::MAX,
+                                domain: ceiling,
+                            },
+                        ),
+                        _ => (
+                            Op::Count,
+                            Limits {
+                                principal: 1 + next(7),
+                                domain: ceiling,
+                            },
+                        ),
+                    };
+                    call(
+                        &[Arc::clone(key), Arc::clone(&domain)],
+                        limits.principal,
+                        limits.domain,
+                        op,
+                    )
+                })
+                .collect();
+            let got = link.eval(&calls).await.expect("script runs");
+            // One at a time in the order of the groups, as the script takes them.
+            let (_, group_of) = group(&calls);
+            let mut order: Vec<usize> = (0..calls.len()).collect();
+            order.sort_by_key(|&i| (group_of[i], i));
+            let mut expected = vec![None; calls.len()];
+            for i in order {
+                let (name, limits) = (calls[i].keys[0].as_bytes(), calls[i].limits);
+                expected[i] = Some(match calls[i].op {
+                    Op::Count => local.try_count(name, limits, hour),
+                    Op::Peek => local.peek(name, limits, hour),
+                    Op::Add => Decision::Allowed(local.add(name, hour)),
+                });
+            }
+            let expected: Vec<Decision> = expected.into_iter().flatten().collect();
+            assert_eq!(got, expected, "round {round}");
+            for key in principals.iter().take(used).chain([&domain]) {
+                let stored: Option<u64> = redis::cmd("GET")
+                    .arg(&**key)
+                    .query(&mut admin)
+                    .expect("GET");
+                let counts = local.peek(key.as_bytes(), unlimited, hour).counts();
+                let want = if Arc::ptr_eq(key, &domain) {
+                    counts.domain
+                } else {
+                    counts.principal
+                };
+                assert_eq!(stored.unwrap_or(0), want, "round {round}, {key}");
+                let ttl: i64 = redis::cmd("TTL")
+                    .arg(&**key)
+                    .query(&mut admin)
+                    .expect("TTL");
+                let fresh = !preset.iter().any(|k| Arc::ptr_eq(k, key));
+                assert!(
+                    stored.is_none() || !fresh || ttl > 0,
+                    "{key} lives for ever"
+                );
+            }
+        }
+    }
+
+    /// Counts of 10^14 and more come back as plain digits, which Lua would otherwise write with
+    /// an exponent.
+    #[tokio::test]
+    async fn script_returns_large_counts() {
+        let server = Server::start();
+        let (client, mut admin) = server.connect();
+        let link = Link {
+            client,
+            timeout: Duration::from_secs(5),
+            conn: Mutex::new(None),
+        };
+        let big = 9_007_199_254_740_000_u64;
+        redis::cmd("SET")
+            .arg("p:big")
+            .arg(big)
+            .query::<()>(&mut admin)
+            .expect("SET");
+        let keys: [Arc<str>; 2] = ["p:big".into(), "d".into()];
+        let calls = [
+            call(&keys, u64::MAX, None, Op::Add),
+            call(&keys, u64::MAX, None, Op::Add),
+        ];
+        let got = link.eval(&calls).await.expect("script runs");
+        let counts = |n: u64| Counts {
+            principal: big + n,
+            domain: n,
+        };
+        assert_eq!(
+            got,
+            [Decision::Allowed(counts(1)), Decision::Allowed(counts(2))]
+        );
     }
 }
