@@ -20,7 +20,8 @@
 # best run (highest requests/s, with that run's p99), which filters out more of the noise, and
 # the ratio of its best run to the best run without budget plugins. The last column is the
 # median over the rounds of the ratio within each round: the scenario's run against the run
-# without plugins just before it, which a slow spell of the machine affects least. On a shared
+# without plugins just before it, which a slow spell of the machine affects least. Below the
+# table come the baseline's requests/s and each scenario's ratio, round by round. On a shared
 # machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
 # (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
@@ -237,6 +238,19 @@ measure() {
             awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf "%.4f\n", a / b }'
         done | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.3f", m }')
         printf '| %-34s | %12s | %8s | %6s | %6s |\n' "${labels[i]}" "${best_rps[i]}" "${best_p99[i]}" "$ratio" "$median"
+    done
+    # Round by round, to show how much the machine moved during the run.
+    echo
+    printf -- '- %s, requests/s by round:' "${labels[0]}"
+    for round in $(seq 1 "$rounds"); do printf ' %.0f' "${round_rps[0,$round]}"; done
+    echo
+    for i in "${!names[@]}"; do
+        [[ $i == 0 ]] && continue
+        printf -- '- %s, ratio by round:' "${labels[i]}"
+        for round in $(seq 1 "$rounds"); do
+            awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf " %.3f", a / b }'
+        done
+        echo
     done
 }
 
