@@ -97,11 +97,32 @@ grouped() {
     printf '%.0f' "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'
 }
 
+# Waits until the servers' CPU is idle (under 10% busy over 0.2 s), for at most 15 s. Work left
+# from the run before would otherwise fall on the next contender: nginx goes on checking the
+# bcrypt passwords of the requests wrk gave up on, 50 ms each, for about 1.6 s.
+settle() {
+    local line=cpu deadline=$((SECONDS + 15)) before after
+    [[ ${#pin_server[@]} -gt 0 ]] && line=cpu0
+    while ((SECONDS < deadline)); do
+        before=$(awk -v l="$line" '$1 == l {print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat)
+        sleep 0.2
+        after=$(awk -v l="$line" '$1 == l {print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat)
+        if awk -v a="$before" -v b="$after" 'BEGIN {
+            split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]
+            exit !(busy * 10 <= busy + idle) }'; then
+            return
+        fi
+    done
+    note "the server CPU was still busy 15 s after the run before"
+}
+
 # Runs wrk for SECONDS against a URL and sets rps, p99_ms, max_ms, mib_s; adds a note on errors.
+# Waits for the servers' CPU to be idle first.
 #   measure LABEL URL [wrk options...] [-- script arguments...]
 measure() {
     local label=$1 url=$2; shift 2
     local options=() out
+    settle
     while [[ $# -gt 0 && $1 != -- ]]; do options+=("$1"); shift; done
     out=$(timeout $((seconds + 40)) "${pin_load[@]}" wrk -t1 -d"${seconds}s" --timeout 20s \
         --latency "${options[@]}" "$url" "$@" 2>&1) || {
