@@ -78,6 +78,20 @@ impl Fixture {
         (status, resp.text().await.expect("body"))
     }
 
+    /// Polls `/readyz` until it answers 503, for at most 10 s; returns the last answer.
+    async fn wait_until_not_ready(&self) -> (u16, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = (0, String::new());
+        while Instant::now() < deadline {
+            last = self.readyz().await;
+            if last.0 == 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last
+    }
+
     /// Returns the status and body of GET `path` on the admin listener, with credentials.
     async fn admin_get(&self, path: &str) -> (u16, String) {
         let resp = client()
@@ -184,15 +198,7 @@ async fn sync_service_not_ready_when_stale() {
     // Every run fails from now on, so the served export's time stays and the lag grows.
     fixture.wait_for_body(FILE, "one\n").await;
     std::fs::remove_dir_all(&fixture.source).expect("remove the source");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = (0, String::new());
-    while Instant::now() < deadline {
-        last = fixture.readyz().await;
-        if last.0 == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = fixture.wait_until_not_ready().await;
     assert_eq!(last.0, 503, "{}", last.1);
     assert!(last.1.contains("over the 1 s limit"), "{}", last.1);
 }
@@ -306,8 +312,10 @@ async fn sync_lag_counts_from_export_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sync_old_export_not_ready() {
     let fixture = serve_old_export().await;
-    // The runs succeed, but the export itself is old: the gateway is not ready.
-    let (status, body) = fixture.readyz().await;
+    // The runs succeed, but the export itself is old: the gateway is not ready. A run records
+    // the export's time after it publishes, so readiness can follow the served export by the
+    // rest of that run.
+    let (status, body) = fixture.wait_until_not_ready().await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("over the 900 s limit"), "{body}");
 }
