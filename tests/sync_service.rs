@@ -78,7 +78,7 @@ impl Fixture {
         (status, resp.text().await.expect("body"))
     }
 
-    /// Polls `/readyz` until it answers 503, for at most 10 s; returns the last answer.
+    /// Polls `/readyz` until it responds 503, for at most 10 s, and returns the last response.
     async fn wait_until_not_ready(&self) -> (u16, String) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = (0, String::new());
