@@ -98,8 +98,8 @@ grouped() {
 }
 
 # Waits until the servers' CPU is idle (under 10% busy over 0.2 s), for at most 15 s. Work left
-# from the run before would otherwise fall on the next contender: nginx goes on checking the
-# bcrypt passwords of the requests wrk gave up on, 50 ms each, for about 1.6 s.
+# from the run before would otherwise fall on the next contender. For example, nginx goes on
+# checking the bcrypt passwords of the requests wrk gave up on (about 1.6 s, an estimate).
 settle() {
     local line=cpu deadline=$((SECONDS + 15)) before after
     [[ ${#pin_server[@]} -gt 0 ]] && line=cpu0

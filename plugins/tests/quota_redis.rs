@@ -218,9 +218,9 @@ async fn replicas_share_budget_exactly() {
     assert_eq!(passed_together(&replicas, "alice", 300).await, 100);
 }
 
-/// Concurrent checks of one principal reach Redis together. Each request that passes is told
-/// its own place in the budget (`RateLimit-Remaining` from 99 down to 0, each once), as if the
-/// checks had run one at a time, and each request turned away is told 0.
+/// Concurrent checks of one principal reach Redis together. Each request that passes gets its
+/// own place in the budget (`RateLimit-Remaining` from 99 down to 0, each once), as if the
+/// checks had run one at a time, and the other 60 are turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn concurrent_checks_get_their_own_counts() {
     let server = RedisServer::start();

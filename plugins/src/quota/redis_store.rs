@@ -4,8 +4,9 @@
 //! Requests do not call Redis one by one. Each puts its check in a queue, and one task per store
 //! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks). Redis runs the call
 //! atomically. Checks with the same keys, limits and operation form one group, which the script
-//! counts in one step and whose requests get the decisions of checks made one after the other.
-//! Under load a round trip carries many requests; a lone request waits for one round trip.
+//! counts in one step. Each request of a group gets the decision it would get if the checks
+//! were made one after the other. Under load a round trip carries many requests, and a lone
+//! request waits for one round trip.
 //!
 //! Each check carries its deadline (the configured timeout after the request queued it), and
 //! the sending task replies to every check by then. A check whose deadline passed in the queue,
@@ -652,8 +653,8 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// Returns the decision for the `nth` check of the group (from 0), `call`: the one it gets
-    /// when the group's checks run one after the other.
+    /// Returns the decision for `call`, the `nth` check of the group (from 0): the one it would
+    /// get if the group's checks ran one after the other.
     fn decision(&self, call: &Call, nth: u64) -> Decision {
         let after = |n: u64| Counts {
             principal: self.before.principal.saturating_add(n),
@@ -785,7 +786,8 @@ mod tests {
     fn groups_share_keys_limits_and_operation() {
         let a: [Arc<str>; 2] = ["p:a".into(), "d".into()];
         let b: [Arc<str>; 2] = ["p:b".into(), Arc::clone(&a[1])];
-        // Equal text in another allocation is another group: still correct, only not merged.
+        // A key with equal text in another allocation starts another group. That is still
+        // correct, only not merged.
         let a_again: [Arc<str>; 2] = ["p:a".into(), Arc::clone(&a[1])];
         let calls = [
             call(&a, 5, None, Op::Count),
@@ -904,18 +906,25 @@ mod tests {
             }
         }
 
-        /// Connects, waiting up to 10 s for the server to listen.
-        fn connect(&self) -> (redis::Client, redis::Connection) {
+        /// Connects, waiting up to 10 s for the server to listen. Returns the store's link and
+        /// a plain connection for setting up and reading keys.
+        fn connect(&self) -> (Link, redis::Connection) {
             let client =
                 redis::Client::open(format!("redis://127.0.0.1:{}/0", self.port)).expect("url");
             let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
+            let admin = loop {
                 match client.get_connection() {
-                    Ok(conn) => return (client, conn),
+                    Ok(conn) => break conn,
                     Err(e) if Instant::now() > deadline => panic!("redis-server: {e}"),
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
-            }
+            };
+            let link = Link {
+                client,
+                timeout: Duration::from_secs(5),
+                conn: Mutex::new(None),
+            };
+            (link, admin)
         }
     }
 
@@ -932,12 +941,7 @@ mod tests {
     #[tokio::test]
     async fn script_matches_local_store_in_redis() {
         let server = Server::start();
-        let (client, mut admin) = server.connect();
-        let link = Link {
-            client,
-            timeout: Duration::from_secs(5),
-            conn: Mutex::new(None),
-        };
+        let (link, mut admin) = server.connect();
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move |n: u64| {
             seed ^= seed << 13;
@@ -1054,12 +1058,7 @@ mod tests {
     #[tokio::test]
     async fn script_returns_large_counts() {
         let server = Server::start();
-        let (client, mut admin) = server.connect();
-        let link = Link {
-            client,
-            timeout: Duration::from_secs(5),
-            conn: Mutex::new(None),
-        };
+        let (link, mut admin) = server.connect();
         let big = 9_007_199_254_740_000_u64;
         redis::cmd("SET")
             .arg("p:big")
