@@ -90,7 +90,7 @@ fn main() -> ExitCode {
 
 fn load(path: &Path) -> Result<GatewayConfig, ExitCode> {
     let env = utf8_environment()?;
-    config::load(path, env).map_err(|errors| {
+    mirror_proxy::logging::while_loading(|| config::load(path, env)).map_err(|errors| {
         for error in &errors {
             eprintln!("error: {error}");
         }

@@ -331,6 +331,12 @@ async fn ranges_and_conditionals_from_cache() {
     let wrong = fetch(&url, &[("range", "bytes=0-9"), ("if-range", "\"old\"")]).await;
     assert_eq!(wrong.status, 200, "stale If-Range");
     assert_eq!(wrong.text(), "0123456789abcdefghij");
+    let weak = fetch(&url, &[("range", "bytes=0-9"), ("if-range", "W/\"r1\"")]).await;
+    assert_eq!(weak.status, 200, "weak If-Range");
+
+    let empty = fetch(&url, &[("range", "bytes=-0")]).await;
+    assert_eq!(empty.status, 416, "zero-length suffix range");
+    assert_eq!(empty.header("content-range"), Some("bytes */20"));
 
     let not_modified = fetch(&url, &[("if-none-match", "\"r1\"")]).await;
     assert_eq!(not_modified.status, 304, "If-None-Match");
@@ -338,6 +344,32 @@ async fn ranges_and_conditionals_from_cache() {
 
     let since = [("if-modified-since", "Thu, 01 Jan 2026 00:00:00 GMT")];
     assert_eq!(fetch(&url, &since).await.status, 304, "If-Modified-Since");
+    assert_eq!(origin.count(), 1, "origin requests");
+}
+
+/// A body that the origin sent chunked has a known length once it is stored: hits carry
+/// `Content-Length` and answer ranges.
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_body_answers_ranges_once_stored() {
+    let origin = ScriptOrigin::start(|_, _| Script {
+        chunked: true,
+        ..Script::pieces(five_pieces())
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/chunked.bin");
+    let first = fetch(&url, &[]).await;
+    assert_eq!(first.cache, "MISS");
+    assert_eq!(first.body.len(), 5000);
+    let hit = fetch(&url, &[]).await;
+    assert_eq!(hit.cache, "HIT");
+    assert_eq!(hit.header("content-length"), Some("5000"));
+    assert_eq!(hit.header("transfer-encoding"), None);
+    let range = fetch(&url, &[("range", "bytes=999-1001")]).await;
+    assert_eq!(range.status, 206);
+    assert_eq!(range.header("content-range"), Some("bytes 999-1001/5000"));
+    assert_eq!(range.body, b"abb");
     assert_eq!(origin.count(), 1, "origin requests");
 }
 
@@ -485,6 +517,52 @@ async fn debug_header_names_status() {
     let resp = fetch(&gateway.url("/broken"), &[]).await;
     assert_eq!(resp.status, 503);
     assert_eq!(resp.header("x-cache-reason"), Some("status"));
+}
+
+/// An origin `Age` is time the response already spent in caches: hits carry at least that
+/// `Age`, and the origin's lifetime is shortened by it. Statuses other than the storable ones
+/// are never stored, whatever lifetime the origin gives them.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_age_and_unstorable_statuses() {
+    let origin = TestOrigin::start(|req| match req.target.as_str() {
+        "/aged" => {
+            let mut reply = Reply::ok("aged");
+            reply.headers = vec![
+                ("cache-control".into(), "max-age=300".into()),
+                ("age".into(), "290".into()),
+            ];
+            reply
+        }
+        _ => {
+            let mut reply = Reply::ok("slow down");
+            reply.status = 429;
+            reply
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 0";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let url = gateway.url("/aged");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+    let hit = fetch(&url, &[]).await;
+    assert_eq!(hit.cache, "HIT");
+    let age: u64 = hit.header("age").and_then(|a| a.parse().ok()).expect("Age");
+    assert!((290..=300).contains(&age), "Age {age}");
+    clock.advance(secs(11));
+    assert_eq!(
+        fetch(&url, &[]).await.cache,
+        "EXPIRED",
+        "300 s lifetime, 290 s old on arrival, 11 s later"
+    );
+    assert_eq!(origin.count(), 2);
+
+    for round in 1..=2 {
+        let resp = fetch(&gateway.url("/limited"), &[]).await;
+        assert_eq!(resp.status, 429, "round {round}");
+        assert_ne!(resp.cache, "HIT", "round {round}");
+    }
+    assert_eq!(origin.count(), 4, "a 429 was stored");
 }
 
 /// The first piece and the header together are larger than the gateway's 2 KiB downstream

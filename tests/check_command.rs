@@ -183,3 +183,24 @@ fn version_prints_version() {
     let expected = format!("mirror-gateway {}\n", env!("CARGO_PKG_VERSION"));
     assert_eq!(stdout(&output), expected);
 }
+
+/// What reading the config logs reaches standard error, although the log level is not known
+/// until the config is read.
+#[test]
+fn check_shows_htpasswd_warnings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let users = dir.path().join("sample-mirror/htpasswd/primary.htpasswd");
+    std::fs::write(&users, format!("{USERS}plain:secret\n")).expect("htpasswd");
+    let mut command = gateway_command(&["check", "-c", &path]);
+    command.env_remove("RUST_LOG");
+    let output = command.output().expect("run mirror-gateway");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("htpasswd line ignored"), "{err}");
+    assert!(err.contains("line=2"), "{err}");
+    assert!(
+        !err.contains("secret"),
+        "the hash must not be logged: {err}"
+    );
+}

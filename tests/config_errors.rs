@@ -361,6 +361,23 @@ fn max_object_over_memory() {
 }
 
 #[test]
+fn object_limits_default_to_small_budgets() {
+    let fx = Fixture::new();
+    let text = format!(
+        "[cache]\nmemory_bytes = \"8MiB\"\ndisk_dir = \"disk\"\ndisk_bytes = \"100MiB\"\n{DOMAIN}"
+    );
+    let config = fx.config(&text, &[]);
+    assert_eq!(config.cache.max_object_bytes, 8 << 20);
+    let disk = config.cache.disk.as_ref().expect("disk tier");
+    assert_eq!(disk.max_object_bytes, 100 << 20);
+
+    let text = format!("[cache]\ndisk_dir = \"disk\"\ndisk_bytes = \"8GiB\"\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    let disk = config.cache.disk.as_ref().expect("disk tier");
+    assert_eq!(disk.max_object_bytes, 4 << 30);
+}
+
+#[test]
 fn lock_age_zero() {
     let fx = Fixture::new();
     let text = format!("[cache]\nlock_age_timeout_secs = 0\n{DOMAIN}");

@@ -571,6 +571,17 @@ async fn chunked_fill_case(len: usize) {
     let url = format!("http://{addr}/chunked.bin");
     let (first_status, first_digest, first_len) = fetch_digest(&url).await;
     let (second_status, second_digest, second_len) = fetch_digest(&url).await;
+    // Once stored, the body's length is known: a range is answered from the disk entry.
+    let last = len - 1;
+    let ranged = client()
+        .get(&url)
+        .header("range", format!("bytes={last}-"))
+        .send()
+        .await
+        .expect("range");
+    let ranged_status = ranged.status().as_u16();
+    let ranged_range = ranged.headers().get("content-range").cloned();
+    let ranged_body = ranged.bytes().await.expect("range body");
     let peak_kib = proc_status_kib(child.id(), "VmHWM");
     child.kill().expect("stop the gateway");
     child.wait().expect("reap the gateway");
@@ -594,6 +605,12 @@ async fn chunked_fill_case(len: usize) {
         second_digest == expected,
         "cached body differs from the origin's"
     );
+    assert_eq!(ranged_status, 206, "range of the stored chunked body");
+    assert_eq!(
+        ranged_range.as_ref().and_then(|v| v.to_str().ok()),
+        Some(format!("bytes {last}-{last}/{len}").as_str())
+    );
+    assert_eq!(ranged_body.len(), 1);
     assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 1);
     let entries = entry_files(&dir.path().join("disk"));
     assert_eq!(entries.len(), 1, "disk entries");

@@ -390,6 +390,10 @@ impl ProxyHttp for Gateway {
         crate::cache::variance(meta, req)
     }
 
+    /// Decides whether to store an origin response. After a 304 refresh, `resp` is the stored
+    /// header with the 304's `Cache-Control`, `Expires` and `ETag` merged in by Pingora.
+    /// NOTE: the 304's other fields are dropped, and a 304 whose `ETag` differs from the stored
+    /// one still refreshes the entry (RFC 9111, section 4.3.4 says it must not).
     fn response_cache_filter(
         &self,
         session: &Session,
@@ -523,6 +527,15 @@ impl ProxyHttp for Gateway {
 
     /// Serves a stale entry while a background request refreshes it (error `None`), and when
     /// the origin failed (error from the upstream side), each within the entry's window.
+    fn range_header_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut Self::CTX,
+    ) -> pingora::proxy::RangeType {
+        crate::cache::ranges::apply(session.req_header(), resp)
+    }
+
     fn should_serve_stale(
         &self,
         _session: &mut Session,

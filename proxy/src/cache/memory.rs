@@ -31,7 +31,7 @@ use pingora::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
 use super::by_domain::EntriesByDomain;
-use super::stored_meta::StoredMeta;
+use super::stored_meta::{with_body_length, StoredMeta};
 
 /// Largest chunk a hit hands to the downstream writer at once.
 const READ_CHUNK: usize = 1024 * 1024;
@@ -631,10 +631,15 @@ impl HandleMiss for MemoryMiss {
             body.freeze()
         };
         let count = self.fill.chunks.read().len();
+        let meta = match self.fill.meta.rebuild() {
+            Ok(meta) => with_body_length(&meta, body.len() as u64)
+                .and_then(|complete| StoredMeta::of(&complete).ok()),
+            Err(_) => None,
+        };
         // Publish the complete entry before the in-flight record goes, so a lookup in between
         // finds one of the two.
         let entry = Entry {
-            meta: self.fill.meta.clone(),
+            meta: meta.unwrap_or_else(|| self.fill.meta.clone()),
             body,
             compact: self.fill.compact.clone(),
             primary: self.fill.primary.clone(),

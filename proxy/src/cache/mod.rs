@@ -7,6 +7,7 @@ mod lock;
 pub mod memory;
 mod policy;
 mod purge_log;
+pub mod ranges;
 mod raw_header;
 mod status;
 mod stored_meta;

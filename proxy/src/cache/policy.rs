@@ -24,6 +24,8 @@ pub enum NoStoreReason {
     NoLifetime,
     /// The response varies on everything (`Vary: *`).
     VaryAny,
+    /// The origin saw the client's credentials and did not mark the response `public`.
+    Authorization,
 }
 
 impl NoStoreReason {
@@ -35,6 +37,7 @@ impl NoStoreReason {
             Self::Status => "status",
             Self::NoLifetime => "no_lifetime",
             Self::VaryAny => "vary_any",
+            Self::Authorization => "authorization",
         }
     }
 }
@@ -52,16 +55,21 @@ fn placeholder_lifetime(status: StatusCode) -> Option<Duration> {
 
 /// Decides whether to store `resp`, applying the TTL `policy` of the request path, if any.
 ///
-/// The policy's TTL replaces the origin's lifetime, but never makes storable what the origin
-/// forbids (`no-store`, `private`, `Set-Cookie`) and never applies to error statuses: only 200,
-/// 203, 204, 301, 308 and 410 are stored under it, and 404 only when the rule sets
-/// `cache_not_found`. An origin `no-cache` keeps the entry stale from the start, so it is
-/// revalidated on every use. `authorization_forwarded` is true when the origin saw the
-/// client's credentials; such a response is stored only when the origin marks it `public`.
+/// Only responses with status 200, 203, 204, 301, 308 or 410 are stored, and 404 only when the
+/// rule sets `cache_not_found`. The policy's TTL replaces the origin's lifetime, but never
+/// makes storable what the origin forbids (`no-store`, `private`, `Set-Cookie`). An origin
+/// `no-cache` keeps the entry stale from the start, so it is revalidated on every use.
+/// `authorization_forwarded` is true when the origin saw the client's credentials; such a
+/// response is stored only when the origin marks it `public`.
+///
+/// An origin `Age` counts as time the response already spent in caches: the entry's age starts
+/// there, so hits send an `Age` of at least that, and the origin's lifetime is shortened by it.
+/// A rule's TTL counts from the response's arrival here.
 ///
 /// The stale windows come from the rule, else from the origin's `stale-while-revalidate` and
 /// `stale-if-error`, else from the domain's `stale`; an origin `must-revalidate`,
-/// `proxy-revalidate` or `no-cache` turns both off.
+/// `proxy-revalidate`, `s-maxage` (which implies `proxy-revalidate`) or `no-cache` turns both
+/// off.
 pub fn decide_cacheability(
     resp: &ResponseHeader,
     policy: Option<&CachePolicy>,
@@ -79,16 +87,20 @@ pub fn decide_cacheability(
     if vary_any {
         return Err(NoStoreReason::VaryAny);
     }
-    let status = resp.status.as_u16();
-    if status >= 500
-        || status == 206
-        || (status == 404 && !policy.is_some_and(|p| p.cache_not_found))
-    {
+    let storable = match resp.status.as_u16() {
+        200 | 203 | 204 | 301 | 308 | 410 => true,
+        404 => policy.is_some_and(|p| p.cache_not_found),
+        _ => false,
+    };
+    if !storable {
         return Err(NoStoreReason::Status);
     }
     let cc = CacheControl::from_resp_headers(resp);
     if cc.as_ref().is_some_and(|cc| cc.no_store() || cc.private()) {
         return Err(NoStoreReason::OriginNoStore);
+    }
+    if authorization_forwarded && !cc.as_ref().is_some_and(CacheControl::public) {
+        return Err(NoStoreReason::Authorization);
     }
     let defaults = if policy.is_some() {
         &POLICY_DEFAULTS
@@ -97,9 +109,11 @@ pub fn decide_cacheability(
     };
     let origin_no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
     let no_stale = origin_no_cache
-        || cc
-            .as_ref()
-            .is_some_and(|cc| cc.must_revalidate() || cc.proxy_revalidate());
+        || cc.as_ref().is_some_and(|cc| {
+            cc.must_revalidate()
+                || cc.proxy_revalidate()
+                || cc.s_maxage().is_ok_and(|s| s.is_some())
+        });
     let origin_windows = cc.as_ref().map(|cc| {
         (
             cc.stale_while_revalidate().ok().flatten(),
@@ -125,19 +139,23 @@ pub fn decide_cacheability(
         origin_windows.and_then(|w| w.1),
         stale.if_error,
     );
-    match resp_cacheable(cc.as_ref(), resp.clone(), authorization_forwarded, defaults) {
+    // Credentials were checked above, so Pingora's own check of them is not needed.
+    match resp_cacheable(cc.as_ref(), resp.clone(), false, defaults) {
         RespCacheable::Cacheable(meta) => {
+            let age = origin_age(resp);
             let fresh_until = match policy {
                 Some(policy) if !origin_no_cache => now + policy.ttl,
-                _ => origin_fresh_until(&meta, now),
+                _ => origin_fresh_until(&meta, now, age),
             };
-            Ok(RespCacheable::Cacheable(CacheMeta::new(
-                fresh_until,
-                now,
-                swr,
-                sie,
-                meta.response_header_copy(),
-            )))
+            // The stored header carries no `Age`: hits send the age the entry's epoch gives,
+            // and a revalidation must not count the origin's first `Age` twice.
+            let mut header = meta.response_header_copy();
+            header.remove_header(&http::header::AGE);
+            let mut meta = CacheMeta::new(fresh_until, now, swr, sie, header);
+            if !age.is_zero() {
+                meta.set_epoch_override(now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH));
+            }
+            Ok(RespCacheable::Cacheable(meta))
         }
         RespCacheable::Uncacheable(NoCacheReason::OriginNotCache) if policy.is_none() => {
             Err(NoStoreReason::NoLifetime)
@@ -146,17 +164,34 @@ pub fn decide_cacheability(
     }
 }
 
-/// Returns the end of the origin's lifetime in `meta`, moved to the time frame of `now`.
+/// Returns the end of the origin's lifetime in `meta`, moved to the time frame of `now` and
+/// shortened by the `age` the response already had.
 ///
 /// `resp_cacheable` measures the lifetime from the system clock. The cache clock may be ahead
 /// of it (see `clock.rs`), so the lifetime is measured again from `now`.
-fn origin_fresh_until(meta: &CacheMeta, now: SystemTime) -> SystemTime {
+fn origin_fresh_until(meta: &CacheMeta, now: SystemTime, age: Duration) -> SystemTime {
+    let before = |d: Duration| now.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH);
     match meta.fresh_until().duration_since(meta.created()) {
-        Ok(lifetime) => now + lifetime,
+        Ok(lifetime) if lifetime >= age => now + (lifetime - age),
+        Ok(lifetime) => before(age - lifetime),
         // An `Expires` in the past: the response expired that long before it was stored.
-        Err(e) => now
-            .checked_sub(e.duration())
-            .unwrap_or(SystemTime::UNIX_EPOCH),
+        Err(e) => before(e.duration().saturating_add(age)),
+    }
+}
+
+/// Returns the origin's `Age` (RFC 9111, section 5.1): zero when the field is missing, appears
+/// more than once or is not a whole number of seconds.
+fn origin_age(resp: &ResponseHeader) -> Duration {
+    let mut values = resp.headers.get_all(http::header::AGE).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            // Larger values than a u64 holds are as old as anything can be.
+            .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
+            .map_or(Duration::ZERO, Duration::from_secs),
+        _ => Duration::ZERO,
     }
 }
 
@@ -296,6 +331,107 @@ mod tests {
         assert!(decide_cacheability(&response(200, &[]), Some(&p), true, STALE, now).is_err());
         let public = response(200, &[("cache-control", "public, max-age=10")]);
         assert!(decide_cacheability(&public, Some(&p), true, STALE, now).is_ok());
+        // Lifetimes meant for shared caches do not make a response to credentials shared.
+        for cc in [
+            "max-age=300, must-revalidate",
+            "s-maxage=300",
+            "max-age=300",
+        ] {
+            let resp = response(200, &[("cache-control", cc)]);
+            for rule in [None, Some(&p)] {
+                assert_eq!(
+                    decide_cacheability(&resp, rule, true, STALE, now).err(),
+                    Some(NoStoreReason::Authorization),
+                    "{cc}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_listed_statuses_are_stored() {
+        let now = SystemTime::now();
+        let p = policy(300);
+        let lifetimes: [&[(&str, &str)]; 3] = [
+            &[],
+            &[("cache-control", "max-age=60")],
+            &[("expires", "Thu, 01 Jan 2099 00:00:00 GMT")],
+        ];
+        for status in [302, 303, 307, 400, 401, 403, 405, 429, 451] {
+            for headers in lifetimes {
+                for rule in [None, Some(&p)] {
+                    assert_eq!(
+                        decide_cacheability(&response(status, headers), rule, false, STALE, now)
+                            .err(),
+                        Some(NoStoreReason::Status),
+                        "{status} {headers:?} rule {}",
+                        rule.is_some()
+                    );
+                }
+            }
+        }
+        for status in [200, 203, 204, 301, 308, 410] {
+            let resp = response(status, &[("cache-control", "max-age=60")]);
+            assert_eq!(
+                fresh_secs(decide_cacheability(&resp, None, false, STALE, now), now),
+                60,
+                "{status}"
+            );
+        }
+    }
+
+    /// Returns the entry's lifetime left at `now` and its age then.
+    fn lifetime_and_age(
+        result: Result<RespCacheable, NoStoreReason>,
+        now: SystemTime,
+    ) -> (i64, u64) {
+        let Ok(RespCacheable::Cacheable(meta)) = result else {
+            panic!("expected cacheable, got {:?}", result.err());
+        };
+        assert!(
+            !meta.headers().contains_key(http::header::AGE),
+            "the stored header keeps no Age"
+        );
+        let left = match meta.fresh_until().duration_since(now) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+        };
+        let age = now
+            .duration_since(meta.epoch())
+            .unwrap_or_default()
+            .as_secs();
+        (left, age)
+    }
+
+    #[test]
+    fn origin_age_counts() {
+        let now = SystemTime::now();
+        let decide = |headers: &[(&str, &str)], rule: Option<&CachePolicy>| {
+            lifetime_and_age(
+                decide_cacheability(&response(200, headers), rule, false, STALE, now),
+                now,
+            )
+        };
+        let max_age = ("cache-control", "max-age=300");
+        assert_eq!(decide(&[max_age, ("age", "290")], None), (10, 290));
+        assert_eq!(decide(&[max_age, ("age", "1000")], None), (-700, 1000));
+        assert_eq!(decide(&[max_age], None), (300, 0));
+        // A rule's TTL counts from now; the age still shows what the response had.
+        assert_eq!(
+            decide(&[max_age, ("age", "1000")], Some(&policy(60))),
+            (60, 1000)
+        );
+        // Fields that are not one whole number of seconds are ignored.
+        for bad in ["-5", "1.5", "", "abc", " 7"] {
+            assert_eq!(decide(&[max_age, ("age", bad)], None), (300, 0), "{bad:?}");
+        }
+        assert_eq!(
+            decide(&[max_age, ("age", "5"), ("age", "9")], None),
+            (300, 0)
+        );
+        // A value beyond any clock leaves the entry expired, not a panic.
+        let huge = decide(&[max_age, ("age", "99999999999999999999999")], None);
+        assert!(huge.0 < 0, "{huge:?}");
     }
 
     #[test]
@@ -359,6 +495,14 @@ mod stale_tests {
     #[test]
     fn must_revalidate_disables_stale() {
         let headers = [("cache-control", "max-age=10, must-revalidate")];
+        assert_eq!(windows(&headers, Some(&rule(Some(30)))), (0, 0));
+    }
+
+    #[test]
+    fn s_maxage_disables_stale() {
+        // RFC 9111, section 5.2.2.10: `s-maxage` implies `proxy-revalidate`.
+        let headers = [("cache-control", "s-maxage=0, max-age=300")];
+        assert_eq!(windows(&headers, None), (0, 0));
         assert_eq!(windows(&headers, Some(&rule(Some(30)))), (0, 0));
     }
 }

@@ -121,6 +121,38 @@ impl StoredMeta {
     }
 }
 
+/// Returns `meta` with a `Content-Length` of `body_len` when it is a 200 without one: the
+/// origin sent a chunked or close-delimited body, whose length is known once it is stored.
+/// Hits then carry the length, so ranges can be served from them. `None` when nothing changes, and for a
+/// response with `Vary`, whose variants Pingora tells apart by fields this rebuild would not
+/// keep.
+pub fn with_body_length(meta: &CacheMeta, body_len: u64) -> Option<CacheMeta> {
+    let header = meta.response_header();
+    if header.status != http::StatusCode::OK
+        || header.headers.contains_key(http::header::CONTENT_LENGTH)
+        || meta.variance().is_some()
+        || header.headers.contains_key(http::header::VARY)
+    {
+        return None;
+    }
+    let mut header = meta.response_header_copy();
+    header.remove_header(&http::header::TRANSFER_ENCODING);
+    header
+        .insert_header(http::header::CONTENT_LENGTH, body_len)
+        .ok()?;
+    let mut complete = CacheMeta::new(
+        meta.fresh_until(),
+        meta.created(),
+        meta.stale_while_revalidate_sec(),
+        meta.stale_if_error_sec(),
+        header,
+    );
+    if meta.epoch() != meta.created() {
+        complete.set_epoch_override(meta.epoch());
+    }
+    Some(complete)
+}
+
 /// Spare room in a stored header's map: the two fields a fresh hit inserts first (`Age`,
 /// `Accept-Ranges`) and the six that `mirror_plugins::fields::insert` reserves on top.
 const HIT_FIELDS: usize = 8;

@@ -56,26 +56,28 @@ impl Default for LogSection {
 #[serde(default)]
 pub struct CacheSection {
     pub memory_bytes: ByteSize,
-    pub max_object_bytes: ByteSize,
+    /// `None`: 64 MiB, or `memory_bytes` when that is smaller.
+    pub max_object_bytes: Option<ByteSize>,
     pub lock_wait_timeout_secs: u64,
     pub lock_age_timeout_secs: u64,
     pub debug_headers: bool,
     pub disk_dir: Option<String>,
     pub disk_bytes: ByteSize,
-    pub disk_max_object_bytes: ByteSize,
+    /// `None`: 4 GiB, or `disk_bytes` when that is smaller.
+    pub disk_max_object_bytes: Option<ByteSize>,
 }
 
 impl Default for CacheSection {
     fn default() -> Self {
         Self {
             memory_bytes: ByteSize(256 << 20),
-            max_object_bytes: ByteSize(64 << 20),
+            max_object_bytes: None,
             lock_wait_timeout_secs: 30,
             lock_age_timeout_secs: 60,
             debug_headers: false,
             disk_dir: None,
             disk_bytes: ByteSize(20 << 30),
-            disk_max_object_bytes: ByteSize(4 << 30),
+            disk_max_object_bytes: None,
         }
     }
 }

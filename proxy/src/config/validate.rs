@@ -353,6 +353,13 @@ fn check_level(level: &str) -> Result<(), String> {
     }
 }
 
+/// Largest response kept in memory when `max_object_bytes` is not set and `memory_bytes` is
+/// larger.
+const DEFAULT_MAX_OBJECT_BYTES: u64 = 64 << 20;
+/// Largest response kept on disk when `disk_max_object_bytes` is not set and `disk_bytes` is
+/// larger.
+const DEFAULT_DISK_MAX_OBJECT_BYTES: u64 = 4 << 30;
+
 fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Option<CacheSettings> {
     let before = errors.list.len();
     if s.memory_bytes.0 < 1 << 20 {
@@ -362,10 +369,13 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
             "must be at least 1 MiB",
         );
     }
-    if s.max_object_bytes.0 == 0 || s.max_object_bytes.0 > s.memory_bytes.0 {
+    let max_object_bytes = s
+        .max_object_bytes
+        .map_or(s.memory_bytes.0.min(DEFAULT_MAX_OBJECT_BYTES), |b| b.0);
+    if max_object_bytes == 0 || max_object_bytes > s.memory_bytes.0 {
         errors.push(
             "cache.max_object_bytes",
-            Some(s.max_object_bytes.0.to_string()),
+            Some(max_object_bytes.to_string()),
             "must be between 1 and cache.memory_bytes; larger objects could never be stored",
         );
     }
@@ -380,7 +390,9 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
     let disk = s.disk_dir.as_ref().map(|d| DiskCacheSettings {
         dir: resolve(dir, d),
         budget_bytes: s.disk_bytes.0,
-        max_object_bytes: s.disk_max_object_bytes.0,
+        max_object_bytes: s
+            .disk_max_object_bytes
+            .map_or(s.disk_bytes.0.min(DEFAULT_DISK_MAX_OBJECT_BYTES), |b| b.0),
     });
     if let Some(disk) = &disk {
         if disk.budget_bytes < 1 << 20 {
@@ -400,7 +412,7 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
     }
     (errors.list.len() == before).then(|| CacheSettings {
         memory_bytes: usize::try_from(s.memory_bytes.0).unwrap_or(usize::MAX),
-        max_object_bytes: usize::try_from(s.max_object_bytes.0).unwrap_or(usize::MAX),
+        max_object_bytes: usize::try_from(max_object_bytes).unwrap_or(usize::MAX),
         lock_wait_timeout: Duration::from_secs(s.lock_wait_timeout_secs),
         lock_age_timeout: Duration::from_secs(s.lock_age_timeout_secs),
         debug_headers: s.debug_headers,

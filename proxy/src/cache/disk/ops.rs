@@ -22,6 +22,7 @@ use super::hit::DiskHit;
 use super::index::Slot;
 use super::miss::DiskMiss;
 use super::DiskStorage;
+use crate::cache::stored_meta::with_body_length;
 
 /// Number of reads of a header that fails its checks before the entry counts as corrupt,
 /// because another process may be rewriting that header in place.
@@ -154,6 +155,7 @@ impl DiskStorage {
         };
         self.note_read(name, &header, &md, &file);
         let hit = DiskHit::new(self, name, Arc::new(file), md.ino(), &header);
+        let meta = with_body_length(&meta, header.body_len).unwrap_or(meta);
         Ok(Some((meta, hit)))
     }
 
