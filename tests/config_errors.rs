@@ -1021,3 +1021,62 @@ fn every_unknown_key_in_a_table_reported() {
     assert_eq!(on_key(&errors, "server.thread").value.as_deref(), Some("4"));
     assert_eq!(on_key(&errors, "server.listn").value.as_deref(), Some("[]"));
 }
+
+#[test]
+fn env_budget_alias_lower_case_id() {
+    let fx = Fixture::new();
+    let domain = COMMUNITY.replace("domains.community", "domains.anon");
+    let quota = "[[domains.anon.plugins]]\nname = \"quota\"\nindex_per_hour = 600\n\
+                 download_per_hour = 1200\n";
+    let text = format!("{domain}\n{quota}");
+    let var = "MIRROR_GATEWAY__DOMAINS__anon__MAXINDEXREQUESTSPERHOUR";
+    fx.config(&text, &[(var, "1")]);
+
+    let errors = fx.errors(&text, &[(var, "0")]);
+    let error = on_key(&errors, "domains.anon.plugins[0].index_per_hour");
+    assert_eq!(error.source, var, "{error}");
+}
+
+#[test]
+fn budget_plugin_listed_twice() {
+    let fx = Fixture::new();
+    for plugin in [
+        "name = \"quota\"\nindex_per_hour = 5\ndownload_per_hour = 10",
+        "name = \"rate_limit\"\nrequests_per_second = 5\nburst = 10",
+    ] {
+        let entry = format!("\n[[domains.primary.plugins]]\n{plugin}\n");
+        let text = format!("{DOMAIN}{entry}{entry}");
+        let errors = fx.errors(&text, &[]);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].key, "domains.primary.plugins[3].name", "{plugin}");
+        assert!(errors[0].reason.contains("plugins[2]"), "{}", errors[0]);
+    }
+}
+
+#[test]
+fn state_file_shared_by_domains() {
+    let fx = Fixture::new();
+    let quota = |domain: &str, path: &str| {
+        format!(
+            "\n[[domains.{domain}.plugins]]\nname = \"quota\"\nindex_per_hour = 5\n\
+             download_per_hour = 10\nstate_file = \"{path}\"\n"
+        )
+    };
+    let text = format!(
+        "{DOMAIN}{}{COMMUNITY}{}",
+        quota("primary", "quota.state"),
+        quota("community", "./quota.state")
+    );
+    fx.expect(
+        &text,
+        "domains.primary.plugins[2].state_file",
+        Some("\"quota.state\""),
+        "also the state file of domain community",
+    );
+    let own = format!(
+        "{DOMAIN}{}{COMMUNITY}{}",
+        quota("primary", "primary.state"),
+        quota("community", "community.state")
+    );
+    fx.config(&own, &[]);
+}

@@ -66,11 +66,68 @@ pub fn parse<T: DeserializeOwned>(value: toml::Value) -> Result<T, Vec<SettingEr
                     let key = e.path().to_string();
                     let key = if key == "." { String::new() } else { key };
                     let shown = lookup(&source, &key).map(render);
-                    SettingError::new(key, shown, e.into_inner().to_string())
+                    let reason = describe_expected(&e.into_inner().to_string());
+                    SettingError::new(key, shown, reason)
                 });
             errors.extend(err);
             Err(errors)
         }
+    }
+}
+
+/// Rewrites the `expected ...` part of each line of a deserializer's message in the words of
+/// the config file, so `expected u32` becomes `expected a whole number from 0 to 4294967295`.
+/// Lines that name no Rust or serde type are kept as they are, and so is the offending value.
+fn describe_expected(message: &str) -> String {
+    message
+        .split_inclusive('\n')
+        .map(|line| {
+            let (text, newline) = match line.strip_suffix('\n') {
+                Some(text) => (text, "\n"),
+                None => (line, ""),
+            };
+            let Some((found, expected)) = text.rsplit_once(", expected ") else {
+                return line.to_string();
+            };
+            match plain_type(expected) {
+                Some(plain) => format!("{found}, expected {plain}{newline}"),
+                None => line.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Returns the config-file words for a type as serde's `expected` text names it, or `None`
+/// for text that needs no rewording.
+fn plain_type(expected: &str) -> Option<String> {
+    fn range(min: impl std::fmt::Display, max: impl std::fmt::Display) -> Option<String> {
+        Some(format!("a whole number from {min} to {max}"))
+    }
+    match expected {
+        "u8" => range(u8::MIN, u8::MAX),
+        "u16" => range(u16::MIN, u16::MAX),
+        "u32" => range(u32::MIN, u32::MAX),
+        "u64" => range(u64::MIN, u64::MAX),
+        "u128" => range(u128::MIN, u128::MAX),
+        "usize" => range(usize::MIN, usize::MAX),
+        "i8" => range(i8::MIN, i8::MAX),
+        "i16" => range(i16::MIN, i16::MAX),
+        "i32" => range(i32::MIN, i32::MAX),
+        "i64" => range(i64::MIN, i64::MAX),
+        "i128" => range(i128::MIN, i128::MAX),
+        "isize" => range(isize::MIN, isize::MAX),
+        "f32" | "f64" => Some("a number".into()),
+        "a boolean" => Some("true or false".into()),
+        "a character" => Some("a string of one character".into()),
+        "path string" => Some("a path as a string".into()),
+        // The toml crate's text when an enum of unit variants gets a value that is not a string.
+        "string only" => Some("a string".into()),
+        "a sequence" => Some("an array".into()),
+        "a map" => Some("a table".into()),
+        _ if expected.starts_with("struct ") || expected.starts_with("internally tagged enum ") => {
+            Some("a table".into())
+        }
+        _ => None,
     }
 }
 
@@ -140,6 +197,113 @@ mod tests {
     fn parse_reports_missing_field() {
         let errors = parse::<Sample>(table("name = \"a\"")).expect_err("missing");
         assert!(errors[0].reason.contains("missing field `count`"));
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Typed {
+        big: Option<u64>,
+        small: Option<u32>,
+        byte: Option<u8>,
+        count: Option<usize>,
+        signed: Option<i64>,
+        ratio: Option<f64>,
+        flag: Option<bool>,
+        text: Option<String>,
+        path: Option<std::path::PathBuf>,
+        list: Option<Vec<String>>,
+        inner: Option<Inner>,
+        mode: Option<Mode>,
+        source: Option<Source>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Mode {
+        Fast,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    #[allow(dead_code)]
+    enum Source {
+        Directory { path: String },
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        limit: u16,
+    }
+
+    #[test]
+    fn parse_names_expected_type_plainly() {
+        let cases = [
+            (
+                "big = -1",
+                "invalid value: integer `-1`, expected a whole number from 0 to \
+                 18446744073709551615",
+            ),
+            (
+                "big = 1.5",
+                "invalid type: floating point `1.5`, expected a whole number from 0 to \
+                 18446744073709551615",
+            ),
+            (
+                "small = 5000000000",
+                "invalid value: integer `5000000000`, expected a whole number from 0 to 4294967295",
+            ),
+            (
+                "byte = 300",
+                "invalid value: integer `300`, expected a whole number from 0 to 255",
+            ),
+            (
+                "signed = \"x\"",
+                "invalid type: string \"x\", expected a whole number from \
+                 -9223372036854775808 to 9223372036854775807",
+            ),
+            (
+                "ratio = \"fast\"",
+                "invalid type: string \"fast\", expected a number",
+            ),
+            (
+                "flag = 1",
+                "invalid type: integer `1`, expected true or false",
+            ),
+            ("text = 1", "invalid type: integer `1`, expected a string"),
+            (
+                "path = 1",
+                "invalid type: integer `1`, expected a path as a string",
+            ),
+            ("list = 1", "invalid type: integer `1`, expected an array"),
+            ("inner = 1", "invalid type: integer `1`, expected a table"),
+            ("source = 1", "invalid type: integer `1`, expected a table"),
+            ("mode = 1", "invalid type: unit variant, expected a string"),
+            ("mode = \"slow\"", "unknown variant `slow`, expected `fast`"),
+            (
+                "inner = { limit = 70000 }",
+                "invalid value: integer `70000`, expected a whole number from 0 to 65535",
+            ),
+        ];
+        for (text, reason) in cases {
+            let errors = parse::<Typed>(table(text)).expect_err(text);
+            assert_eq!(errors.len(), 1, "{text}: {errors:?}");
+            let first_line = errors[0].reason.lines().next().unwrap_or_default();
+            assert_eq!(first_line, reason, "{text}");
+        }
+        let errors = parse::<Typed>(table("count = -1")).expect_err("negative usize");
+        let expected = format!("expected a whole number from 0 to {}", usize::MAX);
+        assert!(errors[0].reason.contains(&expected), "{}", errors[0].reason);
+    }
+
+    #[test]
+    fn parse_keeps_other_messages() {
+        let errors = parse::<Sample>(table("count = 1")).expect_err("missing");
+        assert!(
+            errors[0].reason.starts_with("missing field `name`"),
+            "{}",
+            errors[0].reason
+        );
     }
 
     #[test]

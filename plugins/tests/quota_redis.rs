@@ -311,6 +311,27 @@ async fn redis_stopped_fail_open_counts_locally() {
     assert_eq!(plugin.redis_available(), Some(false));
 }
 
+/// Local counting during an outage starts from the counts Redis last reported, even when a
+/// Redis that restarted empty reported lower counts than this process had seen before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fallback_starts_from_last_redis_counts() {
+    let mut server = RedisServer::start();
+    let plugin = replica(&server, 10, "fail_open");
+    let now = SystemTime::now();
+    assert_eq!(statuses(&plugin, "alice", 8, now).await, [200; 8]);
+    server.stop();
+    // A request during the outage switches the plugin to local counting.
+    send(&plugin, "bob", now).await;
+    assert_eq!(plugin.redis_available(), Some(false));
+    server.restart();
+    wait_until_shared(std::slice::from_ref(&plugin)).await;
+    assert_eq!(statuses(&plugin, "alice", 2, now).await, [200; 2]);
+    server.stop();
+    let during = statuses(&plugin, "alice", 9, now).await;
+    assert_eq!(plugin.redis_available(), Some(false));
+    assert_eq!(during, [200, 200, 200, 200, 200, 200, 200, 200, 429]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_fail_closed_rejects() {
     let mut server = RedisServer::start();

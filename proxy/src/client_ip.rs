@@ -17,7 +17,8 @@
 //!   then the last address examined, or the peer when the malformed entry is the rightmost.
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`, what a dual-stack listener reports for an
-//! IPv4 client) are read as the IPv4 address, both for matching and in the result.
+//! IPv4 client) are read as the IPv4 address, both for matching and in the result. A mapped
+//! network in `server.trusted_proxies` is read as the IPv4 network it covers.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -55,6 +56,11 @@ impl FromStr for Cidr {
 
     /// Parses `address/prefix-length`; a bare address is a network of that one address. Bits
     /// set after the prefix are an error, since they suggest a typo in the address or length.
+    ///
+    /// An IPv4-mapped network (`::ffff:10.0.0.0/104`) becomes the IPv4 network it covers
+    /// (`10.0.0.0/8`), because [`Cidr::contains`] matches mapped addresses as IPv4. A mapped
+    /// address with a prefix shorter than /96 is an error, since that network would also
+    /// cover IPv6 addresses that are not IPv4-mapped.
     fn from_str(text: &str) -> Result<Self, CidrError> {
         let (addr_text, prefix_text) = match text.split_once('/') {
             Some((addr, prefix)) => (addr, Some(prefix)),
@@ -80,6 +86,17 @@ impl FromStr for Cidr {
                     ))
                 })?,
         };
+        let mapped = match network {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+            IpAddr::V4(_) => None,
+        };
+        if mapped.is_some() && prefix < MAPPED_PREFIX {
+            return Err(CidrError(format!(
+                "{text:?} is an IPv4-mapped address with a prefix shorter than /96, which \
+                 would also cover addresses that are not IPv4-mapped; write an IPv4 network \
+                 such as \"10.0.0.0/8\" instead, or a prefix of at least /96"
+            )));
+        }
         let bits = ip_bits(network);
         let masked = mask_bits(bits, prefix, width);
         if masked != bits {
@@ -88,9 +105,18 @@ impl FromStr for Cidr {
                 bits_to_ip(masked, network.is_ipv4())
             )));
         }
-        Ok(Self { network, prefix })
+        match mapped {
+            Some(v4) => Ok(Self {
+                network: IpAddr::V4(v4),
+                prefix: prefix - MAPPED_PREFIX,
+            }),
+            None => Ok(Self { network, prefix }),
+        }
     }
 }
+
+/// Length of the prefix `::ffff:0:0/96` that IPv4-mapped IPv6 addresses share.
+const MAPPED_PREFIX: u8 = 96;
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -250,6 +276,83 @@ mod tests {
     fn cidr_displays_as_written() {
         let cidr: Cidr = "2001:db8::/32".parse().expect("valid CIDR");
         assert_eq!(cidr.to_string(), "2001:db8::/32");
+    }
+
+    #[test]
+    fn cidr_mapped_network_is_ipv4() {
+        let cases = [
+            ("::ffff:127.0.0.3", "127.0.0.3", true),
+            ("::ffff:127.0.0.3", "::ffff:127.0.0.3", true),
+            ("::ffff:127.0.0.3", "127.0.0.4", false),
+            ("::ffff:127.0.0.0/104", "127.1.2.3", true),
+            ("::ffff:127.0.0.0/104", "::ffff:127.1.2.3", true),
+            ("::ffff:127.0.0.0/104", "128.0.0.1", false),
+            ("::ffff:0.0.0.0/96", "192.0.2.1", true),
+            ("::ffff:0.0.0.0/96", "2001:db8::1", false),
+            ("::ffff:0.0.0.0/96", "::1", false),
+        ];
+        for (range, addr, expected) in cases {
+            let cidr: Cidr = range.parse().expect("valid CIDR");
+            assert_eq!(cidr.contains(ip(addr)), expected, "{range} contains {addr}");
+        }
+    }
+
+    #[test]
+    fn cidr_unmapped_ipv6_stays_ipv6() {
+        let cases = [
+            ("::/0", "2001:db8::1", true),
+            ("::/0", "::ffff:192.0.2.1", false),
+            ("::/96", "::c000:201", true),
+            ("::/96", "192.0.2.1", false),
+            ("64:ff9b::/96", "64:ff9b::c000:201", true),
+            ("64:ff9b::/96", "192.0.2.1", false),
+            ("::1", "::1", true),
+        ];
+        for (range, addr, expected) in cases {
+            let cidr: Cidr = range.parse().expect("valid CIDR");
+            assert_eq!(cidr.contains(ip(addr)), expected, "{range} contains {addr}");
+        }
+    }
+
+    #[test]
+    fn cidr_mapped_network_displays_as_ipv4() {
+        let cases = [
+            ("::ffff:127.0.0.3", "127.0.0.3/32"),
+            ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+        ];
+        for (text, shown) in cases {
+            let cidr: Cidr = text.parse().expect("valid CIDR");
+            assert_eq!(cidr.to_string(), shown, "{text}");
+        }
+    }
+
+    #[test]
+    fn cidr_rejects_short_mapped_prefix() {
+        let cases = [
+            ("::ffff:0.0.0.0/95", "prefix of at least /96"),
+            ("::ffff:0.0.0.0/80", "write an IPv4 network"),
+            ("::ffff:10.0.0.1/104", "write \"::ffff:10.0.0.0/104\""),
+        ];
+        for (text, reason) in cases {
+            let error = text.parse::<Cidr>().expect_err(text).to_string();
+            assert!(error.contains(reason), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn client_ip_behind_mapped_trusted_proxy() {
+        let proxies = trusted(&["::ffff:127.0.0.3", "::ffff:10.0.0.0/104"]);
+        let cases = [
+            ("127.0.0.3", "192.0.2.1, 10.1.2.3", "192.0.2.1"),
+            ("::ffff:127.0.0.3", "192.0.2.1", "192.0.2.1"),
+            ("10.9.9.9", "::ffff:198.51.100.4", "198.51.100.4"),
+            ("127.0.0.4", "192.0.2.1", "127.0.0.4"),
+        ];
+        for (peer, value, expected) in cases {
+            let got = proxies.client_ip(ip(peer), &headers(&[value.as_bytes()]));
+            assert_eq!(got, ip(expected), "peer {peer} with {value}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `quota` plugin's settings: parsing, defaults and validation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -130,6 +130,16 @@ pub fn parse(value: toml::Value, ctx: &BuildContext<'_>) -> Result<Config, Vec<S
         DEFAULT_DOWNLOAD_PATHS,
         &mut errors,
     );
+    let state_file = raw.state_file.map(|path| ctx.resolve(&path));
+    if let Some(path) = &state_file {
+        if let Err(reason) = check_state_path(path) {
+            errors.push(SettingError::new(
+                "state_file",
+                Some(format!("{:?}", path.display().to_string())),
+                reason,
+            ));
+        }
+    }
     let redis = raw.redis.and_then(|r| match redis_config(r) {
         Ok(config) => Some(config),
         Err(e) => {
@@ -146,7 +156,7 @@ pub fn parse(value: toml::Value, ctx: &BuildContext<'_>) -> Result<Config, Vec<S
         index_paths,
         download_paths,
         count_cache_hits: raw.count_cache_hits,
-        state_file: raw.state_file.map(|path| ctx.resolve(&path)),
+        state_file,
         redis,
     })
 }
@@ -173,7 +183,35 @@ fn patterns(
     out
 }
 
+/// Checks that a state file can be written at `path`: a file name in a directory that
+/// exists. Whether the directory is writable shows on the first write, which logs a warning.
+fn check_state_path(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err("is a directory; name a file in it, e.g. quota.state".into());
+    }
+    if path.file_name().is_none() {
+        return Err(
+            "names no file; write a path such as /var/lib/mirror-gateway/quota.state".into(),
+        );
+    }
+    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(format!(
+            "the directory {} does not exist; create it or choose a path in an existing one",
+            dir.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn redis_config(raw: RawRedis) -> Result<RedisConfig, SettingError> {
+    if raw.url.starts_with("rediss://") {
+        return Err(SettingError::new(
+            "url",
+            Some(format!("{:?}", redact_url(&raw.url))),
+            "TLS to Redis (rediss://) is not supported; write redis://HOST:PORT/DB and reach \
+             Redis over a trusted network",
+        ));
+    }
     let client = redis::Client::open(raw.url.as_str()).map_err(|e| {
         SettingError::new(
             "url",

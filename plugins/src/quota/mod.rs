@@ -159,6 +159,7 @@ impl QuotaPlugin {
             ];
             let file = StateFile::new(path, ctx.domain, sets);
             load_state(ctx.domain, &file);
+            file.mark_saved();
             file
         });
         let registered_limits = [

@@ -375,9 +375,8 @@ impl RedisStore {
             return Ok(None);
         }
         if health.probing || now < health.retry_at {
-            let wait = health.retry_at.saturating_duration_since(now);
             return Err(Unavailable {
-                retry_after_secs: wait.as_secs().max(1),
+                retry_after_secs: whole_secs_until(health.retry_at, now),
             });
         }
         health.probing = true;
@@ -419,13 +418,16 @@ impl RedisStore {
             health.retry_at = now + health.backoff;
         }
         Unavailable {
-            retry_after_secs: health
-                .retry_at
-                .saturating_duration_since(now)
-                .as_secs()
-                .max(1),
+            retry_after_secs: whole_secs_until(health.retry_at, now),
         }
     }
+}
+
+/// Returns the seconds from `now` until `then`, rounded up and at least 1. A client that waits
+/// that long comes back after the next try of Redis.
+fn whole_secs_until(then: Instant, now: Instant) -> u64 {
+    let wait = then.saturating_duration_since(now);
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Sends the queued checks to Redis, a batch per round trip, until the store is dropped.
@@ -738,6 +740,18 @@ mod tests {
 
     fn groups(sizes: &[u64]) -> Vec<Group> {
         sizes.iter().map(|&size| Group { first: 0, size }).collect()
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let now = Instant::now();
+        let after = |millis| whole_secs_until(now + Duration::from_millis(millis), now);
+        assert_eq!(after(0), 1);
+        assert_eq!(after(250), 1);
+        assert_eq!(after(1000), 1);
+        assert_eq!(after(1001), 2);
+        assert_eq!(after(4500), 5);
+        assert_eq!(whole_secs_until(now, now + Duration::from_secs(3)), 1);
     }
 
     #[test]

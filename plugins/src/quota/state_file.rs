@@ -115,6 +115,13 @@ impl StateFile {
         Ok(taken)
     }
 
+    /// Treats the counts as written, so the file is written again only once they change. A
+    /// plugin built just to check a config, or one whose file was just read, then leaves the
+    /// file as it is, even when the file was damaged.
+    pub fn mark_saved(&self) {
+        *self.saved.lock() = Some(self.changes());
+    }
+
     /// Writes the counts of `now`'s hour if they changed since the last write; returns
     /// whether it wrote.
     ///

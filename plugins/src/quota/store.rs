@@ -264,6 +264,13 @@ impl Slot {
         self.count
     }
 
+    /// Sets the count of `hour` to `count`, unless the slot counts a later hour.
+    fn set(&mut self, hour: u64, count: u64) {
+        if hour >= self.hour {
+            *self = Slot { hour, count };
+        }
+    }
+
     fn raise(&mut self, hour: u64, count: u64) {
         if hour > self.hour {
             *self = Slot { hour, count };
@@ -352,11 +359,13 @@ impl ClassCounts {
         })
     }
 
-    /// Raises the counts of `hour` to at least `counts`, as seen in a shared store.
+    /// Sets the counts of `hour` to `counts`, as a shared store reported them. Local counting
+    /// starts from them when the store becomes unreachable. Counts made here while the store
+    /// was unreachable are dropped, as are higher counts that a store restarted empty lost.
     pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) {
         self.with_slots(principal, hour, |slot, domain| {
-            slot.raise(hour, counts.principal);
-            domain.raise(hour, counts.domain);
+            slot.set(hour, counts.principal);
+            domain.set(hour, counts.domain);
         });
         self.changes.fetch_add(1, Ordering::Relaxed);
     }

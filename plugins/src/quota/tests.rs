@@ -606,6 +606,42 @@ fn settings_reject_zero_timeout() {
 }
 
 #[test]
+fn settings_reject_tls_redis_url() {
+    let errors = build_errors(
+        "index_per_hour = 1\ndownload_per_hour = 1\n[redis]\nurl = \"rediss://127.0.0.1:6380/0\"",
+    );
+    assert_eq!(errors[0].key, "redis.url");
+    assert!(
+        errors[0].reason.contains("not supported"),
+        "{}",
+        errors[0].reason
+    );
+}
+
+#[test]
+fn settings_reject_unusable_state_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("plain");
+    std::fs::write(&file, "").expect("file");
+    let cases = [
+        (dir.path().to_path_buf(), "is a directory"),
+        (dir.path().join("missing/quota.state"), "does not exist"),
+        (file.join("quota.state"), "does not exist"),
+    ];
+    for (path, reason) in cases {
+        let text = format!("{SMALL}\nstate_file = {:?}", path.display().to_string());
+        let errors = build_errors(&text);
+        assert_eq!(errors.len(), 1, "{path:?}: {errors:?}");
+        assert_eq!(errors[0].key, "state_file", "{path:?}");
+        assert!(
+            errors[0].reason.contains(reason),
+            "{path:?}: {}",
+            errors[0].reason
+        );
+    }
+}
+
+#[test]
 fn redact_url_masks_password() {
     assert_eq!(
         config::redact_url("redis://user:pw@host:6379/0"),
@@ -837,6 +873,24 @@ fn state_file_missing_loads_nothing() {
         state_set(&Registry::new(), "primary"),
     );
     assert_eq!(file.load(at(10)), Ok(0));
+}
+
+/// Building and dropping a plugin, as `mirror-gateway check` does, leaves the file alone: a
+/// damaged file stays for inspection, and a missing one is not created.
+#[test]
+fn plugin_without_counts_writes_no_state_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let damaged = dir.path().join("damaged.state");
+    std::fs::write(&damaged, "garbage ][").expect("write");
+    drop(build(&with_state_file(&damaged)));
+    assert_eq!(
+        std::fs::read_to_string(&damaged).expect("read"),
+        "garbage ]["
+    );
+
+    let missing = dir.path().join("missing.state");
+    drop(build(&with_state_file(&missing)));
+    assert!(!missing.exists(), "a state file was created");
 }
 
 #[tokio::test]

@@ -1,10 +1,11 @@
 //! Environment overrides: `MIRROR_GATEWAY__<KEY>__<KEY>...=value` sets one key of the file.
 //!
-//! Segments are separated by a double underscore and compared with the file's keys after
-//! upper-casing them and turning `-` into `_`, so `MIRROR_GATEWAY__DOMAINS__PRIMARY__HOSTS`
-//! sets `domains.primary.hosts` and `MIRROR_GATEWAY__DOMAINS__PRIMARY__PLUGINS__0__FILE` sets
-//! the `file` of the domain's first plugin. A key the file does not have is created (in lower
-//! case), so that validation reports it if it is unknown.
+//! Segments are separated by a double underscore. A segment names the file's key of the same
+//! text, else the key that is equal to it once both are upper-cased with `-` turned into `_`.
+//! So `MIRROR_GATEWAY__DOMAINS__PRIMARY__HOSTS` sets `domains.primary.hosts`, and
+//! `MIRROR_GATEWAY__DOMAINS__PRIMARY__PLUGINS__0__FILE` sets the `file` of the domain's first
+//! plugin. A key the file does not have is created (in lower case), so that validation reports
+//! it if it is unknown.
 //!
 //! Values replace the file's value. Where the file has a string, the variable's text is taken
 //! as that string. Elsewhere it is read as a TOML value (`8080`, `true`, `["a", "b"]`). Text
@@ -148,7 +149,7 @@ fn child<'a>(
             ))
         }
         Value::Table(table) => {
-            let existing = table.keys().find(|k| normalize(k) == segment).cloned();
+            let existing = find_key(table, segment);
             let key = existing
                 .clone()
                 .unwrap_or_else(|| segment.to_ascii_lowercase());
@@ -209,9 +210,12 @@ fn set_budget_alias(
     walk: &mut Walk,
 ) -> Result<(), String> {
     let domains = root.get_mut("domains").and_then(Value::as_table_mut);
-    let Some((id, domain)) =
-        domains.and_then(|d| d.iter_mut().find(|(k, _)| normalize(k) == segment))
-    else {
+    let found = domains.and_then(|domains| {
+        let id = find_key(domains, segment)?;
+        let domain = domains.get_mut(&id)?;
+        Some((id, domain))
+    });
+    let Some((id, domain)) = found else {
         walk.path = format!("domains.{}", segment.to_ascii_lowercase());
         return Err(format!(
             "the file has no domain whose id matches {segment}; the budget aliases set the \
@@ -284,6 +288,19 @@ fn typed_value(existing: &Value, text: &str) -> Result<Value, String> {
 
 fn is_index(segment: &str) -> bool {
     segment.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Returns the key of `table` that `segment` names: the key written exactly as `segment`,
+/// else the first key that is equal to it once both are normalized.
+fn find_key(table: &Table, segment: &str) -> Option<String> {
+    if table.contains_key(segment) {
+        return Some(segment.to_string());
+    }
+    let normalized = normalize(segment);
+    table
+        .keys()
+        .find(|key| normalize(key) == normalized)
+        .cloned()
 }
 
 fn normalize(key: &str) -> String {
@@ -465,6 +482,59 @@ mod tests {
         let var = "MIRROR_GATEWAY__DOMAINS__MIRROR_A__MAXINDEXREQUESTSPERHOUR";
         let errors = apply(QUOTA_FILE, &[(var, "many")]).expect_err("not a number");
         assert_eq!(errors[0].key, "domains.mirror-a.plugins[1].index_per_hour");
+    }
+
+    #[test]
+    fn budget_alias_matches_lower_case_id() {
+        let file = "[domains.anon]\nplugins = [{ name = \"quota\", index_per_hour = 600, \
+                    download_per_hour = 1200 }]";
+        let root = apply(
+            file,
+            &[(
+                "MIRROR_GATEWAY__DOMAINS__anon__MAXINDEXREQUESTSPERHOUR",
+                "1",
+            )],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["anon"]["plugins"][0]["index_per_hour"].as_integer(),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn budget_alias_matches_like_other_overrides() {
+        let segments = ["MIRROR_A", "mirror_a", "Mirror_A", "mirror-a"];
+        for segment in segments {
+            let alias = format!("MIRROR_GATEWAY__DOMAINS__{segment}__MAXINDEXREQUESTSPERHOUR");
+            let root = apply(QUOTA_FILE, &[(alias.as_str(), "3")]).expect(&alias);
+            let quota = &root["domains"]["mirror-a"]["plugins"][1];
+            assert_eq!(quota["index_per_hour"].as_integer(), Some(3), "{alias}");
+
+            let key = format!("MIRROR_GATEWAY__DOMAINS__{segment}__PLUGINS__1__INDEX_PER_HOUR");
+            let root = apply(QUOTA_FILE, &[(key.as_str(), "4")]).expect(&key);
+            let domains = root["domains"].as_table().expect("domains table");
+            assert_eq!(domains.len(), 1, "{key} created a domain");
+            let quota = &root["domains"]["mirror-a"]["plugins"][1];
+            assert_eq!(quota["index_per_hour"].as_integer(), Some(4), "{key}");
+        }
+    }
+
+    #[test]
+    fn override_of_existing_domain_creates_nothing() {
+        let mut root: Table =
+            "[domains.anon]\nhosts = [\"a.example\"]\nplugins = [{ name = \"quota\" }]"
+                .parse()
+                .expect("valid TOML");
+        let var = "MIRROR_GATEWAY__DOMAINS__anon__PLUGINS__0__INDEX_PER_HOUR";
+        let env = [(var.to_string(), "5".to_string())];
+        let (sources, errors) = apply_overrides(&mut root, env);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(sources.variable_for("domains.anon.hosts"), None);
+        assert_eq!(
+            sources.variable_for("domains.anon.plugins[0].index_per_hour"),
+            Some(var)
+        );
     }
 
     #[test]

@@ -435,6 +435,7 @@ fn validate_domains(value: Option<Value>, dir: &Path, errors: &mut Errors<'_>) -
             "define at least one domain, e.g. [domains.primary]",
         );
     }
+    check_state_files(&tables, dir, errors);
     let mut hosts = HostClaims::default();
     let mut domains = Vec::new();
     for (id, table) in tables {
@@ -551,6 +552,10 @@ impl HostClaims {
     }
 }
 
+/// Plugins that may appear once per domain: a second copy would count every request twice
+/// against the same budgets.
+const ONCE_PER_DOMAIN: &[&str] = &["quota", "rate_limit"];
+
 fn validate_plugins(
     entries: Vec<Value>,
     domain_key: &str,
@@ -558,17 +563,68 @@ fn validate_plugins(
     errors: &mut Errors<'_>,
 ) -> Vec<Arc<dyn Plugin>> {
     let mut plugins = Vec::new();
+    let mut first_of: BTreeMap<String, usize> = BTreeMap::new();
     for (i, entry) in entries.into_iter().enumerate() {
         let entry_key = format!("{domain_key}.plugins[{i}]");
         match plugin_name(entry) {
-            Ok((name, settings)) => match build_plugin(&name, settings, ctx) {
-                Ok(plugin) => plugins.push(plugin),
-                Err(list) => errors.extend(&entry_key, list),
-            },
+            Ok((name, settings)) => {
+                if ONCE_PER_DOMAIN.contains(&name.as_str()) {
+                    if let Some(first) = first_of.get(&name) {
+                        errors.push(
+                            &join_key(&entry_key, "name"),
+                            Some(render(&Value::String(name.clone()))),
+                            format!(
+                                "listed twice in this domain (first as plugins[{first}]), so every \
+                                 request would be counted twice; merge the two entries into one"
+                            ),
+                        );
+                        continue;
+                    }
+                    first_of.insert(name.clone(), i);
+                }
+                match build_plugin(&name, settings, ctx) {
+                    Ok(plugin) => plugins.push(plugin),
+                    Err(list) => errors.extend(&entry_key, list),
+                }
+            }
             Err(e) => errors.extend(&entry_key, vec![e]),
         }
     }
     plugins
+}
+
+/// Reports a `quota` state file that two domains name: each domain rewrites the whole file, so
+/// one of them would lose its counts at every restart.
+fn check_state_files(tables: &BTreeMap<String, Value>, dir: &Path, errors: &mut Errors<'_>) {
+    let mut owners: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for (id, table) in tables {
+        let Some(entries) = table.get("plugins").and_then(Value::as_array) else {
+            continue;
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let is_quota = entry.get("name").and_then(Value::as_str) == Some("quota");
+            let Some(path) = entry.get("state_file").and_then(Value::as_str) else {
+                continue;
+            };
+            if !is_quota {
+                continue;
+            }
+            // `components` drops `.` segments, so `./quota.state` and `quota.state` compare equal.
+            let resolved: PathBuf = resolve(dir, path).components().collect();
+            match owners.get(&resolved) {
+                Some(owner) if owner != id => errors.push(
+                    &format!("domains.{id}.plugins[{i}].state_file"),
+                    Some(render(&Value::String(path.to_owned()))),
+                    format!(
+                        "is also the state file of domain {owner}; give each domain its own file"
+                    ),
+                ),
+                _ => {
+                    owners.insert(resolved, id.clone());
+                }
+            }
+        }
+    }
 }
 
 /// Splits a plugin entry into its name and the rest of its table, the plugin's settings.

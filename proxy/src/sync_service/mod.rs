@@ -193,8 +193,8 @@ impl BackgroundService for SyncScheduler {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut configs = self.configs.clone();
         let mut schedule = Schedule::default();
-        let initial = configs.borrow_and_update().clone();
-        schedule.apply(initial.as_deref(), Instant::now(), rand::random());
+        let mut current = configs.borrow_and_update().clone();
+        schedule.apply(current.as_deref(), Instant::now(), rand::random());
         // False once every control handle is gone: no reload can change the jobs again.
         let mut controlled = true;
         loop {
@@ -206,7 +206,8 @@ impl BackgroundService for SyncScheduler {
                     match changed {
                         Ok(()) => {
                             let config = configs.borrow_and_update().clone();
-                            apply_logged(&mut schedule, config.as_deref());
+                            apply_logged(&mut schedule, current.as_deref(), config.as_deref());
+                            current = config;
                         }
                         Err(_) => controlled = false,
                     }
@@ -238,18 +239,26 @@ impl SyncScheduler {
     }
 }
 
-/// Applies a new `[sync]` section to the schedule and logs the jobs it now has.
-fn apply_logged(schedule: &mut Schedule, config: Option<&SyncConfig>) {
+/// Applies a new `[sync]` section to the schedule and logs the jobs it now has. The removal
+/// of the section is logged only when `previous`, the section before, existed.
+fn apply_logged(
+    schedule: &mut Schedule,
+    previous: Option<&SyncConfig>,
+    config: Option<&SyncConfig>,
+) {
     schedule.apply(config, Instant::now(), rand::random());
     let jobs = schedule.job_names();
-    match config {
-        Some(config) => tracing::info!(
+    match (previous, config) {
+        (_, Some(config)) => tracing::info!(
             ?jobs,
             interval_secs = config.interval.as_secs(),
             jitter_secs = config.jitter.as_secs(),
             "sync schedule updated"
         ),
-        None => tracing::info!("no [sync] section any more; the gateway runs no sync job"),
+        (Some(_), None) => {
+            tracing::info!("no [sync] section any more; the gateway runs no sync job")
+        }
+        (None, None) => {}
     }
 }
 

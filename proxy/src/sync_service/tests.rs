@@ -127,3 +127,72 @@ async fn removed_section_stops_runs() {
     stop.send(true).expect("the scheduler listens");
     task.await.expect("the scheduler stops");
 }
+
+/// The start of the message that a reload removing the `[sync]` section logs.
+const SECTION_REMOVED: &str = "no [sync] section any more";
+
+/// A log writer that keeps every line written to it in memory.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn section_removal_logged_only_after_section() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    let runner = Arc::new(StallingRunner::default());
+    runner.release.add_permits(1000);
+    let monitor = Arc::new(Monitor::default());
+    let (control, scheduler) = scheduler(None, monitor, runner);
+    let (stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(async move { scheduler.start(shutdown).await });
+
+    for _ in 0..2 {
+        control.apply(None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = log.text();
+    assert!(
+        !text.contains(SECTION_REMOVED),
+        "logged with no section before: {text}"
+    );
+
+    control.apply(Some(config(3600, "/v1")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        log.text().contains("sync schedule updated"),
+        "{}",
+        log.text()
+    );
+    control.apply(None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    control.apply(None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = log.text();
+    assert_eq!(text.matches(SECTION_REMOVED).count(), 1, "{text}");
+
+    stop.send(true).expect("the scheduler listens");
+    task.await.expect("the scheduler stops");
+}
