@@ -39,7 +39,7 @@ mod window;
 #[cfg(test)]
 mod tests;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -437,11 +437,10 @@ pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> PrincipalNam
         Some(IpAddr::V6(addr)) => match addr.to_ipv4_mapped() {
             Some(v4) => v4_principal(v4),
             None => {
+                // The network in canonical form (RFC 5952), as `2001:db8::/64` is written.
                 let s = addr.segments();
-                PrincipalName::named(format!(
-                    "ip:{:x}:{:x}:{:x}:{:x}::/64",
-                    s[0], s[1], s[2], s[3]
-                ))
+                let network = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                PrincipalName::named(format!("ip:{network}/64"))
             }
         },
         None => PrincipalName::named("unknown".to_owned()),

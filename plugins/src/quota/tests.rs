@@ -310,6 +310,14 @@ fn principal_ipv6_uses_its_64_network() {
         principal_of(&req, &RequestState::default()),
         "ip:2001:db8:1:2::/64"
     );
+    let zeros = RequestInfo {
+        client_addr: Some(IpAddr::V6("2001:db8:0:0:1::1".parse().expect("address"))),
+        ..req
+    };
+    assert_eq!(
+        principal_of(&zeros, &RequestState::default()),
+        "ip:2001:db8::/64"
+    );
 }
 
 #[test]
