@@ -428,8 +428,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let state = Arc::clone(&ctx.state);
-        ctx.upstream_timer.start(Instant::now());
+        // The origin's latency starts once a slot is free: time queued behind
+        // `max_origin_requests` is the gateway's own wait.
         self.take_origin_slot(ctx).await?;
+        ctx.upstream_timer.start(Instant::now());
         let upstream = state.upstream(ctx).ok_or_else(|| {
             Error::explain(pingora::ErrorType::InternalError, "no origin for the route")
         })?;

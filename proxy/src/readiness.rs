@@ -171,22 +171,38 @@ async fn unreachable_origins(domains: &[(usize, &DomainRuntime)]) -> Vec<(usize,
         .collect()
 }
 
-/// Connects to each address in turn until one accepts within `limit`; returns the last error.
+/// Connects to every address at once and succeeds when one accepts within `limit`. Otherwise
+/// it returns the error of the address listed last. The probe takes at most `limit`, however
+/// many addresses the origin has.
 async fn probe_tcp(addresses: &[SocketAddr], limit: Duration) -> Result<(), String> {
-    let mut last = String::from("no address");
-    for address in addresses {
-        match tokio::time::timeout(limit, tokio::net::TcpStream::connect(address)).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => last = format!("{address}: {e}"),
-            Err(_) => {
-                last = format!(
+    let mut attempts = tokio::task::JoinSet::new();
+    for (order, &address) in addresses.iter().enumerate() {
+        attempts.spawn(async move {
+            let outcome =
+                tokio::time::timeout(limit, tokio::net::TcpStream::connect(address)).await;
+            let result = match outcome {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("{address}: {e}")),
+                Err(_) => Err(format!(
                     "{address}: connect timed out after {} ms",
                     limit.as_millis()
-                )
-            }
+                )),
+            };
+            (order, result)
+        });
+    }
+    let mut last: Option<(usize, String)> = None;
+    while let Some(joined) = attempts.join_next().await {
+        let (order, error) = match joined {
+            Ok((_, Ok(()))) => return Ok(()),
+            Ok((order, Err(error))) => (order, error),
+            Err(e) => (usize::MAX, format!("connect attempt failed: {e}")),
+        };
+        if last.as_ref().is_none_or(|(seen, _)| order >= *seen) {
+            last = Some((order, error));
         }
     }
-    Err(last)
+    Err(last.map_or_else(|| String::from("no address"), |(_, error)| error))
 }
 
 #[cfg(test)]
@@ -233,6 +249,36 @@ mod tests {
         drop(listener);
         let result = probe_tcp(&[addr], Duration::from_secs(1)).await;
         assert!(result.is_err(), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn probe_addresses_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = listener.local_addr().expect("addr");
+        let closed = {
+            let spare = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            spare.local_addr().expect("addr")
+        };
+        // A refused address listed first does not hide an open one after it.
+        assert_eq!(
+            probe_tcp(&[closed, open], Duration::from_secs(1)).await,
+            Ok(())
+        );
+        let error = probe_tcp(&[open, closed], Duration::from_secs(1)).await;
+        assert_eq!(error, Ok(()));
+        drop(listener);
+        let error = probe_tcp(&[open, closed], Duration::from_secs(1))
+            .await
+            .expect_err("both closed");
+        assert!(error.starts_with(&closed.to_string()), "{error}");
+        assert_eq!(
+            probe_tcp(&[], Duration::from_secs(1)).await,
+            Err("no address".to_owned())
+        );
     }
 
     #[tokio::test]

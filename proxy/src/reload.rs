@@ -211,26 +211,7 @@ impl Reloader {
 
     /// Logs each setting that changed but only takes effect after a restart.
     fn warn_restart_needed(&self, new: &GatewayConfig) {
-        let old = self.running.lock();
-        let mut changed = Vec::new();
-        if old.server.listen != new.server.listen {
-            changed.push("server.listen");
-        }
-        if old.tls.listen != new.tls.listen {
-            changed.push("server.tls_listen");
-        }
-        if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
-            changed.push("admin.listen");
-        }
-        if format!("{:?}", old.cache) != format!("{:?}", new.cache) {
-            changed.push("cache");
-        }
-        if old.log.access_log != new.log.access_log {
-            changed.push("log.access_log");
-        }
-        if old.log.access_log_format != new.log.access_log_format {
-            changed.push("log.access_log_format");
-        }
+        let changed = restart_needed(&self.running.lock(), new);
         if !changed.is_empty() {
             tracing::warn!(
                 ?changed,
@@ -250,6 +231,50 @@ impl Reloader {
             })
             .map(|(path, _)| path.clone())
     }
+}
+
+/// Returns the settings that differ between `old` and `new` but take effect only after a
+/// restart, as their config keys.
+fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
+    let admin_listen = |c: &GatewayConfig| c.admin.as_ref().map(|a| a.listen);
+    let admin_file = |c: &GatewayConfig| c.admin.as_ref().map(|a| a.users.path().to_path_buf());
+    let (was, now) = (&old.server, &new.server);
+    let settings = [
+        (was.listen != now.listen, "server.listen"),
+        (old.tls.listen != new.tls.listen, "server.tls_listen"),
+        (was.threads != now.threads, "server.threads"),
+        (
+            was.grace_period != now.grace_period,
+            "server.grace_period_secs",
+        ),
+        (
+            was.shutdown_timeout != now.shutdown_timeout,
+            "server.shutdown_timeout_secs",
+        ),
+        (
+            was.upstream_keepalive_pool_size != now.upstream_keepalive_pool_size,
+            "server.upstream_keepalive_pool_size",
+        ),
+        (was.pid_file != now.pid_file, "server.pid_file"),
+        (was.runtime_dir != now.runtime_dir, "server.runtime_dir"),
+        (admin_listen(old) != admin_listen(new), "admin.listen"),
+        (admin_file(old) != admin_file(new), "admin.htpasswd"),
+        (
+            format!("{:?}", old.cache) != format!("{:?}", new.cache),
+            "cache",
+        ),
+        (old.log.access_log != new.log.access_log, "log.access_log"),
+        (
+            old.log.access_log_format != new.log.access_log_format,
+            "log.access_log_format",
+        ),
+        (old.log.level != new.log.level, "log.level"),
+    ];
+    settings
+        .into_iter()
+        .filter(|(differs, _)| *differs)
+        .map(|(_, key)| key)
+        .collect()
 }
 
 /// Returns the process environment's UTF-8 variables.
@@ -336,5 +361,40 @@ impl BackgroundService for ReloadService {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> GatewayConfig {
+        let dir = std::env::temp_dir();
+        let text = format!(
+            "{extra}\n[domains.primary]\nhosts = [\"mirror.example\"]\n\
+             [domains.primary.origins.web]\nkind = \"http\"\naddresses = [\"127.0.0.1:9\"]\n\
+             [[domains.primary.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
+        );
+        crate::config::load_str(&text, &dir.join("gateway.toml"), Vec::new())
+            .unwrap_or_else(|errors| panic!("config invalid: {errors:?}"))
+    }
+
+    #[test]
+    fn restart_needed_names_changed_keys() {
+        let base = config("[server]\nthreads = 2\n[log]\nlevel = \"info\"");
+        assert!(restart_needed(&base, &base).is_empty());
+        let changed = config(
+            "[server]\nthreads = 4\ngrace_period_secs = 9\npid_file = \"/tmp/other.pid\"\n\
+             [log]\nlevel = \"debug\"",
+        );
+        assert_eq!(
+            restart_needed(&base, &changed),
+            [
+                "server.threads",
+                "server.grace_period_secs",
+                "server.pid_file",
+                "log.level"
+            ]
+        );
     }
 }

@@ -202,6 +202,11 @@ impl Htpasswd {
         }
     }
 
+    /// Returns the path of the htpasswd file, resolved against the config file's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Counts the users of the loaded file who can log in.
     pub fn user_count(&self) -> usize {
         self.current.load().users.usable()
