@@ -265,24 +265,7 @@ async fn corrupt_disk_entry_never_served_whole() {
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let text = config(dir.path(), origin.addr, "127.0.0.1:0");
-    let first = TestGateway::start(dir.path(), &text);
-    let filled = client()
-        .get(first.url("/bundle.json"))
-        .send()
-        .await
-        .expect("fill");
-    // The fill finishes when the body has been streamed.
-    filled.bytes().await.expect("fill body");
-    first.running.shutdown();
-
-    let entry = entry_files(&dir.path().join("disk"))
-        .into_iter()
-        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .expect("one entry file");
-    let mut bytes = std::fs::read(&entry).expect("read entry");
-    let last = bytes.len() - 10;
-    bytes[last] ^= 0xff;
-    std::fs::write(&entry, bytes).expect("corrupt entry");
+    store_then_damage(dir.path(), &text, "/bundle.json").await;
 
     let second = TestGateway::start(dir.path(), &text);
     let corrupt = client().get(second.url("/bundle.json")).send().await;
@@ -298,6 +281,61 @@ async fn corrupt_disk_entry_never_served_whole() {
         .expect("refetch");
     assert_eq!(fresh.headers()["x-cache-status"], "MISS");
     assert_eq!(fresh.text().await.expect("body"), payload);
+    assert_eq!(origin.count(), 2);
+}
+
+/// Runs a gateway with config `text` in `dir` until it has stored `path` on disk, stops it,
+/// and flips a byte near the end of the largest entry file, inside the stored body.
+async fn store_then_damage(dir: &Path, text: &str, path: &str) {
+    let gateway = TestGateway::start(dir, text);
+    let filled = client().get(gateway.url(path)).send().await.expect("fill");
+    // The fill finishes when the body has been streamed.
+    filled.bytes().await.expect("fill body");
+    gateway.running.shutdown();
+
+    let entry = entry_files(&dir.join("disk"))
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("one entry file");
+    let mut bytes = std::fs::read(&entry).expect("read entry");
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xff;
+    std::fs::write(&entry, bytes).expect("corrupt entry");
+}
+
+/// A body small enough for the memory tier is checked before the response starts, so a
+/// damaged disk copy is a miss: the client gets the origin's body whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_small_entry_is_a_miss() {
+    let payload: String = body().chars().take(16 * 1024).collect();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config(dir.path(), origin.addr, "127.0.0.1:0");
+    store_then_damage(dir.path(), &text, "/small.json").await;
+
+    let second = TestGateway::start(dir.path(), &text);
+    let refetched = client()
+        .get(second.url("/small.json"))
+        .send()
+        .await
+        .expect("request after the damage");
+    assert_eq!(refetched.status(), 200);
+    assert_eq!(refetched.headers()["x-cache-status"], "MISS");
+    assert_eq!(refetched.text().await.expect("whole body"), payload);
+    assert_eq!(origin.count(), 2);
+    assert_eq!(
+        second.running.disk_stats().map(|s| s.corrupt_entries),
+        Some(1)
+    );
+
+    let hit = client()
+        .get(second.url("/small.json"))
+        .send()
+        .await
+        .expect("hit");
+    assert_eq!(hit.headers()["x-cache-status"], "HIT");
+    assert_eq!(hit.text().await.expect("body"), payload);
     assert_eq!(origin.count(), 2);
 }
 

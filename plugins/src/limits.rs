@@ -2,6 +2,7 @@
 //! header fields of the IETF "RateLimit header fields for HTTP" draft.
 
 use std::cell::RefCell;
+use std::net::{IpAddr, Ipv6Addr};
 
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
@@ -75,6 +76,22 @@ impl BudgetState {
     /// Sets the header fields on a response.
     pub fn apply(&self, resp: &mut ResponseHeader) {
         crate::fields::insert(resp, self.headers());
+    }
+}
+
+/// Returns the network that budgets count a client address against: an IPv4 address itself
+/// (also when written as an IPv4-mapped IPv6 address), and the `/64` network of an IPv6
+/// address, because one IPv6 client commonly has a whole `/64`.
+pub fn client_network(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -176,6 +193,16 @@ mod tests {
             text(state(u64::MAX, u64::MAX, 3600)),
             [u64::MAX.to_string(), u64::MAX.to_string(), "3600".into()]
         );
+    }
+
+    #[test]
+    fn client_network_groups_ipv6_by_64() {
+        let network = |text: &str| client_network(text.parse().expect("address")).to_string();
+        assert_eq!(network("198.51.100.7"), "198.51.100.7");
+        assert_eq!(network("::ffff:198.51.100.7"), "198.51.100.7");
+        assert_eq!(network("2001:db8:1:2:aaaa::3"), "2001:db8:1:2::");
+        assert_eq!(network("2001:db8:1:2::ffff"), "2001:db8:1:2::");
+        assert_eq!(network("::1"), "::");
     }
 
     #[test]

@@ -635,6 +635,10 @@ const CACHE_WRITE_ERRORS: Definition = (
     "mirror_gateway_cache_write_errors_total",
     "Failed writes to the tier.",
 );
+const CACHE_CORRUPT_ENTRIES: Definition = (
+    "mirror_gateway_cache_corrupt_entries_total",
+    "Damaged entries found in the tier and deleted (disk tier only).",
+);
 const REJECTIONS: Definition = (
     "mirror_gateway_rejections_total",
     "Requests that a plugin rejected with its own response, by plugin.",
@@ -659,6 +663,7 @@ fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFam
     let misses = counter(CACHE_MISSES_TOTAL)?;
     let evictions = counter(CACHE_EVICTIONS)?;
     let write_errors = counter(CACHE_WRITE_ERRORS)?;
+    let corrupt = counter(CACHE_CORRUPT_ENTRIES)?;
     for (tier, t) in tiers {
         let label = [*tier];
         entries
@@ -671,9 +676,19 @@ fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFam
         write_errors
             .with_label_values(&label)
             .inc_by(t.write_errors);
+        if let Some(count) = t.corrupt_entries {
+            corrupt.with_label_values(&label).inc_by(count);
+        }
     }
-    let collectors: [&dyn Collector; 6] =
-        [&entries, &bytes, &hits, &misses, &evictions, &write_errors];
+    let collectors: [&dyn Collector; 7] = [
+        &entries,
+        &bytes,
+        &hits,
+        &misses,
+        &evictions,
+        &write_errors,
+        &corrupt,
+    ];
     Ok(collectors.iter().flat_map(|c| c.collect()).collect())
 }
 
@@ -866,17 +881,27 @@ mod tests {
             ..TierSnapshot::default()
         };
         inputs.tiers.push(("memory", tier));
+        let disk = TierSnapshot {
+            corrupt_entries: Some(4),
+            ..TierSnapshot::default()
+        };
+        inputs.tiers.push(("disk", disk));
         inputs.rejections.insert(("primary".into(), "htpasswd"), 3);
         let text = Metrics::new().render(&inputs).expect("render");
         for line in [
             "mirror_gateway_cache_entries{tier=\"memory\"} 2",
             "mirror_gateway_cache_hits_total{tier=\"memory\"} 5",
+            "mirror_gateway_cache_corrupt_entries_total{tier=\"disk\"} 4",
             "mirror_gateway_rejections_total{domain=\"primary\",plugin=\"htpasswd\"} 3",
             "mirror_gateway_auth_failures_total{domain=\"primary\"} 3",
             "mirror_gateway_auth_failures_total{domain=\"community\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
+        assert!(
+            !text.contains("mirror_gateway_cache_corrupt_entries_total{tier=\"memory\"}"),
+            "the memory tier has no corrupt-entry counter:\n{text}"
+        );
     }
 
     #[test]

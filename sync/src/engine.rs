@@ -13,7 +13,7 @@ use crate::key::check_listing;
 use crate::lock::RunLock;
 use crate::manifest::{self, FileEntry, Manifest};
 use crate::progress::Progress;
-use crate::publish::{self, PrunePolicy};
+use crate::publish::{self, Leftovers, PrunePolicy};
 use crate::source::{DirSource, Listed, Source};
 use crate::verify::{verify_snapshot, Verified};
 
@@ -105,7 +105,7 @@ pub async fn run_job(
     std::fs::create_dir_all(root).map_err(|e| SyncError::io("creating", root, e))?;
     let _lock = RunLock::acquire(root)?;
     tracing::info!(job = %job.name, source = %source.name(), root = %root.display(), "sync run started");
-    publish::remove_leftovers(root)?;
+    publish::remove_leftovers(root, Leftovers::Interrupted)?;
     let current = publish::current(root)?;
     let progress = Progress::new(options.progress, &job.name);
     let staged = tokio::time::timeout(
@@ -121,7 +121,7 @@ pub async fn run_job(
         Ok(report) => report,
         Err(e) => {
             if !matches!(e, SyncError::Interrupted { .. }) {
-                publish::remove_leftovers(root)?;
+                publish::remove_leftovers(root, Leftovers::FailedRun)?;
             }
             return Err(e);
         }

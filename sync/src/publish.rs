@@ -38,10 +38,20 @@ pub fn staging_dir(root: &Path, id: &str) -> PathBuf {
     root.join(format!("{TEMP_PREFIX}{id}"))
 }
 
-/// Removes every `.tmp-*` entry of `root`: leftovers of runs that crashed.
+/// The kind of `.tmp-*` entries a removal cleans up, named in its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftovers {
+    /// Entries left by earlier runs that crashed or were killed.
+    Interrupted,
+    /// The unpublished snapshot of the run that just failed.
+    FailedRun,
+}
+
+/// Removes every `.tmp-*` entry of `root`: leftovers of runs that crashed, or of the run that
+/// just failed. `leftovers` names which, for the log line.
 ///
 /// Call it only while holding the run lock. Returns how many entries were removed.
-pub fn remove_leftovers(root: &Path) -> Result<usize, SyncError> {
+pub fn remove_leftovers(root: &Path, leftovers: Leftovers) -> Result<usize, SyncError> {
     let mut removed = 0;
     for entry in read_dir(root)? {
         let entry = entry.map_err(|e| SyncError::io("reading", root, e))?;
@@ -61,7 +71,12 @@ pub fn remove_leftovers(root: &Path) -> Result<usize, SyncError> {
             false => fs::remove_file(&path),
         };
         result.map_err(|e| SyncError::io("removing the leftover", &path, e))?;
-        tracing::info!(path = %path.display(), "removed the leftover of an interrupted run");
+        match leftovers {
+            Leftovers::Interrupted => tracing::info!(path = %path.display(),
+                "removed the leftover of an interrupted run"),
+            Leftovers::FailedRun => tracing::info!(path = %path.display(),
+                "removed the unpublished snapshot of the failed run"),
+        }
         removed += 1;
     }
     Ok(removed)

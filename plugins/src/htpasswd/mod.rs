@@ -120,6 +120,7 @@ impl Htpasswd {
         log_issues(ctx.domain, &path, &issues);
         info!(domain = ctx.domain, file = %path.display(), users = users.usable(),
             "htpasswd file loaded");
+        warn_if_no_users(ctx.domain, &path, users.usable());
         let slots = std::thread::available_parallelism().map_or(4, NonZeroUsize::get);
         Ok(Self {
             domain: ctx.domain.to_owned(),
@@ -256,6 +257,7 @@ impl Htpasswd {
         self.cache.reset(number);
         info!(domain = %self.domain, file = %self.path.display(), users = usable,
             generation = number, "htpasswd file reloaded");
+        warn_if_no_users(&self.domain, &self.path, usable);
         ReloadOutcome::Reloaded { users: usable }
     }
 
@@ -474,6 +476,16 @@ fn file_error(settings: &Settings, path: &Path, err: &file::LoadError) -> Settin
     let shown = render(&toml::Value::String(settings.file.display().to_string()));
     let reason = format!("cannot load htpasswd file {}: {err}", path.display());
     SettingError::new("file", Some(shown), reason)
+}
+
+/// Warns that a loaded file lets nobody in: an emptied or half-copied file would otherwise
+/// show only as 401s.
+fn warn_if_no_users(domain: &str, path: &Path, usable: usize) {
+    if usable == 0 {
+        warn!(domain, file = %path.display(),
+            "htpasswd file has no usable users, so every request that needs a login gets 401; \
+             add users with `htpasswd -B FILE USER`, or fix the lines reported above");
+    }
 }
 
 /// Logs each line of a freshly loaded file that gives no usable entry.

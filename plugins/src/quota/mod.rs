@@ -39,7 +39,7 @@ mod window;
 #[cfg(test)]
 mod tests;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -48,7 +48,7 @@ use bytes::Bytes;
 use pingora::http::RequestHeader;
 use tracing::{info, warn};
 
-use crate::limits::{too_many_requests, BudgetState};
+use crate::limits::{client_network, too_many_requests, BudgetState};
 use crate::settings::SettingError;
 use crate::ttl::PathPattern;
 use crate::{BuildContext, LocalResponse, Plugin, RequestInfo, RequestState, Verdict};
@@ -432,17 +432,10 @@ pub fn principal_of(req: &RequestInfo<'_>, state: &RequestState) -> PrincipalNam
     if let Some(user) = &state.user {
         return PrincipalName::named(format!("user:{user}"));
     }
-    match req.client_addr {
+    match req.client_addr.map(client_network) {
         Some(IpAddr::V4(addr)) => v4_principal(addr),
-        Some(IpAddr::V6(addr)) => match addr.to_ipv4_mapped() {
-            Some(v4) => v4_principal(v4),
-            None => {
-                // The network in canonical form (RFC 5952), as `2001:db8::/64` is written.
-                let s = addr.segments();
-                let network = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
-                PrincipalName::named(format!("ip:{network}/64"))
-            }
-        },
+        // The network in canonical form (RFC 5952), as `2001:db8::/64` is written.
+        Some(IpAddr::V6(network)) => PrincipalName::named(format!("ip:{network}/64")),
         None => PrincipalName::named("unknown".to_owned()),
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Each request of a domain is counted against its principal's bucket: the user that an
 //! authentication plugin listed earlier accepted, else the client IP that the gateway resolved
-//! (the socket peer, or the `X-Forwarded-For` client behind a trusted proxy). A bucket of `burst`
+//! (the socket peer, or the `X-Forwarded-For` client behind a trusted proxy). An IPv6 client
+//! counts as its `/64` network, for the rate and for concurrent requests alike. A bucket of `burst`
 //! requests refills at `requests_per_second`; [`table`] describes the algorithm. A
 //! request without a user and without a client IP is not counted.
 //!
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::limits::{too_many_requests, BudgetState};
+use crate::limits::{client_network, too_many_requests, BudgetState};
 use crate::settings::{self, SettingError};
 use crate::{BuildContext, Plugin, RequestInfo, RequestState, Verdict};
 
@@ -70,12 +71,13 @@ impl RateLimitPlugin {
         if state.background_refresh {
             return Verdict::Continue;
         }
-        let principal = match (&state.user, req.client_addr) {
+        let client = req.client_addr.map(client_network);
+        let principal = match (&state.user, client) {
             (Some(user), _) => Principal::User(user.clone()),
             (None, Some(ip)) => Principal::Ip(ip),
             (None, None) => return Verdict::Continue,
         };
-        let slot = match (self.limits.max_concurrent_per_ip, req.client_addr) {
+        let slot = match (self.limits.max_concurrent_per_ip, client) {
             (Some(max), Some(ip)) => match self.table.acquire(ip, max) {
                 Some(slot) => Some(slot),
                 None => return reject_concurrency(max, state),

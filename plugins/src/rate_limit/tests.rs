@@ -216,6 +216,24 @@ fn principals_are_separate() {
 }
 
 #[test]
+fn ipv6_clients_share_their_64() {
+    let plugin = plugin(1.0, 2, Some(3));
+    let t0 = Instant::now();
+    assert!(passes(&plugin, "2001:db8:1:2::3", t0));
+    assert!(passes(&plugin, "2001:db8:1:2::4", t0));
+    assert!(!passes(&plugin, "2001:db8:1:2:ffff::5", t0));
+    assert!(passes(&plugin, "2001:db8:1:3::3", t0));
+
+    let mut held = RequestState::default();
+    admit(&plugin, Some("2001:db8:9:9::1"), &mut held, t0);
+    assert_eq!(plugin.table().in_flight(addr("2001:db8:9:9::")), 1);
+    // A mapped IPv4 address is the IPv4 client.
+    assert!(passes(&plugin, "192.0.2.9", t0));
+    assert!(passes(&plugin, "::ffff:192.0.2.9", t0));
+    assert!(!passes(&plugin, "192.0.2.9", t0));
+}
+
+#[test]
 fn user_is_the_principal() {
     let plugin = plugin(1.0, 1, None);
     let t0 = Instant::now();

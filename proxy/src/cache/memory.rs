@@ -56,6 +56,9 @@ pub struct TierSnapshot {
     pub misses: u64,
     pub evictions: u64,
     pub write_errors: u64,
+    /// Damaged entries found and deleted; `None` for a tier that cannot hold damaged entries
+    /// (memory).
+    pub corrupt_entries: Option<u64>,
 }
 
 impl TierStats {
@@ -68,6 +71,7 @@ impl TierStats {
             misses: self.misses.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             write_errors: self.write_errors.load(Ordering::Relaxed),
+            corrupt_entries: None,
         }
     }
 }
@@ -308,13 +312,7 @@ impl MemoryStorage {
         };
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         self.lru.promote(lru_key(key));
-        let end = body.len();
-        let reader = BytesHit {
-            body,
-            start: 0,
-            end,
-        };
-        Ok(Some((meta?, Box::new(reader))))
+        Ok(Some((meta?, bytes_hit(body))))
     }
 
     fn partial_hit(
@@ -521,6 +519,16 @@ impl HandleHit for PartialHit {
     fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
         self
     }
+}
+
+/// Returns a reader of `body`, a complete body held in memory.
+pub fn bytes_hit(body: Bytes) -> HitHandler {
+    let end = body.len();
+    Box::new(BytesHit {
+        body,
+        start: 0,
+        end,
+    })
 }
 
 /// Reads a complete body from memory; seekable, so ranges are served from the cache.

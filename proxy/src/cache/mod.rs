@@ -66,6 +66,8 @@ impl CacheTier {
                     entries = report.entries,
                     bytes = report.bytes,
                     corrupt_removed = report.corrupt_removed,
+                    temp_removed = report.temp_removed,
+                    evicted = report.evicted,
                     elapsed_ms = report.elapsed.as_millis() as u64,
                     "disk cache loaded"
                 );
@@ -202,6 +204,25 @@ pub enum PurgeScope {
     Prefix { domain: String, prefix: String },
     /// Everything stored for a domain.
     Domain(String),
+}
+
+impl std::fmt::Display for PurgeScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Url {
+                domain,
+                path,
+                query: Some(query),
+            } => write!(f, "domain {domain}, path {path}, query {query}"),
+            Self::Url {
+                domain,
+                path,
+                query: None,
+            } => write!(f, "domain {domain}, path {path} with any query"),
+            Self::Prefix { domain, prefix } => write!(f, "domain {domain}, prefix {prefix}"),
+            Self::Domain(domain) => write!(f, "all of domain {domain}"),
+        }
+    }
 }
 
 impl PurgeScope {

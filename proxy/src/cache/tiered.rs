@@ -1,8 +1,10 @@
 //! The two cache tiers together: memory in front of disk.
 //!
 //! A lookup tries memory first (fills in progress, then complete entries), then fills of large
-//! objects in progress, then disk. A complete disk hit of an object small enough for memory is
-//! copied into memory as it is read, so the next request is served from memory.
+//! objects in progress, then disk. A disk hit of an object small enough for memory is read
+//! whole and its checksum checked before the response starts, so a damaged entry is a miss.
+//! The body is then copied into memory, and the next request is served from there. A larger
+//! body streams from disk, and damage found at its end cuts the response off.
 //!
 //! A fill of an object whose `Content-Length` fits the memory tier writes to both tiers:
 //! readers stream it from memory while the disk copy is written, and the disk entry is
@@ -30,14 +32,13 @@ use parking_lot::RwLock;
 use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::storage::streaming_write::U64WriteId;
 use pingora::cache::storage::{
-    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
-    PurgeType,
+    HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::{Error, ErrorType, Result};
 
-use super::disk::{DiskMiss, DiskStorage, FileTap};
+use super::disk::{DiskHit, DiskMiss, DiskStorage, FileTap};
 use super::lock::FillState;
 use super::memory::MemoryStorage;
 use super::purge_log::PurgeLog;
@@ -143,6 +144,44 @@ impl TieredStorage {
     }
 }
 
+impl TieredStorage {
+    /// Reads the body of a disk hit small enough for memory whole, checking its checksum
+    /// before anything is sent, then copies it into memory. A damaged or unreadable body
+    /// makes the lookup a miss; the disk tier deletes a damaged entry and logs it.
+    async fn verified_hit(
+        &'static self,
+        key: &CacheKey,
+        meta: CacheMeta,
+        mut inner: HitHandler,
+        mark: u64,
+    ) -> Option<(CacheMeta, HitHandler)> {
+        let mut body = BytesMut::new();
+        loop {
+            match inner.read_body().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %key.primary_key_str().unwrap_or_default(),
+                        "disk cache entry unusable; treating the request as a miss");
+                    return None;
+                }
+            }
+        }
+        let body = body.freeze();
+        if let Ok(serialized) = meta.serialize() {
+            self.memory.promote(key, serialized, body.clone());
+            // Checked after the copy is in memory: a purge recorded before this check is seen
+            // here, and one recorded after it removes the copy itself.
+            let (domain, primary) = (&key.user_tag, key.primary_key());
+            if self.purges.purged_since(mark, domain, primary) {
+                self.memory
+                    .purge_matching(|d, p| d == domain.as_str() && p == primary);
+            }
+        }
+        Some((meta, super::memory::bytes_hit(body)))
+    }
+}
+
 impl FillState for TieredStorage {
     fn fill_running(&self, key: &HashBinary) -> bool {
         self.memory.fill_running(key) || self.large_fills.read().contains_key(key)
@@ -166,25 +205,22 @@ impl Storage for TieredStorage {
         if let Some(hit) = self.large_fill_hit(key, None) {
             return Ok(Some(hit));
         }
-        // Noted before the read, so that a purge made while the body streams, or one still
+        // Noted before the read, so that a purge made while the body is read, or one still
         // removing entries, is seen.
         let mark = self.purges.read_mark();
         let Some((meta, inner)) = self.disk.lookup(key, trace).await? else {
             return Ok(None);
         };
-        let promotion = meta.serialize().ok().map(|serialized| Promotion {
-            key: key.clone(),
-            meta: serialized,
-            body: BytesMut::new(),
-            mark,
-        });
-        let hit = PromotingHit {
-            inner,
-            memory: self.memory,
-            purges: self.purges,
-            promotion,
-        };
-        Ok(Some((meta, Box::new(hit))))
+        let fits_memory = inner
+            .as_any()
+            .downcast_ref::<DiskHit>()
+            .is_some_and(|hit| hit.body_len() <= self.memory.max_object_bytes() as u64);
+        if !fits_memory {
+            // Streamed from disk as the client reads it. The checksum is known only at the end,
+            // so a damaged body is cut off there with an error, and the entry is deleted.
+            return Ok(Some((meta, inner)));
+        }
+        Ok(self.verified_hit(key, meta, inner, mark).await)
     }
 
     async fn lookup_streaming_write(
@@ -276,87 +312,6 @@ fn either_removed(memory: PurgeOutcome, disk: PurgeOutcome) -> PurgeOutcome {
     match (memory, disk) {
         (PurgeOutcome::NotFound, other) => other,
         (removed, _) => removed,
-    }
-}
-
-/// What a disk hit collects to copy into memory.
-struct Promotion {
-    key: CacheKey,
-    meta: (Vec<u8>, Vec<u8>),
-    body: BytesMut,
-    /// The purge log's count when the disk read started.
-    mark: u64,
-}
-
-/// A disk hit that copies the body into memory when it is read whole and fits there.
-struct PromotingHit {
-    inner: HitHandler,
-    memory: &'static MemoryStorage,
-    purges: &'static PurgeLog,
-    /// `None` once the object turned out too large, was read in ranges, or was promoted.
-    promotion: Option<Promotion>,
-}
-
-#[async_trait]
-impl HandleHit for PromotingHit {
-    async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        let chunk = self.inner.read_body().await?;
-        match (&chunk, self.promotion.as_mut()) {
-            (Some(data), Some(promotion)) => {
-                if promotion.body.len() + data.len() <= self.memory.max_object_bytes() {
-                    promotion.body.extend_from_slice(data);
-                } else {
-                    self.promotion = None;
-                }
-            }
-            (None, Some(_)) => {
-                // The disk tier checks the body's checksum before it reports the end, so only
-                // a verified body gets here.
-                if let Some(done) = self.promotion.take() {
-                    self.memory
-                        .promote(&done.key, done.meta, done.body.freeze());
-                    // Checked after the copy is in memory: a purge recorded before this check
-                    // is seen here, and one recorded after it removes the copy itself.
-                    let (domain, primary) = (&done.key.user_tag, done.key.primary_key());
-                    if self.purges.purged_since(done.mark, domain, primary) {
-                        self.memory
-                            .purge_matching(|d, p| d == domain.as_str() && p == primary);
-                    }
-                }
-            }
-            _ => {}
-        }
-        Ok(chunk)
-    }
-
-    async fn finish(
-        self: Box<Self>,
-        storage: &'static (dyn Storage + Sync),
-        key: &CacheKey,
-        trace: &SpanHandle,
-    ) -> Result<()> {
-        self.inner.finish(storage, key, trace).await
-    }
-
-    fn can_seek(&self) -> bool {
-        self.inner.can_seek()
-    }
-
-    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
-        self.promotion = None;
-        self.inner.seek(start, end)
-    }
-
-    fn should_count_access(&self) -> bool {
-        false
-    }
-
-    fn as_any(&self) -> &(dyn Any + Send + Sync) {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
-        self
     }
 }
 

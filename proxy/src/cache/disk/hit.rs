@@ -66,6 +66,11 @@ impl DiskHit {
         }
     }
 
+    /// Returns the length of the entry's whole body.
+    pub fn body_len(&self) -> u64 {
+        self.body_len
+    }
+
     /// Deletes the entry as corrupt and returns the error that stops this read.
     fn corrupt(&self, reason: &str) -> Box<Error> {
         self.storage.discard(&self.name, self.ino, reason);

@@ -56,6 +56,7 @@ use pingora::cache::key::{CompactCacheKey, HashBinary};
 
 use self::files::LogLimiter;
 use self::format::{from_unix_secs, unix_secs};
+pub use self::hit::DiskHit;
 use self::index::{Index, Slot};
 pub use self::miss::DiskMiss;
 pub use self::tail::{FileTap, TailHit, TailProgress};
@@ -137,6 +138,7 @@ impl DiskSnapshot {
             misses: self.misses,
             evictions: self.evictions,
             write_errors: self.write_errors,
+            corrupt_entries: Some(self.corrupt_entries),
         }
     }
 }
@@ -245,7 +247,6 @@ impl DiskStorage {
             evicted,
             elapsed: started.elapsed(),
         };
-        tracing::info!(dir = %dir.display(), report = ?storage.scan, "disk cache: opened");
         Ok(storage)
     }
 
