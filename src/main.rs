@@ -105,21 +105,35 @@ fn load(path: &Path) -> Result<GatewayConfig, ExitCode> {
 
 /// Returns the environment's UTF-8 variables; a config override that is not UTF-8 is an error.
 fn utf8_environment() -> Result<Vec<(String, String)>, ExitCode> {
+    let (vars, not_utf8) = split_environment();
+    match not_utf8.first() {
+        Some(name) => {
+            eprintln!("error: {name}: the value is not valid UTF-8; set it as UTF-8 text");
+            Err(ExitCode::FAILURE)
+        }
+        None => Ok(vars),
+    }
+}
+
+/// Returns the environment's UTF-8 variables, and the names of the config overrides whose
+/// value is not UTF-8, which the variables leave out.
+fn split_environment() -> (Vec<(String, String)>, Vec<String>) {
     let mut vars = Vec::new();
+    let mut not_utf8 = Vec::new();
     for (name, value) in std::env::vars_os() {
         match (name.into_string(), value.into_string()) {
             (Ok(name), Ok(value)) => vars.push((name, value)),
-            (Ok(name), Err(_)) if name.starts_with(config::ENV_PREFIX) => {
-                eprintln!("error: {name}: the value is not valid UTF-8; set it as UTF-8 text");
-                return Err(ExitCode::FAILURE);
-            }
+            (Ok(name), Err(_)) if name.starts_with(config::ENV_PREFIX) => not_utf8.push(name),
             _ => {}
         }
     }
-    Ok(vars)
+    (vars, not_utf8)
 }
 
 fn check(path: &Path) -> ExitCode {
+    if is_sync_file(path) {
+        return check_sync_file(path);
+    }
     let mut sync_valid = true;
     if has_sync_section(path) {
         if let Err(errors) = mirror_sync::config::load(path) {
@@ -144,6 +158,28 @@ fn check(path: &Path) -> ExitCode {
         }
         Ok(_) => ExitCode::FAILURE,
         Err(code) => code,
+    }
+}
+
+/// Validates a file with a `[sync]` section and no `[domains]`: a sync file of its own, which
+/// `mirror-gateway sync` reads and the gateway does not.
+fn check_sync_file(path: &Path) -> ExitCode {
+    match mirror_sync::config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: sync configuration is valid ({} job(s))",
+                path.display(),
+                config.jobs.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("error: {error}");
+            }
+            eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -178,11 +214,15 @@ fn run(path: &Path, upgrade: bool) -> ExitCode {
         .iter()
         .map(|a| format!("http://{a}"))
         .collect();
+    let admin = app
+        .admin_addr()
+        .map_or_else(|| "off".to_string(), |a| format!("http://{a}"));
     let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %path.display(),
         listeners = ?listeners,
+        admin = %admin,
         domains = ?domains,
         "mirror-gateway starting"
     );
@@ -192,26 +232,55 @@ fn run(path: &Path, upgrade: bool) -> ExitCode {
 }
 
 /// Sends SIGHUP to the gateway whose pid file the config names.
+///
+/// The running gateway validates the file again with its own environment, which may differ
+/// from this shell's (a secret path set by the service manager, say). So errors found here are
+/// warnings, and the signal is sent anyway. Only a pid file that cannot be found stops it.
 fn reload(path: &Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(config) => config,
-        Err(code) => return code,
+    let env = reload_environment();
+    let validation = mirror_proxy::logging::while_loading(|| config::load(path, env.clone()));
+    let pid_file = match validation {
+        Ok(config) => config.server.pid_file,
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("warning: {error}");
+            }
+            eprintln!(
+                "warning: {}: {} error(s) found with this shell's environment; the running \
+                 gateway checks the file with its own environment and logs whether the reload \
+                 was applied",
+                path.display(),
+                errors.len()
+            );
+            match config::pid_file(path, env) {
+                Ok(pid_file) => pid_file,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    eprintln!(
+                        "{}: cannot tell which pid file server.pid_file names, so no signal \
+                         was sent",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
     };
-    let pid_file = &config.server.pid_file;
-    let pid = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok());
-    let Some(pid) = pid else {
-        eprintln!(
-            "error: {}: no pid file of a running gateway; is it running with this config?",
-            pid_file.display()
-        );
-        return ExitCode::FAILURE;
+    let pid = match running_pid(&pid_file) {
+        Ok(pid) => pid,
+        Err(problem) => {
+            eprintln!(
+                "error: {}: {problem}; check server.pid_file in {} (or \
+                 {}SERVER__PID_FILE), or send SIGHUP to the gateway's pid directly: \
+                 kill -HUP <pid>",
+                pid_file.display(),
+                path.display(),
+                config::ENV_PREFIX
+            );
+            return ExitCode::FAILURE;
+        }
     };
-    match nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    ) {
+    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
         Ok(()) => {
             println!("sent SIGHUP to mirror-gateway (pid {pid}); its log tells whether the reload was applied");
             ExitCode::SUCCESS
@@ -224,6 +293,51 @@ fn reload(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Returns the environment's UTF-8 variables for `reload`. A config override that is not
+/// UTF-8 is left out with a warning: the running gateway reads its own environment.
+fn reload_environment() -> Vec<(String, String)> {
+    let (vars, not_utf8) = split_environment();
+    for name in not_utf8 {
+        eprintln!("warning: {name}: the value is not valid UTF-8, so it is left out here");
+    }
+    vars
+}
+
+/// Reads the pid in `pid_file` and checks that a process of that id runs. The error states
+/// whether the file is missing, contains no pid, or names a process that is not running.
+fn running_pid(pid_file: &Path) -> Result<nix::unistd::Pid, String> {
+    let text = match std::fs::read_to_string(pid_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("the pid file is missing, so no signal was sent".into())
+        }
+        Err(e) => return Err(format!("cannot read the pid file: {e}")),
+    };
+    // 0 and negative numbers would signal process groups.
+    let Some(number) = text.trim().parse::<i32>().ok().filter(|n| *n > 0) else {
+        return Err(format!(
+            "the pid file contains {:?}, not a process id",
+            text.trim()
+        ));
+    };
+    let pid = nix::unistd::Pid::from_raw(number);
+    // Signal 0 checks that the process exists without signalling it.
+    match nix::sys::signal::kill(pid, None) {
+        Err(nix::errno::Errno::ESRCH) => Err(format!(
+            "the pid file names pid {number} which is not running, so no signal was sent"
+        )),
+        _ => Ok(pid),
+    }
+}
+
+/// Returns whether the file has a `[sync]` table and no `[domains]`: a sync file of its own.
+fn is_sync_file(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .is_some_and(|table| table.contains_key("sync") && !table.contains_key("domains"))
 }
 
 /// Returns whether the file has a `[sync]` table; unreadable or invalid files are reported by

@@ -126,6 +126,40 @@ async fn purge_bad_requests() {
     assert_eq!(wrong_method.headers()["allow"], "POST");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_endpoint_lists_all() {
+    let origin = TestOrigin::start(|_| Reply::ok("body")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    let (status, body) = admin_request(admin, "GET", "/nothing-here").await;
+    assert_eq!(status, 404, "{body}");
+    let endpoints = [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/status,",
+        "/status.json",
+        "/limits/stats",
+        "/cache/stats",
+        "/cache/purge",
+    ];
+    for endpoint in endpoints {
+        assert!(body.contains(endpoint), "{endpoint} missing from {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_unknown_domain_lists_ids() {
+    let origin = TestOrigin::start(|_| Reply::ok("body")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    let (status, body) = admin_request(admin, "POST", "/cache/purge?domain=nosuch").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no domain \\\"nosuch\\\""), "{body}");
+    assert!(body.contains("primary"), "{body}");
+    assert!(body.contains("community"), "{body}");
+}
+
 /// Purged bytes leave the memory budget: after purging two of three 300 KiB objects from a
 /// 1 MiB tier, two new ones fit without evicting the third.
 #[tokio::test(flavor = "multi_thread")]

@@ -204,3 +204,125 @@ fn check_shows_htpasswd_warnings() {
         "the hash must not be logged: {err}"
     );
 }
+
+/// An htpasswd file without a usable user locks every user out, so `check` warns about it.
+#[test]
+fn check_warns_htpasswd_without_users() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let users = dir.path().join("sample-mirror/htpasswd/primary.htpasswd");
+    std::fs::write(&users, "").expect("htpasswd");
+    let mut command = gateway_command(&["check", "-c", &path]);
+    command.env_remove("RUST_LOG");
+    let output = command.output().expect("run mirror-gateway");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("warning: htpasswd file has no usable users"),
+        "{err}"
+    );
+    assert!(err.contains("primary.htpasswd"), "{err}");
+}
+
+/// A file with `[sync]` and no `[domains]` is a sync file of its own: only `[sync]` is checked.
+#[test]
+fn check_standalone_sync_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for sub in ["source", "concelier", "excititor"] {
+        std::fs::create_dir_all(dir.path().join(sub)).expect("directory");
+    }
+    let path = dir.path().join("sync.toml");
+    let text = "[sync.jobs.concelier]\ndestination = \"concelier\"\n\
+                source = { kind = \"directory\", path = \"source\" }\n\
+                [sync.jobs.excititor]\ndestination = \"excititor\"\n\
+                source = { kind = \"directory\", path = \"source\" }\n";
+    std::fs::write(&path, text).expect("sync file");
+    let path = path.display().to_string();
+    let output = gateway(&["check", "-c", &path], &[]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(!err.contains("define at least one domain"), "{err}");
+    assert_eq!(
+        stdout(&output).trim(),
+        format!("{path}: sync configuration is valid (2 job(s))")
+    );
+}
+
+#[test]
+fn check_standalone_sync_file_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sync.toml");
+    std::fs::write(&path, "[sync]\ninterval_secs = \"often\"\n").expect("sync file");
+    let path = path.display().to_string();
+    let output = gateway(&["check", "-c", &path], &[]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("sync.interval_secs"), "{err}");
+    assert!(!err.contains("define at least one domain"), "{err}");
+}
+
+/// Warnings logged while the config is read are `warning:` lines without timestamps.
+#[test]
+fn check_warnings_are_plain_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let users = dir.path().join("sample-mirror/htpasswd/primary.htpasswd");
+    std::fs::write(&users, format!("{USERS}no-colon-here\n")).expect("htpasswd");
+    let mut command = gateway_command(&["check", "-c", &path]);
+    command.env_remove("RUST_LOG");
+    let output = command.output().expect("run mirror-gateway");
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    let line = err
+        .lines()
+        .find(|line| line.contains("htpasswd line ignored"))
+        .unwrap_or_else(|| panic!("no htpasswd warning in {err}"));
+    assert!(line.starts_with("warning: htpasswd line ignored"), "{line}");
+    assert!(line.contains("line=2"), "{line}");
+    assert!(line.ends_with(')'), "{line}");
+    assert!(!line.contains(" WARN "), "{line}");
+}
+
+/// The start-up line names the admin listener's bound address, port 0 resolved.
+#[test]
+fn run_logs_admin_address() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let users = dir.path().join("admin.htpasswd");
+    std::fs::write(&users, USERS).expect("admin htpasswd");
+    let users = users.display().to_string();
+    let mut child = gateway_command(&["run", "-c", &path])
+        .envs([
+            ("MIRROR_GATEWAY__SERVER__LISTEN", "[\"127.0.0.1:0\"]"),
+            ("MIRROR_GATEWAY__SERVER__PID_FILE", "gateway.pid"),
+            ("MIRROR_GATEWAY__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("MIRROR_GATEWAY__ADMIN__HTPASSWD", users.as_str()),
+            ("MIRROR_GATEWAY__LOG__LEVEL", "info"),
+            ("NO_COLOR", "1"),
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mirror-gateway");
+    let stderr = child.stderr.take().expect("stderr");
+    let start = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .take(200)
+        .find(|line| line.contains("mirror-gateway starting"));
+    child.kill().expect("stop gateway");
+    child.wait().expect("reap gateway");
+    let start = start.expect("start-up line");
+    let at = start.find("admin=").unwrap_or_else(|| panic!("{start}"));
+    let admin = start[at + "admin=".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default();
+    let addr: std::net::SocketAddr = admin
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap_or_else(|_| panic!("admin address in {start}"));
+    assert_ne!(addr.port(), 0, "{start}");
+}

@@ -1080,3 +1080,167 @@ fn state_file_shared_by_domains() {
     );
     fx.config(&own, &[]);
 }
+
+#[test]
+fn threads_wrong_type_states_range() {
+    let fx = Fixture::new();
+    for (value, shown) in [("-1", "-1"), ("\"2\"", "\"2\""), ("1.5", "1.5")] {
+        let text = format!("[server]\nthreads = {value}\n{DOMAIN}");
+        let error = fx.expect(&text, "server.threads", Some(shown), "from 1 to 512");
+        assert!(
+            !error.reason.contains("18446744073709551615"),
+            "{value}: {error}"
+        );
+    }
+    let text = format!("[server]\nthreads = \"2\"\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "server.threads",
+        Some("\"2\""),
+        "write it without quotes, e.g. 2",
+    );
+}
+
+#[test]
+fn timeout_wrong_type_states_minimum() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\nlock_wait_timeout_secs = -5\n{DOMAIN}");
+    let error = fx.expect(
+        &text,
+        "cache.lock_wait_timeout_secs",
+        Some("-5"),
+        "expected a whole number of at least 1",
+    );
+    assert!(!error.reason.contains("18446744073709551615"), "{error}");
+}
+
+#[test]
+fn size_fraction_suggests_smaller_unit() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\nmemory_bytes = \"1.5GiB\"\n{DOMAIN}");
+    let error = fx.expect(
+        &text,
+        "cache.memory_bytes",
+        Some("\"1.5GiB\""),
+        "sizes are whole numbers; write \"1536MiB\"",
+    );
+    assert!(!error.reason.contains("unknown size unit"), "{error}");
+}
+
+#[test]
+fn admin_listen_same_as_server_listen() {
+    let fx = Fixture::new();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:18880\"]\n[admin]\nlisten = \"127.0.0.1:18880\"\n\
+         htpasswd = \"users.htpasswd\"\n{DOMAIN}"
+    );
+    fx.expect(
+        &text,
+        "admin.listen",
+        Some("\"127.0.0.1:18880\""),
+        "server.listen has this address too",
+    );
+}
+
+#[test]
+fn admin_listen_port_zero_shared() {
+    let fx = Fixture::new();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         htpasswd = \"users.htpasswd\"\n{DOMAIN}"
+    );
+    fx.config(&text, &[]);
+}
+
+#[test]
+fn admin_listen_same_as_env_listen() {
+    let fx = Fixture::new();
+    let text = format!("[admin]\nhtpasswd = \"users.htpasswd\"\n{DOMAIN}");
+    let errors = fx.errors(
+        &text,
+        &[
+            ("MIRROR_GATEWAY__SERVER__LISTEN", "[\"127.0.0.1:18880\"]"),
+            ("MIRROR_GATEWAY__ADMIN__LISTEN", "127.0.0.1:18880"),
+        ],
+    );
+    let error = on_key(&errors, "admin.listen");
+    assert_eq!(error.source, "MIRROR_GATEWAY__ADMIN__LISTEN");
+}
+
+#[test]
+fn disk_dir_is_file() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\ndisk_dir = \"users.htpasswd\"\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "cache.disk_dir",
+        Some("\"users.htpasswd\""),
+        "exists and is not a directory",
+    );
+}
+
+#[test]
+fn disk_dir_parent_missing() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\ndisk_dir = \"no/such/cache\"\n{DOMAIN}");
+    let error = fx.expect(
+        &text,
+        "cache.disk_dir",
+        Some("\"no/such/cache\""),
+        "does not exist; create it",
+    );
+    assert!(error.reason.contains("no/such"), "{error}");
+    assert!(
+        !fx.dir.path().join("no").exists(),
+        "check created a directory"
+    );
+}
+
+#[test]
+fn disk_dir_last_component_missing() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\ndisk_dir = \"cache\"\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    let disk = config.cache.disk.expect("disk tier");
+    assert_eq!(disk.dir, fx.dir.path().join("cache"));
+}
+
+#[test]
+fn trusted_proxies_everything_warns() {
+    let fx = Fixture::new();
+    for network in ["0.0.0.0/0", "::/0"] {
+        let text = format!("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"{network}\"]\n{DOMAIN}");
+        let config = fx.config(&text, &[]);
+        let warning = on_key(&config.warnings, "server.trusted_proxies[1]");
+        assert!(
+            warning
+                .reason
+                .contains("every client can choose its own address"),
+            "{warning}"
+        );
+        assert!(
+            !config
+                .warnings
+                .iter()
+                .any(|w| w.key == "server.trusted_proxies[0]"),
+            "{:#?}",
+            config.warnings
+        );
+    }
+}
+
+#[test]
+fn env_index_out_of_range_suggests_list() {
+    let fx = Fixture::new();
+    let var = "MIRROR_GATEWAY__SERVER__LISTEN__1";
+    let text = format!("[server]\nlisten = [\"127.0.0.1:8080\"]\n{DOMAIN}");
+    let errors = fx.errors(&text, &[(var, "127.0.0.1:8081")]);
+    let error = on_key(&errors, "server.listen[1]");
+    assert_eq!(error.source, var);
+    assert!(
+        error
+            .reason
+            .contains("MIRROR_GATEWAY__SERVER__LISTEN='[\"127.0.0.1:8080\", \"...\"]'"),
+        "{error}"
+    );
+}

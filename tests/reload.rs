@@ -349,3 +349,187 @@ async fn sighup_under_load_drops_nothing() {
         &failures[..failures.len().min(5)]
     );
 }
+
+/// Restart-only settings are compared with the values the process started with, so a later
+/// reload keeps a pending change and a revert to the running value clears it.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_pending_compares_with_start() {
+    let id = "restart-pending-compares-with-start";
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = config(id, origin.addr, "\"a.test\"", 100, "");
+    let gateway = TestGateway::start(dir.path(), &started);
+    let path = dir.path().join("gateway.toml");
+    let three_threads = started.replacen("threads = 2", "threads = 3", 1);
+    assert_ne!(three_threads, started, "BASE_CONFIG sets threads = 2");
+
+    std::fs::write(&path, &three_threads).expect("write config");
+    assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    assert_eq!(gateway.running.restart_pending(), ["server.threads"]);
+
+    let more_hosts = three_threads.replacen("\"a.test\"", "\"a.test\", \"b.test\"", 1);
+    std::fs::write(&path, more_hosts).expect("write config");
+    assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    assert_eq!(gateway.running.restart_pending(), ["server.threads"]);
+
+    std::fs::write(&path, &started).expect("write config");
+    assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    assert!(gateway.running.restart_pending().is_empty());
+}
+
+/// Returns a config whose one domain names the htpasswd file `users`, with `server` as the
+/// lines of its `[server]` table.
+fn reload_target_config(server: &str, users: &str) -> String {
+    format!(
+        "[server]\n{server}\n\
+         [domains.a]\nhosts = [\"a.test\"]\n\
+         [domains.a.origins.web]\nkind = \"http\"\naddresses = [\"127.0.0.1:9\"]\n\
+         [[domains.a.routes]]\nprefix = \"/\"\norigin = \"web\"\n\
+         [[domains.a.plugins]]\nname = \"htpasswd\"\nfile = \"{users}\"\n"
+    )
+}
+
+/// Runs `mirror-gateway reload -c path` with `env` and none of the test's own
+/// `MIRROR_GATEWAY` variables.
+fn reload_command(path: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mirror-gateway"));
+    command.args(["reload", "-c"]).arg(path);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MIRROR_GATEWAY") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    command.output().expect("run mirror-gateway reload")
+}
+
+/// Starts `sleep 30` as a stand-in for the gateway: SIGHUP ends it, which the test observes.
+fn signal_target() -> std::process::Child {
+    std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("start sleep")
+}
+
+/// Waits up to 10 seconds for `child` to end and returns the signal that ended it, if any.
+/// A child still running is killed.
+fn ending_signal(child: &mut std::process::Child) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return status.signal();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn stderr_text(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Errors found with the caller's environment are warnings: the running gateway validates
+/// with its own environment, so the signal is sent.
+#[test]
+fn reload_command_signals_despite_local_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let path = dir.path().join("gateway.toml");
+    let server = format!("pid_file = \"{}\"", pid_file.display());
+    let text = reload_target_config(&server, "/nonexistent/users.htpasswd");
+    std::fs::write(&path, text).expect("write config");
+    let mut target = signal_target();
+    std::fs::write(&pid_file, format!("{}\n", target.id())).expect("write pid file");
+
+    let output = reload_command(&path, &[]);
+    let err = stderr_text(&output);
+    let signal = ending_signal(&mut target);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: ") && err.contains("/nonexistent/users.htpasswd"),
+        "{err}"
+    );
+    assert!(err.contains("with this shell's environment"), "{err}");
+    assert!(
+        err.contains("checks the file with its own environment"),
+        "{err}"
+    );
+    assert!(!err.contains("nothing was started"), "{err}");
+    assert_eq!(signal, Some(nix::sys::signal::Signal::SIGHUP as i32));
+}
+
+/// The pid file set by this shell's override is found although the file does not validate.
+#[test]
+fn reload_command_uses_env_pid_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("from-env.pid");
+    let path = dir.path().join("gateway.toml");
+    let text = reload_target_config("", "/nonexistent/users.htpasswd");
+    std::fs::write(&path, text).expect("write config");
+    let mut target = signal_target();
+    std::fs::write(&pid_file, format!("{}\n", target.id())).expect("write pid file");
+
+    let pid_text = pid_file.display().to_string();
+    let output = reload_command(&path, &[("MIRROR_GATEWAY__SERVER__PID_FILE", &pid_text)]);
+    let signal = ending_signal(&mut target);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_text(&output));
+    assert_eq!(signal, Some(nix::sys::signal::Signal::SIGHUP as i32));
+}
+
+#[test]
+fn reload_command_missing_pid_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("absent.pid");
+    let path = dir.path().join("gateway.toml");
+    let server = format!("pid_file = \"{}\"", pid_file.display());
+    std::fs::write(&path, reload_target_config(&server, "users")).expect("write config");
+
+    let output = reload_command(&path, &[]);
+    let err = stderr_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains(&pid_file.display().to_string()), "{err}");
+    assert!(err.contains("the pid file is missing"), "{err}");
+    assert!(err.contains("server.pid_file"), "{err}");
+    assert!(err.contains("kill -HUP"), "{err}");
+}
+
+#[test]
+fn reload_command_dead_pid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let path = dir.path().join("gateway.toml");
+    let server = format!("pid_file = \"{}\"", pid_file.display());
+    std::fs::write(&path, reload_target_config(&server, "users")).expect("write config");
+    let mut ended = std::process::Command::new("true")
+        .spawn()
+        .expect("start true");
+    let pid = ended.id();
+    ended.wait().expect("reap true");
+    std::fs::write(&pid_file, format!("{pid}\n")).expect("write pid file");
+
+    let output = reload_command(&path, &[]);
+    let err = stderr_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("names pid {pid} which is not running")),
+        "{err}"
+    );
+    assert!(err.contains("server.pid_file"), "{err}");
+    assert!(err.contains("kill -HUP"), "{err}");
+}
+
+#[test]
+fn reload_command_unreadable_pid_file_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, reload_target_config("pid_file = 5", "users")).expect("write config");
+
+    let output = reload_command(&path, &[]);
+    let err = stderr_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("server.pid_file = 5"), "{err}");
+    assert!(err.contains("no signal was sent"), "{err}");
+}

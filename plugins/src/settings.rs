@@ -76,8 +76,8 @@ pub fn parse<T: DeserializeOwned>(value: toml::Value) -> Result<T, Vec<SettingEr
 }
 
 /// Rewrites the `expected ...` part of each line of a deserializer's message in the words of
-/// the config file, so `expected u32` becomes `expected a whole number from 0 to 4294967295`.
-/// Lines that name no Rust or serde type are kept as they are, and so is the offending value.
+/// the config file, so `expected u32` becomes `expected a whole number`. Lines that name no
+/// Rust or serde type are kept as they are, and so is the offending value.
 fn describe_expected(message: &str) -> String {
     message
         .split_inclusive('\n')
@@ -89,7 +89,7 @@ fn describe_expected(message: &str) -> String {
             let Some((found, expected)) = text.rsplit_once(", expected ") else {
                 return line.to_string();
             };
-            match plain_type(expected) {
+            match plain_type(found, expected) {
                 Some(plain) => format!("{found}, expected {plain}{newline}"),
                 None => line.to_string(),
             }
@@ -98,24 +98,12 @@ fn describe_expected(message: &str) -> String {
 }
 
 /// Returns the config-file words for a type as serde's `expected` text names it, or `None`
-/// for text that needs no rewording.
-fn plain_type(expected: &str) -> Option<String> {
-    fn range(min: impl std::fmt::Display, max: impl std::fmt::Display) -> Option<String> {
-        Some(format!("a whole number from {min} to {max}"))
+/// for text that needs no rewording. `found` is serde's text for the value it rejected.
+fn plain_type(found: &str, expected: &str) -> Option<String> {
+    if let Some(bounds) = integer_bounds(expected) {
+        return Some(describe_integer(found, &bounds));
     }
     match expected {
-        "u8" => range(u8::MIN, u8::MAX),
-        "u16" => range(u16::MIN, u16::MAX),
-        "u32" => range(u32::MIN, u32::MAX),
-        "u64" => range(u64::MIN, u64::MAX),
-        "u128" => range(u128::MIN, u128::MAX),
-        "usize" => range(usize::MIN, usize::MAX),
-        "i8" => range(i8::MIN, i8::MAX),
-        "i16" => range(i16::MIN, i16::MAX),
-        "i32" => range(i32::MIN, i32::MAX),
-        "i64" => range(i64::MIN, i64::MAX),
-        "i128" => range(i128::MIN, i128::MAX),
-        "isize" => range(isize::MIN, isize::MAX),
         "f32" | "f64" => Some("a number".into()),
         "a boolean" => Some("true or false".into()),
         "a character" => Some("a string of one character".into()),
@@ -129,6 +117,80 @@ fn plain_type(expected: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The smallest and largest value of an integer type, as decimal text.
+struct IntegerBounds {
+    min: String,
+    max: String,
+}
+
+/// Returns the bounds of the integer type that serde names `expected`, if it names one.
+fn integer_bounds(expected: &str) -> Option<IntegerBounds> {
+    fn bounds(min: impl ToString, max: impl ToString) -> Option<IntegerBounds> {
+        Some(IntegerBounds {
+            min: min.to_string(),
+            max: max.to_string(),
+        })
+    }
+    match expected {
+        "u8" => bounds(u8::MIN, u8::MAX),
+        "u16" => bounds(u16::MIN, u16::MAX),
+        "u32" => bounds(u32::MIN, u32::MAX),
+        "u64" => bounds(u64::MIN, u64::MAX),
+        "u128" => bounds(u128::MIN, u128::MAX),
+        "usize" => bounds(usize::MIN, usize::MAX),
+        "i8" => bounds(i8::MIN, i8::MAX),
+        "i16" => bounds(i16::MIN, i16::MAX),
+        "i32" => bounds(i32::MIN, i32::MAX),
+        "i64" => bounds(i64::MIN, i64::MAX),
+        "i128" => bounds(i128::MIN, i128::MAX),
+        "isize" => bounds(isize::MIN, isize::MAX),
+        _ => None,
+    }
+}
+
+/// Describes the whole number a key expects. The type's limits are named only when the value
+/// lies outside them, and a number written in quotes gets the unquoted form as the fix.
+///
+/// A key whose documented range is narrower than its type's gets that range from its caller
+/// (see [`with_range`]).
+fn describe_integer(found: &str, bounds: &IntegerBounds) -> String {
+    // serde writes `invalid value: integer `N`` for a number outside the type's limits.
+    let out_of_range = found
+        .strip_prefix("invalid value: integer `")
+        .and_then(|rest| rest.strip_suffix('`'));
+    if let Some(number) = out_of_range {
+        return match (number.starts_with('-'), bounds.min.as_str()) {
+            (true, "0") => "a whole number, 0 or more".into(),
+            (true, min) => format!("a whole number, {min} or more"),
+            (false, _) => format!("a whole number, at most {}", bounds.max),
+        };
+    }
+    let quoted = found
+        .strip_prefix("invalid type: string \"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .filter(|text| text.trim().parse::<i64>().is_ok());
+    match quoted {
+        Some(text) => format!(
+            "a whole number; write it without quotes, e.g. {}",
+            text.trim()
+        ),
+        None => "a whole number".into(),
+    }
+}
+
+/// Replaces the `expected a whole number ...` part of `reason` with `expected a whole number
+/// {range}`, keeping what follows it after `; `. Returns `reason` unchanged when it has no
+/// such part. `range` is the key's documented range, such as `from 1 to 512`.
+pub fn with_range(reason: &str, range: &str) -> String {
+    const EXPECTED: &str = "expected a whole number";
+    let Some(start) = reason.find(EXPECTED) else {
+        return reason.to_string();
+    };
+    let rest = &reason[start..];
+    let end = rest.find("; ").map_or(reason.len(), |i| start + i);
+    format!("{}{EXPECTED} {range}{}", &reason[..start], &reason[end..])
 }
 
 /// Renders a TOML value the way it is written in a config file.
@@ -241,26 +303,28 @@ mod tests {
         let cases = [
             (
                 "big = -1",
-                "invalid value: integer `-1`, expected a whole number from 0 to \
-                 18446744073709551615",
+                "invalid value: integer `-1`, expected a whole number, 0 or more",
             ),
             (
                 "big = 1.5",
-                "invalid type: floating point `1.5`, expected a whole number from 0 to \
-                 18446744073709551615",
+                "invalid type: floating point `1.5`, expected a whole number",
+            ),
+            (
+                "big = \"2\"",
+                "invalid type: string \"2\", expected a whole number; write it without quotes, \
+                 e.g. 2",
             ),
             (
                 "small = 5000000000",
-                "invalid value: integer `5000000000`, expected a whole number from 0 to 4294967295",
+                "invalid value: integer `5000000000`, expected a whole number, at most 4294967295",
             ),
             (
                 "byte = 300",
-                "invalid value: integer `300`, expected a whole number from 0 to 255",
+                "invalid value: integer `300`, expected a whole number, at most 255",
             ),
             (
                 "signed = \"x\"",
-                "invalid type: string \"x\", expected a whole number from \
-                 -9223372036854775808 to 9223372036854775807",
+                "invalid type: string \"x\", expected a whole number",
             ),
             (
                 "ratio = \"fast\"",
@@ -282,7 +346,7 @@ mod tests {
             ("mode = \"slow\"", "unknown variant `slow`, expected `fast`"),
             (
                 "inner = { limit = 70000 }",
-                "invalid value: integer `70000`, expected a whole number from 0 to 65535",
+                "invalid value: integer `70000`, expected a whole number, at most 65535",
             ),
         ];
         for (text, reason) in cases {
@@ -292,8 +356,29 @@ mod tests {
             assert_eq!(first_line, reason, "{text}");
         }
         let errors = parse::<Typed>(table("count = -1")).expect_err("negative usize");
-        let expected = format!("expected a whole number from 0 to {}", usize::MAX);
-        assert!(errors[0].reason.contains(&expected), "{}", errors[0].reason);
+        let reason = &errors[0].reason;
+        assert!(
+            reason.contains("expected a whole number, 0 or more"),
+            "{reason}"
+        );
+        assert!(!reason.contains(&usize::MAX.to_string()), "{reason}");
+    }
+
+    #[test]
+    fn with_range_replaces_expected_part() {
+        let quoted = "invalid type: string \"2\", expected a whole number; write it without \
+                      quotes, e.g. 2";
+        assert_eq!(
+            with_range(quoted, "from 1 to 512"),
+            "invalid type: string \"2\", expected a whole number from 1 to 512; write it \
+             without quotes, e.g. 2"
+        );
+        let negative = "invalid value: integer `-1`, expected a whole number, 0 or more";
+        assert_eq!(
+            with_range(negative, "from 1 to 512"),
+            "invalid value: integer `-1`, expected a whole number from 1 to 512"
+        );
+        assert_eq!(with_range("unknown key", "from 1 to 512"), "unknown key");
     }
 
     #[test]

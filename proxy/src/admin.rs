@@ -88,7 +88,7 @@ impl AdminApp {
                             error_json("the purge failed; see the error log"),
                         );
                     };
-                    tracing::info!(?scope, purged, "cache purge");
+                    tracing::info!(%scope, purged, "cache purge");
                     (StatusCode::OK, format!("{{\"purged\":{purged}}}\n"))
                 }
                 Err((status, message)) => (status, error_json(&message)),
@@ -97,12 +97,7 @@ impl AdminApp {
                 StatusCode::METHOD_NOT_ALLOWED,
                 error_json("use GET for /cache/stats and /limits/stats, POST for /cache/purge"),
             ),
-            _ => (
-                StatusCode::NOT_FOUND,
-                error_json(
-                    "unknown endpoint; see /status, /metrics, /cache/stats and /cache/purge",
-                ),
-            ),
+            _ => (StatusCode::NOT_FOUND, error_json(UNKNOWN_ENDPOINT)),
         }
     }
 
@@ -158,14 +153,16 @@ impl AdminApp {
             .get("domain")
             .ok_or_else(|| bad("missing the `domain` parameter".into()))?
             .clone();
-        if !self
-            .state
-            .load()
-            .domains
-            .iter()
-            .any(|d| d.config.id == domain)
-        {
-            return Err((StatusCode::NOT_FOUND, format!("no domain {domain:?}")));
+        let state = self.state.load();
+        if !state.domains.iter().any(|d| d.config.id == domain) {
+            let ids: Vec<&str> = state.domains.iter().map(|d| d.config.id.as_str()).collect();
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no domain {domain:?}; the configured domain ids are {}",
+                    ids.join(", ")
+                ),
+            ));
         }
         let normalise = |name: &str, value: &str| {
             crate::path::normalize(value)
@@ -260,7 +257,11 @@ fn error_json(message: &str) -> String {
     format!("{{\"error\":{}}}\n", json_string(message))
 }
 
-/// Parses `a=1&b=2`, percent-decoding names and values; later duplicates win.
+/// The 404 message, naming every endpoint of the admin listener.
+const UNKNOWN_ENDPOINT: &str = "unknown endpoint; the endpoints are GET /healthz, GET /readyz, \
+     GET /metrics, GET /status, GET /status.json, GET /limits/stats, GET /cache/stats and \
+     POST /cache/purge";
+
 /// The parameters a purge accepts.
 const PURGE_PARAMETERS: [&str; 4] = ["domain", "path", "prefix", "query"];
 

@@ -76,6 +76,12 @@ impl Handles {
         self.reloader.reload_with(env)
     }
 
+    /// Returns the restart-only settings whose value in the last applied configuration
+    /// differs from the value this process started with, as config keys.
+    pub fn restart_pending(&self) -> Vec<&'static str> {
+        self.reloader.restart_pending()
+    }
+
     /// Returns the memory tier's counters.
     pub fn memory_stats(&self) -> TierSnapshot {
         self.state.cache.memory_stats()

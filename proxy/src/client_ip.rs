@@ -49,6 +49,12 @@ impl Cidr {
         let width = if ip.is_ipv4() { 32 } else { 128 };
         mask_bits(ip_bits(ip), self.prefix, width) == ip_bits(self.network)
     }
+
+    /// Returns the prefix length in bits; 0 is a network that contains every address of its
+    /// family.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix
+    }
 }
 
 impl FromStr for Cidr {

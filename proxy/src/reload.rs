@@ -12,9 +12,10 @@
 //!
 //! What a reload keeps: the cache (both tiers), the access log, the plugins' counters (quota
 //! counts and rate-limit buckets live in process-wide registries keyed by domain id) and the
-//! export-tree file servers. What needs a restart, and is logged as such when it changed:
-//! listen addresses, the admin listener, `[cache]` settings, the access-log target, and an
-//! export-tree origin that is new or whose root changed (its file server is not running).
+//! export-tree file servers. What needs a restart: listen addresses, the admin listener,
+//! `[cache]` settings, the access-log target, and an export-tree origin that is new or whose
+//! root changed (its file server is not running). Each such setting whose value differs from
+//! the one the process started with is logged on every reload.
 //! htpasswd files are re-read by their plugin when they change, without a reload.
 
 use std::collections::HashMap;
@@ -96,8 +97,12 @@ pub struct Reloader {
     path: PathBuf,
     current: Arc<ArcSwap<GatewayState>>,
     shared: Shared,
-    /// The configuration running now, to tell which changes need a restart.
-    running: Mutex<GatewayConfig>,
+    /// The configuration the process started with. The restart-only settings keep its
+    /// values until the process restarts, whatever a reload loads.
+    started: GatewayConfig,
+    /// The restart-only settings whose value in the last applied configuration differs from
+    /// the value the process runs with.
+    restart_pending: Mutex<Vec<&'static str>>,
     /// The watched files (the config file, then TLS certificates, keys and OCSP responses)
     /// and how they looked at the last load.
     stamps: Mutex<Vec<(PathBuf, Option<FileStamp>)>>,
@@ -128,7 +133,8 @@ impl Reloader {
             path: config.path.clone(),
             current,
             shared,
-            running: Mutex::new(config.clone()),
+            started: config.clone(),
+            restart_pending: Mutex::new(Vec::new()),
             stamps: Mutex::new(stamps_of(config)),
             monitor,
             sync,
@@ -194,7 +200,6 @@ impl Reloader {
                 let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
                 tracing::info!(config = %self.path.display(), ?domains, "reload applied");
                 *self.stamps.lock() = stamps_of(&config);
-                *self.running.lock() = config;
                 ReloadOutcome::Applied
             }
             Err(error) => {
@@ -209,15 +214,23 @@ impl Reloader {
         self.reload_with(utf8_environment())
     }
 
-    /// Logs each setting that changed but only takes effect after a restart.
+    /// Logs each restart-only setting whose value in `new` differs from the value the
+    /// process runs with, and remembers the list for [`Reloader::restart_pending`].
     fn warn_restart_needed(&self, new: &GatewayConfig) {
-        let changed = restart_needed(&self.running.lock(), new);
+        let changed = restart_needed(&self.started, new);
         if !changed.is_empty() {
             tracing::warn!(
                 ?changed,
                 "these settings changed but take effect only after a restart"
             );
         }
+        *self.restart_pending.lock() = changed;
+    }
+
+    /// Returns the restart-only settings, as config keys, whose value in the last applied
+    /// configuration differs from the value the process started with.
+    pub fn restart_pending(&self) -> Vec<&'static str> {
+        self.restart_pending.lock().clone()
     }
 
     /// Returns the first watched file that changed since the last load, if any.
@@ -234,7 +247,7 @@ impl Reloader {
 }
 
 /// Returns the settings that differ between `old` and `new` but take effect only after a
-/// restart, as their config keys.
+/// restart, as their config keys. `old` is the configuration the process started with.
 fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
     let admin_listen = |c: &GatewayConfig| c.admin.as_ref().map(|a| a.listen);
     let admin_file = |c: &GatewayConfig| c.admin.as_ref().map(|a| a.users.path().to_path_buf());

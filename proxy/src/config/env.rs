@@ -89,6 +89,8 @@ struct Walk {
     path: String,
     /// Path of the first key that did not exist and was created.
     created: Option<String>,
+    /// The variable name that sets the value at `path`, e.g. `MIRROR_GATEWAY__SERVER__LISTEN`.
+    variable: String,
 }
 
 /// Sets the key that `name` designates.
@@ -105,6 +107,7 @@ fn apply_one(root: &mut Table, name: &str, value: &str, walk: &mut Walk) -> Resu
         }
     }
     let (last, parents) = segments.split_last().ok_or("no key after the prefix")?;
+    walk.variable = ENV_PREFIX.trim_end_matches('_').to_string();
     // The walk treats the root like any other table; it is moved back whatever happens.
     let mut top = Value::Table(std::mem::take(root));
     let result = walk_and_set(&mut top, parents, last, value, walk);
@@ -124,6 +127,8 @@ fn walk_and_set(
     let mut current = top;
     for segment in parents {
         current = child(current, segment, walk)?;
+        walk.variable.push_str("__");
+        walk.variable.push_str(segment);
     }
     let slot = child(current, last, walk)?;
     *slot = typed_value(slot, value)?;
@@ -172,10 +177,17 @@ fn child<'a>(
             })?;
             let len = items.len();
             walk.path.push_str(&format!("[{index}]"));
-            items.get_mut(index).ok_or_else(|| match len {
-                0 => format!("{here} is an empty list; set the whole list in one variable"),
+            if index < len {
+                return Ok(&mut items[index]);
+            }
+            let example = whole_list_example(&walk.variable, items);
+            Err(match len {
+                0 => format!(
+                    "{here} is an empty list; set the whole list in one variable: {example}"
+                ),
                 _ => format!(
-                    "{here} has entries 0 to {}; index {index} is out of range",
+                    "{here} has entries 0 to {}; index {index} is out of range; to add an entry, \
+                     set the whole list: {example}",
                     len - 1
                 ),
             })
@@ -184,6 +196,18 @@ fn child<'a>(
             "{here} is a single value, not a table; shorten the variable name"
         )),
     }
+}
+
+/// Returns `variable='[...]'` with the list's entries and a placeholder for one more, in the
+/// single quotes a shell needs around a TOML array.
+fn whole_list_example(variable: &str, items: &[Value]) -> String {
+    let mut entries: Vec<String> = items.iter().map(Value::to_string).collect();
+    if items.iter().all(Value::is_str) {
+        entries.push("\"...\"".into());
+    } else {
+        entries.push("...".into());
+    }
+    format!("{variable}='[{}]'", entries.join(", "))
 }
 
 /// Returns the `quota` setting that `DOMAINS__<ID>__<alias>` sets, if `alias` is a budget alias.
@@ -383,6 +407,23 @@ mod tests {
                 "MIRROR_GATEWAY__SERVER__THREADS",
                 "MIRROR_GATEWAY__SERVER__THREADS__X"
             ]
+        );
+    }
+
+    #[test]
+    fn index_out_of_range_suggests_whole_list() {
+        let errors = apply(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]",
+            &[("MIRROR_GATEWAY__SERVER__LISTEN__1", "127.0.0.1:8081")],
+        )
+        .expect_err("index 1 of a list of one");
+        let reason = &errors[0].reason;
+        assert!(reason.contains("index 1 is out of range"), "{reason}");
+        assert!(
+            reason.ends_with(
+                "set the whole list: MIRROR_GATEWAY__SERVER__LISTEN='[\"127.0.0.1:8080\", \"...\"]'"
+            ),
+            "{reason}"
         );
     }
 

@@ -258,6 +258,44 @@ pub fn load(
     load_str(&text, path, env)
 }
 
+/// Returns the pid file that the config file at `path` names, with the overrides in `env`,
+/// without validating anything else: `server.pid_file` resolved against the file's
+/// directory, else [`default_pid_file`]. An error means the file cannot be read, is not
+/// TOML, or has a `server.pid_file` that is not a string.
+pub fn pid_file(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<PathBuf, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(&file, "", None, format!("cannot read the config file: {e}"))
+    })?;
+    let mut root: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| error::syntax_error(&file, &text, &e))?;
+    // Errors of other variables do not matter here; a bad pid-file value is reported below.
+    let (sources, _) = env::apply_overrides(&mut root, env);
+    let key = "server.pid_file";
+    let value = root.get("server").and_then(|server| server.get("pid_file"));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match value {
+        None => Ok(default_pid_file()),
+        Some(toml::Value::String(pid_file)) => Ok(validate::resolve(dir, pid_file)),
+        Some(other) => {
+            let source = sources.variable_for(key).unwrap_or(&file);
+            Err(ConfigError::new(
+                source,
+                key,
+                Some(other.to_string()),
+                "must be a string, the path of the pid file",
+            ))
+        }
+    }
+}
+
 /// Validates config `text` as if it were read from `path` (relative paths resolve against
 /// the directory of `path`).
 pub fn load_str(

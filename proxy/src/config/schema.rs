@@ -244,29 +244,109 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let number: u64 = digits.parse().map_err(|_| {
         format!("invalid size {text:?}; write a number of bytes or e.g. \"256MiB\"")
     })?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KiB, MiB, GiB, TiB, KB, MB or GB"
-            ))
-        }
-    };
+    if let Some(fraction) = unit.strip_prefix('.') {
+        return Err(fractional_size(text, number, fraction));
+    }
+    let factor = unit_factor(unit.trim()).ok_or_else(|| {
+        format!(
+            "unknown size unit {:?}; use B, KiB, MiB, GiB, TiB, KB, MB or GB",
+            unit.trim()
+        )
+    })?;
     number
         .checked_mul(factor)
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// The size units, largest first within each family: powers of 1024, then powers of 1000.
+const BINARY_UNITS: [(&str, u64); 5] = [
+    ("TiB", 1 << 40),
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("B", 1),
+];
+const DECIMAL_UNITS: [(&str, u64); 4] = [
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("KB", 1_000),
+    ("B", 1),
+];
+
+/// Returns the bytes in one `unit`; an empty unit means bytes.
+fn unit_factor(unit: &str) -> Option<u64> {
+    match unit {
+        "" => Some(1),
+        "kB" => Some(1_000),
+        _ => BINARY_UNITS
+            .iter()
+            .chain(&DECIMAL_UNITS)
+            .find(|(name, _)| *name == unit)
+            .map(|(_, factor)| *factor),
+    }
+}
+
+/// Builds the error for a size with a fraction, such as `"1.5GiB"`: sizes are whole numbers,
+/// and the same size is suggested in the largest smaller unit that makes it whole.
+fn fractional_size(text: &str, whole: u64, rest: &str) -> String {
+    let reason = format!("invalid size {text:?}: sizes are whole numbers");
+    let split = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (fraction, unit) = rest.split_at(split);
+    let unit = unit.trim();
+    let (Some(factor), Ok(numerator), Ok(places)) = (
+        unit_factor(unit),
+        format!("{whole}{fraction}").parse::<u128>(),
+        u32::try_from(fraction.len()),
+    ) else {
+        return format!("{reason}; write e.g. \"1536MiB\" for 1.5 GiB");
+    };
+    let Some(denominator) = 10u128.checked_pow(places) else {
+        return format!("{reason}; write e.g. \"1536MiB\" for 1.5 GiB");
+    };
+    // The size in bytes is numerator * factor / denominator.
+    let scaled = numerator.saturating_mul(u128::from(factor));
+    let family = if BINARY_UNITS.iter().any(|(_, f)| *f == factor) {
+        &BINARY_UNITS[..]
+    } else {
+        &DECIMAL_UNITS[..]
+    };
+    let exact = family
+        .iter()
+        .filter(|(_, f)| *f < factor)
+        .find(|(_, f)| scaled % (denominator * u128::from(*f)) == 0);
+    match exact {
+        Some((name, f)) => format!(
+            "{reason}; write \"{}{name}\"",
+            scaled / (denominator * u128::from(*f))
+        ),
+        None => format!(
+            "{reason}; write it in bytes, e.g. \"{}\"",
+            scaled / denominator
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_size_fraction_suggests_smaller_unit() {
+        let cases = [
+            ("1.5GiB", "write \"1536MiB\""),
+            ("0.5 MiB", "write \"512KiB\""),
+            ("2.25GB", "write \"2250MB\""),
+            ("1.1KiB", "write it in bytes, e.g. \"1126\""),
+        ];
+        for (text, fix) in cases {
+            let error = parse_byte_size(text).expect_err(text);
+            assert!(error.contains("sizes are whole numbers"), "{text}: {error}");
+            assert!(error.ends_with(fix), "{text}: {error}");
+            assert!(!error.contains("unknown size unit"), "{text}: {error}");
+        }
+    }
 
     #[test]
     fn byte_size_units() {

@@ -48,7 +48,11 @@ impl Errors<'_> {
     fn extend(&mut self, parent: &str, errors: Vec<SettingError>) {
         for e in errors {
             let e = e.within(parent);
-            self.push(&e.key, e.value, e.reason);
+            let reason = match documented_range(&e.key) {
+                Some(range) => settings::with_range(&e.reason, range),
+                None => e.reason,
+            };
+            self.push(&e.key, e.value, reason);
         }
     }
 
@@ -68,6 +72,26 @@ impl Errors<'_> {
                 None
             }
         }
+    }
+}
+
+/// Returns the range that docs/configuration.md gives for a whole-number key of the gateway's
+/// own sections, so that a type error states it in place of the type's limits. Plugin keys
+/// are left to the plugins.
+fn documented_range(key: &str) -> Option<&'static str> {
+    if key.contains(".plugins[") {
+        return None;
+    }
+    let name = key.rsplit('.').next().unwrap_or(key);
+    match name {
+        "threads" if key == "server.threads" => Some("from 1 to 512"),
+        "lock_wait_timeout_secs"
+        | "lock_age_timeout_secs"
+        | "max_origin_requests"
+        | "connect_timeout_ms"
+        | "read_timeout_ms"
+        | "write_timeout_ms" => Some("of at least 1"),
+        _ => None,
     }
 }
 
@@ -109,7 +133,7 @@ pub(super) fn validate(
         );
     }
 
-    let server = validate_server(server, &config_dir, &mut errors);
+    let server = validate_server(server, &config_dir, &mut errors, &mut warnings);
     let log = validate_log(log, &config_dir, &mut errors);
     let cache = validate_cache(cache, &config_dir, &mut errors);
     let admin = validate_admin(admin, &config_dir, &mut errors);
@@ -122,6 +146,9 @@ pub(super) fn validate(
         warnings: &mut warnings,
     }
     .run(tls_keys, &domains, plain_listen);
+    if let Some(admin) = &admin {
+        check_admin_port(admin.listen, plain_listen, &tls.listen, &mut errors);
+    }
 
     match (server, log, cache) {
         (Some(server), Some(log), Some(cache)) if errors.list.is_empty() => Ok(GatewayConfig {
@@ -142,6 +169,7 @@ fn validate_server(
     s: ServerSection,
     dir: &Path,
     errors: &mut Errors<'_>,
+    warnings: &mut Errors<'_>,
 ) -> Option<ServerSettings> {
     let before = errors.list.len();
     if s.listen.is_empty() {
@@ -174,7 +202,7 @@ fn validate_server(
             "must be between 1 and 512",
         );
     }
-    let trusted_proxies = validate_trusted_proxies(&s.trusted_proxies, errors);
+    let trusted_proxies = validate_trusted_proxies(&s.trusted_proxies, errors, warnings);
     let runtime_dir = s.runtime_dir.map(|d| (resolve(dir, &d), d));
     if let Some((path, text)) = &runtime_dir {
         if !path.is_dir() {
@@ -204,12 +232,28 @@ fn validate_server(
     })
 }
 
-/// Parses each `server.trusted_proxies` entry as a network, reporting every invalid one.
-fn validate_trusted_proxies(entries: &[String], errors: &mut Errors<'_>) -> TrustedProxies {
+/// Parses each `server.trusted_proxies` entry as a network, reporting every invalid one and
+/// warning about each network of prefix length 0, which trusts every peer.
+fn validate_trusted_proxies(
+    entries: &[String],
+    errors: &mut Errors<'_>,
+    warnings: &mut Errors<'_>,
+) -> TrustedProxies {
     let mut ranges = Vec::new();
     for (i, text) in entries.iter().enumerate() {
         match text.trim().parse::<Cidr>() {
-            Ok(range) => ranges.push(range),
+            Ok(range) => {
+                if range.prefix_len() == 0 {
+                    warnings.push(
+                        &format!("server.trusted_proxies[{i}]"),
+                        Some(format!("{text:?}")),
+                        "trusts every peer, so every client can choose its own address for \
+                         quota and rate limits with X-Forwarded-For; list only the networks \
+                         of your proxies",
+                    );
+                }
+                ranges.push(range);
+            }
             Err(e) => errors.push(
                 &format!("server.trusted_proxies[{i}]"),
                 Some(format!("{text:?}")),
@@ -218,6 +262,34 @@ fn validate_trusted_proxies(entries: &[String], errors: &mut Errors<'_>) -> Trus
         }
     }
     TrustedProxies::new(ranges)
+}
+
+/// Reports an admin address that `server.listen` or `server.tls_listen` has too: the second
+/// bind would fail at start. Port 0 picks a different free port for each, so it never clashes.
+fn check_admin_port(
+    admin: SocketAddr,
+    plain: &[SocketAddr],
+    tls: &[SocketAddr],
+    errors: &mut Errors<'_>,
+) {
+    if admin.port() == 0 {
+        return;
+    }
+    let other = if plain.contains(&admin) {
+        "server.listen"
+    } else if tls.contains(&admin) {
+        "server.tls_listen"
+    } else {
+        return;
+    };
+    errors.push(
+        "admin.listen",
+        Some(format!("\"{admin}\"")),
+        format!(
+            "{other} has this address too; the admin listener needs a port of its own, so \
+             change one of them"
+        ),
+    );
 }
 
 /// Validates `[admin]`: off without `listen`; with it, an htpasswd file is required, because
@@ -330,6 +402,31 @@ fn check_log_file(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Checks that the disk tier's directory exists, or that its parent does, so that the gateway
+/// creates at most the last component: a misspelt path must not grow a new tree of
+/// directories on another filesystem.
+fn check_disk_dir(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if path.exists() {
+        return Err(format!(
+            "{} exists and is not a directory; name a directory, or remove the key to keep the \
+             cache in memory only",
+            path.display()
+        ));
+    }
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) if !parent.is_dir() => Err(format!(
+            "directory {} does not exist; create it (the gateway creates only {} itself), or \
+             correct the path",
+            parent.display(),
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks a `tracing` filter such as `info` or `mirror_proxy=debug,info`.
 ///
 /// `EnvFilter` reads a bare word that is not a level as a target name. A misspelt level such as
@@ -394,7 +491,10 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
             .disk_max_object_bytes
             .map_or(s.disk_bytes.0.min(DEFAULT_DISK_MAX_OBJECT_BYTES), |b| b.0),
     });
-    if let Some(disk) = &disk {
+    if let (Some(disk), Some(text)) = (&disk, &s.disk_dir) {
+        if let Err(reason) = check_disk_dir(&disk.dir) {
+            errors.push("cache.disk_dir", Some(format!("{text:?}")), reason);
+        }
         if disk.budget_bytes < 1 << 20 {
             errors.push(
                 "cache.disk_bytes",
@@ -923,7 +1023,8 @@ fn one_line(reason: &str) -> String {
     lines.join("; ")
 }
 
-fn resolve(dir: &Path, path: &str) -> PathBuf {
+/// Resolves a path of the config file against the file's directory `dir`.
+pub(super) fn resolve(dir: &Path, path: &str) -> PathBuf {
     let path = Path::new(path);
     if path.is_absolute() {
         path.to_path_buf()
