@@ -552,8 +552,25 @@ fn http_origin_unknown_key() {
     let fx = Fixture::new();
     let text = domain_with("kind = \"http\"", "kind = \"http\"\nroot = \"tree\"");
     let errors = fx.errors(&text, &[]);
-    let error = on_key(&errors, "domains.primary.origins.web");
-    assert!(error.reason.contains("unknown field `root`"), "{error}");
+    let error = on_key(&errors, "domains.primary.origins.web.root");
+    assert_eq!(error.value.as_deref(), Some("\"tree\""));
+    assert!(error.reason.contains("unknown key"), "{error}");
+}
+
+#[test]
+fn export_origin_unknown_keys_each_named() {
+    let fx = Fixture::new();
+    let text = domain_with(
+        "root = \"tree\"",
+        "root = \"tree\"\npinned = \"x\"\nrooot = \"y\"",
+    );
+    let errors = fx.errors(&text, &[]);
+    for (key, value) in [("pinned", "\"x\""), ("rooot", "\"y\"")] {
+        let error = on_key(&errors, &format!("domains.primary.origins.tree.{key}"));
+        assert_eq!(error.value.as_deref(), Some(value));
+        assert!(error.reason.contains("unknown key"), "{error}");
+    }
+    assert_eq!(errors.len(), 2, "{errors:?}");
 }
 
 #[test]

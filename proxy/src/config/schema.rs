@@ -188,6 +188,27 @@ pub enum OriginSection {
     },
 }
 
+impl OriginSection {
+    /// Returns the keys an origin table of `kind` may have, `kind` included, or `None` for a
+    /// kind that does not exist. The deserializer of a table told apart by `kind` names only
+    /// the first unknown key, so validation checks the keys with this list first.
+    pub fn keys_of(kind: &str) -> Option<&'static [&'static str]> {
+        match kind {
+            "http" => Some(&[
+                "kind",
+                "addresses",
+                "host",
+                "connect_timeout_ms",
+                "read_timeout_ms",
+                "write_timeout_ms",
+                "idle_timeout_secs",
+            ]),
+            "export_tree" => Some(&["kind", "root", "pinned_export"]),
+            _ => None,
+        }
+    }
+}
+
 fn default_connect_timeout_ms() -> u64 {
     2_000
 }
@@ -331,6 +352,35 @@ fn fractional_size(text: &str, whole: u64, rest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key that `keys_of` lists is one the origin's deserializer accepts.
+    #[test]
+    fn origin_keys_match_the_schema() {
+        let tables = [
+            (
+                "http",
+                "kind = \"http\"\naddresses = [\"127.0.0.1:1\"]\nhost = \"h\"\n\
+                 connect_timeout_ms = 1\nread_timeout_ms = 1\nwrite_timeout_ms = 1\n\
+                 idle_timeout_secs = 1",
+            ),
+            (
+                "export_tree",
+                "kind = \"export_tree\"\nroot = \"r\"\npinned_export = \"p\"",
+            ),
+        ];
+        for (kind, text) in tables {
+            let table: toml::Table = text.parse().expect("TOML");
+            let listed = OriginSection::keys_of(kind).expect("known kind");
+            let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            let mut expected = listed.to_vec();
+            expected.sort_unstable();
+            assert_eq!(keys, expected, "{kind}");
+            let parsed: Result<OriginSection, _> = toml::Value::Table(table).try_into();
+            assert!(parsed.is_ok(), "{kind}: {parsed:?}");
+        }
+        assert_eq!(OriginSection::keys_of("ftp"), None);
+    }
 
     #[test]
     fn byte_size_fraction_suggests_smaller_unit() {

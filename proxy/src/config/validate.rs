@@ -767,6 +767,7 @@ fn validate_origins(
                 "an origin name uses 1 to 64 of a-z, 0-9, `-` and `_`; rename the table",
             );
         }
+        let table = drop_unknown_origin_keys(table, &key, errors);
         let Some(section) = errors.parse::<OriginSection>(table, &key) else {
             continue;
         };
@@ -808,6 +809,33 @@ fn validate_origins(
         }
     }
     origins
+}
+
+/// Reports each key of the origin table `table` (at `key`) that its `kind` does not have, and
+/// removes it, so that the table's other problems are reported in the same run. A table
+/// without a known `kind` is left for the deserializer to report.
+fn drop_unknown_origin_keys(mut table: Value, key: &str, errors: &mut Errors<'_>) -> Value {
+    let Some(fields) = table.as_table_mut() else {
+        return table;
+    };
+    let kind = fields.get("kind").and_then(Value::as_str);
+    let Some(known) = kind.and_then(OriginSection::keys_of) else {
+        return table;
+    };
+    let unknown: Vec<String> = fields
+        .keys()
+        .filter(|name| !known.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    for name in unknown {
+        let value = fields.remove(&name).map(|v| render(&v));
+        errors.push(
+            &join_key(key, &name),
+            value,
+            "unknown key; remove it or check its spelling",
+        );
+    }
+    table
 }
 
 /// Reports each timeout of zero milliseconds; returns whether all were at least 1.
