@@ -135,13 +135,17 @@ fn check(path: &Path) -> ExitCode {
         return check_sync_file(path);
     }
     let mut sync_valid = true;
+    let mut sync_jobs = None;
     if has_sync_section(path) {
-        if let Err(errors) = mirror_sync::config::load(path) {
-            for error in &errors {
-                eprintln!("error: {error}");
+        match mirror_sync::config::load(path) {
+            Ok(sync) => sync_jobs = Some(sync.jobs.len()),
+            Err(errors) => {
+                for error in &errors {
+                    eprintln!("error: {error}");
+                }
+                eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
+                sync_valid = false;
             }
-            eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
-            sync_valid = false;
         }
     }
     match load(path) {
@@ -149,8 +153,9 @@ fn check(path: &Path) -> ExitCode {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
+            let jobs = sync_jobs.map_or(String::new(), |n| format!(", {n} sync job(s)"));
             println!(
-                "{}: configuration is valid ({} domain(s))",
+                "{}: configuration is valid ({} domain(s){jobs})",
                 path.display(),
                 config.domains.len()
             );

@@ -248,6 +248,28 @@ fn check_standalone_sync_file() {
     );
 }
 
+/// With `[sync]` in the gateway's own file, the valid line counts its jobs too.
+#[test]
+fn check_counts_sync_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    for sub in ["source", "synced"] {
+        std::fs::create_dir_all(dir.path().join(sub)).expect("directory");
+    }
+    let mut text = std::fs::read_to_string(&path).expect("config");
+    text.push_str(
+        "\n[sync.jobs.concelier]\ndestination = \"synced\"\n\
+         source = { kind = \"directory\", path = \"source\" }\n",
+    );
+    std::fs::write(&path, text).expect("config with sync");
+    let output = gateway(&["check", "-c", &path], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output).trim(),
+        format!("{path}: configuration is valid (2 domain(s), 1 sync job(s))")
+    );
+}
+
 #[test]
 fn check_standalone_sync_file_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
