@@ -1160,6 +1160,32 @@ fn admin_listen_same_as_server_listen() {
 }
 
 #[test]
+fn admin_listen_inside_wildcard_listen() {
+    let fx = Fixture::new();
+    for (server, admin) in [
+        ("0.0.0.0:18881", "127.0.0.1:18881"),
+        ("127.0.0.1:18881", "0.0.0.0:18881"),
+        ("[::]:18881", "127.0.0.1:18881"),
+    ] {
+        let text = format!(
+            "[server]\nlisten = [\"{server}\"]\n[admin]\nlisten = \"{admin}\"\n\
+             htpasswd = \"users.htpasswd\"\n{DOMAIN}"
+        );
+        fx.expect(
+            &text,
+            "admin.listen",
+            Some(&format!("\"{admin}\"")),
+            "which takes this address too",
+        );
+    }
+    let apart = format!(
+        "[server]\nlisten = [\"0.0.0.0:18881\"]\n[admin]\nlisten = \"[::1]:18881\"\n\
+         htpasswd = \"users.htpasswd\"\n{DOMAIN}"
+    );
+    fx.config(&apart, &[]);
+}
+
+#[test]
 fn admin_listen_port_zero_shared() {
     let fx = Fixture::new();
     let text = format!(

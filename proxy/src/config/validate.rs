@@ -1,7 +1,7 @@
 //! Validation: from the parsed TOML table to a [`GatewayConfig`], collecting every error.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -275,21 +275,40 @@ fn check_admin_port(
     if admin.port() == 0 {
         return;
     }
-    let other = if plain.contains(&admin) {
-        "server.listen"
-    } else if tls.contains(&admin) {
-        "server.tls_listen"
+    let clash = |addresses: &[SocketAddr]| {
+        addresses
+            .iter()
+            .find(|other| listeners_overlap(admin, **other))
+            .copied()
+    };
+    let (key, other) = match (clash(plain), clash(tls)) {
+        (Some(other), _) => ("server.listen", other),
+        (None, Some(other)) => ("server.tls_listen", other),
+        (None, None) => return,
+    };
+    let reason = if other == admin {
+        format!("{key} has this address too")
     } else {
-        return;
+        format!("{key} has \"{other}\", which takes this address too")
     };
     errors.push(
         "admin.listen",
         Some(format!("\"{admin}\"")),
-        format!(
-            "{other} has this address too; the admin listener needs a port of its own, so \
-             change one of them"
-        ),
+        format!("{reason}; the admin listener needs a port of its own, so change one of them"),
     );
+}
+
+/// Returns whether listening on `a` and on `b` would take the same port of one address: the
+/// ports are equal and the addresses are equal, or one is a wildcard that covers the other.
+/// `[::]` covers IPv4 addresses too, because Linux listens on both families there unless
+/// `net.ipv6.bindv6only` is set, and the gateway leaves that setting alone.
+fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: IpAddr, other: IpAddr| match (wide, other) {
+        (IpAddr::V4(wide), IpAddr::V4(_)) => wide.is_unspecified(),
+        (IpAddr::V6(wide), _) => wide.is_unspecified(),
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 /// Validates `[admin]`: off without `listen`; with it, an htpasswd file is required, because
