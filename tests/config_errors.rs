@@ -158,6 +158,20 @@ fn syntax_error_names_line() {
 }
 
 #[test]
+fn syntax_error_is_one_line() {
+    let fx = Fixture::new();
+    let errors = fx.errors("[server\nthreads = 2\n", &[]);
+    assert_eq!(errors.len(), 1);
+    let reason = &errors[0].reason;
+    assert!(reason.starts_with("invalid TOML"), "{reason}");
+    assert!(!reason.contains('\n'), "{reason:?}");
+    assert!(
+        reason.contains("; "),
+        "both parts of the message: {reason:?}"
+    );
+}
+
+#[test]
 fn top_level_unknown_key() {
     let fx = Fixture::new();
     let text = format!("cahce = {{ memory_bytes = 1 }}\n{DOMAIN}");

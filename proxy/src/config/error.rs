@@ -53,6 +53,14 @@ pub(super) fn syntax_error(file: &str, text: &str, err: &toml::de::Error) -> Con
             format!("{file}:{line}")
         })
         .unwrap_or_else(|| file.to_string());
-    let message = err.message().trim().to_string();
+    // The parser's message may span lines ("invalid table header" and "expected ..."); each
+    // error is printed as one line.
+    let message = err
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     ConfigError::new(location, "", None, format!("invalid TOML: {message}"))
 }
