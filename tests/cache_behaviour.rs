@@ -299,6 +299,46 @@ async fn not_modified_revalidates() {
     assert_eq!(origin.count(), 2, "origin requests");
 }
 
+/// A 304 that names another strong `ETag` validates another representation: the client gets
+/// the stored body with its own `ETag`, and the entry is not refreshed.
+#[tokio::test(flavor = "multi_thread")]
+async fn not_modified_other_etag_refreshes_nothing() {
+    let origin = ScriptOrigin::start(|req, _| {
+        if req.header("if-none-match").is_some() {
+            let mut reply = Script::pieces(Vec::new());
+            reply.status = 304;
+            reply.headers = vec![
+                ("etag".into(), "\"e2\"".into()),
+                ("cache-control".into(), "max-age=60".into()),
+            ];
+            reply
+        } else {
+            let mut reply = Script::ok("original", "max-age=60");
+            reply.headers.push(("etag".into(), "\"e1\"".into()));
+            reply
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let url = gateway.url("/etag.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    clock.advance(secs(61));
+    let served = fetch(&url, &[]).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.text(), "original");
+    assert_eq!(served.header("etag"), Some("\"e1\""));
+    assert_eq!(origin.count(), 2, "origin requests");
+
+    // Not refreshed: the next request revalidates again.
+    let again = fetch(&url, &[]).await;
+    assert_eq!(again.text(), "original");
+    assert_ne!(again.cache, "HIT");
+    assert_eq!(origin.count(), 3, "origin requests");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ranges_and_conditionals_from_cache() {
     let origin = TestOrigin::start(|_| {

@@ -276,6 +276,33 @@ fn finish_response_header(
     Ok(())
 }
 
+/// Checks a 304 the origin sent for the revalidation of a stored response. When the 304 names a
+/// strong `ETag` the stored response does not have, it validates another representation
+/// (RFC 9111, section 4.3.4): the stored response must not be refreshed by it. The 304's
+/// `ETag` is dropped, so the client gets the stored body with its own `ETag`, and the request
+/// is marked so that `response_cache_filter` leaves the entry as it was, still expired, so
+/// that the next request revalidates again.
+fn reject_conflicting_304(session: &Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) {
+    let Some(stored) = session.cache.maybe_cache_meta() else {
+        return;
+    };
+    let etag = |header: &ResponseHeader| {
+        header
+            .headers
+            .get(http::header::ETAG)
+            .map(|v| v.as_bytes().to_vec())
+    };
+    let (old, new) = (etag(stored.response_header()), etag(resp));
+    if crate::cache::validator_conflicts(old.as_deref(), new.as_deref()) {
+        tracing::warn!(path = %ctx.path,
+            stored_etag = %String::from_utf8_lossy(old.as_deref().unwrap_or_default()),
+            origin_etag = %String::from_utf8_lossy(new.as_deref().unwrap_or_default()),
+            "the origin answered a revalidation with 304 for another ETag; the stored response is served but not refreshed");
+        resp.remove_header(&http::header::ETAG);
+        ctx.no_store = Some(NoStoreReason::ValidatorMismatch);
+    }
+}
+
 /// Returns whether `req` requests the whole stored response as it is: no range and no
 /// conditional field. The cache path serves those with ranges, 304s and validator checks.
 fn wants_whole_response(req: &RequestHeader) -> bool {
@@ -391,15 +418,19 @@ impl ProxyHttp for Gateway {
     }
 
     /// Decides whether to store an origin response. After a 304 refresh, `resp` is the stored
-    /// header with the 304's `Cache-Control`, `Expires` and `ETag` merged in by Pingora.
-    /// NOTE: the 304's other fields are dropped, and a 304 whose `ETag` differs from the stored
-    /// one still refreshes the entry (RFC 9111, section 4.3.4 says it must not).
+    /// header with the 304's `Cache-Control`, `Expires` and `ETag` merged in by Pingora. A 304
+    /// for another strong `ETag` refreshes nothing (see `reject_conflicting_304`).
+    /// NOTE: the 304's other fields are dropped (Pingora 0.9.1 merges only those three).
     fn response_cache_filter(
         &self,
         session: &Session,
         resp: &ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<RespCacheable> {
+        if ctx.no_store == Some(NoStoreReason::ValidatorMismatch) {
+            let label = NoStoreReason::ValidatorMismatch.label();
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(label)));
+        }
         let state = Arc::clone(&ctx.state);
         let forwarded = self.forwards_authorization(ctx)
             && session
@@ -493,10 +524,13 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if upstream_response.status == StatusCode::NOT_MODIFIED {
+            reject_conflicting_304(session, upstream_response, ctx);
+        }
         let state = Arc::clone(&ctx.state);
         let elapsed = ctx.upstream_timer.elapsed(Instant::now());
         let status = upstream_response.status.as_u16();

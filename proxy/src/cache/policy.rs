@@ -26,6 +26,9 @@ pub enum NoStoreReason {
     VaryAny,
     /// The origin saw the client's credentials and did not mark the response `public`.
     Authorization,
+    /// A 304 from the origin names a strong `ETag` that the stored response does not have, so
+    /// it validates some other representation and the stored one is not refreshed.
+    ValidatorMismatch,
 }
 
 impl NoStoreReason {
@@ -38,7 +41,20 @@ impl NoStoreReason {
             Self::NoLifetime => "no_lifetime",
             Self::VaryAny => "vary_any",
             Self::Authorization => "authorization",
+            Self::ValidatorMismatch => "validator_mismatch",
         }
+    }
+}
+
+/// Returns whether a 304 with `new_etag` validates some other representation than the stored
+/// response with `stored_etag`: the 304 names a strong `ETag` that the stored response does
+/// not have (RFC 9111, section 4.3.4). A weak or missing `ETag` on the 304 selects nothing
+/// by strong validator, so it never conflicts.
+pub fn validator_conflicts(stored_etag: Option<&[u8]>, new_etag: Option<&[u8]>) -> bool {
+    match new_etag.map(<[u8]>::trim_ascii) {
+        None => false,
+        Some(new) if new.starts_with(b"W/") => false,
+        Some(new) => stored_etag.map(<[u8]>::trim_ascii) != Some(new),
     }
 }
 
@@ -198,6 +214,19 @@ fn origin_age(resp: &ResponseHeader) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validator_conflicts_on_other_strong_etag() {
+        let tag = |text: &'static str| Some(text.as_bytes());
+        assert!(!validator_conflicts(tag("\"a\""), tag("\"a\"")));
+        assert!(!validator_conflicts(tag("\"a\""), tag(" \"a\" ")));
+        assert!(validator_conflicts(tag("\"a\""), tag("\"b\"")));
+        assert!(validator_conflicts(None, tag("\"b\"")));
+        assert!(validator_conflicts(tag("W/\"a\""), tag("\"a\"")));
+        assert!(!validator_conflicts(tag("\"a\""), tag("W/\"b\"")));
+        assert!(!validator_conflicts(tag("\"a\""), None));
+        assert!(!validator_conflicts(None, None));
+    }
 
     fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
         let mut resp = ResponseHeader::build(status, None).expect("valid status");
