@@ -544,6 +544,40 @@ async fn origin_cap_serialises() {
     assert_eq!(origin.max_in_flight(), 1, "requests in flight at once");
 }
 
+/// A GET or HEAD that announces a body gets 400 at once and never reaches the origin,
+/// even when the body never arrives, so it cannot hold the domain's only origin slot or be
+/// passed on as the start of another request.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_body_rejected_slot_kept() {
+    let origin =
+        ScriptOrigin::start(|req, _| Script::ok(&format!("body of {}", req.target), "max-age=60"))
+            .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "max_origin_requests = 1", false);
+    let requests = [
+        "GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nabc",
+        "GET /b HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        "HEAD /c HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n",
+    ];
+    for request in requests {
+        let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut head = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head))
+            .await
+            .expect("an answer within 5 s, not a hang");
+        read.expect("status line");
+        assert_eq!(&head, b"HTTP/1.1 400", "{request:?}");
+    }
+    let empty = fetch(&gateway.url("/d"), &[("content-length", "0")]).await;
+    assert_eq!(empty.status, 200, "Content-Length: 0 is no body");
+    let plain = tokio::time::timeout(Duration::from_secs(5), fetch(&gateway.url("/e"), &[]))
+        .await
+        .expect("the origin slot is free");
+    assert_eq!(plain.text(), "body of /e");
+    assert_eq!(origin.count(), 2, "only /d and /e reached the origin");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn debug_header_names_status() {
     let origin = TestOrigin::start(|_| {

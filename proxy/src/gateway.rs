@@ -190,6 +190,16 @@ impl GatewayState {
                 "this mirror is read-only; use GET or HEAD",
             ));
         }
+        if announces_body(req) {
+            // A body would reach HTTP origins on a reused connection, where an origin that
+            // ignores GET bodies reads it as the next request. A body that never arrives would
+            // also keep the request, and its origin slot, open.
+            return Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "a GET or HEAD request must not carry a body; send it without Content-Length \
+                 and Transfer-Encoding",
+            ));
+        }
         ctx.path = crate::path::normalize(req.uri.path())
             .map_err(|e| error_response(StatusCode::BAD_REQUEST, &e.to_string()))?;
         let route_match = match_route(&domain.config, &ctx.path)
@@ -300,6 +310,21 @@ fn reject_conflicting_304(session: &Session, resp: &mut ResponseHeader, ctx: &mu
             "the origin answered a revalidation with 304 for another ETag; the stored response is served but not refreshed");
         resp.remove_header(&http::header::ETAG);
         ctx.no_store = Some(NoStoreReason::ValidatorMismatch);
+    }
+}
+
+/// Returns whether `req` announces a body: any `Transfer-Encoding`, or a `Content-Length`
+/// other than a single `0`.
+fn announces_body(req: &RequestHeader) -> bool {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    if req.headers.contains_key(TRANSFER_ENCODING) {
+        return true;
+    }
+    let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => false,
+        (Some(length), None) => length.as_bytes().trim_ascii() != b"0",
+        (Some(_), Some(_)) => true,
     }
 }
 
@@ -621,8 +646,23 @@ impl ProxyHttp for Gateway {
         respond::status_for_error(e) >= 500
     }
 
+    /// Frees the domain's origin slot once the origin's body has ended: the origin request is
+    /// over, however long the client then takes to read the response.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<std::time::Duration>> {
+        if end_of_stream {
+            drop(ctx.origin_slot.take());
+        }
+        Ok(None)
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        // The response is finished, so the origin request is too.
+        // The response is finished, so the origin request is too, if it did not end before.
         drop(ctx.origin_slot.take());
         self.log_request(session, ctx);
     }

@@ -324,6 +324,9 @@ struct FileStamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
+    /// The inode change time, in seconds and nanoseconds: a copy in place that sets the old
+    /// modification time back changes only this.
+    changed: (i64, i64),
 }
 
 impl FileStamp {
@@ -334,6 +337,7 @@ impl FileStamp {
             modified: meta.modified().ok(),
             len: meta.len(),
             inode: meta.ino(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
         })
     }
 }

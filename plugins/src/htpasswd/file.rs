@@ -181,6 +181,9 @@ pub struct FileStamp {
     inode: u64,
     len: u64,
     modified: Option<SystemTime>,
+    /// The inode change time. A tool that copies in place and sets the old modification time
+    /// back (`cp -p`, `rsync --inplace -t`) changes only this.
+    changed: Option<SystemTime>,
 }
 
 impl FileStamp {
@@ -192,13 +195,15 @@ impl FileStamp {
             inode,
             len: meta.len(),
             modified: meta.modified().ok(),
+            changed: change_time(meta),
         }
     }
 
     /// Tells whether the file was modified so shortly before `now` that a further write could
     /// leave the same stamp. Such a file must be read again even if its stamp is unchanged.
     pub fn is_unsettled(&self, now: SystemTime) -> bool {
-        match self.modified.map(|modified| now.duration_since(modified)) {
+        let latest = self.modified.max(self.changed);
+        match latest.map(|latest| now.duration_since(latest)) {
             Some(Ok(age)) => age < SETTLE_TIME,
             Some(Err(_)) | None => true,
         }
@@ -425,6 +430,19 @@ fn device_and_inode(meta: &Metadata) -> (u64, u64) {
 #[cfg(not(unix))]
 fn device_and_inode(_meta: &Metadata) -> (u64, u64) {
     (0, 0)
+}
+
+#[cfg(unix)]
+fn change_time(meta: &Metadata) -> Option<SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    let secs = u64::try_from(meta.ctime()).ok()?;
+    let nanos = u32::try_from(meta.ctime_nsec()).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+}
+
+#[cfg(not(unix))]
+fn change_time(_meta: &Metadata) -> Option<SystemTime> {
+    None
 }
 
 #[cfg(test)]

@@ -844,15 +844,18 @@ mod tests {
         assert_eq!(outcome, ReloadOutcome::Reloaded { users: 1 });
     }
 
+    /// A copy in place that sets the old modification time back (`cp -p`, `rsync --inplace -t`)
+    /// keeps inode, length and modification time, but changes the inode change time.
     #[test]
-    fn reload_trusts_settled_stamp() {
+    fn reload_sees_rewrite_with_old_mtime() {
         let fx = fixture(SAM);
         let old = SystemTime::now() - Duration::from_secs(3600);
         set_modified(&fx.path, old);
         let p = plugin(&fx, "");
         fs::write(&fx.path, SAM.replace("8Wyi", "9Wyi")).expect("rewrite");
         set_modified(&fx.path, old);
-        assert_eq!(p.check_reload(Instant::now()), ReloadOutcome::Unchanged);
+        let outcome = p.check_reload(Instant::now());
+        assert_eq!(outcome, ReloadOutcome::Reloaded { users: 1 });
     }
 
     #[test]

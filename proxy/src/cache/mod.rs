@@ -279,8 +279,9 @@ pub fn key_parts(primary: &[u8]) -> Option<KeyParts<'_>> {
 }
 
 /// Computes the variance of a request for a stored response with a `Vary` header: a hash of
-/// the request's values of the headers `Vary` names (missing headers count as empty), so each
-/// combination gets its own entry. `None` when the response has no `Vary`.
+/// the request's values of the headers `Vary` names, so each combination gets its own entry.
+/// Every field line of a name counts, in order, and a missing header differs from an empty
+/// one, so no two different requests share an entry. `None` when the response has no `Vary`.
 pub fn variance(
     stored: &pingora::cache::CacheMeta,
     req: &pingora::http::RequestHeader,
@@ -293,15 +294,27 @@ pub fn variance(
             .map(|n| n.trim().to_ascii_lowercase())
             .filter(|n| !n.is_empty())
         {
-            let value = req
-                .headers
-                .get(name.as_str())
-                .map(|v| v.as_bytes().to_vec())
-                .unwrap_or_default();
+            let value = vary_value(req.headers.get_all(name.as_str()));
             builder.add_owned_name_value(name, value);
         }
     }
     builder.finalize()
+}
+
+/// Encodes the field lines of one header for the variance: `0` when there are none, else each
+/// line as `1`, its length (4 bytes) and its bytes, so lines cannot run into each other.
+fn vary_value(lines: http::header::GetAll<'_, http::HeaderValue>) -> Vec<u8> {
+    let mut encoded = Vec::new();
+    for line in lines {
+        let bytes = line.as_bytes();
+        encoded.push(1);
+        encoded.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+        encoded.extend_from_slice(bytes);
+    }
+    if encoded.is_empty() {
+        encoded.push(0);
+    }
+    encoded
 }
 
 /// Builds the cache key of a request.
@@ -388,6 +401,27 @@ fn primary_hash(primary: &[u8]) -> pingora::cache::key::HashBinary {
 mod tests {
     use super::*;
     use pingora::cache::key::CacheHashKey;
+
+    #[test]
+    fn variance_counts_every_line() {
+        let mut stored = pingora::http::ResponseHeader::build(200, None).expect("status");
+        stored.insert_header("vary", "X-User").expect("vary");
+        let now = std::time::SystemTime::now();
+        let meta = pingora::cache::CacheMeta::new(now, now, 0, 0, stored);
+        let request = |lines: &[&str]| {
+            let mut req = pingora::http::RequestHeader::build("GET", b"/x", None).expect("request");
+            for line in lines {
+                req.append_header("x-user", *line).expect("header");
+            }
+            variance(&meta, &req).expect("a variance")
+        };
+        let victim = request(&["victim"]);
+        assert_eq!(victim, request(&["victim"]));
+        assert_ne!(victim, request(&["victim", "attacker"]));
+        assert_ne!(request(&["a", "b"]), request(&["b", "a"]));
+        assert_ne!(request(&["ab"]), request(&["a", "b"]));
+        assert_ne!(request(&[]), request(&[""]));
+    }
 
     #[test]
     fn cache_key_separates_domains() {
