@@ -391,13 +391,8 @@ async fn ranges_and_conditionals_from_cache() {
 /// `Content-Length` and answer ranges.
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_body_answers_ranges_once_stored() {
-    let origin = ScriptOrigin::start(|_, _| Script {
-        chunked: true,
-        ..Script::pieces(five_pieces())
-    })
-    .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let (origin, gateway) = start_chunked_origin(dir.path()).await;
     let url = gateway.url("/chunked.bin");
     let first = fetch(&url, &[]).await;
     assert_eq!(first.cache, "MISS");
@@ -410,6 +405,37 @@ async fn chunked_body_answers_ranges_once_stored() {
     assert_eq!(range.status, 206);
     assert_eq!(range.header("content-range"), Some("bytes 999-1001/5000"));
     assert_eq!(range.body, b"abb");
+    assert_eq!(origin.count(), 1, "origin requests");
+}
+
+/// An HTTP/1.0 client cannot read chunked framing: an origin's chunked body reaches it as the
+/// plain bytes, ended by the connection's close.
+#[tokio::test(flavor = "multi_thread")]
+async fn http10_client_gets_unchunked_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (origin, gateway) = start_chunked_origin(dir.path()).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /old-client.bin HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("send");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the gateway closes the connection after the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").expect("header and body");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    let expected: String = five_pieces()
+        .into_iter()
+        .map(|piece| String::from_utf8(piece).expect("ASCII"))
+        .collect();
+    assert_eq!(body, expected);
     assert_eq!(origin.count(), 1, "origin requests");
 }
 
@@ -544,9 +570,9 @@ async fn origin_cap_serialises() {
     assert_eq!(origin.max_in_flight(), 1, "requests in flight at once");
 }
 
-/// A GET or HEAD that announces a body gets 400 at once and never reaches the origin,
-/// even when the body never arrives, so it cannot hold the domain's only origin slot or be
-/// passed on as the start of another request.
+/// A GET or HEAD that announces a body gets 400 at once and never reaches the origin, even
+/// when the body never arrives. So it cannot hold the domain's only origin slot, nor be passed
+/// on as the start of another request.
 #[tokio::test(flavor = "multi_thread")]
 async fn request_body_rejected_slot_kept() {
     let origin =
@@ -850,6 +876,17 @@ prefix = "/"
 origin = "web"
 "#
     )
+}
+
+/// Starts an origin that sends [`five_pieces`] chunked, and a gateway in front of it.
+async fn start_chunked_origin(dir: &Path) -> (ScriptOrigin, TestGateway) {
+    let origin = ScriptOrigin::start(|_, _| Script {
+        chunked: true,
+        ..Script::pieces(five_pieces())
+    })
+    .await;
+    let gateway = start_gateway(dir, origin.addr, "", false);
+    (origin, gateway)
 }
 
 /// Returns five 1000-byte pieces, each of one letter.

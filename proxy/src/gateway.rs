@@ -583,6 +583,17 @@ impl ProxyHttp for Gateway {
             (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
             _ => None,
         };
+        if session.req_header().version == http::Version::HTTP_10
+            && upstream_response
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING)
+        {
+            // RFC 9112, section 6.1: an HTTP/1.0 client cannot read chunked framing, so an
+            // origin's chunked body goes out as it arrives and ends when the connection closes.
+            upstream_response.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_response.insert_header(http::header::CONNECTION, "close")?;
+            session.set_keepalive(None);
+        }
         finish_response_header(ctx, upstream_response, cache_status(&phase), reason)
     }
 
