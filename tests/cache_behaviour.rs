@@ -439,6 +439,48 @@ async fn http10_client_gets_unchunked_body() {
     assert_eq!(origin.count(), 1, "origin requests");
 }
 
+/// A client that stops reading is given up once a write has waited `send_timeout_secs`: the
+/// connection closes, so the response chunk it held is freed.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_client_dropped_after_send_timeout() {
+    const PIECES: usize = 24;
+    let origin = ScriptOrigin::start(|_, _| {
+        let pieces = (0..PIECES).map(|_| vec![b'x'; 1 << 20]).collect();
+        Script::pieces(pieces)
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = gateway_config(origin.addr, "", false)
+        .replace("[server]\n", "[server]\nsend_timeout_secs = 1\n");
+    let gateway = TestGateway::start(dir.path(), &config);
+    let url = gateway.url("/large.bin");
+    assert_eq!(fetch(&url, &[]).await.body.len(), PIECES << 20, "fill");
+
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut stream = socket.connect(gateway.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /large.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("send");
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).await.expect("status line");
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // Not reading for three times the timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closed the connection");
+    let received = 12 + rest.len();
+    assert!(
+        read.is_err() || received < PIECES << 20,
+        "a stalled client still got the whole body ({received} bytes)"
+    );
+}
+
 /// The gateway serves a plain GET or HEAD of a fresh entry straight from the memory tier, and
 /// a request with a conditional field through Pingora's cache phases. Both must give the same
 /// response: status, fields (only `Date` and `Age` may move with the clock) and body.

@@ -1200,6 +1200,23 @@ fn admin_listen_inside_wildcard_listen() {
 }
 
 #[test]
+fn send_timeout_zero_rejected() {
+    let fx = Fixture::new();
+    let text = format!("[server]\nsend_timeout_secs = 0\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "server.send_timeout_secs",
+        Some("0"),
+        "must be at least 1 second",
+    );
+    let defaults = fx.config(DOMAIN, &[]);
+    assert_eq!(
+        defaults.server.send_timeout,
+        std::time::Duration::from_secs(60)
+    );
+}
+
+#[test]
 fn admin_listen_port_zero_shared() {
     let fx = Fixture::new();
     let text = format!(

@@ -52,6 +52,8 @@ pub struct GatewayState {
     pub cache: Arc<CacheTier>,
     pub access_log: AccessLog,
     pub trusted_proxies: TrustedProxies,
+    /// Longest wait for a client to take one write of a response (`server.send_timeout_secs`).
+    pub send_timeout: std::time::Duration,
     /// Requests a plugin rejected, by domain id and the plugin's label (`rejected_by`).
     pub rejections:
         Arc<parking_lot::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
@@ -164,7 +166,16 @@ impl GatewayState {
     /// Routes the request, normalises its path and runs the plugins' request filters.
     ///
     /// `Err` carries the response to send in place of proxying.
-    async fn prepare(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), LocalResponse> {
+    async fn prepare(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), LocalResponse> {
+        // A client that stops reading holds a response chunk in memory; after this long
+        // without taking one write, its connection (or HTTP/2 stream) is given up.
+        session
+            .downstream_session
+            .set_write_timeout(Some(self.send_timeout));
         let req = session.req_header();
         ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
         let host = request_host(req);

@@ -88,6 +88,7 @@ pub fn build_state(config: &GatewayConfig, shared: &Shared) -> Result<GatewaySta
         cache: Arc::clone(&shared.cache),
         access_log: shared.access_log.clone(),
         trusted_proxies: config.server.trusted_proxies.clone(),
+        send_timeout: config.server.send_timeout,
         tls: Arc::clone(&shared.tls),
     })
 }

@@ -84,6 +84,8 @@ pub struct ServerSettings {
     pub trusted_proxies: TrustedProxies,
     /// Where `run` writes its process id, for `mirror-gateway reload`.
     pub pid_file: PathBuf,
+    /// Longest wait for a client to take one write of a response.
+    pub send_timeout: Duration,
 }
 
 /// Returns the pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else

@@ -17,6 +17,7 @@ pub struct ServerSection {
     pub upstream_keepalive_pool_size: usize,
     pub trusted_proxies: Vec<String>,
     pub pid_file: Option<String>,
+    pub send_timeout_secs: u64,
 }
 
 impl Default for ServerSection {
@@ -30,6 +31,7 @@ impl Default for ServerSection {
             upstream_keepalive_pool_size: 128,
             trusted_proxies: Vec::new(),
             pid_file: None,
+            send_timeout_secs: 60,
         }
     }
 }

@@ -202,6 +202,13 @@ fn validate_server(
             "must be between 1 and 512",
         );
     }
+    if s.send_timeout_secs == 0 {
+        errors.push(
+            "server.send_timeout_secs",
+            Some("0".into()),
+            "must be at least 1 second; leave the key out for the default of 60",
+        );
+    }
     let trusted_proxies = validate_trusted_proxies(&s.trusted_proxies, errors, warnings);
     let runtime_dir = s.runtime_dir.map(|d| (resolve(dir, &d), d));
     if let Some((path, text)) = &runtime_dir {
@@ -229,6 +236,7 @@ fn validate_server(
             .pid_file
             .as_deref()
             .map_or_else(super::default_pid_file, |p| resolve(dir, p)),
+        send_timeout: Duration::from_secs(s.send_timeout_secs),
     })
 }
 
