@@ -52,7 +52,7 @@ pub struct GatewayState {
     pub cache: Arc<CacheTier>,
     pub access_log: AccessLog,
     pub trusted_proxies: TrustedProxies,
-    /// Longest wait for a client to take one write of a response (`server.send_timeout_secs`).
+    /// Maximum wait for a client to take one write of a response (`server.send_timeout_secs`).
     pub send_timeout: std::time::Duration,
     /// Requests a plugin rejected, by domain id and the plugin's label (`rejected_by`).
     pub rejections:
@@ -171,7 +171,7 @@ impl GatewayState {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), LocalResponse> {
-        // A client that stops reading holds a response chunk in memory; after this long
+        // A client that stops reading keeps a response chunk in memory. After this long
         // without taking one write, its connection (or HTTP/2 stream) is given up.
         session
             .downstream_session

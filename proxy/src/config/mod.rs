@@ -84,7 +84,7 @@ pub struct ServerSettings {
     pub trusted_proxies: TrustedProxies,
     /// Where `run` writes its process id, for `mirror-gateway reload`.
     pub pid_file: PathBuf,
-    /// Longest wait for a client to take one write of a response.
+    /// Maximum wait for a client to take one write of a response.
     pub send_timeout: Duration,
 }
 
