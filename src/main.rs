@@ -134,19 +134,10 @@ fn check(path: &Path) -> ExitCode {
     if is_sync_file(path) {
         return check_sync_file(path);
     }
-    let mut sync_valid = true;
-    let mut sync_jobs = None;
+    let (mut sync_valid, mut sync_jobs) = (true, None);
     if has_sync_section(path) {
-        match mirror_sync::config::load(path) {
-            Ok(sync) => sync_jobs = Some(sync.jobs.len()),
-            Err(errors) => {
-                for error in &errors {
-                    eprintln!("error: {error}");
-                }
-                eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
-                sync_valid = false;
-            }
-        }
+        sync_jobs = check_sync_section(path);
+        sync_valid = sync_jobs.is_some();
     }
     match load(path) {
         Ok(config) if sync_valid => {
@@ -169,21 +160,29 @@ fn check(path: &Path) -> ExitCode {
 /// Validates a file with a `[sync]` section and no `[domains]`: a sync file of its own, which
 /// `mirror-gateway sync` reads and the gateway does not.
 fn check_sync_file(path: &Path) -> ExitCode {
-    match mirror_sync::config::load(path) {
-        Ok(config) => {
+    match check_sync_section(path) {
+        Some(jobs) => {
             println!(
-                "{}: sync configuration is valid ({} job(s))",
-                path.display(),
-                config.jobs.len()
+                "{}: sync configuration is valid ({jobs} job(s))",
+                path.display()
             );
             ExitCode::SUCCESS
         }
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// Validates the `[sync]` section of the file at `path` and returns its number of jobs, or
+/// prints each error and their count and returns `None`.
+fn check_sync_section(path: &Path) -> Option<usize> {
+    match mirror_sync::config::load(path) {
+        Ok(sync) => Some(sync.jobs.len()),
         Err(errors) => {
             for error in &errors {
                 eprintln!("error: {error}");
             }
             eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
-            ExitCode::FAILURE
+            None
         }
     }
 }
@@ -339,17 +338,17 @@ fn running_pid(pid_file: &Path) -> Result<nix::unistd::Pid, String> {
 
 /// Returns whether the file has a `[sync]` table and no `[domains]`: a sync file of its own.
 fn is_sync_file(path: &Path) -> bool {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.parse::<toml::Table>().ok())
+    top_level_table(path)
         .is_some_and(|table| table.contains_key("sync") && !table.contains_key("domains"))
 }
 
 /// Returns whether the file has a `[sync]` table; unreadable or invalid files are reported by
 /// the gateway's own validation.
 fn has_sync_section(path: &Path) -> bool {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.parse::<toml::Table>().ok())
-        .is_some_and(|table| table.contains_key("sync"))
+    top_level_table(path).is_some_and(|table| table.contains_key("sync"))
+}
+
+/// Returns the file's top-level TOML table, or `None` when it cannot be read or parsed.
+fn top_level_table(path: &Path) -> Option<toml::Table> {
+    std::fs::read_to_string(path).ok()?.parse().ok()
 }

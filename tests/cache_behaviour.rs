@@ -264,25 +264,10 @@ async fn stale_if_error_unreachable_edges() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn not_modified_revalidates() {
-    let origin = ScriptOrigin::start(|req, _| {
-        let etag = ("etag".to_string(), "\"e1\"".to_string());
-        if req.header("if-none-match") == Some("\"e1\"") {
-            let mut reply = Script::pieces(Vec::new());
-            reply.status = 304;
-            reply.headers = vec![etag, ("cache-control".into(), "max-age=60".into())];
-            reply
-        } else {
-            let mut reply = Script::ok("original", "max-age=60");
-            reply.headers.push(etag);
-            reply
-        }
-    })
-    .await;
+    let origin = etag_origin("\"e1\"").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let domain = "stale_while_revalidate_secs = 0";
-    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let (gateway, clock) = start_expiring(dir.path(), &origin).await;
     let url = gateway.url("/etag.json");
-    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
     clock.advance(secs(61));
     let revalidated = fetch(&url, &[]).await;
@@ -299,16 +284,15 @@ async fn not_modified_revalidates() {
     assert_eq!(origin.count(), 2, "origin requests");
 }
 
-/// A 304 that names another strong `ETag` validates another representation: the client gets
-/// the stored body with its own `ETag`, and the entry is not refreshed.
-#[tokio::test(flavor = "multi_thread")]
-async fn not_modified_other_etag_refreshes_nothing() {
-    let origin = ScriptOrigin::start(|req, _| {
-        if req.header("if-none-match").is_some() {
+/// Starts an origin that sends "original" with `ETag: "e1"` and a 60 s lifetime, and answers
+/// a revalidation with `If-None-Match: "e1"` with a 304 that carries `not_modified_etag`.
+async fn etag_origin(not_modified_etag: &'static str) -> ScriptOrigin {
+    ScriptOrigin::start(move |req, _| {
+        if req.header("if-none-match") == Some("\"e1\"") {
             let mut reply = Script::pieces(Vec::new());
             reply.status = 304;
             reply.headers = vec![
-                ("etag".into(), "\"e2\"".into()),
+                ("etag".into(), not_modified_etag.into()),
                 ("cache-control".into(), "max-age=60".into()),
             ];
             reply
@@ -318,12 +302,26 @@ async fn not_modified_other_etag_refreshes_nothing() {
             reply
         }
     })
-    .await;
-    let dir = tempfile::tempdir().expect("tempdir");
+    .await
+}
+
+/// Starts a gateway with a test clock and no stale-while-revalidate window in front of
+/// `origin`, and stores `/etag.json` (a miss).
+async fn start_expiring(dir: &Path, origin: &ScriptOrigin) -> (TestGateway, TestClock) {
     let domain = "stale_while_revalidate_secs = 0";
-    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let (gateway, clock) = start_clocked(dir, origin.addr, domain);
+    assert_eq!(fetch(&gateway.url("/etag.json"), &[]).await.cache, "MISS");
+    (gateway, clock)
+}
+
+/// A 304 that names another strong `ETag` validates another representation: the client gets
+/// the stored body with its own `ETag`, and the entry is not refreshed.
+#[tokio::test(flavor = "multi_thread")]
+async fn not_modified_other_etag_refreshes_nothing() {
+    let origin = etag_origin("\"e2\"").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, clock) = start_expiring(dir.path(), &origin).await;
     let url = gateway.url("/etag.json");
-    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
     clock.advance(secs(61));
     let served = fetch(&url, &[]).await;
@@ -388,7 +386,7 @@ async fn ranges_and_conditionals_from_cache() {
 }
 
 /// A body that the origin sent chunked has a known length once it is stored: hits carry
-/// `Content-Length` and answer ranges.
+/// `Content-Length` and serve ranges.
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_body_answers_ranges_once_stored() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -309,11 +309,13 @@ fn check_warnings_are_plain_lines() {
 #[test]
 fn run_logs_admin_address() {
     use std::io::BufRead;
+
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_example(dir.path());
     let users = dir.path().join("admin.htpasswd");
     std::fs::write(&users, USERS).expect("admin htpasswd");
     let users = users.display().to_string();
+
     let mut child = gateway_command(&["run", "-c", &path])
         .envs([
             ("MIRROR_GATEWAY__SERVER__LISTEN", "[\"127.0.0.1:0\"]"),
@@ -336,6 +338,7 @@ fn run_logs_admin_address() {
         .find(|line| line.contains("mirror-gateway starting"));
     child.kill().expect("stop gateway");
     child.wait().expect("reap gateway");
+
     let start = start.expect("start-up line");
     let at = start.find("admin=").unwrap_or_else(|| panic!("{start}"));
     let admin = start[at + "admin=".len()..]

@@ -609,7 +609,7 @@ async fn chunked_fill_case(len: usize) {
     let url = format!("http://{addr}/chunked.bin");
     let (first_status, first_digest, first_len) = fetch_digest(&url).await;
     let (second_status, second_digest, second_len) = fetch_digest(&url).await;
-    // Once stored, the body's length is known: a range is answered from the disk entry.
+    // Once stored, the body's length is known, so the disk entry serves a range.
     let last = len - 1;
     let ranged = client()
         .get(&url)

@@ -307,21 +307,19 @@ fn reject_conflicting_304(session: &Session, resp: &mut ResponseHeader, ctx: &mu
     let Some(stored) = session.cache.maybe_cache_meta() else {
         return;
     };
-    let etag = |header: &ResponseHeader| {
-        header
-            .headers
-            .get(http::header::ETAG)
-            .map(|v| v.as_bytes().to_vec())
-    };
-    let (old, new) = (etag(stored.response_header()), etag(resp));
-    if crate::cache::validator_conflicts(old.as_deref(), new.as_deref()) {
-        tracing::warn!(path = %ctx.path,
-            stored_etag = %String::from_utf8_lossy(old.as_deref().unwrap_or_default()),
-            origin_etag = %String::from_utf8_lossy(new.as_deref().unwrap_or_default()),
-            "the origin answered a revalidation with 304 for another ETag; the stored response is served but not refreshed");
-        resp.remove_header(&http::header::ETAG);
-        ctx.no_store = Some(NoStoreReason::ValidatorMismatch);
+    let stored_etag = stored.response_header().headers.get(http::header::ETAG);
+    let origin_etag = resp.headers.get(http::header::ETAG);
+    let conflicts = crate::cache::validator_conflicts(
+        stored_etag.map(HeaderValue::as_bytes),
+        origin_etag.map(HeaderValue::as_bytes),
+    );
+    if !conflicts {
+        return;
     }
+    tracing::warn!(path = %ctx.path, ?stored_etag, ?origin_etag,
+        "the origin answered a revalidation with 304 for another ETag; the stored response is served but not refreshed");
+    resp.remove_header(&http::header::ETAG);
+    ctx.no_store = Some(NoStoreReason::ValidatorMismatch);
 }
 
 /// Returns whether `req` announces a body: any `Transfer-Encoding`, or a `Content-Length`
@@ -608,8 +606,6 @@ impl ProxyHttp for Gateway {
         finish_response_header(ctx, upstream_response, cache_status(&phase), reason)
     }
 
-    /// Serves a stale entry while a background request refreshes it (error `None`), and when
-    /// the origin failed (error from the upstream side), each within the entry's window.
     fn range_header_filter(
         &self,
         session: &mut Session,
@@ -619,6 +615,8 @@ impl ProxyHttp for Gateway {
         crate::cache::ranges::apply(session.req_header(), resp)
     }
 
+    /// Serves a stale entry while a background request refreshes it (error `None`), and when
+    /// the origin failed (error from the upstream side), each within the entry's window.
     fn should_serve_stale(
         &self,
         _session: &mut Session,

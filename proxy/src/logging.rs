@@ -14,7 +14,12 @@ use tracing_subscriber::EnvFilter;
 /// Logs go to standard error, so standard output carries only the access log. Colours are
 /// used only when standard error is a terminal, so log files and pipes get plain text.
 pub fn init(level: &str) {
-    let _ = subscriber(level).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter(level))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 /// Runs `load`, which reads the config, with warnings and errors going to standard error.
@@ -46,21 +51,6 @@ fn filter(level: &str) -> EnvFilter {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     }
-}
-
-fn subscriber(
-    level: &str,
-) -> tracing_subscriber::fmt::SubscriberBuilder<
-    tracing_subscriber::fmt::format::DefaultFields,
-    tracing_subscriber::fmt::format::Format,
-    EnvFilter,
-    fn() -> std::io::Stderr,
-> {
-    tracing_subscriber::fmt()
-        .with_env_filter(filter(level))
-        .with_writer(std::io::stderr as fn() -> std::io::Stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
 }
 
 /// The line format of [`while_loading`]: `<level>: <message> (<field>=<value>, ...)`.

@@ -12,10 +12,11 @@
 //!
 //! What a reload keeps: the cache (both tiers), the access log, the plugins' counters (quota
 //! counts and rate-limit buckets live in process-wide registries keyed by domain id) and the
-//! export-tree file servers. What needs a restart: listen addresses, the admin listener,
-//! `[cache]` settings, the access-log target, and an export-tree origin that is new or whose
-//! root changed (its file server is not running). Each such setting whose value differs from
-//! the one the process started with is logged on every reload.
+//! export-tree file servers. What needs a restart: the settings [`restart_needed`] compares
+//! (listeners, threads, shutdown timing, the admin listener, `[cache]`, log target, format and
+//! level, ...), and an export-tree origin that is new or whose root changed (its file server
+//! is not running). Each such setting whose value differs from the one the process started
+//! with is logged on every reload.
 //! htpasswd files are re-read by their plugin when they change, without a reload.
 
 use std::collections::HashMap;
@@ -98,8 +99,8 @@ pub struct Reloader {
     path: PathBuf,
     current: Arc<ArcSwap<GatewayState>>,
     shared: Shared,
-    /// The configuration the process started with. The restart-only settings keep its
-    /// values until the process restarts, whatever a reload loads.
+    /// The configuration the process started with, without its domains. The restart-only
+    /// settings keep its values until the process restarts, whatever a reload loads.
     started: GatewayConfig,
     /// The restart-only settings whose value in the last applied configuration differs from
     /// the value the process runs with.
@@ -134,7 +135,12 @@ impl Reloader {
             path: config.path.clone(),
             current,
             shared,
-            started: config.clone(),
+            // Without its domains: their plugins must end with the reload that replaces them
+            // (a quota plugin's state-file writer and its registered budgets, for example).
+            started: GatewayConfig {
+                domains: Vec::new(),
+                ..config.clone()
+            },
             restart_pending: Mutex::new(Vec::new()),
             stamps: Mutex::new(stamps_of(config)),
             monitor,

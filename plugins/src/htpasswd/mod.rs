@@ -478,8 +478,8 @@ fn file_error(settings: &Settings, path: &Path, err: &file::LoadError) -> Settin
     SettingError::new("file", Some(shown), reason)
 }
 
-/// Warns that a loaded file lets nobody in: an emptied or half-copied file would otherwise
-/// show only as 401s.
+/// Warns that a loaded file has no user who can log in: an emptied or half-copied file would
+/// otherwise show only as 401s.
 fn warn_if_no_users(domain: &str, path: &Path, usable: usize) {
     if usable == 0 {
         warn!(domain, file = %path.display(),

@@ -224,8 +224,8 @@ fn ipv6_clients_share_their_64() {
     assert!(!passes(&plugin, "2001:db8:1:2:ffff::5", t0));
     assert!(passes(&plugin, "2001:db8:1:3::3", t0));
 
-    let mut held = RequestState::default();
-    admit(&plugin, Some("2001:db8:9:9::1"), &mut held, t0);
+    let mut running = RequestState::default();
+    admit(&plugin, Some("2001:db8:9:9::1"), &mut running, t0);
     assert_eq!(plugin.table().in_flight(addr("2001:db8:9:9::")), 1);
     // A mapped IPv4 address is the IPv4 client.
     assert!(passes(&plugin, "192.0.2.9", t0));

@@ -204,7 +204,7 @@ fn origin_age(resp: &ResponseHeader) -> Duration {
             .to_str()
             .ok()
             .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            // Larger values than a u64 holds are as old as anything can be.
+            // A value too large for a u64 is as old as anything can be.
             .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
             .map_or(Duration::ZERO, Duration::from_secs),
         _ => Duration::ZERO,

@@ -1,4 +1,4 @@
-//! Which part of a response a `Range` request gets.
+//! The part of a response that a `Range` request gets.
 //!
 //! Pingora's range filter does the work, with three corrections of RFC 9110, section 14:
 //!
@@ -121,7 +121,7 @@ fn is_zero_suffix(spec: &str) -> bool {
 
 /// Leaves `resp` whole, marked as one that ranges may be asked of.
 fn whole(resp: &mut ResponseHeader) -> RangeType {
-    // Inserting a valid name and value cannot fail.
+    // The insert fails only for an invalid name or value, and these are valid.
     let _ = resp.insert_header(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     RangeType::None
 }

@@ -124,7 +124,7 @@ impl StoredMeta {
 /// Returns `meta` with a `Content-Length` of `body_len` when it is a 200 without one: the
 /// origin sent a chunked or close-delimited body, whose length is known once it is stored.
 /// Hits then carry the length, so ranges can be served from them. `None` when nothing changes, and for a
-/// response with `Vary`, whose variants Pingora tells apart by fields this rebuild would not
+/// response with `Vary`, whose variants Pingora distinguishes by fields this rebuild would not
 /// keep.
 pub fn with_body_length(meta: &CacheMeta, body_len: u64) -> Option<CacheMeta> {
     let header = meta.response_header();

@@ -249,15 +249,34 @@ pub fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<GatewayConfig, Vec<ConfigError>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![ConfigError::new(
+    let text = read_file(path).map_err(|e| vec![e])?;
+    load_str(&text, path, env)
+}
+
+/// Reads the config file at `path` as text.
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
             path.display().to_string(),
             "",
             None,
             format!("cannot read the config file: {e}"),
-        )]
-    })?;
-    load_str(&text, path, env)
+        )
+    })
+}
+
+/// Parses config `text`, read from `file`, and applies the overrides in `env`. Returns the
+/// table, where each overridden key came from, and the errors of the overrides.
+fn parse_with_overrides(
+    text: &str,
+    file: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(toml::Table, env::Sources, Vec<ConfigError>), ConfigError> {
+    let mut root: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| error::syntax_error(file, text, &e))?;
+    let (sources, errors) = env::apply_overrides(&mut root, env);
+    Ok((root, sources, errors))
 }
 
 /// Returns the pid file that the config file at `path` names, with the overrides in `env`,
@@ -269,14 +288,9 @@ pub fn pid_file(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<PathBuf, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(&file, "", None, format!("cannot read the config file: {e}"))
-    })?;
-    let mut root: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| error::syntax_error(&file, &text, &e))?;
+    let text = read_file(path)?;
     // Errors of other variables do not matter here; a bad pid-file value is reported below.
-    let (sources, _) = env::apply_overrides(&mut root, env);
+    let (root, sources, _) = parse_with_overrides(&text, &file, env)?;
     let key = "server.pid_file";
     let value = root.get("server").and_then(|server| server.get("pid_file"));
     let dir = path
@@ -306,10 +320,8 @@ pub fn load_str(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<GatewayConfig, Vec<ConfigError>> {
     let file = path.display().to_string();
-    let mut root: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![error::syntax_error(&file, text, &e)])?;
-    let (sources, mut errors) = env::apply_overrides(&mut root, env);
+    let (root, sources, mut errors) =
+        parse_with_overrides(text, &file, env).map_err(|e| vec![e])?;
     match validate::validate(root, path, &sources) {
         Ok(config) if errors.is_empty() => Ok(config),
         Ok(_) => Err(errors),

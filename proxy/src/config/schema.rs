@@ -192,8 +192,8 @@ pub enum OriginSection {
 
 impl OriginSection {
     /// Returns the keys an origin table of `kind` may have, `kind` included, or `None` for a
-    /// kind that does not exist. The deserializer of a table told apart by `kind` names only
-    /// the first unknown key, so validation checks the keys with this list first.
+    /// kind that does not exist. For a table whose `kind` selects the variant, the deserializer
+    /// names only the first unknown key, so validation checks the keys with this list first.
     pub fn keys_of(kind: &str) -> Option<&'static [&'static str]> {
         match kind {
             "http" => Some(&[
