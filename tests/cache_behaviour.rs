@@ -284,8 +284,8 @@ async fn not_modified_revalidates() {
     assert_eq!(origin.count(), 2, "origin requests");
 }
 
-/// Starts an origin that sends "original" with `ETag: "e1"` and a 60 s lifetime, and answers
-/// a revalidation with `If-None-Match: "e1"` with a 304 that carries `not_modified_etag`.
+/// Starts an origin that sends "original" with `ETag: "e1"` and a 60 s lifetime, and sends
+/// a 304 that carries `not_modified_etag` for a revalidation with `If-None-Match: "e1"`.
 async fn etag_origin(not_modified_etag: &'static str) -> ScriptOrigin {
     ScriptOrigin::start(move |req, _| {
         if req.header("if-none-match") == Some("\"e1\"") {
