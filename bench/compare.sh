@@ -3,7 +3,15 @@
 # prints one markdown table (rows: scenarios; columns: the three servers and the ratio of the
 # gateway to the better of the other two).
 #
-#   bench/compare.sh [SECONDS]      default 5 seconds per wrk run; about 2 minutes in all
+#   bench/compare.sh [SECONDS] [ROUNDS]
+#                                   default 5 seconds per wrk run and 1 round; about 2 minutes
+#                                   in all, plus about a minute per extra round at 5 s
+#
+# With ROUNDS above 1, the cached-hit scenarios (b), (c) and (d) run ROUNDS times, the servers
+# taking turns in each round, so that a slow spell of the machine falls on all of them alike.
+# Their cells then show each server's median over the rounds (requests/s, MiB/s and p99 each
+# taken as its own median), and the ratio column the median over the rounds of the ratio within
+# each round. A line under the table lists every round's ratios.
 #
 # Needs nginx, varnishd, wrk, python3, curl and htpasswd (scripts/setup-debian.sh --bench installs
 # them) and a release build (cargo build --release). Installs nothing.
@@ -22,12 +30,17 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-5}
+rounds=${2:-1}
 delay_ms=${BENCH_DELAY_MS:-500}
 gateway_cache_extra=${BENCH_GATEWAY_CACHE:-}
 binary=$root/target/release/mirror-gateway
 
 [[ $seconds =~ ^[0-9]+$ && $seconds -ge 1 && $seconds -le 60 ]] || {
     echo "compare: SECONDS must be a whole number from 1 to 60, got '$seconds'" >&2
+    exit 2
+}
+[[ $rounds =~ ^[0-9]+$ && $rounds -ge 1 && $rounds -le 10 ]] || {
+    echo "compare: ROUNDS must be a whole number from 1 to 10, got '$rounds'" >&2
     exit 2
 }
 [[ -x $binary ]] || { echo "compare: $binary missing; build first: cargo build --release" >&2; exit 1; }
@@ -90,6 +103,15 @@ to_mib() {
         n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
         f = (u == "B") ? 1/1048576 : (u == "KB") ? 1/1024 : (u == "MB") ? 1 : (u == "GB") ? 1024 : -1
         if (f < 0) print "?"; else printf "%.0f", n * f }'
+}
+
+# Prints the median of the numbers given as arguments (the mean of the middle two for an even
+# count).
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print 0; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        print m }'
 }
 
 # Prints an integer with thousands separators.
@@ -357,25 +379,35 @@ for c in nginx gateway; do
 done
 cell[a,varnish]="n/a" value[a,varnish]=
 
-# (b) cached 1 KB index, no auth. (c) cached 1 MB bundle. (d) cached 20 MB bundle.
-for c in "${contenders[@]}"; do
-    url=$(base "$c")/index.json
-    warm "$c index" "$url" -H 'Host: open.bench'
-    measure "$c index" "$url" -c32 -H 'Host: open.bench'
-    cell[b,$c]="$(grouped "$rps") req/s, p99 $p99_ms ms" value[b,$c]=$rps
-done
-for c in "${contenders[@]}"; do
-    url=$(base "$c")/bundle-1m.json
-    warm "$c 1 MB" "$url" -H 'Host: open.bench'
-    measure "$c 1 MB" "$url" -c16 -H 'Host: open.bench'
-    cell[c,$c]="$(grouped "$mib_s") MiB/s" value[c,$c]=$mib_s
-done
-for c in "${contenders[@]}"; do
-    url=$(base "$c")/bundle-20m.json
-    warm "$c 20 MB" "$url" -H 'Host: open.bench'
-    measure "$c 20 MB" "$url" -c4 -H 'Host: open.bench'
-    cell[d,$c]="$(grouped "$mib_s") MiB/s" value[d,$c]=$mib_s
-done
+# (b) cached 1 KB index, no auth. (c) cached 1 MB bundle. (d) cached 20 MB bundle. Each runs
+# ROUNDS times, the servers taking turns; every run's numbers are kept in runs[ROW,SERVER]
+# (requests/s or MiB/s) and p99s[ROW,SERVER], separated by spaces.
+declare -A runs p99s round_ratios
+hit_scenario() {
+    local key=$1 path=$2 connections=$3 label=$4 unit=$5 c r number
+    for c in "${contenders[@]}"; do warm "$c $label" "$(base "$c")$path" -H 'Host: open.bench'; done
+    for r in $(seq 1 "$rounds"); do
+        declare -A this_round=()
+        for c in "${contenders[@]}"; do
+            measure "$c $label" "$(base "$c")$path" "-c$connections" -H 'Host: open.bench'
+            number=$rps
+            [[ $unit == req/s ]] || number=$mib_s
+            runs[$key,$c]+="$number " p99s[$key,$c]+="$p99_ms " this_round[$c]=$number
+        done
+        round_ratios[$key]+="$(awk -v n="${this_round[nginx]}" -v v="${this_round[varnish]}" \
+            -v g="${this_round[gateway]}" 'BEGIN { b = (n > v) ? n : v; printf "%.2f", (b > 0 ? g / b : 0) }') "
+    done
+    for c in "${contenders[@]}"; do
+        # shellcheck disable=SC2086 # the lists are numbers separated by spaces
+        value[$key,$c]=$(median ${runs[$key,$c]})
+        cell[$key,$c]="$(grouped "${value[$key,$c]}") $unit"
+        # shellcheck disable=SC2086
+        [[ $unit != req/s ]] || cell[$key,$c]+=", p99 $(median ${p99s[$key,$c]//\?/}) ms"
+    done
+}
+hit_scenario b /index.json 32 index req/s
+hit_scenario c /bundle-1m.json 16 "1 MB" MiB/s
+hit_scenario d /bundle-20m.json 4 "20 MB" MiB/s
 
 # (e) cold stampede: 200 connections send GET on the same uncached slow path at once.
 for c in "${contenders[@]}"; do
@@ -436,8 +468,14 @@ note "memory: nginx = master + ${#nginx_children[@]} children (worker, cache man
 # --- table ---------------------------------------------------------------------------------
 
 # Prints the gateway's value over the better peer's: higher is better, or lower with "low".
+# With several rounds, a row that ran in each prints the median of its rounds' ratios.
 ratio() {
     local row=$1 sense=$2
+    if [[ $rounds -gt 1 && -n ${round_ratios[$row]:-} ]]; then
+        # shellcheck disable=SC2086 # the list is numbers separated by spaces
+        printf '%.2f×' "$(median ${round_ratios[$row]})"
+        return
+    fi
     awk -v n="${value[$row,nginx]}" -v v="${value[$row,varnish]}" -v g="${value[$row,gateway]}" \
         -v sense="$sense" 'BEGIN {
         best = ""
@@ -458,7 +496,7 @@ echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc
     "$(awk -F= '$1 == "PRETTY_NAME" {gsub(/"/, "", $2); print $2}' /etc/os-release)"
 echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | sed 's/ revision.*//;s/[()]//g')," \
     "$(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $("$binary" version 2>&1 | head -1)"
-echo "run: $seconds s per wrk run (wrk -t1), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
+echo "run: $seconds s per wrk run (wrk -t1), $rounds round(s) of (b) to (d), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
 echo
 echo "| scenario | nginx | Varnish | mirror-gateway | gateway ÷ better peer |"
 echo "|---|---|---|---|---|"
@@ -470,6 +508,12 @@ row e "(e) cold stampede, 200 clients, 1 MB, origin ${delay_ms} ms" low "(TTFB p
 row f "(f) stale entry, origin ${delay_ms} ms, -c32" high "(req/s)"
 row g "(g) misses, unique paths, -c32" high "(req/s)"
 row h "(h) peak resident memory (VmHWM)" low "(lower is better)"
+if [[ $rounds -gt 1 ]]; then
+    echo
+    for key in b c d; do
+        echo "- ($key) gateway ÷ better peer, round by round: ${round_ratios[$key]% }"
+    done
+fi
 if [[ ${#notes[@]} -gt 0 ]]; then
     echo
     printf -- '- %s\n' "${notes[@]}"
