@@ -12,6 +12,12 @@ use tokio::net::TcpStream;
 
 const BODY_LEN: usize = 256 * 1024;
 
+/// A lock that every test of this file holds for reading, and [`large_fill_streams_from_disk`]
+/// for writing so that it runs alone. That test bounds the growth of the whole process's
+/// resident memory, which the other tests' origins, clients and gateways raised by more than
+/// 100 MiB when they ran beside it.
+static MEMORY_TURN: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn body() -> String {
     (0..BODY_LEN)
         .map(|i| char::from(b'a' + (i % 26) as u8))
@@ -51,6 +57,7 @@ origin = "web"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_entry_survives_restart() {
+    let _beside = MEMORY_TURN.read().await;
     let payload = body();
     let served = payload.clone();
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
@@ -93,6 +100,7 @@ async fn disk_entry_survives_restart() {
 /// memory tier empty and the origin stopped, the domain is servable from disk.
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_entries_keep_ready_after_restart() {
+    let _beside = MEMORY_TURN.read().await;
     let payload = body();
     let served = payload.clone();
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
@@ -126,6 +134,7 @@ async fn disk_entries_keep_ready_after_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn small_disk_hit_promoted_to_memory() {
+    let _beside = MEMORY_TURN.read().await;
     let origin = TestOrigin::start(|_| Reply::ok("{\"small\":true}")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let text = config(dir.path(), origin.addr, "127.0.0.1:0");
@@ -169,6 +178,7 @@ async fn small_disk_hit_promoted_to_memory() {
 /// gateway's disk read mid-body (the body is larger than the sockets' buffers).
 #[tokio::test(flavor = "multi_thread")]
 async fn purge_during_disk_hit_not_promoted() {
+    let _beside = MEMORY_TURN.read().await;
     const BIG: usize = 16 << 20;
     let payload: String = (0..BIG)
         .map(|i| char::from(b'a' + (i % 26) as u8))
@@ -235,6 +245,7 @@ async fn purge_during_disk_hit_not_promoted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_hit_serves_range() {
+    let _beside = MEMORY_TURN.read().await;
     let payload = body();
     let served = payload.clone();
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
@@ -260,6 +271,7 @@ async fn disk_hit_serves_range() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_disk_entry_never_served_whole() {
+    let _beside = MEMORY_TURN.read().await;
     let payload = body();
     let served = payload.clone();
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
@@ -307,6 +319,7 @@ async fn store_then_damage(dir: &Path, text: &str, path: &str) {
 /// damaged disk copy is a miss: the client gets the origin's body whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_small_entry_is_a_miss() {
+    let _beside = MEMORY_TURN.read().await;
     let payload: String = body().chars().take(16 * 1024).collect();
     let served = payload.clone();
     let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
@@ -343,6 +356,7 @@ async fn corrupt_small_entry_is_a_miss() {
 /// starts it again on the same disk directory: the torn fill must not be a hit.
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_mid_fill_leaves_no_entry() {
+    let _beside = MEMORY_TURN.read().await;
     let payload = body();
     let served = payload.clone();
     let origin = TestOrigin::start(move |req| {
@@ -418,6 +432,7 @@ fn entry_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread")]
 async fn large_fill_streams_from_disk() {
     const LARGE: usize = 48 << 20;
+    let _alone = MEMORY_TURN.write().await;
     let (origin, requests) = streaming_origin(LARGE).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin, "127.0.0.1:0"));
@@ -577,6 +592,7 @@ const CHUNK: usize = 64 * 1024;
 /// second request is a hit from disk with the same bytes.
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_fill_streams_to_disk() {
+    let _beside = MEMORY_TURN.read().await;
     chunked_fill_case(CHUNKED_LEN).await;
 }
 
@@ -584,6 +600,7 @@ async fn chunked_fill_streams_to_disk() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "writes 2 GiB to disk twice over and takes about a minute; run by hand to measure"]
 async fn chunked_fill_2gib_streams_to_disk() {
+    let _beside = MEMORY_TURN.read().await;
     chunked_fill_case(2 << 30).await;
 }
 
@@ -665,6 +682,7 @@ async fn chunked_fill_case(len: usize) {
 /// gateway wrote the response header.
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_cut_not_stored() {
+    let _beside = MEMORY_TURN.read().await;
     let (origin, requests) = chunked_origin(CHUNKED_LEN).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin, "127.0.0.1:0"));
