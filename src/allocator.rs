@@ -55,8 +55,8 @@ unsafe impl GlobalAlloc for Mimalloc {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` came from this allocator with `layout` (the caller's contract); the
-        // new block keeps the layout's alignment, as the impl block says.
+        // SAFETY: `ptr` came from this allocator with `layout` (the caller's contract). The
+        // new block keeps the layout's alignment, for the reason given above the impl block.
         unsafe {
             if layout.align() <= WORD {
                 ffi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
@@ -71,34 +71,54 @@ unsafe impl GlobalAlloc for Mimalloc {
 mod tests {
     use super::*;
 
-    /// Allocates, grows and frees blocks of many sizes and alignments, checking each block's
-    /// alignment and that its bytes survive a reallocation.
+    /// Allocates, zeroes, grows, shrinks and frees blocks of many sizes and alignments, checking
+    /// each block's alignment and that its bytes survive every reallocation.
     #[test]
-    fn blocks_have_their_layouts_alignment() {
+    fn blocks_keep_alignment_and_bytes() {
         let allocator = Mimalloc;
-        for align in [1, 2, 4, 8, 16, 32, 64, 4096] {
+        let pattern = |i: usize| (i % 251) as u8;
+        for align in [1, 2, 4, 8, 16, 32, 64, 4096, 1 << 17, 1 << 21] {
             for size in [1, 3, 8, 15, 24, 40, 100, 1000, 5000, 70_000, 2 << 20] {
                 let layout = Layout::from_size_align(size, align).expect("layout");
-                // SAFETY: the layout has a non-zero size; every block is freed with it.
+                // SAFETY: every layout has a non-zero size, every block is used within its size
+                // and freed with the layout it was last allocated or reallocated with.
                 unsafe {
+                    // A block filled with 0xFF and freed first, so that the zeroed block is
+                    // likely to reuse dirty memory rather than fresh pages from the kernel.
+                    let dirty = allocator.alloc(layout);
+                    assert!(!dirty.is_null());
+                    dirty.write_bytes(0xFF, size);
+                    allocator.dealloc(dirty, layout);
                     let zeroed = allocator.alloc_zeroed(layout);
                     assert!(!zeroed.is_null());
                     assert_eq!(zeroed as usize % align, 0, "size {size}, align {align}");
-                    assert!((0..size).all(|i| *zeroed.add(i) == 0));
+                    assert!(
+                        (0..size).all(|i| *zeroed.add(i) == 0),
+                        "size {size}, align {align}"
+                    );
                     allocator.dealloc(zeroed, layout);
 
                     let block = allocator.alloc(layout);
                     assert!(!block.is_null());
                     assert_eq!(block as usize % align, 0, "size {size}, align {align}");
                     for i in 0..size {
-                        *block.add(i) = (i % 251) as u8;
+                        *block.add(i) = pattern(i);
                     }
-                    let grown = allocator.realloc(block, layout, size * 3);
+                    let grown_size = size * 3;
+                    let grown = allocator.realloc(block, layout, grown_size);
                     assert!(!grown.is_null());
                     assert_eq!(grown as usize % align, 0, "size {size}, align {align}");
-                    assert!((0..size).all(|i| *grown.add(i) == (i % 251) as u8));
-                    let grown_layout = Layout::from_size_align(size * 3, align).expect("layout");
-                    allocator.dealloc(grown, grown_layout);
+                    assert!((0..size).all(|i| *grown.add(i) == pattern(i)));
+
+                    let grown_layout = Layout::from_size_align(grown_size, align).expect("layout");
+                    let shrunk_size = size / 2 + 1;
+                    let shrunk = allocator.realloc(grown, grown_layout, shrunk_size);
+                    assert!(!shrunk.is_null());
+                    assert_eq!(shrunk as usize % align, 0, "size {size}, align {align}");
+                    assert!((0..shrunk_size).all(|i| *shrunk.add(i) == pattern(i)));
+                    let shrunk_layout =
+                        Layout::from_size_align(shrunk_size, align).expect("layout");
+                    allocator.dealloc(shrunk, shrunk_layout);
                 }
             }
         }
