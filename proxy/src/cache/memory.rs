@@ -468,6 +468,7 @@ struct PartialHit {
 #[async_trait]
 impl HandleHit for PartialHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        let mut waited = false;
         loop {
             let progress = *self.progress.borrow_and_update();
             let available = match progress {
@@ -480,6 +481,16 @@ impl HandleHit for PartialHit {
                 Progress::Writing(n) | Progress::Done(n) => n,
             };
             if self.next < available {
+                if !waited {
+                    // All readers of a fill wake together when its first chunks arrive.
+                    // Without a turn for the others between chunks, one reader would write
+                    // everything received so far before the next wrote its first byte. The
+                    // turn comes before the chunk is taken: Pingora may drop this future while
+                    // it waits, and a chunk taken by then would be lost.
+                    tokio::task::yield_now().await;
+                    waited = true;
+                    continue;
+                }
                 let chunk = self.fill.chunks.read().get(self.next).cloned();
                 self.next += 1;
                 if let Some(chunk) = chunk {
@@ -495,6 +506,8 @@ impl HandleHit for PartialHit {
                         "the cache fill this response streams from stopped",
                     );
                 }
+            } else {
+                waited = true;
             }
         }
     }
@@ -914,6 +927,104 @@ mod streaming_tests {
             .await
             .expect("ok")
             .is_none());
+    }
+
+    /// Starts a fill of `key` that has received `chunks` chunks, and returns it with a reader.
+    async fn fill_with_reader(
+        storage: &'static MemoryStorage,
+        key: &CacheKey,
+        chunks: &[&'static [u8]],
+    ) -> (MissHandler, HitHandler) {
+        let mut miss = storage
+            .get_miss_handler(key, &meta(), &inactive())
+            .await
+            .expect("miss");
+        for chunk in chunks {
+            miss.write_body(Bytes::from_static(chunk), false)
+                .await
+                .expect("write");
+        }
+        let (_, reader) = storage
+            .lookup(key, &inactive())
+            .await
+            .expect("ok")
+            .expect("partial");
+        (miss, reader)
+    }
+
+    /// Two readers of a fill whose chunks have all arrived take turns, chunk by chunk, instead
+    /// of one reading everything before the other reads its first chunk.
+    #[tokio::test(flavor = "current_thread")]
+    async fn partial_readers_take_turns() {
+        let storage: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(1 << 20, 1024, 1024)));
+        let key = CacheKey::new("turns", "primary");
+        let (_miss, first) = fill_with_reader(storage, &key, &[b"a", b"b", b"c"]).await;
+        let (_, second) = storage
+            .lookup(&key, &inactive())
+            .await
+            .expect("ok")
+            .expect("partial");
+
+        let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let read_three = |name: &'static str, mut reader: HitHandler| {
+            let order = Arc::clone(&order);
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    let chunk = reader.read_body().await.expect("read").expect("chunk");
+                    order
+                        .lock()
+                        .push(format!("{name}{}", String::from_utf8_lossy(&chunk)));
+                }
+            })
+        };
+        let reading = [read_three("1", first), read_three("2", second)];
+        for task in reading {
+            task.await.expect("join");
+        }
+
+        // After every read, neither reader is more than one chunk ahead of the other.
+        let order = order.lock().clone();
+        assert_eq!(order.len(), 6, "{order:?}");
+        let mut counts = [0i32; 2];
+        for read in &order {
+            counts[usize::from(read.starts_with('2'))] += 1;
+            assert!((counts[0] - counts[1]).abs() <= 1, "{order:?}");
+        }
+        for name in ["1", "2"] {
+            let chunks: String = order
+                .iter()
+                .filter_map(|read| read.strip_prefix(name))
+                .collect();
+            assert_eq!(chunks, "abc", "{order:?}");
+        }
+    }
+
+    /// A read dropped while it gives other readers their turn loses no chunk: the next read
+    /// returns the chunk the dropped one would have returned.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dropped_partial_read_loses_nothing() {
+        let storage: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(1 << 20, 1024, 1024)));
+        let key = CacheKey::new("dropped", "primary");
+        let (_miss, mut reader) = fill_with_reader(storage, &key, &[b"x", b"y"]).await;
+        {
+            let read = reader.read_body();
+            tokio::pin!(read);
+            let first_poll = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(read.as_mut(), cx))
+            })
+            .await;
+            assert!(first_poll.is_pending(), "the read gives way first");
+        }
+        assert_eq!(
+            reader.read_body().await.expect("read"),
+            Some(Bytes::from_static(b"x"))
+        );
+        assert_eq!(
+            reader.read_body().await.expect("read"),
+            Some(Bytes::from_static(b"y"))
+        );
     }
 
     #[tokio::test]
