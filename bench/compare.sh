@@ -7,11 +7,11 @@
 #                                   default 5 seconds per wrk run and 1 round; about 2 minutes
 #                                   in all, plus about a minute per extra round at 5 s
 #
-# With ROUNDS above 1, the cached-hit scenarios (b), (c) and (d) run ROUNDS times, the servers
-# taking turns in each round, so that a slow spell of the machine falls on all of them alike.
-# Their cells then show each server's median over the rounds (requests/s, MiB/s and p99 each
-# taken as its own median), and the ratio column the median over the rounds of the ratio within
-# each round. A line under the table lists every round's ratios.
+# With ROUNDS above 1, the cached-hit scenarios (b), (c) and (d) and the stampede (e) run ROUNDS
+# times, the servers taking turns in each round, so that a slow spell of the machine falls on
+# all of them alike. Their cells then show each server's median over the rounds (requests/s,
+# MiB/s, p50 and p99 each taken as its own median), and the ratio column the median over the
+# rounds of the ratio within each round. A line under the table lists every round's ratios.
 #
 # Needs nginx, varnishd, wrk, python3, curl and htpasswd (scripts/setup-debian.sh --bench installs
 # them) and a release build (cargo build --release). Installs nothing.
@@ -409,14 +409,22 @@ hit_scenario b /index.json 32 index req/s
 hit_scenario c /bundle-1m.json 16 "1 MB" MiB/s
 hit_scenario d /bundle-20m.json 4 "20 MB" MiB/s
 
-# (e) cold stampede: 200 connections send GET on the same uncached slow path at once.
-for c in "${contenders[@]}"; do
-    path=/slow/bundle-1m.json
-    before=$(origin_count "$path")
-    json=$(timeout 60 "${pin_load[@]}" python3 "$root/bench/stampede.py" --port "${port[$c]}" \
-        --path "$path" --host open.bench -n 200) || json='{}'
-    after=$(origin_count "$path")
-    read -r p50 p99 ok extra < <(python3 -c '
+# (e) cold stampede: 200 connections send GET on the same uncached slow path at once. With
+# ROUNDS above 1 it runs once per round on a fresh path (a new query string), the servers taking
+# turns. The cells then show the medians of the rounds' times to first byte, the most origin
+# requests of any round and the fewest 200s of any round.
+declare -A stampede_p50s stampede_p99s stampede_origin stampede_ok
+for r in $(seq 1 "$rounds"); do
+    declare -A this_round=()
+    for c in "${contenders[@]}"; do
+        path=/slow/bundle-1m.json
+        target=$path
+        [[ $rounds -eq 1 ]] || target="$path?round=$r"
+        before=$(origin_count "$path")
+        json=$(timeout 60 "${pin_load[@]}" python3 "$root/bench/stampede.py" --port "${port[$c]}" \
+            --path "$target" --host open.bench -n 200) || json='{}'
+        after=$(origin_count "$path")
+        read -r p50 p99 ok extra < <(python3 -c '
 import json, sys
 r = json.loads(sys.argv[1] or "{}")
 t = r.get("ttfb_ms", {})
@@ -424,8 +432,27 @@ ok = r.get("statuses", {}).get("200", 0)
 bad = r.get("requests", 0) - ok + r.get("short_bodies", 0)
 fmt = lambda v: "?" if v is None else "%.0f" % v if v >= 100 else "%.1f" % v
 print(fmt(t.get("p50")), t.get("p99"), ok, bad)' "$json")
-    [[ $extra == 0 ]] || note "$c stampede: $json"
-    cell[e,$c]="$((after - before)) origin req; TTFB p50 $p50, p99 $(to_ms "${p99}ms") ms ($ok of 200 OK)"
+        [[ $extra == 0 ]] || note "$c stampede, round $r: $json"
+        stampede_p50s[$c]+="${p50//\?/} " stampede_p99s[$c]+="${p99//None/} " this_round[$c]=$p99
+        if [[ -z ${stampede_origin[$c]:-} || $((after - before)) -gt ${stampede_origin[$c]} ]]; then
+            stampede_origin[$c]=$((after - before))
+        fi
+        if [[ -z ${stampede_ok[$c]:-} || $ok -lt ${stampede_ok[$c]} ]]; then
+            stampede_ok[$c]=$ok
+        fi
+    done
+    round_ratios[e]+="$(awk -v n="${this_round[nginx]}" -v v="${this_round[varnish]}" \
+        -v g="${this_round[gateway]}" 'BEGIN {
+        b = (n == "None") ? v : (v == "None") ? n : (n + 0 < v + 0) ? n : v
+        printf "%.2f", ((b + 0 > 0 && g != "None") ? g / b : 0) }') "
+done
+for c in "${contenders[@]}"; do
+    # shellcheck disable=SC2086 # the lists are numbers separated by spaces
+    p99=$(median ${stampede_p99s[$c]})
+    # shellcheck disable=SC2086
+    p50=$(median ${stampede_p50s[$c]})
+    cell[e,$c]="${stampede_origin[$c]} origin req; TTFB p50 $(printf '%.0f' "$p50"), p99 $(to_ms "${p99}ms") ms (${stampede_ok[$c]} of 200 OK)"
+    [[ $rounds -eq 1 ]] || cell[e,$c]+=", medians of $rounds rounds"
     value[e,$c]=$p99
 done
 
@@ -451,8 +478,9 @@ for c in "${contenders[@]}"; do
 done
 
 # (h) peak resident memory after all scenarios. The gateway's cache contains the bodies fetched
-# above (3 × 1 KB, 2 × 1 MB, 20 MB) and one small entry per miss. Its figure is also given
-# without those bodies, because nginx keeps its cache on disk (page cache, not its RSS).
+# above (3 × 1 KB, 20 MB, and 1 MB for (c) and for each stampede round) and one small entry per
+# miss. Its figure is also given without those bodies, because nginx keeps its cache on disk
+# (page cache, not its RSS).
 mapfile -t nginx_children < <(children "$nginx_pid")
 mapfile -t varnish_child < <(children "$varnish_pid")
 value[h,nginx]=$(peak_mib "$nginx_pid" "${nginx_children[@]}")
@@ -460,9 +488,10 @@ value[h,varnish]=$(peak_mib "${varnish_child[@]}")
 value[h,gateway]=$(peak_mib "$gateway_pid")
 gateway_misses=$(curl -s --max-time 5 "http://127.0.0.1:$origin_port/__stats" |
     python3 -c 'import json, sys; print(sum(v for k, v in json.load(sys.stdin).items() if k.startswith("/miss/gateway-")))')
-gateway_outside=$(awk -v m="${value[h,gateway]}" 'BEGIN {printf "%.1f", m - 22 - 3 / 1024}')
+bodies_mib=$((21 + rounds))
+gateway_outside=$(awk -v m="${value[h,gateway]}" -v b="$bodies_mib" 'BEGIN {printf "%.1f", m - b - 3 / 1024}')
 for c in "${contenders[@]}"; do cell[h,$c]="${value[h,$c]} MiB"; done
-cell[h,gateway]+=", $gateway_outside MiB without the 22 MiB of cached bundle/index bodies"
+cell[h,gateway]+=", $gateway_outside MiB without the $bodies_mib MiB of cached bundle/index bodies"
 note "memory: nginx = master + ${#nginx_children[@]} children (worker, cache manager, cache loader while it runs); Varnish = its child process (the manager process, $(peak_mib "$varnish_pid") MiB, not counted; malloc storage counts in the child); the gateway also held $gateway_misses small miss entries"
 
 # --- table ---------------------------------------------------------------------------------
@@ -496,7 +525,7 @@ echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc
     "$(awk -F= '$1 == "PRETTY_NAME" {gsub(/"/, "", $2); print $2}' /etc/os-release)"
 echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | sed 's/ revision.*//;s/[()]//g')," \
     "$(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $("$binary" version 2>&1 | head -1)"
-echo "run: $seconds s per wrk run (wrk -t1), $rounds round(s) of (b) to (d), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
+echo "run: $seconds s per wrk run (wrk -t1), $rounds round(s) of (b) to (e), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
 echo
 echo "| scenario | nginx | Varnish | mirror-gateway | gateway ÷ better peer |"
 echo "|---|---|---|---|---|"
@@ -510,7 +539,7 @@ row g "(g) misses, unique paths, -c32" high "(req/s)"
 row h "(h) peak resident memory (VmHWM)" low "(lower is better)"
 if [[ $rounds -gt 1 ]]; then
     echo
-    for key in b c d; do
+    for key in b c d e; do
         echo "- ($key) gateway ÷ better peer, round by round: ${round_ratios[$key]% }"
     done
 fi
