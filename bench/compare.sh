@@ -114,6 +114,28 @@ median() {
         print m }'
 }
 
+# Prints GATEWAY over the better of NGINX and VARNISH with two decimals: better is higher with
+# SENSE "high" and lower with "low". Prints "?" when the gateway's value or both peers' are
+# missing ("" or "None"), or the better peer's is 0.
+#   peer_ratio SENSE NGINX VARNISH GATEWAY
+peer_ratio() {
+    awk -v sense="$1" -v n="$2" -v v="$3" -v g="$4" 'BEGIN {
+        best = ""
+        if (n != "" && n != "None") best = n + 0
+        if (v != "" && v != "None") { if (best == "" || (sense == "low" ? v < best : v > best)) best = v + 0 }
+        if (best == "" || best == 0 || g == "" || g == "None") { print "?"; exit }
+        printf "%.2f", g / best }'
+}
+
+# Adds the ratio of one round's numbers in THIS_ROUND (keyed by server) to round_ratios[KEY],
+# 0 when a number is missing.
+#   add_round_ratio KEY SENSE
+add_round_ratio() {
+    local ratio
+    ratio=$(peer_ratio "$2" "${this_round[nginx]}" "${this_round[varnish]}" "${this_round[gateway]}")
+    round_ratios[$1]+="${ratio/\?/0} "
+}
+
 # Prints an integer with thousands separators.
 grouped() {
     printf '%.0f' "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'
@@ -394,8 +416,7 @@ hit_scenario() {
             [[ $unit == req/s ]] || number=$mib_s
             runs[$key,$c]+="$number " p99s[$key,$c]+="$p99_ms " this_round[$c]=$number
         done
-        round_ratios[$key]+="$(awk -v n="${this_round[nginx]}" -v v="${this_round[varnish]}" \
-            -v g="${this_round[gateway]}" 'BEGIN { b = (n > v) ? n : v; printf "%.2f", (b > 0 ? g / b : 0) }') "
+        add_round_ratio "$key" high
     done
     for c in "${contenders[@]}"; do
         # shellcheck disable=SC2086 # the lists are numbers separated by spaces
@@ -441,10 +462,7 @@ print(fmt(t.get("p50")), t.get("p99"), ok, bad)' "$json")
             stampede_ok[$c]=$ok
         fi
     done
-    round_ratios[e]+="$(awk -v n="${this_round[nginx]}" -v v="${this_round[varnish]}" \
-        -v g="${this_round[gateway]}" 'BEGIN {
-        b = (n == "None") ? v : (v == "None") ? n : (n + 0 < v + 0) ? n : v
-        printf "%.2f", ((b + 0 > 0 && g != "None") ? g / b : 0) }') "
+    add_round_ratio e low
 done
 for c in "${contenders[@]}"; do
     # shellcheck disable=SC2086 # the lists are numbers separated by spaces
@@ -505,13 +523,10 @@ ratio() {
         printf '%.2f×' "$(median ${round_ratios[$row]})"
         return
     fi
-    awk -v n="${value[$row,nginx]}" -v v="${value[$row,varnish]}" -v g="${value[$row,gateway]}" \
-        -v sense="$sense" 'BEGIN {
-        best = ""
-        if (n != "" && n != "None") best = n + 0
-        if (v != "" && v != "None") { if (best == "" || (sense == "low" ? v < best : v > best)) best = v + 0 }
-        if (best == "" || best == 0 || g == "" || g == "None") { print "?"; exit }
-        printf "%.2f×", g / best }'
+    local result
+    result=$(peer_ratio "$sense" "${value[$row,nginx]}" "${value[$row,varnish]}" "${value[$row,gateway]}")
+    [[ $result == "?" ]] || result+="×"
+    printf '%s' "$result"
 }
 
 row() {
