@@ -127,8 +127,8 @@ peer_ratio() {
         printf "%.2f", g / best }'
 }
 
-# Adds the ratio of one round's numbers in THIS_ROUND (keyed by server) to round_ratios[KEY],
-# 0 when a number is missing.
+# Appends the ratio of one round's numbers, kept in `this_round` by server, to
+# round_ratios[KEY]. A missing number gives the ratio 0.
 #   add_round_ratio KEY SENSE
 add_round_ratio() {
     local ratio
