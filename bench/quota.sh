@@ -18,11 +18,16 @@
 # The scenarios take turns: every gateway starts first, then each round runs wrk once on each,
 # so that a slow spell of the machine falls on all of them alike. Each scenario reports its
 # best run (highest requests/s, with that run's p99), which filters out more of the noise, and
-# the ratio of its best run to the best run without budget plugins. The last column is the
-# median over the rounds of the ratio within each round: the scenario's run against the run
-# without plugins just before it, which a slow spell of the machine affects least. Below the
-# table come the baseline's requests/s and each scenario's ratio, round by round. On a shared
-# machine, compare ratios, not absolutes.
+# the ratio of its best run to the best run without budget plugins. The `median` column is
+# the median over the rounds of the ratio within each round: the scenario's run against the
+# run without plugins just before it, which a slow spell of the machine affects least. The
+# CPU columns take the CPU time the gateway process ran during a wrk run (the schedstat of
+# all its threads: user and kernel time) per request wrk completed. They show the median over
+# the rounds, and the median of the per-round ratios of the baseline's CPU time per request
+# to the scenario's. On a CPU-bound gateway that ratio is the throughput ratio, less moved by a
+# machine whose speed changes between runs. Below the table come the baseline's requests/s
+# and each scenario's ratios, round by round.
+# On a shared machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
 # (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
 # Everything runs on 127.0.0.1 with free ports, in a temp dir removed on exit. With two or
@@ -188,8 +193,15 @@ count_instructions() {
     printf '| %-34s | %12s | %8s | %6s |\n' "$label" "$per_request" "-" "$ratio"
 }
 
-# Scenarios started for wrk, in table order: name, label and URL; the best run of each.
-names=() labels=() urls=() best_rps=() best_p99=()
+# Scenarios started for wrk, in table order: name, label, URL and gateway PID; the best run of
+# each.
+names=() labels=() urls=() gateway_pids=() best_rps=() best_p99=()
+
+# Prints the CPU time, in nanoseconds, that every thread of process PID has run so far
+# (the first field of each thread's schedstat).
+cpu_ns() {
+    cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ t += $1 } END { printf "%.0f", t }'
+}
 
 # Sets up one scenario. Under callgrind it runs at once and prints its table row. For wrk it
 # starts the gateway and warms its cache; `measure` runs them all later.
@@ -207,7 +219,8 @@ scenario() {
     pids+=("$gateway")
     wait_ready "$url" "$tmp/$name.log"
     curl -fs -o /dev/null "$url"
-    names+=("$name") labels+=("$label") urls+=("$url") best_rps+=(0) best_p99+=(-)
+    names+=("$name") labels+=("$label") urls+=("$url") gateway_pids+=("$gateway")
+    best_rps+=(0) best_p99+=(-)
 }
 
 # Runs wrk on every scenario in turn, $rounds times over, so that a slow spell of a shared
@@ -215,11 +228,16 @@ scenario() {
 # run and the median of its per-round ratios. Only the gateway under load does work, while the
 # others wait idle.
 measure() {
-    local round i out run_rps run_p99 ratio median
-    local -A round_rps=()
+    local round i out run_rps run_p99 ratio median cpu_before cpu_after served cpu_median cpu_ratio
+    local -A round_rps=() round_cpu=()
     for round in $(seq 1 "$rounds"); do
         for i in "${!names[@]}"; do
+            cpu_before=$(cpu_ns "${gateway_pids[i]}")
             out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[i]}")
+            cpu_after=$(cpu_ns "${gateway_pids[i]}")
+            served=$(awk '/requests in/ {print $1}' <<<"$out")
+            round_cpu[$i,$round]=$(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$served" \
+                'BEGIN { printf "%.0f", (n > 0) ? (b - a) / n : 0 }')
             if grep -q 'Non-2xx' <<<"$out"; then
                 echo "quota bench: ${labels[i]} got non-2xx responses in round $round:" >&2
                 grep 'Non-2xx' <<<"$out" >&2
@@ -237,7 +255,13 @@ measure() {
         median=$(for round in $(seq 1 "$rounds"); do
             awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf "%.4f\n", a / b }'
         done | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.3f", m }')
-        printf '| %-34s | %12s | %8s | %6s | %6s |\n' "${labels[i]}" "${best_rps[i]}" "${best_p99[i]}" "$ratio" "$median"
+        cpu_median=$(for round in $(seq 1 "$rounds"); do echo "${round_cpu[$i,$round]}"; done |
+            sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.0f", m }')
+        cpu_ratio=$(for round in $(seq 1 "$rounds"); do
+            awk -v a="${round_cpu[0,$round]}" -v b="${round_cpu[$i,$round]}" 'BEGIN { printf "%.4f\n", (b > 0) ? a / b : 0 }'
+        done | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.3f", m }')
+        printf '| %-34s | %12s | %8s | %6s | %6s | %10s | %9s |\n' "${labels[i]}" "${best_rps[i]}" \
+            "${best_p99[i]}" "$ratio" "$median" "$cpu_median" "$cpu_ratio"
     done
     # Round by round, to show how much the machine moved during the run.
     echo
@@ -249,6 +273,10 @@ measure() {
         printf -- '- %s, ratio by round:' "${labels[i]}"
         for round in $(seq 1 "$rounds"); do
             awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf " %.3f", a / b }'
+        done
+        printf '; CPU ratio by round:'
+        for round in $(seq 1 "$rounds"); do
+            awk -v a="${round_cpu[0,$round]}" -v b="${round_cpu[$i,$round]}" 'BEGIN { printf " %.3f", (b > 0) ? a / b : 0 }'
         done
         echo
     done
@@ -264,8 +292,8 @@ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "redis: $(redis-server --version | awk '{print $3}')"
 echo
 if [[ $mode == wrk ]]; then
-    echo "| scenario                           | requests/s   | p99      | ratio  | median |"
-    echo "|------------------------------------|--------------|----------|--------|--------|"
+    echo "| scenario                           | requests/s   | p99      | ratio  | median | CPU ns/req | CPU ratio |"
+    echo "|------------------------------------|--------------|----------|--------|--------|------------|-----------|"
 else
     echo "| scenario                           | instr./req.  | p99      | ratio  |"
     echo "|------------------------------------|--------------|----------|--------|"

@@ -646,9 +646,9 @@ async fn request_body_rejected_slot_kept() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn debug_header_names_status() {
-    let origin = TestOrigin::start(|_| {
+    let origin = TestOrigin::start(|req| {
         let mut reply = Reply::ok("unavailable");
-        reply.status = 503;
+        reply.status = if req.target == "/broken" { 503 } else { 429 };
         reply
     })
     .await;
@@ -656,6 +656,9 @@ async fn debug_header_names_status() {
     let gateway = start_gateway(dir.path(), origin.addr, "", true);
     let resp = fetch(&gateway.url("/broken"), &[]).await;
     assert_eq!(resp.status, 503);
+    assert_eq!(resp.header("x-cache-reason"), Some("origin_error"));
+    let resp = fetch(&gateway.url("/busy"), &[]).await;
+    assert_eq!(resp.status, 429);
     assert_eq!(resp.header("x-cache-reason"), Some("status"));
 }
 

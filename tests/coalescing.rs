@@ -2,8 +2,9 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -11,9 +12,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Starts a gateway in front of `origin` with the index and bundle TTL rules and a catch-all
 /// rule for everything else; `catch_all_404` sets its `cache_not_found`.
-fn start(origin: &TestOrigin, dir: &std::path::Path, catch_all_404: bool) -> TestGateway {
+fn start(origin: std::net::SocketAddr, dir: &std::path::Path, catch_all_404: bool) -> TestGateway {
     let config = format!(
-        r#"{BASE_CONFIG}
+        r#"{BASE_CONFIG}debug_headers = true
+
 [domains.primary]
 hosts = ["127.0.0.1"]
 [domains.primary.origins.web]
@@ -38,7 +40,7 @@ pattern = "/**"
 ttl_secs = 60
 cache_not_found = {catch_all_404}
 "#,
-        origin.addr
+        origin
     );
     TestGateway::start(dir, &config)
 }
@@ -68,22 +70,9 @@ async fn concurrent_misses_coalesce() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = start(&origin, dir.path(), false);
+    let gateway = start(origin.addr, dir.path(), false);
     let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
-    let client = client();
-    let requests = (0..100).map(|_| {
-        let request = client.get(&url).send();
-        async move {
-            let resp = request.await.expect("request");
-            let status = resp.status().as_u16();
-            let cache = resp.headers()["x-cache-status"]
-                .to_str()
-                .expect("ascii")
-                .to_string();
-            (status, cache, resp.text().await.expect("body"))
-        }
-    });
-    let results = futures::future::join_all(requests).await;
+    let results = stampede(&url, 100).await;
     assert_eq!(origin.count(), 1);
     for (status, cache, body) in &results {
         assert_eq!(*status, 200, "a {cache} response");
@@ -92,6 +81,129 @@ async fn concurrent_misses_coalesce() {
     let misses = results.iter().filter(|(_, c, _)| c == "MISS").count();
     let hits = results.iter().filter(|(_, c, _)| c == "HIT").count();
     assert_eq!((misses, hits), (1, 99));
+}
+
+/// Sends `count` concurrent GETs of `url`. Returns each response's status, its cache status
+/// (followed by the `X-Cache-Reason`, if any, after a space) and its body.
+async fn stampede(url: &str, count: usize) -> Vec<(u16, String, String)> {
+    let client = client();
+    let requests = (0..count).map(|_| {
+        let request = client.get(url).send();
+        async move {
+            let resp = request.await.expect("request");
+            let status = resp.status().as_u16();
+            let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+            let cache = match header("x-cache-reason") {
+                Some(reason) => format!("{} {reason}", header("x-cache-status").expect("status")),
+                None => header("x-cache-status").expect("status").to_string(),
+            };
+            (status, cache, resp.text().await.expect("body"))
+        }
+    });
+    futures::future::join_all(requests).await
+}
+
+/// Starts an origin that accepts each connection, waits `delay` and closes it unanswered.
+/// Returns its address and the number of connections it accepted.
+async fn closing_origin(delay: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                drop(stream);
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// The one fill fails before the origin's header: every waiter gets a 502 at once instead of
+/// fetching on its own, and the next request starts one new fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_fill_fails_its_waiters() {
+    let (addr, accepted) = closing_origin(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(addr, dir.path(), false);
+    let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
+    let started = Instant::now();
+    let results = stampede(&url, 50).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the waiters took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "origin connections");
+    assert!(
+        results.iter().all(|(status, ..)| *status == 502),
+        "{results:?}"
+    );
+    let waiters = results.iter().filter(|(_, c, _)| c == "BYPASS fill_failed");
+    assert_eq!(waiters.count(), 49, "{results:?}");
+    assert_eq!(stampede(&url, 1).await[0].0, 502);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one new fill");
+}
+
+/// An origin 5xx to the one fill: its client gets the 5xx, the waiters a 502 each, and the
+/// origin sees one request per stampede.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origin_error_fails_its_waiters() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("overloaded");
+        reply.status = 503;
+        reply.delay = Duration::from_secs(1);
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(origin.addr, dir.path(), false);
+    let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
+    for round in 1..=2 {
+        let results = stampede(&url, 50).await;
+        assert_eq!(
+            origin.count(),
+            round,
+            "origin requests after stampede {round}"
+        );
+        let origin_answers = results.iter().filter(|(s, ..)| *s == 503).count();
+        let waiter_errors = results.iter().filter(|(s, ..)| *s == 502).count();
+        assert_eq!((origin_answers, waiter_errors), (1, 49), "{results:?}");
+    }
+}
+
+/// The filling client leaves before the origin's header: the fill goes on for the waiters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filler_gone_before_header_keeps_fill() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("{\"bundle\":\"late\"}");
+        reply.delay = Duration::from_millis(600);
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(origin.addr, dir.path(), false);
+    let path = "/concelier/exports/mirror/primary/bundle.json";
+    let mut filler = TcpStream::connect(gateway.addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    filler
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the filler's request");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiters = tokio::spawn({
+        let url = gateway.url(path);
+        async move { stampede(&url, 10).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(filler);
+    for (status, cache, _) in waiters.await.expect("waiters") {
+        assert_eq!(status, 200, "a {cache} response");
+    }
+    assert_eq!(origin.count(), 1, "origin requests");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,7 +215,7 @@ async fn ttl_headers_per_class() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = start(&origin, dir.path(), false);
+    let gateway = start(origin.addr, dir.path(), false);
     let cases = [
         ("/concelier/exports/index.json", "public, max-age=60"),
         (
@@ -217,7 +329,7 @@ async fn serve_slow(stream: TcpStream, body: &'static [u8], seen: Arc<Mutex<Vec<
 async fn uncacheable_not_stored() {
     let origin = TestOrigin::start(|req| by_path(&req.target)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = start(&origin, dir.path(), false);
+    let gateway = start(origin.addr, dir.path(), false);
     let cases = [
         ("/error", 503),
         ("/missing", 404),
@@ -244,7 +356,7 @@ async fn uncacheable_not_stored() {
 async fn not_found_stored_when_enabled() {
     let origin = TestOrigin::start(|req| by_path(&req.target)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = start(&origin, dir.path(), true);
+    let gateway = start(origin.addr, dir.path(), true);
     let url = gateway.url("/missing");
     let first = client().get(&url).send().await.expect("first");
     assert_eq!(first.status(), 404);

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mirror_plugins::{LocalResponse, LogRecord, RequestInfo, RequestState, Verdict};
-use pingora::cache::{CacheKey, ForcedFreshness, NoCacheReason, RespCacheable};
+use pingora::cache::{CacheKey, CachePhase, ForcedFreshness, NoCacheReason, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -116,6 +116,16 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// Returns the hash of this request's cache key in `domain`, without building the key.
+    fn key_hash(&self, domain: &DomainRuntime) -> pingora::cache::key::HashBinary {
+        key_hash(
+            &domain.config.id,
+            self.export_id.as_deref(),
+            &self.path,
+            self.query.as_deref(),
+        )
+    }
+
     fn new(state: Arc<GatewayState>) -> Self {
         Self {
             state,
@@ -487,6 +497,33 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Sends a 502 to a request that waited for a fill that failed before the origin's header
+    /// (see `cache/lock.rs`), instead of letting it fetch on its own. Every other request goes
+    /// on to the origin.
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<bool> {
+        if session.cache.phase() != CachePhase::Disabled(NoCacheReason::CacheLockGiveUp) {
+            return Ok(true);
+        }
+        let state = Arc::clone(&ctx.state);
+        let Some(domain) = state.domain(ctx) else {
+            return Ok(true);
+        };
+        let key = ctx.key_hash(domain);
+        if !state.cache.fill_failed_since(&key, ctx.start) {
+            return Ok(true);
+        }
+        let reason = NoStoreReason::FillFailed;
+        ctx.no_store = Some(reason);
+        let detail = "the origin request that this request waited for failed; retry later";
+        let debug_reason = state.debug_headers.then_some(reason.label());
+        respond::write_error_detail(session, 502, "BYPASS", detail, debug_reason).await;
+        Ok(false)
+    }
+
     async fn upstream_peer(
         &self,
         _session: &mut Session,
@@ -589,7 +626,7 @@ impl ProxyHttp for Gateway {
         let phase = session.cache.phase();
         let reason = match (ctx.no_store, &phase) {
             (Some(reason), _) => Some(reason.label()),
-            (None, pingora::cache::CachePhase::Disabled(reason)) => Some(reason.as_str()),
+            (None, CachePhase::Disabled(reason)) => Some(reason.as_str()),
             _ => None,
         };
         if session.req_header().version == http::Version::HTTP_10
@@ -710,12 +747,7 @@ impl Gateway {
             return Ok(false);
         };
 
-        let key = key_hash(
-            &domain.config.id,
-            ctx.export_id.as_deref(),
-            &ctx.path,
-            ctx.query.as_deref(),
-        );
+        let key = ctx.key_hash(domain);
         let Some(FreshHit {
             header,
             epoch,

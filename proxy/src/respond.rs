@@ -73,16 +73,28 @@ pub fn status_for_error(e: &Error) -> u16 {
 
 /// Sends the error page for `code`, if the response has not started.
 pub async fn write_error(session: &mut Session, code: u16, cache_status: &str) {
-    if session.response_written().is_some() {
-        return;
-    }
-    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let detail = match code {
         502 => "the origin could not be reached or sent an invalid response",
         504 => "the origin did not answer in time",
         400 => "the request is malformed",
         _ => "the gateway failed to handle the request",
     };
+    write_error_detail(session, code, cache_status, detail, None).await;
+}
+
+/// Sends the error page for `code` with the line `detail` and, when given, the not-stored
+/// `reason` as `X-Cache-Reason`, if the response has not started.
+pub async fn write_error_detail(
+    session: &mut Session,
+    code: u16,
+    cache_status: &str,
+    detail: &str,
+    reason: Option<&str>,
+) {
+    if session.response_written().is_some() {
+        return;
+    }
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let local = error_response(status, detail);
     let result = async {
         let mut header = ResponseHeader::build(local.status, Some(4))?;
@@ -91,6 +103,9 @@ pub async fn write_error(session: &mut Session, code: u16, cache_status: &str) {
         }
         header.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
         header.insert_header(CACHE_STATUS_HEADER, cache_status)?;
+        if let Some(reason) = reason {
+            header.insert_header("x-cache-reason", reason)?;
+        }
         session.set_keepalive(None);
         session
             .write_response_header(Box::new(header), false)

@@ -15,12 +15,31 @@
 //! request releases its lock, so this check cannot miss them. If so, the request gets a read
 //! lock that is already released instead: it serves its stale response while the fill runs
 //! (stale-while-revalidate) or looks the key up again and reads the fill.
+//!
+//! It also ends the wait for a fill that fails before the origin's response header while
+//! nothing is stored for the key: the origin is unreachable, closes the connection, times out
+//! or returns a 5xx status. Pingora would let the waiting requests compete for the lock again,
+//! one new origin request after another, and after its retry limit send every one still
+//! waiting to the origin on its own. Instead the lock records the failure in [`FailedFills`]
+//! and releases the waiters as it would for an uncacheable response. Each waiter then finds
+//! the record and sends a 502 of its own without an origin request (see the gateway's
+//! `proxy_upstream_filter`). The next request starts one new fill.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::lock::{CacheKeyLock, CacheLock, LockStatus, Locked, WritePermit};
 use pingora::cache::CacheKey;
+
+/// Failed fills are remembered this long: the requests that waited on one look it up right
+/// after they wake.
+const FAILED_FILL_MEMORY: Duration = Duration::from_secs(10);
+
+/// Remembered failures beyond this count make the next record drop those older than
+/// [`FAILED_FILL_MEMORY`].
+const FAILED_FILL_PRUNE_AT: usize = 1024;
 
 /// What the lock checks in the storage about a key (the combined cache key hash).
 pub trait FillState: Send + Sync {
@@ -31,12 +50,43 @@ pub trait FillState: Send + Sync {
     fn stored(&self, key: &HashBinary) -> bool;
 }
 
+/// When the last fill of each key failed before its response header, by primary key hash.
+#[derive(Default)]
+pub struct FailedFills {
+    at: Mutex<HashMap<HashBinary, Instant>>,
+}
+
+impl FailedFills {
+    fn record(&self, key: HashBinary, now: Instant) {
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.len() >= FAILED_FILL_PRUNE_AT {
+            at.retain(|_, failed| now.duration_since(*failed) < FAILED_FILL_MEMORY);
+        }
+        at.insert(key, now);
+    }
+
+    fn clear(&self, key: &HashBinary) {
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        if !at.is_empty() {
+            at.remove(key);
+        }
+    }
+
+    /// Returns whether a fill of `key` failed after `since`, so that a request that started
+    /// at `since` and was told to go to the origin was waiting on that fill.
+    pub fn failed_since(&self, key: &HashBinary, since: Instant) -> bool {
+        let at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        at.get(key).is_some_and(|failed| *failed >= since)
+    }
+}
+
 /// Pingora's [`CacheLock`] that grants no write permit while the storage can already serve
-/// the key; see the module documentation.
+/// the key and ends the wait of a failed fill; see the module documentation.
 pub struct FillAwareLock {
     inner: CacheLock,
     storage: &'static dyn FillState,
     age_timeout: Duration,
+    failed: FailedFills,
 }
 
 impl FillAwareLock {
@@ -46,7 +96,13 @@ impl FillAwareLock {
             inner: CacheLock::new(age_timeout),
             storage,
             age_timeout,
+            failed: FailedFills::default(),
         }
+    }
+
+    /// Returns the fills that failed before their response header.
+    pub fn failed_fills(&self) -> &FailedFills {
+        &self.failed
     }
 
     /// Returns whether the request would only repeat a fill the storage already has.
@@ -73,17 +129,32 @@ impl CacheKeyLock for FillAwareLock {
     }
 
     fn release(&self, key: &CacheKey, permit: WritePermit, reason: LockStatus) {
-        self.inner.release(key, permit, reason);
+        let name = key.primary_bin();
+        // A stored entry may still serve the waiters (stale-if-error), so they compete again.
+        if reason == LockStatus::TransientError && !self.storage.stored(&key.combined_bin()) {
+            self.failed.record(name, Instant::now());
+            self.inner.release(key, permit, LockStatus::GiveUp);
+        } else {
+            self.failed.clear(&name);
+            self.inner.release(key, permit, reason);
+        }
     }
 
+    /// An origin 5xx is a failed fill; any other reason not to store the response sends the
+    /// waiting requests to the origin on their own, as Pingora does.
     fn custom_lock_status(&self, custom_no_cache: &'static str) -> LockStatus {
-        self.inner.custom_lock_status(custom_no_cache)
+        if custom_no_cache == super::NoStoreReason::OriginError.label() {
+            LockStatus::TransientError
+        } else {
+            self.inner.custom_lock_status(custom_no_cache)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::cache::lock::ReadLock;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     #[derive(Default)]
@@ -136,6 +207,94 @@ mod tests {
         assert!(!read.locked(), "the read lock is already released");
         fake.running.store(false, Ordering::SeqCst);
         release(&lock, &key, lock.lock(&key, false));
+    }
+
+    /// Takes the write permit and one read lock of `key`.
+    fn writer_and_reader(lock: &FillAwareLock, key: &CacheKey) -> (WritePermit, ReadLock) {
+        let Locked::Write(permit) = lock.lock(key, false) else {
+            panic!("the first request waits");
+        };
+        let Locked::Read(read) = lock.lock(key, false) else {
+            panic!("the second request writes");
+        };
+        (permit, read)
+    }
+
+    #[tokio::test]
+    async fn failed_fill_ends_the_wait() {
+        let (_, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        let before = Instant::now();
+        let (permit, read) = writer_and_reader(&lock, &key);
+        lock.release(&key, permit, LockStatus::TransientError);
+        read.wait().await;
+        assert_eq!(read.lock_status(), LockStatus::GiveUp, "no new competition");
+        let name = key.primary_bin();
+        assert!(lock.failed_fills().failed_since(&name, before));
+        assert!(!lock.failed_fills().failed_since(&name, Instant::now()));
+        // The next request fills anew: `release` panics on a read lock.
+        release(&lock, &key, lock.lock(&key, false));
+    }
+
+    #[tokio::test]
+    async fn failed_refresh_keeps_competition() {
+        let (fake, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        fake.stored.store(true, Ordering::SeqCst);
+        let Locked::Write(permit) = lock.lock(&key, true) else {
+            panic!("the refresh waits");
+        };
+        let Locked::Read(read) = lock.lock(&key, true) else {
+            panic!("a second refresh writes");
+        };
+        let before = Instant::now();
+        lock.release(&key, permit, LockStatus::TransientError);
+        read.wait().await;
+        assert_eq!(read.lock_status(), LockStatus::TransientError);
+        assert!(!lock.failed_fills().failed_since(&key.primary_bin(), before));
+    }
+
+    #[tokio::test]
+    async fn finished_fill_forgets_failure() {
+        let (_, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        let before = Instant::now();
+        let (permit, _) = writer_and_reader(&lock, &key);
+        lock.release(&key, permit, LockStatus::TransientError);
+        let (permit, read) = writer_and_reader(&lock, &key);
+        lock.release(&key, permit, LockStatus::Done);
+        read.wait().await;
+        assert_eq!(read.lock_status(), LockStatus::Done);
+        assert!(!lock.failed_fills().failed_since(&key.primary_bin(), before));
+    }
+
+    #[test]
+    fn origin_error_is_a_failed_fill() {
+        let (_, lock) = setup();
+        let origin_error = crate::cache::NoStoreReason::OriginError.label();
+        assert_eq!(
+            lock.custom_lock_status(origin_error),
+            LockStatus::TransientError
+        );
+        let not_stored = crate::cache::NoStoreReason::OriginNoStore.label();
+        assert_eq!(lock.custom_lock_status(not_stored), LockStatus::GiveUp);
+    }
+
+    #[test]
+    fn failed_fills_prune_old_records() {
+        let failed = FailedFills::default();
+        let start = Instant::now();
+        let old = start
+            .checked_sub(FAILED_FILL_MEMORY)
+            .expect("a monotonic past");
+        for i in 0..FAILED_FILL_PRUNE_AT {
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            failed.record(key, old);
+        }
+        failed.record([0xff; 16], start);
+        let at = failed.at.lock().expect("lock");
+        assert_eq!(at.len(), 1, "only the new record is left");
     }
 
     #[tokio::test]

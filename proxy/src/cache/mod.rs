@@ -41,7 +41,7 @@ pub struct CacheTier {
     /// The storage Pingora reads and writes: the memory tier alone, or memory in front of disk,
     /// with fills that honour purges made while they run.
     storage: &'static purge_log::PurgeAware,
-    lock: &'static CacheKeyLockImpl,
+    lock: &'static lock::FillAwareLock,
     /// Remembers keys whose response outgrew `max_object_bytes`, so that their next requests
     /// bypass the cache instead of failing again mid-body.
     predictor: &'static Predictor<PREDICTOR_SHARDS>,
@@ -96,8 +96,7 @@ impl CacheTier {
                 }
                 None => (memory, memory),
             };
-        let lock: Box<CacheKeyLockImpl> =
-            Box::new(lock::FillAwareLock::new(settings.lock_age_timeout, fills));
+        let lock = Box::new(lock::FillAwareLock::new(settings.lock_age_timeout, fills));
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
         // (`Custom`) keep looking up, and coalescing, every request.
         let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));
@@ -125,7 +124,7 @@ impl CacheTier {
             self.storage,
             None,
             Some(self.predictor),
-            Some(self.lock),
+            Some(self.lock as &'static CacheKeyLockImpl),
             Some(overrides),
         );
         cache.set_max_file_size_bytes(self.max_object_bytes);
@@ -136,6 +135,17 @@ impl CacheTier {
     /// is the complete response to a plain GET or HEAD.
     pub fn fresh_memory_hit(&self, key: &pingora::cache::key::HashBinary) -> Option<FreshHit> {
         self.memory.fresh_hit(key, self.clock.now())
+    }
+
+    /// Returns whether a fill of `key` (a hash of [`key_hash`]) failed before its response
+    /// header at or after `since`, when nothing was stored for the key. A request that started
+    /// at `since` and was then sent to the origin by the cache lock was waiting on that fill.
+    pub fn fill_failed_since(
+        &self,
+        key: &pingora::cache::key::HashBinary,
+        since: std::time::Instant,
+    ) -> bool {
+        self.lock.failed_fills().failed_since(key, since)
     }
 
     /// Returns the clock that stored responses are stamped and judged by.

@@ -18,7 +18,9 @@ pub enum NoStoreReason {
     OriginNoStore,
     /// The response sets a cookie, so it belongs to one client.
     SetCookie,
-    /// An error or other status that is never stored (5xx, 4xx unless configured, 206, ...).
+    /// The origin responded with a 5xx status.
+    OriginError,
+    /// A status other than 5xx that is never stored (4xx unless configured, 206, ...).
     Status,
     /// Neither the TTL policy nor the origin gave the response a lifetime.
     NoLifetime,
@@ -26,6 +28,9 @@ pub enum NoStoreReason {
     VaryAny,
     /// The origin saw the client's credentials and did not mark the response `public`.
     Authorization,
+    /// The origin request that this request waited for failed before its response header, so
+    /// this request got a 502 instead of a fetch of its own.
+    FillFailed,
     /// A 304 from the origin names a strong `ETag` that the stored response does not have, so
     /// it validates some other representation and the stored one is not refreshed.
     ValidatorMismatch,
@@ -37,11 +42,13 @@ impl NoStoreReason {
         match self {
             Self::OriginNoStore => "origin_no_store",
             Self::SetCookie => "set_cookie",
+            Self::OriginError => "origin_error",
             Self::Status => "status",
             Self::NoLifetime => "no_lifetime",
             Self::VaryAny => "vary_any",
             Self::Authorization => "authorization",
             Self::ValidatorMismatch => "validator_mismatch",
+            Self::FillFailed => "fill_failed",
         }
     }
 }
@@ -93,6 +100,9 @@ pub fn decide_cacheability(
     stale: StaleWindows,
     now: SystemTime,
 ) -> Result<RespCacheable, NoStoreReason> {
+    if resp.status.is_server_error() {
+        return Err(NoStoreReason::OriginError);
+    }
     if resp.headers.contains_key(http::header::SET_COOKIE) {
         return Err(NoStoreReason::SetCookie);
     }
@@ -321,10 +331,14 @@ mod tests {
                 response(200, &[("set-cookie", "a=b")]),
                 NoStoreReason::SetCookie,
             ),
-            (response(500, &[]), NoStoreReason::Status),
+            (response(500, &[]), NoStoreReason::OriginError),
             (
                 response(503, &[("cache-control", "max-age=60")]),
-                NoStoreReason::Status,
+                NoStoreReason::OriginError,
+            ),
+            (
+                response(502, &[("set-cookie", "a=b")]),
+                NoStoreReason::OriginError,
             ),
             (response(404, &[]), NoStoreReason::Status),
             (response(206, &[]), NoStoreReason::Status),
