@@ -231,6 +231,40 @@ async fn stale_if_error_window_edges() {
     assert_eq!(origin.count(), 5, "origin requests");
 }
 
+/// A stampede on an expired entry within its stale-if-error window while the origin returns
+/// 503: one refresh reaches the origin, and every client gets the stored entry, the waiters
+/// without a refresh of their own. Once the cache clock is past the one-second back-off, the
+/// next request tries the origin again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_if_error_serves_stampede() {
+    let phase = Arc::new(AtomicU8::new(UP_FIRST));
+    let origin_phase = Arc::clone(&phase);
+    let origin = ScriptOrigin::start(move |_, _| Script {
+        delay: Duration::from_millis(300),
+        ..phased_reply(&origin_phase)
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 30";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let url = gateway.url("/sie-stampede.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+    phase.store(DOWN, Ordering::SeqCst);
+    clock.advance(secs(61));
+
+    let clients = (0..50).map(|_| fetch(&url, &[]));
+    for got in futures::future::join_all(clients).await {
+        assert_eq!((got.status, got.cache.as_str()), (200, "STALE"));
+        assert_eq!(got.text(), "v1");
+    }
+    assert_eq!(origin.count(), 2, "origin requests");
+
+    clock.advance(secs(2));
+    let again = fetch(&url, &[]).await;
+    assert_eq!((again.status, again.cache.as_str()), (200, "STALE"));
+    assert_eq!(origin.count(), 3, "a refresh after the back-off");
+}
+
 /// Like [`stale_if_error_window_edges`], with the origin refusing connections.
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_if_error_unreachable_edges() {

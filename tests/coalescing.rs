@@ -13,11 +13,22 @@ use tokio::net::{TcpListener, TcpStream};
 /// Starts a gateway in front of `origin` with the index and bundle TTL rules and a catch-all
 /// rule for everything else; `catch_all_404` sets its `cache_not_found`.
 fn start(origin: std::net::SocketAddr, dir: &std::path::Path, catch_all_404: bool) -> TestGateway {
+    start_with(origin, dir, catch_all_404, "")
+}
+
+/// Starts the gateway of [`start`] with `domain_keys` added to the domain's table.
+fn start_with(
+    origin: std::net::SocketAddr,
+    dir: &std::path::Path,
+    catch_all_404: bool,
+    domain_keys: &str,
+) -> TestGateway {
     let config = format!(
         r#"{BASE_CONFIG}debug_headers = true
 
 [domains.primary]
 hosts = ["127.0.0.1"]
+{domain_keys}
 [domains.primary.origins.web]
 kind = "http"
 addresses = ["{}"]
@@ -122,8 +133,9 @@ async fn closing_origin(delay: Duration) -> (std::net::SocketAddr, Arc<AtomicUsi
     (addr, accepted)
 }
 
-/// The one fill fails before the origin's header: every waiter gets a 502 at once instead of
-/// fetching on its own, and the next request starts one new fill.
+/// Each fill fails before the origin's header. The waiters compete once more after the first
+/// failure, then every waiter gets a 502 at once instead of fetching on its own, and the next
+/// request starts one new fill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_fill_fails_its_waiters() {
     let (addr, accepted) = closing_origin(Duration::from_secs(1)).await;
@@ -137,19 +149,19 @@ async fn failed_fill_fails_its_waiters() {
         "the waiters took {:?}",
         started.elapsed()
     );
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "origin connections");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "origin connections");
     assert!(
         results.iter().all(|(status, ..)| *status == 502),
         "{results:?}"
     );
     let waiters = results.iter().filter(|(_, c, _)| c == "BYPASS fill_failed");
-    assert_eq!(waiters.count(), 49, "{results:?}");
+    assert_eq!(waiters.count(), 48, "{results:?}");
     assert_eq!(stampede(&url, 1).await[0].0, 502);
-    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one new fill");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "one new fill");
 }
 
-/// An origin 5xx to the one fill: its client gets the 5xx, the waiters a 502 each, and the
-/// origin sees one request per stampede.
+/// The origin returns 503 to every fill. The waiters get the origin's status, and after
+/// the first stampede the origin sees one request per stampede.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn origin_error_fails_its_waiters() {
     let origin = TestOrigin::start(|_| {
@@ -162,17 +174,65 @@ async fn origin_error_fails_its_waiters() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = start(origin.addr, dir.path(), false);
     let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
-    for round in 1..=2 {
+    for (round, origin_requests, waiters) in [(1, 2, 48), (2, 3, 49)] {
         let results = stampede(&url, 50).await;
-        assert_eq!(
-            origin.count(),
-            round,
-            "origin requests after stampede {round}"
-        );
-        let origin_answers = results.iter().filter(|(s, ..)| *s == 503).count();
-        let waiter_errors = results.iter().filter(|(s, ..)| *s == 502).count();
-        assert_eq!((origin_answers, waiter_errors), (1, 49), "{results:?}");
+        assert_eq!(origin.count(), origin_requests, "after stampede {round}");
+        assert!(results.iter().all(|(s, ..)| *s == 503), "{results:?}");
+        let failed = results.iter().filter(|(_, c, _)| c == "BYPASS fill_failed");
+        assert_eq!(failed.count(), waiters, "stampede {round}: {results:?}");
     }
+}
+
+/// The first fill fails and the one the waiters start next succeeds, so one request that the
+/// origin rejects does not fail the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_failure_refills_for_waiters() {
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    let origin = TestOrigin::start(move |_| {
+        let mut reply = Reply::ok("{\"bundle\":\"two\"}");
+        if count.fetch_add(1, Ordering::SeqCst) == 0 {
+            reply.status = 503;
+        }
+        reply.delay = Duration::from_millis(500);
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(origin.addr, dir.path(), false);
+    let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
+    let results = stampede(&url, 30).await;
+    assert_eq!(origin.count(), 2, "origin requests");
+    let rejected = results.iter().filter(|(s, ..)| *s == 503).count();
+    assert_eq!(rejected, 1, "{results:?}");
+    let served: Vec<_> = results.iter().filter(|(s, ..)| *s == 200).collect();
+    assert_eq!(served.len(), 29, "{results:?}");
+    assert!(served
+        .iter()
+        .all(|(_, _, body)| body == "{\"bundle\":\"two\"}"));
+}
+
+/// The origin takes longer than the domain's lock wait: the waiters get a 504 when their wait
+/// ends, without an origin request, and the filling request gets the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_timeout_answers_504() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("{\"bundle\":\"slow\"}");
+        reply.delay = Duration::from_secs(3);
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_with(origin.addr, dir.path(), false, "lock_wait_timeout_secs = 1");
+    let url = gateway.url("/concelier/exports/mirror/primary/bundle.json");
+    let results = stampede(&url, 20).await;
+    assert_eq!(origin.count(), 1, "origin requests");
+    let served = results.iter().filter(|(s, ..)| *s == 200).count();
+    assert_eq!(served, 1, "{results:?}");
+    let timed_out = results
+        .iter()
+        .filter(|(s, c, _)| *s == 504 && c == "BYPASS lock_timeout");
+    assert_eq!(timed_out.count(), 19, "{results:?}");
 }
 
 /// The filling client leaves before the origin's header: the fill goes on for the waiters.

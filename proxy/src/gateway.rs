@@ -115,6 +115,10 @@ pub struct RequestCtx {
     upstream_timer: crate::metrics::UpstreamTimer,
 }
 
+/// After a failed refresh of an expired entry, requests within its stale-if-error window get
+/// the entry for this long without a new origin request.
+const REFRESH_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl RequestCtx {
     /// Returns the hash of this request's cache key in `domain`, without building the key.
     fn key_hash(&self, domain: &DomainRuntime) -> pingora::cache::key::HashBinary {
@@ -272,6 +276,19 @@ impl GatewayState {
         }
         ctx.origin_path = route_match.origin_path;
         Ok(())
+    }
+}
+
+/// Notes `status` for the requests waiting on this request's fill, if it fills the cache and
+/// the fill is about to fail (see `cache/lock.rs`).
+fn note_fill_status(session: &Session, ctx: &RequestCtx, status: u16) {
+    if !session.cache.is_cache_lock_writer() {
+        return;
+    }
+    if let Some(domain) = ctx.state.domain(ctx) {
+        ctx.state
+            .cache
+            .note_fill_status(ctx.key_hash(domain), status);
     }
 }
 
@@ -449,7 +466,20 @@ impl ProxyHttp for Gateway {
         _is_fresh: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<ForcedFreshness>> {
-        Ok(ctx.state.cache.clock().forced_freshness(meta))
+        let state = Arc::clone(&ctx.state);
+        let now = state.cache.clock().now();
+        if !meta.is_fresh(now) && meta.serve_stale_if_error(now) {
+            let failed = state.domain(ctx).is_some_and(|domain| {
+                let key = ctx.key_hash(domain);
+                state.cache.fill_failed_within(&key, REFRESH_BACKOFF)
+            });
+            if failed {
+                // Served as Pingora serves a fresh hit: no lock, no refresh.
+                ctx.local_cache_status = Some("STALE");
+                return Ok(Some(ForcedFreshness::ForceFresh));
+            }
+        }
+        Ok(state.cache.clock().forced_freshness(meta))
     }
 
     fn cache_vary_filter(
@@ -489,6 +519,9 @@ impl ProxyHttp for Gateway {
         match decide_cacheability(resp, policy, forwarded, stale, now) {
             Ok(decision) => Ok(decision),
             Err(reason) => {
+                if reason == NoStoreReason::OriginError {
+                    note_fill_status(session, ctx, resp.status.as_u16());
+                }
                 ctx.no_store = Some(reason);
                 Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                     reason.label(),
@@ -497,42 +530,52 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Sends a 502 to a request that waited for a fill that failed before the origin's header
-    /// (see `cache/lock.rs`), instead of letting it fetch on its own. Every other request goes
-    /// on to the origin.
+    /// Keeps a request that waited on another request's origin request from going to the
+    /// origin itself. When that origin request failed before the origin's header (see
+    /// `cache/lock.rs`), the request gets the failure's status. When its wait timed out, it
+    /// gets a 504. Every other request goes on to the origin.
     async fn proxy_upstream_filter(
         &self,
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<bool> {
-        if session.cache.phase() != CachePhase::Disabled(NoCacheReason::CacheLockGiveUp) {
-            return Ok(true);
-        }
-        let state = Arc::clone(&ctx.state);
-        let Some(domain) = state.domain(ctx) else {
+        let CachePhase::Disabled(why) = session.cache.phase() else {
             return Ok(true);
         };
-        let key = ctx.key_hash(domain);
-        if !state.cache.fill_failed_since(&key, ctx.start) {
-            return Ok(true);
-        }
-        let reason = NoStoreReason::FillFailed;
+        let (code, reason, detail) = match why {
+            NoCacheReason::CacheLockGiveUp => {
+                let state = Arc::clone(&ctx.state);
+                let Some(domain) = state.domain(ctx) else {
+                    return Ok(true);
+                };
+                let key = ctx.key_hash(domain);
+                let Some(code) = state.cache.fill_failed_since(&key, ctx.start) else {
+                    return Ok(true);
+                };
+                let detail = "the origin request that this request waited for failed; retry later";
+                (code, NoStoreReason::FillFailed, detail)
+            }
+            NoCacheReason::CacheLockTimeout => {
+                let detail = "timed out waiting for another request's origin request; retry later";
+                (504, NoStoreReason::LockTimeout, detail)
+            }
+            _ => return Ok(true),
+        };
         ctx.no_store = Some(reason);
-        let detail = "the origin request that this request waited for failed; retry later";
-        let debug_reason = state.debug_headers.then_some(reason.label());
-        respond::write_error_detail(session, 502, "BYPASS", detail, debug_reason).await;
+        let debug_reason = ctx.state.debug_headers.then_some(reason.label());
+        respond::write_error_detail(session, code, "BYPASS", detail, debug_reason).await;
         Ok(false)
     }
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let state = Arc::clone(&ctx.state);
         // The origin's latency starts once a slot is free: time queued behind
         // `max_origin_requests` is the gateway's own wait.
-        self.take_origin_slot(ctx).await?;
+        self.take_origin_slot(session, ctx).await?;
         ctx.upstream_timer.start(Instant::now());
         let upstream = state.upstream(ctx).ok_or_else(|| {
             Error::explain(pingora::ErrorType::InternalError, "no origin for the route")
@@ -640,7 +683,10 @@ impl ProxyHttp for Gateway {
             upstream_response.insert_header(http::header::CONNECTION, "close")?;
             session.set_keepalive(None);
         }
-        finish_response_header(ctx, upstream_response, cache_status(&phase), reason)
+        let status = ctx
+            .local_cache_status
+            .unwrap_or_else(|| cache_status(&phase));
+        finish_response_header(ctx, upstream_response, status, reason)
     }
 
     fn range_header_filter(
@@ -798,7 +844,7 @@ impl Gateway {
 
     /// Waits for one of the domain's origin slots, so that a cold cache cannot flood the
     /// origin; gives up with 503 after the domain's lock wait timeout.
-    async fn take_origin_slot(&self, ctx: &mut RequestCtx) -> Result<()> {
+    async fn take_origin_slot(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
         let state = Arc::clone(&ctx.state);
         if ctx.origin_slot.is_some() {
             return Ok(());
@@ -817,6 +863,7 @@ impl Gateway {
                 Ok(())
             }
             _ => {
+                note_fill_status(session, ctx, 503);
                 tracing::warn!(domain = %domain.config.id, path = %ctx.path, "no free origin slot in time");
                 // Marked as an origin-side error, so `should_serve_stale` serves a stale entry.
                 Err(Error::explain(

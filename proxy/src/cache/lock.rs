@@ -26,6 +26,7 @@
 //! `proxy_upstream_filter`). The next request starts one new fill.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,13 +34,21 @@ use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::lock::{CacheKeyLock, CacheLock, LockStatus, Locked, WritePermit};
 use pingora::cache::CacheKey;
 
-/// Failed fills are remembered this long: the requests that waited on one look it up right
-/// after they wake.
+use super::CacheClock;
+
+/// Failed fills are remembered at least this long, and until the key's next fill succeeds
+/// while fewer than [`FAILED_FILL_PRUNE_AT`] keys have failures.
 const FAILED_FILL_MEMORY: Duration = Duration::from_secs(10);
 
 /// Remembered failures beyond this count make the next record drop those older than
 /// [`FAILED_FILL_MEMORY`].
 const FAILED_FILL_PRUNE_AT: usize = 1024;
+
+/// A status noted by a filling request is used only by a failure within this time.
+const NOTED_STATUS_MEMORY: Duration = Duration::from_secs(1);
+
+/// The status that the waiters of a failed fill get when the filling request noted none.
+const DEFAULT_FAILED_STATUS: u16 = 502;
 
 /// What the lock checks in the storage about a key (the combined cache key hash).
 pub trait FillState: Send + Sync {
@@ -50,34 +59,94 @@ pub trait FillState: Send + Sync {
     fn stored(&self, key: &HashBinary) -> bool;
 }
 
-/// When the last fill of each key failed before its response header, by primary key hash.
+/// The last failure of a key's fill.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    at: Instant,
+    /// `at` plus the offset of the cache clock then, which only tests move.
+    clock_at: Instant,
+    /// The status that the requests which waited on the fill get.
+    status: u16,
+}
+
+/// The fills that failed before their response header, by primary key hash: for each key
+/// whose last fill failed, that failure.
 #[derive(Default)]
 pub struct FailedFills {
-    at: Mutex<HashMap<HashBinary, Instant>>,
+    failures: Mutex<HashMap<HashBinary, Failure>>,
+    /// Whether `failures` has entries, so that a successful fill skips the lock.
+    any: AtomicBool,
+    /// The status each filling request noted for its waiters, and when.
+    noted: Mutex<HashMap<HashBinary, (Instant, u16)>>,
 }
 
 impl FailedFills {
-    fn record(&self, key: HashBinary, now: Instant) {
-        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
-        if at.len() >= FAILED_FILL_PRUNE_AT {
-            at.retain(|_, failed| now.duration_since(*failed) < FAILED_FILL_MEMORY);
+    /// Records that the fill of `key` failed at `now`, when the cache clock was `offset` ahead.
+    /// Returns whether the key's previous fill had failed too.
+    fn record(&self, key: HashBinary, now: Instant, offset: Duration) -> bool {
+        let noted = lock(&self.noted).remove(&key);
+        let status = noted
+            .filter(|(at, _)| now.duration_since(*at) < NOTED_STATUS_MEMORY)
+            .map_or(DEFAULT_FAILED_STATUS, |(_, status)| status);
+        let mut failures = lock(&self.failures);
+        if failures.len() >= FAILED_FILL_PRUNE_AT {
+            failures.retain(|_, failure| now.duration_since(failure.at) < FAILED_FILL_MEMORY);
         }
-        at.insert(key, now);
+        self.any.store(true, Ordering::Relaxed);
+        let failure = Failure {
+            at: now,
+            clock_at: now + offset,
+            status,
+        };
+        failures.insert(key, failure).is_some()
     }
 
+    /// Forgets the failures of `key`, whose fill succeeded.
     fn clear(&self, key: &HashBinary) {
-        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
-        if !at.is_empty() {
-            at.remove(key);
+        if !self.any.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut failures = lock(&self.failures);
+        failures.remove(key);
+        if failures.is_empty() {
+            self.any.store(false, Ordering::Relaxed);
         }
     }
 
-    /// Returns whether a fill of `key` failed after `since`, so that a request that started
-    /// at `since` and was told to go to the origin was waiting on that fill.
-    pub fn failed_since(&self, key: &HashBinary, since: Instant) -> bool {
-        let at = self.at.lock().unwrap_or_else(|e| e.into_inner());
-        at.get(key).is_some_and(|failed| *failed >= since)
+    /// Notes `status` as what the waiters get if the fill of `key`, which the caller runs,
+    /// fails now: the origin's 5xx, or 503 when no origin slot was free.
+    pub fn note_status(&self, key: HashBinary, status: u16, now: Instant) {
+        let mut noted = lock(&self.noted);
+        if noted.len() >= FAILED_FILL_PRUNE_AT {
+            noted.retain(|_, (at, _)| now.duration_since(*at) < NOTED_STATUS_MEMORY);
+        }
+        noted.insert(key, (now, status));
     }
+
+    /// Returns the status for the waiters of the last fill of `key` when that fill failed at
+    /// or after `since`. A request that started at `since` and that the lock then sent to the
+    /// origin was waiting on that fill.
+    pub fn failed_since(&self, key: &HashBinary, since: Instant) -> Option<u16> {
+        let failure = lock(&self.failures).get(key).copied()?;
+        (failure.at >= since).then_some(failure.status)
+    }
+
+    /// Returns whether the last fill of `key` failed within `window` before `now`, both times
+    /// plus the cache clock's offset.
+    pub fn failed_within(&self, key: &HashBinary, window: Duration, now: Instant) -> bool {
+        if !self.any.load(Ordering::Relaxed) {
+            return false;
+        }
+        let failures = lock(&self.failures);
+        failures
+            .get(key)
+            .is_some_and(|failure| now.saturating_duration_since(failure.clock_at) < window)
+    }
+}
+
+/// Locks `map`, also after a panic of another holder: the maps stay consistent.
+fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    map.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Pingora's [`CacheLock`] that grants no write permit while the storage can already serve
@@ -87,16 +156,19 @@ pub struct FillAwareLock {
     storage: &'static dyn FillState,
     age_timeout: Duration,
     failed: FailedFills,
+    clock: CacheClock,
 }
 
 impl FillAwareLock {
     /// Wraps a [`CacheLock`] with `age_timeout`, checking `storage` before each write permit.
-    pub fn new(age_timeout: Duration, storage: &'static dyn FillState) -> Self {
+    /// Failures are also timed by `clock`.
+    pub fn new(age_timeout: Duration, storage: &'static dyn FillState, clock: CacheClock) -> Self {
         Self {
             inner: CacheLock::new(age_timeout),
             storage,
             age_timeout,
             failed: FailedFills::default(),
+            clock,
         }
     }
 
@@ -130,18 +202,26 @@ impl CacheKeyLock for FillAwareLock {
 
     fn release(&self, key: &CacheKey, permit: WritePermit, reason: LockStatus) {
         let name = key.primary_bin();
-        // A stored entry may still serve the waiters (stale-if-error), so they compete again.
-        if reason == LockStatus::TransientError && !self.storage.stored(&key.combined_bin()) {
-            self.failed.record(name, Instant::now());
+        if reason != LockStatus::TransientError {
+            self.failed.clear(&name);
+            self.inner.release(key, permit, reason);
+            return;
+        }
+        let again = self
+            .failed
+            .record(name, Instant::now(), self.clock.offset());
+        // The waiters compete once more after a first failure, so that one request the
+        // origin rejects does not fail them all. A stored entry may still serve them
+        // (stale-if-error), so they always compete then.
+        if again && !self.storage.stored(&key.combined_bin()) {
             self.inner.release(key, permit, LockStatus::GiveUp);
         } else {
-            self.failed.clear(&name);
             self.inner.release(key, permit, reason);
         }
     }
 
-    /// An origin 5xx is a failed fill; any other reason not to store the response sends the
-    /// waiting requests to the origin on their own, as Pingora does.
+    /// Treats an origin 5xx as a failed fill. Any other reason not to store the response sends
+    /// the waiting requests to the origin on their own, as Pingora does.
     fn custom_lock_status(&self, custom_no_cache: &'static str) -> LockStatus {
         if custom_no_cache == super::NoStoreReason::OriginError.label() {
             LockStatus::TransientError
@@ -175,7 +255,10 @@ mod tests {
 
     fn setup() -> (&'static Fake, FillAwareLock) {
         let fake: &'static Fake = Box::leak(Box::default());
-        (fake, FillAwareLock::new(Duration::from_secs(10), fake))
+        (
+            fake,
+            FillAwareLock::new(Duration::from_secs(10), fake, CacheClock::system()),
+        )
     }
 
     fn release(lock: &FillAwareLock, key: &CacheKey, locked: Locked) {
@@ -220,20 +303,63 @@ mod tests {
         (permit, read)
     }
 
+    /// Fails one fill of `key` without waiting requests.
+    fn fail_alone(lock: &FillAwareLock, key: &CacheKey) {
+        let Locked::Write(permit) = lock.lock(key, false) else {
+            panic!("the filling request waits");
+        };
+        lock.release(key, permit, LockStatus::TransientError);
+    }
+
     #[tokio::test]
-    async fn failed_fill_ends_the_wait() {
+    async fn first_failure_lets_waiters_compete() {
         let (_, lock) = setup();
         let key = CacheKey::new("k", "t");
         let before = Instant::now();
         let (permit, read) = writer_and_reader(&lock, &key);
         lock.release(&key, permit, LockStatus::TransientError);
         read.wait().await;
+        assert_eq!(read.lock_status(), LockStatus::TransientError);
+        let failed = lock.failed_fills();
+        assert_eq!(failed.failed_since(&key.primary_bin(), before), Some(502));
+    }
+
+    #[tokio::test]
+    async fn second_failure_ends_the_wait() {
+        let (_, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        fail_alone(&lock, &key);
+        let before = Instant::now();
+        let (permit, read) = writer_and_reader(&lock, &key);
+        lock.release(&key, permit, LockStatus::TransientError);
+        read.wait().await;
         assert_eq!(read.lock_status(), LockStatus::GiveUp, "no new competition");
         let name = key.primary_bin();
-        assert!(lock.failed_fills().failed_since(&name, before));
-        assert!(!lock.failed_fills().failed_since(&name, Instant::now()));
+        assert_eq!(lock.failed_fills().failed_since(&name, before), Some(502));
+        assert_eq!(
+            lock.failed_fills().failed_since(&name, Instant::now()),
+            None
+        );
         // The next request fills anew: `release` panics on a read lock.
         release(&lock, &key, lock.lock(&key, false));
+    }
+
+    #[tokio::test]
+    async fn noted_status_reaches_waiters() {
+        let (_, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        let name = key.primary_bin();
+        let failed = lock.failed_fills();
+        let before = Instant::now();
+        failed.note_status(name, 503, Instant::now());
+        fail_alone(&lock, &key);
+        assert_eq!(failed.failed_since(&name, before), Some(503));
+        let long_ago = Instant::now()
+            .checked_sub(NOTED_STATUS_MEMORY * 2)
+            .expect("a monotonic past");
+        failed.note_status(name, 504, long_ago);
+        fail_alone(&lock, &key);
+        assert_eq!(failed.failed_since(&name, before), Some(502), "an old note");
     }
 
     #[tokio::test]
@@ -241,17 +367,22 @@ mod tests {
         let (fake, lock) = setup();
         let key = CacheKey::new("k", "t");
         fake.stored.store(true, Ordering::SeqCst);
-        let Locked::Write(permit) = lock.lock(&key, true) else {
-            panic!("the refresh waits");
-        };
-        let Locked::Read(read) = lock.lock(&key, true) else {
-            panic!("a second refresh writes");
-        };
-        let before = Instant::now();
-        lock.release(&key, permit, LockStatus::TransientError);
-        read.wait().await;
-        assert_eq!(read.lock_status(), LockStatus::TransientError);
-        assert!(!lock.failed_fills().failed_since(&key.primary_bin(), before));
+        for attempt in 1..=2 {
+            let Locked::Write(permit) = lock.lock(&key, true) else {
+                panic!("refresh {attempt} waits");
+            };
+            let Locked::Read(read) = lock.lock(&key, true) else {
+                panic!("a second refresh writes");
+            };
+            lock.release(&key, permit, LockStatus::TransientError);
+            read.wait().await;
+            assert_eq!(read.lock_status(), LockStatus::TransientError, "{attempt}");
+        }
+        let failed = lock.failed_fills();
+        let window = Duration::from_secs(1);
+        assert!(failed.failed_within(&key.primary_bin(), window, Instant::now()));
+        let later = Instant::now() + window;
+        assert!(!failed.failed_within(&key.primary_bin(), window, later));
     }
 
     #[tokio::test]
@@ -259,13 +390,20 @@ mod tests {
         let (_, lock) = setup();
         let key = CacheKey::new("k", "t");
         let before = Instant::now();
-        let (permit, _) = writer_and_reader(&lock, &key);
-        lock.release(&key, permit, LockStatus::TransientError);
+        fail_alone(&lock, &key);
         let (permit, read) = writer_and_reader(&lock, &key);
         lock.release(&key, permit, LockStatus::Done);
         read.wait().await;
         assert_eq!(read.lock_status(), LockStatus::Done);
-        assert!(!lock.failed_fills().failed_since(&key.primary_bin(), before));
+        assert_eq!(
+            lock.failed_fills().failed_since(&key.primary_bin(), before),
+            None
+        );
+        // A failure after the success is a first failure again: the waiters compete.
+        let (permit, read) = writer_and_reader(&lock, &key);
+        lock.release(&key, permit, LockStatus::TransientError);
+        read.wait().await;
+        assert_eq!(read.lock_status(), LockStatus::TransientError);
     }
 
     #[test]
@@ -290,11 +428,14 @@ mod tests {
         for i in 0..FAILED_FILL_PRUNE_AT {
             let mut key = [0u8; 16];
             key[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            failed.record(key, old);
+            failed.record(key, old, Duration::ZERO);
         }
-        failed.record([0xff; 16], start);
-        let at = failed.at.lock().expect("lock");
-        assert_eq!(at.len(), 1, "only the new record is left");
+        failed.record([0xff; 16], start, Duration::ZERO);
+        assert_eq!(
+            lock(&failed.failures).len(),
+            1,
+            "only the new record is left"
+        );
     }
 
     #[tokio::test]

@@ -96,7 +96,11 @@ impl CacheTier {
                 }
                 None => (memory, memory),
             };
-        let lock = Box::new(lock::FillAwareLock::new(settings.lock_age_timeout, fills));
+        let lock = Box::new(lock::FillAwareLock::new(
+            settings.lock_age_timeout,
+            fills,
+            clock.clone(),
+        ));
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons
         // (`Custom`) keep looking up, and coalescing, every request.
         let predictor = Predictor::new(PREDICTOR_KEYS_PER_SHARD, Some(|_| true));
@@ -137,15 +141,33 @@ impl CacheTier {
         self.memory.fresh_hit(key, self.clock.now())
     }
 
-    /// Returns whether a fill of `key` (a hash of [`key_hash`]) failed before its response
-    /// header at or after `since`, when nothing was stored for the key. A request that started
-    /// at `since` and was then sent to the origin by the cache lock was waiting on that fill.
+    /// Returns the status for a request that started at `since` and that the cache lock sent
+    /// to the origin. It is `Some` when the request waited on a fill of `key` (a hash of
+    /// [`key_hash`]) that failed before its response header.
     pub fn fill_failed_since(
         &self,
         key: &pingora::cache::key::HashBinary,
         since: std::time::Instant,
-    ) -> bool {
+    ) -> Option<u16> {
         self.lock.failed_fills().failed_since(key, since)
+    }
+
+    /// Returns whether the last fill or refresh of `key` failed within `window`, by the cache
+    /// clock: moving a test clock forward ends the window too.
+    pub fn fill_failed_within(
+        &self,
+        key: &pingora::cache::key::HashBinary,
+        window: std::time::Duration,
+    ) -> bool {
+        let now = std::time::Instant::now() + self.clock.offset();
+        self.lock.failed_fills().failed_within(key, window, now)
+    }
+
+    /// Notes `status` as what the requests waiting on this request's fill of `key` get if the
+    /// fill fails now.
+    pub fn note_fill_status(&self, key: pingora::cache::key::HashBinary, status: u16) {
+        let failed = self.lock.failed_fills();
+        failed.note_status(key, status, std::time::Instant::now());
     }
 
     /// Returns the clock that stored responses are stamped and judged by.

@@ -29,8 +29,11 @@ pub enum NoStoreReason {
     /// The origin saw the client's credentials and did not mark the response `public`.
     Authorization,
     /// The origin request that this request waited for failed before its response header, so
-    /// this request got a 502 instead of a fetch of its own.
+    /// this request got that failure's status instead of a fetch of its own.
     FillFailed,
+    /// The wait for another request's origin request timed out, so this request got a 504
+    /// instead of a fetch of its own.
+    LockTimeout,
     /// A 304 from the origin names a strong `ETag` that the stored response does not have, so
     /// it validates some other representation and the stored one is not refreshed.
     ValidatorMismatch,
@@ -49,6 +52,7 @@ impl NoStoreReason {
             Self::Authorization => "authorization",
             Self::ValidatorMismatch => "validator_mismatch",
             Self::FillFailed => "fill_failed",
+            Self::LockTimeout => "lock_timeout",
         }
     }
 }
