@@ -240,7 +240,7 @@ async fn stale_if_error_serves_stampede() {
     let phase = Arc::new(AtomicU8::new(UP_FIRST));
     let origin_phase = Arc::clone(&phase);
     let origin = ScriptOrigin::start(move |_, _| Script {
-        delay: Duration::from_millis(300),
+        delay: Duration::from_secs(1),
         ..phased_reply(&origin_phase)
     })
     .await;
@@ -263,6 +263,33 @@ async fn stale_if_error_serves_stampede() {
     let again = fetch(&url, &[]).await;
     assert_eq!((again.status, again.cache.as_str()), (200, "STALE"));
     assert_eq!(origin.count(), 3, "a refresh after the back-off");
+}
+
+/// A stampede on an expired entry without a stale-if-error window while the origin returns
+/// 503: the waiters compete once more after the first failed refresh, then all get the 503
+/// without a refresh of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_refresh_fails_waiters() {
+    let phase = Arc::new(AtomicU8::new(UP_FIRST));
+    let origin_phase = Arc::clone(&phase);
+    let origin = ScriptOrigin::start(move |_, _| Script {
+        delay: Duration::from_secs(1),
+        ..phased_reply(&origin_phase)
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 0";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let url = gateway.url("/no-sie-stampede.json");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+    phase.store(DOWN, Ordering::SeqCst);
+    clock.advance(secs(61));
+
+    let clients = (0..50).map(|_| fetch(&url, &[]));
+    for got in futures::future::join_all(clients).await {
+        assert_eq!(got.status, 503, "a {} response", got.cache);
+    }
+    assert_eq!(origin.count(), 3, "origin requests");
 }
 
 /// Like [`stale_if_error_window_edges`], with the origin refusing connections.

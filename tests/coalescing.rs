@@ -161,7 +161,7 @@ async fn failed_fill_fails_its_waiters() {
 }
 
 /// The origin returns 503 to every fill. The waiters get the origin's status, and after
-/// the first stampede the origin sees one request per stampede.
+/// the first stampede the origin gets one request per stampede.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn origin_error_fails_its_waiters() {
     let origin = TestOrigin::start(|_| {
@@ -233,6 +233,75 @@ async fn lock_timeout_answers_504() {
         .iter()
         .filter(|(s, c, _)| *s == 504 && c == "BYPASS lock_timeout");
     assert_eq!(timed_out.count(), 19, "{results:?}");
+}
+
+/// Starts an origin that sends a small 200 for every request on a connection, kept alive,
+/// except `/dead`, which it counts and then closes the connection on. Returns its address
+/// and the number of `/dead` requests.
+async fn dead_path_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let dead = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&dead);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                for _ in 0..1000 {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if header.trim_end().is_empty() {
+                            break;
+                        }
+                    }
+                    if line.split(' ').nth(1) == Some("/dead") {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if reader.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, dead)
+}
+
+/// A request whose reused origin connection fails is retried once on another connection,
+/// not once per idle connection in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reused_connection_retried_once() {
+    let (addr, dead) = dead_path_origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start(addr, dir.path(), false);
+    // Fills the gateway's pool with idle origin connections.
+    let warm = (0..8).map(|i| get_status(gateway.url(&format!("/warm/{i}"))));
+    for status in futures::future::join_all(warm).await {
+        assert_eq!(status, 200);
+    }
+    let resp = client()
+        .get(gateway.url("/dead"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 502);
+    assert_eq!(dead.load(Ordering::SeqCst), 2, "origin requests for /dead");
+}
+
+/// Sends one GET of `url` and returns its status.
+async fn get_status(url: String) -> u16 {
+    let resp = client().get(url).send().await.expect("request");
+    resp.status().as_u16()
 }
 
 /// The filling client leaves before the origin's header: the fill goes on for the waiters.

@@ -140,7 +140,7 @@ fn valid_defaults_apply() {
     assert_eq!(config.log.level, "info");
     assert_eq!(config.cache.memory_bytes, 256 << 20);
     assert_eq!(config.cache.max_object_bytes, 64 << 20);
-    assert_eq!(config.cache.lock_wait_timeout.as_secs(), 30);
+    assert_eq!(config.cache.lock_wait_timeout.as_secs(), 35);
     assert_eq!(config.cache.lock_age_timeout.as_secs(), 60);
 }
 

@@ -109,6 +109,8 @@ pub struct RequestCtx {
     no_store: Option<NoStoreReason>,
     first_attempt: usize,
     attempts: usize,
+    /// Whether the origin request was already retried after its reused connection failed.
+    retried_reused: bool,
     /// This request's origin slot, held until the request ends.
     origin_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// When the request first asked for an origin peer, for the upstream duration metric.
@@ -146,6 +148,7 @@ impl RequestCtx {
             no_store: None,
             first_attempt: 0,
             attempts: 0,
+            retried_reused: false,
             origin_slot: None,
             upstream_timer: Default::default(),
         }
@@ -468,16 +471,19 @@ impl ProxyHttp for Gateway {
     ) -> Result<Option<ForcedFreshness>> {
         let state = Arc::clone(&ctx.state);
         let now = state.cache.clock().now();
-        if !meta.is_fresh(now) && meta.serve_stale_if_error(now) {
-            let failed = state.domain(ctx).is_some_and(|domain| {
-                let key = ctx.key_hash(domain);
-                state.cache.fill_failed_within(&key, REFRESH_BACKOFF)
-            });
-            if failed {
-                // Served as Pingora serves a fresh hit: no lock, no refresh.
-                ctx.local_cache_status = Some("STALE");
-                return Ok(Some(ForcedFreshness::ForceFresh));
-            }
+        if meta.is_fresh(now) {
+            return Ok(state.cache.clock().forced_freshness(meta));
+        }
+        let Some(domain) = state.domain(ctx) else {
+            return Ok(state.cache.clock().forced_freshness(meta));
+        };
+        let key = ctx.key_hash(domain);
+        if !meta.serve_stale_if_error(now) {
+            state.cache.note_stale_unservable(key);
+        } else if state.cache.fill_failed_within(&key, REFRESH_BACKOFF) {
+            // Served as Pingora serves a fresh hit: no lock, no refresh.
+            ctx.local_cache_status = Some("STALE");
+            return Ok(Some(ForcedFreshness::ForceFresh));
         }
         Ok(state.cache.clock().forced_freshness(meta))
     }
@@ -596,6 +602,30 @@ impl ProxyHttp for Gateway {
         if ctx.attempts < peers {
             tracing::warn!(peer = %peer, attempt = ctx.attempts, error = %e, "origin connect failed; trying the next address");
             e.set_retry(true);
+        }
+        e
+    }
+
+    /// Retries a request once on another connection when its reused pooled connection
+    /// failed, as Pingora does by default, but not a second time. Pingora would go on up to
+    /// its retry limit of 16, so an origin that closes every connection at once would get up
+    /// to 16 requests for one.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if replayable && client_reused && !ctx.retried_reused {
+            e.retry.decide_reuse(true);
+            ctx.retried_reused = e.retry();
+        } else {
+            e.set_retry(false);
         }
         e
     }

@@ -36,9 +36,10 @@ use pingora::cache::CacheKey;
 
 use super::CacheClock;
 
-/// Failed fills are remembered at least this long, and until the key's next fill succeeds
-/// while fewer than [`FAILED_FILL_PRUNE_AT`] keys have failures.
-const FAILED_FILL_MEMORY: Duration = Duration::from_secs(10);
+/// A fill that fails within this time after the key's last failure, with no success between,
+/// is a repeated failure. Longer than the default origin read timeout (30 s), so that the fill
+/// the waiters of a first failure start counts as a repeat when it fails too.
+const FAILED_FILL_MEMORY: Duration = Duration::from_secs(60);
 
 /// Remembered failures beyond this count make the next record drop those older than
 /// [`FAILED_FILL_MEMORY`].
@@ -78,11 +79,14 @@ pub struct FailedFills {
     any: AtomicBool,
     /// The status each filling request noted for its waiters, and when.
     noted: Mutex<HashMap<HashBinary, (Instant, u16)>>,
+    /// When a request last found the stored entry of each key expired and outside its
+    /// stale-if-error window, so that a failed refresh cannot serve the waiters.
+    unservable: Mutex<HashMap<HashBinary, Instant>>,
 }
 
 impl FailedFills {
     /// Records that the fill of `key` failed at `now`, when the cache clock was `offset` ahead.
-    /// Returns whether the key's previous fill had failed too.
+    /// Returns whether the key's previous fill had failed too, within [`FAILED_FILL_MEMORY`].
     fn record(&self, key: HashBinary, now: Instant, offset: Duration) -> bool {
         let noted = lock(&self.noted).remove(&key);
         let status = noted
@@ -98,7 +102,8 @@ impl FailedFills {
             clock_at: now + offset,
             status,
         };
-        failures.insert(key, failure).is_some()
+        let previous = failures.insert(key, failure);
+        previous.is_some_and(|previous| now.duration_since(previous.at) < FAILED_FILL_MEMORY)
     }
 
     /// Forgets the failures of `key`, whose fill succeeded.
@@ -111,6 +116,23 @@ impl FailedFills {
         if failures.is_empty() {
             self.any.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Notes that a request found the stored entry of `key` expired and outside its
+    /// stale-if-error window at `now`.
+    pub fn note_unservable(&self, key: HashBinary, now: Instant) {
+        let mut unservable = lock(&self.unservable);
+        if unservable.len() >= FAILED_FILL_PRUNE_AT {
+            unservable.retain(|_, at| now.duration_since(*at) < FAILED_FILL_MEMORY);
+        }
+        unservable.insert(key, now);
+    }
+
+    /// Returns whether the stored entry of `key` was found unservable on error within
+    /// [`FAILED_FILL_MEMORY`] before `now`, and removes that note.
+    fn take_unservable(&self, key: &HashBinary, now: Instant) -> bool {
+        let noted = lock(&self.unservable).remove(key);
+        noted.is_some_and(|at| now.saturating_duration_since(at) < FAILED_FILL_MEMORY)
     }
 
     /// Notes `status` as what the waiters get if the fill of `key`, which the caller runs,
@@ -207,13 +229,14 @@ impl CacheKeyLock for FillAwareLock {
             self.inner.release(key, permit, reason);
             return;
         }
-        let again = self
-            .failed
-            .record(name, Instant::now(), self.clock.offset());
+        let now = Instant::now();
+        let again = self.failed.record(name, now, self.clock.offset());
         // The waiters compete once more after a first failure, so that one request the
-        // origin rejects does not fail them all. A stored entry may still serve them
-        // (stale-if-error), so they always compete then.
-        if again && !self.storage.stored(&key.combined_bin()) {
+        // origin rejects does not fail them all. A stored entry within its stale-if-error
+        // window still serves them, so they always compete then.
+        let serves_stale =
+            self.storage.stored(&key.combined_bin()) && !self.failed.take_unservable(&name, now);
+        if again && !serves_stale {
             self.inner.release(key, permit, LockStatus::GiveUp);
         } else {
             self.inner.release(key, permit, reason);
@@ -344,6 +367,24 @@ mod tests {
         release(&lock, &key, lock.lock(&key, false));
     }
 
+    #[test]
+    fn old_failure_is_no_repeat() {
+        let failed = FailedFills::default();
+        let now = Instant::now();
+        let long_ago = now
+            .checked_sub(FAILED_FILL_MEMORY)
+            .expect("a monotonic past");
+        assert!(
+            !failed.record([1; 16], long_ago, Duration::ZERO),
+            "a first failure"
+        );
+        assert!(
+            !failed.record([1; 16], now, Duration::ZERO),
+            "after a long pause"
+        );
+        assert!(failed.record([1; 16], now, Duration::ZERO), "at once");
+    }
+
     #[tokio::test]
     async fn noted_status_reaches_waiters() {
         let (_, lock) = setup();
@@ -383,6 +424,28 @@ mod tests {
         assert!(failed.failed_within(&key.primary_bin(), window, Instant::now()));
         let later = Instant::now() + window;
         assert!(!failed.failed_within(&key.primary_bin(), window, later));
+    }
+
+    #[tokio::test]
+    async fn failed_refresh_without_stale_ends_the_wait() {
+        let (fake, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        let name = key.primary_bin();
+        fake.stored.store(true, Ordering::SeqCst);
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            lock.failed_fills().note_unservable(name, Instant::now());
+            let Locked::Write(permit) = lock.lock(&key, true) else {
+                panic!("the refresh waits");
+            };
+            let Locked::Read(read) = lock.lock(&key, true) else {
+                panic!("a second refresh writes");
+            };
+            lock.release(&key, permit, LockStatus::TransientError);
+            read.wait().await;
+            statuses.push(read.lock_status());
+        }
+        assert_eq!(statuses, [LockStatus::TransientError, LockStatus::GiveUp]);
     }
 
     #[tokio::test]

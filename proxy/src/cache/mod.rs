@@ -163,6 +163,14 @@ impl CacheTier {
         self.lock.failed_fills().failed_within(key, window, now)
     }
 
+    /// Notes that the stored entry of `key` is expired and outside its stale-if-error window,
+    /// so that the requests waiting on a failed refresh of it get an error instead of
+    /// competing for the next refresh.
+    pub fn note_stale_unservable(&self, key: pingora::cache::key::HashBinary) {
+        let failed = self.lock.failed_fills();
+        failed.note_unservable(key, std::time::Instant::now());
+    }
+
     /// Notes `status` as what the requests waiting on this request's fill of `key` get if the
     /// fill fails now.
     pub fn note_fill_status(&self, key: pingora::cache::key::HashBinary, status: u16) {

@@ -74,7 +74,7 @@ impl Default for CacheSection {
         Self {
             memory_bytes: ByteSize(256 << 20),
             max_object_bytes: None,
-            lock_wait_timeout_secs: 30,
+            lock_wait_timeout_secs: 35,
             lock_age_timeout_secs: 60,
             debug_headers: false,
             disk_dir: None,
