@@ -237,23 +237,10 @@ async fn stale_if_error_window_edges() {
 /// next request tries the origin again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_if_error_serves_stampede() {
-    let phase = Arc::new(AtomicU8::new(UP_FIRST));
-    let origin_phase = Arc::clone(&phase);
-    let origin = ScriptOrigin::start(move |_, _| Script {
-        delay: Duration::from_secs(1),
-        ..phased_reply(&origin_phase)
-    })
-    .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 30";
-    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
-    let url = gateway.url("/sie-stampede.json");
-    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
-    phase.store(DOWN, Ordering::SeqCst);
-    clock.advance(secs(61));
-
-    let clients = (0..50).map(|_| fetch(&url, &[]));
-    for got in futures::future::join_all(clients).await {
+    let (origin, gateway, clock) = expired_while_down(dir.path(), 30).await;
+    let url = gateway.url("/expired.json");
+    for got in stampede_on(&url, 50).await {
         assert_eq!((got.status, got.cache.as_str()), (200, "STALE"));
         assert_eq!(got.text(), "v1");
     }
@@ -270,6 +257,22 @@ async fn stale_if_error_serves_stampede() {
 /// without a refresh of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_refresh_fails_waiters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (origin, gateway, _clock) = expired_while_down(dir.path(), 0).await;
+    let url = gateway.url("/expired.json");
+    for got in stampede_on(&url, 50).await {
+        assert_eq!(got.status, 503, "a {} response", got.cache);
+    }
+    assert_eq!(origin.count(), 3, "origin requests");
+}
+
+/// Stores `/expired.json` from an origin that then returns 503 one second after each request,
+/// and moves the cache clock past the entry's 60 s lifetime. The domain has no
+/// stale-while-revalidate window and a stale-if-error window of `stale_if_error` seconds.
+async fn expired_while_down(
+    dir: &Path,
+    stale_if_error: u64,
+) -> (ScriptOrigin, TestGateway, TestClock) {
     let phase = Arc::new(AtomicU8::new(UP_FIRST));
     let origin_phase = Arc::clone(&phase);
     let origin = ScriptOrigin::start(move |_, _| Script {
@@ -277,19 +280,20 @@ async fn failed_refresh_fails_waiters() {
         ..phased_reply(&origin_phase)
     })
     .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 0";
-    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
-    let url = gateway.url("/no-sie-stampede.json");
-    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+    let domain = format!("stale_while_revalidate_secs = 0\nstale_if_error_secs = {stale_if_error}");
+    let (gateway, clock) = start_clocked(dir, origin.addr, &domain);
+    assert_eq!(
+        fetch(&gateway.url("/expired.json"), &[]).await.cache,
+        "MISS"
+    );
     phase.store(DOWN, Ordering::SeqCst);
     clock.advance(secs(61));
+    (origin, gateway, clock)
+}
 
-    let clients = (0..50).map(|_| fetch(&url, &[]));
-    for got in futures::future::join_all(clients).await {
-        assert_eq!(got.status, 503, "a {} response", got.cache);
-    }
-    assert_eq!(origin.count(), 3, "origin requests");
+/// Sends `count` concurrent GETs of `url` and returns the responses.
+async fn stampede_on(url: &str, count: usize) -> Vec<Fetched> {
+    futures::future::join_all((0..count).map(|_| fetch(url, &[]))).await
 }
 
 /// Like [`stale_if_error_window_edges`], with the origin refusing connections.

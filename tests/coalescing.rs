@@ -235,6 +235,24 @@ async fn lock_timeout_answers_504() {
     assert_eq!(timed_out.count(), 19, "{results:?}");
 }
 
+/// Reads one request head from `reader` and returns its request line; `None` when the
+/// connection ends first.
+async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if header.trim_end().is_empty() {
+            return Some(line);
+        }
+    }
+}
+
 /// Starts an origin that sends a small 200 for every request on a connection, kept alive,
 /// except `/dead`, which it counts and then closes the connection on. Returns its address
 /// and the number of `/dead` requests.
@@ -249,19 +267,9 @@ async fn dead_path_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
             tokio::spawn(async move {
                 let mut reader = BufReader::new(stream);
                 for _ in 0..1000 {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    let Some(line) = read_request(&mut reader).await else {
                         return;
-                    }
-                    loop {
-                        let mut header = String::new();
-                        if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if header.trim_end().is_empty() {
-                            break;
-                        }
-                    }
+                    };
                     if line.split(' ').nth(1) == Some("/dead") {
                         count.fetch_add(1, Ordering::SeqCst);
                         return;
@@ -424,20 +432,10 @@ async fn slow_body_origin(body: &'static [u8]) -> (std::net::SocketAddr, Arc<Mut
 async fn serve_slow(stream: TcpStream, body: &'static [u8], seen: Arc<Mutex<Vec<String>>>) {
     let mut reader = BufReader::new(stream);
     for _ in 0..100 {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+        let Some(line) = read_request(&mut reader).await else {
             return;
-        }
+        };
         let method = line.split(' ').next().unwrap_or("").to_string();
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).await.unwrap_or(0) == 0 {
-                return;
-            }
-            if header.trim_end().is_empty() {
-                break;
-            }
-        }
         seen.lock().expect("lock").push(method.clone());
         let head = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncache-control: max-age=60\r\n\r\n",
