@@ -41,8 +41,7 @@ use super::CacheClock;
 /// the waiters of a first failure start counts as a repeat when it fails too.
 const FAILED_FILL_MEMORY: Duration = Duration::from_secs(60);
 
-/// Remembered failures beyond this count make the next record drop those older than
-/// [`FAILED_FILL_MEMORY`].
+/// The size at which a [`TimedMap`] first drops its old records.
 const FAILED_FILL_PRUNE_AT: usize = 1024;
 
 /// A status noted by a filling request is used only by a failure within this time.
@@ -60,6 +59,45 @@ pub trait FillState: Send + Sync {
     fn stored(&self, key: &HashBinary) -> bool;
 }
 
+/// Records by primary key hash, each with the time it was made. Once the map contains
+/// [`FAILED_FILL_PRUNE_AT`] records, and then each time it has doubled since the last pruning,
+/// an insert drops the records older than the map's limit. So pruning costs a constant time per
+/// insert on average, however many keys fail at once.
+struct TimedMap<V> {
+    records: HashMap<HashBinary, V>,
+    prune_at: usize,
+    /// Records older than this are dropped when the map is pruned.
+    keep: Duration,
+}
+
+impl<V> TimedMap<V> {
+    fn new(keep: Duration) -> Self {
+        Self {
+            records: HashMap::new(),
+            prune_at: FAILED_FILL_PRUNE_AT,
+            keep,
+        }
+    }
+
+    /// Inserts `value` for `key` at `now`, first pruning when the map is due. `made_at`
+    /// returns when a record was made. Returns the record that `value` replaced.
+    fn insert(
+        &mut self,
+        key: HashBinary,
+        value: V,
+        now: Instant,
+        made_at: impl Fn(&V) -> Instant,
+    ) -> Option<V> {
+        if self.records.len() >= self.prune_at {
+            let keep = self.keep;
+            self.records
+                .retain(|_, record| now.saturating_duration_since(made_at(record)) < keep);
+            self.prune_at = (self.records.len() * 2).max(FAILED_FILL_PRUNE_AT);
+        }
+        self.records.insert(key, value)
+    }
+}
+
 /// The last failure of a key's fill.
 #[derive(Debug, Clone, Copy)]
 struct Failure {
@@ -72,38 +110,46 @@ struct Failure {
 
 /// The fills that failed before their response header, by primary key hash: for each key
 /// whose last fill failed, that failure.
-#[derive(Default)]
 pub struct FailedFills {
-    failures: Mutex<HashMap<HashBinary, Failure>>,
+    failures: Mutex<TimedMap<Failure>>,
     /// Whether `failures` has entries, so that a successful fill skips the lock.
     any: AtomicBool,
     /// The status each filling request noted for its waiters, and when.
-    noted: Mutex<HashMap<HashBinary, (Instant, u16)>>,
+    noted: Mutex<TimedMap<(Instant, u16)>>,
     /// When a request last found the stored entry of each key expired and outside its
     /// stale-if-error window, so that a failed refresh cannot serve the waiters.
-    unservable: Mutex<HashMap<HashBinary, Instant>>,
+    unservable: Mutex<TimedMap<Instant>>,
+}
+
+impl Default for FailedFills {
+    fn default() -> Self {
+        Self {
+            failures: Mutex::new(TimedMap::new(FAILED_FILL_MEMORY)),
+            any: AtomicBool::new(false),
+            noted: Mutex::new(TimedMap::new(NOTED_STATUS_MEMORY)),
+            unservable: Mutex::new(TimedMap::new(FAILED_FILL_MEMORY)),
+        }
+    }
 }
 
 impl FailedFills {
     /// Records that the fill of `key` failed at `now`, when the cache clock was `offset` ahead.
     /// Returns whether the key's previous fill had failed too, within [`FAILED_FILL_MEMORY`].
     fn record(&self, key: HashBinary, now: Instant, offset: Duration) -> bool {
-        let noted = lock(&self.noted).remove(&key);
+        let noted = lock(&self.noted).records.remove(&key);
         let status = noted
-            .filter(|(at, _)| now.duration_since(*at) < NOTED_STATUS_MEMORY)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < NOTED_STATUS_MEMORY)
             .map_or(DEFAULT_FAILED_STATUS, |(_, status)| status);
         let mut failures = lock(&self.failures);
-        if failures.len() >= FAILED_FILL_PRUNE_AT {
-            failures.retain(|_, failure| now.duration_since(failure.at) < FAILED_FILL_MEMORY);
-        }
         self.any.store(true, Ordering::Relaxed);
         let failure = Failure {
             at: now,
             clock_at: now + offset,
             status,
         };
-        let previous = failures.insert(key, failure);
-        previous.is_some_and(|previous| now.duration_since(previous.at) < FAILED_FILL_MEMORY)
+        let previous = failures.insert(key, failure, now, |failure| failure.at);
+        previous
+            .is_some_and(|previous| now.saturating_duration_since(previous.at) < FAILED_FILL_MEMORY)
     }
 
     /// Forgets the failures of `key`, whose fill succeeded.
@@ -112,8 +158,8 @@ impl FailedFills {
             return;
         }
         let mut failures = lock(&self.failures);
-        failures.remove(key);
-        if failures.is_empty() {
+        failures.records.remove(key);
+        if failures.records.is_empty() {
             self.any.store(false, Ordering::Relaxed);
         }
     }
@@ -121,35 +167,27 @@ impl FailedFills {
     /// Notes that a request found the stored entry of `key` expired and outside its
     /// stale-if-error window at `now`.
     pub fn note_unservable(&self, key: HashBinary, now: Instant) {
-        let mut unservable = lock(&self.unservable);
-        if unservable.len() >= FAILED_FILL_PRUNE_AT {
-            unservable.retain(|_, at| now.duration_since(*at) < FAILED_FILL_MEMORY);
-        }
-        unservable.insert(key, now);
+        lock(&self.unservable).insert(key, now, now, |at| *at);
     }
 
     /// Returns whether the stored entry of `key` was found unservable on error within
     /// [`FAILED_FILL_MEMORY`] before `now`, and removes that note.
     fn take_unservable(&self, key: &HashBinary, now: Instant) -> bool {
-        let noted = lock(&self.unservable).remove(key);
+        let noted = lock(&self.unservable).records.remove(key);
         noted.is_some_and(|at| now.saturating_duration_since(at) < FAILED_FILL_MEMORY)
     }
 
     /// Notes `status` as what the waiters get if the fill of `key`, which the caller runs,
     /// fails now: the origin's 5xx, or 503 when no origin slot was free.
     pub fn note_status(&self, key: HashBinary, status: u16, now: Instant) {
-        let mut noted = lock(&self.noted);
-        if noted.len() >= FAILED_FILL_PRUNE_AT {
-            noted.retain(|_, (at, _)| now.duration_since(*at) < NOTED_STATUS_MEMORY);
-        }
-        noted.insert(key, (now, status));
+        lock(&self.noted).insert(key, (now, status), now, |(at, _)| *at);
     }
 
     /// Returns the status for the waiters of the last fill of `key` when that fill failed at
     /// or after `since`. A request that started at `since` and that the lock then sent to the
     /// origin was waiting on that fill.
     pub fn failed_since(&self, key: &HashBinary, since: Instant) -> Option<u16> {
-        let failure = lock(&self.failures).get(key).copied()?;
+        let failure = lock(&self.failures).records.get(key).copied()?;
         (failure.at >= since).then_some(failure.status)
     }
 
@@ -161,6 +199,7 @@ impl FailedFills {
         }
         let failures = lock(&self.failures);
         failures
+            .records
             .get(key)
             .is_some_and(|failure| now.saturating_duration_since(failure.clock_at) < window)
     }
@@ -368,6 +407,26 @@ mod tests {
     }
 
     #[test]
+    fn pruning_waits_for_the_map_to_double() {
+        let mut map = TimedMap::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let key = |i: usize| {
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            key
+        };
+        for i in 0..=FAILED_FILL_PRUNE_AT {
+            map.insert(key(i), now, now, |at| *at);
+        }
+        assert_eq!(
+            map.prune_at,
+            2 * FAILED_FILL_PRUNE_AT,
+            "nothing was old enough"
+        );
+        assert_eq!(map.records.len(), FAILED_FILL_PRUNE_AT + 1);
+    }
+
+    #[test]
     fn old_failure_is_no_repeat() {
         let failed = FailedFills::default();
         let now = Instant::now();
@@ -494,11 +553,9 @@ mod tests {
             failed.record(key, old, Duration::ZERO);
         }
         failed.record([0xff; 16], start, Duration::ZERO);
-        assert_eq!(
-            lock(&failed.failures).len(),
-            1,
-            "only the new record is left"
-        );
+        let failures = lock(&failed.failures);
+        assert_eq!(failures.records.len(), 1, "only the new record is left");
+        assert_eq!(failures.prune_at, FAILED_FILL_PRUNE_AT);
     }
 
     #[tokio::test]
