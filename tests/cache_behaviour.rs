@@ -254,7 +254,9 @@ async fn stale_if_error_serves_stampede() {
 
 /// A stampede on an expired entry without a stale-if-error window while the origin returns
 /// 503: the waiters compete once more after the first failed refresh, then all get the 503
-/// without a refresh of their own.
+/// without a refresh of their own. That is two refreshes after the stored request. On a busy
+/// machine a client can arrive only after a failure and start one more, so up to four pass;
+/// without the lock's failure record each client makes its own (51).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_refresh_fails_waiters() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -263,7 +265,8 @@ async fn failed_refresh_fails_waiters() {
     for got in stampede_on(&url, 50).await {
         assert_eq!(got.status, 503, "a {} response", got.cache);
     }
-    assert_eq!(origin.count(), 3, "origin requests");
+    let refreshes = origin.count() - 1;
+    assert!((2..=4).contains(&refreshes), "{refreshes} refreshes");
 }
 
 /// Stores `/expired.json` from an origin that then returns 503 one second after each request,
@@ -918,7 +921,7 @@ async fn vary_during_fill() {
 }
 
 /// A request that finds no free origin slot in time gets the stale entry, as for any other
-/// origin failure.
+/// origin failure, and so do the requests that waited on it.
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_cap_serves_stale() {
     let origin = ScriptOrigin::start(|req, index| match (req.target.as_str(), index) {
@@ -948,10 +951,11 @@ lock_wait_timeout_secs = 1";
     )
     .await;
 
-    let stale = fetch(&url, &[]).await;
-    assert_eq!(stale.status, 200);
-    assert_eq!(stale.text(), "v1");
-    assert_eq!(stale.cache, "STALE");
+    for stale in stampede_on(&url, 30).await {
+        assert_eq!(stale.status, 200);
+        assert_eq!(stale.text(), "v1");
+        assert_eq!(stale.cache, "STALE");
+    }
     busy.abort();
 }
 

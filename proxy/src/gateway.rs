@@ -873,7 +873,7 @@ impl Gateway {
     }
 
     /// Waits for one of the domain's origin slots, so that a cold cache cannot flood the
-    /// origin; gives up with 503 after the domain's lock wait timeout.
+    /// origin. Gives up with 503 after nine tenths of the domain's lock wait timeout.
     async fn take_origin_slot(&self, session: &Session, ctx: &mut RequestCtx) -> Result<()> {
         let state = Arc::clone(&ctx.state);
         if ctx.origin_slot.is_some() {
@@ -882,10 +882,14 @@ impl Gateway {
         let Some(domain) = state.domain(ctx) else {
             return Ok(());
         };
-        let wait = domain
+        let lock_wait = domain
             .config
             .lock_wait_timeout
             .unwrap_or(state.cache.lock_wait_timeout());
+        // A tenth shorter than the lock wait: when a filling request gives up on a slot, the
+        // requests waiting on it learn of the failure (and get a stale entry) before their own
+        // wait ends, not at the same moment.
+        let wait = lock_wait - lock_wait / 10;
         let slots = Arc::clone(&domain.origin_slots);
         match tokio::time::timeout(wait, slots.acquire_owned()).await {
             Ok(Ok(permit)) => {
