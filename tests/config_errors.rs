@@ -1304,6 +1304,27 @@ fn trusted_proxies_everything_warns() {
 }
 
 #[test]
+fn short_lock_wait_warns() {
+    let fx = Fixture::new();
+    let defaults = fx.config(DOMAIN, &[]);
+    assert!(defaults.warnings.is_empty(), "{:#?}", defaults.warnings);
+
+    let text = format!("[cache]\nlock_wait_timeout_secs = 32\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    let warning = on_key(&config.warnings, "cache.lock_wait_timeout_secs");
+    assert_eq!(warning.value.as_deref(), Some("32"));
+    assert!(warning.reason.contains("32000 ms"), "{warning}");
+    assert!(warning.reason.contains("above 32 s"), "{warning}");
+
+    let domain = domain_with(
+        "[domains.primary.origins.tree]",
+        "lock_wait_timeout_secs = 5\n\n[domains.primary.origins.tree]",
+    );
+    let config = fx.config(&domain, &[]);
+    on_key(&config.warnings, "domains.primary.lock_wait_timeout_secs");
+}
+
+#[test]
 fn env_index_out_of_range_suggests_list() {
     let fx = Fixture::new();
     let var = "MIRROR_GATEWAY__SERVER__LISTEN__1";

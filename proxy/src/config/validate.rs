@@ -149,6 +149,9 @@ pub(super) fn validate(
     if let Some(admin) = &admin {
         check_admin_port(admin.listen, plain_listen, &tls.listen, &mut errors);
     }
+    if let Some(cache) = &cache {
+        warn_short_lock_waits(cache.lock_wait_timeout, &domains, &mut warnings);
+    }
 
     match (server, log, cache) {
         (Some(server), Some(log), Some(cache)) if errors.list.is_empty() => Ok(GatewayConfig {
@@ -270,6 +273,43 @@ fn validate_trusted_proxies(
         }
     }
     TrustedProxies::new(ranges)
+}
+
+/// Warns about each domain whose lock wait (`cache_wait`, or its own) is no longer than the
+/// connect plus read timeout of one of its HTTP origins. Requests waiting on another request's
+/// origin request then get 504 before that request has failed, also where stale-if-error would
+/// serve them the stored entry.
+fn warn_short_lock_waits(cache_wait: Duration, domains: &[Domain], warnings: &mut Errors<'_>) {
+    for domain in domains {
+        let wait = domain.lock_wait_timeout.unwrap_or(cache_wait);
+        for origin in &domain.origins {
+            let OriginKind::Http(http) = &origin.kind else {
+                continue;
+            };
+            let origin_time = http.connect_timeout + http.read_timeout;
+            if wait > origin_time {
+                continue;
+            }
+            let key = match domain.lock_wait_timeout {
+                Some(_) => format!("domains.{}.lock_wait_timeout_secs", domain.id),
+                None => "cache.lock_wait_timeout_secs".to_owned(),
+            };
+            warnings.push(
+                &key,
+                Some(wait.as_secs().to_string()),
+                format!(
+                    "is not longer than the {} ms (connect_timeout_ms + read_timeout_ms) that \
+                     origin {:?} of domain {:?} may take to fail, so requests waiting on \
+                     another request's origin request get 504 before it fails, even where a \
+                     stale entry could be served; set it above {} s",
+                    origin_time.as_millis(),
+                    origin.name,
+                    domain.id,
+                    origin_time.as_secs_f64().ceil() as u64
+                ),
+            );
+        }
+    }
 }
 
 /// Reports an admin address that `server.listen` or `server.tls_listen` has too: the second
