@@ -255,8 +255,8 @@ async fn stale_if_error_serves_stampede() {
 /// A stampede on an expired entry without a stale-if-error window while the origin returns
 /// 503: the waiters compete once more after the first failed refresh, then all get the 503
 /// without a refresh of their own. That is two refreshes after the stored request. On a busy
-/// machine a client can arrive only after a failure and start one more, so up to four pass;
-/// without the lock's failure record each client makes its own (51).
+/// machine a client can arrive only after a failure and start one more, so the test accepts
+/// up to four. Without the lock's failure record each client makes its own (51).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_refresh_fails_waiters() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -470,22 +470,20 @@ impl ProxyHttp for Gateway {
         ctx: &mut Self::CTX,
     ) -> Result<Option<ForcedFreshness>> {
         let state = Arc::clone(&ctx.state);
-        let now = state.cache.clock().now();
-        if meta.is_fresh(now) {
-            return Ok(state.cache.clock().forced_freshness(meta));
+        let clock = state.cache.clock();
+        let now = clock.now();
+        let expired_in = state.domain(ctx).filter(|_| !meta.is_fresh(now));
+        if let Some(domain) = expired_in {
+            let key = ctx.key_hash(domain);
+            if !meta.serve_stale_if_error(now) {
+                state.cache.note_stale_unservable(key);
+            } else if state.cache.fill_failed_within(&key, REFRESH_BACKOFF) {
+                // Served as Pingora serves a fresh hit: no lock, no refresh.
+                ctx.local_cache_status = Some("STALE");
+                return Ok(Some(ForcedFreshness::ForceFresh));
+            }
         }
-        let Some(domain) = state.domain(ctx) else {
-            return Ok(state.cache.clock().forced_freshness(meta));
-        };
-        let key = ctx.key_hash(domain);
-        if !meta.serve_stale_if_error(now) {
-            state.cache.note_stale_unservable(key);
-        } else if state.cache.fill_failed_within(&key, REFRESH_BACKOFF) {
-            // Served as Pingora serves a fresh hit: no lock, no refresh.
-            ctx.local_cache_status = Some("STALE");
-            return Ok(Some(ForcedFreshness::ForceFresh));
-        }
-        Ok(state.cache.clock().forced_freshness(meta))
+        Ok(clock.forced_freshness(meta))
     }
 
     fn cache_vary_filter(

@@ -356,10 +356,20 @@ mod tests {
 
     /// Takes the write permit and one read lock of `key`.
     fn writer_and_reader(lock: &FillAwareLock, key: &CacheKey) -> (WritePermit, ReadLock) {
-        let Locked::Write(permit) = lock.lock(key, false) else {
+        lock_pair(lock, key, false)
+    }
+
+    /// Takes the write permit and one read lock of `key` as two requests that found its
+    /// stored entry expired.
+    fn refresher_and_reader(lock: &FillAwareLock, key: &CacheKey) -> (WritePermit, ReadLock) {
+        lock_pair(lock, key, true)
+    }
+
+    fn lock_pair(lock: &FillAwareLock, key: &CacheKey, stale: bool) -> (WritePermit, ReadLock) {
+        let Locked::Write(permit) = lock.lock(key, stale) else {
             panic!("the first request waits");
         };
-        let Locked::Read(read) = lock.lock(key, false) else {
+        let Locked::Read(read) = lock.lock(key, stale) else {
             panic!("the second request writes");
         };
         (permit, read)
@@ -468,12 +478,7 @@ mod tests {
         let key = CacheKey::new("k", "t");
         fake.stored.store(true, Ordering::SeqCst);
         for attempt in 1..=2 {
-            let Locked::Write(permit) = lock.lock(&key, true) else {
-                panic!("refresh {attempt} waits");
-            };
-            let Locked::Read(read) = lock.lock(&key, true) else {
-                panic!("a second refresh writes");
-            };
+            let (permit, read) = refresher_and_reader(&lock, &key);
             lock.release(&key, permit, LockStatus::TransientError);
             read.wait().await;
             assert_eq!(read.lock_status(), LockStatus::TransientError, "{attempt}");
@@ -494,12 +499,7 @@ mod tests {
         let mut statuses = Vec::new();
         for _ in 0..2 {
             lock.failed_fills().note_unservable(name, Instant::now());
-            let Locked::Write(permit) = lock.lock(&key, true) else {
-                panic!("the refresh waits");
-            };
-            let Locked::Read(read) = lock.lock(&key, true) else {
-                panic!("a second refresh writes");
-            };
+            let (permit, read) = refresher_and_reader(&lock, &key);
             lock.release(&key, permit, LockStatus::TransientError);
             read.wait().await;
             statuses.push(read.lock_status());
