@@ -4,8 +4,8 @@
 # `rate_limit` when the gateway has that plugin. Prints a markdown table with the ratio of each
 # scenario to the one without budget plugins.
 #
-#   bench/quota.sh [SECONDS] [ROUNDS]   default 5 seconds per wrk run, 3 runs per scenario;
-#                                       about 90 seconds in all
+#   bench/quota.sh [SECONDS] [ROUNDS]   default 5 seconds per wrk run, 3 rounds;
+#                                       about 2.5 minutes in all
 #   bench/quota.sh instructions [REQUESTS]
 #                                       runs the gateway under callgrind instead and counts
 #                                       the instructions it executes per request over REQUESTS
@@ -15,18 +15,21 @@
 #                                       by the scenario's: the throughput ratio on a CPU-bound
 #                                       gateway, leaving out the kernel's share.
 #
-# The scenarios take turns: every gateway starts first, then each round runs wrk once on each,
-# so that a slow spell of the machine falls on all of them alike. Each scenario reports its
-# best run (highest requests/s, with that run's p99), which filters out more of the noise, and
-# the ratio of its best run to the best run without budget plugins. The `median` column is
-# the median over the rounds of the ratio within each round: the scenario's run against the
-# run without plugins just before it, which a slow spell of the machine affects least. The
-# CPU columns take the CPU time the gateway process ran during a wrk run (the schedstat of
-# all its threads: user and kernel time) per request wrk completed. They show the median over
-# the rounds, and the median of the per-round ratios of the baseline's CPU time per request
-# to the scenario's. On a CPU-bound gateway that ratio is the throughput ratio, less moved by a
-# machine whose speed changes between runs. Below the table come the baseline's requests/s
-# and each scenario's ratios, round by round.
+# The scenarios take turns. Every gateway starts first. Then each round runs wrk once on each
+# scenario with a budget plugin, each run between two runs of the baseline (no budget
+# plugins), in the order baseline, quota, baseline, quota + rate_limit, baseline, and so on.
+# The baseline runs once more at the end. The `median` column is the median over the rounds of the
+# scenario's requests/s divided by the mean of the two baseline runs around it. A machine
+# whose speed drifts at a steady rate moves both sides of that ratio alike, which the ratio to
+# a single baseline run some scenarios earlier does not. Each scenario also reports its best
+# run (highest requests/s, with that run's p99) and the ratio of its best run to the
+# baseline's best; the baseline runs more often than each other scenario, so its best tends
+# higher and that ratio errs against the plugins. The CPU columns take the CPU time the
+# gateway process ran during a wrk run (the schedstat of all its threads: user and kernel
+# time) per request wrk completed: the scenario's median, and the median ratio of the
+# baseline's CPU time per request (the mean of the two runs around) to the scenario's. On a
+# CPU-bound gateway that ratio is the throughput ratio. Below the table come the baseline's
+# requests/s run by run and each scenario's ratios, round by round.
 # On a shared machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
 # (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
@@ -223,68 +226,94 @@ scenario() {
     best_rps+=(0) best_p99+=(-)
 }
 
-# Runs wrk on every scenario in turn, $rounds times over, so that a slow spell of a shared
-# machine falls on all scenarios alike. Then prints one table row per scenario with its best
-# run and the median of its per-round ratios. Only the gateway under load does work, while the
-# others wait idle.
-measure() {
-    local round i out run_rps run_p99 ratio median cpu_before cpu_after served cpu_median cpu_ratio
-    local -A round_rps=() round_cpu=()
-    for round in $(seq 1 "$rounds"); do
-        for i in "${!names[@]}"; do
-            cpu_before=$(cpu_ns "${gateway_pids[i]}")
-            out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[i]}")
-            cpu_after=$(cpu_ns "${gateway_pids[i]}")
-            served=$(awk '/requests in/ {print $1}' <<<"$out")
-            round_cpu[$i,$round]=$(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$served" \
-                'BEGIN { printf "%.0f", (n > 0) ? (b - a) / n : 0 }')
-            if grep -q 'Non-2xx' <<<"$out"; then
-                echo "quota bench: ${labels[i]} got non-2xx responses in round $round:" >&2
-                grep 'Non-2xx' <<<"$out" >&2
-            fi
-            run_rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-            run_p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-            round_rps[$i,$round]=$run_rps
-            if awk -v a="$run_rps" -v b="${best_rps[i]}" 'BEGIN { exit !(a > b) }'; then
-                best_rps[i]=$run_rps best_p99[i]=$run_p99
-            fi
-        done
+# Runs wrk once on scenario I and records requests/s and CPU time per request as run number K.
+# Keeps the scenario's best run and its p99.
+run_once() {
+    local i=$1 k=$2 out cpu_before cpu_after served
+    cpu_before=$(cpu_ns "${gateway_pids[i]}")
+    out=$("${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[i]}")
+    cpu_after=$(cpu_ns "${gateway_pids[i]}")
+    served=$(awk '/requests in/ {print $1}' <<<"$out")
+    run_cpu[$k]=$(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$served" \
+        'BEGIN { printf "%.0f", (n > 0) ? (b - a) / n : 0 }')
+    if grep -q 'Non-2xx' <<<"$out"; then
+        echo "quota bench: ${labels[i]} got non-2xx responses in run $k:" >&2
+        grep 'Non-2xx' <<<"$out" >&2
+    fi
+    run_rps[$k]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    if awk -v a="${run_rps[$k]}" -v b="${best_rps[i]}" 'BEGIN { exit !(a > b) }'; then
+        best_rps[i]=${run_rps[$k]} best_p99[i]=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    fi
+}
+
+# Prints the median of the numbers on standard input, one per line, with FORMAT.
+median_of() {
+    sort -n | awk -v f="$1" '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf f, m }'
+}
+
+# Prints the ratios of scenario I's runs to the mean of the two baseline runs around each, one
+# per line: of requests/s (rps), or of the baseline's CPU time per request to the scenario's
+# (cpu). Reads the run order and numbers that `measure` keeps.
+#   around I rps|cpu
+around() {
+    local i=$1 what=$2 k
+    for k in "${!order[@]}"; do
+        [[ ${order[k]} == "$i" ]] || continue
+        if [[ $what == rps ]]; then
+            awk -v a="${run_rps[k]}" -v b="${run_rps[k - 1]}" -v c="${run_rps[k + 1]}" \
+                'BEGIN { printf "%.4f\n", 2 * a / (b + c) }'
+        else
+            awk -v a="${run_cpu[k]}" -v b="${run_cpu[k - 1]}" -v c="${run_cpu[k + 1]}" \
+                'BEGIN { printf "%.4f\n", (a > 0) ? (b + c) / (2 * a) : 0 }'
+        fi
     done
+}
+
+# Runs wrk $rounds times on every scenario with a budget plugin, each run between two runs
+# without plugins. In each round the baseline runs before every other scenario, and it runs
+# once more after the last round. Only the gateway under load does work; the others wait idle.
+# Then prints one table row per scenario with its best run, and the median over the rounds of
+# its ratios to the mean of the two baseline runs around it.
+measure() {
+    local i k round ratio median cpu_median cpu_ratio
+    local -a order=() run_rps=() run_cpu=()
+    for round in $(seq 1 "$rounds"); do
+        for ((i = 1; i < ${#names[@]}; i++)); do order+=(0 "$i"); done
+    done
+    order+=(0)
+    for k in "${!order[@]}"; do run_once "${order[k]}" "$k"; done
+
     for i in "${!names[@]}"; do
         ratio=$(awk -v a="${best_rps[i]}" -v b="${best_rps[0]}" 'BEGIN { printf "%.3f", a / b }')
-        median=$(for round in $(seq 1 "$rounds"); do
-            awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf "%.4f\n", a / b }'
-        done | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.3f", m }')
-        cpu_median=$(for round in $(seq 1 "$rounds"); do echo "${round_cpu[$i,$round]}"; done |
-            sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.0f", m }')
-        cpu_ratio=$(for round in $(seq 1 "$rounds"); do
-            awk -v a="${round_cpu[0,$round]}" -v b="${round_cpu[$i,$round]}" 'BEGIN { printf "%.4f\n", (b > 0) ? a / b : 0 }'
-        done | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.3f", m }')
+        if [[ $i == 0 ]]; then
+            median=1.000 cpu_ratio=1.000
+        else
+            median=$(around "$i" rps | median_of '%.3f')
+            cpu_ratio=$(around "$i" cpu | median_of '%.3f')
+        fi
+        cpu_median=$(for k in "${!order[@]}"; do
+            if [[ ${order[k]} == "$i" ]]; then echo "${run_cpu[k]}"; fi
+        done | median_of '%.0f')
         printf '| %-34s | %12s | %8s | %6s | %6s | %10s | %9s |\n' "${labels[i]}" "${best_rps[i]}" \
             "${best_p99[i]}" "$ratio" "$median" "$cpu_median" "$cpu_ratio"
     done
-    # Round by round, to show how much the machine moved during the run.
+    # Run by run, to show how much the machine moved during the run.
     echo
-    printf -- '- %s, requests/s by round:' "${labels[0]}"
-    for round in $(seq 1 "$rounds"); do printf ' %.0f' "${round_rps[0,$round]}"; done
+    printf -- '- %s, requests/s run by run:' "${labels[0]}"
+    for k in "${!order[@]}"; do
+        if [[ ${order[k]} == 0 ]]; then printf ' %.0f' "${run_rps[k]}"; fi
+    done
     echo
-    for i in "${!names[@]}"; do
-        [[ $i == 0 ]] && continue
-        printf -- '- %s, ratio by round:' "${labels[i]}"
-        for round in $(seq 1 "$rounds"); do
-            awk -v a="${round_rps[$i,$round]}" -v b="${round_rps[0,$round]}" 'BEGIN { printf " %.3f", a / b }'
-        done
-        printf '; CPU ratio by round:'
-        for round in $(seq 1 "$rounds"); do
-            awk -v a="${round_cpu[0,$round]}" -v b="${round_cpu[$i,$round]}" 'BEGIN { printf " %.3f", (b > 0) ? a / b : 0 }'
-        done
-        echo
+    for ((i = 1; i < ${#names[@]}; i++)); do
+        printf -- '- %s, ratio by round:%s; CPU ratio by round:%s\n' "${labels[i]}" \
+            "$(around "$i" rps | awk '{ printf " %.3f", $1 }')" \
+            "$(around "$i" cpu | awk '{ printf " %.3f", $1 }')"
     done
 }
 
 echo "machine: $(nproc) CPUs, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
 if [[ $mode == wrk ]]; then
-    echo "binary: $("$binary" version 2>/dev/null || echo unknown); best of $rounds wrk runs of $seconds s (-t1 -c32), the scenarios taking turns; gateway threads = 1"
+    echo "binary: $("$binary" version 2>/dev/null || echo unknown); $rounds rounds of wrk runs of $seconds s (-t1 -c32), each between two baseline runs; gateway threads = 1"
 else
     echo "binary: $("$binary" version 2>/dev/null || echo unknown); callgrind over $requests requests (ab -k -c 8) after 500 warm-up requests; gateway threads = 1"
 fi
