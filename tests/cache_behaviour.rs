@@ -728,6 +728,13 @@ async fn debug_header_names_status() {
     let resp = fetch(&gateway.url("/busy"), &[]).await;
     assert_eq!(resp.status, 429);
     assert_eq!(resp.header("x-cache-reason"), Some("status"));
+
+    // An origin that refuses the connection: the gateway's own 502 names the same reason.
+    let refused_dir = tempfile::tempdir().expect("tempdir");
+    let refused = start_gateway(refused_dir.path(), common::closed_port().await, "", true);
+    let resp = fetch(&refused.url("/down"), &[]).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.header("x-cache-reason"), Some("origin_error"));
 }
 
 /// An origin `Age` is time the response already spent in caches: hits carry at least that

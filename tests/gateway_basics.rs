@@ -105,11 +105,7 @@ cache_control = "public, max-age=300, immutable"
 /// names the domain and the path.
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_down_logs_one_error() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let dead = closed.local_addr().expect("addr");
-    drop(closed);
+    let dead = common::closed_port().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = http_origin_config(dead).replace(r#"level = "warn""#, r#"level = "info""#);
     std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");

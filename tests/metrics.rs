@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    basic, client, htpasswd_line, raw_get, readyz, wait_until_closed, Reply, TestGateway,
-    TestOrigin, BASE_CONFIG,
+    basic, client, closed_port, htpasswd_line, raw_get, readyz, wait_until_closed, Reply,
+    TestGateway, TestOrigin, BASE_CONFIG,
 };
 
 const ADMIN: (&str, &str) = ("admin", "admin-pass");
@@ -515,14 +515,6 @@ fn complete_response(data: &[u8]) -> Option<(u16, String)> {
     let body = data.get(end + 4..end + 4 + length)?;
     let status = head.split(' ').nth(1)?.parse().ok()?;
     Some((status, String::from_utf8_lossy(body).into_owned()))
-}
-
-/// Returns a loopback address where nothing listens.
-async fn closed_port() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    listener.local_addr().expect("addr")
 }
 
 /// GETs `path` from the admin listener with credentials; returns status, type and body.

@@ -754,9 +754,18 @@ impl ProxyHttp for Gateway {
             .metrics
             .origin_error(domain_id(ctx), e, SystemTime::now());
         let code = respond::status_for_error(e);
+        // A failed origin request is an origin error, like a 5xx response, for the reason in the
+        // log and the debug header. It does not replace a reason noted before the failure.
+        if *e.esource() == pingora::ErrorSource::Upstream {
+            ctx.no_store.get_or_insert(NoStoreReason::OriginError);
+        }
         if code > 0 {
             let status = cache_status(&session.cache.phase());
-            respond::write_error(session, code, status).await;
+            let debug_reason = ctx
+                .no_store
+                .filter(|_| state.debug_headers)
+                .map(NoStoreReason::label);
+            respond::write_error(session, code, status, debug_reason).await;
         }
         if code >= 500 {
             let domain = state

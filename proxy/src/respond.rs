@@ -71,15 +71,21 @@ pub fn status_for_error(e: &Error) -> u16 {
     }
 }
 
-/// Sends the error page for `code`, if the response has not started.
-pub async fn write_error(session: &mut Session, code: u16, cache_status: &str) {
+/// Sends the error page for `code`, with the not-stored `reason` as `X-Cache-Reason` when
+/// given, if the response has not started.
+pub async fn write_error(
+    session: &mut Session,
+    code: u16,
+    cache_status: &str,
+    reason: Option<&str>,
+) {
     let detail = match code {
         502 => "the origin could not be reached or sent an invalid response",
         504 => "the origin did not answer in time",
         400 => "the request is malformed",
         _ => "the gateway failed to handle the request",
     };
-    write_error_detail(session, code, cache_status, detail, None).await;
+    write_error_detail(session, code, cache_status, detail, reason).await;
 }
 
 /// Sends the error page for `code` with the line `detail` and, when given, the not-stored

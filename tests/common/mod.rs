@@ -492,6 +492,13 @@ pub async fn readyz(admin: SocketAddr) -> (u16, String) {
     panic!("the gateway did not start its services within 5 s");
 }
 
+/// Returns a loopback address where nothing listens: the port of a listener that is closed
+/// again, so connections to it are refused.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
 /// Waits up to 5 s until `addr` refuses connections, after its origin was dropped.
 pub async fn wait_until_closed(addr: SocketAddr) {
     for _ in 0..50 {
