@@ -450,6 +450,32 @@ async fn ranges_and_conditionals_from_cache() {
 
     let since = [("if-modified-since", "Thu, 01 Jan 2026 00:00:00 GMT")];
     assert_eq!(fetch(&url, &since).await.status, 304, "If-Modified-Since");
+
+    let failed = fetch(&url, &[("if-match", "\"old\"")]).await;
+    assert_eq!(failed.status, 412, "If-Match of another version");
+    assert_eq!(failed.body.len(), 0, "412 body");
+    assert_eq!(failed.cache, "HIT");
+    let matching = fetch(&url, &[("if-match", "\"r1\"")]).await;
+    assert_eq!(matching.status, 200, "matching If-Match");
+    assert_eq!(matching.text(), "0123456789abcdefghij");
+    let ranged = [("if-match", "\"old\""), ("range", "bytes=0-9")];
+    assert_eq!(
+        fetch(&url, &ranged).await.status,
+        412,
+        "If-Match before Range"
+    );
+    let unmodified = [("if-unmodified-since", "Tue, 31 Dec 2024 00:00:00 GMT")];
+    let failed = fetch(&url, &unmodified).await;
+    assert_eq!(
+        failed.status, 412,
+        "If-Unmodified-Since before Last-Modified"
+    );
+    let unmodified = [("if-unmodified-since", "Wed, 01 Jan 2025 00:00:00 GMT")];
+    assert_eq!(
+        fetch(&url, &unmodified).await.status,
+        200,
+        "If-Unmodified-Since"
+    );
     assert_eq!(origin.count(), 1, "origin requests");
 }
 

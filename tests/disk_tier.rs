@@ -267,6 +267,17 @@ async fn disk_hit_serves_range() {
     assert_eq!(ranged.status(), 206);
     assert_eq!(ranged.headers()["x-cache-status"], "HIT");
     assert_eq!(ranged.text().await.expect("body"), &payload[1000..1100]);
+
+    // The stored response has no ETag, so no entity tag in If-Match can match it.
+    let failed = client()
+        .get(gateway.url("/bundle.json"))
+        .header("if-match", "\"v1\"")
+        .send()
+        .await
+        .expect("If-Match");
+    assert_eq!(failed.status(), 412);
+    assert_eq!(failed.headers()["x-cache-status"], "HIT");
+    assert_eq!(failed.bytes().await.expect("body").len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -111,6 +111,9 @@ pub struct RequestCtx {
     attempts: usize,
     /// Whether the origin request was already retried after its reused connection failed.
     retried_reused: bool,
+    /// Whether the request's `If-Match` or `If-Unmodified-Since` failed against the response
+    /// from the cache, which then goes out as `412`.
+    precondition_failed: bool,
     /// This request's origin slot, held until the request ends.
     origin_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// When the request first asked for an origin peer, for the upstream duration metric.
@@ -149,6 +152,7 @@ impl RequestCtx {
             first_attempt: 0,
             attempts: 0,
             retried_reused: false,
+            precondition_failed: false,
             origin_slot: None,
             upstream_timer: Default::default(),
         }
@@ -711,10 +715,33 @@ impl ProxyHttp for Gateway {
             upstream_response.insert_header(http::header::CONNECTION, "close")?;
             session.set_keepalive(None);
         }
+        if ctx.precondition_failed {
+            // Pingora turned the response into a header-only 304 for the filter above.
+            upstream_response.set_status(StatusCode::PRECONDITION_FAILED)?;
+            upstream_response.insert_header(http::header::CONTENT_LENGTH, 0)?;
+        }
         let status = ctx
             .local_cache_status
             .unwrap_or_else(|| cache_status(&phase));
         finish_response_header(ctx, upstream_response, status, reason)
+    }
+
+    /// Evaluates the request's preconditions against a response served from the cache, as an
+    /// origin would: a failed `If-Match` or `If-Unmodified-Since` makes the response header-only
+    /// here and `412` in `response_filter`. Otherwise `If-None-Match` and `If-Modified-Since`
+    /// decide on `304`, as Pingora does.
+    fn cache_not_modified_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<bool> {
+        let req = session.req_header();
+        if crate::cache::preconditions::fails(req, resp) {
+            ctx.precondition_failed = true;
+            return Ok(true);
+        }
+        Ok(pingora::protocols::http::conditional_filter::not_modified_filter(req, resp))
     }
 
     fn range_header_filter(

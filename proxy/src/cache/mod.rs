@@ -6,6 +6,7 @@ pub mod disk;
 mod lock;
 pub mod memory;
 mod policy;
+pub mod preconditions;
 mod purge_log;
 pub mod ranges;
 mod raw_header;
