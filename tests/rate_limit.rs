@@ -153,6 +153,24 @@ async fn trusted_proxy_separates_clients() {
             ("/d", "192.0.2.2")
         ]
     );
+
+    // Two header lines are one list: the origin gets both, then the peer, in one line.
+    let two_lines = client()
+        .get(gateway.url("/e"))
+        .header("x-forwarded-for", "198.51.100.7")
+        .header("x-forwarded-for", "192.0.2.3")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(two_lines.status(), 200);
+    let seen = origin.requests();
+    let forwarded: Vec<&str> = seen[2]
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("x-forwarded-for"))
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(forwarded, ["198.51.100.7, 192.0.2.3, 127.0.0.1"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

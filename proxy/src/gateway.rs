@@ -389,6 +389,21 @@ fn wants_whole_response(req: &RequestHeader) -> bool {
     .any(|name| req.headers.contains_key(name))
 }
 
+/// Returns the `X-Forwarded-For` value sent to an origin: every line the client sent, in order,
+/// as one list (RFC 9110, section 5.3), followed by the peer's address.
+fn forwarded_for(headers: &http::HeaderMap, peer: IpAddr) -> Vec<u8> {
+    let mut list = Vec::new();
+    for line in headers.get_all("x-forwarded-for") {
+        let line = line.as_bytes().trim_ascii();
+        if !line.is_empty() {
+            list.extend_from_slice(line);
+            list.extend_from_slice(b", ");
+        }
+    }
+    list.extend_from_slice(peer.to_string().as_bytes());
+    list
+}
+
 /// Returns the id of the request's domain, once routing found one.
 fn domain_id(ctx: &RequestCtx) -> Option<&str> {
     ctx.state.domain(ctx).map(|d| d.config.id.as_str())
@@ -650,14 +665,7 @@ impl ProxyHttp for Gateway {
             upstream_request.remove_header(&http::header::AUTHORIZATION);
         }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            let forwarded = match upstream_request
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(previous) => format!("{previous}, {}", addr.ip()),
-                None => addr.ip().to_string(),
-            };
+            let forwarded = forwarded_for(&upstream_request.headers, addr.ip());
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         if let Some(domain) = state.domain(ctx) {
