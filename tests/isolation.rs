@@ -210,6 +210,32 @@ async fn missing_host_is_400() {
     assert_eq!(fx.origin.count(), 0);
 }
 
+/// A request target must be a path or an absolute http URL, whose host wins over `Host`.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_target_forms() {
+    let fx = Fixture::start().await;
+    for target in ["x", "x/../../y", "..", "a.test:80", "ftp://a.test/x"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+        let answer = raw_text(fx.gateway.addr, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{target}: {answer}");
+        assert!(
+            answer.contains("invalid request target"),
+            "{target}: {answer}"
+        );
+    }
+    assert_eq!(fx.origin.count(), 0);
+
+    // HTTP/1.0 needs no Host header: the absolute URL names the domain.
+    let answer = raw_text(
+        fx.gateway.addr,
+        "GET http://b.test/y HTTP/1.0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with("/y"), "{answer}");
+    assert_eq!(fx.origin.count(), 1);
+}
+
 /// An origin that responds in HTTP/1.0 does not make the gateway respond in HTTP/1.0.
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_version_not_passed_on() {

@@ -199,7 +199,8 @@ impl GatewayState {
             .set_write_timeout(Some(self.send_timeout));
         let req = session.req_header();
         ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
-        let host = request_host(req);
+        let host = request_host(req)
+            .map_err(|problem| error_response(StatusCode::BAD_REQUEST, problem))?;
         if host.is_empty() && req.version == http::Version::HTTP_11 {
             // RFC 9112, section 3.2: an HTTP/1.1 request without a host is malformed.
             return Err(error_response(
@@ -417,16 +418,45 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-/// Returns the request's host: the URI authority (HTTP/2, absolute form) or the `Host` header.
-fn request_host(req: &RequestHeader) -> &str {
-    req.uri
-        .host()
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("")
+/// Returns the request's host, or why its request target is invalid.
+///
+/// The host of an absolute-form target (`GET http://host/path`) wins over the `Host` header
+/// (RFC 9112, section 3.2.2); Pingora 0.9.1 keeps that target only in the raw bytes. Else the
+/// URI's authority (HTTP/2) or the `Host` header names it, or it is empty. A target that is
+/// neither a path starting with `/` nor an `http` or `https` URL is invalid: Pingora reads a
+/// bare name such as `GET index.json` as the path `/`.
+fn request_host(req: &RequestHeader) -> Result<&str, &'static str> {
+    use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
+    const INVALID: &str =
+        "invalid request target: send a path that starts with '/' or an absolute http URL";
+    let target = req.raw_path();
+    match raw_target_authority(target) {
+        RawTargetAuthority::Absolute {
+            scheme, authority, ..
+        } => {
+            if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {
+                return Err(INVALID);
+            }
+            if authority.is_empty() || authority.contains(&b'@') {
+                // RFC 9110, section 4.2.4: user information in an http URI is an error.
+                return Err(
+                    "invalid request target: the URL must name a host, without user information",
+                );
+            }
+            std::str::from_utf8(authority).map_err(|_| INVALID)
+        }
+        RawTargetAuthority::AmbiguousAuthority => Err(INVALID),
+        RawTargetAuthority::None if !target.starts_with(b"/") => Err(INVALID),
+        RawTargetAuthority::None => Ok(req
+            .uri
+            .host()
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("")),
+    }
 }
 
 #[async_trait]
