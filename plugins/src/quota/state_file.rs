@@ -125,15 +125,23 @@ impl StateFile {
     /// Writes the counts of `now`'s hour if they changed since the last write; returns
     /// whether it wrote.
     ///
+    /// The counters first take the larger of their count and the file's, the same merge as
+    /// at start. So when two processes write one file, as an old one that is draining and
+    /// its replacement do, neither lowers a count the other wrote, and both count on from
+    /// the higher one. Requests that each counted after the other's last write are not added
+    /// up: the merge keeps the larger count, not the sum.
+    ///
     /// # Errors
     ///
     /// The I/O error of the temp file, its sync or the rename; the previous file stays.
     pub fn save(&self, now: SystemTime) -> std::io::Result<bool> {
         let mut saved = self.saved.lock();
-        let changes = self.changes();
-        if *saved == Some(changes) {
+        if *saved == Some(self.changes()) {
             return Ok(false);
         }
+        // A file that cannot be used is replaced, as it would be without the merge.
+        let _ = self.load(now);
+        let changes = self.changes();
         let text = self.render(now)?;
         write_atomically(&self.path, text.as_bytes())?;
         *saved = Some(changes);

@@ -830,6 +830,76 @@ fn state_file_unchanged_is_not_written_again() {
     assert_eq!(writes, [Some(true), Some(false)]);
 }
 
+/// An old process that drains and its replacement share one file: neither write lowers a
+/// count, and each process counts on from the higher count.
+#[test]
+fn state_file_shared_keeps_higher_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("quota.state");
+    let hour = Window::at(at(0)).hour;
+    let limits = Limits {
+        principal: 100,
+        domain: None,
+    };
+    let count_of = |registry: &Registry| {
+        registry
+            .counts("primary", Class::Index)
+            .peek(b"user:alice", limits, hour)
+            .counts()
+            .principal
+    };
+    let add = |registry: &Registry, times: usize| {
+        for _ in 0..times {
+            registry
+                .counts("primary", Class::Index)
+                .add(b"user:alice", hour);
+        }
+    };
+
+    let old = Registry::new();
+    let old_file = StateFile::new(path.clone(), "primary", state_set(&old, "primary"));
+    add(&old, 3);
+    old_file.save(at(1)).expect("old save");
+
+    let new = Registry::new();
+    let new_file = StateFile::new(path.clone(), "primary", state_set(&new, "primary"));
+    assert_eq!(
+        new_file.load(at(2)),
+        Ok(2),
+        "the principal's and the domain's count"
+    );
+    add(&new, 2);
+    new_file.save(at(3)).expect("new save");
+    assert_eq!(count_of(&new), 5);
+
+    // The old process counts one more while draining, then writes on its way out.
+    add(&old, 1);
+    assert_eq!(old_file.save(at(4)).ok(), Some(true));
+    assert_eq!(
+        count_of(&old),
+        5,
+        "the old process took the file's higher count"
+    );
+    let reread = Registry::new();
+    StateFile::new(path.clone(), "primary", state_set(&reread, "primary"))
+        .load(at(5))
+        .expect("load");
+    assert_eq!(
+        count_of(&reread),
+        5,
+        "the file kept the new process's count"
+    );
+
+    add(&new, 1);
+    new_file.save(at(6)).expect("new save");
+    assert_eq!(count_of(&new), 6);
+    assert_eq!(
+        new_file.save(at(7)).ok(),
+        Some(false),
+        "the merge alone is no change to write"
+    );
+}
+
 fn load_text(text: &str, domain: &str) -> Result<usize, String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("quota.state");
