@@ -1104,6 +1104,21 @@ fn state_file_shared_by_domains() {
         Some("\"quota.state\""),
         "also the state file of domain community",
     );
+    // Other spellings of one file: a detour through `..`, and a link to the directory.
+    std::os::unix::fs::symlink(fx.dir.path(), fx.dir.path().join("link")).expect("symlink");
+    for alias in ["tree/../quota.state", "link/quota.state"] {
+        let text = format!(
+            "{DOMAIN}{}{COMMUNITY}{}",
+            quota("primary", "quota.state"),
+            quota("community", alias)
+        );
+        let errors = fx.errors(&text, &[]);
+        let error = on_key(&errors, "domains.primary.plugins[2].state_file");
+        assert!(
+            error.reason.contains("also the state file"),
+            "{alias}: {error}"
+        );
+    }
     let own = format!(
         "{DOMAIN}{}{COMMUNITY}{}",
         quota("primary", "primary.state"),

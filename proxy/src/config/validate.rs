@@ -776,8 +776,7 @@ fn check_state_files(tables: &BTreeMap<String, Value>, dir: &Path, errors: &mut 
             if !is_quota {
                 continue;
             }
-            // `components` drops `.` segments, so `./quota.state` and `quota.state` compare equal.
-            let resolved: PathBuf = resolve(dir, path).components().collect();
+            let resolved = file_identity(&resolve(dir, path));
             match owners.get(&resolved) {
                 Some(owner) if owner != id => errors.push(
                     &format!("domains.{id}.plugins[{i}].state_file"),
@@ -792,6 +791,23 @@ fn check_state_files(tables: &BTreeMap<String, Value>, dir: &Path, errors: &mut 
             }
         }
     }
+}
+
+/// Returns one spelling for the file that `path` names: with `..` and symbolic links resolved
+/// through its directory (or the file itself, when it exists), else with only `.` segments
+/// dropped, so `./quota.state`, `tree/../quota.state` and a link to the directory compare
+/// equal.
+fn file_identity(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let real_dir = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
+            std::fs::canonicalize(dir).ok().map(|dir| dir.join(name))
+        }
+        _ => None,
+    };
+    real_dir.unwrap_or_else(|| path.components().collect())
 }
 
 /// Splits a plugin entry into its name and the rest of its table, the plugin's settings.
