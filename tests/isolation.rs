@@ -223,6 +223,13 @@ async fn request_target_forms() {
             "{target}: {answer}"
         );
     }
+    let answer = raw_text(
+        fx.gateway.addr,
+        "GET /x HTTP/1.1\r\nHost: a.t\u{e9}st\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("invalid Host header"), "{answer}");
     assert_eq!(fx.origin.count(), 0);
 
     // HTTP/1.0 needs no Host header: the absolute URL names the domain.

@@ -421,7 +421,7 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 /// Returns the request's host, or why its request target is invalid.
 ///
 /// The host of an absolute-form target (`GET http://host/path`) wins over the `Host` header
-/// (RFC 9112, section 3.2.2); Pingora 0.9.1 keeps that target only in the raw bytes. Else the
+/// (RFC 9112, section 3.2.2). Pingora 0.9.1 keeps that target only in the raw bytes. Else the
 /// URI's authority (HTTP/2) or the `Host` header names it, or it is empty. A target that is
 /// neither a path starting with `/` nor an `http` or `https` URL is invalid: Pingora reads a
 /// bare name such as `GET index.json` as the path `/`.
@@ -429,6 +429,8 @@ fn request_host(req: &RequestHeader) -> Result<&str, &'static str> {
     use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
     const INVALID: &str =
         "invalid request target: send a path that starts with '/' or an absolute http URL";
+    const INVALID_HOST: &str = "invalid Host header: send the host name in ASCII, \
+        an internationalised name in its xn-- form";
     let target = req.raw_path();
     match raw_target_authority(target) {
         RawTargetAuthority::Absolute {
@@ -447,15 +449,11 @@ fn request_host(req: &RequestHeader) -> Result<&str, &'static str> {
         }
         RawTargetAuthority::AmbiguousAuthority => Err(INVALID),
         RawTargetAuthority::None if !target.starts_with(b"/") => Err(INVALID),
-        RawTargetAuthority::None => Ok(req
-            .uri
-            .host()
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("")),
+        RawTargetAuthority::None => match (req.uri.host(), req.headers.get(http::header::HOST)) {
+            (Some(host), _) => Ok(host),
+            (None, Some(header)) => header.to_str().map_err(|_| INVALID_HOST),
+            (None, None) => Ok(""),
+        },
     }
 }
 
