@@ -480,6 +480,14 @@ async fn ranges_and_conditionals_from_cache() {
         "If-Unmodified-Since"
     );
     assert_eq!(origin.count(), 1, "origin requests");
+
+    // On a miss the client gets the 412 and the response is still stored.
+    let other = gateway.url("/other.bin");
+    let missed = fetch(&other, &[("if-match", "\"old\"")]).await;
+    assert_eq!((missed.status, missed.cache.as_str()), (412, "MISS"));
+    assert_eq!(missed.body.len(), 0, "412 body on a miss");
+    assert_eq!(fetch(&other, &[]).await.cache, "HIT");
+    assert_eq!(origin.count(), 2, "origin requests");
 }
 
 /// A body that the origin sent chunked has a known length once it is stored: hits carry
