@@ -243,6 +243,34 @@ async fn request_target_forms() {
     assert_eq!(fx.origin.count(), 1);
 }
 
+/// Header fields over nginx's default limits get 431 and never reach the origin.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_header_fields_431() {
+    let fx = Fixture::start().await;
+    let get = |fields: Vec<(String, String)>| {
+        let mut request = client().get(fx.gateway.url("/x")).header("host", "a.test");
+        for (name, value) in fields {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let big = |n: usize| "v".repeat(n);
+    let one = get(vec![("x-big".into(), big(9000))])
+        .await
+        .expect("request");
+    assert_eq!(one.status(), 431);
+    assert!(one.text().await.expect("body").contains("x-big"));
+    let many: Vec<_> = (0..5).map(|i| (format!("x-part-{i}"), big(7000))).collect();
+    assert_eq!(get(many).await.expect("request").status(), 431);
+    assert_eq!(fx.origin.count(), 0);
+
+    let fits = get(vec![("x-big".into(), big(7000))])
+        .await
+        .expect("request");
+    assert_eq!(fits.status(), 200);
+    assert_eq!(fx.origin.count(), 1);
+}
+
 /// An origin that responds in HTTP/1.0 does not make the gateway respond in HTTP/1.0.
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_version_not_passed_on() {
