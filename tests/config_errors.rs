@@ -900,7 +900,61 @@ fn env_threads_applies() {
 fn env_ignores_other_variables() {
     let fx = Fixture::new();
     let env = [("MIRROR_GATEWAY_CONFIG", "/x"), ("SERVER__THREADS", "0")];
-    assert_eq!(fx.config(DOMAIN, &env).server.threads, 2);
+    let config = fx.config(DOMAIN, &env);
+    assert_eq!(config.server.threads, 2);
+    assert!(config.warnings.is_empty(), "{:#?}", config.warnings);
+}
+
+/// Domain ids that overrides cannot tell apart get a warning, and the config still loads.
+#[test]
+fn look_alike_domain_ids_warn() {
+    let fx = Fixture::new();
+    let second = COMMUNITY
+        .replace("domains.community", "domains.mirror_a")
+        .replace("community.example.org", "b.example.org");
+    let first = COMMUNITY
+        .replace("domains.community", "domains.mirror-a")
+        .replace("community.example.org", "a.example.org");
+    let config = fx.config(&format!("{DOMAIN}{first}{second}"), &[]);
+    assert_eq!(config.warnings.len(), 1, "{:#?}", config.warnings);
+    assert_eq!(config.warnings[0].key, "domains.mirror_a");
+    assert!(
+        config.warnings[0]
+            .reason
+            .contains("MIRROR_GATEWAY__DOMAINS__MIRROR_A__"),
+        "{}",
+        config.warnings[0]
+    );
+    let distinct = COMMUNITY.to_string() + &first;
+    assert!(fx
+        .config(&format!("{DOMAIN}{distinct}"), &[])
+        .warnings
+        .is_empty());
+}
+
+/// A variable that looks meant as an override but is not one is ignored with a warning.
+#[test]
+fn env_near_miss_warns() {
+    let fx = Fixture::new();
+    let env = [
+        ("MIRROR_GATEWAY_SERVER__THREADS", "4"),
+        ("mirror_gateway__server__threads", "5"),
+    ];
+    let config = fx.config(DOMAIN, &env);
+    assert_eq!(config.server.threads, 2);
+    let sources: Vec<&str> = config.warnings.iter().map(|w| w.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        [
+            "MIRROR_GATEWAY_SERVER__THREADS",
+            "mirror_gateway__server__threads"
+        ]
+    );
+    assert!(
+        config.warnings[0].reason.contains("MIRROR_GATEWAY__"),
+        "{}",
+        config.warnings[0]
+    );
 }
 
 #[test]

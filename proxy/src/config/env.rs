@@ -49,6 +49,35 @@ impl Sources {
     }
 }
 
+/// The variable that names the config file, which is not an override.
+const CONFIG_VARIABLE: &str = "MIRROR_GATEWAY_CONFIG";
+
+/// Returns a warning for each variable of `env` that looks meant as an override but is not
+/// one, such as `MIRROR_GATEWAY_DOMAINS__PRIMARY__HOSTS` with one underscore after the prefix.
+/// Overrides are applied without them, so a typo would otherwise go unnoticed.
+pub fn near_miss_warnings(env: &[(String, String)]) -> Vec<ConfigError> {
+    let one_underscore = &ENV_PREFIX[..ENV_PREFIX.len() - 1];
+    env.iter()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.to_ascii_uppercase().starts_with(one_underscore)
+                && !name.starts_with(ENV_PREFIX)
+                && name.as_str() != CONFIG_VARIABLE
+        })
+        .map(|name| {
+            ConfigError::new(
+                name.clone(),
+                "",
+                None,
+                format!(
+                    "this variable is ignored; an override starts with {ENV_PREFIX} \
+                     (upper case, two underscores), as {ENV_PREFIX}SERVER__LISTEN"
+                ),
+            )
+        })
+        .collect()
+}
+
 /// Applies every `MIRROR_GATEWAY__...` variable of `env` to `root`, in name order.
 ///
 /// Returns which variable set which key, and an error for each variable that could not be

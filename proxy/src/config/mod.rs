@@ -320,10 +320,15 @@ pub fn load_str(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<GatewayConfig, Vec<ConfigError>> {
     let file = path.display().to_string();
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let near_misses = env::near_miss_warnings(&env);
     let (root, sources, mut errors) =
         parse_with_overrides(text, &file, env).map_err(|e| vec![e])?;
     match validate::validate(root, path, &sources) {
-        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(mut config) if errors.is_empty() => {
+            config.warnings.extend(near_misses);
+            Ok(config)
+        }
         Ok(_) => Err(errors),
         Err(more) => {
             errors.extend(more);

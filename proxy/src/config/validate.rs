@@ -152,6 +152,7 @@ pub(super) fn validate(
     if let Some(cache) = &cache {
         warn_short_lock_waits(cache.lock_wait_timeout, &domains, &mut warnings);
     }
+    warn_look_alike_ids(&domains, &mut warnings);
 
     match (server, log, cache) {
         (Some(server), Some(log), Some(cache)) if errors.list.is_empty() => Ok(GatewayConfig {
@@ -273,6 +274,30 @@ fn validate_trusted_proxies(
         }
     }
     TrustedProxies::new(ranges)
+}
+
+/// Warns about domain ids that differ only in case or in `-` against `_`. An environment
+/// override names a domain by its id in upper case with `_` for `-`, so it reaches only one
+/// of them.
+fn warn_look_alike_ids(domains: &[Domain], warnings: &mut Errors<'_>) {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for domain in domains {
+        let segment = domain.id.to_ascii_uppercase().replace('-', "_");
+        match seen.get(&segment) {
+            Some(first) => warnings.push(
+                &format!("domains.{}", domain.id),
+                None,
+                format!(
+                    "looks like domain {first:?} to environment overrides: both are \
+                     MIRROR_GATEWAY__DOMAINS__{segment}__..., which reaches only one; \
+                     give the domains ids that differ in more than case, '-' and '_'"
+                ),
+            ),
+            None => {
+                seen.insert(segment, &domain.id);
+            }
+        }
+    }
 }
 
 /// Warns about each domain whose lock wait (`cache_wait`, or its own) is no longer than the
