@@ -23,7 +23,7 @@
 # whose speed drifts at a steady rate moves both sides of that ratio alike, which the ratio to
 # a single baseline run some scenarios earlier does not. Each scenario also reports its best
 # run (highest requests/s, with that run's p99) and the ratio of its best run to the
-# baseline's best; the baseline runs more often than each other scenario, so its best tends
+# baseline's best. The baseline runs more often than each other scenario, so its best tends
 # higher and that ratio errs against the plugins. The CPU columns take the CPU time the
 # gateway process ran during a wrk run (the schedstat of all its threads: user and kernel
 # time) per request wrk completed: the scenario's median, and the median ratio of the

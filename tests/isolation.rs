@@ -255,11 +255,11 @@ async fn oversized_header_fields_431() {
         request.send()
     };
     let big = |n: usize| "v".repeat(n);
-    let one = get(vec![("x-big".into(), big(9000))])
+    let big_field = get(vec![("x-big".into(), big(9000))])
         .await
         .expect("request");
-    assert_eq!(one.status(), 431);
-    assert!(one.text().await.expect("body").contains("x-big"));
+    assert_eq!(big_field.status(), 431);
+    assert!(big_field.text().await.expect("body").contains("x-big"));
     let many: Vec<_> = (0..5).map(|i| (format!("x-part-{i}"), big(7000))).collect();
     assert_eq!(get(many).await.expect("request").status(), 431);
     assert_eq!(fx.origin.count(), 0);

@@ -125,6 +125,14 @@ pub struct RequestCtx {
 const REFRESH_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RequestCtx {
+    /// Returns the label of the reason this request's response is not stored, for
+    /// `X-Cache-Reason`. Returns `None` without a reason or with debug headers off.
+    fn debug_reason(&self) -> Option<&'static str> {
+        self.no_store
+            .filter(|_| self.state.debug_headers)
+            .map(NoStoreReason::label)
+    }
+
     /// Returns the hash of this request's cache key in `domain`, without building the key.
     fn key_hash(&self, domain: &DomainRuntime) -> pingora::cache::key::HashBinary {
         key_hash(
@@ -643,8 +651,7 @@ impl ProxyHttp for Gateway {
             _ => return Ok(true),
         };
         ctx.no_store = Some(reason);
-        let debug_reason = ctx.state.debug_headers.then_some(reason.label());
-        respond::write_error_detail(session, code, "BYPASS", detail, debug_reason).await;
+        respond::write_error_detail(session, code, "BYPASS", detail, ctx.debug_reason()).await;
         Ok(false)
     }
 
@@ -854,11 +861,7 @@ impl ProxyHttp for Gateway {
         }
         if code > 0 {
             let status = cache_status(&session.cache.phase());
-            let debug_reason = ctx
-                .no_store
-                .filter(|_| state.debug_headers)
-                .map(NoStoreReason::label);
-            respond::write_error(session, code, status, debug_reason).await;
+            respond::write_error(session, code, status, ctx.debug_reason()).await;
         }
         if code >= 500 {
             let domain = state

@@ -4,7 +4,7 @@
 //!
 //! The evaluation follows the RFC's order: `If-Match` when present, else `If-Unmodified-Since`.
 //! Both apply only to a `2xx` response: a server ignores preconditions on a request whose
-//! answer without them would have another status. `If-None-Match` and `If-Modified-Since`
+//! response without them would have another status. `If-None-Match` and `If-Modified-Since`
 //! come after these, in Pingora's filter.
 
 use std::time::SystemTime;

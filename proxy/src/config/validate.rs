@@ -818,10 +818,10 @@ fn check_state_files(tables: &BTreeMap<String, Value>, dir: &Path, errors: &mut 
     }
 }
 
-/// Returns one spelling for the file that `path` names: with `..` and symbolic links resolved
-/// through its directory (or the file itself, when it exists), else with only `.` segments
-/// dropped, so `./quota.state`, `tree/../quota.state` and a link to the directory compare
-/// equal.
+/// Returns one spelling for the file that `path` names, so that `./quota.state`,
+/// `tree/../quota.state` and a path through a link to the directory compare equal. The file
+/// itself, or else its directory, is resolved by the filesystem; when neither exists, only `.`
+/// segments are dropped.
 fn file_identity(path: &Path) -> PathBuf {
     if let Ok(real) = std::fs::canonicalize(path) {
         return real;
