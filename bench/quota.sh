@@ -14,6 +14,10 @@
 #                                       then the instructions without budget plugins divided
 #                                       by the scenario's: the throughput ratio on a CPU-bound
 #                                       gateway, leaving out the kernel's share.
+#   bench/quota.sh paired [SECONDS] [ROUNDS]
+#                                       runs each budget scenario at the same time as the
+#                                       baseline instead of after it (see below); default
+#                                       5 seconds, 5 rounds, about 3 minutes in all
 #
 # The scenarios take turns. Every gateway starts first. Then each round runs wrk once on each
 # scenario with a budget plugin, each run between two runs of the baseline (no budget
@@ -30,6 +34,14 @@
 # baseline's CPU time per request (the mean of the two runs around) to the scenario's. On a
 # CPU-bound gateway that ratio is the throughput ratio. Below the table come the baseline's
 # requests/s run by run and each scenario's ratios, round by round.
+# In paired mode, both gateways share CPU 0, and two wrk processes on CPU 1 load them at once,
+# one wrk each. The scheduler switches between the two gateways every few milliseconds, so a
+# slow spell of the machine falls on both alike. The ratio of their requests/s is the
+# throughput ratio while both keep CPU 0 busy. The ratio of their CPU time per request holds
+# even when they do not. `CPU 0 busy` under the table is the median over the runs of the share
+# of wall time that the two gateways ran: near 100% means that the gateways, not wrk, set the
+# pace. The first row pairs the baseline with a second gateway without budget plugins (A/A
+# check), so its distance from 1.000 shows the error of the method on this machine.
 # On a shared machine, compare ratios, not absolutes.
 # Needs a release build (cargo build --release), wrk, curl, python3 and redis-server
 # (scripts/setup-debian.sh installs them; the instructions mode also needs valgrind and ab).
@@ -49,6 +61,9 @@ if [[ ${1:-} == instructions ]]; then
         echo "quota bench: REQUESTS must be a whole number from 100 to 100000, got '$requests'" >&2
         exit 2
     }
+elif [[ ${1:-} == paired ]]; then
+    mode=paired
+    set -- "${2:-5}" "${3:-5}"
 fi
 seconds=${1:-5}
 rounds=${2:-3}
@@ -64,7 +79,7 @@ binary=$root/target/release/mirror-gateway
 }
 [[ -x $binary ]] || { echo "quota bench: $binary missing; run cargo build --release" >&2; exit 1; }
 tools=(wrk curl python3 redis-server redis-cli)
-[[ $mode == wrk ]] || tools+=(valgrind callgrind_control callgrind_annotate ab)
+[[ $mode != instructions ]] || tools+=(valgrind callgrind_control callgrind_annotate ab)
 for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || {
         echo "quota bench: $tool not found; run scripts/setup-debian.sh" >&2
@@ -95,7 +110,7 @@ free_port() {
 # Waits up to 10 s (60 s under callgrind) until URL returns 200.
 wait_ready() {
     local url=$1 log=$2 tries=100
-    [[ $mode == wrk ]] || tries=600
+    [[ $mode != instructions ]] || tries=600
     for _ in $(seq 1 "$tries"); do
         curl -fs -o /dev/null --max-time 1 "$url" && return 0
         sleep 0.1
@@ -311,9 +326,71 @@ measure() {
     done
 }
 
+# Loads the baseline and scenario I at once, one wrk each, for $seconds s. Appends to
+# pair_rps and pair_cpu the scenario's ratios to the baseline in this run, and to pair_busy the
+# share of the run's wall time that the two gateways ran.
+run_pair() {
+    local i=$1 b0 s0 b1 s1 start end served_b served_s rps_b rps_s wrk_b wrk_s
+    b0=$(cpu_ns "${gateway_pids[0]}") s0=$(cpu_ns "${gateway_pids[i]}") start=$(date +%s%N)
+    "${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[0]}" >"$tmp/pair-0.out" &
+    wrk_b=$!
+    "${pin_load[@]}" wrk -t1 -c32 -d"${seconds}s" --latency "${urls[i]}" >"$tmp/pair-$i.out" &
+    wrk_s=$!
+    wait "$wrk_b" "$wrk_s"
+    end=$(date +%s%N) b1=$(cpu_ns "${gateway_pids[0]}") s1=$(cpu_ns "${gateway_pids[i]}")
+    if grep -q 'Non-2xx' "$tmp/pair-0.out" "$tmp/pair-$i.out"; then
+        echo "quota bench: non-2xx responses while pairing ${labels[i]} with the baseline" >&2
+    fi
+    served_b=$(awk '/requests in/ {print $1}' "$tmp/pair-0.out")
+    served_s=$(awk '/requests in/ {print $1}' "$tmp/pair-$i.out")
+    rps_b=$(awk '/^Requests\/sec/ {print $2}' "$tmp/pair-0.out")
+    rps_s=$(awk '/^Requests\/sec/ {print $2}' "$tmp/pair-$i.out")
+    pair_rps+=("$(awk -v a="$rps_s" -v b="$rps_b" 'BEGIN { printf "%.4f", (b > 0) ? a / b : 0 }')")
+    pair_cpu+=("$(awk -v b="$((b1 - b0))" -v nb="$served_b" -v s="$((s1 - s0))" -v ns="$served_s" \
+        'BEGIN { printf "%.4f", (s > 0 && nb > 0) ? (b / nb) / (s / ns) : 0 }')")
+    pair_busy+=("$(awk -v c="$((b1 - b0 + s1 - s0))" -v w="$((end - start))" \
+        'BEGIN { printf "%.1f", 100 * c / w }')")
+    pair_base+=("$rps_b") pair_scenario+=("$rps_s")
+}
+
+# Runs $rounds rounds; in each, every scenario with a budget plugin runs paired with the
+# baseline. Prints one row per scenario: the medians of its requests/s, of the baseline's in
+# its runs, and of the two ratios.
+measure_paired() {
+    local i round k
+    local -a pair_rps=() pair_cpu=() pair_busy=() pair_base=() pair_scenario=() pair_of=()
+    for round in $(seq 1 "$rounds"); do
+        for ((i = 1; i < ${#names[@]}; i++)); do
+            run_pair "$i"
+            pair_of+=("$i")
+        done
+    done
+    # Prints the values of array NAME that belong to scenario I, one per line.
+    values_of() {
+        local -n values=$1
+        for k in "${!pair_of[@]}"; do
+            if [[ ${pair_of[k]} == "$2" ]]; then echo "${values[k]}"; fi
+        done
+    }
+    for ((i = 1; i < ${#names[@]}; i++)); do
+        printf '| %-34s | %12s | %12s | %6s | %9s |\n' "${labels[i]}" \
+            "$(values_of pair_scenario "$i" | median_of '%.0f')" "$(values_of pair_base "$i" | median_of '%.0f')" \
+            "$(values_of pair_rps "$i" | median_of '%.3f')" "$(values_of pair_cpu "$i" | median_of '%.3f')"
+    done
+    echo
+    printf -- '- CPU 0 busy (median over the runs): %s%%\n' "$(printf '%s\n' "${pair_busy[@]}" | median_of '%.1f')"
+    for ((i = 1; i < ${#names[@]}; i++)); do
+        printf -- '- %s, ratio by round:%s; CPU ratio by round:%s\n' "${labels[i]}" \
+            "$(values_of pair_rps "$i" | awk '{ printf " %.3f", $1 }')" \
+            "$(values_of pair_cpu "$i" | awk '{ printf " %.3f", $1 }')"
+    done
+}
+
 echo "machine: $(nproc) CPUs, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//')"
 if [[ $mode == wrk ]]; then
     echo "binary: $("$binary" version 2>/dev/null || echo unknown); $rounds rounds of wrk runs of $seconds s (-t1 -c32), each between two baseline runs; gateway threads = 1"
+elif [[ $mode == paired ]]; then
+    echo "binary: $("$binary" version 2>/dev/null || echo unknown); $rounds rounds of paired wrk runs of $seconds s (-t1 -c32 each), the baseline and a scenario at once; gateway threads = 1"
 else
     echo "binary: $("$binary" version 2>/dev/null || echo unknown); callgrind over $requests requests (ab -k -c 8) after 500 warm-up requests; gateway threads = 1"
 fi
@@ -323,11 +400,18 @@ echo
 if [[ $mode == wrk ]]; then
     echo "| scenario                           | requests/s   | p99      | ratio  | median | CPU ns/req | CPU ratio |"
     echo "|------------------------------------|--------------|----------|--------|--------|------------|-----------|"
+elif [[ $mode == paired ]]; then
+    echo "| scenario                           | requests/s   | baseline r/s | ratio  | CPU ratio |"
+    echo "|------------------------------------|--------------|--------------|--------|-----------|"
 else
     echo "| scenario                           | instr./req.  | p99      | ratio  |"
     echo "|------------------------------------|--------------|----------|--------|"
 fi
 scenario none "no budget plugins" ""
+if [[ $mode == paired ]]; then
+    # A second gateway without budget plugins: its ratio shows the error of the pairing itself.
+    scenario twin "no budget plugins (A/A check)" ""
+fi
 scenario quota_local "quota, local" "$quota_plugin"
 if [[ $has_rate_limit == yes ]]; then
     scenario both_local "quota + rate_limit, local" "$rate_limit_plugin
@@ -340,4 +424,7 @@ if [[ $has_rate_limit == yes ]]; then
 $quota_plugin
 $redis_table"
 fi
-[[ $mode == instructions ]] || measure
+case $mode in
+wrk) measure ;;
+paired) measure_paired ;;
+esac
