@@ -331,11 +331,27 @@ fn running_pid(pid_file: &Path) -> Result<nix::unistd::Pid, String> {
     };
     let pid = nix::unistd::Pid::from_raw(number);
     // Signal 0 checks that the process exists without signalling it.
-    match nix::sys::signal::kill(pid, None) {
-        Err(nix::errno::Errno::ESRCH) => Err(format!(
+    if let Err(nix::errno::Errno::ESRCH) = nix::sys::signal::kill(pid, None) {
+        return Err(format!(
             "the pid file names pid {number} which is not running, so no signal was sent"
-        )),
-        _ => Ok(pid),
+        ));
+    }
+    // A pid file left behind by a gateway that did not exit cleanly may name a pid that the
+    // system has since given to another program, which SIGHUP would stop.
+    let program = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|name| name.trim().to_owned())
+    };
+    let target = program(&number.to_string()).map_err(|e| {
+        format!("cannot tell which program pid {number} runs ({e}), so no signal was sent")
+    })?;
+    let own = program("self").unwrap_or_default();
+    if target == own || target == "mirror-gateway" {
+        Ok(pid)
+    } else {
+        Err(format!(
+            "the pid file names pid {number}, which runs `{target}`, not mirror-gateway (the pid \
+             file is probably stale), so no signal was sent"
+        ))
     }
 }
 

@@ -110,6 +110,10 @@ async fn purge_bad_requests() {
         ("POST", "/cache/purge?domain=primary&paht=/a", 400),
         ("POST", "/cache/purge?domain=primary&path=/a&path=/b", 400),
         ("POST", "/cache/purge?domain=primary&prefix=/a&query=x", 400),
+        ("POST", "/cache/purge?domain=primary&path=/a?x=1", 400),
+        ("POST", "/cache/purge?domain=primary&path=/a%3Fx%3D1", 400),
+        ("POST", "/cache/purge?domain=primary&path=/a%23frag", 400),
+        ("POST", "/cache/purge?domain=primary&prefix=/a?x", 400),
         ("GET", "/cache/purge?domain=primary", 405),
     ];
     for (method, target, expected) in cases {

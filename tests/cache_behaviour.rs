@@ -305,6 +305,81 @@ async fn stampede_on(url: &str, count: usize) -> Vec<Fetched> {
     futures::future::join_all((0..count).map(|_| fetch_with(&shared, url, &[]))).await
 }
 
+/// A stale response sent because the origin refused the connection or responded with 503 has
+/// `Connection: close`: Pingora 0.9.1 closes the client connection after it, and a client that
+/// sent its next request into that connection would see a reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_after_origin_error_closes() {
+    let mut origin = ScriptOrigin::start(|_, _| Script::ok("v1", "max-age=60")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 30";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    assert_eq!(fetch(&gateway.url("/close.json"), &[]).await.cache, "MISS");
+    origin.stop().await;
+    clock.advance(secs(61));
+    let refused = keep_alive_heads(gateway.addr, "/close.json", 2).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_origin, gateway, _clock) = expired_while_down(dir.path(), 30).await;
+    let answered_503 = keep_alive_heads(gateway.addr, "/expired.json", 2).await;
+
+    for (case, heads) in [("refused", refused), ("503", answered_503)] {
+        assert_eq!(heads.len(), 1, "{case}: {heads:?}");
+        assert!(
+            heads[0].contains("x-cache-status: stale"),
+            "{case}: {heads:?}"
+        );
+        assert!(heads[0].contains("connection: close"), "{case}: {heads:?}");
+    }
+}
+
+/// Sends up to `count` GETs of `path` one after another on one connection and returns each
+/// response's head in lower case. Stops after a response with `Connection: close`.
+/// Panics when the exchange takes over 10 s.
+async fn keep_alive_heads(addr: SocketAddr, path: &str, count: usize) -> Vec<String> {
+    let exchange = async {
+        let mut reader = BufReader::new(TcpStream::connect(addr).await.expect("connect"));
+        let mut heads = Vec::new();
+        for _ in 0..count {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+            reader
+                .get_mut()
+                .write_all(request.as_bytes())
+                .await
+                .expect("write");
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                let read = reader.read_line(&mut line).await.expect("read");
+                assert!(
+                    read > 0,
+                    "connection closed before the end of a head: {head:?}"
+                );
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line.to_ascii_lowercase());
+            }
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).await.expect("body");
+            let closes = head.contains("connection: close");
+            heads.push(head);
+            if closes {
+                break;
+            }
+        }
+        heads
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("responses within 10 s")
+}
+
 /// Like [`stale_if_error_window_edges`], with the origin refusing connections.
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_if_error_unreachable_edges() {

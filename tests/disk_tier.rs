@@ -696,17 +696,27 @@ async fn chunked_cut_not_stored() {
     let _beside = MEMORY_TURN.read().await;
     let (origin, requests) = chunked_origin(CHUNKED_LEN).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin, "127.0.0.1:0"));
+    let log = dir.path().join("access.log");
+    let text = config(dir.path(), origin, "127.0.0.1:0").replace(
+        "access_log = \"off\"",
+        &format!("access_log = \"{}\"", log.display()),
+    );
+    let gateway = TestGateway::start(dir.path(), &text);
     let url = gateway.url("/cut.bin");
+    let mut sent = Vec::new();
     for round in 1..=2 {
         let (status, body) = match client().get(&url).send().await {
             Ok(response) => {
                 let cache = response.headers()["x-cache-status"].clone();
                 assert_ne!(cache, "HIT", "round {round}");
+                sent.push(Some(cache.to_str().expect("ascii").to_owned()));
                 let status = response.status().as_u16();
                 (status, response.bytes().await.map(|b| b.len()))
             }
-            Err(e) => (0, Err(e)),
+            Err(e) => {
+                sent.push(None);
+                (0, Err(e))
+            }
         };
         assert!(
             body.is_err() || status == 502,
@@ -714,6 +724,29 @@ async fn chunked_cut_not_stored() {
         );
     }
     assert_eq!(requests.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // The access log records the `X-Cache-Status` the client got, although the failed fill
+    // turned the cache's own status to BYPASS after the header went out.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= 2 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    for (line, header) in logged.iter().zip(&sent) {
+        // The cache status is the field before the last one, the request's duration.
+        let cache = line
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .expect("a cache status field");
+        if let Some(header) = header {
+            assert_eq!(cache, header, "{line}");
+        }
+    }
     let disk = dir.path().join("disk");
     assert!(entry_files(&disk).is_empty(), "a cut body was stored");
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -404,11 +404,19 @@ fn reload_command(path: &Path, env: &[(&str, &str)]) -> std::process::Output {
 }
 
 /// Starts `sleep 30` as a stand-in for the gateway: SIGHUP ends it, which the test observes.
-fn signal_target() -> std::process::Child {
-    std::process::Command::new("sleep")
+/// Starts a copy of `sleep 30` named `mirror-gateway` in `dir`, which `reload` takes for a
+/// gateway: it signals only processes of that name.
+fn signal_target(dir: &Path) -> std::process::Child {
+    let program = dir.join("mirror-gateway");
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("sleep in /usr/bin or /bin");
+    std::fs::copy(sleep, &program).expect("copy sleep");
+    std::process::Command::new(&program)
         .arg("30")
         .spawn()
-        .expect("start sleep")
+        .expect("start the copy of sleep")
 }
 
 /// Waits up to 10 seconds for `child` to end and returns the signal that ended it, if any.
@@ -441,7 +449,7 @@ fn reload_command_signals_despite_local_errors() {
     let server = format!("pid_file = \"{}\"", pid_file.display());
     let text = reload_target_config(&server, "/nonexistent/users.htpasswd");
     std::fs::write(&path, text).expect("write config");
-    let mut target = signal_target();
+    let mut target = signal_target(dir.path());
     std::fs::write(&pid_file, format!("{}\n", target.id())).expect("write pid file");
 
     let output = reload_command(&path, &[]);
@@ -469,7 +477,7 @@ fn reload_command_uses_env_pid_file() {
     let path = dir.path().join("gateway.toml");
     let text = reload_target_config("", "/nonexistent/users.htpasswd");
     std::fs::write(&path, text).expect("write config");
-    let mut target = signal_target();
+    let mut target = signal_target(dir.path());
     std::fs::write(&pid_file, format!("{}\n", target.id())).expect("write pid file");
 
     let pid_text = pid_file.display().to_string();
@@ -477,6 +485,37 @@ fn reload_command_uses_env_pid_file() {
     let signal = ending_signal(&mut target);
     assert_eq!(output.status.code(), Some(0), "{}", stderr_text(&output));
     assert_eq!(signal, Some(nix::sys::signal::Signal::SIGHUP as i32));
+}
+
+/// A pid file naming a program other than the gateway (a pid reused after a crash) gets no
+/// signal sent.
+#[test]
+fn reload_command_other_program() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let path = dir.path().join("gateway.toml");
+    let server = format!("pid_file = \"{}\"", pid_file.display());
+    std::fs::write(&path, reload_target_config(&server, "users")).expect("write config");
+    let mut other = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("start sleep");
+    std::fs::write(&pid_file, format!("{}\n", other.id())).expect("write pid file");
+
+    let output = reload_command(&path, &[]);
+    let err = stderr_text(&output);
+    // A signal, had one been sent, would have ended `sleep` well within this time.
+    std::thread::sleep(Duration::from_millis(300));
+    let still_running = other.try_wait().expect("poll sleep").is_none();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("which runs `sleep`, not mirror-gateway"),
+        "{err}"
+    );
+    assert!(err.contains("kill -HUP"), "{err}");
+    assert!(still_running, "sleep got a signal");
 }
 
 #[test]

@@ -165,6 +165,13 @@ impl AdminApp {
             ));
         }
         let normalise = |name: &str, value: &str| {
+            // Stored paths never contain `?` or `#`, so such a value would purge nothing.
+            if value.contains(['?', '#']) {
+                return Err(bad(format!(
+                    "invalid `{name}` {value:?}: a path has no `?` or `#`; give the query \
+                     separately, percent-encoded (path=/a.json&query=v%3D1)"
+                )));
+            }
             crate::path::normalize(value)
                 .map_err(|e| bad(format!("invalid `{name}` {value:?}: {e}")))
         };

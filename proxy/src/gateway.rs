@@ -106,6 +106,10 @@ pub struct RequestCtx {
     plugin_state: RequestState,
     /// `X-Cache-Status` of a response the gateway made itself.
     local_cache_status: Option<&'static str>,
+    /// `X-Cache-Status` that `response_filter` sent. The cache's phase can change after the
+    /// header went out (a fill that fails mid-body turns MISS into BYPASS), and the log and
+    /// metrics record what the client got.
+    sent_cache_status: Option<&'static str>,
     no_store: Option<NoStoreReason>,
     first_attempt: usize,
     attempts: usize,
@@ -156,6 +160,7 @@ impl RequestCtx {
             client_ip: None,
             plugin_state: RequestState::default(),
             local_cache_status: None,
+            sent_cache_status: None,
             no_store: None,
             first_attempt: 0,
             attempts: 0,
@@ -796,6 +801,7 @@ impl ProxyHttp for Gateway {
         let status = ctx
             .local_cache_status
             .unwrap_or_else(|| cache_status(&phase));
+        ctx.sent_cache_status = Some(status);
         finish_response_header(ctx, upstream_response, status, reason)
     }
 
@@ -830,7 +836,7 @@ impl ProxyHttp for Gateway {
     /// the origin failed (error from the upstream side), each within the entry's window.
     fn should_serve_stale(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
         error: Option<&Error>,
     ) -> bool {
@@ -840,7 +846,15 @@ impl ProxyHttp for Gateway {
                 .metrics
                 .origin_error(domain_id(ctx), e, SystemTime::now());
         }
-        error.is_none_or(|e| e.esource() == &pingora::ErrorSource::Upstream)
+        let serve = error.is_none_or(|e| e.esource() == &pingora::ErrorSource::Upstream);
+        // After an origin failure or a 5xx response, Pingora 0.9.1 closes the client connection
+        // once the stale response is sent. Turning keep-alive off here makes that response say
+        // `Connection: close`, so that the client does not send its next request into a
+        // connection about to close.
+        if serve && error.is_some() {
+            session.set_keepalive(None);
+        }
+        serve
     }
 
     async fn fail_to_proxy(
@@ -859,7 +873,10 @@ impl ProxyHttp for Gateway {
         if *e.esource() == pingora::ErrorSource::Upstream {
             ctx.no_store.get_or_insert(NoStoreReason::OriginError);
         }
-        if code > 0 {
+        // A failure after the response header went out (an origin that stops mid-body) leaves
+        // the client with that header's status and a cut body.
+        let sent = session.response_written().map(|r| r.status.as_u16());
+        if code > 0 && sent.is_none() {
             let status = cache_status(&session.cache.phase());
             respond::write_error(session, code, status, ctx.debug_reason()).await;
         }
@@ -868,7 +885,9 @@ impl ProxyHttp for Gateway {
                 .domain(ctx)
                 .map(|d| d.config.id.as_str())
                 .unwrap_or("-");
-            tracing::error!(domain, path = %ctx.path, status = code, error = %e, "request failed");
+            let status = sent.unwrap_or(code);
+            let body_cut = sent.is_some();
+            tracing::error!(domain, path = %ctx.path, status, body_cut, error = %e, "request failed");
         }
         FailToProxy {
             error_code: code,
@@ -1025,7 +1044,8 @@ impl Gateway {
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let cache_status = ctx
-            .local_cache_status
+            .sent_cache_status
+            .or(ctx.local_cache_status)
             .unwrap_or_else(|| cache_status(&session.cache.phase()));
         let domain = state.domain(ctx);
         if let (Some(domain), Some(by)) = (domain, ctx.plugin_state.rejected_by) {

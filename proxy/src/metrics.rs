@@ -617,7 +617,7 @@ const CACHE_ENTRIES: Definition = (
 );
 const CACHE_BYTES: Definition = (
     "mirror_gateway_cache_bytes",
-    "Body bytes stored in the tier.",
+    "Bytes stored in the tier: response bodies in memory, whole entry files (metadata included) on disk.",
 );
 const CACHE_HITS_TOTAL: Definition = (
     "mirror_gateway_cache_hits_total",
