@@ -248,30 +248,31 @@ fn reload(path: &Path) -> ExitCode {
     let validation = mirror_proxy::logging::while_loading(|| config::load(path, env.clone()));
     let pid_file = match validation {
         Ok(config) => config.server.pid_file,
-        Err(errors) => {
-            for error in &errors {
-                eprintln!("warning: {error}");
-            }
-            eprintln!(
-                "warning: {}: {} error(s) found with this shell's environment; the running \
-                 gateway checks the file with its own environment and logs whether the reload \
-                 was applied",
-                path.display(),
-                errors.len()
-            );
-            match config::pid_file(path, env) {
-                Ok(pid_file) => pid_file,
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    eprintln!(
-                        "{}: cannot tell which pid file server.pid_file names, so no signal \
-                         was sent",
-                        path.display()
-                    );
-                    return ExitCode::FAILURE;
+        Err(errors) => match config::pid_file(path, env) {
+            Ok(pid_file) => {
+                for error in &errors {
+                    eprintln!("warning: {error}");
                 }
+                eprintln!(
+                    "warning: {}: {} error(s) found with this shell's environment; the running \
+                     gateway checks the file with its own environment and logs whether the \
+                     reload was applied",
+                    path.display(),
+                    errors.len()
+                );
+                pid_file
             }
-        }
+            // The file cannot be read or parsed: the validation found the same problem, so
+            // it is printed once, as the error it is.
+            Err(error) => {
+                eprintln!("error: {error}");
+                eprintln!(
+                    "{}: cannot tell which pid file server.pid_file names, so no signal was sent",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let pid = match running_pid(&pid_file) {
         Ok(pid) => pid,

@@ -1339,6 +1339,21 @@ fn disk_dir_parent_missing() {
     );
 }
 
+/// A directory that refuses new files, as `/proc` does even to root, is reported by `check`
+/// instead of failing at start.
+#[test]
+fn disk_dir_not_writable() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\ndisk_dir = \"/proc/mirror-gateway-cache\"\n{DOMAIN}");
+    let error = fx.expect(
+        &text,
+        "cache.disk_dir",
+        Some("\"/proc/mirror-gateway-cache\""),
+        "cannot create files in /proc",
+    );
+    assert!(error.reason.contains("write access"), "{error}");
+}
+
 #[test]
 fn disk_dir_last_component_missing() {
     let fx = Fixture::new();

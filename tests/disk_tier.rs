@@ -96,6 +96,46 @@ async fn disk_entry_survives_restart() {
     assert_eq!(origin.count(), 1);
 }
 
+/// Deleting the whole disk directory while the gateway runs (to empty the cache) does not turn
+/// the disk tier off: the next fill creates the directories again and is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_dir_deleted_while_running() {
+    let _beside = MEMORY_TURN.read().await;
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
+    let disk = dir.path().join("disk");
+    let status = |response: &reqwest::Response| response.headers()["x-cache-status"].clone();
+
+    let first = client()
+        .get(gateway.url("/a.json"))
+        .send()
+        .await
+        .expect("fill a");
+    assert_eq!(status(&first), "MISS");
+    assert_eq!(entry_files(&disk).len(), 1);
+    std::fs::remove_dir_all(&disk).expect("delete the disk directory");
+
+    let fill = client()
+        .get(gateway.url("/b.json"))
+        .send()
+        .await
+        .expect("fill b");
+    assert_eq!(status(&fill), "MISS");
+    assert_eq!(fill.text().await.expect("body"), payload);
+    let hit = client()
+        .get(gateway.url("/b.json"))
+        .send()
+        .await
+        .expect("hit b");
+    assert_eq!(status(&hit), "HIT");
+    assert_eq!(hit.text().await.expect("body"), payload);
+    assert_eq!(entry_files(&disk).len(), 1, "b stored on disk again");
+    assert_eq!(origin.count(), 2);
+}
+
 /// Checks that entries found on disk at start count for readiness: after a restart with the
 /// memory tier empty and the origin stopped, the domain is servable from disk.
 #[tokio::test(flavor = "multi_thread")]

@@ -572,3 +572,17 @@ fn reload_command_unreadable_pid_file_key() {
     assert!(err.contains("server.pid_file = 5"), "{err}");
     assert!(err.contains("no signal was sent"), "{err}");
 }
+
+/// A config file that cannot be read is reported once, as an error, not also as a warning.
+#[test]
+fn reload_command_missing_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("absent.toml");
+
+    let output = reload_command(&path, &[]);
+    let err = stderr_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: "), "{err}");
+    assert!(!err.contains("warning: "), "{err}");
+    assert_eq!(err.matches("absent.toml").count(), 2, "{err}");
+}

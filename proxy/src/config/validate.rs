@@ -499,7 +499,7 @@ fn check_log_file(path: &Path) -> Result<(), String> {
 /// directories on another filesystem.
 fn check_disk_dir(path: &Path) -> Result<(), String> {
     if path.is_dir() {
-        return Ok(());
+        return check_writable(path);
     }
     if path.exists() {
         return Err(format!(
@@ -515,7 +515,31 @@ fn check_disk_dir(path: &Path) -> Result<(), String> {
             parent.display(),
             path.display()
         )),
-        _ => Ok(()),
+        Some(parent) => check_writable(parent),
+        None => check_writable(Path::new(".")),
+    }
+}
+
+/// Checks that this process can create files in `dir`, by creating and removing an empty one.
+/// The mode bits alone do not show it: a read-only mount or an immutable directory rejects new
+/// files from root too.
+fn check_writable(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!(".mirror-gateway-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!(
+            "cannot create files in {} ({e}); give the gateway's user write access there, or \
+             name another directory",
+            dir.display()
+        )),
     }
 }
 

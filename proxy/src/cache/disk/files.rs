@@ -63,6 +63,21 @@ pub fn create_private_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Creates a new temp file like [`create_private_file`], first creating its directory again
+/// when it is missing: an operator may delete the cache directory to empty it while the
+/// gateway runs.
+pub fn create_temp_file(path: &Path) -> io::Result<File> {
+    match create_private_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            create_private_dir(dir)?;
+            tracing::warn!(dir = %dir.display(), "disk cache: created the missing temp directory again");
+            create_private_file(path)
+        }
+        other => other,
+    }
+}
+
 /// Returns a temp file name that no other writer (in this or another process) uses.
 pub fn temp_name(seq: u64) -> String {
     let nanos = SystemTime::now()
@@ -185,6 +200,15 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_file_recreates_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmp = dir.path().join("cache").join("tmp");
+        let file = create_temp_file(&tmp.join("a.tmp"));
+        assert!(file.is_ok(), "{file:?}");
+        assert!(tmp.is_dir());
+    }
 
     #[test]
     fn files_name_round_trips() {

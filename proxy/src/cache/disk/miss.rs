@@ -65,8 +65,7 @@ impl DiskMiss {
         let head = header.encode();
         let pad = header.body_offset as usize - head.len();
         let created = blocking_io(move || {
-            let mut out =
-                BufWriter::with_capacity(WRITE_BUFFER, files::create_private_file(&path)?);
+            let mut out = BufWriter::with_capacity(WRITE_BUFFER, files::create_temp_file(&path)?);
             out.write_all(&head)?;
             out.write_all(&vec![0; pad])?;
             Ok(out)

@@ -330,7 +330,7 @@ fn times_of(meta: &CacheMeta) -> (u64, u64) {
 
 /// Writes `new` and the body of `src` to a new file at `tmp`; returns its inode.
 fn copy_entry(src: &File, old: &Header, new: &Header, tmp: &Path) -> io::Result<u64> {
-    let mut dst = files::create_private_file(tmp)?;
+    let mut dst = files::create_temp_file(tmp)?;
     let head = new.encode();
     dst.write_all(&head)?;
     dst.set_len(new.body_offset)?;
