@@ -101,11 +101,7 @@ async fn disk_entry_survives_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_dir_deleted_while_running() {
     let _beside = MEMORY_TURN.read().await;
-    let payload = body();
-    let served = payload.clone();
-    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
+    let (payload, origin, dir, gateway) = start_body_gateway().await;
     let disk = dir.path().join("disk");
     let status = |response: &reqwest::Response| response.headers()["x-cache-status"].clone();
 
@@ -286,11 +282,7 @@ async fn purge_during_disk_hit_not_promoted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_hit_serves_range() {
     let _beside = MEMORY_TURN.read().await;
-    let payload = body();
-    let served = payload.clone();
-    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
+    let (payload, _origin, _dir, gateway) = start_body_gateway().await;
     let filled = client()
         .get(gateway.url("/bundle.json"))
         .send()
@@ -451,6 +443,17 @@ async fn crash_mid_fill_leaves_no_entry() {
     assert_eq!(status, "MISS");
     assert_eq!(text, payload);
     assert_eq!(origin.count(), 2);
+}
+
+/// Starts an origin that answers every path with [`body`] and a gateway with a disk tier in
+/// front of it. Returns the body, the origin, the gateway's directory and the gateway.
+async fn start_body_gateway() -> (String, TestOrigin, tempfile::TempDir, TestGateway) {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |_| Reply::ok(&served)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(dir.path(), origin.addr, "127.0.0.1:0"));
+    (payload, origin, dir, gateway)
 }
 
 fn entry_files(dir: &Path) -> Vec<std::path::PathBuf> {
