@@ -110,6 +110,9 @@ pub struct RequestCtx {
     /// header went out (a fill that fails mid-body turns MISS into BYPASS), and the log and
     /// metrics record what the client got.
     sent_cache_status: Option<&'static str>,
+    /// The client socket corked for a large body served from the cache; uncorked in `logging`,
+    /// once the response is written.
+    cork: Option<crate::cork::Cork>,
     no_store: Option<NoStoreReason>,
     first_attempt: usize,
     attempts: usize,
@@ -161,6 +164,7 @@ impl RequestCtx {
             plugin_state: RequestState::default(),
             local_cache_status: None,
             sent_cache_status: None,
+            cork: None,
             no_store: None,
             first_attempt: 0,
             attempts: 0,
@@ -349,6 +353,19 @@ fn finish_response_header(
         None => mirror_plugins::fields::insert(resp, [status]),
     }
     Ok(())
+}
+
+/// Returns whether a response in `phase` has its whole body in the cache, ready to send: not
+/// a miss or a bypass, whose body arrives from the origin as it comes.
+fn body_from_cache(phase: &CachePhase) -> bool {
+    matches!(
+        phase,
+        CachePhase::Hit
+            | CachePhase::Stale
+            | CachePhase::StaleUpdating
+            | CachePhase::Revalidated
+            | CachePhase::RevalidatedNoCache(_)
+    )
 }
 
 /// Checks a 304 the origin sent for the revalidation of a stored response. When the 304 names a
@@ -802,6 +819,13 @@ impl ProxyHttp for Gateway {
             .local_cache_status
             .unwrap_or_else(|| cache_status(&phase));
         ctx.sent_cache_status = Some(status);
+        if body_from_cache(&phase)
+            && session.req_header().method != Method::HEAD
+            && crate::cache::ranges::content_length(upstream_response)
+                .is_some_and(|n| n >= crate::cork::MIN_BODY as u64)
+        {
+            ctx.cork = crate::cork::Cork::set(session);
+        }
         finish_response_header(ctx, upstream_response, status, reason)
     }
 
@@ -919,6 +943,7 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         // The response is finished, so the origin request is too, if it did not end before.
         drop(ctx.origin_slot.take());
+        drop(ctx.cork.take());
         self.log_request(session, ctx);
     }
 }
@@ -975,6 +1000,10 @@ impl Gateway {
         finish_response_header(ctx, &mut header, "HIT", None)?;
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
+        // Uncorked when this function returns, after the last write.
+        let _cork = (!header_only && body.len() >= crate::cork::MIN_BODY)
+            .then(|| crate::cork::Cork::set(session))
+            .flatten();
         // Marked as the client's side, as Pingora's hit path marks them, so a client that
         // disconnects mid-body is not logged as a gateway failure.
         session

@@ -4,7 +4,7 @@
 //! Pingora server with the proxy service ([`gateway::Gateway`]) and one in-process file server
 //! per export-tree origin; [`app::App::run`] serves until a signal stops it.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed only in `cork`, for one socket option
 
 pub mod access_log;
 pub mod admin;
@@ -12,6 +12,7 @@ pub mod app;
 pub mod cache;
 pub mod client_ip;
 pub mod config;
+pub mod cork;
 pub mod gateway;
 pub mod host;
 pub mod logging;

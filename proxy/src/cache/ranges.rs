@@ -48,6 +48,11 @@ fn rangeable_length(req: &RequestHeader, resp: &ResponseHeader) -> Option<u64> {
     {
         return None;
     }
+    content_length(resp)
+}
+
+/// Returns the `Content-Length` of `resp`, when it has a valid one.
+pub fn content_length(resp: &ResponseHeader) -> Option<u64> {
     let length = resp.headers.get(CONTENT_LENGTH)?.to_str().ok()?;
     u64::from_str(length).ok()
 }
