@@ -37,7 +37,7 @@
 # In paired mode, both gateways share CPU 0, and two wrk processes on CPU 1 load them at once,
 # one wrk each. The scheduler switches between the two gateways every few milliseconds, so a
 # slow spell of the machine falls on both alike. The ratio of their requests/s is the
-# throughput ratio while both keep CPU 0 busy. The ratio of their CPU time per request holds
+# throughput ratio while both keep CPU 0 busy. The ratio of their CPU time per request is valid
 # even when they do not. `CPU 0 busy` under the table is the median over the runs of the share
 # of wall time that the two gateways ran: near 100% means that the gateways, not wrk, set the
 # pace. The first row pairs the baseline with a second gateway without budget plugins (A/A

@@ -317,13 +317,13 @@ async fn stale_after_origin_error_closes() {
     assert_eq!(fetch(&gateway.url("/close.json"), &[]).await.cache, "MISS");
     origin.stop().await;
     clock.advance(secs(61));
-    let refused = keep_alive_heads(gateway.addr, "/close.json", 2).await;
+    let refused_heads = keep_alive_heads(gateway.addr, "/close.json", 2).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let (_origin, gateway, _clock) = expired_while_down(dir.path(), 30).await;
-    let answered_503 = keep_alive_heads(gateway.addr, "/expired.json", 2).await;
+    let heads_503 = keep_alive_heads(gateway.addr, "/expired.json", 2).await;
 
-    for (case, heads) in [("refused", refused), ("503", answered_503)] {
+    for (case, heads) in [("refused", refused_heads), ("503", heads_503)] {
         assert_eq!(heads.len(), 1, "{case}: {heads:?}");
         assert!(
             heads[0].contains("x-cache-status: stale"),

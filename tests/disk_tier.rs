@@ -445,7 +445,7 @@ async fn crash_mid_fill_leaves_no_entry() {
     assert_eq!(origin.count(), 2);
 }
 
-/// Starts an origin that answers every path with [`body`] and a gateway with a disk tier in
+/// Starts an origin that responds to every path with [`body`] and a gateway with a disk tier in
 /// front of it. Returns the body, the origin, the gateway's directory and the gateway.
 async fn start_body_gateway() -> (String, TestOrigin, tempfile::TempDir, TestGateway) {
     let payload = body();

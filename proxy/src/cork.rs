@@ -15,7 +15,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 use pingora::proxy::Session;
 
 /// Bodies at least this long, whole in the cache, are sent with the socket corked.
-pub const MIN_BODY: usize = 64 * 1024;
+const MIN_BODY: u64 = 64 * 1024;
 
 /// A corked client socket, uncorked when dropped.
 #[derive(Debug)]
@@ -24,9 +24,13 @@ pub struct Cork {
 }
 
 impl Cork {
-    /// Corks the socket of `session`'s HTTP/1 connection. `None` for HTTP/2 and for a socket
+    /// Corks the socket of `session`'s HTTP/1 connection for a body of `body_len` bytes that is
+    /// whole in the cache. `None` for a body under [`MIN_BODY`], for HTTP/2 and for a socket
     /// that is not TCP.
-    pub fn set(session: &Session) -> Option<Cork> {
+    pub fn for_body(session: &Session, body_len: u64) -> Option<Cork> {
+        if body_len < MIN_BODY {
+            return None;
+        }
         let fd = session.as_downstream().stream()?.id();
         Cork::on_fd(fd)
     }

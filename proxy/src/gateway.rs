@@ -819,12 +819,9 @@ impl ProxyHttp for Gateway {
             .local_cache_status
             .unwrap_or_else(|| cache_status(&phase));
         ctx.sent_cache_status = Some(status);
-        if body_from_cache(&phase)
-            && session.req_header().method != Method::HEAD
-            && crate::cache::ranges::content_length(upstream_response)
-                .is_some_and(|n| n >= crate::cork::MIN_BODY as u64)
-        {
-            ctx.cork = crate::cork::Cork::set(session);
+        if body_from_cache(&phase) && session.req_header().method != Method::HEAD {
+            let length = crate::cache::ranges::content_length(upstream_response).unwrap_or(0);
+            ctx.cork = crate::cork::Cork::for_body(session, length);
         }
         finish_response_header(ctx, upstream_response, status, reason)
     }
@@ -872,7 +869,7 @@ impl ProxyHttp for Gateway {
         }
         let serve = error.is_none_or(|e| e.esource() == &pingora::ErrorSource::Upstream);
         // After an origin failure or a 5xx response, Pingora 0.9.1 closes the client connection
-        // once the stale response is sent. Turning keep-alive off here makes that response say
+        // once the stale response is sent. Turning keep-alive off here makes that response carry
         // `Connection: close`, so that the client does not send its next request into a
         // connection about to close.
         if serve && error.is_some() {
@@ -1001,9 +998,11 @@ impl Gateway {
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
         // Uncorked when this function returns, after the last write.
-        let _cork = (!header_only && body.len() >= crate::cork::MIN_BODY)
-            .then(|| crate::cork::Cork::set(session))
-            .flatten();
+        let _cork = if header_only {
+            None
+        } else {
+            crate::cork::Cork::for_body(session, body.len() as u64)
+        };
         // Marked as the client's side, as Pingora's hit path marks them, so a client that
         // disconnects mid-body is not logged as a gateway failure.
         session
