@@ -274,6 +274,20 @@ fn reload(path: &Path) -> ExitCode {
             }
         },
     };
+    // The gateway also rejects a reload whose `[sync]` section is invalid.
+    if has_sync_section(path) {
+        if let Err(errors) = mirror_sync::config::load(path) {
+            for error in &errors {
+                eprintln!("warning: {error}");
+            }
+            eprintln!(
+                "warning: {}: {} error(s) in [sync]; the running gateway rejects the reload \
+                 when it finds them too",
+                path.display(),
+                errors.len()
+            );
+        }
+    }
     let pid = match running_pid(&pid_file) {
         Ok(pid) => pid,
         Err(problem) => {

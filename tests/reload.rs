@@ -403,7 +403,6 @@ fn reload_command(path: &Path, env: &[(&str, &str)]) -> std::process::Output {
     command.output().expect("run mirror-gateway reload")
 }
 
-/// Starts `sleep 30` as a stand-in for the gateway: SIGHUP ends it, which the test observes.
 /// Starts a copy of `sleep 30` named `mirror-gateway` in `dir`, which `reload` takes for a
 /// gateway: it signals only processes of that name.
 fn signal_target(dir: &Path) -> std::process::Child {
@@ -439,33 +438,51 @@ fn stderr_text(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// Errors found with the caller's environment are warnings: the running gateway validates
-/// with its own environment, so the signal is sent.
-#[test]
-fn reload_command_signals_despite_local_errors() {
+/// Writes the reload target's config with `extra` appended, runs `mirror-gateway reload` on it
+/// against a stand-in gateway, and returns the command's output and the signal that ended the
+/// stand-in.
+fn reload_with_local_errors(extra: &str) -> (std::process::Output, Option<i32>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let pid_file = dir.path().join("gateway.pid");
     let path = dir.path().join("gateway.toml");
     let server = format!("pid_file = \"{}\"", pid_file.display());
-    let text = reload_target_config(&server, "/nonexistent/users.htpasswd");
+    let mut text = reload_target_config(&server, "/nonexistent/users.htpasswd");
+    text.push_str(extra);
     std::fs::write(&path, text).expect("write config");
     let mut target = signal_target(dir.path());
     std::fs::write(&pid_file, format!("{}\n", target.id())).expect("write pid file");
 
     let output = reload_command(&path, &[]);
-    let err = stderr_text(&output);
     let signal = ending_signal(&mut target);
+    (output, signal)
+}
+
+/// Errors found with the caller's environment are warnings: the running gateway validates
+/// with its own environment, so the signal is sent.
+#[test]
+fn reload_command_signals_despite_local_errors() {
+    let (output, signal) = reload_with_local_errors("");
+    let err = stderr_text(&output);
     assert_eq!(output.status.code(), Some(0), "{err}");
-    assert!(
-        err.contains("warning: ") && err.contains("/nonexistent/users.htpasswd"),
-        "{err}"
-    );
+    assert!(err.contains("warning: "), "{err}");
+    assert!(err.contains("/nonexistent/users.htpasswd"), "{err}");
     assert!(err.contains("with this shell's environment"), "{err}");
     assert!(
         err.contains("checks the file with its own environment"),
         "{err}"
     );
     assert!(!err.contains("nothing was started"), "{err}");
+    assert_eq!(signal, Some(nix::sys::signal::Signal::SIGHUP as i32));
+}
+
+/// Errors in `[sync]` are warnings too, and the signal is sent.
+#[test]
+fn reload_command_warns_on_sync_errors() {
+    let (output, signal) = reload_with_local_errors("[sync]\nbogus = 1\n");
+    let err = stderr_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(err.contains("sync.bogus = 1: unknown key"), "{err}");
+    assert!(err.contains("error(s) in [sync]"), "{err}");
     assert_eq!(signal, Some(nix::sys::signal::Signal::SIGHUP as i32));
 }
 

@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::error::SyncError;
 use crate::manifest::{hex, FileEntry};
@@ -129,19 +130,40 @@ async fn download_all(
     partial: &Path,
     downloads: Vec<Listed>,
 ) -> Result<Vec<FileEntry>, SyncError> {
+    // After the first failure no new download starts, and those running are waited for. A
+    // directory source copies on blocking threads, which dropping their futures would not
+    // stop; they would write into the staging directory while it is being removed.
+    let failed = AtomicBool::new(false);
+    let failed = &failed;
     let mut stream = futures::stream::iter(downloads.into_iter().enumerate())
-        .map(|(i, entry)| download_one(ctx, partial, i, entry))
+        .map(|(i, entry)| async move {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            download_one(ctx, partial, i, entry).await.map(Some)
+        })
         .buffer_unordered(ctx.concurrency.max(1));
     let mut done = Vec::new();
-    while let Some(entry) = stream.try_next().await? {
-        done.push(entry);
-        if ctx.crash_after.is_some_and(|n| done.len() >= n) {
+    let mut first_error = None;
+    while let Some(result) = stream.next().await {
+        match result {
+            Ok(Some(entry)) => done.push(entry),
+            Ok(None) => {}
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
+            }
+        }
+        if first_error.is_none() && ctx.crash_after.is_some_and(|n| done.len() >= n) {
             return Err(SyncError::Interrupted {
                 downloads: done.len(),
             });
         }
     }
-    Ok(done)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
 }
 
 async fn download_one(

@@ -102,6 +102,13 @@ pub async fn run_job(
 ) -> Result<JobReport, SyncError> {
     let started = Instant::now();
     let root = job.destination.as_path();
+    if root.exists() && !root.is_dir() {
+        return Err(SyncError::io(
+            "using as the destination",
+            root,
+            std::io::Error::other("it is not a directory; point `destination` at a directory"),
+        ));
+    }
     std::fs::create_dir_all(root).map_err(|e| SyncError::io("creating", root, e))?;
     let _lock = RunLock::acquire(root)?;
     tracing::info!(job = %job.name, source = %source.name(), root = %root.display(), "sync run started");
@@ -121,7 +128,11 @@ pub async fn run_job(
         Ok(report) => report,
         Err(e) => {
             if !matches!(e, SyncError::Interrupted { .. }) {
-                publish::remove_leftovers(root, Leftovers::FailedRun)?;
+                // The run's own error matters more than a failed clean-up; the next run
+                // removes what is left.
+                if let Err(cleanup) = publish::remove_leftovers(root, Leftovers::FailedRun) {
+                    tracing::warn!(error = %cleanup, "could not clean up after the failed run");
+                }
             }
             return Err(e);
         }
@@ -159,6 +170,11 @@ async fn stage(
         });
     }
     let listing = check_listing(&source.name(), listing)?;
+    if listing.is_empty() {
+        return Err(SyncError::EmptyListing {
+            source_name: source.name(),
+        });
+    }
     let listed = listing.len();
     tracing::info!(job = %job.name, listed, "listing complete");
     let newest_modified = export_time::newest_modified(&listing);
@@ -169,8 +185,9 @@ async fn stage(
         if plan.download.is_empty() && plan.removed == 0 {
             // The published snapshot matches the source, so its export time still holds; a
             // manifest from before export times were recorded falls back to the listing.
-            let fallback = ExportTime::choose(None, newest_modified);
-            report.export_time = m.export_time.or(fallback);
+            let now = options.now + started.elapsed();
+            let fallback = ExportTime::choose(None, newest_modified, now);
+            report.export_time = m.export_time.map(|time| time.not_after(now)).or(fallback);
             return Ok(report);
         }
     }
@@ -189,7 +206,11 @@ async fn stage(
     let removed = plan.removed;
     let built = build(&ctx, plan).await?;
     let verified = verify(&staging, &built.files, job).await?;
-    let export_time = ExportTime::choose(verified.generated_at, newest_modified);
+    let export_time = ExportTime::choose(
+        verified.generated_at,
+        newest_modified,
+        options.now + started.elapsed(),
+    );
     let manifest = Manifest {
         format: manifest::FORMAT,
         export_id: id.clone(),

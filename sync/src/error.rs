@@ -25,10 +25,10 @@ pub enum SyncError {
     /// Listing the source failed or was cut short.
     #[error("listing {source_name} failed: {reason}; nothing was published or deleted")]
     Listing { source_name: String, reason: String },
-    /// The source listed no object at all.
+    /// The source listed no object, or only hidden ones (a segment starting with `.`).
     #[error(
-        "listing {source_name} returned no object; nothing was published or deleted (check \
-         the bucket, prefix or path)"
+        "listing {source_name} returned no object to publish (hidden names, starting with \
+         `.`, are skipped); nothing was published or deleted (check the bucket, prefix or path)"
     )]
     EmptyListing { source_name: String },
     /// A key could escape the snapshot directory or cannot be a file name.

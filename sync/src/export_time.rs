@@ -44,9 +44,14 @@ impl TimeBasis {
 
 impl ExportTime {
     /// Returns the export time from a snapshot's newest `generatedAt`, falling back to the
-    /// newest modification time of its listing; `None` when neither is known.
-    pub fn choose(generated_at: Option<i64>, newest_modified: Option<i64>) -> Option<Self> {
-        match (generated_at, newest_modified) {
+    /// newest modification time of its listing; `None` when neither is known. A time after
+    /// `now` becomes `now` (see [`Self::not_after`]).
+    pub fn choose(
+        generated_at: Option<i64>,
+        newest_modified: Option<i64>,
+        now: SystemTime,
+    ) -> Option<Self> {
+        let time = match (generated_at, newest_modified) {
             (Some(unix), _) => Some(Self {
                 unix,
                 basis: TimeBasis::GeneratedAt,
@@ -56,6 +61,34 @@ impl ExportTime {
                 basis: TimeBasis::NewestModified,
             }),
             (None, None) => None,
+        };
+        time.map(|time| time.not_after(now))
+    }
+
+    /// Returns this time, or `now` when it is later.
+    ///
+    /// An export time in the future (a wrong clock where the export was made) would make the
+    /// data look fresh until that time, so the lag alarm could not fire. More than a minute
+    /// ahead is logged as a warning.
+    pub fn not_after(self, now: SystemTime) -> Self {
+        let now_unix = now.duration_since(UNIX_EPOCH).map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        });
+        if self.unix <= now_unix {
+            return self;
+        }
+        if self.unix - now_unix > 60 {
+            tracing::warn!(
+                export_time = self.unix,
+                now = now_unix,
+                basis = self.basis.as_str(),
+                "the export's time is in the future (a wrong clock where it was made?); \
+                 the lag counts from this sync's time instead"
+            );
+        }
+        Self {
+            unix: now_unix,
+            ..self
         }
     }
 
@@ -127,21 +160,33 @@ mod tests {
 
     #[test]
     fn choose_prefers_generated_at() {
-        let time = ExportTime::choose(Some(10), Some(20)).expect("a time");
+        let time = ExportTime::choose(Some(10), Some(20), at(100)).expect("a time");
         assert_eq!(time.unix, 10);
         assert_eq!(time.basis, TimeBasis::GeneratedAt);
     }
 
     #[test]
     fn choose_falls_back_to_modified() {
-        let time = ExportTime::choose(None, Some(20)).expect("a time");
+        let time = ExportTime::choose(None, Some(20), at(100)).expect("a time");
         assert_eq!(time.unix, 20);
         assert_eq!(time.basis, TimeBasis::NewestModified);
     }
 
     #[test]
     fn choose_none_without_either() {
-        assert_eq!(ExportTime::choose(None, None), None);
+        assert_eq!(ExportTime::choose(None, None, at(100)), None);
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn choose_clamps_future_times() {
+        let time = ExportTime::choose(Some(253_402_300_799), Some(20), at(100)).expect("a time");
+        assert_eq!((time.unix, time.basis), (100, TimeBasis::GeneratedAt));
+        let time = ExportTime::choose(None, Some(130), at(100)).expect("a time");
+        assert_eq!(time.unix, 100);
     }
 
     #[test]

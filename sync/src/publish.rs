@@ -4,7 +4,8 @@
 //! Only names starting with `.` are ever half-made: a snapshot is built as `.tmp-<id>` and
 //! renamed to `<id>` whole, and the new `latest` is made as `.tmp-latest-<id>` and renamed
 //! over `latest` (`rename(2)` replaces it atomically), so a reader sees the old or the new
-//! snapshot, never a mix, and a crash leaves only `.tmp-*` entries behind.
+//! snapshot, never a mix, and a crash leaves only `.tmp-*` entries behind. Cleaning up removes
+//! only entries named as a run names them, so other files in the root are left alone.
 
 use std::fs::{self, File};
 use std::io;
@@ -47,30 +48,47 @@ pub enum Leftovers {
     FailedRun,
 }
 
-/// Removes every `.tmp-*` entry of `root`: leftovers of runs that crashed, or of the run that
-/// just failed. `leftovers` names which, for the log line.
+/// Returns whether `name` is a temporary entry that a run makes: `.tmp-<id>` (a snapshot
+/// being built), `.tmp-latest-<id>` (the next `latest`) or `.tmp-prune-<id>` (a snapshot
+/// being removed), where `<id>` is an export id. Other names are never removed.
+pub fn is_run_temp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+        return false;
+    };
+    let id = rest
+        .strip_prefix("latest-")
+        .or_else(|| rest.strip_prefix("prune-"))
+        .unwrap_or(rest);
+    export_id::parse(id).is_some()
+}
+
+/// Removes the temporary entries of `root` that runs make (see [`is_run_temp`]): leftovers of
+/// runs that crashed, or of the run that just failed. `leftovers` names which, for the log
+/// line.
 ///
-/// Call it only while holding the run lock. Returns how many entries were removed.
+/// An entry that cannot be removed is logged as a warning and left: it is not served, and a
+/// new run uses new names, so it only takes space. Call it only while holding the run lock.
+/// Returns how many entries were removed.
 pub fn remove_leftovers(root: &Path, leftovers: Leftovers) -> Result<usize, SyncError> {
     let mut removed = 0;
     for entry in read_dir(root)? {
         let entry = entry.map_err(|e| SyncError::io("reading", root, e))?;
-        let is_temp = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        let is_temp = entry.file_name().to_str().is_some_and(is_run_temp);
         if !is_temp {
             continue;
         }
         let path = entry.path();
-        let kind = entry
-            .file_type()
-            .map_err(|e| SyncError::io("stat of", &path, e))?;
-        let result = match kind.is_dir() {
-            true => fs::remove_dir_all(&path),
-            false => fs::remove_file(&path),
+        let result = match entry.file_type() {
+            Ok(kind) if kind.is_dir() => fs::remove_dir_all(&path),
+            Ok(_) => fs::remove_file(&path),
+            Err(e) => Err(e),
         };
-        result.map_err(|e| SyncError::io("removing the leftover", &path, e))?;
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e,
+                "could not remove a temporary entry of the sync; it is not served, remove it \
+                 by hand (for example after fixing its owner or permissions)");
+            continue;
+        }
         match leftovers {
             Leftovers::Interrupted => tracing::info!(path = %path.display(),
                 "removed the leftover of an interrupted run"),
@@ -102,6 +120,14 @@ pub fn current(root: &Path) -> Result<Option<String>, SyncError> {
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => newest(root),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Err(SyncError::io(
+            "reading the link",
+            &link,
+            io::Error::other(
+                "it is not a symlink (a tree copied there by another tool?); move it out of \
+                 the destination, and the sync makes `latest` a symlink to a snapshot",
+            ),
+        )),
         Err(e) => Err(SyncError::io("reading the link", &link, e)),
     }
 }
@@ -149,7 +175,11 @@ pub fn prune(root: &Path, latest: &str, policy: PrunePolicy<'_>) -> Result<Vec<S
             continue;
         };
         let replaced_at = published_at(&root.join(successor));
-        if policy.now < replaced_at + policy.grace {
+        // A grace that runs past the clock's range never ends.
+        let in_grace = replaced_at
+            .checked_add(policy.grace)
+            .is_none_or(|until| policy.now < until);
+        if in_grace {
             continue;
         }
         let doomed = root.join(format!("{TEMP_PREFIX}prune-{id}"));
@@ -166,8 +196,13 @@ pub fn prune(root: &Path, latest: &str, policy: PrunePolicy<'_>) -> Result<Vec<S
 
 /// Returns when snapshot `dir` was published: from its manifest, else from its id.
 fn published_at(dir: &Path) -> SystemTime {
-    if let Ok(Some(m)) = manifest::read(dir) {
-        return UNIX_EPOCH + Duration::from_secs(m.published_unix);
+    // A time past the clock's range (a damaged manifest) falls back to the snapshot's id.
+    let recorded = manifest::read(dir)
+        .ok()
+        .flatten()
+        .and_then(|m| UNIX_EPOCH.checked_add(Duration::from_secs(m.published_unix)));
+    if let Some(time) = recorded {
+        return time;
     }
     let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     export_id::parse(id).unwrap_or(UNIX_EPOCH)
@@ -214,4 +249,31 @@ fn sync_tree(dir: &Path) -> Result<(), SyncError> {
         sync_dir(&dir)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_run_temp;
+
+    #[test]
+    fn run_temp_names() {
+        for name in [
+            ".tmp-20261205T204738Z",
+            ".tmp-latest-20261205T204738Z",
+            ".tmp-prune-20261205T204738Z",
+        ] {
+            assert!(is_run_temp(name), "{name}");
+        }
+        for name in [
+            ".tmp-editor-swap",
+            ".tmp-build",
+            ".tmp-",
+            ".tmp-latest-",
+            ".tmp-other-20261205T204738Z",
+            "20261205T204738Z",
+            "latest",
+        ] {
+            assert!(!is_run_temp(name), "{name}");
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use mirror_sync::{run_job, DirSource, TimeBasis};
+use mirror_sync::{run_job, DirSource, RunOptions, TimeBasis};
 
 /// 2026-12-02T00:00:00Z.
 const GENERATED: i64 = 1_796_169_600;
@@ -27,6 +27,12 @@ fn export_tree(dir: &std::path::Path, generated: &str) {
     );
 }
 
+/// Returns run options `secs` after the hour that follows [`GENERATED`]: the runs come
+/// after the export was made, so its time is not in their future.
+fn after_export(secs: u64) -> RunOptions {
+    RunOptions::new(SystemTime::UNIX_EPOCH + Duration::from_secs(GENERATED as u64 + 3600 + secs))
+}
+
 /// Sets the modification time of `path` to `unix` seconds.
 fn set_mtime(path: &std::path::Path, unix: u64) {
     let file = File::options().write(true).open(path).expect("open");
@@ -42,7 +48,7 @@ async fn export_time_from_generated_at() {
     );
     export_tree(src.path(), "2026-12-02T00:00:00Z");
     let job = dir_job(src.path(), dest.path());
-    let report = run_job(&job, &DirSource::new(src.path()), &at(0))
+    let report = run_job(&job, &DirSource::new(src.path()), &after_export(0))
         .await
         .expect("run");
     let time = report.export_time.expect("an export time");
@@ -65,7 +71,7 @@ async fn export_time_from_newest_mtime() {
     set_mtime(&src.path().join("mirror/a.txt"), 1_000_000);
     set_mtime(&src.path().join("mirror/b.txt"), 2_000_000);
     let job = dir_job(src.path(), dest.path());
-    let report = run_job(&job, &DirSource::new(src.path()), &at(0))
+    let report = run_job(&job, &DirSource::new(src.path()), &after_export(0))
         .await
         .expect("run");
     let time = report.export_time.expect("an export time");
@@ -90,7 +96,9 @@ async fn first_run() -> Synced {
     export_tree(src.path(), "2026-12-02T00:00:00Z");
     let job = dir_job(src.path(), dest.path());
     let source = DirSource::new(src.path());
-    run_job(&job, &source, &at(0)).await.expect("first run");
+    run_job(&job, &source, &after_export(0))
+        .await
+        .expect("first run");
     Synced {
         src,
         _dest: dest,
@@ -102,7 +110,7 @@ async fn first_run() -> Synced {
 #[tokio::test]
 async fn export_time_kept_without_change() {
     let synced = first_run().await;
-    let report = run_job(&synced.job, &synced.source, &at(60))
+    let report = run_job(&synced.job, &synced.source, &after_export(60))
         .await
         .expect("second run");
     assert!(!report.published);
@@ -115,10 +123,35 @@ async fn export_time_kept_without_change() {
 async fn export_time_follows_new_export() {
     let synced = first_run().await;
     export_tree(synced.src.path(), "2026-12-02T00:05:00Z");
-    let report = run_job(&synced.job, &synced.source, &at(60))
+    let report = run_job(&synced.job, &synced.source, &after_export(60))
         .await
         .expect("second run");
     assert!(report.published);
     let time = report.export_time.expect("an export time");
     assert_eq!(time.unix, GENERATED + 300);
+}
+
+#[tokio::test]
+async fn export_time_in_future_counts_from_run() {
+    let (src, dest) = (
+        tempfile::tempdir().expect("src"),
+        tempfile::tempdir().expect("dest"),
+    );
+    export_tree(src.path(), "9999-12-31T23:59:59Z");
+    let job = dir_job(src.path(), dest.path());
+    let options = after_export(0);
+    let report = run_job(&job, &DirSource::new(src.path()), &options)
+        .await
+        .expect("run");
+    let time = report.export_time.expect("an export time");
+    let run_start = options
+        .now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs() as i64;
+    assert!(
+        (run_start..run_start + 60).contains(&time.unix),
+        "{} is not the run's time {run_start}",
+        time.unix
+    );
 }

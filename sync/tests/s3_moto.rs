@@ -137,6 +137,49 @@ async fn failed_second_page_keeps_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_page_without_token_keeps_snapshot() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (moto, proxy, job, source) = setup(dest.path()).await;
+    let client = moto.client(BUCKET);
+    moto::put_all(&client, objects(1001, "v1")).await;
+    run_job(&job, &source, &at(0)).await.expect("first");
+    assert_eq!(
+        proxy.stats.end_checks(),
+        1,
+        "each listing ends with one check"
+    );
+    moto::put_all(&client, objects(1001, "v2")).await;
+    // Page 1 still marks itself as truncated, but has no token for page 2: the client stops
+    // there, and without the check the last key would be deleted.
+    proxy
+        .stats
+        .drop_continuation_token
+        .store(true, Ordering::SeqCst);
+    proxy.stats.reset();
+    let err = run_job(&job, &source, &at(60))
+        .await
+        .expect_err("must fail");
+    assert!(matches!(err, SyncError::Listing { .. }), "{err}");
+    assert!(err.to_string().contains("cut short"), "{err}");
+    assert_eq!(proxy.stats.lists(), 1);
+    assert_eq!(proxy.stats.gets(), 0, "nothing downloaded");
+    assert_eq!(read_latest(dest.path(), "mirror/f0000.txt"), "v1 0");
+    assert_eq!(read_latest(dest.path(), "mirror/f1000.txt"), "v1 1000");
+    assert_eq!(temp_entries(dest.path()), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_marker_of_prefix_skipped() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (moto, _proxy, job, source) = setup(dest.path()).await;
+    let mut files = objects(2, "v1");
+    files.push((PREFIX.to_string(), Vec::new()));
+    moto::put_all(&moto.client(BUCKET), files).await;
+    let report = run_job(&job, &source, &at(0)).await.expect("run");
+    assert_eq!((report.listed, report.downloaded), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_prefix_publishes_nothing() {
     let dest = tempfile::tempdir().expect("tempdir");
     let (moto, _proxy, job, source) = setup(dest.path()).await;
@@ -176,7 +219,9 @@ async fn export_time_from_last_modified() {
     let (moto, _proxy, job, source) = setup(dest.path()).await;
     let before = std::time::SystemTime::now() - Duration::from_secs(2);
     moto::put_all(&moto.client(BUCKET), objects(3, "v1")).await;
-    let report = run_job(&job, &source, &at(0)).await.expect("run");
+    // A run at the real time: the objects' LastModified is not in its future.
+    let now = mirror_sync::RunOptions::new(std::time::SystemTime::now());
+    let report = run_job(&job, &source, &now).await.expect("run");
     let time = report.export_time.expect("an export time");
     assert_eq!(time.basis, mirror_sync::TimeBasis::NewestModified);
     let age = std::time::SystemTime::now()

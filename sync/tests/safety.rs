@@ -224,3 +224,144 @@ async fn deadline_stops_run() {
     assert!(matches!(err, SyncError::Deadline { secs: 5 }), "{err}");
     assert_eq!(temp_entries(dest.path()), Vec::<String>::new());
 }
+
+/// A directory source whose copies run on blocking threads and take a while, except for
+/// one key, whose download fails at once.
+struct SlowCopiesOneFailure {
+    root: std::path::PathBuf,
+    failing: &'static str,
+    running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl mirror_sync::source::Source for SlowCopiesOneFailure {
+    fn name(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    async fn list(&self) -> Result<Vec<mirror_sync::source::Listed>, SyncError> {
+        DirSource::new(&self.root).list().await
+    }
+
+    async fn fetch(
+        &self,
+        entry: &mirror_sync::source::Listed,
+        dest: &std::path::Path,
+    ) -> Result<mirror_sync::source::Fetched, SyncError> {
+        use std::sync::atomic::Ordering;
+        if &*entry.key == self.failing {
+            // Fail only once other copies are under way.
+            for _ in 0..100 {
+                if self.running.load(Ordering::SeqCst) > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            return Err(SyncError::Download {
+                key: entry.key.to_string(),
+                reason: "injected failure".to_string(),
+            });
+        }
+        let running = std::sync::Arc::clone(&self.running);
+        running.fetch_add(1, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            running.fetch_sub(1, Ordering::SeqCst);
+        })
+        .await
+        .expect("blocking task");
+        DirSource::new(&self.root).fetch(entry, dest).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_download_waits_for_running_copies() {
+    let (src, dest) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    for i in 0..32 {
+        write_tree(src.path(), &[(&format!("files/{i:02}.txt"), b"data")]);
+    }
+    let mut job = dir_job(src.path(), dest.path());
+    job.concurrency = 16;
+    let source = SlowCopiesOneFailure {
+        root: src.path().to_path_buf(),
+        failing: "files/00.txt",
+        running: Default::default(),
+    };
+    let err = run_job(&job, &source, &at(0)).await.expect_err("must fail");
+    assert!(matches!(err, SyncError::Download { .. }), "{err}");
+    assert_eq!(
+        source.running.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the run returned while copies it started were still running"
+    );
+    assert_eq!(temp_entries(dest.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn hidden_keys_only_publish_nothing() {
+    let (src, dest) = published(2).await;
+    std::fs::remove_dir_all(src.path().join("files")).expect("test i/o");
+    write_tree(src.path(), &[(".hidden", b"x"), ("dir/.also-hidden", b"y")]);
+    let job = dir_job(src.path(), dest.path());
+    let err = run_job(&job, &DirSource::new(src.path()), &at(60))
+        .await
+        .expect_err("must fail");
+    assert!(matches!(err, SyncError::EmptyListing { .. }), "{err}");
+    assert_eq!(latest(dest.path()), "20260101T120000Z");
+    assert_eq!(names(dest.path().join("latest/files").as_path()).len(), 2);
+}
+
+#[tokio::test]
+async fn foreign_temp_names_kept() {
+    let (src, dest) = published(2).await;
+    write_tree(
+        dest.path(),
+        &[(".tmp-editor-swap", b"keep"), (".tmp-build/data", b"keep")],
+    );
+    let own = dest.path().join(".tmp-20250101T000000Z");
+    write_tree(&own, &[("files/0.txt", b"half")]);
+    write_tree(src.path(), &[("files/new.txt", b"new")]);
+    let job = dir_job(src.path(), dest.path());
+    run_job(&job, &DirSource::new(src.path()), &at(60))
+        .await
+        .expect("run");
+    assert!(!own.exists(), "the leftover of a run is removed");
+    let kept = std::fs::read(dest.path().join(".tmp-build/data")).expect("kept");
+    assert_eq!(kept, b"keep");
+    assert!(dest.path().join(".tmp-editor-swap").is_file());
+}
+
+#[tokio::test]
+async fn latest_directory_named_in_error() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let dest = tempfile::tempdir().expect("tempdir");
+    write_tree(src.path(), &[("files/0.txt", b"data")]);
+    write_tree(
+        dest.path(),
+        &[("latest/files/0.txt", b"copied by another tool")],
+    );
+    let job = dir_job(src.path(), dest.path());
+    let err = run_job(&job, &DirSource::new(src.path()), &at(0))
+        .await
+        .expect_err("must fail");
+    assert!(err.to_string().contains("is not a symlink"), "{err}");
+    assert!(dest.path().join("latest/files/0.txt").is_file());
+}
+
+#[tokio::test]
+async fn destination_file_rejected() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_tree(src.path(), &[("files/0.txt", b"data")]);
+    let file = dir.path().join("destfile");
+    std::fs::write(&file, b"not a directory").expect("test i/o");
+    let job = dir_job(src.path(), &file);
+    let err = run_job(&job, &DirSource::new(src.path()), &at(0))
+        .await
+        .expect_err("must fail");
+    assert!(err.to_string().contains("not a directory"), "{err}");
+    assert_eq!(std::fs::read(&file).expect("kept"), b"not a directory");
+}

@@ -157,7 +157,16 @@ impl SyncScheduler {
     /// Runs `job` once, records its outcome and logs it.
     async fn run(&self, job: &JobSettings) {
         let started = SystemTime::now();
-        let result = self.runner.run(job, &RunOptions::new(started)).await;
+        // A panic in a run must not end the scheduler, which would stop every later run.
+        let options = RunOptions::new(started);
+        let run = std::panic::AssertUnwindSafe(self.runner.run(job, &options));
+        let result = match futures::FutureExt::catch_unwind(run).await {
+            Ok(result) => result,
+            Err(panic) => Err(format!(
+                "the run stopped with a panic ({}); the next run is scheduled as usual",
+                panic_message(panic.as_ref())
+            )),
+        };
         let export_time = match &result {
             Ok(report) => report.export_time.map(|time| time.system_time()),
             Err(_) => None,
@@ -260,6 +269,15 @@ fn apply_logged(
         }
         (None, None) => {}
     }
+}
+
+/// Returns the message of a panic's payload, when it is text.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 /// Sleeps until `due`, or forever when there is nothing due.

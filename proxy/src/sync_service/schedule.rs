@@ -10,6 +10,9 @@
 //! - an unchanged job keeps its next run, except that after an `interval_secs` or
 //!   `jitter_secs` change it is moved to the end of its last run plus a pause of the new
 //!   length (possibly at once).
+//!
+//! No time computed here can panic: pauses are cut to [`MAX_PAUSE`] and additions are checked,
+//! so even a pause longer than the config allows only puts the next run far away.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +22,12 @@ use mirror_sync::{JobSettings, SyncConfig};
 use tokio::time::Instant;
 
 use super::FIRST_RUN_DELAY;
+
+/// Maximum pause the schedule keeps: 30 years of 365 days, three times the largest
+/// `interval_secs` the config accepts (`mirror_sync::config::MAX_SECS`). A run this far away
+/// is never reached, and the clock reading it gives is far inside what `Instant` and Tokio's
+/// timer can hold.
+pub const MAX_PAUSE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
 
 /// The next run of every configured job.
 #[derive(Debug, Default)]
@@ -54,14 +63,14 @@ impl Schedule {
             let slot = match old.remove(&job.name) {
                 Some(slot) if *slot.settings == *job => Slot {
                     next: match slot.last_end {
-                        Some(end) if retimed => end + pause,
+                        Some(end) if retimed => after(end, pause),
                         _ => slot.next,
                     },
                     ..slot
                 },
                 previous => Slot {
                     settings: Arc::new(job.clone()),
-                    next: now + FIRST_RUN_DELAY,
+                    next: after(now, FIRST_RUN_DELAY),
                     last_end: previous.and_then(|slot| slot.last_end),
                 },
             };
@@ -89,7 +98,7 @@ impl Schedule {
     pub fn finished(&mut self, job: &str, now: Instant, unit: f64) {
         if let Some(slot) = self.jobs.get_mut(job) {
             slot.last_end = Some(now);
-            slot.next = now + next_pause(self.interval, self.jitter, unit);
+            slot.next = after(now, next_pause(self.interval, self.jitter, unit));
         }
     }
 
@@ -100,14 +109,29 @@ impl Schedule {
 }
 
 /// Returns the pause before a job's next run: `interval - jitter` plus `2 * jitter` times
-/// `unit`, a random number in `[0, 1]` (clamped into it; NaN counts as 0.5).
+/// `unit`, a random number in `[0, 1]` (clamped into it; NaN counts as 0.5). The sum saturates
+/// at `Duration::MAX` instead of overflowing.
 pub fn next_pause(interval: Duration, jitter: Duration, unit: f64) -> Duration {
     let unit = if unit.is_nan() {
         0.5
     } else {
         unit.clamp(0.0, 1.0)
     };
-    interval.saturating_sub(jitter) + (jitter * 2).mul_f64(unit)
+    let span = jitter.saturating_mul(2);
+    // The product is at most `span`, but its conversion back from `f64` seconds can round
+    // above `Duration::MAX`, which `try_from_secs_f64` reports instead of panicking.
+    let share = Duration::try_from_secs_f64(span.as_secs_f64() * unit).unwrap_or(span);
+    interval.saturating_sub(jitter).saturating_add(share)
+}
+
+/// Returns the instant `pause` after `start`, with the pause cut to [`MAX_PAUSE`]. Should even
+/// that overflow the clock, the next run is a day away, or at `start` as the last resort.
+fn after(start: Instant, pause: Duration) -> Instant {
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+    [pause.min(MAX_PAUSE), DAY]
+        .into_iter()
+        .find_map(|pause| start.checked_add(pause))
+        .unwrap_or(start)
 }
 
 #[cfg(test)]
@@ -238,6 +262,49 @@ mod tests {
         schedule.apply(None, now, 0.5);
         assert_eq!(schedule.next_due(), None);
         assert!(schedule.due(now + MINUTE).is_none());
+    }
+
+    /// The largest `interval_secs` TOML can hold, far over what the config accepts.
+    const HUGE: Duration = Duration::from_secs(i64::MAX as u64);
+
+    #[test]
+    fn next_pause_saturates() {
+        assert_eq!(next_pause(HUGE, Duration::ZERO, 0.5), HUGE);
+        assert_eq!(next_pause(Duration::MAX, Duration::MAX, 1.0), Duration::MAX);
+        assert_eq!(next_pause(Duration::MAX, HUGE, 1.0), Duration::MAX);
+    }
+
+    #[test]
+    fn huge_interval_on_reload_waits_max_pause() {
+        let now = Instant::now();
+        let mut schedule = Schedule::default();
+        schedule.apply(Some(&config(MINUTE, vec![job("a", "/s")])), now, 0.5);
+        schedule.finished("a", now, 0.5);
+        schedule.apply(Some(&config(HUGE, vec![job("a", "/s")])), now, 0.5);
+        assert_eq!(schedule.next_due(), Some(now + MAX_PAUSE));
+        // A good config reloaded afterwards schedules the job as usual.
+        schedule.apply(Some(&config(MINUTE, vec![job("a", "/s")])), now, 0.5);
+        assert_eq!(schedule.next_due(), Some(now + MINUTE));
+    }
+
+    #[test]
+    fn huge_interval_after_run_waits_max_pause() {
+        let now = Instant::now();
+        let mut schedule = Schedule::default();
+        let huge = SyncConfig {
+            jitter: Duration::MAX,
+            ..config(Duration::MAX, vec![job("a", "/s")])
+        };
+        schedule.apply(Some(&huge), now, 0.5);
+        schedule.finished("a", now, 1.0);
+        assert_eq!(schedule.next_due(), Some(now + MAX_PAUSE));
+    }
+
+    #[tokio::test]
+    async fn timer_takes_max_pause() {
+        let far = Instant::now() + MAX_PAUSE;
+        let slept = tokio::time::timeout(Duration::from_millis(10), tokio::time::sleep_until(far));
+        assert!(slept.await.is_err(), "the far run came due");
     }
 
     #[test]

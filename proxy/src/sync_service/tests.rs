@@ -196,3 +196,35 @@ async fn section_removal_logged_only_after_section() {
     stop.send(true).expect("the scheduler listens");
     task.await.expect("the scheduler stops");
 }
+
+/// A runner whose first run panics; later runs succeed.
+#[derive(Default)]
+struct PanickingOnceRunner {
+    runs: AtomicUsize,
+}
+
+#[async_trait]
+impl JobRunner for PanickingOnceRunner {
+    async fn run(&self, job: &JobSettings, _options: &RunOptions) -> Result<JobReport, String> {
+        if self.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("injected panic in the first run");
+        }
+        Ok(JobReport::unpublished(&job.name, "20260101T120000Z", 1))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn panicking_run_keeps_schedule() {
+    let runner = Arc::new(PanickingOnceRunner::default());
+    let monitor = Arc::new(Monitor::default());
+    let (_control, scheduler) = scheduler(Some(config(1, "/v1")), monitor, runner.clone());
+    let (stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(async move { scheduler.start(shutdown).await });
+
+    tokio::time::sleep(FIRST_RUN_DELAY + Duration::from_millis(3500)).await;
+    let runs = runner.runs.load(Ordering::SeqCst);
+    assert!(runs >= 3, "{runs} runs after the first one panicked");
+
+    stop.send(true).expect("the scheduler listens");
+    task.await.expect("the scheduler stops");
+}

@@ -136,7 +136,7 @@ impl S3Source {
         let result = match self.store.get_opts(location, options).await {
             Ok(result) => result,
             Err(object_store::Error::Precondition { .. }) => return Err(Attempt::Replaced),
-            Err(e) => return Err(Attempt::Fatal(e.to_string())),
+            Err(e) => return Err(Attempt::Fatal(with_hint(&e))),
         };
         let expected = result.meta.size;
         let etag = result
@@ -153,6 +153,41 @@ impl S3Source {
             )));
         }
         Ok(Fetched { size, etag, sha256 })
+    }
+}
+
+impl S3Source {
+    /// Asks the store for the keys after `last`, the last key of a finished listing, and
+    /// fails when there are any.
+    ///
+    /// The client ends a listing at the first page without a continuation token, even when
+    /// the page marks itself as truncated (a store or proxy that drops the token). Such a
+    /// listing would look complete, and the files after it would be deleted.
+    async fn check_listing_end(
+        &self,
+        prefix: Option<&ObjectPath>,
+        last: &ObjectPath,
+    ) -> Result<(), SyncError> {
+        let listing_err = |reason: String| SyncError::Listing {
+            source_name: self.name(),
+            reason,
+        };
+        let mut after = self.store.list_with_offset(prefix, last);
+        match after.next().await {
+            None => Ok(()),
+            Some(Err(e)) => Err(listing_err(format!(
+                "checking that the listing was complete failed: {}",
+                with_hint(&e)
+            ))),
+            Some(Ok(next)) => Err(listing_err(format!(
+                "the listing ended at {last:?}, but the store lists {:?} after it: a page was \
+                 cut short (a store or proxy that drops continuation tokens), or the key was \
+                 uploaded during the listing; run the sync again, and if this recurs check \
+                 the store or the proxy in front of it",
+                next.location.as_ref(),
+                last = last.as_ref(),
+            ))),
+        }
     }
 }
 
@@ -183,15 +218,22 @@ impl Source for S3Source {
         };
         let mut stream = self.store.list(prefix.as_ref());
         let mut out = Vec::new();
+        let mut last = None;
         while let Some(item) = stream.next().await {
             let meta = item.map_err(|e| match listed_key_error(&e) {
                 Some(key) => SyncError::InvalidKey {
                     key: key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned(),
                     reason: "has a `.`, `..` or empty segment, which could escape the snapshot",
                 },
-                None => listing_err(e.to_string()),
+                None => listing_err(with_hint(&e)),
             })?;
             let location = meta.location.as_ref();
+            last = Some(meta.location.clone());
+            // A zero-length `prefix/` object is the folder marker of the prefix itself (what
+            // a console's "create folder" makes); the client lists it without its slash.
+            if meta.size == 0 && self.prefix.strip_suffix('/') == Some(location) {
+                continue;
+            }
             let Some(key) = location.strip_prefix(&self.prefix) else {
                 return Err(listing_err(format!(
                     "key {location:?} is outside the prefix {:?}",
@@ -207,6 +249,9 @@ impl Source for S3Source {
             };
             let modified = meta.last_modified.timestamp();
             out.push(Listed::new(key, meta.size, &etag).with_modified(modified));
+        }
+        if let Some(last) = last {
+            self.check_listing_end(prefix.as_ref(), &last).await?;
         }
         Ok(out)
     }
@@ -279,6 +324,37 @@ fn real_etag(etag: &str) -> Option<&str> {
     (!etag.is_empty() && !etag.starts_with("modified-")).then_some(etag)
 }
 
+/// Returns the text of `error` with what to do about the common S3 failures.
+fn with_hint(error: &object_store::Error) -> String {
+    let text = error.to_string();
+    let has = |code: &str| text.contains(code);
+    let hint = if has("NoSuchBucket") {
+        Some("check `bucket`, and `region` or `endpoint`")
+    } else if has("SignatureDoesNotMatch")
+        || has("InvalidAccessKeyId")
+        || has("AccessDenied")
+        || has("ExpiredToken")
+        || matches!(
+            error,
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+        )
+    {
+        Some(
+            "check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the \
+             profile AWS_PROFILE names) and that they may list and read the bucket",
+        )
+    } else if has("NoSuchKey") || matches!(error, object_store::Error::NotFound { .. }) {
+        Some("the object was deleted after the listing; run the sync again")
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => format!("{text}; {hint}"),
+        None => text,
+    }
+}
+
 /// Returns the key of a listed object that the S3 client rejected as a path (a `.` or `..`
 /// segment, an empty segment), so that the error names the key like other hostile keys.
 fn listed_key_error(error: &object_store::Error) -> Option<String> {
@@ -288,5 +364,41 @@ fn listed_key_error(error: &object_store::Error) -> Option<String> {
             source: PathError::EmptySegment { path } | PathError::BadSegment { path, .. },
         } => Some(path.clone()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_hint;
+
+    fn generic(message: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: message.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn hints_name_the_fix() {
+        let cases = [
+            (
+                "403 Forbidden: <Code>SignatureDoesNotMatch</Code>",
+                "check the credentials",
+            ),
+            ("404 Not Found: <Code>NoSuchBucket</Code>", "check `bucket`"),
+            (
+                "404 Not Found: <Code>NoSuchKey</Code>",
+                "deleted after the listing",
+            ),
+        ];
+        for (message, hint) in cases {
+            let text = with_hint(&generic(message));
+            assert!(text.contains(message), "{text}");
+            assert!(text.contains(hint), "{text}");
+        }
+        assert_eq!(
+            with_hint(&generic("timed out")),
+            "Generic S3 error: timed out"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! A small HTTP proxy in front of moto that counts requests by kind and can break the
-//! second page of a listing. One request per connection (every response carries `Connection: close`).
+//! second page of a listing or drop a page's continuation token. One request per connection
+//! (every response carries `Connection: close`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,13 +12,17 @@ use tokio::task::JoinHandle;
 /// Requests seen, by kind, and the fault to inject.
 #[derive(Default)]
 pub struct Stats {
-    /// `GET /bucket?list-type=2...`
+    /// `GET /bucket?list-type=2...`: listing pages.
     pub lists: AtomicUsize,
+    /// Listings with `start-after`: the check that a listing was complete.
+    pub end_checks: AtomicUsize,
     /// `GET /bucket/key`
     pub gets: AtomicUsize,
     pub heads: AtomicUsize,
     /// Break listing pages after the first: one 503 SlowDown, then a cut-off body.
     pub break_page_two: AtomicBool,
+    /// Remove `NextContinuationToken` from listing pages, leaving `IsTruncated` as it is.
+    pub drop_continuation_token: AtomicBool,
     page_two_seen: AtomicUsize,
 }
 
@@ -31,11 +36,15 @@ impl Stats {
     pub fn lists(&self) -> usize {
         self.lists.load(Ordering::SeqCst)
     }
+    pub fn end_checks(&self) -> usize {
+        self.end_checks.load(Ordering::SeqCst)
+    }
     /// Resets the counters.
     pub fn reset(&self) {
         self.lists.store(0, Ordering::SeqCst);
         self.gets.store(0, Ordering::SeqCst);
         self.heads.store(0, Ordering::SeqCst);
+        self.end_checks.store(0, Ordering::SeqCst);
     }
 }
 
@@ -78,7 +87,9 @@ async fn handle(mut client: TcpStream, upstream: u16, stats: &Stats) -> std::io:
     let method = parts.next().unwrap_or_default();
     let target = parts.next().unwrap_or_default();
     let is_list = target.contains("list-type=2");
+    let is_end_check = is_list && target.contains("start-after");
     match (method, is_list) {
+        ("GET", true) if is_end_check => stats.end_checks.fetch_add(1, Ordering::SeqCst),
         ("GET", true) => stats.lists.fetch_add(1, Ordering::SeqCst),
         ("GET", false) => stats.gets.fetch_add(1, Ordering::SeqCst),
         ("HEAD", _) => stats.heads.fetch_add(1, Ordering::SeqCst),
@@ -105,6 +116,9 @@ async fn handle(mut client: TcpStream, upstream: u16, stats: &Stats) -> std::io:
     server.write_all(&body).await?;
     let mut response = Vec::new();
     server.read_to_end(&mut response).await?;
+    if is_list && !is_end_check && stats.drop_continuation_token.load(Ordering::SeqCst) {
+        response = without_continuation_token(&response);
+    }
     client.write_all(&close_response(response)).await?;
     client.shutdown().await
 }
@@ -163,6 +177,38 @@ fn close_response(response: Vec<u8>) -> Vec<u8> {
     let mut out = with_close(&head).into_bytes();
     out.extend_from_slice(&response[end + 4..]);
     out
+}
+
+/// Returns a listing response without its `NextContinuationToken` element, with the
+/// `Content-Length` made to match.
+fn without_continuation_token(response: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return response.to_vec();
+    };
+    let body = match (
+        body.find("<NextContinuationToken>"),
+        body.find("</NextContinuationToken>"),
+    ) {
+        (Some(start), Some(end)) => {
+            format!(
+                "{}{}",
+                &body[..start],
+                &body[end + "</NextContinuationToken>".len()..]
+            )
+        }
+        _ => body.to_string(),
+    };
+    let head: Vec<String> = head
+        .lines()
+        .map(
+            |line| match line.to_ascii_lowercase().starts_with("content-length:") {
+                true => format!("Content-Length: {}", body.len()),
+                false => line.to_string(),
+            },
+        )
+        .collect();
+    format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
 }
 
 fn canned(status: &str, body: &str) -> String {
