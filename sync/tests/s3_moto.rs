@@ -172,11 +172,24 @@ async fn truncated_page_without_token_keeps_snapshot() {
 async fn folder_marker_of_prefix_skipped() {
     let dest = tempfile::tempdir().expect("tempdir");
     let (moto, _proxy, job, source) = setup(dest.path()).await;
-    let mut files = objects(2, "v1");
-    files.push((PREFIX.to_string(), Vec::new()));
-    moto::put_all(&moto.client(BUCKET), files).await;
+    moto::put_all(&moto.client(BUCKET), objects(2, "v1")).await;
+    // The S3 client would drop the trailing slash of the key.
+    put_raw(moto.port, PREFIX, b"");
     let report = run_job(&job, &source, &at(0)).await.expect("run");
     assert_eq!((report.listed, report.downloaded), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_folder_object_named_in_error() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (moto, _proxy, job, source) = setup(dest.path()).await;
+    moto::put_all(&moto.client(BUCKET), objects(2, "v1")).await;
+    put_raw(moto.port, &format!("{PREFIX}mirror/empty-dir/"), b"");
+    let err = run_job(&job, &source, &at(0)).await.expect_err("must fail");
+    assert!(matches!(err, SyncError::Download { .. }), "{err}");
+    assert!(err.to_string().contains("mirror/empty-dir"), "{err}");
+    assert!(err.to_string().contains("ends in `/`"), "{err}");
+    assert_eq!(temp_entries(dest.path()), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,6 +136,9 @@ impl S3Source {
         let result = match self.store.get_opts(location, options).await {
             Ok(result) => result,
             Err(object_store::Error::Precondition { .. }) => return Err(Attempt::Replaced),
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                return Err(Attempt::Missing(with_hint(&e)))
+            }
             Err(e) => return Err(Attempt::Fatal(with_hint(&e))),
         };
         let expected = result.meta.size;
@@ -269,6 +272,16 @@ impl Source for S3Source {
             match self.fetch_once(&location, &etag, dest).await {
                 Ok(fetched) => return Ok(fetched),
                 Err(Attempt::Fatal(reason)) => return Err(download_err(reason)),
+                // The client lists a key ending in `/` without its slash, so a GET of the
+                // shortened key finds nothing. Only an empty object can be such a marker.
+                Err(Attempt::Missing(reason)) if entry.size == 0 => {
+                    return Err(download_err(format!(
+                        "{reason}; or the key ends in `/` (an empty folder object with no \
+                         files under it), which the S3 client lists without its slash: \
+                         delete that object at the source"
+                    )))
+                }
+                Err(Attempt::Missing(reason)) => return Err(download_err(reason)),
                 Err(Attempt::Replaced) => {
                     let meta = self.store.head(&location).await.map_err(|e| {
                         download_err(format!("replaced after the listing, then HEAD failed: {e}"))
@@ -293,6 +306,8 @@ impl Source for S3Source {
 enum Attempt {
     /// The ETag no longer matches: fetch the new version.
     Replaced,
+    /// The object is not there (any more).
+    Missing(String),
     /// The body broke off or was short: try again after a pause.
     Transient(String),
     /// `object_store` already retried, or retrying cannot help.
