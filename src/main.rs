@@ -216,11 +216,9 @@ fn run(path: &Path, upgrade: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners: Vec<String> = app
-        .listen_addrs()
-        .iter()
-        .map(|a| format!("http://{a}"))
-        .collect();
+    let plain = app.listen_addrs().iter().map(|a| format!("http://{a}"));
+    let tls = app.tls_addrs().iter().map(|a| format!("https://{a}"));
+    let listeners: Vec<String> = plain.chain(tls).collect();
     let admin = app
         .admin_addr()
         .map_or_else(|| "off".to_string(), |a| format!("http://{a}"));

@@ -131,6 +131,51 @@ async fn purge_bad_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn purge_names_first_unknown_parameter() {
+    let origin = TestOrigin::start(|_| Reply::ok("body")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    let target = "/cache/purge?domain=primary&x9=1&x1=2&x5=3";
+    let (status, body) = admin_request(admin, "POST", target).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown parameter \\\"x9\\\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_answer_head() {
+    let origin = TestOrigin::start(|_| Reply::ok("body")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start_with_admin(dir.path(), origin.addr);
+    for endpoint in ["/cache/stats", "/limits/stats"] {
+        let response = client()
+            .head(format!("http://{admin}{endpoint}"))
+            .header("authorization", basic(USER, PASSWORD))
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(response.status(), 200, "{endpoint}");
+        let length: usize = response.headers()["content-length"]
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .expect("numeric Content-Length");
+        assert!(length > 2, "{endpoint}: Content-Length {length}");
+        assert!(
+            response.bytes().await.expect("body").is_empty(),
+            "{endpoint}"
+        );
+    }
+    let wrong_method = client()
+        .delete(format!("http://{admin}/cache/stats"))
+        .header("authorization", basic(USER, PASSWORD))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "GET, HEAD");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn unknown_endpoint_lists_all() {
     let origin = TestOrigin::start(|_| Reply::ok("body")).await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -516,16 +516,70 @@ async fn host_of_other_domain_is_421() {
     assert_eq!(origin.count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn http2_over_tls() {
+/// A gateway with TLS in front of an origin that answers "over h2", with an HTTPS client that
+/// may use HTTP/2 and the URL of `/file` on domain `b`.
+struct H2Setup {
+    origin: TestOrigin,
+    _dir: tempfile::TempDir,
+    _gateway: TestGateway,
+    client: reqwest::Client,
+    url: String,
+}
+
+async fn h2_setup() -> H2Setup {
     let origin = TestOrigin::start(|_| Reply::ok("over h2")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let (_gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let (gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
     let client = https_client(&pki, tls).build().expect("client");
     let url = format!("https://x.b.test:{}/file", tls.port());
-    let response = client.get(&url).send().await.expect("request");
+    H2Setup {
+        origin,
+        _dir: dir,
+        _gateway: gateway,
+        client,
+        url,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_over_tls() {
+    let setup = h2_setup().await;
+    let response = setup.client.get(&setup.url).send().await.expect("request");
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "over h2");
+}
+
+/// Returns a request body of unknown length: over HTTP/2 it goes as DATA frames without
+/// `Content-Length`.
+fn streamed_body(chunks: Vec<&'static str>) -> reqwest::Body {
+    let chunks = chunks.into_iter().map(Ok::<_, std::io::Error>);
+    reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_get_with_data_is_400() {
+    let setup = h2_setup().await;
+    let (client, url) = (&setup.client, &setup.url);
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+    let response = client
+        .get(url)
+        .body(streamed_body(vec![smuggled]))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 400);
+    assert_eq!(setup.origin.count(), 0);
+
+    // A stream ended by an empty data frame carries no body: served as usual.
+    let response = client
+        .get(url)
+        .body(streamed_body(Vec::new()))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.expect("body"), "over h2");
 }

@@ -86,6 +86,12 @@ fn describe_expected(message: &str) -> String {
                 Some(text) => (text, "\n"),
                 None => (line, ""),
             };
+            if let Some(name) = text
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.strip_suffix('`'))
+            {
+                return format!("{text}; add the key `{name}`, which has no default{newline}");
+            }
             let Some((found, expected)) = text.rsplit_once(", expected ") else {
                 return line.to_string();
             };
@@ -259,6 +265,11 @@ mod tests {
     fn parse_reports_missing_field() {
         let errors = parse::<Sample>(table("name = \"a\"")).expect_err("missing");
         assert!(errors[0].reason.contains("missing field `count`"));
+        assert!(
+            errors[0].reason.contains("add the key `count`"),
+            "{}",
+            errors[0].reason
+        );
     }
 
     #[derive(Debug, Deserialize)]

@@ -67,14 +67,14 @@ impl AdminApp {
         query: Option<&str>,
     ) -> (StatusCode, String) {
         match (method, path) {
-            (&Method::GET, "/cache/stats") => (
+            (&Method::GET | &Method::HEAD, "/cache/stats") => (
                 StatusCode::OK,
                 stats_json(
                     &self.state.load().cache.memory_stats(),
                     self.state.load().cache.disk_stats(),
                 ),
             ),
-            (&Method::GET, "/limits/stats") => (StatusCode::OK, self.limits_json()),
+            (&Method::GET | &Method::HEAD, "/limits/stats") => (StatusCode::OK, self.limits_json()),
             (&Method::POST, "/cache/purge") => match self.purge_scope(query) {
                 Ok(scope) => {
                     let state = self.state.load_full();
@@ -95,7 +95,9 @@ impl AdminApp {
             },
             (_, "/cache/stats" | "/cache/purge" | "/limits/stats") => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                error_json("use GET for /cache/stats and /limits/stats, POST for /cache/purge"),
+                error_json(
+                    "use GET or HEAD for /cache/stats and /limits/stats, POST for /cache/purge",
+                ),
             ),
             _ => (StatusCode::NOT_FOUND, error_json(UNKNOWN_ENDPOINT)),
         }
@@ -136,16 +138,18 @@ impl AdminApp {
 
     fn purge_scope(&self, query: Option<&str>) -> Result<PurgeScope, (StatusCode, String)> {
         let bad = |message: String| (StatusCode::BAD_REQUEST, message);
-        let params = parse_query(query.unwrap_or("")).map_err(bad)?;
+        let pairs = parse_query(query.unwrap_or("")).map_err(bad)?;
         // A misspelt parameter must not widen the purge to the whole domain.
-        if let Some(unknown) = params
-            .keys()
-            .find(|name| !PURGE_PARAMETERS.contains(&name.as_str()))
+        if let Some((unknown, _)) = pairs
+            .iter()
+            .find(|(name, _)| !PURGE_PARAMETERS.contains(&name.as_str()))
         {
             return Err(bad(format!(
-                "unknown parameter {unknown:?}; use domain, and path (with optional query) or prefix"
+                "unknown parameter {:?}; use domain, and path (with optional query) or prefix",
+                shortened(unknown)
             )));
         }
+        let params: HashMap<String, String> = pairs.into_iter().collect();
         if params.contains_key("query") && !params.contains_key("path") {
             return Err(bad("`query` goes with `path` only".into()));
         }
@@ -168,12 +172,13 @@ impl AdminApp {
             // Stored paths never contain `?` or `#`, so such a value would purge nothing.
             if value.contains(['?', '#']) {
                 return Err(bad(format!(
-                    "invalid `{name}` {value:?}: a path has no `?` or `#`; give the query \
-                     separately, percent-encoded (path=/a.json&query=v%3D1)"
+                    "invalid `{name}` {:?}: a path has no `?` or `#`; give the query \
+                     separately, percent-encoded (path=/a.json&query=v%3D1)",
+                    shortened(value)
                 )));
             }
             crate::path::normalize(value)
-                .map_err(|e| bad(format!("invalid `{name}` {value:?}: {e}")))
+                .map_err(|e| bad(format!("invalid `{name}` {:?}: {e}", shortened(value))))
         };
         match (params.get("path"), params.get("prefix")) {
             (Some(_), Some(_)) => Err(bad("give `path` or `prefix`, not both".into())),
@@ -222,7 +227,7 @@ impl ServeHttp for AdminApp {
         let allow = if path == "/cache/purge" {
             "POST"
         } else {
-            "GET"
+            "GET, HEAD"
         };
         Reply::json(status, body).into_response_allowing(allow)
     }
@@ -274,22 +279,38 @@ const PURGE_PARAMETERS: [&str; 4] = ["domain", "path", "prefix", "query"];
 
 /// Decodes `query` into its parameters. A parameter given twice or not valid UTF-8 once
 /// decoded is an error that names it.
-fn parse_query(query: &str) -> Result<HashMap<String, String>, String> {
+/// Returns `text`, cut to its first 200 characters (with `...`) when longer, for an error
+/// message that names a value the client sent.
+fn shortened(text: &str) -> String {
+    const SHOWN: usize = 200;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// Splits a query string into its decoded parameters, in the order written. A parameter given
+/// twice is an error.
+fn parse_query(query: &str) -> Result<Vec<(String, String)>, String> {
     let decode = |text: &str| {
         percent_encoding::percent_decode_str(&text.replace('+', " "))
             .decode_utf8()
             .map(|v| v.into_owned())
             .map_err(|_| format!("parameter {text:?} is not valid UTF-8 once decoded"))
     };
-    let mut params = HashMap::new();
+    let mut params: Vec<(String, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let name = decode(name)?;
         let value = decode(value)?;
-        if params.contains_key(&name) {
-            return Err(format!("parameter {name:?} is given twice; give it once"));
+        if !seen.insert(name.clone()) {
+            return Err(format!(
+                "parameter {:?} is given twice; give it once",
+                shortened(&name)
+            ));
         }
-        params.insert(name, value);
+        params.push((name, value));
     }
     Ok(params)
 }
@@ -308,9 +329,21 @@ mod tests {
     fn query_decodes_values() {
         let params = parse_query("domain=primary&path=%2Fconcelier%2Fexports%2Findex.json&x")
             .expect("valid query");
+        let names: Vec<&str> = params.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["domain", "path", "x"]);
+        let params: HashMap<String, String> = params.into_iter().collect();
         assert_eq!(params["domain"], "primary");
         assert_eq!(params["path"], "/concelier/exports/index.json");
         assert_eq!(params["x"], "");
+    }
+
+    #[test]
+    fn long_values_shortened() {
+        let long = "a".repeat(5000);
+        let shown = shortened(&long);
+        assert_eq!(shown.len(), 203);
+        assert!(shown.ends_with("..."));
+        assert_eq!(shortened("é".repeat(10).as_str()), "é".repeat(10));
     }
 
     #[test]

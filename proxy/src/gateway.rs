@@ -256,6 +256,10 @@ impl GatewayState {
                  and Transfer-Encoding",
             ));
         }
+        if !session.downstream_session.is_body_empty() {
+            refuse_stream_body(session).await?;
+        }
+        let req = session.req_header();
         ctx.path = crate::path::normalize(req.uri.path())
             .map_err(|e| error_response(StatusCode::BAD_REQUEST, &e.to_string()))?;
         let route_match = match_route(&domain.config, &ctx.path)
@@ -415,6 +419,37 @@ fn oversized_header(req: &RequestHeader) -> Option<String> {
     (total > MAX_HEADER_BYTES).then(|| {
         format!("the header fields have {total} bytes together; send at most {MAX_HEADER_BYTES}")
     })
+}
+
+/// How long an HTTP/2 GET or HEAD without `Content-Length` may take to end its stream.
+const STREAM_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the request body of an HTTP/2 GET or HEAD whose stream is still open and fails on
+/// any data.
+///
+/// HTTP/2 has no `Transfer-Encoding`: a request without `Content-Length` announces a body only
+/// by not ending its stream with the header frame. A GET usually ends it there; a client
+/// sending a streamed body of unknown length ends it with an empty data frame, which is
+/// waited for. Data would be forwarded to an HTTP/1.1 origin
+/// as a chunked body, which an origin that ignores GET bodies reads as the next request.
+async fn refuse_stream_body(session: &mut Session) -> Result<(), LocalResponse> {
+    let read = async {
+        loop {
+            match session.downstream_session.read_request_body().await {
+                Ok(None) => return true,
+                Ok(Some(data)) if data.is_empty() => continue,
+                Ok(Some(_)) | Err(_) => return false,
+            }
+        }
+    };
+    match tokio::time::timeout(STREAM_END_WAIT, read).await {
+        Ok(true) => Ok(()),
+        _ => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "a GET or HEAD request must not carry a body; over HTTP/2, end the stream with \
+             the request's header frame",
+        )),
+    }
 }
 
 /// Returns whether `req` announces a body: any `Transfer-Encoding`, or a `Content-Length`
