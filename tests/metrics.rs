@@ -185,6 +185,38 @@ async fn healthz_without_credentials() {
     assert_eq!(resp.text().await.expect("body"), "ok\n");
 }
 
+/// Sends `request` on a new connection to `addr` and returns all it gets until the gateway
+/// closes the connection; fails after 5 s.
+async fn exchange_until_close(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_closes_when_client_asks() {
+    let origin = TestOrigin::start(origin_reply).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_gateway, admin) = start(dir.path(), origin.addr, origin.addr);
+    for request in [
+        "GET /healthz HTTP/1.0\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = exchange_until_close(admin, request)
+            .await
+            .to_ascii_lowercase();
+        assert!(answer.contains(" 200 "), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(!answer.contains("keep-alive"), "{answer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_reachable_origin() {
     let origin = TestOrigin::start(origin_reply).await;

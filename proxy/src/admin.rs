@@ -199,6 +199,12 @@ impl AdminApp {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Pingora's simple HTTP service keeps every connection alive. A request with
+        // `Connection: close`, or from HTTP/1.0 without keep-alive, gets its connection closed
+        // after the response, with `Connection: close` in it.
+        if wants_close(session.req_header()) {
+            session.set_keepalive(None);
+        }
         let req = session.req_header();
         let (method, path, query) = (
             req.method.clone(),
@@ -279,6 +285,20 @@ const PURGE_PARAMETERS: [&str; 4] = ["domain", "path", "prefix", "query"];
 
 /// Decodes `query` into its parameters. A parameter given twice or not valid UTF-8 once
 /// decoded is an error that names it.
+/// Returns whether the connection of `req` closes after the response: the request has
+/// `Connection: close`, or is HTTP/1.0 without `Connection: keep-alive`.
+fn wants_close(req: &pingora::http::RequestHeader) -> bool {
+    let has = |token: &str| {
+        req.headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|part| part.trim().eq_ignore_ascii_case(token))
+    };
+    has("close") || (req.version == http::Version::HTTP_10 && !has("keep-alive"))
+}
+
 /// Returns `text`, cut to its first 200 characters (with `...`) when longer, for an error
 /// message that names a value the client sent.
 fn shortened(text: &str) -> String {
