@@ -516,7 +516,7 @@ async fn host_of_other_domain_is_421() {
     assert_eq!(origin.count(), 0);
 }
 
-/// A gateway with TLS in front of an origin that answers "over h2", with an HTTPS client that
+/// A gateway with TLS in front of an origin that replies "over h2", with an HTTPS client that
 /// may use HTTP/2 and the URL of `/file` on domain `b`.
 struct H2Setup {
     origin: TestOrigin,

@@ -302,8 +302,8 @@ fn wants_close(req: &pingora::http::RequestHeader) -> bool {
 /// Returns `text`, cut to its first 200 characters (with `...`) when longer, for an error
 /// message that names a value the client sent.
 fn shortened(text: &str) -> String {
-    const SHOWN: usize = 200;
-    match text.char_indices().nth(SHOWN) {
+    const MAX_CHARS: usize = 200;
+    match text.char_indices().nth(MAX_CHARS) {
         Some((end, _)) => format!("{}...", &text[..end]),
         None => text.to_string(),
     }

@@ -428,8 +428,8 @@ const STREAM_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// any data.
 ///
 /// HTTP/2 has no `Transfer-Encoding`: a request without `Content-Length` announces a body only
-/// by not ending its stream with the header frame. A GET usually ends it there; a client
-/// sending a streamed body of unknown length ends it with an empty data frame, which is
+/// by not ending its stream with the header frame. A GET usually ends it there. A client that
+/// streams a body of unknown length ends it with an empty data frame, so that frame is
 /// waited for. Data would be forwarded to an HTTP/1.1 origin
 /// as a chunked body, which an origin that ignores GET bodies reads as the next request.
 async fn refuse_stream_body(session: &mut Session) -> Result<(), LocalResponse> {

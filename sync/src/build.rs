@@ -131,8 +131,8 @@ async fn download_all(
     downloads: Vec<Listed>,
 ) -> Result<Vec<FileEntry>, SyncError> {
     // After the first failure no new download starts, and those running are waited for. A
-    // directory source copies on blocking threads, which dropping their futures would not
-    // stop; they would write into the staging directory while it is being removed.
+    // directory source copies on blocking threads that dropping their futures does not stop,
+    // so they would write into the staging directory while it is being removed.
     let failed = AtomicBool::new(false);
     let failed = &failed;
     let mut stream = futures::stream::iter(downloads.into_iter().enumerate())

@@ -62,9 +62,9 @@ pub fn is_run_temp(name: &str) -> bool {
     export_id::parse(id).is_some()
 }
 
-/// Removes the temporary entries of `root` that runs make (see [`is_run_temp`]): leftovers of
-/// runs that crashed, or of the run that just failed. `leftovers` names which, for the log
-/// line.
+/// Removes the temporary entries of `root` that runs make (see [`is_run_temp`]). They are
+/// leftovers of crashed runs or of the run that just failed, and `leftovers` selects the
+/// wording of the log line.
 ///
 /// An entry that cannot be removed is logged as a warning and left: it is not served, and a
 /// new run uses new names, so it only takes space. Call it only while holding the run lock.

@@ -329,8 +329,8 @@ async fn foreign_temp_names_kept() {
         .await
         .expect("run");
     assert!(!own.exists(), "the leftover of a run is removed");
-    let kept = std::fs::read(dest.path().join(".tmp-build/data")).expect("kept");
-    assert_eq!(kept, b"keep");
+    let foreign = std::fs::read(dest.path().join(".tmp-build/data")).expect("kept");
+    assert_eq!(foreign, b"keep");
     assert!(dest.path().join(".tmp-editor-swap").is_file());
 }
 

@@ -160,6 +160,14 @@ impl S3Source {
 }
 
 impl S3Source {
+    /// Returns the error of a failed or cut-short listing of this source.
+    fn listing_error(&self, reason: String) -> SyncError {
+        SyncError::Listing {
+            source_name: self.name(),
+            reason,
+        }
+    }
+
     /// Asks the store for the keys after `last`, the last key of a finished listing, and
     /// fails when there are any.
     ///
@@ -171,10 +179,7 @@ impl S3Source {
         prefix: Option<&ObjectPath>,
         last: &ObjectPath,
     ) -> Result<(), SyncError> {
-        let listing_err = |reason: String| SyncError::Listing {
-            source_name: self.name(),
-            reason,
-        };
+        let listing_err = |reason| self.listing_error(reason);
         let mut after = self.store.list_with_offset(prefix, last);
         match after.next().await {
             None => Ok(()),
@@ -211,10 +216,7 @@ impl Source for S3Source {
     }
 
     async fn list(&self) -> Result<Vec<Listed>, SyncError> {
-        let listing_err = |reason: String| SyncError::Listing {
-            source_name: self.name(),
-            reason,
-        };
+        let listing_err = |reason| self.listing_error(reason);
         let prefix = match self.prefix.is_empty() {
             true => None,
             false => Some(ObjectPath::parse(&self.prefix).map_err(|e| listing_err(e.to_string()))?),
