@@ -256,7 +256,6 @@ fn admin_listen_needs_htpasswd() {
     );
 }
 
-/// Host of the `primary` domain.
 /// A purge that arrives while a fill runs also removes what that fill stores when it ends.
 #[tokio::test(flavor = "multi_thread")]
 async fn purge_during_fill_holds() {
@@ -303,6 +302,66 @@ async fn purge_during_fill_holds() {
     origin.abort();
 }
 
+/// A purge that arrives while a fill still waits for the origin's response header also removes
+/// what that fill stores when it ends, whether it names the path or the whole domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_before_origin_header_holds() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    // Version 1 of every path comes 1.5 s after the request, version 2 at once.
+    let version = Arc::new(AtomicUsize::new(1));
+    let current = Arc::clone(&version);
+    let origin = TestOrigin::start(move |req| {
+        let v = current.load(Ordering::SeqCst);
+        let mut reply = Reply::ok(&format!("v{v} of {}", req.target));
+        reply.headers = vec![("cache-control".into(), "max-age=3600".into())];
+        if v == 1 {
+            reply.delay = Duration::from_millis(1500);
+        }
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gateway, admin) = start_with_admin(dir.path(), origin.addr);
+
+    let cases = [
+        ("/o/hp", "/cache/purge?domain=primary&path=/o/hp"),
+        ("/o/hd", "/cache/purge?domain=primary"),
+    ];
+    for (path, purge) in cases {
+        version.store(1, Ordering::SeqCst);
+        let addr = gateway.addr;
+        let filler = tokio::spawn(async move { raw_get(addr, path, &[("host", PRIMARY)]).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, body) = admin_request(admin, "POST", purge).await;
+        assert_eq!(status, 200, "{purge}: {body}");
+        version.store(2, Ordering::SeqCst);
+
+        let filled = filler.await.expect("filler");
+        assert_eq!(filled.status, 200, "{path}");
+        assert_eq!(filled.header("x-cache-status"), Some("MISS"), "{path}");
+        assert_eq!(filled.text(), format!("v1 of {path}"));
+
+        let after = raw_get(gateway.addr, path, &[("host", PRIMARY)]).await;
+        assert_eq!(after.status, 200, "{path}");
+        assert_eq!(
+            after.header("x-cache-status"),
+            Some("MISS"),
+            "{path}: the purged response stayed cached"
+        );
+        assert_eq!(after.text(), format!("v2 of {path}"));
+        let fetched = origin
+            .requests()
+            .iter()
+            .filter(|r| r.target == path)
+            .count();
+        assert_eq!(fetched, 2, "origin requests for {path}");
+    }
+}
+
+/// Host of the `primary` domain.
 const PRIMARY: &str = "127.0.0.1";
 /// Host of the `community` domain.
 const COMMUNITY: &str = "community.test";

@@ -196,6 +196,57 @@ async fn stale_while_revalidate_window_edges() {
     assert_eq!(origin.count_of("/c"), 2);
 }
 
+/// A purge that arrives while a stale-while-revalidate refresh waits for the origin's response
+/// header removes what the refresh stores, so the next request goes to the origin again.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_during_refresh_holds() {
+    // The origin sends v1, then v2 (the refresh) after 1.5 s, then v3.
+    let origin = ScriptOrigin::start(|_, index| match index {
+        0 => Script::ok("v1", "max-age=60"),
+        1 => Script {
+            delay: Duration::from_millis(1500),
+            ..Script::ok("v2", "max-age=60")
+        },
+        _ => Script::ok("v3", "max-age=60"),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 60\nstale_if_error_secs = 0";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let url = gateway.url("/r");
+    assert_eq!(fetch(&url, &[]).await.cache, "MISS");
+
+    clock.advance(secs(61));
+    let stale = fetch(&url, &[]).await;
+    assert_eq!(stale.cache, "UPDATING");
+    assert_eq!(stale.text(), "v1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scope = mirror_proxy::cache::PurgeScope::Url {
+        domain: "primary".into(),
+        path: "/r".into(),
+        query: None,
+    };
+    assert_eq!(gateway.running.purge(&scope), 1, "the stale v1 is purged");
+
+    // The refresh's response arrives 1.5 s after its request; its body follows at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while origin.replied_at(1).is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        origin.replied_at(1).is_some(),
+        "the refresh got no response"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = fetch(&url, &[]).await;
+    assert_eq!(
+        after.cache, "MISS",
+        "the refresh kept what the purge removed"
+    );
+    assert_eq!(after.text(), "v3");
+    assert_eq!(origin.count_of("/r"), 3);
+}
+
 /// Moves the cache clock across the TTL (60 s) and the stale-if-error window (30 s) while the
 /// origin responds with 503, then brings the origin back.
 #[tokio::test(flavor = "multi_thread")]

@@ -24,6 +24,9 @@
 //! and releases the waiters as it would for an uncacheable response. Each waiter then finds
 //! the record and sends a 502 of its own without an origin request (see the gateway's
 //! `proxy_upstream_filter`). The next request starts one new fill.
+//!
+//! Each write permit it grants starts a fill, so it notes the purge log's mark for the key
+//! then ([`PurgeLog::fill_started`]), and removes it when the permit is released.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +37,7 @@ use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::lock::{CacheKeyLock, CacheLock, LockStatus, Locked, WritePermit};
 use pingora::cache::CacheKey;
 
+use super::purge_log::PurgeLog;
 use super::CacheClock;
 
 /// A fill that fails within this time after the key's last failure, with no success between,
@@ -215,18 +219,25 @@ fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct FillAwareLock {
     inner: CacheLock,
     storage: &'static dyn FillState,
+    purges: &'static PurgeLog,
     age_timeout: Duration,
     failed: FailedFills,
     clock: CacheClock,
 }
 
 impl FillAwareLock {
-    /// Wraps a [`CacheLock`] with `age_timeout`, checking `storage` before each write permit.
-    /// Failures are also timed by `clock`.
-    pub fn new(age_timeout: Duration, storage: &'static dyn FillState, clock: CacheClock) -> Self {
+    /// Wraps a [`CacheLock`] with `age_timeout`, checking `storage` before each write permit
+    /// and noting the start of each fill in `purges`. Failures are also timed by `clock`.
+    pub fn new(
+        age_timeout: Duration,
+        storage: &'static dyn FillState,
+        purges: &'static PurgeLog,
+        clock: CacheClock,
+    ) -> Self {
         Self {
             inner: CacheLock::new(age_timeout),
             storage,
+            purges,
             age_timeout,
             failed: FailedFills::default(),
             clock,
@@ -257,12 +268,17 @@ impl CacheKeyLock for FillAwareLock {
                 released.unlock(LockStatus::Done);
                 Locked::Read(stub.read_lock())
             }
+            Locked::Write(permit) => {
+                self.purges.fill_started(key.primary_bin());
+                Locked::Write(permit)
+            }
             locked => locked,
         }
     }
 
     fn release(&self, key: &CacheKey, permit: WritePermit, reason: LockStatus) {
         let name = key.primary_bin();
+        self.purges.fill_ended(&name);
         if reason != LockStatus::TransientError {
             self.failed.clear(&name);
             self.inner.release(key, permit, reason);
@@ -317,10 +333,9 @@ mod tests {
 
     fn setup() -> (&'static Fake, FillAwareLock) {
         let fake: &'static Fake = Box::leak(Box::default());
-        (
-            fake,
-            FillAwareLock::new(Duration::from_secs(10), fake, CacheClock::system()),
-        )
+        let purges: &'static PurgeLog = Box::leak(Box::default());
+        let lock = FillAwareLock::new(Duration::from_secs(10), fake, purges, CacheClock::system());
+        (fake, lock)
     }
 
     fn release(lock: &FillAwareLock, key: &CacheKey, locked: Locked) {
@@ -556,6 +571,24 @@ mod tests {
         let failures = lock(&failed.failures);
         assert_eq!(failures.records.len(), 1, "only the new record is left");
         assert_eq!(failures.prune_at, FAILED_FILL_PRUNE_AT);
+    }
+
+    #[tokio::test]
+    async fn write_permit_notes_fill_start() {
+        let (fake, lock) = setup();
+        let key = CacheKey::new("k", "t");
+        let name = key.primary_bin();
+        let first = lock.lock(&key, false);
+        assert_eq!(
+            lock.purges.fill_mark(&name),
+            Some(0),
+            "noted with the permit"
+        );
+        release(&lock, &key, first);
+        assert_eq!(lock.purges.fill_mark(&name), None, "forgotten on release");
+        fake.running.store(true, Ordering::SeqCst);
+        assert!(!lock.lock(&key, false).is_write());
+        assert_eq!(lock.purges.fill_mark(&name), None, "no fill starts");
     }
 
     #[tokio::test]

@@ -128,6 +128,8 @@ pub struct MemoryStorage {
     /// At most one fill per key is visible to readers: the latest one started.
     in_flight: RwLock<HashMap<HashBinary, Arc<InFlight>>>,
     next_write_id: AtomicU64,
+    /// Maximum total bytes of the bodies the tier keeps.
+    budget_bytes: usize,
     /// Largest body kept once complete.
     max_object_bytes: usize,
     /// Largest body a fill may stream; larger fills fail.
@@ -147,6 +149,7 @@ impl MemoryStorage {
             lru: pingora_lru::Lru::with_capacity(budget_bytes, capacity),
             in_flight: RwLock::new(HashMap::new()),
             next_write_id: AtomicU64::new(1),
+            budget_bytes,
             max_object_bytes,
             max_stream_bytes: max_stream_bytes.max(max_object_bytes),
             stats: TierStats::default(),
@@ -248,6 +251,11 @@ impl MemoryStorage {
     /// Returns the largest body this tier keeps.
     pub fn max_object_bytes(&self) -> usize {
         self.max_object_bytes
+    }
+
+    /// Returns the maximum total bytes of the bodies this tier keeps.
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
     }
 }
 

@@ -100,6 +100,7 @@ impl CacheTier {
         let lock = Box::new(lock::FillAwareLock::new(
             settings.lock_age_timeout,
             fills,
+            log,
             clock.clone(),
         ));
         // Only Pingora's own reasons (response too large) are remembered: the gateway's reasons

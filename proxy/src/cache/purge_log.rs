@@ -5,13 +5,20 @@
 //! first, each fill notes the record count when it starts, and a fill that ends after a purge
 //! covering its key removes what it just published. The published entry is visible for the
 //! moment between its publication and its removal.
+//!
+//! A fill starts when its request takes the cache lock's write permit, before the request to
+//! the origin. Pingora requests the miss handler from the storage only once the origin's
+//! response header has arrived. So the cache lock notes the count per key when it grants the permit
+//! ([`PurgeLog::fill_started`]), and the miss handler takes it from there.
 
 use std::any::Any;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::storage::PurgeOutcome;
 use pingora::cache::storage::{HandleMiss, MissFinishType, PurgeType};
 use pingora::cache::trace::SpanHandle;
@@ -25,6 +32,15 @@ use super::{key_parts, PurgeScope};
 /// Purges kept; a fill that started before all of them treats its key as purged.
 const KEPT_PURGES: usize = 256;
 
+/// A fill start older than this is dropped, because its write permit was then dropped without
+/// a release, or the origin took longer than this to send the response header. The miss
+/// handler of such a fill takes the mark when it is created instead.
+const FILL_START_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// The number of keys at which the map of fill starts is first checked for old starts. After
+/// each check, the next one comes when the map has doubled.
+const FILL_START_PRUNE_AT: usize = 1024;
+
 /// The recent purges of one cache, numbered from 1.
 #[derive(Debug, Default)]
 pub struct PurgeLog {
@@ -33,6 +49,24 @@ pub struct PurgeLog {
     recent: Mutex<VecDeque<(u64, PurgeScope)>>,
     /// Numbers of the recorded purges still removing entries.
     running: Mutex<BTreeSet<u64>>,
+    /// Marks of the fills whose write permit is held, by primary key hash.
+    fills: Mutex<FillStarts>,
+}
+
+/// The marks of running fills: for each key, one mark with the time it was noted per fill.
+#[derive(Debug)]
+struct FillStarts {
+    starts: HashMap<HashBinary, Vec<(u64, Instant)>>,
+    prune_at: usize,
+}
+
+impl Default for FillStarts {
+    fn default() -> Self {
+        Self {
+            starts: HashMap::new(),
+            prune_at: FILL_START_PRUNE_AT,
+        }
+    }
 }
 
 /// A recorded purge while it removes entries; dropping it marks the purge finished.
@@ -82,6 +116,63 @@ impl PurgeLog {
         self.last.store(number, Ordering::Release);
         drop(running);
         RunningPurge { log: self, number }
+    }
+
+    /// Notes the mark of a fill of `key` (a primary key hash) that starts now. Call it when the
+    /// fill's request takes the cache lock's write permit, and [`Self::fill_ended`] when it
+    /// releases the permit.
+    pub fn fill_started(&self, key: HashBinary) {
+        self.fill_started_at(key, Instant::now());
+    }
+
+    fn fill_started_at(&self, key: HashBinary, now: Instant) {
+        let mark = self.mark();
+        let mut fills = self.fills.lock();
+        if fills.starts.len() >= fills.prune_at {
+            fills.starts.retain(|_, starts| {
+                starts.retain(|(_, at)| now.saturating_duration_since(*at) < FILL_START_MAX_AGE);
+                !starts.is_empty()
+            });
+            fills.prune_at = (fills.starts.len() * 2).max(FILL_START_PRUNE_AT);
+        }
+        fills.starts.entry(key).or_default().push((mark, now));
+    }
+
+    /// Removes one fill start of `key`: the latest one.
+    ///
+    /// Fills of one key run at once when a write permit outlived its age timeout, or for
+    /// several variants of a response with `Vary`. Removing the latest start keeps the
+    /// starts left no later than those of the fills still running, so a fill never takes a
+    /// mark from after its own start. It may take an earlier one, and then drops its entry
+    /// for a purge that came before it started.
+    pub fn fill_ended(&self, key: &HashBinary) {
+        let mut fills = self.fills.lock();
+        let Some(starts) = fills.starts.get_mut(key) else {
+            return;
+        };
+        if let Some(latest) = (0..starts.len()).max_by_key(|&i| starts[i].0) {
+            starts.swap_remove(latest);
+        }
+        if starts.is_empty() {
+            fills.starts.remove(key);
+        }
+    }
+
+    /// Returns the mark of the earliest running fill of `key` noted within
+    /// [`FILL_START_MAX_AGE`], for its miss handler.
+    pub fn fill_mark(&self, key: &HashBinary) -> Option<u64> {
+        self.fill_mark_at(key, Instant::now())
+    }
+
+    fn fill_mark_at(&self, key: &HashBinary, now: Instant) -> Option<u64> {
+        let fills = self.fills.lock();
+        fills
+            .starts
+            .get(key)?
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(*at) < FILL_START_MAX_AGE)
+            .map(|(mark, _)| *mark)
+            .min()
     }
 
     /// Returns whether a purge recorded after `mark` covers the key of `domain` and `primary`.
@@ -169,7 +260,12 @@ impl Storage for PurgeAware {
         meta: &CacheMeta,
         trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        let mark = self.log.mark();
+        // A fill without a noted start took no write permit (a lookup error sends a request
+        // to the origin without one), so its mark is taken now, with the response header in.
+        let mark = self
+            .log
+            .fill_mark(&key.primary_bin())
+            .unwrap_or_else(|| self.log.mark());
         let inner = self.inner.get_miss_handler(key, meta, trace).await?;
         Ok(Box::new(PurgeAwareMiss {
             inner,
@@ -280,6 +376,54 @@ mod tests {
         assert_eq!(log.read_mark(), 1, "purge 2 still runs");
         drop(running);
         assert_eq!(log.read_mark(), 3);
+    }
+
+    #[test]
+    fn fill_mark_is_from_fill_start() {
+        let log = PurgeLog::default();
+        let key = crate::cache::cache_key("primary", None, "/a", None);
+        let name = key.primary_bin();
+        assert_eq!(log.fill_mark(&name), None, "no fill started");
+        log.fill_started(name);
+        drop(log.record(url("/a")));
+        let mark = log.fill_mark(&name).expect("a noted start");
+        assert!(log.purged_since(mark, "primary", key.primary_key()));
+        log.fill_ended(&name);
+        assert_eq!(log.fill_mark(&name), None, "the fill ended");
+    }
+
+    #[test]
+    fn fill_end_keeps_earliest_start() {
+        let log = PurgeLog::default();
+        let name = [7; 16];
+        log.fill_started(name);
+        drop(log.record(url("/a")));
+        log.fill_started(name);
+        log.fill_ended(&name);
+        assert_eq!(log.fill_mark(&name), Some(0), "the earlier fill still runs");
+        log.fill_ended(&name);
+        assert_eq!(log.fill_mark(&name), None);
+        log.fill_ended(&name);
+        assert_eq!(log.fill_mark(&name), None, "an extra end changes nothing");
+    }
+
+    #[test]
+    fn old_fill_starts_are_forgotten() {
+        let log = PurgeLog::default();
+        let now = Instant::now();
+        let long_ago = now
+            .checked_sub(FILL_START_MAX_AGE)
+            .expect("a monotonic past");
+        for i in 0..FILL_START_PRUNE_AT {
+            let mut name = [0u8; 16];
+            name[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            log.fill_started_at(name, long_ago);
+        }
+        assert_eq!(log.fill_mark_at(&[0; 16], now), None, "too old to use");
+        log.fill_started_at([0xff; 16], now);
+        let fills = log.fills.lock();
+        assert_eq!(fills.starts.len(), 1, "only the new start is left");
+        assert_eq!(fills.prune_at, FILL_START_PRUNE_AT);
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! A lookup tries memory first (fills in progress, then complete entries), then fills of large
 //! objects in progress, then disk. A disk hit of an object small enough for memory is read
 //! whole and its checksum checked before the response starts, so a damaged entry is a miss.
-//! The body is then copied into memory, and the next request is served from there. A larger
-//! body streams from disk, and damage found at its end cuts the response off.
+//! The body is then copied into memory, and the next request is served from there. Only one
+//! request per key copies at a time, and the bodies being copied at once total at most
+//! [`TieredStorage::promotion_limit`]. A request that finds no room streams the entry from
+//! disk instead, like a larger body. A larger body streams from disk, and damage found at its
+//! end cuts the response off.
 //!
 //! A fill of an object whose `Content-Length` fits the memory tier writes to both tiers:
 //! readers stream it from memory while the disk copy is written, and the disk entry is
@@ -13,14 +16,17 @@
 //!
 //! A fill of a larger object, or of one without `Content-Length`, goes to disk only, and its
 //! readers follow the temp file as it is written, so memory stays bounded whatever the
-//! object's size. A disk write error then fails that fill's readers, like an origin error
-//! would; the next request fetches the object again. NOTE: when the disk tier cannot even
-//! create the temp file, a fill without `Content-Length` falls back to the memory tier and is
-//! held there whole, up to the largest object size of either tier.
+//! object's size. A disk write error turns the disk copy off: nothing is stored, and the
+//! requests that joined the fill get an error, like an origin error would give them. The
+//! request that fills still sends the whole response: its reader takes the rest of the body
+//! from a [`Relay`] in memory, which keeps what its client has not read yet, up to
+//! [`RELAY_MAX_BYTES`]. NOTE: when the disk tier cannot even create the temp file, a fill
+//! without `Content-Length` falls back to the memory tier and is held there whole, up to the
+//! largest object size of either tier.
 //!
 //! Each tier bounds itself; a purge removes from both.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -28,7 +34,7 @@ use std::any::Any;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::storage::streaming_write::U64WriteId;
 use pingora::cache::storage::{
@@ -38,7 +44,7 @@ use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::{Error, ErrorType, Result};
 
-use super::disk::{DiskHit, DiskMiss, DiskStorage, FileTap};
+use super::disk::{DiskHit, DiskMiss, DiskStorage, FileTap, Relay, RELAY_MAX_BYTES};
 use super::lock::FillState;
 use super::memory::MemoryStorage;
 use super::purge_log::PurgeLog;
@@ -55,6 +61,8 @@ pub struct TieredStorage {
     /// Fills of objects too large for memory, readable through their temp files.
     large_fills: RwLock<HashMap<HashBinary, Arc<LargeFill>>>,
     next_large_id: AtomicU64,
+    /// Disk hits being read whole to copy them into memory.
+    promotions: Mutex<Promotions>,
 }
 
 /// A fill that goes to disk only.
@@ -62,6 +70,31 @@ struct LargeFill {
     id: u64,
     meta: (Vec<u8>, Vec<u8>),
     tap: FileTap,
+    /// The rest of the body for the filling request's reader when the disk copy fails.
+    relay: Arc<Relay>,
+}
+
+/// The keys (combined hashes) of the disk hits being copied into memory, and their total
+/// body bytes.
+#[derive(Default)]
+struct Promotions {
+    keys: HashSet<HashBinary>,
+    bytes: u64,
+}
+
+/// One disk hit being copied into memory; dropping it ends the copy.
+struct Promotion {
+    storage: &'static TieredStorage,
+    key: HashBinary,
+    bytes: u64,
+}
+
+impl Drop for Promotion {
+    fn drop(&mut self) {
+        let mut promotions = self.storage.promotions.lock();
+        promotions.keys.remove(&self.key);
+        promotions.bytes -= self.bytes;
+    }
 }
 
 impl TieredStorage {
@@ -77,7 +110,33 @@ impl TieredStorage {
             purges,
             large_fills: RwLock::new(HashMap::new()),
             next_large_id: AtomicU64::new(1),
+            promotions: Mutex::default(),
         }
+    }
+
+    /// Returns the most body bytes that disk hits copy into memory at once: a quarter of the
+    /// memory tier's budget, and at least its largest object, so that one copy can always
+    /// run. Each copy keeps its whole body in memory until the memory tier takes it.
+    pub fn promotion_limit(&self) -> u64 {
+        let quarter = self.memory.budget_bytes() / 4;
+        quarter.max(self.memory.max_object_bytes()) as u64
+    }
+
+    /// Starts copying the disk hit of `key`, with a body of `bytes`, into memory. Returns
+    /// `None` when another request copies the same key, or when the copy would take the
+    /// bytes being copied past [`Self::promotion_limit`].
+    fn start_promotion(&'static self, key: HashBinary, bytes: u64) -> Option<Promotion> {
+        let mut promotions = self.promotions.lock();
+        let over_limit = promotions.bytes > 0 && promotions.bytes + bytes > self.promotion_limit();
+        if over_limit || !promotions.keys.insert(key) {
+            return None;
+        }
+        promotions.bytes += bytes;
+        Some(Promotion {
+            storage: self,
+            key,
+            bytes,
+        })
     }
 
     /// Returns a reader of the large fill of `key` in progress (of fill `id`, when given).
@@ -88,7 +147,12 @@ impl TieredStorage {
         }
         let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1).ok()?;
         // The file is gone once the fill is published or failed; the caller then looks on disk.
-        let reader = fill.tap.reader().ok()?;
+        // The filling request looks its fill up by id, and only its reader gets the relay.
+        let reader = match id {
+            Some(_) => fill.tap.reader_with_relay(&fill.relay),
+            None => fill.tap.reader(),
+        }
+        .ok()?;
         Some((meta, Box::new(reader)))
     }
 
@@ -127,16 +191,20 @@ impl TieredStorage {
             }
         };
         let id = self.next_large_id.fetch_add(1, Ordering::Relaxed) | LARGE_FILL_BIT;
+        let relay = Arc::new(Relay::default());
+        disk.relay_on_failure(Arc::clone(&relay));
         let fill = LargeFill {
             id,
             meta: meta.serialize().ok()?,
             tap: disk.tap(),
+            relay: Arc::clone(&relay),
         };
         let name = key.combined_bin();
         self.large_fills.write().insert(name, Arc::new(fill));
         Some(Box::new(LargeMiss {
             storage: self,
             disk: Some(disk),
+            relay,
             name,
             id,
             tag: U64WriteId::from(id),
@@ -154,8 +222,9 @@ impl TieredStorage {
         meta: CacheMeta,
         mut inner: HitHandler,
         mark: u64,
+        body_len: u64,
     ) -> Option<(CacheMeta, HitHandler)> {
-        let mut body = BytesMut::new();
+        let mut body = BytesMut::with_capacity(usize::try_from(body_len).unwrap_or(0));
         loop {
             match inner.read_body().await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
@@ -211,16 +280,18 @@ impl Storage for TieredStorage {
         let Some((meta, inner)) = self.disk.lookup(key, trace).await? else {
             return Ok(None);
         };
-        let fits_memory = inner
+        let body_len = inner
             .as_any()
             .downcast_ref::<DiskHit>()
-            .is_some_and(|hit| hit.body_len() <= self.memory.max_object_bytes() as u64);
-        if !fits_memory {
+            .map(DiskHit::body_len)
+            .filter(|len| *len <= self.memory.max_object_bytes() as u64);
+        let promotion = body_len.and_then(|len| self.start_promotion(key.combined_bin(), len));
+        let (Some(body_len), Some(_promotion)) = (body_len, promotion) else {
             // Streamed from disk as the client reads it. The checksum is known only at the end,
             // so a damaged body is cut off there with an error, and the entry is deleted.
             return Ok(Some((meta, inner)));
-        }
-        Ok(self.verified_hit(key, meta, inner, mark).await)
+        };
+        Ok(self.verified_hit(key, meta, inner, mark, body_len).await)
     }
 
     async fn lookup_streaming_write(
@@ -353,8 +424,10 @@ impl HandleMiss for TeeMiss {
 /// A disk-only fill whose readers follow the temp file.
 struct LargeMiss {
     storage: &'static TieredStorage,
-    /// Taken by `finish`.
+    /// Taken by `finish`; `None` after a write error turned the disk copy off.
     disk: Option<DiskMiss>,
+    /// Takes the body for the filling request's reader once the disk copy is off.
+    relay: Arc<Relay>,
     name: HashBinary,
     id: u64,
     tag: U64WriteId,
@@ -363,23 +436,40 @@ struct LargeMiss {
 #[async_trait]
 impl HandleMiss for LargeMiss {
     async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
-        match self.disk.as_mut() {
-            Some(disk) => disk.write_body(data, eof).await,
-            None => Error::e_explain(
-                ErrorType::InternalError,
-                "disk cache: the fill already ended",
-            ),
+        if let Some(disk) = self.disk.as_mut() {
+            let Err(e) = disk.write_body(data.clone(), eof).await else {
+                return Ok(());
+            };
+            // The disk tier counted and logged the error, deleted the temp file and diverted
+            // the relay. Requests that look the key up now start a fill of their own.
+            tracing::debug!(error = %e, "disk cache write failed; the filling request goes on from memory");
+            self.disk = None;
+            self.storage.end_large_fill(&self.name, self.id);
         }
+        // Without a reader on the relay, the filling request sends the origin's body itself.
+        if !self.relay.claimed() || self.relay.push(data) {
+            return Ok(());
+        }
+        Error::e_explain(
+            ErrorType::InternalError,
+            format!(
+                "disk cache: the disk copy failed, and the client is more than \
+                 {RELAY_MAX_BYTES} bytes behind the origin"
+            ),
+        )
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        // A disk copy that failed stores nothing, but the fill itself succeeded: an error here
+        // would make Pingora drop the filling request's reader before it read the end.
         let finished = match self.disk.take() {
-            Some(disk) => Box::new(disk).finish().await,
-            None => Error::e_explain(
-                ErrorType::InternalError,
-                "disk cache: the fill already ended",
-            ),
+            Some(disk) => Box::new(disk).finish().await.or_else(|e| {
+                tracing::debug!(error = %e, "disk cache publish failed; nothing stored");
+                Ok(MissFinishType::Created(0))
+            }),
+            None => Ok(MissFinishType::Created(0)),
         };
+        self.relay.end(true);
         self.storage.end_large_fill(&self.name, self.id);
         finished
     }
@@ -391,6 +481,8 @@ impl HandleMiss for LargeMiss {
 
 impl Drop for LargeMiss {
     fn drop(&mut self) {
+        // Ends a relay that `finish` did not end: the fill failed.
+        self.relay.end(false);
         self.storage.end_large_fill(&self.name, self.id);
     }
 }
@@ -404,6 +496,34 @@ mod tests {
 
     use super::*;
     use crate::cache::{cache_key, PurgeScope};
+
+    #[test]
+    fn promotion_once_per_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = DiskStorage::open(dir.path(), 1 << 30, 1 << 20).expect("disk tier");
+        let disk: &'static DiskStorage = Box::leak(Box::new(disk));
+        // A budget of 4 MiB: a quarter is 1 MiB, the largest object 512 KiB.
+        let memory: &'static MemoryStorage =
+            Box::leak(Box::new(MemoryStorage::new(4 << 20, 512 << 10, 1 << 20)));
+        let log: &'static PurgeLog = Box::leak(Box::default());
+        let tiered: &'static TieredStorage =
+            Box::leak(Box::new(TieredStorage::new(memory, disk, log)));
+        assert_eq!(tiered.promotion_limit(), 1 << 20);
+
+        let first = tiered.start_promotion([1; 16], 512 << 10);
+        assert!(first.is_some());
+        assert!(tiered.start_promotion([1; 16], 1).is_none(), "same key");
+        let second = tiered.start_promotion([2; 16], 512 << 10);
+        assert!(second.is_some(), "within the limit");
+        assert!(
+            tiered.start_promotion([3; 16], 1).is_none(),
+            "over the limit"
+        );
+        drop(first);
+        drop(second);
+        let alone = tiered.start_promotion([3; 16], 4 << 20);
+        assert!(alone.is_some(), "one copy always runs");
+    }
 
     /// Replays a purge's steps (record, memory, disk) with a disk hit between the memory and
     /// the disk step: the purge is still running, so the hit's copy must not stay in memory.

@@ -63,19 +63,62 @@ pub fn create_private_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Creates a new temp file like [`create_private_file`], first creating its directory again
-/// when it is missing: an operator may delete the cache directory to empty it while the
-/// gateway runs.
+/// Creates a new temp file like [`create_private_file`] in the temp directory, a direct
+/// subdirectory of the cache directory. When the temp directory is missing, because an
+/// operator deleted the cache directory or its contents to empty it while the gateway runs,
+/// it first creates both again with [`restore_root`].
 pub fn create_temp_file(path: &Path) -> io::Result<File> {
     match create_private_file(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let dir = path.parent().unwrap_or(Path::new("."));
-            create_private_dir(dir)?;
+            restore_root(dir.parent().unwrap_or(Path::new(".")))?;
+            create_one_dir(dir)?;
             tracing::warn!(dir = %dir.display(), "disk cache: created the missing temp directory again");
             create_private_file(path)
         }
         other => other,
     }
+}
+
+/// Creates `dir`, a directory below the cache directory `root`, and the directories between
+/// them. When `root` itself is missing, it first creates it again with [`restore_root`],
+/// instead of a bare directory that the next start would reject for its missing format file.
+pub fn create_dir_below(root: &Path, dir: &Path) -> io::Result<()> {
+    let relative = dir.strip_prefix(root).map_err(|_| {
+        io::Error::other(format!("{} is not below {}", dir.display(), root.display()))
+    })?;
+    match create_each(root, relative) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            restore_root(root)?;
+            create_each(root, relative)
+        }
+        other => other,
+    }
+}
+
+/// Creates each component of `relative` below `root` in turn, without creating `root`.
+fn create_each(root: &Path, relative: &Path) -> io::Result<()> {
+    let mut path = root.to_path_buf();
+    for part in relative.components() {
+        path.push(part);
+        create_one_dir(&path)?;
+    }
+    Ok(())
+}
+
+/// Creates one directory readable by the owner only; an existing one is fine.
+fn create_one_dir(path: &Path) -> io::Result<()> {
+    match DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// Creates the cache directory `root` again (its parent must exist) and writes its format
+/// file, so that a restart accepts the directory that the running tier filled again.
+pub fn restore_root(root: &Path) -> io::Result<()> {
+    create_one_dir(root)?;
+    super::scan::restore_format(root)
 }
 
 /// Returns a temp file name that no other writer (in this or another process) uses.
@@ -208,6 +251,42 @@ mod tests {
         let file = create_temp_file(&tmp.join("a.tmp"));
         assert!(file.is_ok(), "{file:?}");
         assert!(tmp.is_dir());
+        let format = std::fs::read_to_string(dir.path().join("cache").join("FORMAT"));
+        assert!(format.is_ok(), "no format file: {format:?}");
+    }
+
+    #[test]
+    fn emptied_root_gets_format_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("cache");
+        let shard = entry_path(&root, &[0xab; 16]);
+        let shard = shard.parent().expect("shard");
+        create_private_dir(&root).expect("root");
+        // The contents were deleted, but a fill recreated a shard before the temp directory.
+        create_dir_below(&root, shard).expect("shard");
+        assert!(!root.join("FORMAT").exists(), "the root itself was there");
+        create_temp_file(&root.join("tmp").join("a.tmp")).expect("temp file");
+        assert!(root.join("FORMAT").is_file());
+    }
+
+    #[test]
+    fn shard_of_deleted_root_restores_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("cache");
+        let shard = entry_path(&root, &[0xcd; 16]);
+        create_dir_below(&root, shard.parent().expect("shard")).expect("shard");
+        assert!(root.join("FORMAT").is_file());
+    }
+
+    #[test]
+    fn foreign_root_gets_no_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("cache");
+        create_private_dir(&root).expect("root");
+        std::fs::write(root.join("notes.txt"), b"someone else's").expect("write");
+        let file = create_temp_file(&root.join("tmp").join("a.tmp"));
+        assert!(file.is_err(), "a temp file in a foreign directory");
+        assert!(!root.join("FORMAT").exists());
     }
 
     #[test]

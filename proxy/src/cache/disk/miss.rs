@@ -1,7 +1,7 @@
 //! Streams a fill to a temp file and publishes it with an atomic rename when it finishes.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,11 +17,9 @@ use tokio::sync::watch;
 use super::files::{self, blocking_io, io_error};
 use super::format::{unix_secs, Header};
 use super::index::Slot;
-use super::tail::{FileTap, TailProgress};
+use super::room::{out_of_space, Need};
+use super::tail::{FileTap, Relay, TailProgress};
 use super::DiskStorage;
-
-/// Bytes buffered before a write reaches the temp file.
-const WRITE_BUFFER: usize = 256 * 1024;
 
 /// A fill in progress. Dropping it before `finish` deletes the temp file.
 pub struct DiskMiss {
@@ -30,17 +28,20 @@ pub struct DiskMiss {
     tmp: PathBuf,
     header: Option<Header>,
     writer: Option<Writer>,
-    /// Body bytes accepted so far.
+    /// Body bytes accepted so far, all of them written to the temp file.
     written: u64,
+    /// The body length the response header announces, when it has one.
+    expected: Option<u64>,
     state: State,
-    /// Readers following this fill through the temp file; set by [`DiskMiss::tap`], after
-    /// which every write is flushed to the file before it is announced.
+    /// Readers following this fill through the temp file; set by [`DiskMiss::tap`].
     tap: Option<watch::Sender<TailProgress>>,
+    /// Set by [`DiskMiss::relay_on_failure`]: diverted when the fill fails.
+    relay: Option<Arc<Relay>>,
 }
 
 /// The temp file and the running body checksum, moved to blocking threads for each write.
 struct Writer {
-    out: BufWriter<File>,
+    file: File,
     crc: crc32fast::Hasher,
 }
 
@@ -55,35 +56,43 @@ enum State {
 
 impl DiskMiss {
     /// Creates the temp file and writes the header placeholder (the body fields are zero).
+    /// `expected` is the body length the response announces, if any, which sets how much room
+    /// to make when the filesystem is full.
     pub async fn start(
         storage: &'static DiskStorage,
         name: HashBinary,
         header: Header,
+        expected: Option<u64>,
     ) -> Result<Self> {
         let tmp = storage.new_temp_path();
         let path = tmp.clone();
-        let head = header.encode();
-        let pad = header.body_offset as usize - head.len();
+        let mut head = header.encode();
+        head.resize(header.body_offset as usize, 0);
+        let need = Need {
+            file_bytes: header.body_offset + expected.unwrap_or(0),
+            remaining: header.body_offset + expected.unwrap_or(0),
+        };
         let created = blocking_io(move || {
-            let mut out = BufWriter::with_capacity(WRITE_BUFFER, files::create_temp_file(&path)?);
-            out.write_all(&head)?;
-            out.write_all(&vec![0; pad])?;
-            Ok(out)
+            let file = create_making_room(storage, &path, need)?;
+            storage.write_making_room(&file, &head, 0, need)?;
+            Ok(file)
         })
         .await;
         match created {
-            Ok(out) => Ok(Self {
+            Ok(file) => Ok(Self {
                 storage,
                 name,
                 tmp,
                 header: Some(header),
                 writer: Some(Writer {
-                    out,
+                    file,
                     crc: crc32fast::Hasher::new(),
                 }),
                 written: 0,
+                expected,
                 state: State::Open,
                 tap: None,
+                relay: None,
             }),
             Err(e) => {
                 files::remove_quietly(&tmp);
@@ -106,19 +115,28 @@ impl DiskMiss {
         }
     }
 
+    /// Diverts `relay` when a write fails, before the readers learn of the failure, so that
+    /// the reader holding the relay goes on with it. The caller pushes the rest of the body
+    /// to the relay.
+    pub fn relay_on_failure(&mut self, relay: Arc<Relay>) {
+        self.relay = Some(relay);
+    }
+
     fn announce(&self, progress: TailProgress) {
         if let Some(tap) = &self.tap {
             tap.send_replace(progress);
         }
     }
 
-    /// Ends the fill as failed: deletes the temp file and counts the error.
-    fn fail(&mut self, reason: &str) {
-        self.announce(TailProgress::Aborted);
-        if let Some(writer) = self.writer.take() {
-            // Drop the buffered bytes without writing them to a file about to be deleted.
-            drop(writer.out.into_parts());
+    /// Ends the fill as failed: deletes the temp file and counts the error. The readers learn
+    /// of it as `progress`: an abort, or the end of a body that is complete although it was
+    /// not stored.
+    fn fail(&mut self, reason: &str, progress: TailProgress) {
+        if let Some(relay) = &self.relay {
+            relay.divert(self.written);
         }
+        self.announce(progress);
+        self.writer = None;
         files::remove_quietly(&self.tmp);
         self.state = State::Failed;
         self.storage.note_write_error(reason);
@@ -129,6 +147,36 @@ impl DiskMiss {
             ErrorType::InternalError,
             format!("disk cache: fill of {} already ended", self.tmp.display()),
         )
+    }
+
+    /// Returns the room that a write of `chunk` more body bytes needs.
+    fn need(&self, chunk: usize) -> Need {
+        let offset = self.header.as_ref().map_or(0, |h| h.body_offset);
+        let after = self.written + chunk as u64;
+        let body = self.expected.unwrap_or(0).max(after);
+        Need {
+            file_bytes: offset + body,
+            remaining: body - self.written,
+        }
+    }
+}
+
+/// Creates the temp file at `path`, making room when the filesystem is full.
+fn create_making_room(
+    storage: &DiskStorage,
+    path: &std::path::Path,
+    need: Need,
+) -> io::Result<File> {
+    match files::create_temp_file(path) {
+        Err(e) if out_of_space(&e) => {
+            // Evicting needs an open file on the filesystem to measure it: the directory.
+            let dir = File::open(path.parent().unwrap_or(path))?;
+            if storage.make_room(&dir, need.file_bytes, need.remaining) == 0 {
+                return Err(e);
+            }
+            files::create_temp_file(path)
+        }
+        other => other,
     }
 }
 
@@ -144,7 +192,7 @@ impl HandleMiss for DiskMiss {
                 "body exceeds the disk cache object limit of {} bytes",
                 self.storage.max_object
             );
-            self.fail(&reason);
+            self.fail(&reason, TailProgress::Aborted);
             return Error::e_explain(ErrorType::InternalError, format!("disk cache: {reason}"));
         }
         if data.is_empty() {
@@ -153,13 +201,12 @@ impl HandleMiss for DiskMiss {
         let Some(mut writer) = self.writer.take() else {
             return Err(self.closed_error());
         };
-        let flush = self.tap.is_some();
+        let storage = self.storage;
+        let offset = self.header.as_ref().map_or(0, |h| h.body_offset) + self.written;
+        let need = self.need(data.len());
         let written = blocking_io(move || {
-            writer.out.write_all(&data)?;
+            storage.write_making_room(&writer.file, &data, offset, need)?;
             writer.crc.update(&data);
-            if flush {
-                writer.out.flush()?;
-            }
             Ok(writer)
         })
         .await;
@@ -171,7 +218,8 @@ impl HandleMiss for DiskMiss {
                 Ok(())
             }
             Err(e) => {
-                self.fail(&format!("cannot write {}: {e}", self.tmp.display()));
+                let reason = format!("cannot write {}: {e}", self.tmp.display());
+                self.fail(&reason, TailProgress::Aborted);
                 Err(io_error(ErrorType::FileWriteError, "write", &self.tmp, e))
             }
         }
@@ -196,7 +244,10 @@ impl HandleMiss for DiskMiss {
                 ))
             }
             Err(e) => {
-                self.fail(&format!("cannot publish {}: {e}", self.tmp.display()));
+                // Every body byte is in the temp file, which the readers have open: they get
+                // the whole body although it is not stored.
+                let reason = format!("cannot publish {}: {e}", self.tmp.display());
+                self.fail(&reason, TailProgress::Done(written));
                 Err(io_error(ErrorType::FileWriteError, "publish", &self.tmp, e))
             }
         }
@@ -207,9 +258,6 @@ impl Drop for DiskMiss {
     fn drop(&mut self) {
         if self.state == State::Open {
             self.announce(TailProgress::Aborted);
-            if let Some(writer) = self.writer.take() {
-                drop(writer.out.into_parts());
-            }
             files::remove_quietly(&self.tmp);
         }
     }
@@ -236,10 +284,7 @@ fn commit(
         )));
     }
 
-    let file = writer
-        .out
-        .into_inner()
-        .map_err(io::IntoInnerError::into_error)?;
+    let file = writer.file;
     file.write_all_at(&header.encode(), 0)?;
     file.sync_data()?;
     let md = file.metadata()?;
@@ -252,9 +297,19 @@ fn commit(
 
     let dst = storage.entry_path(&name);
     if let Some(shard) = dst.parent() {
-        files::create_private_dir(shard)?;
+        files::create_dir_below(&storage.root, shard)?;
     }
-    std::fs::rename(&tmp, &dst)?;
+    if let Err(e) = std::fs::rename(&tmp, &dst) {
+        if e.kind() == io::ErrorKind::NotFound {
+            // The cache directory was deleted under the fill, after the shard was created:
+            // mark what is left as a cache, so that the next start accepts it.
+            if let Err(e) = files::restore_root(&storage.root) {
+                let dir = storage.root.display();
+                tracing::warn!(%dir, error = %e, "disk cache: cannot restore the format file");
+            }
+        }
+        return Err(e);
+    }
     let now = unix_secs(SystemTime::now());
     let slot = Slot::new(
         size,

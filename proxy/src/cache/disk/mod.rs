@@ -31,8 +31,12 @@
 //! touched at most once a minute when it is read. Sizes are apparent file sizes (header and
 //! body); `MissFinishType::Created` and `get_eviction_weight` report the same value. Give
 //! Pingora no eviction manager for this tier, or one whose limit is not smaller than this
-//! budget (its purges are honoured). Expired entries are not deleted by eviction alone: call
-//! [`DiskStorage::sweep_expired`] periodically.
+//! budget (its purges are honoured). Eviction removes expired entries only in their LRU turn.
+//! [`DiskStorage::sweep_expired`] removes those past their stale windows, but the gateway does
+//! not call it: such an entry takes budget until it is evicted or a request replaces it.
+//!
+//! The budget may be larger than the filesystem holds. A write that finds the filesystem full
+//! evicts least recently used entries and writes again (`room.rs`).
 //!
 //! Two processes sharing the directory each keep their own index: while both run, the
 //! directory can hold up to twice the budget. Entries written by the other process are
@@ -44,6 +48,7 @@ mod hit;
 mod index;
 mod miss;
 mod ops;
+mod room;
 mod scan;
 mod tail;
 
@@ -59,7 +64,7 @@ use self::format::{from_unix_secs, unix_secs};
 pub use self::hit::DiskHit;
 use self::index::{Index, Slot};
 pub use self::miss::DiskMiss;
-pub use self::tail::{FileTap, TailHit, TailProgress};
+pub use self::tail::{FileTap, Relay, TailHit, TailProgress, RELAY_MAX_BYTES};
 use super::TierSnapshot;
 
 /// Number of lock stripes that order in-place header rewrites against header reads.
@@ -186,6 +191,8 @@ pub struct DiskStorage {
     stripes: Vec<RwLock<()>>,
     counters: Counters,
     write_log: LogLimiter,
+    /// Limits the log lines of evictions that make room on a full filesystem.
+    room_log: LogLimiter,
     scan: ScanReport,
     next_write: AtomicU64,
 }
@@ -226,6 +233,7 @@ impl DiskStorage {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             counters: Counters::default(),
             write_log: LogLimiter::new(WRITE_ERROR_LOG_PERIOD),
+            room_log: LogLimiter::new(WRITE_ERROR_LOG_PERIOD),
             scan: ScanReport::default(),
             next_write: AtomicU64::new(0),
         };
@@ -338,7 +346,8 @@ impl DiskStorage {
     /// Deletes entries whose stale windows ended more than `keep_stale_for` before `now`.
     ///
     /// Eviction only removes entries when space is needed; this removes entries that can no
-    /// longer be served or revalidated usefully. Blocks on file deletions.
+    /// longer be served without a revalidation. Blocks on file deletions. NOTE: nothing in
+    /// the gateway calls it yet.
     pub fn sweep_expired(&self, now: SystemTime, keep_stale_for: Duration) -> PurgeReport {
         let limit = unix_secs(now).saturating_sub(keep_stale_for.as_secs());
         let names = self.index.lock().select(|slot| slot.stale_until < limit);

@@ -368,6 +368,10 @@ impl DiskStorage {
             self.note_write_error(&reason);
             Error::explain(ErrorType::InternalError, format!("disk cache: {reason}"))
         })?;
-        DiskMiss::start(self, key.combined_bin(), header).await
+        let expected = meta
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse().ok());
+        DiskMiss::start(self, key.combined_bin(), header, expected).await
     }
 }

@@ -130,9 +130,46 @@ fn write_format(root: &Path, path: &Path) -> Result<(), DiskError> {
     if foreign {
         return Err(DiskError::NotACache(root.to_path_buf()));
     }
-    let tmp = root.join(format!("{FORMAT_FILE}.{}.tmp", std::process::id()));
-    fs::write(&tmp, format!("{FORMAT_LINE}\n")).map_err(|e| DiskError::io("write", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| DiskError::io("rename into place", path, e))
+    publish_format(root, path).map_err(|e| DiskError::io("write", path, e))
+}
+
+/// Writes the format file of a cache directory that the running tier creates again, after it
+/// was deleted under it. Does nothing when the file is there.
+///
+/// The directory may already hold the temp and shard directories that concurrent fills
+/// created again, but nothing else: a directory with other files is left without a format
+/// file, so that the next start rejects it.
+pub fn restore_format(root: &Path) -> io::Result<()> {
+    let path = root.join(FORMAT_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    for item in fs::read_dir(root)? {
+        let name = item?.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(FORMAT_FILE) || name == "tmp" || is_shard_name(&name)) {
+            return Err(io::Error::other(format!(
+                "{} contains {name:?}, which the cache never writes; not marking it as a cache",
+                root.display()
+            )));
+        }
+    }
+    publish_format(root, &path)?;
+    tracing::warn!(dir = %root.display(), "disk cache: created the deleted cache directory again");
+    Ok(())
+}
+
+/// Writes the format file to a temp file and renames it to `path`, so that a reader never
+/// finds a partial one.
+fn publish_format(root: &Path, path: &Path) -> io::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = root.join(format!("{FORMAT_FILE}.{}-{seq}.tmp", std::process::id()));
+    let written = fs::write(&tmp, format!("{FORMAT_LINE}\n")).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        files::remove_quietly(&tmp);
+    }
+    written
 }
 
 fn scan_shards(shards: &[&PathBuf], logged: &AtomicU64) -> Result<Scan, DiskError> {
