@@ -5,6 +5,7 @@
 //! port, without persistence, and kills it by PID at the end. Without `redis-server` on the
 //! PATH the tests fail, as CI installs it.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, Method};
-use mirror_plugins::quota::{QuotaPlugin, Registry};
+use mirror_plugins::quota::{Class, QuotaPlugin, Registry};
 use mirror_plugins::{BuildContext, RequestInfo, RequestState, Verdict};
 
 const INDEX: &str = "/concelier/exports/index.json";
@@ -23,17 +24,31 @@ struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Whether the server keeps its data across restarts.
+    persistent: bool,
 }
 
 impl RedisServer {
-    /// Starts a server on a free port and waits until it responds to PING.
+    /// Starts a server on a free port that loses its data when stopped, and waits until it
+    /// responds to PING.
     fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that writes every command to its append-only file before it replies,
+    /// so that a restart after a kill keeps every count it reported.
+    fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = Self {
             child: None,
             port,
             dir,
+            persistent,
         };
         server.restart();
         server
@@ -41,9 +56,15 @@ impl RedisServer {
 
     /// Starts the server (again) on the same port and waits until it responds to PING.
     fn restart(&mut self) {
+        let append_only: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", "", "--daemonize", "no"])
+            .args(append_only)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -69,6 +90,13 @@ impl RedisServer {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Connects a plain client for reading and setting keys.
+    fn admin(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|client| client.get_connection())
+            .expect("connect to redis-server")
     }
 }
 
@@ -439,8 +467,9 @@ struct Delays {
     refund: Duration,
 }
 
-/// Starts a loopback proxy in front of `upstream` that holds back script calls by `delays`;
-/// returns its port. Replies pass at once.
+/// Starts a loopback proxy in front of `upstream` that holds back each chunk with a script call
+/// by `delays`, counted from the chunk's arrival, as network latency would. A chunk never
+/// overtakes an earlier one, and replies pass at once. Returns the proxy's port.
 async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Delays>>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -455,22 +484,40 @@ async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Dela
                 else {
                     return;
                 };
+                // Redis sets `TCP_NODELAY` on its sockets too. Without it, a reply written
+                // while the previous one is not yet acknowledged waits for the client's
+                // delayed acknowledgement, up to 40 ms on Linux.
+                if client.set_nodelay(true).is_err() || server.set_nodelay(true).is_err() {
+                    return;
+                }
                 let (mut from_client, mut to_client) = client.into_split();
                 let (mut from_server, mut to_server) = server.into_split();
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
                 });
+                let (held, mut to_release) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Some((release_at, chunk)) = to_release.recv().await {
+                        tokio::time::sleep_until(release_at).await;
+                        let chunk: Vec<u8> = chunk;
+                        if to_server.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n @ 1..) = from_client.read(&mut buf).await {
                     let chunk = &buf[..n];
                     let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+                    let mut delay = Duration::ZERO;
                     if has(b"EVALSHA") {
                         let d = *delays.lock();
                         let check =
                             has(b"\r\ncount\r\n") || has(b"\r\npeek\r\n") || has(b"\r\nadd\r\n");
-                        tokio::time::sleep(if check { d.check } else { d.refund }).await;
+                        delay = if check { d.check } else { d.refund };
                     }
-                    if to_server.write_all(chunk).await.is_err() {
+                    let release_at = tokio::time::Instant::now() + delay;
+                    if held.send((release_at, chunk.to_vec())).is_err() {
                         return;
                     }
                 }
@@ -528,4 +575,288 @@ async fn slow_take_back_holds_up_no_check() {
         "bob waited {waited:?}, longer than timeout_ms"
     );
     assert_eq!(plugin.redis_available(), Some(true));
+}
+
+/// Builds a replica whose Redis is at `url`, with `timeout_ms` and `mode`.
+fn replica_at(url: &str, budget: u64, timeout_ms: u64, mode: &str) -> Arc<QuotaPlugin> {
+    let text = format!(
+        "index_per_hour = {budget}\ndownload_per_hour = {budget}\n\
+         [redis]\nurl = \"{url}\"\nkey_prefix = \"test\"\ntimeout_ms = {timeout_ms}\n\
+         failure_mode = \"{mode}\""
+    );
+    let settings = toml::Value::Table(text.parse().expect("valid TOML"));
+    let ctx = BuildContext {
+        domain: "primary",
+        config_dir: Path::new("/"),
+    };
+    match QuotaPlugin::with_registry(settings, &ctx, &Registry::new()) {
+        Ok(plugin) => Arc::new(plugin),
+        Err(errors) => panic!("settings rejected: {errors:?}"),
+    }
+}
+
+/// Returns the index keys in Redis.
+fn index_keys(admin: &mut redis::Connection) -> HashSet<String> {
+    redis::cmd("KEYS")
+        .arg("test:primary:index:*")
+        .query(admin)
+        .expect("KEYS")
+}
+
+/// Sends one request as `user`, which must be new, and returns the Redis key of its count:
+/// the one principal key that the request added.
+async fn key_of(plugin: &QuotaPlugin, admin: &mut redis::Connection, user: &str) -> String {
+    let before = index_keys(admin);
+    assert_eq!(send(plugin, user, SystemTime::now()).await.0, 200);
+    let added: Vec<String> = index_keys(admin)
+        .difference(&before)
+        .filter(|key| !key.contains(":all:"))
+        .cloned()
+        .collect();
+    match added.as_slice() {
+        [key] => key.clone(),
+        other => panic!("expected one new key for {user}, found {other:?}"),
+    }
+}
+
+/// Returns Redis's count of `user`, read through `reader`, a replica that only peeks
+/// (`count_cache_hits = false`) with a budget of [`READER_BUDGET`]. `None` while `reader`
+/// cannot reach Redis.
+async fn redis_count(reader: &QuotaPlugin, user: &str) -> Option<u64> {
+    let (_, state) = check(reader, user, SystemTime::now()).await;
+    let remaining = state.rate_limit.map(|budget| budget.remaining);
+    match reader.redis_available() {
+        Some(true) => remaining.map(|left| READER_BUDGET - left),
+        _ => None,
+    }
+}
+
+/// The budget of the replicas that [`redis_count`] reads through; above every count read.
+const READER_BUDGET: u64 = 1000;
+
+/// Polls Redis's count of `user` through `reader` until it is `expected`, for up to 5 s;
+/// returns the last count read.
+async fn wait_for_count(reader: &QuotaPlugin, user: &str, expected: u64) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let count = redis_count(reader, user).await;
+        if count == Some(expected) || Instant::now() > deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A principal key whose value is not an integer turns that principal's requests away
+/// (`fail_closed`), alone: other principals keep counting in Redis, Redis stays available,
+/// and the key is left as it was. The same holds for a count that an increment would
+/// overflow, a negative count and a key of another type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unusable_key_fails_only_its_principal() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let plugin = replica(&server, 100, "fail_closed");
+    let other = replica(&server, 100, "fail_closed");
+    let now = SystemTime::now();
+
+    let alice = key_of(&plugin, &mut admin, "alice").await;
+    redis::cmd("SET")
+        .arg(&alice)
+        .arg("abc")
+        .query::<()>(&mut admin)
+        .expect("SET");
+    let (status, body) = send(&plugin, "alice", now).await;
+    assert_eq!(status, 429);
+    assert!(body.contains("budget_store_unavailable"), "{body}");
+    assert_eq!(plugin.redis_available(), Some(true));
+    assert_eq!(statuses(&plugin, "bob", 3, now).await, [200; 3]);
+    assert_eq!(plugin.redis_available(), Some(true));
+    // Bob's requests are in Redis: the other replica counts on from them.
+    let (_, state) = check(&other, "bob", now).await;
+    assert_eq!(state.rate_limit.map(|b| b.remaining), Some(96));
+
+    // Checks of both principals in the same calls.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let plugin = Arc::clone(&plugin);
+            let user = if i % 2 == 0 { "alice" } else { "bob" };
+            tokio::spawn(async move { (user, send(&plugin, user, now).await.0) })
+        })
+        .collect();
+    for task in tasks {
+        let (user, status) = task.await.expect("task runs");
+        let expected = if user == "alice" { 429 } else { 200 };
+        assert_eq!(status, expected, "{user}");
+    }
+    assert_eq!(plugin.redis_available(), Some(true));
+    let value: String = redis::cmd("GET")
+        .arg(&alice)
+        .query(&mut admin)
+        .expect("GET");
+    assert_eq!(value, "abc");
+
+    // Other values that the script cannot count with. Each is left as it was.
+    let cases: [(&str, &str, &str); 3] = [
+        ("carol", "SET", "9223372036854775807"),
+        ("dave", "SET", "-3"),
+        ("erin", "RPUSH", "1"),
+    ];
+    for (user, command, value) in cases {
+        let key = key_of(&plugin, &mut admin, user).await;
+        redis::cmd("DEL")
+            .arg(&key)
+            .query::<()>(&mut admin)
+            .expect("DEL");
+        redis::cmd(command)
+            .arg(&key)
+            .arg(value)
+            .query::<()>(&mut admin)
+            .expect("set the key");
+        assert_eq!(send(&plugin, user, now).await.0, 429, "{user}");
+        assert_eq!(plugin.redis_available(), Some(true), "{user}");
+        assert_eq!(send(&plugin, "bob", now).await.0, 200, "bob after {user}");
+        if command == "SET" {
+            let stored: String = redis::cmd("GET").arg(&key).query(&mut admin).expect("GET");
+            assert_eq!(stored, value, "{user}'s key changed");
+        } else {
+            let stored: Vec<String> = redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(&mut admin)
+                .expect("LRANGE");
+            assert_eq!(stored, [value], "{user}'s key changed");
+        }
+    }
+}
+
+/// With `fail_open`, the requests of a principal whose key is not an integer are counted in
+/// this process, while other principals count in Redis. Once the key is deleted, the local
+/// counts are added to Redis, so the other replicas see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unusable_key_fail_open_counts_locally() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let plugin = replica(&server, 3, "fail_open");
+    let reader = replica_with(
+        &server,
+        READER_BUDGET,
+        "fail_open",
+        "count_cache_hits = false",
+    );
+    let now = SystemTime::now();
+
+    let alice = key_of(&plugin, &mut admin, "alice").await;
+    redis::cmd("SET")
+        .arg(&alice)
+        .arg("abc")
+        .query::<()>(&mut admin)
+        .expect("SET");
+    assert_eq!(statuses(&plugin, "alice", 3, now).await, [200, 200, 429]);
+    assert_eq!(plugin.local_count(Class::Index, "user:alice", now), 3);
+    assert_eq!(statuses(&plugin, "bob", 2, now).await, [200, 200]);
+    assert_eq!(plugin.redis_available(), Some(true));
+    assert_eq!(redis_count(&reader, "bob").await, Some(2));
+
+    redis::cmd("DEL")
+        .arg(&alice)
+        .query::<()>(&mut admin)
+        .expect("DEL");
+    // A reply to any check of the class starts adding the two local counts to Redis; a
+    // failed try is repeated a second later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut shared = None;
+    for i in 0.. {
+        send(&plugin, &format!("trigger{i}"), now).await;
+        shared = redis_count(&reader, "alice").await;
+        if shared == Some(2) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shared, Some(2));
+}
+
+/// Replies that take 70 % of `timeout_ms` keep every request in Redis, also with 30 clients
+/// on two replicas at once: a check that queues while a call is on the way goes out in a call
+/// of its own instead of waiting for that call's reply. The timeout is 200 ms, not the default
+/// 50 ms. The 60 ms left over then absorb scheduling delays on a busy test machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn slow_replies_within_timeout_keep_redis() {
+    let server = RedisServer::start();
+    let delays = Arc::new(parking_lot::Mutex::new(Delays::default()));
+    let port = start_delaying_proxy(server.port, Arc::clone(&delays)).await;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let replicas = [
+        replica_at(&url, 1_000_000, 200, "fail_closed"),
+        replica_at(&url, 1_000_000, 200, "fail_closed"),
+    ];
+    // The first call loads the script, which takes a second round trip.
+    for plugin in &replicas {
+        assert_eq!(send(plugin, "warmup", SystemTime::now()).await.0, 200);
+    }
+    *delays.lock() = Delays {
+        check: Duration::from_millis(140),
+        refund: Duration::ZERO,
+    };
+
+    let stop_at = Instant::now() + Duration::from_secs(4);
+    let clients: Vec<_> = (0..30)
+        .map(|i| {
+            let plugin = Arc::clone(&replicas[i % 2]);
+            tokio::spawn(async move {
+                let user = format!("client{i}");
+                let mut statuses = Vec::new();
+                while statuses.len() < 15 && Instant::now() < stop_at {
+                    statuses.push(send(&plugin, &user, SystemTime::now()).await.0);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    let mut rejected = 0;
+    for client in clients {
+        let statuses = client.await.expect("client runs");
+        sent += statuses.len();
+        rejected += statuses.iter().filter(|&&status| status != 200).count();
+    }
+    assert!(sent >= 30, "only {sent} requests sent");
+    assert_eq!(rejected, 0, "{rejected} of {sent} requests fell back");
+    for plugin in &replicas {
+        assert_eq!(plugin.redis_available(), Some(true));
+    }
+}
+
+/// A Redis that stops and comes back several times within an hour lets one replica pass at
+/// most one budget for a principal in total (`fail_open`). Requests counted locally during
+/// each outage reach Redis once it is back, so another replica counts on from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flapping_redis_keeps_one_budget() {
+    let budget = 12;
+    let mut server = RedisServer::start_persistent();
+    let a = replica(&server, budget, "fail_open");
+    let b = replica(&server, budget, "fail_open");
+    let reader = replica_with(
+        &server,
+        READER_BUDGET,
+        "fail_open",
+        "count_cache_hits = false",
+    );
+    let now = SystemTime::now();
+    let passed = |statuses: Vec<u16>| statuses.iter().filter(|&&s| s == 200).count() as u64;
+
+    let mut total = 0;
+    for round in 0..4 {
+        total += passed(statuses(&a, "alice", 2, now).await);
+        server.stop();
+        total += passed(statuses(&a, "alice", 4, now).await);
+        assert_eq!(a.redis_available(), Some(false), "round {round}");
+        server.restart();
+        wait_until_shared(std::slice::from_ref(&a)).await;
+        let shared = wait_for_count(&reader, "alice", total).await;
+        assert_eq!(shared, Some(total), "round {round}: Redis's count of alice");
+    }
+    assert_eq!(total, budget);
+    assert_eq!(statuses(&b, "alice", 1, now).await, [429]);
 }

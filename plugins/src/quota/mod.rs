@@ -219,14 +219,18 @@ impl QuotaPlugin {
     }
 
     /// Returns the check that the request filter makes for `req` at `now`; `None` when the
-    /// request's path is in no class. The check counts at once, or with
-    /// `count_cache_hits = false` only peeks and counts when the request goes to the origin.
+    /// request's path is in no class or the request is the gateway's own background refresh of
+    /// a cache entry. The check counts at once, or with `count_cache_hits = false` only peeks
+    /// and counts when the request goes to the origin.
     fn check_of(
         &self,
         req: &RequestInfo<'_>,
         state: &RequestState,
         now: SystemTime,
     ) -> Option<Check<'_>> {
+        if state.background_refresh {
+            return None;
+        }
         let rule = self.rule_for(req.path)?;
         Some(Check {
             rule,
@@ -331,12 +335,19 @@ impl QuotaPlugin {
             .await
         {
             Ok(decision) => {
-                rule.counts
-                    .observe(principal.as_bytes(), window.hour, decision.counts());
+                let name = principal.as_bytes();
+                redis.observe(rule.class, &rule.counts, name, window, decision.counts());
                 Ok(decision)
             }
             Err(unavailable) => match redis.failure_mode() {
-                FailureMode::FailOpen => Ok(local()),
+                // Counts made here are added to Redis once it replies again.
+                FailureMode::FailOpen => Ok(redis_store::decide_unshared(
+                    op,
+                    &rule.counts,
+                    principal.as_bytes(),
+                    rule.limits,
+                    window.hour,
+                )),
                 FailureMode::FailClosed => Err(unavailable),
             },
         }

@@ -2,24 +2,39 @@
 //! and counted by one Lua script, so every replica works on the same counts.
 //!
 //! Requests do not call Redis one by one. Each puts its check in a queue, and one task per store
-//! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks). Redis runs the call
-//! atomically. Checks with the same keys, limits and operation form one group, which the script
-//! counts in one step. Each request of a group gets the decision it would get if the checks
-//! were made one after the other. Under load a round trip carries many requests, and a lone
-//! request waits for one round trip.
+//! sends whatever is queued as one script call (up to [`MAX_BATCH`] checks). Checks that queue
+//! while a call is on the way wait for its reply and then go out together, but for at most
+//! 1/[`QUEUE_WAIT_DIVISOR`] of the timeout. Then they go out in a call of their own, with up to
+//! [`MAX_CALLS_IN_FLIGHT`] calls on the way at once, pipelined on one connection. So a check
+//! whose round trip takes up to 7/8 of the timeout gets its reply in time, also under load.
+//! Redis runs each call atomically, so the counts stay exact in whatever order the calls run.
+//! Checks with the same keys, limits and operation form one group, which the script counts in
+//! one step. Each request of a group gets the decision it would get if the checks were made one
+//! after the other. Under load a round trip carries many requests, and a lone request waits for
+//! one round trip.
 //!
 //! Each check carries its deadline (the configured timeout after the request queued it), and
-//! the sending task replies to every check by then. A check whose deadline passed in the queue,
-//! or whose request went away, is dropped instead of counted. A call that Redis has not replied
-//! to by the earliest deadline of its batch fails every check in it. Requests thus need no
-//! timer of their own. A check already on the way is counted by Redis; when the reply comes within
-//! [`LATE_REPLY_WAIT`] after the deadline, the count is taken back. A Redis that stalls for
-//! longer than that and then runs the check leaves it counted.
+//! the task that runs its call replies to every check by then. A check whose deadline passed in
+//! the queue, or whose request went away, is dropped instead of counted. A call that Redis has
+//! not replied to by the earliest deadline of its batch fails every check in it. Requests thus
+//! need no timer of their own. A check already on the way is counted by Redis; when the reply
+//! comes within [`LATE_REPLY_WAIT`] after the deadline, the count is taken back. A Redis that
+//! stalls for longer than that and then runs the check leaves it counted.
+//!
+//! A key is unusable when its value is not a count the script can use: a decimal integer from
+//! 0 to 2^53 - 1, stored as a string. An unusable key fails only the checks on that key. They
+//! fall back as while Redis is unavailable, but the store stays available and its backoff is
+//! untouched. A warning names the key, at most once per [`UNUSABLE_KEY_WARN_EVERY`].
 //!
 //! While Redis does not respond, [`RedisStore::run`] returns [`Unavailable`] at once, without
 //! waiting, and the caller falls back (see the plugin's failure mode). One request probes Redis
 //! again after a backoff that starts at 250 ms and doubles up to 5 s. The switch to the fallback
 //! and the recovery are each logged once.
+//!
+//! Requests that the fallback counts locally ([`decide_unshared`]) stay marked as unshared in
+//! [`ClassCounts`]. Local counts are Redis's counts plus those, so a Redis that comes and goes
+//! does not hand out a fresh local budget on each outage. Once Redis replies again, a
+//! background task adds the unshared counts to Redis, so the other replicas see them too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,13 +44,14 @@ use std::time::{Duration, Instant};
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
+use redis::io::tcp::TcpSettings;
 use redis::{AsyncConnectionConfig, RedisResult, Script};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use super::config::{FailureMode, RedisConfig};
-use super::store::{over_budget, Class, ClassCounts, Counts, Decision, Limits, Scope};
+use super::store::{over_budget, Class, ClassCounts, Counts, Decision, Limits, Scope, SharingTurn};
 use super::window::Window;
 use super::PrincipalName;
 
@@ -45,69 +61,140 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Seconds a key outlives its hour, for replicas whose clocks run a little behind.
 const EXPIRY_MARGIN_SECS: u64 = 120;
-/// How much longer than a request the sending task waits for a reply, so that it can take back
+/// How much longer than a request a call's task waits for a reply, so that it can take back
 /// the counts of requests that stopped waiting.
 const LATE_REPLY_WAIT: Duration = Duration::from_secs(1);
 /// Checks sent to Redis in one script call at most.
 pub const MAX_BATCH: usize = 128;
+/// Script calls on the way to Redis at once, at most. With the wait of [`QUEUE_WAIT_DIVISOR`],
+/// a Redis that replies within the timeout needs fewer than this.
+const MAX_CALLS_IN_FLIGHT: usize = 8;
+/// Checks that queue while calls are on the way wait for them for at most this fraction
+/// (1/n) of the timeout before they go out in a call of their own.
+const QUEUE_WAIT_DIVISOR: u32 = 8;
 /// Keys remembered per request class. The memo starts afresh when full or when the hour turns.
 const KEY_MEMO_ENTRIES: usize = 65_536;
+/// `Retry-After` of a request whose key is unusable. The key stays unusable until someone
+/// deletes it or its hour ends.
+const UNUSABLE_KEY_RETRY_SECS: u64 = 5;
+/// Minimum time between two warnings about the same unusable key.
+const UNUSABLE_KEY_WARN_EVERY: Duration = Duration::from_secs(60);
+/// Unusable keys remembered for [`UNUSABLE_KEY_WARN_EVERY`]. While that many were warned about
+/// within the period, warnings about further keys are left out.
+const UNUSABLE_KEYS_REMEMBERED: usize = 1024;
+/// Pause after a turn of sending unshared counts that left some unsent or found none, before
+/// the next turn may start. Counts that Redis does not take (their key is unusable) are
+/// thus sent again at most this often.
+const SHARE_PAUSE: Duration = Duration::from_secs(1);
+/// The limits of an [`Op::Add`], which checks none.
+const NO_LIMITS: Limits = Limits {
+    principal: u64::MAX,
+    domain: None,
+};
 
 /// Checks and counts atomically, for a batch of groups of checks in order. A group is the checks
 /// with the same keys, limits and operation. The script takes each group as one step, with the
-/// result of running its checks one after the other. ARGV[1] is the keys' lifetime in seconds.
+/// result of running its checks one after the other. `ARGV[1]` is the keys' lifetime in seconds.
 /// For group `i` (from 0), KEYS[2i+1] is the principal's key and KEYS[2i+2] the domain's.
 /// ARGV[4i+2..4i+5] are the principal limit, the domain limit (0 for none), the operation and
-/// the number of checks. The operation is `count` (count as many as both budgets take), `peek`
-/// (check only) or `add` (count all without a check). A count increments first and takes back
-/// what does not fit, so a group that fits, the common case, costs two commands. The result is
-/// one string with three numbers per group, separated by spaces: how many checks were counted,
-/// then the principal's and the domain's counts before the group. They are formatted with `%d`
-/// because Lua's own number formatting writes 10^14 and more with an exponent.
+/// the number of requests. The operation is `count` (count as many as both budgets take),
+/// `peek` (check only) or `add` (count all without a check). A count increments first and takes
+/// back what does not fit, so a group that fits, the common case, costs two commands.
+///
+/// The result is one string with three fields per group, separated by spaces: how many
+/// requests were counted, then the principal's and the domain's counts before the group. They
+/// are formatted with `%d` because Lua's own number formatting writes 10^14 and more with an
+/// exponent. A group whose principal key (`p`) or domain key (`d`) is unusable gets that
+/// letter in place of the first number and `0 0` after it, and leaves both keys as they were.
+/// A key is unusable when its value is not a decimal integer from 0 to 2^53 - 1 or not a
+/// string, or when the increment would take it past 2^53 - 1. Above that, Lua's numbers skip
+/// integers. `GET` and `INCRBY` run through `redis.pcall`, so their errors (not an integer,
+/// overflow, wrong type) reach the script instead of failing the whole call.
 /// NOTE: Lua numbers are doubles, so budgets above 2^53 are compared after rounding.
 const SCRIPT_SOURCE: &str = r"
 local out = {}
 local lifetime = ARGV[1]
+local max_count = 9007199254740991
+
+-- Returns the count in key: 0 when it is missing, nil when it is unusable.
+local function read(key)
+  local value = redis.pcall('GET', key)
+  if value == false then return 0 end
+  if type(value) == 'string' and (value == '0' or string.find(value, '^[1-9]%d*$')) then
+    local count = tonumber(value)
+    if count <= max_count then return count end
+  end
+  return nil
+end
+
+-- Adds n to key and returns the count before. Returns nil, with the key as it was, when the
+-- key is unusable.
+local function add(key, n)
+  local after = redis.pcall('INCRBY', key, n)
+  if type(after) ~= 'number' then return nil end
+  local before = after - n
+  if before < 0 or after > max_count then
+    redis.call('DECRBY', key, n)
+    return nil
+  end
+  if before == 0 then redis.call('EXPIRE', key, lifetime) end
+  return before
+end
+
 for i = 0, (#ARGV - 1) / 4 - 1 do
   local pk, dk = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local limit = tonumber(ARGV[4 * i + 2])
   local ceiling = tonumber(ARGV[4 * i + 3])
   local op = ARGV[4 * i + 4]
   local size = tonumber(ARGV[4 * i + 5])
-  local counted, p, d = 0, 0, 0
+  local counted, p, d, unusable = 0, 0, 0, nil
   if op == 'peek' then
-    p = tonumber(redis.call('GET', pk) or '0')
-    d = tonumber(redis.call('GET', dk) or '0')
+    p, d = read(pk), read(dk)
+    if p == nil then unusable = 'p' elseif d == nil then unusable = 'd' end
   else
-    p = redis.call('INCRBY', pk, size) - size
-    if p == 0 then redis.call('EXPIRE', pk, lifetime) end
-    counted = size
-    if op ~= 'add' then counted = math.max(0, math.min(size, limit - p)) end
-    if counted < size then redis.call('DECRBY', pk, size - counted) end
-    if counted > 0 then
-      d = redis.call('INCRBY', dk, counted) - counted
-      if d == 0 then redis.call('EXPIRE', dk, lifetime) end
-      if op ~= 'add' and ceiling > 0 and d + counted > ceiling then
-        local excess = math.min(counted, d + counted - ceiling)
-        redis.call('DECRBY', dk, excess)
-        redis.call('DECRBY', pk, excess)
-        counted = counted - excess
-      end
+    p = add(pk, size)
+    if p == nil then
+      unusable = 'p'
     else
-      d = tonumber(redis.call('GET', dk) or '0')
+      counted = size
+      if op ~= 'add' then counted = math.max(0, math.min(size, limit - p)) end
+      if counted < size then redis.call('DECRBY', pk, size - counted) end
+      if counted > 0 then
+        d = add(dk, counted)
+        if d == nil then
+          redis.call('DECRBY', pk, counted)
+          unusable = 'd'
+        elseif op ~= 'add' and ceiling > 0 and d + counted > ceiling then
+          local excess = math.min(counted, d + counted - ceiling)
+          redis.call('DECRBY', dk, excess)
+          redis.call('DECRBY', pk, excess)
+          counted = counted - excess
+        end
+      else
+        d = read(dk)
+        if d == nil then unusable = 'd' end
+      end
     end
   end
-  out[#out + 1] = string.format('%d %d %d', counted, p, d)
+  if unusable then
+    out[#out + 1] = unusable .. ' 0 0'
+  else
+    out[#out + 1] = string.format('%d %d %d', counted, p, d)
+  end
 end
 return table.concat(out, ' ')
 ";
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SCRIPT_SOURCE));
 
-/// Lowers each key by one, not below zero: the counts of requests that stopped waiting.
+/// Lowers each key `KEYS[i]` by `ARGV[i]`, not below zero: the counts of requests that stopped
+/// waiting. A key whose value is not an integer is left as it is.
 const REFUND_SOURCE: &str = r"
 for i = 1, #KEYS do
-  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+  local count = tonumber(redis.pcall('GET', KEYS[i]))
+  if count and count > 0 then
+    redis.pcall('DECRBY', KEYS[i], math.min(count, tonumber(ARGV[i])))
+  end
 end
 return 0
 ";
@@ -135,14 +222,14 @@ impl Op {
     }
 }
 
-/// The error of a failed Redis call. Redis is tried again in `retry_after_secs` at the
-/// earliest.
+/// The error of a check that Redis did not decide. Redis is tried again in `retry_after_secs`
+/// at the earliest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable {
     pub retry_after_secs: u64,
 }
 
-/// The Redis connection of one plugin instance, with its health.
+/// The Redis connections of one plugin instance, with their health.
 pub struct RedisStore {
     domain: String,
     link: Arc<Link>,
@@ -158,6 +245,8 @@ pub struct RedisStore {
     /// A copy of `health.down`, written under its lock, so that requests need not take the lock
     /// while Redis is up.
     down: AtomicBool,
+    /// The keys that held no count, for warning about each at most once a period.
+    unusable_keys: Mutex<KeyWarnings>,
 }
 
 /// The keys of one hour, per request class.
@@ -168,20 +257,39 @@ struct KeyMemo {
     domain: [Option<Arc<str>>; 2],
 }
 
-/// The connection that the sending task uses; shared with the store, which drops it after a
-/// failure so that the next batch connects afresh.
+/// The connections to Redis; shared with the store, which drops the one for checks after a
+/// failure so that the next call connects afresh.
 struct Link {
     client: redis::Client,
     timeout: Duration,
+    /// The connection of the script calls that check and count.
+    checks: LazyConnection,
+    /// The connection of the calls that take counts back. It is separate so that a slow
+    /// take-back, which a connection would deliver before any later call, holds up no check.
+    refunds: LazyConnection,
+}
+
+/// A connection that is opened on first use, and again after [`LazyConnection::reset`].
+#[derive(Default)]
+struct LazyConnection {
     conn: Mutex<Option<MultiplexedConnection>>,
+    /// Held while connecting, so that calls that find no connection open one together.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl LazyConnection {
+    /// Drops the connection, so that the next call connects afresh.
+    fn reset(&self) {
+        *self.conn.lock() = None;
+    }
 }
 
 /// One request's check, waiting in the queue.
 struct Check {
     call: Call,
-    /// The instant the request stops waiting, by which the sending task must reply.
+    /// The instant the request stops waiting, by which it must have its reply.
     deadline: Instant,
-    reply: oneshot::Sender<Result<Decision, String>>,
+    reply: oneshot::Sender<Result<Decision, CheckError>>,
 }
 
 /// The part of a check that goes to Redis.
@@ -190,6 +298,18 @@ struct Call {
     limits: Limits,
     lifetime_secs: u64,
     op: Op,
+    /// The requests the check stands for: 1, or for [`Op::Add`] the unshared counts of one
+    /// principal.
+    amount: u64,
+}
+
+/// The reason a check got no decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CheckError {
+    /// Redis did not reply in time, or failed the whole call.
+    Store(String),
+    /// Redis ran the call, but this key is unusable.
+    UnusableKey(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -200,16 +320,37 @@ struct Health {
     probing: bool,
 }
 
+/// The unusable keys warned about recently, with the instant of the last warning.
+#[derive(Default)]
+struct KeyWarnings {
+    warned: HashMap<Arc<str>, Instant>,
+}
+
+impl KeyWarnings {
+    /// Returns whether a warning about `key` is due at `now`, and records it when it is.
+    fn due(&mut self, key: &Arc<str>, now: Instant) -> bool {
+        let recent = |at: &Instant| now.saturating_duration_since(*at) < UNUSABLE_KEY_WARN_EVERY;
+        if let Some(at) = self.warned.get(key) {
+            if recent(at) {
+                return false;
+            }
+        } else if self.warned.len() >= UNUSABLE_KEYS_REMEMBERED {
+            self.warned.retain(|_, at| recent(at));
+            if self.warned.len() >= UNUSABLE_KEYS_REMEMBERED {
+                return false;
+            }
+        }
+        self.warned.insert(Arc::clone(key), now);
+        true
+    }
+}
+
 impl RedisStore {
     /// Prepares the store; nothing connects until the first request.
     pub fn new(domain: &str, config: &RedisConfig) -> Self {
         Self {
             domain: domain.to_owned(),
-            link: Arc::new(Link {
-                client: config.client.clone(),
-                timeout: config.timeout,
-                conn: Mutex::new(None),
-            }),
+            link: Arc::new(Link::new(config.client.clone(), config.timeout)),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             failure_mode: config.failure_mode,
@@ -222,6 +363,7 @@ impl RedisStore {
                 backoff: BACKOFF_FIRST,
                 probing: false,
             }),
+            unusable_keys: Mutex::new(KeyWarnings::default()),
         }
     }
 
@@ -230,13 +372,19 @@ impl RedisStore {
         self.failure_mode
     }
 
-    /// Returns whether the last exchange with Redis succeeded (true before the first one).
+    /// Returns whether Redis responded to the last exchange (true before the first one). A call
+    /// that Redis ran counts as a response, also when a key of it is unusable.
     pub fn available(&self) -> bool {
         !self.down.load(Ordering::Acquire)
     }
 
     /// Runs `op` on the principal's and the domain's keys of `window`, waiting at most the
     /// configured timeout. Needs a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Unavailable`] when Redis does not respond, and also when one of the two keys is
+    /// unusable. Only the first case marks Redis as unavailable.
     pub async fn run(
         &self,
         op: Op,
@@ -244,6 +392,20 @@ impl RedisStore {
         principal: &[u8],
         limits: Limits,
         window: Window,
+    ) -> Result<Decision, Unavailable> {
+        self.run_amount(op, class, principal, limits, window, 1)
+            .await
+    }
+
+    /// Runs `op` for `amount` requests, which only [`Op::Add`] takes more than one of.
+    async fn run_amount(
+        &self,
+        op: Op,
+        class: Class,
+        principal: &[u8],
+        limits: Limits,
+        window: Window,
+        amount: u64,
     ) -> Result<Decision, Unavailable> {
         let now = Instant::now();
         let probe = self.admit(now)?;
@@ -254,23 +416,48 @@ impl RedisStore {
                 limits,
                 lifetime_secs: window.reset_secs + EXPIRY_MARGIN_SECS,
                 op,
+                amount,
             },
             deadline: now + self.timeout,
             reply,
         };
-        // The sending task replies by the deadline, so this waits no longer than that.
+        // The call's task replies by the deadline, so this waits no longer than that.
+        let stopped = |what: &str| Err(CheckError::Store(format!("the Redis sending task {what}")));
         let result = match self.queue().send(check) {
-            Err(_) => Err("the Redis sending task has stopped".to_owned()),
+            Err(_) => stopped("has stopped"),
             Ok(()) => answer
                 .await
-                .unwrap_or_else(|_| Err("the Redis sending task dropped the check".to_owned())),
+                .unwrap_or_else(|_| stopped("dropped the check")),
         };
         match result {
             Ok(decision) => {
                 self.succeeded();
                 Ok(decision)
             }
-            Err(reason) => Err(self.failed(&reason, probe.is_some())),
+            Err(CheckError::UnusableKey(key)) => {
+                // Redis ran the call, so it is available: only the checks on this key fall back.
+                self.succeeded();
+                self.warn_unusable_key(&key);
+                Err(Unavailable {
+                    retry_after_secs: UNUSABLE_KEY_RETRY_SECS,
+                })
+            }
+            Err(CheckError::Store(reason)) => Err(self.failed(&reason, probe.is_some())),
+        }
+    }
+
+    /// Records the counts of a Redis reply for `principal` in `local`. When `local` holds
+    /// unshared counts, starts a background task that adds them to Redis.
+    pub fn observe(
+        self: &Arc<Self>,
+        class: Class,
+        local: &Arc<ClassCounts>,
+        principal: &[u8],
+        window: Window,
+        counts: Counts,
+    ) {
+        if local.observe(principal, window.hour, counts) {
+            self.share_unshared(class, local, window);
         }
     }
 
@@ -296,7 +483,7 @@ impl RedisStore {
 
     /// Counts a request that reaches the origin, in the background when a Tokio runtime is
     /// running and at once in `local` otherwise. A count that Redis does not take is kept in
-    /// `local`.
+    /// `local` as unshared, to be added to Redis later.
     pub fn spawn_add(
         self: &Arc<Self>,
         class: Class,
@@ -309,23 +496,81 @@ impl RedisStore {
             return;
         };
         let store = Arc::clone(self);
-        let no_limits = Limits {
-            principal: u64::MAX,
-            domain: None,
-        };
         runtime.spawn(async move {
-            match store
-                .run(Op::Add, class, principal.as_bytes(), no_limits, window)
-                .await
-            {
-                Ok(decision) => {
-                    local.observe(principal.as_bytes(), window.hour, decision.counts());
-                }
+            let name = principal.as_bytes();
+            match store.run(Op::Add, class, name, NO_LIMITS, window).await {
+                Ok(decision) => store.observe(class, &local, name, window, decision.counts()),
                 Err(_) => {
-                    local.add(principal.as_bytes(), window.hour);
+                    local.add_unshared(name, window.hour);
                 }
             }
         });
+    }
+
+    /// Starts a background task that adds the unshared counts of `local` in `window` to Redis,
+    /// unless one runs already or the last one asked for a [`SHARE_PAUSE`] that has not passed.
+    fn share_unshared(self: &Arc<Self>, class: Class, local: &Arc<ClassCounts>, window: Window) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(turn) = local.begin_sharing(Instant::now()) else {
+            return;
+        };
+        let store = Arc::clone(self);
+        runtime.spawn(store.send_unshared(class, Arc::clone(local), window, turn));
+    }
+
+    /// Adds the unshared counts of `local` in `window` to Redis, [`MAX_BATCH`] principals at a
+    /// time, and records in `local` what Redis took. Stops when Redis becomes unavailable.
+    async fn send_unshared(
+        self: Arc<Self>,
+        class: Class,
+        local: Arc<ClassCounts>,
+        window: Window,
+        mut turn: SharingTurn,
+    ) {
+        let pending = local.unshared(window.hour);
+        // A turn that finds nothing was started by a domain count that the principals' unshared
+        // counts do not add up to. It pauses too, so that such a count costs a scan of the
+        // counters at most once per pause.
+        let mut complete = !pending.is_empty();
+        let (mut principals, mut requests) = (0, 0);
+        for chunk in pending.chunks(MAX_BATCH) {
+            let mut sends = tokio::task::JoinSet::new();
+            for unshared in chunk {
+                let store = Arc::clone(&self);
+                let unshared = unshared.clone();
+                sends.spawn(async move {
+                    let (principal, amount) = (&unshared.principal, unshared.count);
+                    let result = store
+                        .run_amount(Op::Add, class, principal, NO_LIMITS, window, amount)
+                        .await;
+                    (unshared, result)
+                });
+            }
+            while let Some(sent) = sends.join_next().await {
+                match sent {
+                    Ok((unshared, Ok(decision))) => {
+                        local.shared(&unshared, window.hour, decision.counts());
+                        principals += 1;
+                        requests += unshared.count;
+                    }
+                    // The count stays unshared for the next turn.
+                    _ => complete = false,
+                }
+            }
+            if !self.available() {
+                complete = false;
+                break;
+            }
+        }
+        if principals > 0 {
+            info!(domain = %self.domain, class = class.label(), principals, requests,
+                "quota: added requests counted while Redis was unavailable to Redis");
+        }
+        if !complete {
+            turn.retry_at(Instant::now() + SHARE_PAUSE);
+        }
     }
 
     /// Returns the keys of `principal` and of the domain in `class` and `hour`, from the memo
@@ -399,7 +644,7 @@ impl RedisStore {
     /// Records a failure: the first one switches to the fallback, a failed probe doubles the
     /// backoff. The connection is dropped so the next try connects afresh.
     fn failed(&self, reason: &str, probe: bool) -> Unavailable {
-        *self.link.conn.lock() = None;
+        self.link.checks.reset();
         let now = Instant::now();
         let mut health = self.health.lock();
         if !health.down {
@@ -421,6 +666,38 @@ impl RedisStore {
             retry_after_secs: whole_secs_until(health.retry_at, now),
         }
     }
+
+    /// Logs that `key` is unusable, at most once per [`UNUSABLE_KEY_WARN_EVERY`] for each
+    /// key.
+    fn warn_unusable_key(&self, key: &Arc<str>) {
+        if !self.unusable_keys.lock().due(key, Instant::now()) {
+            return;
+        }
+        let fallback = match self.failure_mode {
+            FailureMode::FailOpen => "are counted in this process alone",
+            FailureMode::FailClosed => "are rejected with 429 (fail_closed)",
+        };
+        warn!(domain = %self.domain, key = %key,
+            "quota: Redis key {key:?} holds a value that is not an integer from 0 to 2^53 - 1, \
+             so its requests {fallback}; delete the key with `redis-cli DEL {key:?}` to count \
+             them in Redis again");
+    }
+}
+
+/// Checks (and for [`Op::Count`] and [`Op::Add`] counts) in `local` in place of Redis. The
+/// counts are kept as unshared, so that they are added to Redis once it replies again.
+pub fn decide_unshared(
+    op: Op,
+    local: &ClassCounts,
+    principal: &[u8],
+    limits: Limits,
+    hour: u64,
+) -> Decision {
+    match op {
+        Op::Count => local.try_count_unshared(principal, limits, hour),
+        Op::Peek => local.peek(principal, limits, hour),
+        Op::Add => Decision::Allowed(local.add_unshared(principal, hour)),
+    }
 }
 
 /// Returns the seconds from `now` until `then`, rounded up and at least 1. A client that waits
@@ -430,10 +707,47 @@ fn whole_secs_until(then: Instant, now: Instant) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
-/// Sends the queued checks to Redis, a batch per round trip, until the store is dropped.
+/// Sends the queued checks to Redis until the store is dropped: each batch as one script call,
+/// in a task of its own, with up to [`MAX_CALLS_IN_FLIGHT`] calls on the way at once.
+///
+/// A batch goes out at once when no call is on the way. Otherwise its checks wait for the calls
+/// on the way to end, so that they go out together, but the oldest waits no longer than
+/// 1/[`QUEUE_WAIT_DIVISOR`] of the timeout. A fast Redis thus gets one call at a time with
+/// large batches. A slow one gets a new call every so often, so a check whose round trip fits
+/// in the rest of its timeout gets its reply in time.
 async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>) {
+    let places = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    // How long before its deadline a check goes out at the latest, while other calls are on
+    // the way.
+    let patience = link.timeout - link.timeout / QUEUE_WAIT_DIVISOR;
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        if places.available_permits() < MAX_CALLS_IN_FLIGHT {
+            let send_by = batch[0]
+                .deadline
+                .checked_sub(patience)
+                .unwrap_or_else(Instant::now);
+            // All places free means that no call is on the way.
+            let idle = places.acquire_many(MAX_CALLS_IN_FLIGHT as u32);
+            tokio::select! {
+                _ = idle => {}
+                () = tokio::time::sleep_until(send_by.into()) => {}
+            }
+        }
+        // The place is taken before the batch is topped up. While all places are taken, checks
+        // wait in the queue and go out together in the next call.
+        let Ok(place) = Arc::clone(&places).acquire_owned().await else {
+            return;
+        };
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(check) => batch.push(check),
+                Err(_) => break,
+            }
+        }
         let now = Instant::now();
         let mut calls = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
@@ -444,7 +758,7 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
                 continue;
             }
             if check.deadline <= now {
-                let _ = check.reply.send(Err(link.no_answer()));
+                let _ = check.reply.send(Err(CheckError::Store(link.no_answer())));
                 continue;
             }
             deadline = Some(deadline.map_or(check.deadline, |d| d.min(check.deadline)));
@@ -454,46 +768,64 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
         let Some(deadline) = deadline else {
             continue;
         };
-        let call_link = Arc::clone(&link);
-        let mut call = Box::pin(async move {
-            let result = call_link.eval(&calls).await;
-            (result, calls)
-        });
-        match tokio::time::timeout_at(deadline.into(), &mut call).await {
-            Ok((result, calls)) => answer(&link, result, &calls, replies),
-            Err(_) => {
-                for reply in replies {
-                    let _ = reply.send(Err(link.no_answer()));
-                }
-                // Every request of the batch has fallen back. Redis may still run the call, so
-                // its counts are taken back when the reply comes, if it comes within the
-                // connection's response timeout.
-                let late_link = Arc::clone(&link);
-                tokio::spawn(async move {
-                    let (result, calls) = call.await;
-                    answer(&late_link, result, &calls, Vec::new());
-                });
+        tokio::spawn(send_call(
+            Arc::clone(&link),
+            calls,
+            replies,
+            deadline,
+            place,
+        ));
+    }
+}
+
+/// Runs one script call and replies to its checks by `deadline`, then gives back `place`.
+async fn send_call(
+    link: Arc<Link>,
+    calls: Vec<Call>,
+    replies: Vec<oneshot::Sender<Result<Decision, CheckError>>>,
+    deadline: Instant,
+    place: OwnedSemaphorePermit,
+) {
+    let call_link = Arc::clone(&link);
+    let mut call = Box::pin(async move {
+        let result = call_link.eval(&calls).await;
+        (result, calls)
+    });
+    match tokio::time::timeout_at(deadline.into(), &mut call).await {
+        Ok((result, calls)) => {
+            drop(place);
+            answer(&link, result, &calls, replies);
+        }
+        Err(_) => {
+            for reply in replies {
+                let _ = reply.send(Err(CheckError::Store(link.no_answer())));
             }
+            drop(place);
+            // Every request of the batch has fallen back. Redis may still run the call, so its
+            // counts are taken back when the reply comes, if it comes within the connection's
+            // response timeout.
+            let (result, calls) = call.await;
+            answer(&link, result, &calls, Vec::new());
         }
     }
 }
 
 /// Sends each check of a call its decision, in order, and takes back the counts of checks whose
 /// request no longer waits: those past `replies` and those whose request went away. The counts
-/// are taken back in a task of their own, so that the sending task never waits for Redis
-/// beyond the deadlines of the checks it sent.
+/// are taken back in a task and over a connection of their own, so that neither a call's task
+/// nor later checks wait for them.
 fn answer(
     link: &Arc<Link>,
-    result: RedisResult<Vec<Decision>>,
+    result: RedisResult<Vec<Result<Decision, Arc<str>>>>,
     calls: &[Call],
-    replies: Vec<oneshot::Sender<Result<Decision, String>>>,
+    replies: Vec<oneshot::Sender<Result<Decision, CheckError>>>,
 ) {
     let decisions = match result {
         Ok(decisions) => decisions,
         Err(e) => {
             let reason = e.to_string();
             for reply in replies {
-                let _ = reply.send(Err(reason.clone()));
+                let _ = reply.send(Err(CheckError::Store(reason.clone())));
             }
             return;
         }
@@ -501,18 +833,21 @@ fn answer(
     let mut replies = replies.into_iter();
     let mut refunds = Vec::new();
     for (call, decision) in calls.iter().zip(decisions) {
-        let counted = call.op != Op::Peek && matches!(decision, Decision::Allowed(_));
-        let delivered = replies
-            .next()
-            .is_some_and(|reply| reply.send(Ok(decision)).is_ok());
+        let counted = call.op != Op::Peek && matches!(decision, Ok(Decision::Allowed(_)));
+        let delivered = replies.next().is_some_and(|reply| {
+            reply
+                .send(decision.map_err(CheckError::UnusableKey))
+                .is_ok()
+        });
         if counted && !delivered {
-            refunds.extend(call.keys.iter().cloned());
+            refunds.extend(call.keys.iter().map(|key| (Arc::clone(key), call.amount)));
         }
     }
     if !refunds.is_empty() {
         let link = Arc::clone(link);
         tokio::spawn(async move {
             if let Err(e) = link.refund(&refunds).await {
+                link.refunds.reset();
                 warn!(error = %e, keys = refunds.len(),
                     "quota: cannot take back counts of requests that stopped waiting for Redis");
             }
@@ -521,9 +856,19 @@ fn answer(
 }
 
 impl Link {
-    /// Runs the script on `calls` and returns one decision per call, in order.
-    async fn eval(&self, calls: &[Call]) -> RedisResult<Vec<Decision>> {
-        let mut conn = self.connection().await?;
+    fn new(client: redis::Client, timeout: Duration) -> Self {
+        Self {
+            client,
+            timeout,
+            checks: LazyConnection::default(),
+            refunds: LazyConnection::default(),
+        }
+    }
+
+    /// Runs the script on `calls` and returns one decision per call, in order, or the key of
+    /// the call's unusable key.
+    async fn eval(&self, calls: &[Call]) -> RedisResult<Vec<Result<Decision, Arc<str>>>> {
+        let mut conn = self.connection(&self.checks).await?;
         let (groups, group_of) = group(calls);
         // The command is built by hand: `Script::prepare_invoke` would allocate once per
         // argument, and a command keeps all of its arguments in one buffer.
@@ -564,20 +909,24 @@ impl Link {
             .iter()
             .zip(group_of)
             .map(|(call, g)| {
-                let nth = seen[g];
-                seen[g] += 1;
-                outcomes[g].decision(call, nth)
+                let before = seen[g];
+                seen[g] += call.amount;
+                match outcomes[g] {
+                    Ok(outcome) => Ok(outcome.decision(call, before)),
+                    Err(Scope::Principal) => Err(Arc::clone(&call.keys[0])),
+                    Err(Scope::Domain) => Err(Arc::clone(&call.keys[1])),
+                }
             })
             .collect();
         Ok(decisions)
     }
 
-    /// Lowers each of `keys` by one, not below zero.
-    async fn refund(&self, keys: &[Arc<str>]) -> RedisResult<()> {
-        let mut conn = self.connection().await?;
+    /// Lowers each key by its amount, not below zero.
+    async fn refund(&self, keys: &[(Arc<str>, u64)]) -> RedisResult<()> {
+        let mut conn = self.connection(&self.refunds).await?;
         let mut invocation = REFUND_SCRIPT.prepare_invoke();
-        for key in keys {
-            invocation.key(&**key);
+        for (key, amount) in keys {
+            invocation.key(&**key).arg(*amount);
         }
         invocation.invoke_async::<i64>(&mut conn).await.map(|_| ())
     }
@@ -587,24 +936,33 @@ impl Link {
         format!("no answer within {} ms", self.timeout.as_millis())
     }
 
-    async fn connection(&self) -> RedisResult<MultiplexedConnection> {
-        if let Some(conn) = self.conn.lock().clone() {
+    /// Returns the connection in `slot`, connecting when it has none.
+    async fn connection(&self, slot: &LazyConnection) -> RedisResult<MultiplexedConnection> {
+        if let Some(conn) = slot.conn.lock().clone() {
             return Ok(conn);
         }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(conn) = slot.conn.lock().clone() {
+            return Ok(conn);
+        }
+        // Without `TCP_NODELAY`, a call sent while another is on the way waits in the kernel
+        // until Redis acknowledges the first one (Nagle's algorithm), often a whole round trip.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout + LATE_REPLY_WAIT);
+            .set_response_timeout(self.timeout + LATE_REPLY_WAIT)
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
         let conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        *self.conn.lock() = Some(conn.clone());
+        *slot.conn.lock() = Some(conn.clone());
         Ok(conn)
     }
 }
 
 /// Checks of one batch that the script takes as one step: those with the same keys, limits
-/// and operation. `first` is the index of the first of them in the batch.
+/// and operation. `first` is the index of the first of them in the batch, and `size` the
+/// requests they stand for together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Group {
     first: usize,
@@ -631,14 +989,14 @@ fn group(calls: &[Call]) -> (Vec<Group>, Vec<usize>) {
         };
         match groups.iter().take(GROUP_SEARCH).position(same) {
             Some(g) => {
-                groups[g].size += 1;
+                groups[g].size += call.amount;
                 group_of.push(g);
             }
             None => {
                 group_of.push(groups.len());
                 groups.push(Group {
                     first: index,
-                    size: 1,
+                    size: call.amount,
                 });
             }
         }
@@ -646,8 +1004,8 @@ fn group(calls: &[Call]) -> (Vec<Group>, Vec<usize>) {
     (groups, group_of)
 }
 
-/// The script's result for one group: how many of its checks it counted, and the counts before
-/// the group.
+/// The script's result for one group: how many of its requests it counted, and the counts
+/// before the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Outcome {
     counted: u64,
@@ -655,9 +1013,9 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// Returns the decision for `call`, the `nth` check of the group (from 0): the one it would
-    /// get if the group's checks ran one after the other.
-    fn decision(&self, call: &Call, nth: u64) -> Decision {
+    /// Returns the decision for `call`, which follows checks for `before` requests in its group:
+    /// the decision it would get if the group's checks ran one after the other.
+    fn decision(&self, call: &Call, before: u64) -> Decision {
         let after = |n: u64| Counts {
             principal: self.before.principal.saturating_add(n),
             domain: self.before.domain.saturating_add(n),
@@ -668,8 +1026,9 @@ impl Outcome {
                 None => Decision::Allowed(self.before),
             };
         }
-        if nth < self.counted {
-            return Decision::Allowed(after(nth + 1));
+        let through = before.saturating_add(call.amount);
+        if through <= self.counted {
+            return Decision::Allowed(after(through));
         }
         let counts = after(self.counted);
         let scope = over_budget(call.limits, counts).unwrap_or(Scope::Principal);
@@ -677,25 +1036,35 @@ impl Outcome {
     }
 }
 
-/// Parses the script's reply: three numbers per group, each followed by one space but the
-/// last. Returns `None` when the reply does not contain exactly one outcome per group, or
-/// counts more checks than a group has.
-fn parse_outcomes(reply: &[u8], groups: &[Group]) -> Option<Vec<Outcome>> {
-    let mut numbers = reply.split(|&b| b == b' ').map(parse_number);
+/// Parses the script's reply: three fields per group, each followed by one space but the
+/// last. The result of a group is its outcome, or the scope of its unusable key
+/// (a `p` or `d` field in place of the counted requests). Returns `None` when the reply does
+/// not contain exactly one result per group, or counts more requests than a group has.
+fn parse_outcomes(reply: &[u8], groups: &[Group]) -> Option<Vec<Result<Outcome, Scope>>> {
+    let mut fields = reply.split(|&b| b == b' ');
     let mut outcomes = Vec::with_capacity(groups.len());
     for group in groups {
-        let mut next = || numbers.next()?;
-        let (counted, principal, domain) = (next()?, next()?, next()?);
-        if counted > group.size {
-            return None;
-        }
-        outcomes.push(Outcome {
-            counted,
-            before: Counts { principal, domain },
-        });
+        let mut next = || fields.next();
+        let (first, principal, domain) = (next()?, next()?, next()?);
+        let (principal, domain) = (parse_number(principal)?, parse_number(domain)?);
+        let outcome = match first {
+            b"p" => Err(Scope::Principal),
+            b"d" => Err(Scope::Domain),
+            digits => {
+                let counted = parse_number(digits)?;
+                if counted > group.size {
+                    return None;
+                }
+                Ok(Outcome {
+                    counted,
+                    before: Counts { principal, domain },
+                })
+            }
+        };
+        outcomes.push(outcome);
     }
-    // An empty reply splits into one empty piece, which is no number.
-    let rest = numbers.next();
+    // An empty reply splits into one empty piece, which is no field.
+    let rest = fields.next();
     (rest.is_none() || (groups.is_empty() && reply.is_empty())).then_some(outcomes)
 }
 
@@ -757,9 +1126,11 @@ mod tests {
     #[test]
     fn parses_one_outcome_per_group() {
         let outcomes = parse_outcomes(b"2 3 9 0 5 9 1 2 10", &groups(&[2, 1, 1])).expect("three");
-        let outcome = |counted, principal, domain| Outcome {
-            counted,
-            before: Counts { principal, domain },
+        let outcome = |counted, principal, domain| {
+            Ok(Outcome {
+                counted,
+                before: Counts { principal, domain },
+            })
         };
         assert_eq!(
             outcomes,
@@ -787,12 +1158,69 @@ mod tests {
         assert_eq!(parse_outcomes(b"", &[]), Some(Vec::new()));
     }
 
+    /// Runs the script on `calls`, whose keys are all usable.
+    async fn decisions(link: &Link, calls: &[Call]) -> Vec<Decision> {
+        let results = link.eval(calls).await.expect("script runs");
+        results
+            .into_iter()
+            .map(|result| result.expect("every key is usable"))
+            .collect()
+    }
+
+    #[test]
+    fn parses_unusable_key_markers() {
+        let outcomes = parse_outcomes(b"p 0 0 1 2 3 d 0 0", &groups(&[1, 1, 1])).expect("three");
+        let counted = Outcome {
+            counted: 1,
+            before: Counts {
+                principal: 2,
+                domain: 3,
+            },
+        };
+        assert_eq!(
+            outcomes,
+            vec![Err(Scope::Principal), Ok(counted), Err(Scope::Domain)]
+        );
+        let one = groups(&[1]);
+        assert_eq!(parse_outcomes(b"x 0 0", &one), None);
+        assert_eq!(parse_outcomes(b"p 0", &one), None);
+        assert_eq!(parse_outcomes(b"pd 0 0", &one), None);
+        assert_eq!(parse_outcomes(b"p 0 0 ", &one), None);
+    }
+
+    #[test]
+    fn key_warnings_once_per_period() {
+        let mut warnings = KeyWarnings::default();
+        let start = Instant::now();
+        let key: Arc<str> = "p:a".into();
+        assert!(warnings.due(&key, start));
+        assert!(!warnings.due(&key, start + Duration::from_secs(59)));
+        assert!(warnings.due(&"p:b".into(), start + Duration::from_secs(1)));
+        assert!(warnings.due(&key, start + UNUSABLE_KEY_WARN_EVERY));
+    }
+
+    #[test]
+    fn key_warnings_bounded() {
+        let mut warnings = KeyWarnings::default();
+        let start = Instant::now();
+        for i in 0..UNUSABLE_KEYS_REMEMBERED {
+            assert!(warnings.due(&format!("p:{i}").into(), start));
+        }
+        let late: Arc<str> = "p:late".into();
+        assert!(!warnings.due(&late, start + Duration::from_secs(1)));
+        assert_eq!(warnings.warned.len(), UNUSABLE_KEYS_REMEMBERED);
+        // Once the earlier warnings are a period old, they make room.
+        assert!(warnings.due(&late, start + UNUSABLE_KEY_WARN_EVERY));
+        assert_eq!(warnings.warned.len(), 1);
+    }
+
     fn call(keys: &[Arc<str>; 2], principal: u64, domain: Option<u64>, op: Op) -> Call {
         Call {
             keys: keys.clone(),
             limits: Limits { principal, domain },
             lifetime_secs: 60,
             op,
+            amount: 1,
         }
     }
 
@@ -933,12 +1361,7 @@ mod tests {
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             };
-            let link = Link {
-                client,
-                timeout: Duration::from_secs(5),
-                conn: Mutex::new(None),
-            };
-            (link, admin)
+            (Link::new(client, Duration::from_secs(5)), admin)
         }
     }
 
@@ -1026,7 +1449,7 @@ mod tests {
                     )
                 })
                 .collect();
-            let got = link.eval(&calls).await.expect("script runs");
+            let got = decisions(&link, &calls).await;
             // One at a time in the order of the groups, as the script takes them.
             let (_, group_of) = group(&calls);
             let mut order: Vec<usize> = (0..calls.len()).collect();
@@ -1067,6 +1490,181 @@ mod tests {
         }
     }
 
+    /// Sets `key` to `value` with the admin connection.
+    fn set(admin: &mut redis::Connection, key: &str, value: &str) {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query::<()>(admin)
+            .expect("SET");
+    }
+
+    fn get(admin: &mut redis::Connection, key: &str) -> Option<String> {
+        redis::cmd("GET").arg(key).query(admin).expect("GET")
+    }
+
+    /// An unusable key fails the checks on it alone, leaves both of its keys as they
+    /// were, and the other groups of the call are counted.
+    #[tokio::test]
+    async fn script_reports_unusable_keys() {
+        let server = Server::start();
+        let (link, mut admin) = server.connect();
+        let domain: Arc<str> = "d".into();
+        let max = "9007199254740992";
+        let bad_values = [
+            ("p:text", "abc"),
+            ("p:overflow", "9223372036854775807"),
+            ("p:negative", "-3"),
+            ("p:fraction", "1.5"),
+            ("p:leading-zero", "05"),
+            ("p:hex", "0x10"),
+            ("p:max", max),
+        ];
+        for (key, value) in bad_values {
+            set(&mut admin, key, value);
+        }
+        redis::cmd("RPUSH")
+            .arg("p:list")
+            .arg("1")
+            .query::<()>(&mut admin)
+            .expect("RPUSH");
+        set(&mut admin, "p:good", "2");
+
+        let mut calls = Vec::new();
+        let mut unusable = Vec::new();
+        for key in bad_values.iter().map(|(key, _)| *key).chain(["p:list"]) {
+            let keys: [Arc<str>; 2] = [key.into(), Arc::clone(&domain)];
+            calls.push(call(&keys, 10, None, Op::Peek));
+            unusable.push(key);
+            calls.push(call(&keys, 10, Some(100), Op::Count));
+            unusable.push(key);
+        }
+        let good: [Arc<str>; 2] = ["p:good".into(), Arc::clone(&domain)];
+        calls.push(call(&good, 10, Some(100), Op::Count));
+        let results = link.eval(&calls).await.expect("script runs");
+        let (last, failed) = results.split_last().expect("results");
+        let failed_keys: Vec<&str> = failed
+            .iter()
+            .map(|result| match result {
+                Err(key) => &**key,
+                Ok(decision) => panic!("unexpected decision {decision:?}"),
+            })
+            .collect();
+        assert_eq!(failed_keys, unusable);
+        let counts = Counts {
+            principal: 3,
+            domain: 1,
+        };
+        assert_eq!(last, &Ok(Decision::Allowed(counts)));
+        for (key, value) in bad_values {
+            assert_eq!(get(&mut admin, key).as_deref(), Some(value), "{key}");
+        }
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("1"));
+    }
+
+    /// An unusable domain key fails the checks on it, and the principal's count
+    /// stays as it was, for a count that fits, one over the principal's budget, and a peek.
+    #[tokio::test]
+    async fn script_reports_unusable_domain_key() {
+        let server = Server::start();
+        let (link, mut admin) = server.connect();
+        set(&mut admin, "d", "abc");
+        set(&mut admin, "p:full", "5");
+        let fresh: [Arc<str>; 2] = ["p:fresh".into(), "d".into()];
+        let full: [Arc<str>; 2] = ["p:full".into(), Arc::clone(&fresh[1])];
+        let calls = [
+            call(&fresh, 5, None, Op::Count),
+            call(&fresh, u64::MAX, None, Op::Add),
+            call(&full, 5, None, Op::Count),
+            call(&full, 5, None, Op::Peek),
+        ];
+        let results = link.eval(&calls).await.expect("script runs");
+        for result in &results {
+            assert_eq!(result, &Err(Arc::clone(&fresh[1])));
+        }
+        assert_eq!(get(&mut admin, "p:fresh").unwrap_or_default(), "0");
+        assert_eq!(get(&mut admin, "p:full").as_deref(), Some("5"));
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("abc"));
+    }
+
+    /// An add of several requests counts them all, and each check gets the counts after its
+    /// own requests.
+    #[tokio::test]
+    async fn script_adds_amounts() {
+        let server = Server::start();
+        let (link, mut admin) = server.connect();
+        let keys: [Arc<str>; 2] = ["p".into(), "d".into()];
+        let mut five = call(&keys, u64::MAX, None, Op::Add);
+        five.amount = 5;
+        let calls = [five, call(&keys, u64::MAX, None, Op::Add)];
+        let got = decisions(&link, &calls).await;
+        let counts = |n| Counts {
+            principal: n,
+            domain: n,
+        };
+        assert_eq!(
+            got,
+            [Decision::Allowed(counts(5)), Decision::Allowed(counts(6))]
+        );
+        assert_eq!(get(&mut admin, "p").as_deref(), Some("6"));
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("6"));
+    }
+
+    /// Taking counts back lowers each key by its amount, not below zero, and passes over keys
+    /// that hold no integer.
+    #[tokio::test]
+    async fn refund_skips_unusable_keys() {
+        let server = Server::start();
+        let (link, mut admin) = server.connect();
+        set(&mut admin, "r:five", "5");
+        set(&mut admin, "r:one", "1");
+        set(&mut admin, "r:text", "abc");
+        redis::cmd("RPUSH")
+            .arg("r:list")
+            .arg("1")
+            .query::<()>(&mut admin)
+            .expect("RPUSH");
+        let refunds: Vec<(Arc<str>, u64)> = [
+            ("r:text", 1),
+            ("r:five", 2),
+            ("r:list", 1),
+            ("r:one", 3),
+            ("r:missing", 1),
+        ]
+        .into_iter()
+        .map(|(key, amount)| (key.into(), amount))
+        .collect();
+        link.refund(&refunds).await.expect("refund runs");
+        assert_eq!(get(&mut admin, "r:five").as_deref(), Some("3"));
+        assert_eq!(get(&mut admin, "r:one").as_deref(), Some("0"));
+        assert_eq!(get(&mut admin, "r:text").as_deref(), Some("abc"));
+        assert_eq!(get(&mut admin, "r:missing"), None);
+    }
+
+    /// Counts go up to 2^53 - 1, because Lua's numbers skip integers above it. A key that an
+    /// increment would take past it is unusable.
+    #[tokio::test]
+    async fn script_counts_up_to_2_pow_53() {
+        let server = Server::start();
+        let (link, mut admin) = server.connect();
+        set(&mut admin, "p:edge", "9007199254740990");
+        let keys: [Arc<str>; 2] = ["p:edge".into(), "d".into()];
+        let add = [call(&keys, u64::MAX, None, Op::Add)];
+        let counts = Counts {
+            principal: 9_007_199_254_740_991,
+            domain: 1,
+        };
+        let results = link.eval(&add).await.expect("script runs");
+        assert_eq!(results, [Ok(Decision::Allowed(counts))]);
+        let results = link.eval(&add).await.expect("script runs");
+        assert_eq!(results, [Err(Arc::clone(&keys[0]))]);
+        assert_eq!(
+            get(&mut admin, "p:edge").as_deref(),
+            Some("9007199254740991")
+        );
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("1"));
+    }
+
     /// Counts of 10^14 and more come back as plain digits, which Lua would otherwise write with
     /// an exponent.
     #[tokio::test]
@@ -1084,7 +1682,7 @@ mod tests {
             call(&keys, u64::MAX, None, Op::Add),
             call(&keys, u64::MAX, None, Op::Add),
         ];
-        let got = link.eval(&calls).await.expect("script runs");
+        let got = decisions(&link, &calls).await;
         let counts = |n: u64| Counts {
             principal: big + n,
             domain: n,

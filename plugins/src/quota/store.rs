@@ -4,11 +4,16 @@
 //! A principal's counter contains the count of one window (hour). A count from an older hour reads
 //! as 0 and is replaced on the next count; entries of older hours are pruned when a shard first
 //! sees a newer hour. A clock that steps back keeps counting against the newest hour it saw.
+//!
+//! With a shared store (Redis), the counters contain the counts of the store's last replies.
+//! Requests counted here while the store was unavailable are also kept apart as unshared counts
+//! until the store took them (see [`ClassCounts::observe`] and [`ClassCounts::shared`]).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
+use std::time::Instant;
 
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
@@ -231,6 +236,16 @@ pub struct ClassCounts {
     /// The budgets of the plugins built on these counters, oldest first. An entry lives as
     /// long as its plugin.
     limits: Mutex<Vec<Weak<Limits>>>,
+    sharing: Mutex<Sharing>,
+}
+
+/// The state of sending unshared counts to the shared store.
+#[derive(Debug, Default)]
+struct Sharing {
+    /// Whether a [`SharingTurn`] is alive.
+    running: bool,
+    /// The earliest instant the next turn may start, as the last turn set it.
+    not_before: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -240,11 +255,15 @@ struct Shard {
     hour: u64,
 }
 
-/// One counter: the hour it counts and its count.
+/// One counter: the hour it counts, its count, and the part of the count that the shared store
+/// has not taken yet.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     hour: u64,
     count: u64,
+    /// Requests counted here while the shared store was unavailable and not yet taken by it;
+    /// included in `count`.
+    unshared: u64,
 }
 
 impl Slot {
@@ -256,28 +275,51 @@ impl Slot {
         }
     }
 
-    fn add(&mut self, hour: u64) -> u64 {
+    fn fresh(hour: u64, count: u64) -> Self {
+        Slot {
+            hour,
+            count,
+            unshared: 0,
+        }
+    }
+
+    fn add(&mut self, hour: u64, mode: CountMode) -> u64 {
         if hour > self.hour {
-            *self = Slot { hour, count: 0 };
+            *self = Slot::fresh(hour, 0);
         }
         self.count += 1;
+        if mode == CountMode::Unshared {
+            self.unshared += 1;
+        }
         self.count
     }
 
-    /// Sets the count of `hour` to `count`, unless the slot counts a later hour.
-    fn set(&mut self, hour: u64, count: u64) {
-        if hour >= self.hour {
-            *self = Slot { hour, count };
+    /// Sets the count of `hour` to `shared`, the shared store's count, plus the counts the store
+    /// has not taken yet, unless the slot counts a later hour.
+    fn observe(&mut self, hour: u64, shared: u64) {
+        if hour > self.hour {
+            *self = Slot::fresh(hour, shared);
+        } else if hour == self.hour {
+            self.count = shared.saturating_add(self.unshared);
         }
     }
 
     fn raise(&mut self, hour: u64, count: u64) {
         if hour > self.hour {
-            *self = Slot { hour, count };
+            *self = Slot::fresh(hour, count);
         } else if hour == self.hour {
             self.count = self.count.max(count);
         }
     }
+}
+
+/// Whether a count is made beside the shared store (or without one), or in its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CountMode {
+    /// Counted here alone, as without a shared store, or as the shared store reported it.
+    Local,
+    /// Counted here while the shared store was unavailable; to be sent to it later.
+    Unshared,
 }
 
 impl ClassCounts {
@@ -291,6 +333,7 @@ impl ClassCounts {
             rejected: Default::default(),
             overflow_logged: AtomicBool::new(false),
             limits: Mutex::new(Vec::new()),
+            sharing: Mutex::new(Sharing::default()),
         }
     }
 
@@ -320,6 +363,22 @@ impl ClassCounts {
     /// Counts the request if both the principal's budget and the domain ceiling have room in
     /// `hour`; otherwise counts nothing. Check and count are one atomic step.
     pub fn try_count(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
+        self.try_count_as(principal, limits, hour, CountMode::Local)
+    }
+
+    /// Counts like [`Self::try_count`], in place of a shared store that is unavailable. The
+    /// count is also kept as unshared until [`Self::shared`] reports that the store took it.
+    pub fn try_count_unshared(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
+        self.try_count_as(principal, limits, hour, CountMode::Unshared)
+    }
+
+    fn try_count_as(
+        &self,
+        principal: &[u8],
+        limits: Limits,
+        hour: u64,
+        mode: CountMode,
+    ) -> Decision {
         self.with_slots(principal, hour, |slot, domain| {
             let counts = Counts {
                 principal: slot.current(hour),
@@ -330,8 +389,8 @@ impl ClassCounts {
             }
             self.changes.fetch_add(1, Ordering::Relaxed);
             Decision::Allowed(Counts {
-                principal: slot.add(hour),
-                domain: domain.add(hour),
+                principal: slot.add(hour, mode),
+                domain: domain.add(hour, mode),
             })
         })
     }
@@ -352,22 +411,86 @@ impl ClassCounts {
 
     /// Counts the request without checking the budgets; returns the counts after it.
     pub fn add(&self, principal: &[u8], hour: u64) -> Counts {
+        self.add_as(principal, hour, CountMode::Local)
+    }
+
+    /// Counts like [`Self::add`], in place of a shared store that is unavailable. The count is
+    /// also kept as unshared until [`Self::shared`] reports that the store took it.
+    pub fn add_unshared(&self, principal: &[u8], hour: u64) -> Counts {
+        self.add_as(principal, hour, CountMode::Unshared)
+    }
+
+    fn add_as(&self, principal: &[u8], hour: u64, mode: CountMode) -> Counts {
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.with_slots(principal, hour, |slot, domain| Counts {
-            principal: slot.add(hour),
-            domain: domain.add(hour),
+            principal: slot.add(hour, mode),
+            domain: domain.add(hour, mode),
         })
     }
 
-    /// Sets the counts of `hour` to `counts`, as a shared store reported them. Local counting
-    /// starts from them when the store becomes unreachable. Counts made here while the store
-    /// was unreachable are dropped, as are higher counts that a store restarted empty lost.
-    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) {
-        self.with_slots(principal, hour, |slot, domain| {
-            slot.set(hour, counts.principal);
-            domain.set(hour, counts.domain);
+    /// Sets the counts of `hour` to `counts`, as a shared store reported them, plus the counts
+    /// of `hour` that the store has not taken yet. Local counting starts from these counts when
+    /// the store becomes unavailable. Higher counts that a store restarted empty lost are
+    /// dropped. Returns whether unshared counts of `hour` wait to be sent to the store.
+    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) -> bool {
+        let waiting = self.with_slots(principal, hour, |slot, domain| {
+            slot.observe(hour, counts.principal);
+            domain.observe(hour, counts.domain);
+            domain.hour == hour && domain.unshared > 0
         });
         self.changes.fetch_add(1, Ordering::Relaxed);
+        waiting
+    }
+
+    /// Returns the counters with unshared counts of `hour`.
+    pub fn unshared(&self, hour: u64) -> Vec<Unshared> {
+        let mut out = Vec::new();
+        for (index, shard) in self.shards.iter().enumerate() {
+            let shard = shard.lock();
+            out.extend(
+                shard
+                    .entries
+                    .iter()
+                    .filter(|(_, slot)| slot.hour == hour && slot.unshared > 0)
+                    .map(|(name, slot)| Unshared {
+                        principal: name.clone(),
+                        count: slot.unshared,
+                        shard: index,
+                    }),
+            );
+        }
+        out
+    }
+
+    /// Records that the shared store took the counts of `sent` in `hour` and reported `counts`
+    /// after them, which [`Self::observe`] then sets.
+    pub fn shared(&self, sent: &Unshared, hour: u64, counts: Counts) {
+        let amount = sent.count;
+        self.with_slots_in(sent.shard, &sent.principal, hour, |slot, domain| {
+            for (slot, count) in [(slot, counts.principal), (domain, counts.domain)] {
+                if slot.hour == hour {
+                    slot.unshared = slot.unshared.saturating_sub(amount);
+                }
+                slot.observe(hour, count);
+            }
+        });
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Starts a turn of sending the unshared counts to the shared store at `now`. Returns
+    /// `None` while another turn runs, or before the time that the last turn set with
+    /// `SharingTurn::retry_at`.
+    pub fn begin_sharing(self: &Arc<Self>, now: Instant) -> Option<SharingTurn> {
+        let mut sharing = self.sharing.lock();
+        if sharing.running || sharing.not_before.is_some_and(|at| now < at) {
+            return None;
+        }
+        sharing.running = true;
+        sharing.not_before = None;
+        Some(SharingTurn {
+            counts: Arc::clone(self),
+            retry_at: None,
+        })
     }
 
     /// Raises one counter of `hour` to at least `count`; `None` is the domain's counter.
@@ -425,6 +548,19 @@ impl ClassCounts {
         f: impl FnOnce(&mut Slot, &mut Slot) -> T,
     ) -> T {
         let index = self.hasher.hash_one(principal) as usize & (SHARDS - 1);
+        self.with_slots_in(index, principal, hour, f)
+    }
+
+    /// Runs `f` like [`Self::with_slots`], on the principal's slot in shard `index`. The
+    /// shared [`OVERFLOW_PRINCIPAL`] counter has a slot in each full shard, so it is found by
+    /// the shard, not by its name.
+    fn with_slots_in<T>(
+        &self,
+        index: usize,
+        principal: &[u8],
+        hour: u64,
+        f: impl FnOnce(&mut Slot, &mut Slot) -> T,
+    ) -> T {
         let mut shard = self.shards[index].lock();
         if hour > shard.hour {
             shard.entries.retain(|_, slot| slot.hour >= hour);
@@ -462,6 +598,40 @@ impl ClassCounts {
     }
 }
 
+/// Requests of one principal that were counted in place of the shared store and that the
+/// store has not taken yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unshared {
+    /// The principal's name, or [`OVERFLOW_PRINCIPAL`] for those beyond [`MAX_PRINCIPALS`].
+    pub principal: Box<[u8]>,
+    pub count: u64,
+    /// The shard that contains the counter.
+    shard: usize,
+}
+
+/// A turn of sending unshared counts to the shared store; the next turn can start once this
+/// one is dropped.
+#[derive(Debug)]
+pub struct SharingTurn {
+    counts: Arc<ClassCounts>,
+    retry_at: Option<Instant>,
+}
+
+impl SharingTurn {
+    /// Delays the next turn until `at`.
+    pub fn retry_at(&mut self, at: Instant) {
+        self.retry_at = Some(at);
+    }
+}
+
+impl Drop for SharingTurn {
+    fn drop(&mut self) {
+        let mut sharing = self.counts.sharing.lock();
+        sharing.running = false;
+        sharing.not_before = self.retry_at;
+    }
+}
+
 /// Returns the budget that `counts` leave no room in, if any.
 pub fn over_budget(limits: Limits, counts: Counts) -> Option<Scope> {
     if counts.principal >= limits.principal {
@@ -473,5 +643,91 @@ pub fn over_budget(limits: Limits, counts: Counts) -> Option<Scope> {
         Some(Scope::Domain)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: u64 = 7;
+    const LIMITS: Limits = Limits {
+        principal: 10,
+        domain: None,
+    };
+
+    fn counts(principal: u64, domain: u64) -> Counts {
+        Counts { principal, domain }
+    }
+
+    fn names_and_counts(unshared: &[Unshared]) -> Vec<(String, u64)> {
+        unshared
+            .iter()
+            .map(|u| (String::from_utf8_lossy(&u.principal).into_owned(), u.count))
+            .collect()
+    }
+
+    /// Counts made in place of the shared store stay on top of the store's counts until the
+    /// store reports that it took them.
+    #[test]
+    fn unshared_counts_survive_observe() {
+        let set = Registry::new().counts("d", Class::Index);
+        assert!(!set.observe(b"alice", HOUR, counts(3, 5)));
+        set.try_count_unshared(b"alice", LIMITS, HOUR);
+        set.add_unshared(b"alice", HOUR);
+        set.try_count(b"bob", LIMITS, HOUR);
+        assert!(set.observe(b"alice", HOUR, counts(4, 6)));
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(6, 8));
+        let unshared = set.unshared(HOUR);
+        assert_eq!(names_and_counts(&unshared), [("alice".to_owned(), 2)]);
+        assert_eq!(set.unshared(HOUR + 1), Vec::new());
+
+        set.shared(&unshared[0], HOUR, counts(7, 9));
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(7, 9));
+        assert_eq!(set.unshared(HOUR), Vec::new());
+        assert!(!set.observe(b"alice", HOUR, counts(7, 9)));
+    }
+
+    /// Unshared counts that the store took only in part keep the rest on top.
+    #[test]
+    fn shared_in_part_keeps_the_rest() {
+        let set = Registry::new().counts("d", Class::Index);
+        for _ in 0..3 {
+            set.try_count_unshared(b"alice", LIMITS, HOUR);
+        }
+        let mut part = set.unshared(HOUR).remove(0);
+        part.count = 2;
+        set.shared(&part, HOUR, counts(2, 2));
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(3, 3));
+        assert_eq!(
+            names_and_counts(&set.unshared(HOUR)),
+            [("alice".to_owned(), 1)]
+        );
+    }
+
+    /// Unshared counts of an earlier hour are dropped when the hour turns.
+    #[test]
+    fn unshared_counts_end_with_their_hour() {
+        let set = Registry::new().counts("d", Class::Index);
+        set.try_count_unshared(b"alice", LIMITS, HOUR);
+        assert!(!set.observe(b"alice", HOUR + 1, counts(1, 1)));
+        assert_eq!(set.unshared(HOUR), Vec::new());
+        assert_eq!(set.unshared(HOUR + 1), Vec::new());
+    }
+
+    /// One sharing turn runs at a time, and a turn can delay the next.
+    #[test]
+    fn sharing_turns_one_at_a_time() {
+        let set = Registry::new().counts("d", Class::Index);
+        let start = Instant::now();
+        let mut turn = set.begin_sharing(start).expect("first turn");
+        assert!(set.begin_sharing(start).is_none());
+        turn.retry_at(start + std::time::Duration::from_secs(1));
+        drop(turn);
+        assert!(set.begin_sharing(start).is_none());
+        let later = start + std::time::Duration::from_secs(1);
+        let turn = set.begin_sharing(later).expect("turn after the retry time");
+        drop(turn);
+        assert!(set.begin_sharing(later).is_some());
     }
 }
