@@ -19,7 +19,8 @@ use mirror_proxy::config::{self, GatewayConfig};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Config file, for `run` when no subcommand is given.
+    /// Config file; a subcommand's own `-c` wins over this one. Default:
+    /// $MIRROR_GATEWAY_CONFIG, else /etc/mirror-gateway/gateway.toml.
     #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
 }
@@ -35,25 +36,29 @@ const DEFAULT_CONFIG: &str = "/etc/mirror-gateway/gateway.toml";
 enum Command {
     /// Serve requests until SIGTERM (graceful) or SIGINT (fast).
     Run {
-        /// Config file.
-        #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Take over the listening sockets of the running gateway (zero-downtime binary
-        /// upgrade): start this, then send the old process SIGQUIT.
+        /// Config file; default: the `-c` before the subcommand, else
+        /// $MIRROR_GATEWAY_CONFIG, else /etc/mirror-gateway/gateway.toml.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Take over the listening sockets of the running gateway named in
+        /// `server.pid_file` (zero-downtime binary upgrade); sends it SIGQUIT.
         #[arg(long)]
         upgrade: bool,
     },
     /// Validate a config file and list every error; exit 0 when valid, 1 otherwise.
     Check {
-        /// Config file.
-        #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// Config file; default: the `-c` before the subcommand, else
+        /// $MIRROR_GATEWAY_CONFIG, else /etc/mirror-gateway/gateway.toml.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Sync the export trees once from their sources (S3 or a directory), then exit.
     Sync {
-        /// File with the `[sync]` section: a sync file or the gateway's config file.
-        #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// File with the `[sync]` section: a sync file or the gateway's config file; default:
+        /// the `-c` before the subcommand, else $MIRROR_GATEWAY_CONFIG, else
+        /// /etc/mirror-gateway/gateway.toml.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// Run only this job (repeatable); all jobs when not given.
         #[arg(long = "job", value_name = "NAME")]
         jobs: Vec<String>,
@@ -64,9 +69,10 @@ enum Command {
     /// Ask the running gateway to reload its configuration (SIGHUP to the pid in
     /// `server.pid_file`), as `nginx -s reload` does.
     Reload {
-        /// Config file of the running gateway.
-        #[arg(short, long, env = "MIRROR_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// Config file of the running gateway; default: the `-c` before the subcommand, else
+        /// $MIRROR_GATEWAY_CONFIG, else /etc/mirror-gateway/gateway.toml.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Print the version.
     Version,
@@ -74,19 +80,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let or_default = |config: Option<PathBuf>| config.unwrap_or_else(|| cli.config.clone());
     match cli.command {
         Some(Command::Version) => {
             println!("mirror-gateway {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Some(Command::Check { config }) => check(&config),
-        Some(Command::Reload { config }) => reload(&config),
-        Some(Command::Run { config, upgrade }) => run(&config, upgrade),
+        Some(Command::Check { config }) => check(&or_default(config)),
+        Some(Command::Reload { config }) => reload(&or_default(config)),
+        Some(Command::Run { config, upgrade }) => run(&or_default(config), upgrade),
         Some(Command::Sync {
             config,
             jobs,
             allow_mass_delete,
-        }) => sync(config, jobs, allow_mass_delete),
+        }) => sync(or_default(config), jobs, allow_mass_delete),
         None => run(&cli.config, false),
     }
 }
@@ -286,7 +293,7 @@ fn reload(path: &Path) -> ExitCode {
             );
         }
     }
-    let pid = match running_pid(&pid_file) {
+    let pid = match mirror_proxy::pid_file::running_gateway(&pid_file) {
         Ok(pid) => pid,
         Err(problem) => {
             eprintln!(
@@ -300,16 +307,14 @@ fn reload(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
+    let sighup = nix::sys::signal::Signal::SIGHUP;
+    match mirror_proxy::pid_file::signal(pid, sighup, &pid_file) {
         Ok(()) => {
             println!("sent SIGHUP to mirror-gateway (pid {pid}); its log tells whether the reload was applied");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!(
-                "error: cannot signal pid {pid} from {}: {e}",
-                pid_file.display()
-            );
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -323,49 +328,6 @@ fn reload_environment() -> Vec<(String, String)> {
         eprintln!("warning: {name}: the value is not valid UTF-8, so it is left out here");
     }
     vars
-}
-
-/// Reads the pid in `pid_file` and checks that a process of that id runs. The error states
-/// whether the file is missing, contains no pid, or names a process that is not running.
-fn running_pid(pid_file: &Path) -> Result<nix::unistd::Pid, String> {
-    let text = match std::fs::read_to_string(pid_file) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err("the pid file is missing, so no signal was sent".into())
-        }
-        Err(e) => return Err(format!("cannot read the pid file: {e}")),
-    };
-    // 0 and negative numbers would signal process groups.
-    let Some(number) = text.trim().parse::<i32>().ok().filter(|n| *n > 0) else {
-        return Err(format!(
-            "the pid file contains {:?}, not a process id",
-            text.trim()
-        ));
-    };
-    let pid = nix::unistd::Pid::from_raw(number);
-    // Signal 0 checks that the process exists without signalling it.
-    if let Err(nix::errno::Errno::ESRCH) = nix::sys::signal::kill(pid, None) {
-        return Err(format!(
-            "the pid file names pid {number} which is not running, so no signal was sent"
-        ));
-    }
-    // A pid file left behind by a gateway that did not exit cleanly may name a pid that the
-    // system has since given to another program, which SIGHUP would stop.
-    let program = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|name| name.trim().to_owned())
-    };
-    let target = program(&number.to_string()).map_err(|e| {
-        format!("cannot tell which program pid {number} runs ({e}), so no signal was sent")
-    })?;
-    let own = program("self").unwrap_or_default();
-    if target == own || target == "mirror-gateway" {
-        Ok(pid)
-    } else {
-        Err(format!(
-            "the pid file names pid {number}, which runs `{target}`, not mirror-gateway (the pid \
-             file is probably stale), so no signal was sent"
-        ))
-    }
 }
 
 /// Returns whether the file has a `[sync]` table and no `[domains]`: a sync file of its own.

@@ -90,6 +90,18 @@ fn check_valid_config_from_env() {
 }
 
 #[test]
+fn config_before_subcommand_applies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let output = gateway(&["-c", &path, "check"], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let broken = write_broken(dir.path());
+    let output = gateway(&["-c", &broken, "check", "-c", &path], &[]);
+    assert_eq!(output.status.code(), Some(0), "the subcommand's -c wins");
+}
+
+#[test]
 fn check_broken_exits_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_broken(dir.path());

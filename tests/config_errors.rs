@@ -344,7 +344,7 @@ fn memory_too_small() {
     fx.expect(
         &text,
         "cache.memory_bytes",
-        Some("524288"),
+        Some("\"512KiB\""),
         "at least 1 MiB",
     );
 }
@@ -365,7 +365,7 @@ fn size_unit_unknown() {
 fn max_object_over_memory() {
     let fx = Fixture::new();
     let text = format!("[cache]\nmemory_bytes = \"8MiB\"\nmax_object_bytes = \"9MiB\"\n{DOMAIN}");
-    let value = Some("9437184");
+    let value = Some("\"9MiB\"");
     fx.expect(
         &text,
         "cache.max_object_bytes",
@@ -1123,6 +1123,36 @@ fn env_budget_alias_lower_case_id() {
 }
 
 #[test]
+fn budget_negative_states_minimum() {
+    let fx = Fixture::new();
+    for (plugin, key) in [
+        (
+            "name = \"rate_limit\"\nrequests_per_second = 5\nburst = -1",
+            "burst",
+        ),
+        (
+            "name = \"rate_limit\"\nrequests_per_second = 5\nburst = 2\nmax_concurrent_per_ip = -3",
+            "max_concurrent_per_ip",
+        ),
+        (
+            "name = \"quota\"\nindex_per_hour = 5\ndownload_per_hour = 5\n\
+             domain_download_per_hour = -2",
+            "domain_download_per_hour",
+        ),
+    ] {
+        let text = format!("{DOMAIN}\n[[domains.primary.plugins]]\n{plugin}\n");
+        let errors = fx.errors(&text, &[]);
+        let error = on_key(&errors, &format!("domains.primary.plugins[2].{key}"));
+        assert!(
+            error
+                .reason
+                .contains("expected a whole number of at least 1"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
 fn budget_plugin_listed_twice() {
     let fx = Fixture::new();
     for plugin in [
@@ -1406,6 +1436,46 @@ fn short_lock_wait_warns() {
     );
     let config = fx.config(&domain, &[]);
     on_key(&config.warnings, "domains.primary.lock_wait_timeout_secs");
+}
+
+#[test]
+fn lock_age_within_wait_warns() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\nlock_age_timeout_secs = 10\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    let warning = on_key(&config.warnings, "cache.lock_wait_timeout_secs");
+    assert!(
+        warning.reason.contains("lock_age_timeout_secs (10 s)"),
+        "{warning}"
+    );
+
+    let text =
+        format!("[cache]\nlock_age_timeout_secs = 40\nlock_wait_timeout_secs = 39\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    let age_warnings = config
+        .warnings
+        .iter()
+        .filter(|w| w.reason.contains("lock_age_timeout_secs"))
+        .count();
+    assert_eq!(age_warnings, 0, "{:#?}", config.warnings);
+}
+
+#[test]
+fn server_waits_capped_at_one_day() {
+    let fx = Fixture::new();
+    for key in [
+        "send_timeout_secs",
+        "grace_period_secs",
+        "shutdown_timeout_secs",
+    ] {
+        let text = format!("[server]\n{key} = 86401\n{DOMAIN}");
+        fx.expect(
+            &text,
+            &format!("server.{key}"),
+            Some("86401"),
+            "at most 86400 seconds",
+        );
+    }
 }
 
 #[test]

@@ -80,6 +80,41 @@ async fn reload_adds_host_keeps_cache() {
     assert_eq!(origin.count(), 1);
 }
 
+/// Writes a config that adds host `b.test`, then returns how `b.test` is answered after
+/// `wait`.
+async fn status_after_edit(reload_on_change: bool, wait: Duration) -> u16 {
+    let id = format!("edit-reloads-{reload_on_change}");
+    let origin = TestOrigin::start(|_| Reply::ok("payload")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = format!("reload_on_change = {reload_on_change}");
+    let gateway = TestGateway::start(
+        dir.path(),
+        &config(&id, origin.addr, "\"a.test\"", 100, &server),
+    );
+    assert_eq!(status(gateway.url("/bundle.json"), "b.test").await, 421);
+    let edited = config(&id, origin.addr, "\"a.test\", \"b.test\"", 100, &server);
+    std::fs::write(dir.path().join("gateway.toml"), edited).expect("write");
+    let deadline = Instant::now() + wait;
+    loop {
+        let got = status(gateway.url("/bundle.json"), "b.test").await;
+        if got != 421 || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edited_file_reloads_by_itself() {
+    assert_eq!(status_after_edit(true, Duration::from_secs(10)).await, 200);
+}
+
+/// The file is checked every 2 seconds, so 5 seconds cover two checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn edited_file_waits_for_reload_when_off() {
+    assert_eq!(status_after_edit(false, Duration::from_secs(5)).await, 421);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_reload_keeps_running() {
     let id = "broken-reload-keeps-running";
@@ -406,7 +441,12 @@ fn reload_command(path: &Path, env: &[(&str, &str)]) -> std::process::Output {
 /// Starts a copy of `sleep 30` named `mirror-gateway` in `dir`, which `reload` takes for a
 /// gateway: it signals only processes of that name.
 fn signal_target(dir: &Path) -> std::process::Child {
-    let program = dir.join("mirror-gateway");
+    signal_target_named(dir, "mirror-gateway")
+}
+
+/// Starts a copy of `sleep 30` named `name` in `dir`.
+fn signal_target_named(dir: &Path, name: &str) -> std::process::Child {
+    let program = dir.join(name);
     let sleep = ["/usr/bin/sleep", "/bin/sleep"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -533,6 +573,25 @@ fn reload_command_other_program() {
     );
     assert!(err.contains("kill -HUP"), "{err}");
     assert!(still_running, "sleep got a signal");
+}
+
+/// The kernel keeps 15 bytes of a program's name, so `mirror-gateway-2.1.0` runs as
+/// `mirror-gateway-`, which is still a gateway.
+#[test]
+fn reload_command_signals_long_program_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let path = dir.path().join("gateway.toml");
+    let server = format!("pid_file = \"{}\"", pid_file.display());
+    let config = reload_target_config(&server, "/nonexistent/users.htpasswd");
+    std::fs::write(&path, config).expect("write config");
+    let mut target = signal_target_named(dir.path(), "mirror-gateway-2.1.0");
+    std::fs::write(&pid_file, format!("{}\n", target.id())).expect("write pid file");
+
+    let output = reload_command(&path, &[]);
+    let signal = ending_signal(&mut target);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_text(&output));
+    assert_eq!(signal, Some(nix::sys::signal::Signal::SIGHUP as i32));
 }
 
 #[test]

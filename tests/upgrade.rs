@@ -1,5 +1,5 @@
-//! End-to-end: the zero-downtime binary upgrade. A new process started with `--upgrade` takes
-//! over the listening socket when the old one gets SIGQUIT; clients see no failed request.
+//! End-to-end: the zero-downtime binary upgrade. A new process started with `--upgrade` sends
+//! the old one SIGQUIT and takes over its listening socket; clients see no failed request.
 
 mod common;
 
@@ -83,13 +83,12 @@ origin = "web"
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let old_pid = nix::unistd::Pid::from_raw(old.id() as i32);
-    nix::sys::signal::kill(old_pid, nix::sys::signal::Signal::SIGQUIT)
-        .expect("SIGQUIT the old process");
     started_rx
         .recv_timeout(Duration::from_secs(15))
         .expect("the new process took over the sockets");
+    // A script written for signalling by hand sends SIGQUIT as well; it changes nothing.
+    let old_pid = nix::unistd::Pid::from_raw(old.id() as i32);
+    let _ = nix::sys::signal::kill(old_pid, nix::sys::signal::Signal::SIGQUIT);
 
     let (sent, failures) = load.await.expect("load");
     let old_status = old.wait().expect("old process exits");
@@ -112,4 +111,33 @@ origin = "web"
         "the old process exited by itself"
     );
     assert_eq!(after.ok(), Some(200));
+}
+
+#[test]
+fn upgrade_without_running_gateway_fails_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let config = BASE_CONFIG.replace(
+        "[server]\n",
+        &format!("[server]\npid_file = \"{}\"\n", pid_file.display()),
+    );
+    let config = format!(
+        "{config}\n[domains.primary]\nhosts = [\"127.0.0.1\"]\n\
+         [domains.primary.origins.web]\nkind = \"http\"\naddresses = [\"127.0.0.1:9\"]\n\
+         [[domains.primary.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
+    );
+    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
+        .args(["run", "--upgrade", "-c"])
+        .arg(dir.path().join("gateway.toml"))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run mirror-gateway");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("the pid file is missing"), "{stderr}");
+    assert!(stderr.contains("start without --upgrade"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
 }

@@ -39,6 +39,7 @@ pub mod rate_limit;
 pub mod registry;
 pub mod settings;
 pub mod ttl;
+pub mod watched_file;
 
 use std::net::IpAddr;
 use std::time::Duration;

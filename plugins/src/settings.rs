@@ -177,10 +177,25 @@ fn describe_integer(found: &str, bounds: &IntegerBounds) -> String {
         .strip_prefix("invalid type: string \"")
         .and_then(|rest| rest.strip_suffix('"'))
         .filter(|text| text.trim().parse::<i64>().is_ok());
-    match quoted {
-        Some(text) => format!(
+    if let Some(text) = quoted {
+        return format!(
             "a whole number; write it without quotes, e.g. {}",
             text.trim()
+        );
+    }
+    // A number with a unit, such as "60s": the key's name gives the unit.
+    let with_unit = found
+        .strip_prefix("invalid type: string \"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .map(|text| {
+            text.trim()
+                .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        })
+        .filter(|number| number.trim().parse::<i64>().is_ok());
+    match with_unit {
+        Some(number) => format!(
+            "a whole number without quotes or unit, e.g. {}; the key's name gives the unit",
+            number.trim()
         ),
         None => "a whole number".into(),
     }
@@ -332,6 +347,11 @@ mod tests {
             (
                 "byte = 300",
                 "invalid value: integer `300`, expected a whole number, at most 255",
+            ),
+            (
+                "big = \"60s\"",
+                "invalid type: string \"60s\", expected a whole number without quotes or unit, \
+                 e.g. 60; the key's name gives the unit",
             ),
             (
                 "signed = \"x\"",

@@ -139,6 +139,11 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(
+        "cannot take over from a running gateway: {pid_file}: {reason}; start without \
+         --upgrade when no gateway runs, or check server.pid_file"
+    )]
+    Upgrade { pid_file: PathBuf, reason: String },
     #[error("invalid [sync] section: {}", .0.join("; "))]
     Sync(Vec<String>),
 }
@@ -180,7 +185,7 @@ impl App {
         };
         let mut server = Server::new_with_opt_and_conf(Some(options), server_conf);
         if upgrade {
-            tracing::info!("waiting for the running gateway's listening sockets (send it SIGQUIT)");
+            signal_running_gateway(&config.server.pid_file)?;
             server.bootstrap();
         }
         let binder = Binder { upgrade };
@@ -441,6 +446,20 @@ const CLIENT_WRITE_BUFFER_BYTES: usize = 2 * 1024;
 fn client_listener(addr: &str) -> ListenerConfig {
     let buffers = L4BufferSettings::default().write(CLIENT_WRITE_BUFFER_BYTES);
     ListenerConfig::tcp(addr).l4_buffer(buffers)
+}
+
+/// Sends SIGQUIT to the gateway named in `pid_file`, so that it hands its listening sockets
+/// to this process, which waits for them next. The old process tries to connect for about
+/// 5 seconds (Pingora 0.9.1), and this process binds the hand-over socket right after.
+fn signal_running_gateway(pid_file: &Path) -> Result<(), StartError> {
+    let failed = |reason| StartError::Upgrade {
+        pid_file: pid_file.to_path_buf(),
+        reason,
+    };
+    let pid = crate::pid_file::running_gateway(pid_file).map_err(failed)?;
+    crate::pid_file::signal(pid, nix::sys::signal::Signal::SIGQUIT, pid_file).map_err(failed)?;
+    tracing::info!(%pid, "sent SIGQUIT to the running gateway; waiting for its listening sockets");
+    Ok(())
 }
 
 fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {

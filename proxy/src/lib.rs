@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod origin;
 pub mod path;
+pub mod pid_file;
 pub mod readiness;
 pub mod reload;
 mod respond;

@@ -4,7 +4,9 @@ use std::fmt;
 use std::io::IsTerminal;
 
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::{Event, Level, Subscriber};
+use tracing_log::{AsLog, LogTracer};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -14,12 +16,76 @@ use tracing_subscriber::EnvFilter;
 /// Logs go to standard error, so standard output carries only the access log. Colours are
 /// used only when standard error is a terminal, so log files and pipes get plain text.
 pub fn init(level: &str) {
-    let _ = tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .try_init();
+        .finish();
+    if tracing::subscriber::set_global_default(subscriber).is_ok()
+        && log::set_boxed_logger(Box::new(PingoraLog(LogTracer::new()))).is_ok()
+    {
+        log::set_max_level(LevelFilter::current().as_log());
+    }
+}
+
+/// Forwards Pingora's `log` records to `tracing`, with the level of a few records lowered.
+/// Pingora 0.9.1 logs at error level events that are no fault of the gateway and need no
+/// action, so an alert on error lines would fire on every health check.
+struct PingoraLog(LogTracer);
+
+impl log::Log for PingoraLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        match lowered_level(record) {
+            Some(level) => self.0.log(
+                &log::Record::builder()
+                    .args(*record.args())
+                    .level(level)
+                    .target(record.target())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
+            None => self.0.log(record),
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
+/// Returns the level that `record` is logged at instead of its own, if it is one of:
+///
+/// - `Fail to proxy: ..., downstream session type: ...` from `pingora_proxy`: a client
+///   connection that closed, timed out or broke before it sent a whole request header, as a
+///   TCP or TLS health check does (debug);
+/// - `No incoming socket transfer, sleep 1s and try again` from the upgrade hand-over: a
+///   `run --upgrade` process that waits for the old one's sockets (info).
+fn lowered_level(record: &log::Record<'_>) -> Option<log::Level> {
+    if record.level() > log::Level::Warn {
+        return None;
+    }
+    let target = record.target();
+    if target == "pingora_proxy" {
+        let message = record.args().to_string();
+        let unread_request =
+            message.starts_with("Fail to proxy: ") && message.contains("downstream session type:");
+        return unread_request.then_some(log::Level::Debug);
+    }
+    if target.starts_with("pingora_core::server::transfer_fd") {
+        let waiting = record
+            .args()
+            .to_string()
+            .starts_with("No incoming socket transfer");
+        return waiting.then_some(log::Level::Info);
+    }
+    None
 }
 
 /// Runs `load`, which reads the config, with warnings and errors going to standard error.
@@ -136,5 +202,40 @@ mod tests {
         });
         let text = String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("UTF-8");
         assert_eq!(text, "warning: htpasswd line ignored (line=3, user=\"\")\n");
+    }
+
+    /// Returns the level [`lowered_level`] gives a record of `level`, `target` and `message`.
+    fn lowered(level: log::Level, target: &str, message: &str) -> Option<log::Level> {
+        lowered_level(
+            &log::Record::builder()
+                .level(level)
+                .target(target)
+                .args(format_args!("{message}"))
+                .build(),
+        )
+    }
+
+    #[test]
+    fn pingora_noise_lowered() {
+        let closed = "Fail to proxy: Downstream ConnectionClosed context: while reading request \
+                      headers, bytes already read: 1, downstream session type: h1";
+        let error = log::Level::Error;
+        assert_eq!(
+            lowered(error, "pingora_proxy", closed),
+            Some(log::Level::Debug)
+        );
+        let waiting = "No incoming socket transfer, sleep 1s and try again";
+        let transfer = "pingora_core::server::transfer_fd";
+        assert_eq!(lowered(error, transfer, waiting), Some(log::Level::Info));
+    }
+
+    #[test]
+    fn other_pingora_errors_kept() {
+        let error = log::Level::Error;
+        let upstream = "Fail to proxy: Upstream ConnectRefused, status: 502, tries: 1";
+        assert_eq!(lowered(error, "pingora_proxy", upstream), None);
+        let closed = "Fail to proxy: x, downstream session type: h1";
+        assert_eq!(lowered(error, "pingora_core", closed), None);
+        assert_eq!(lowered(log::Level::Info, "pingora_proxy", closed), None);
     }
 }

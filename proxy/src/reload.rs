@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -112,6 +113,8 @@ pub struct Reloader {
     monitor: Arc<crate::status::Monitor>,
     /// Hands a new `[sync]` section to the sync scheduler.
     sync: Arc<SyncControl>,
+    /// `server.reload_on_change` of the configuration applied last.
+    reload_on_change: AtomicBool,
 }
 
 /// The outcome of a reload, for logs, metrics and tests.
@@ -145,6 +148,7 @@ impl Reloader {
             stamps: Mutex::new(stamps_of(config)),
             monitor,
             sync,
+            reload_on_change: AtomicBool::new(config.server.reload_on_change),
         }
     }
 
@@ -207,6 +211,8 @@ impl Reloader {
                 let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
                 tracing::info!(config = %self.path.display(), ?domains, "reload applied");
                 *self.stamps.lock() = stamps_of(&config);
+                self.reload_on_change
+                    .store(config.server.reload_on_change, Ordering::Relaxed);
                 ReloadOutcome::Applied
             }
             Err(error) => {
@@ -240,8 +246,12 @@ impl Reloader {
         self.restart_pending.lock().clone()
     }
 
-    /// Returns the first watched file that changed since the last load, if any.
+    /// Returns the first watched file that changed since the last load, if any; always `None`
+    /// with `server.reload_on_change = false`.
     fn changed_file(&self) -> Option<PathBuf> {
+        if !self.reload_on_change.load(Ordering::Relaxed) {
+            return None;
+        }
         let stamps = self.stamps.lock();
         stamps
             .iter()

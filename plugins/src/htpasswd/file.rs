@@ -2,10 +2,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::path::Path;
-use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use sha1::Sha1;
@@ -13,17 +11,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::apr1;
+use crate::watched_file::{open_nonblocking, FileStamp};
 
 /// Largest htpasswd file read, in bytes.
 pub const MAX_FILE_LEN: u64 = 16 * 1024 * 1024;
 
 /// Cost of the stand-in bcrypt hash when the file has no usable entry to copy the cost from.
 const FALLBACK_BCRYPT_COST: u32 = 10;
-
-/// Age below which a modification time is not trusted, so the file is read again on the next
-/// check even with unchanged metadata. File systems keep coarse modification times, and two
-/// writes close together can leave the same time and size.
-const SETTLE_TIME: Duration = Duration::from_secs(2);
 
 /// Unsupported hash formats recognised by their prefix, with the name used in warnings.
 const UNSUPPORTED_PREFIXES: &[(&str, &str)] = &[
@@ -174,42 +168,6 @@ pub struct Snapshot {
     pub text: String,
 }
 
-/// Metadata compared between checks to detect a changed file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStamp {
-    device: u64,
-    inode: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-    /// The inode change time. A tool that copies in place and sets the old modification time
-    /// back (`cp -p`, `rsync --inplace -t`) changes only this.
-    changed: Option<SystemTime>,
-}
-
-impl FileStamp {
-    /// Takes the stamp of a file's metadata.
-    pub fn of(meta: &Metadata) -> Self {
-        let (device, inode) = device_and_inode(meta);
-        Self {
-            device,
-            inode,
-            len: meta.len(),
-            modified: meta.modified().ok(),
-            changed: change_time(meta),
-        }
-    }
-
-    /// Tells whether the file was modified so shortly before `now` that a further write could
-    /// leave the same stamp. Such a file must be read again even if its stamp is unchanged.
-    pub fn is_unsettled(&self, now: SystemTime) -> bool {
-        let latest = self.modified.max(self.changed);
-        match latest.map(|latest| now.duration_since(latest)) {
-            Some(Ok(age)) => age < SETTLE_TIME,
-            Some(Err(_)) | None => true,
-        }
-    }
-}
-
 /// Error from loading an htpasswd file.
 #[derive(Debug)]
 pub enum LoadError {
@@ -242,7 +200,7 @@ impl fmt::Display for LoadError {
 /// The stamp is taken before the contents are read, so a write that lands during the read
 /// shows as a changed stamp on the next check.
 pub fn read_snapshot(path: &Path) -> Result<Snapshot, LoadError> {
-    let file = File::open(path).map_err(LoadError::Io)?;
+    let file = open_nonblocking(path).map_err(LoadError::Io)?;
     let meta = file.metadata().map_err(LoadError::Io)?;
     if !meta.is_file() {
         return Err(LoadError::NotAFile);
@@ -419,30 +377,6 @@ fn parse_sha1(rest: &str) -> Result<Hash, Problem> {
         .ok_or(Problem::Malformed(
             "`{SHA}` value is not base64 of 20 bytes",
         ))
-}
-
-#[cfg(unix)]
-fn device_and_inode(meta: &Metadata) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    (meta.dev(), meta.ino())
-}
-
-#[cfg(not(unix))]
-fn device_and_inode(_meta: &Metadata) -> (u64, u64) {
-    (0, 0)
-}
-
-#[cfg(unix)]
-fn change_time(meta: &Metadata) -> Option<SystemTime> {
-    use std::os::unix::fs::MetadataExt;
-    let secs = u64::try_from(meta.ctime()).ok()?;
-    let nanos = u32::try_from(meta.ctime_nsec()).ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
-}
-
-#[cfg(not(unix))]
-fn change_time(_meta: &Metadata) -> Option<SystemTime> {
-    None
 }
 
 #[cfg(test)]
@@ -670,12 +604,15 @@ mod tests {
     }
 
     #[test]
-    fn stamp_of_fresh_file_unsettled() {
+    fn snapshot_rejects_fifo_without_waiting() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("users");
-        std::fs::write(&path, SHA).expect("write");
-        let stamp = read_snapshot(&path).expect("snapshot").stamp;
-        assert!(stamp.is_unsettled(SystemTime::now()));
-        assert!(!stamp.is_unsettled(SystemTime::now() + SETTLE_TIME * 2));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo");
+        let err = read_snapshot(&path).err();
+        assert!(matches!(err, Some(LoadError::NotAFile)), "{err:?}");
     }
 }

@@ -52,8 +52,9 @@ use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use crate::settings::{self, render, SettingError};
+use crate::watched_file::FileStamp;
 use crate::{BuildContext, LocalResponse, Plugin, RequestInfo, RequestState, Verdict};
-use file::{FileStamp, LineIssue, Snapshot, Users};
+use file::{LineIssue, Snapshot, Users};
 use header::Credentials;
 
 /// Label recorded in [`RequestState::rejected_by`] for requests this plugin turns away.

@@ -247,17 +247,34 @@ fn redis_config(raw: RawRedis) -> Result<RedisConfig, SettingError> {
     })
 }
 
-/// Replaces the password of a `redis://user:password@host` URL with `***`.
+/// Replaces the password of a `redis://user:password@host` URL, and the value of a `pass` or
+/// `password` query parameter (as `redis+unix://` URLs carry it), with `***`. The user part
+/// ends at the last `@`, so a password that contains `/`, `?` or `#` is masked whole.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    let rest = match rest.rfind('@') {
         Some(at) => {
             let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+            format!("{user}:***@{}", &rest[at + 1..])
         }
-        None => url.to_owned(),
-    }
+        None => rest.to_owned(),
+    };
+    let rest = match rest.split_once('?') {
+        Some((path, query)) => {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|parameter| match parameter.split_once('=') {
+                    Some((name, _)) if matches!(name, "pass" | "password") => {
+                        format!("{name}=***")
+                    }
+                    _ => parameter.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", parameters.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}://{rest}")
 }

@@ -5,7 +5,7 @@
 //! that cannot be read, does not parse, has another version or names another domain starts
 //! empty with a warning.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::store::{Class, ClassCounts};
 use super::window::Window;
+use crate::watched_file::{open_nonblocking, FileStamp};
 
 /// Version written in every state file; files of other versions are ignored.
 pub const FORMAT_VERSION: i64 = 1;
@@ -35,6 +36,10 @@ pub struct StateFile {
     sets: Vec<(Class, Arc<ClassCounts>)>,
     /// The counters' change number at the last write.
     saved: Mutex<Option<u64>>,
+    /// The stamp of the file as this process last read or wrote it. A save merges the file
+    /// into the counters only when the file changed since, so that a large file is not parsed
+    /// on every write.
+    seen: Mutex<Option<FileStamp>>,
     failing: AtomicBool,
 }
 
@@ -67,6 +72,7 @@ impl StateFile {
             domain: domain.to_owned(),
             sets,
             saved: Mutex::new(None),
+            seen: Mutex::new(None),
             failing: AtomicBool::new(false),
         });
         let mut all = ALL_FILES.lock();
@@ -87,10 +93,11 @@ impl StateFile {
     ///
     /// Says why the file was ignored; the counters are then left as they were.
     pub fn load(&self, now: SystemTime) -> Result<usize, String> {
-        let data = match read_file(&self.path)? {
-            Some(data) => data,
+        let (data, stamp) = match read_file(&self.path)? {
+            Some(read) => read,
             None => return Ok(0),
         };
+        *self.seen.lock() = Some(stamp);
         if data.domain != self.domain {
             return Err(format!(
                 "it holds the counts of domain {:?}; give each domain its own state_file",
@@ -139,12 +146,15 @@ impl StateFile {
         if *saved == Some(self.changes()) {
             return Ok(false);
         }
-        // A file that cannot be used is replaced, as it would be without the merge.
-        let _ = self.load(now);
+        if self.changed_since_seen(now) {
+            // A file that cannot be used is replaced, as it would be without the merge.
+            let _ = self.load(now);
+        }
         let changes = self.changes();
         let text = self.render(now)?;
         write_atomically(&self.path, text.as_bytes())?;
         *saved = Some(changes);
+        *self.seen.lock() = self.stamp();
         Ok(true)
     }
 
@@ -165,6 +175,22 @@ impl StateFile {
         }
     }
 
+    /// Returns whether the file may differ from what this process last read or wrote: its
+    /// stamp changed, or it was modified too recently for the stamp to tell.
+    fn changed_since_seen(&self, now: SystemTime) -> bool {
+        let current = self.stamp();
+        match current {
+            Some(stamp) => current != *self.seen.lock() || stamp.is_unsettled(now),
+            None => true,
+        }
+    }
+
+    fn stamp(&self) -> Option<FileStamp> {
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|meta| FileStamp::of(&meta))
+    }
+
     fn changes(&self) -> u64 {
         self.sets
             .iter()
@@ -182,7 +208,8 @@ impl StateFile {
                         class: class.label().to_owned(),
                         principal,
                         hour,
-                        count,
+                        // TOML integers end at i64::MAX; a count that high is over any budget.
+                        count: count.min(i64::MAX as u64),
                     }),
             );
         }
@@ -264,33 +291,53 @@ impl Drop for Saver {
     }
 }
 
-/// Reads and checks a state file; `Ok(None)` when there is none.
-fn read_file(path: &Path) -> Result<Option<FileData>, String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
+/// Reads and checks a state file; `Ok(None)` when there is none. Also returns the stamp the
+/// file had when it was opened.
+fn read_file(path: &Path) -> Result<Option<(FileData, FileStamp)>, String> {
+    let file = match open_nonblocking(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read it: {e}")),
     };
-    if meta.len() > MAX_FILE_BYTES {
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if !meta.is_file() {
+        return Err("it is not a regular file; point `state_file` at a file path".into());
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
         return Err(format!("it is larger than {MAX_FILE_BYTES} bytes"));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("it is not valid TOML: {}", e.message()))?;
-    match table.get("version").and_then(toml::Value::as_integer) {
-        Some(FORMAT_VERSION) => {}
-        Some(other) => {
-            return Err(format!(
-                "it has format version {other}; this gateway reads version {FORMAT_VERSION}"
-            ))
+    // The counts are read straight into their types. Only a file that does not fit them is
+    // parsed again as a plain table, so that the error can name its version.
+    let data = match toml::from_str::<FileData>(&text) {
+        Ok(data) if data.version == FORMAT_VERSION => data,
+        Ok(data) => return Err(version_error(Some(data.version))),
+        Err(e) => {
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e: toml::de::Error| format!("it is not valid TOML: {}", e.message()))?;
+            let version = table.get("version").and_then(toml::Value::as_integer);
+            if version != Some(FORMAT_VERSION) {
+                return Err(version_error(version));
+            }
+            return Err(format!("it does not hold quota counts: {}", e.message()));
         }
-        None => return Err("it has no integer `version`".into()),
+    };
+    Ok(Some((data, FileStamp::of(&meta))))
+}
+
+fn version_error(version: Option<i64>) -> String {
+    match version {
+        Some(other) => {
+            format!("it has format version {other}; this gateway reads version {FORMAT_VERSION}")
+        }
+        None => "it has no integer `version`".into(),
     }
-    toml::Value::Table(table)
-        .try_into()
-        .map(Some)
-        .map_err(|e: toml::de::Error| format!("it does not hold quota counts: {}", e.message()))
 }
 
 /// Writes `bytes` to a temp file next to `path`, syncs it and renames it over `path`.
@@ -321,4 +368,46 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::store::Registry;
+
+    fn file_in(dir: &Path, registry: &Registry) -> StateFile {
+        let sets = vec![(Class::Index, registry.counts("primary", Class::Index))];
+        StateFile {
+            path: dir.join("quota.state"),
+            domain: "primary".into(),
+            sets,
+            saved: Mutex::new(None),
+            seen: Mutex::new(None),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn own_write_is_not_read_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry::new();
+        let now = SystemTime::now();
+        let hour = Window::at(now).hour;
+        registry
+            .counts("primary", Class::Index)
+            .add(b"ip:192.0.2.1", hour);
+        let file = file_in(dir.path(), &registry);
+        assert!(file.save(now).expect("save"));
+        // Later than the stamp's settling time, so that the stamp alone decides.
+        let later = now + Duration::from_secs(10);
+        assert!(!file.changed_since_seen(later), "own write");
+
+        let other_registry = Registry::new();
+        other_registry
+            .counts("primary", Class::Index)
+            .add(b"ip:192.0.2.2", hour);
+        let other = file_in(dir.path(), &other_registry);
+        assert!(other.save(now).expect("other save"));
+        assert!(file.changed_since_seen(later), "another process's write");
+    }
 }

@@ -157,6 +157,32 @@ async fn path_outside_classes_is_not_counted() {
 }
 
 #[tokio::test]
+async fn background_refresh_is_not_counted() {
+    let plugin = build(SMALL);
+    for _ in 0..3 {
+        let headers = HeaderMap::new();
+        let req = RequestInfo {
+            domain: "primary",
+            method: &Method::GET,
+            path: INDEX,
+            query: None,
+            headers: &headers,
+            client_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        };
+        let mut state = RequestState {
+            background_refresh: true,
+            ..RequestState::default()
+        };
+        let verdict = plugin.check_at(&req, &mut state, at(10)).await;
+        assert_eq!(status(&verdict), 200);
+        assert_eq!(state.rate_limit, None);
+    }
+    let client = Sender::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let got = statuses(&plugin, INDEX, client, 3).await;
+    assert_eq!(got, [200, 200, 429]);
+}
+
+#[tokio::test]
 async fn path_outside_classes_sets_no_budget() {
     let plugin = build(SMALL);
     let (_, state) = send(&plugin, "/robots.txt", Sender::User("alice"), at(0)).await;
@@ -655,6 +681,18 @@ fn redact_url_masks_password() {
         config::redact_url("redis://user:pw@host:6379/0"),
         "redis://user:***@host:6379/0"
     );
+    assert_eq!(
+        config::redact_url("redis://u:pa/ss@127.0.0.1:6379/0"),
+        "redis://u:***@127.0.0.1:6379/0"
+    );
+    assert_eq!(
+        config::redact_url("redis+unix:///run/redis.sock?db=1&pass=secret"),
+        "redis+unix:///run/redis.sock?db=1&pass=***"
+    );
+    assert_eq!(
+        config::redact_url("redis://127.0.0.1:6379/0"),
+        "redis://127.0.0.1:6379/0"
+    );
 }
 
 /// Returns a loopback port with nothing listening on it.
@@ -940,6 +978,57 @@ fn state_file_of_other_domain_is_ignored() {
 fn state_file_wrong_shape_is_ignored() {
     let text = format!("version = {STATE_FILE_VERSION}\ndomain = \"primary\"\nsaved_at = \"x\"");
     assert!(load_text(&text, "primary").is_err());
+}
+
+#[test]
+fn state_file_fifo_is_ignored_without_waiting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("quota.state");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo");
+    let file = StateFile::new(path, "primary", state_set(&Registry::new(), "primary"));
+    let err = file.load(at(10)).expect_err("a FIFO");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn state_file_device_is_ignored() {
+    let file = StateFile::new(
+        "/dev/zero".into(),
+        "primary",
+        state_set(&Registry::new(), "primary"),
+    );
+    let err = file.load(at(10)).expect_err("a device");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn state_file_count_at_integer_limit_still_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("quota.state");
+    let registry = Registry::new();
+    let hour = Window::at(at(0)).hour;
+    let counts = registry.counts("primary", Class::Index);
+    counts.restore(Some(b"user:alice"), hour, i64::MAX as u64);
+    counts.add(b"user:alice", hour);
+    let file = StateFile::new(path.clone(), "primary", state_set(&registry, "primary"));
+    assert_eq!(file.save(at(1)).ok(), Some(true));
+    let reread = Registry::new();
+    let loaded = StateFile::new(path, "primary", state_set(&reread, "primary"));
+    assert_eq!(loaded.load(at(2)), Ok(2));
+    let unlimited = Limits {
+        principal: u64::MAX,
+        domain: None,
+    };
+    let principal = reread
+        .counts("primary", Class::Index)
+        .peek(b"user:alice", unlimited, hour)
+        .counts()
+        .principal;
+    assert_eq!(principal, i64::MAX as u64);
 }
 
 #[test]

@@ -162,9 +162,15 @@ impl RateLimitSettings {
             .filter(|r| (MIN_RATE..=MAX_RATE).contains(r))
             .and_then(|r| Duration::try_from_secs_f64(1.0 / r).ok());
         if interval.is_none() {
+            // A huge number is echoed in exponent form, as 1e300 and not its 301 digits.
+            let shown = if rps.abs() < 1e15 {
+                rps.to_string()
+            } else {
+                format!("{rps:e}")
+            };
             errors.push(SettingError::new(
                 "requests_per_second",
-                Some(rps.to_string()),
+                Some(shown),
                 "must be a number from 0.0000116 (one request per day) to 1000000; \
                  write e.g. 10 or 0.5",
             ));

@@ -104,6 +104,14 @@ fn build_rejects_rates_out_of_range() {
 }
 
 #[test]
+fn huge_rate_echoed_in_exponent_form() {
+    let Err(errors) = build_for("build-huge", "requests_per_second = 1e300\nburst = 1") else {
+        panic!("1e300 accepted");
+    };
+    assert_eq!(errors[0].value.as_deref(), Some("1e300"));
+}
+
+#[test]
 fn build_rejects_unknown_key() {
     let errors = build_for(
         "build-unknown",

@@ -18,7 +18,7 @@
 //! Two aliases keep the budget names of earlier mirror deployments:
 //! `MIRROR_GATEWAY__DOMAINS__<ID>__MAXINDEXREQUESTSPERHOUR` and `..._MAXDOWNLOADREQUESTSPERHOUR`
 //! set `index_per_hour` and `download_per_hour` of the domain's `quota` plugin entry, which the
-//! file must list.
+//! file or a variable that sets the domain's whole plugin list must list.
 
 use toml::{Table, Value};
 
@@ -78,7 +78,8 @@ pub fn near_miss_warnings(env: &[(String, String)]) -> Vec<ConfigError> {
         .collect()
 }
 
-/// Applies every `MIRROR_GATEWAY__...` variable of `env` to `root`, in name order.
+/// Applies every `MIRROR_GATEWAY__...` variable of `env` to `root`, in the order of
+/// [`apply_order`].
 ///
 /// Returns which variable set which key, and an error for each variable that could not be
 /// applied, naming the variable as its source and the key path it reached. The other
@@ -91,7 +92,7 @@ pub fn apply_overrides(
         .into_iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
         .collect();
-    vars.sort();
+    vars.sort_by_cached_key(|(name, value)| (apply_order(name), name.clone(), value.clone()));
     let mut sources = Sources::default();
     let mut errors = Vec::new();
     for (name, value) in vars {
@@ -103,12 +104,37 @@ pub fn apply_overrides(
             Err(reason) => errors.push(ConfigError::new(
                 name,
                 walk.path,
-                Some(format!("{value:?}")),
+                // Before the key is reached, the value is not what `walk.path` holds.
+                walk.at_key.then(|| format!("{value:?}")),
                 reason,
             )),
         }
     }
     (sources, errors)
+}
+
+/// Returns the place of variable `name` in the order of application: its key segments in
+/// upper case, so that a table or list is set before the keys inside it whatever the case of
+/// the names. A budget alias sorts as a key inside the domain's `plugins` that comes before
+/// every entry index. So it applies after a variable that sets the whole list (which may add
+/// the `quota` entry), and before the variables that set keys of single entries, which win.
+fn apply_order(name: &str) -> Vec<String> {
+    let segments: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(normalize)
+        .collect();
+    match segments.as_slice() {
+        [domains, domain, alias] if budget_alias(domains, alias).is_some() => {
+            // `\0` sorts before the digits of an entry index.
+            vec![
+                domains.clone(),
+                domain.clone(),
+                "PLUGINS".to_owned(),
+                format!("\0{alias}"),
+            ]
+        }
+        _ => segments,
+    }
 }
 
 /// The progress of one variable through the config: the path so far and the first key it added.
@@ -120,6 +146,8 @@ struct Walk {
     created: Option<String>,
     /// The variable name that sets the value at `path`, e.g. `MIRROR_GATEWAY__SERVER__LISTEN`.
     variable: String,
+    /// Whether `path` reached the key the variable sets, so that an error is about the value.
+    at_key: bool,
 }
 
 /// Sets the key that `name` designates.
@@ -160,6 +188,7 @@ fn walk_and_set(
         walk.variable.push_str(segment);
     }
     let slot = child(current, last, walk)?;
+    walk.at_key = true;
     *slot = typed_value(slot, value)?;
     Ok(())
 }
@@ -314,6 +343,7 @@ fn set_budget_alias(
     let slot = entry
         .entry(key)
         .or_insert_with(|| Value::Table(Table::new()));
+    walk.at_key = true;
     *slot = typed_value(slot, value)?;
     Ok(())
 }
@@ -323,20 +353,32 @@ fn typed_value(existing: &Value, text: &str) -> Result<Value, String> {
     if let Value::String(_) = existing {
         return Ok(Value::String(text.to_string()));
     }
+    // A text with more after the value, such as a line break and another key, is no value.
     let parsed = format!("v = {text}")
         .parse::<Table>()
         .ok()
-        .and_then(|mut t| t.remove("v"));
+        .filter(|table| table.len() == 1)
+        .and_then(|mut table| table.remove("v"));
     match parsed {
         Some(value) => Ok(value),
         None if matches!(existing, Value::Table(t) if t.is_empty()) => {
             Ok(Value::String(text.to_string()))
         }
+        None if existing.is_integer() && is_whole_number(text) => Err(format!(
+            "the number is out of range; a TOML integer is at most {}",
+            i64::MAX
+        )),
         None => Err(format!(
             "expected a TOML {} such as the file's `{existing}`",
             existing.type_str()
         )),
     }
+}
+
+/// Returns whether `text` is a sign and decimal digits, as an integer too large for TOML is.
+fn is_whole_number(text: &str) -> bool {
+    let digits = text.trim().trim_start_matches(['-', '+']);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn is_index(segment: &str) -> bool {
@@ -533,6 +575,7 @@ mod tests {
         let errors = apply("[domains.a]\nplugins = [{ name = \"ttl\" }]", &[(var, "5")])
             .expect_err("no quota plugin");
         assert_eq!(errors[0].source, var);
+        assert_eq!(errors[0].value, None, "the plugin list is not the value");
         assert!(
             errors[0].reason.contains("lists no quota plugin"),
             "{:?}",
@@ -588,6 +631,82 @@ mod tests {
             let quota = &root["domains"]["mirror-a"]["plugins"][1];
             assert_eq!(quota["index_per_hour"].as_integer(), Some(4), "{key}");
         }
+    }
+
+    #[test]
+    fn budget_alias_applies_after_whole_list() {
+        let plugins = "[{ name = \"quota\", index_per_hour = 5 }]";
+        let root = apply(
+            "[domains.d]\nhosts = [\"d.example\"]",
+            &[
+                (
+                    "MIRROR_GATEWAY__DOMAINS__D__MAXINDEXREQUESTSPERHOUR",
+                    "1000",
+                ),
+                ("MIRROR_GATEWAY__DOMAINS__D__PLUGINS", plugins),
+            ],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["d"]["plugins"][0]["index_per_hour"].as_integer(),
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn entry_variable_wins_over_alias_in_any_case() {
+        for alias in [
+            "MIRROR_GATEWAY__DOMAINS__MIRROR_A__MAXINDEXREQUESTSPERHOUR",
+            "MIRROR_GATEWAY__DOMAINS__mirror_a__maxindexrequestsperhour",
+        ] {
+            let entry = "MIRROR_GATEWAY__DOMAINS__MIRROR_A__PLUGINS__1__INDEX_PER_HOUR";
+            let root = apply(QUOTA_FILE, &[(alias, "3"), (entry, "4")]).expect(alias);
+            let quota = &root["domains"]["mirror-a"]["plugins"][1];
+            assert_eq!(quota["index_per_hour"].as_integer(), Some(4), "{alias}");
+        }
+    }
+
+    #[test]
+    fn whole_list_applies_before_entries_in_any_case() {
+        let root = apply(
+            "[domains.d]\nhosts = [\"d.example\"]",
+            &[
+                (
+                    "MIRROR_GATEWAY__DOMAINS__D__PLUGINS__0__INDEX_PER_HOUR",
+                    "9",
+                ),
+                (
+                    "MIRROR_GATEWAY__domains__d__plugins",
+                    "[{ name = \"quota\" }]",
+                ),
+            ],
+        )
+        .expect("applied");
+        assert_eq!(
+            root["domains"]["d"]["plugins"][0]["index_per_hour"].as_integer(),
+            Some(9)
+        );
+    }
+
+    #[test]
+    fn value_with_trailing_text_rejected() {
+        let errors = apply(
+            "[server]\nthreads = 2",
+            &[("MIRROR_GATEWAY__SERVER__THREADS", "9\nlisten = 1")],
+        )
+        .expect_err("trailing text");
+        assert!(
+            errors[0].reason.contains("expected a TOML integer"),
+            "{:?}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn integer_out_of_range_named() {
+        let var = "MIRROR_GATEWAY__DOMAINS__MIRROR_A__MAXINDEXREQUESTSPERHOUR";
+        let errors = apply(QUOTA_FILE, &[(var, "99999999999999999999")]).expect_err("too large");
+        assert!(errors[0].reason.contains("out of range"), "{:?}", errors[0]);
     }
 
     #[test]

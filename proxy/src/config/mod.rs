@@ -86,6 +86,8 @@ pub struct ServerSettings {
     pub pid_file: PathBuf,
     /// Maximum wait for a client to take one write of a response.
     pub send_timeout: Duration,
+    /// Whether a change on disk of the config file or a TLS file it names reloads by itself.
+    pub reload_on_change: bool,
 }
 
 /// Returns the pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else

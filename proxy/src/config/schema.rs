@@ -18,6 +18,7 @@ pub struct ServerSection {
     pub trusted_proxies: Vec<String>,
     pub pid_file: Option<String>,
     pub send_timeout_secs: u64,
+    pub reload_on_change: bool,
 }
 
 impl Default for ServerSection {
@@ -32,6 +33,7 @@ impl Default for ServerSection {
             trusted_proxies: Vec::new(),
             pid_file: None,
             send_timeout_secs: 60,
+            reload_on_change: true,
         }
     }
 }
@@ -226,6 +228,22 @@ fn default_idle_timeout_secs() -> u64 {
 /// A size in bytes, written as an integer or as a string with a unit (`"256MiB"`, `"2 GiB"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Returns the size as TOML: a string with the largest binary unit that divides it
+    /// (`"512KiB"`), or the plain number of bytes, so that an error shows it much as it was
+    /// written.
+    pub fn shown(self) -> String {
+        let units = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        units
+            .iter()
+            .find(|(_, shift)| self.0 >= 1 << shift && self.0 % (1 << shift) == 0)
+            .map_or_else(
+                || self.0.to_string(),
+                |(unit, shift)| format!("\"{}{unit}\"", self.0 >> shift),
+            )
+    }
+}
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {

@@ -13,7 +13,7 @@ use toml::{Table, Value};
 
 use super::env::Sources;
 use super::schema::{
-    AdminSection, CacheSection, DomainSection, LogSection, OriginSection, RouteSection,
+    AdminSection, ByteSize, CacheSection, DomainSection, LogSection, OriginSection, RouteSection,
     ServerSection,
 };
 use super::{
@@ -75,14 +75,27 @@ impl Errors<'_> {
     }
 }
 
+/// The largest `server.*_secs` wait accepted.
+const MAX_SERVER_WAIT_SECS: u64 = 86_400;
+
 /// Returns the range that docs/configuration.md gives for a whole-number key of the gateway's
-/// own sections, so that a type error states it in place of the type's limits. Plugin keys
-/// are left to the plugins.
+/// own sections or of the budget plugins, so that a type error states it in place of the
+/// type's limits.
 fn documented_range(key: &str) -> Option<&'static str> {
-    if key.contains(".plugins[") {
-        return None;
-    }
     let name = key.rsplit('.').next().unwrap_or(key);
+    if key.contains(".plugins[") {
+        // Keys of the budget and ttl plugins whose 0 is rejected after parsing.
+        return match name {
+            "burst"
+            | "max_concurrent_per_ip"
+            | "index_per_hour"
+            | "download_per_hour"
+            | "domain_index_per_hour"
+            | "domain_download_per_hour"
+            | "ttl_secs" => Some("of at least 1"),
+            _ => None,
+        };
+    }
     match name {
         "threads" if key == "server.threads" => Some("from 1 to 512"),
         "lock_wait_timeout_secs"
@@ -151,6 +164,7 @@ pub(super) fn validate(
     }
     if let Some(cache) = &cache {
         warn_short_lock_waits(cache.lock_wait_timeout, &domains, &mut warnings);
+        warn_lock_age_within_wait(cache, &domains, &mut warnings);
     }
     warn_look_alike_ids(&domains, &mut warnings);
 
@@ -213,6 +227,20 @@ fn validate_server(
             "must be at least 1 second; leave the key out for the default of 60",
         );
     }
+    // A day is far beyond any useful wait; larger values are most likely typing errors.
+    for (key, secs) in [
+        ("server.send_timeout_secs", s.send_timeout_secs),
+        ("server.grace_period_secs", s.grace_period_secs),
+        ("server.shutdown_timeout_secs", s.shutdown_timeout_secs),
+    ] {
+        if secs > MAX_SERVER_WAIT_SECS {
+            errors.push(
+                key,
+                Some(secs.to_string()),
+                format!("must be at most {MAX_SERVER_WAIT_SECS} seconds (one day)"),
+            );
+        }
+    }
     let trusted_proxies = validate_trusted_proxies(&s.trusted_proxies, errors, warnings);
     let runtime_dir = s.runtime_dir.map(|d| (resolve(dir, &d), d));
     if let Some((path, text)) = &runtime_dir {
@@ -241,6 +269,7 @@ fn validate_server(
             .as_deref()
             .map_or_else(super::default_pid_file, |p| resolve(dir, p)),
         send_timeout: Duration::from_secs(s.send_timeout_secs),
+        reload_on_change: s.reload_on_change,
     })
 }
 
@@ -331,6 +360,35 @@ fn warn_short_lock_waits(cache_wait: Duration, domains: &[Domain], warnings: &mu
                     origin.name,
                     domain.id,
                     origin_time.as_secs_f64().ceil() as u64
+                ),
+            );
+        }
+    }
+}
+
+/// Warns when a lock wait (the cache's, or a domain's own) is not shorter than
+/// `cache.lock_age_timeout_secs`. Waiters then still wait when the fill is presumed stuck, and
+/// one of them starts a second origin request for the same object.
+fn warn_lock_age_within_wait(cache: &CacheSettings, domains: &[Domain], warnings: &mut Errors<'_>) {
+    let age = cache.lock_age_timeout;
+    let waits = std::iter::once((
+        "cache.lock_wait_timeout_secs".to_owned(),
+        cache.lock_wait_timeout,
+    ))
+    .chain(domains.iter().filter_map(|domain| {
+        let key = format!("domains.{}.lock_wait_timeout_secs", domain.id);
+        domain.lock_wait_timeout.map(|wait| (key, wait))
+    }));
+    for (key, wait) in waits {
+        if wait >= age {
+            warnings.push(
+                &key,
+                Some(wait.as_secs().to_string()),
+                format!(
+                    "is not shorter than cache.lock_age_timeout_secs ({} s), so a fill that runs \
+                     that long is presumed stuck while requests still wait on it, and a second \
+                     origin request starts; raise cache.lock_age_timeout_secs above it",
+                    age.as_secs()
                 ),
             );
         }
@@ -578,7 +636,7 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
     if s.memory_bytes.0 < 1 << 20 {
         errors.push(
             "cache.memory_bytes",
-            Some(s.memory_bytes.0.to_string()),
+            Some(s.memory_bytes.shown()),
             "must be at least 1 MiB",
         );
     }
@@ -588,7 +646,7 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
     if max_object_bytes == 0 || max_object_bytes > s.memory_bytes.0 {
         errors.push(
             "cache.max_object_bytes",
-            Some(max_object_bytes.to_string()),
+            Some(ByteSize(max_object_bytes).shown()),
             "must be between 1 and cache.memory_bytes; larger objects could never be stored",
         );
     }
@@ -614,14 +672,14 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
         if disk.budget_bytes < 1 << 20 {
             errors.push(
                 "cache.disk_bytes",
-                Some(disk.budget_bytes.to_string()),
+                Some(ByteSize(disk.budget_bytes).shown()),
                 "must be at least 1 MiB",
             );
         }
         if disk.max_object_bytes == 0 || disk.max_object_bytes > disk.budget_bytes {
             errors.push(
                 "cache.disk_max_object_bytes",
-                Some(disk.max_object_bytes.to_string()),
+                Some(ByteSize(disk.max_object_bytes).shown()),
                 "must be between 1 and cache.disk_bytes; larger objects could never be stored",
             );
         }
