@@ -45,6 +45,12 @@ origin = "web"
     );
     std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
     let (mut old, addr) = spawn_gateway(dir.path());
+    // The gateway writes its pid file just after it starts serving; the upgrade reads it.
+    let pid_file = dir.path().join("gateway.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pid_file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let url = format!("http://{addr}/file");
     let load = tokio::spawn(async move {
@@ -140,4 +146,40 @@ fn upgrade_without_running_gateway_fails_at_once() {
     assert!(stderr.contains("the pid file is missing"), "{stderr}");
     assert!(stderr.contains("start without --upgrade"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+}
+
+/// While one `run --upgrade` waits for the sockets, it holds the upgrade lock beside the pid
+/// file, and a second one exits at once instead of finding no sockets.
+#[test]
+fn second_upgrade_fails_while_one_waits() {
+    use nix::fcntl::{Flock, FlockArg};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("gateway.pid");
+    let config = BASE_CONFIG.replace(
+        "[server]\n",
+        &format!("[server]\npid_file = \"{}\"\n", pid_file.display()),
+    );
+    let config = format!(
+        "{config}\n[domains.primary]\nhosts = [\"127.0.0.1\"]\n\
+         [domains.primary.origins.web]\nkind = \"http\"\naddresses = [\"127.0.0.1:9\"]\n\
+         [[domains.primary.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
+    );
+    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let lock = std::fs::File::create(dir.path().join("gateway.upgrade.lock")).expect("lock file");
+    let _waiting = Flock::lock(lock, FlockArg::LockExclusiveNonblock).expect("take the lock");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
+        .args(["run", "--upgrade", "-c"])
+        .arg(dir.path().join("gateway.toml"))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run mirror-gateway");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another `run --upgrade` is waiting"),
+        "{stderr}"
+    );
 }

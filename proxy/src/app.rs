@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use nix::fcntl::{Flock, FlockArg};
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -185,8 +186,11 @@ impl App {
         };
         let mut server = Server::new_with_opt_and_conf(Some(options), server_conf);
         if upgrade {
-            signal_running_gateway(&config.server.pid_file)?;
+            let upgrading = signal_running_gateway(&config.server.pid_file)?;
             server.bootstrap();
+            // The sockets are here (bootstrap exits the process otherwise), so the next
+            // upgrade may start.
+            drop(upgrading);
         }
         let binder = Binder { upgrade };
         for warning in &config.warnings {
@@ -451,15 +455,28 @@ fn client_listener(addr: &str) -> ListenerConfig {
 /// Sends SIGQUIT to the gateway named in `pid_file`, so that it hands its listening sockets
 /// to this process, which waits for them next. The old process tries to connect for about
 /// 5 seconds (Pingora 0.9.1), and this process binds the hand-over socket right after.
-fn signal_running_gateway(pid_file: &Path) -> Result<(), StartError> {
+///
+/// Returns a lock on `<pid_file>.upgrade.lock`, to be held until the sockets arrived: a second
+/// `run --upgrade` meanwhile would find no sockets to take.
+fn signal_running_gateway(pid_file: &Path) -> Result<Flock<std::fs::File>, StartError> {
     let failed = |reason| StartError::Upgrade {
         pid_file: pid_file.to_path_buf(),
         reason,
     };
+    let lock_path = pid_file.with_extension("upgrade.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| failed(format!("cannot open {}: {e}", lock_path.display())))?;
+    let upgrading = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+        failed("another `run --upgrade` is waiting for the sockets; let it finish".into())
+    })?;
     let pid = crate::pid_file::running_gateway(pid_file).map_err(failed)?;
     crate::pid_file::signal(pid, nix::sys::signal::Signal::SIGQUIT, pid_file).map_err(failed)?;
     tracing::info!(%pid, "sent SIGQUIT to the running gateway; waiting for its listening sockets");
-    Ok(())
+    Ok(upgrading)
 }
 
 fn server_conf(config: &GatewayConfig, runtime_dir: &Path) -> ServerConf {
