@@ -388,6 +388,34 @@ origin = "web"
     config
 }
 
+/// An admin address that another program holds stops the start with an error that names
+/// `admin.listen`, not the proxy's `server.listen`.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_port_in_use_names_admin_listen() {
+    let origin = TestOrigin::start(|_| Reply::ok("x")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = held.local_addr().expect("held address").port();
+    let users = dir.path().join("admin.htpasswd");
+    let line = htpasswd_line(&["-B", "-C", "5"], USER, PASSWORD);
+    std::fs::write(&users, format!("{line}\n")).expect("write htpasswd");
+    let admin = format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\nhtpasswd = \"{}\"",
+        users.display()
+    );
+    let path = dir.path().join("gateway.toml");
+    let text = gateway_config(origin.addr, &admin);
+    std::fs::write(&path, &text).expect("write config");
+    let config = mirror_proxy::config::load_str(&text, &path, [])
+        .unwrap_or_else(|errors| panic!("config invalid: {errors:?}"));
+    let Err(error) = mirror_proxy::app::App::build(&config) else {
+        panic!("the gateway started on a port another program holds");
+    };
+    let message = error.to_string();
+    assert!(message.contains("admin.listen"), "{message}");
+    assert!(message.contains(&port.to_string()), "{message}");
+}
+
 /// Starts a gateway with the admin listener on a free port and one admin user, and returns it
 /// with the admin address.
 fn start_with_admin(dir: &Path, origin: SocketAddr) -> (TestGateway, SocketAddr) {

@@ -140,6 +140,11 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot listen on {addr}: {source}; free the port or change admin.listen")]
+    AdminListen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(
         "cannot take over from a running gateway: {pid_file}: {reason}; start without \
          --upgrade when no gateway runs, or check server.pid_file"
@@ -298,7 +303,10 @@ impl App {
             let app = crate::admin::AdminApp::new(Arc::clone(&current), Arc::clone(&admin.users))
                 .with_monitor(Arc::clone(&monitor));
             let mut service = Service::new("mirror-gateway admin".into(), app);
-            let (bound, fd) = binder.tcp(admin.listen)?;
+            let (bound, fd) = binder.tcp(admin.listen).map_err(|e| match e {
+                StartError::Listen { addr, source } => StartError::AdminListen { addr, source },
+                other => other,
+            })?;
             service.add_tcp(&bound.to_string());
             let prebound = fd.map(|fd| (bound.to_string(), fd)).into_iter().collect();
             server.add_service(Prebound::new(service, prebound));
