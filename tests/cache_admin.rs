@@ -388,21 +388,15 @@ origin = "web"
     config
 }
 
-/// An admin address that another program holds stops the start with an error that names
+/// An admin address that another program has bound stops the start with an error that names
 /// `admin.listen`, not the proxy's `server.listen`.
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_port_in_use_names_admin_listen() {
     let origin = TestOrigin::start(|_| Reply::ok("x")).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
-    let port = held.local_addr().expect("held address").port();
-    let users = dir.path().join("admin.htpasswd");
-    let line = htpasswd_line(&["-B", "-C", "5"], USER, PASSWORD);
-    std::fs::write(&users, format!("{line}\n")).expect("write htpasswd");
-    let admin = format!(
-        "[admin]\nlisten = \"127.0.0.1:{port}\"\nhtpasswd = \"{}\"",
-        users.display()
-    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("take a port");
+    let port = taken.local_addr().expect("taken address").port();
+    let admin = admin_table(dir.path(), &format!("127.0.0.1:{port}"));
     let path = dir.path().join("gateway.toml");
     let text = gateway_config(origin.addr, &admin);
     std::fs::write(&path, &text).expect("write config");
@@ -424,17 +418,23 @@ fn start_with_admin(dir: &Path, origin: SocketAddr) -> (TestGateway, SocketAddr)
 
 /// Does what [`start_with_admin`] does, with `base` in place of [`BASE_CONFIG`].
 fn start_with_admin_base(dir: &Path, origin: SocketAddr, base: &str) -> (TestGateway, SocketAddr) {
-    let users = dir.join("admin.htpasswd");
-    let line = htpasswd_line(&["-B", "-C", "5"], USER, PASSWORD);
-    std::fs::write(&users, format!("{line}\n")).expect("write htpasswd");
-    let admin = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"",
-        users.display()
-    );
+    let admin = admin_table(dir, "127.0.0.1:0");
     let config = gateway_config(origin, &admin).replacen(BASE_CONFIG, base, 1);
     let gateway = TestGateway::start(dir, &config);
     let addr = gateway.running.admin_addr().expect("admin listener");
     (gateway, addr)
+}
+
+/// Writes an htpasswd file with the admin user into `dir` and returns an `[admin]` table that
+/// listens on `listen` with it.
+fn admin_table(dir: &Path, listen: &str) -> String {
+    let users = dir.join("admin.htpasswd");
+    let line = htpasswd_line(&["-B", "-C", "5"], USER, PASSWORD);
+    std::fs::write(&users, format!("{line}\n")).expect("write htpasswd");
+    format!(
+        "[admin]\nlisten = \"{listen}\"\nhtpasswd = \"{}\"",
+        users.display()
+    )
 }
 
 /// Sends `method target` to the admin listener with valid credentials, and returns the status

@@ -80,8 +80,8 @@ async fn reload_adds_host_keeps_cache() {
     assert_eq!(origin.count(), 1);
 }
 
-/// Writes a config that adds host `b.test`, then returns how `b.test` is answered after
-/// `wait`.
+/// Writes a config that adds host `b.test`, then returns the status of a request for `b.test`
+/// after `wait`.
 async fn status_after_edit(reload_on_change: bool, wait: Duration) -> u16 {
     let id = format!("edit-reloads-{reload_on_change}");
     let origin = TestOrigin::start(|_| Reply::ok("payload")).await;

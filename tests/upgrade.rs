@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -119,10 +120,9 @@ origin = "web"
     assert_eq!(after.ok(), Some(200));
 }
 
-#[test]
-fn upgrade_without_running_gateway_fails_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pid_file = dir.path().join("gateway.pid");
+/// Writes a config with its pid file in `dir` and one domain, and returns the config's path.
+fn write_upgrade_config(dir: &Path) -> PathBuf {
+    let pid_file = dir.join("gateway.pid");
     let config = BASE_CONFIG.replace(
         "[server]\n",
         &format!("[server]\npid_file = \"{}\"\n", pid_file.display()),
@@ -132,15 +132,28 @@ fn upgrade_without_running_gateway_fails_at_once() {
          [domains.primary.origins.web]\nkind = \"http\"\naddresses = [\"127.0.0.1:9\"]\n\
          [[domains.primary.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
     );
-    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
-    let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+/// Runs `mirror-gateway run --upgrade -c config` to its end and returns its output.
+fn run_upgrade(config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
         .args(["run", "--upgrade", "-c"])
-        .arg(dir.path().join("gateway.toml"))
+        .arg(config)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
         .output()
-        .expect("run mirror-gateway");
+        .expect("run mirror-gateway")
+}
+
+#[test]
+fn upgrade_without_running_gateway_fails_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_upgrade_config(dir.path());
+    let started = Instant::now();
+    let output = run_upgrade(&config);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("the pid file is missing"), "{stderr}");
@@ -148,34 +161,18 @@ fn upgrade_without_running_gateway_fails_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
 }
 
-/// While one `run --upgrade` waits for the sockets, it holds the upgrade lock beside the pid
+/// While one `run --upgrade` waits for the sockets, it has the upgrade lock beside the pid
 /// file, and a second one exits at once instead of finding no sockets.
 #[test]
 fn second_upgrade_fails_while_one_waits() {
     use nix::fcntl::{Flock, FlockArg};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let pid_file = dir.path().join("gateway.pid");
-    let config = BASE_CONFIG.replace(
-        "[server]\n",
-        &format!("[server]\npid_file = \"{}\"\n", pid_file.display()),
-    );
-    let config = format!(
-        "{config}\n[domains.primary]\nhosts = [\"127.0.0.1\"]\n\
-         [domains.primary.origins.web]\nkind = \"http\"\naddresses = [\"127.0.0.1:9\"]\n\
-         [[domains.primary.routes]]\nprefix = \"/\"\norigin = \"web\"\n"
-    );
-    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let config = write_upgrade_config(dir.path());
     let lock = std::fs::File::create(dir.path().join("gateway.upgrade.lock")).expect("lock file");
     let _waiting = Flock::lock(lock, FlockArg::LockExclusiveNonblock).expect("take the lock");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_mirror-gateway"))
-        .args(["run", "--upgrade", "-c"])
-        .arg(dir.path().join("gateway.toml"))
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run mirror-gateway");
+    let output = run_upgrade(&config);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(

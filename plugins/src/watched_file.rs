@@ -1,5 +1,5 @@
 //! Files that plugins read again while they run (htpasswd files, quota state files): opening
-//! them without blocking on special files, and the metadata stamp that tells a changed file.
+//! them without blocking on special files, and the metadata stamp that shows a file changed.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;

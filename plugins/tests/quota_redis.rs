@@ -778,8 +778,8 @@ async fn unusable_key_fail_open_counts_locally() {
 }
 
 /// Replies that take 70 % of `timeout_ms` keep every request in Redis, also with 30 clients
-/// on two replicas at once: a check that queues while a call is on the way goes out in a call
-/// of its own instead of waiting for that call's reply. The timeout is 200 ms, not the default
+/// on two replicas at once. A check that queues while a call is on the way goes out in a call
+/// of its own after an eighth of the timeout, instead of waiting for that call's reply. The timeout is 200 ms, not the default
 /// 50 ms. The 60 ms left over then absorb scheduling delays on a busy test machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn slow_replies_within_timeout_keep_redis() {

@@ -11,30 +11,19 @@ use nix::unistd::Pid;
 const PROGRAM: &str = "mirror-gateway";
 
 /// Reads the pid in `pid_file` and checks that it names a running gateway. The error states
-/// whether the file is missing, contains no pid, or names a process that is not running or is
-/// another program; it ends with "so no signal was sent".
+/// whether the file is missing, contains no pid, or names a process that is not running or
+/// runs another program.
 pub fn running_gateway(pid_file: &Path) -> Result<Pid, String> {
-    let text = match std::fs::read_to_string(pid_file) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err("the pid file is missing, so no signal was sent".into())
-        }
-        Err(e) => return Err(format!("cannot read the pid file: {e}")),
-    };
-    // 0 and negative numbers would signal process groups.
-    let Some(number) = text.trim().parse::<i32>().ok().filter(|n| *n > 0) else {
-        return Err(format!(
-            "the pid file contains {:?}, not a process id",
-            text.trim()
-        ));
-    };
+    let number = read_pid(pid_file)?;
     let pid = Pid::from_raw(number);
+
     // Signal 0 checks that the process exists without signalling it.
     if let Err(nix::errno::Errno::ESRCH) = kill(pid, None) {
         return Err(format!(
             "the pid file names pid {number} which is not running, so no signal was sent"
         ));
     }
+
     // A pid file left behind by a gateway that did not exit cleanly may name a pid that the
     // system has since given to another program, which a signal would stop.
     let program = |pid: &str| {
@@ -52,6 +41,23 @@ pub fn running_gateway(pid_file: &Path) -> Result<Pid, String> {
              file is probably stale), so no signal was sent"
         ))
     }
+}
+
+/// Returns the positive process id that `pid_file` contains.
+fn read_pid(pid_file: &Path) -> Result<i32, String> {
+    let text = match std::fs::read_to_string(pid_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("the pid file is missing, so no signal was sent".into())
+        }
+        Err(e) => return Err(format!("cannot read the pid file: {e}")),
+    };
+    // 0 and negative numbers would signal process groups.
+    text.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("the pid file contains {:?}, not a process id", text.trim()))
 }
 
 /// Sends `signal` to `pid`, naming the pid file in the error.

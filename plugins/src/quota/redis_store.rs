@@ -262,8 +262,8 @@ struct Link {
     client: redis::Client,
     timeout: Duration,
     /// The connections of the script calls that check and count, one per place of a call on
-    /// the way. A connection carries one call at a time, so Nagle's algorithm never holds a
-    /// call back: the previous request on it was acknowledged with its reply. A second call
+    /// the way. A connection carries one call at a time, so Nagle's algorithm never delays a
+    /// call: the previous request on it was acknowledged with its reply. A second call
     /// on the way goes over a second connection, opened when first needed.
     checks: [LazyConnection; MAX_CALLS_IN_FLIGHT],
     /// The connection of the calls that take counts back. It is separate so that a slow
@@ -448,7 +448,7 @@ impl RedisStore {
         }
     }
 
-    /// Records the counts of a Redis reply for `principal` in `local`. When `local` holds
+    /// Records the counts of a Redis reply for `principal` in `local`. When `local` has
     /// unshared counts, starts a background task that adds them to Redis.
     pub fn observe(
         self: &Arc<Self>,
