@@ -1316,6 +1316,21 @@ fn send_timeout_zero_rejected() {
 }
 
 #[test]
+fn tcp_nopush_off_by_default() {
+    let fx = Fixture::new();
+    assert!(!fx.config(DOMAIN, &[]).server.tcp_nopush);
+    let on = format!("[server]\ntcp_nopush = true\n{DOMAIN}");
+    assert!(fx.config(&on, &[]).server.tcp_nopush);
+    let text = format!("[server]\ntcp_nopush = \"on\"\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "server.tcp_nopush",
+        Some("\"on\""),
+        "expected true or false",
+    );
+}
+
+#[test]
 fn admin_listen_port_zero_shared() {
     let fx = Fixture::new();
     let text = format!(
@@ -1391,6 +1406,54 @@ fn disk_dir_last_component_missing() {
     let config = fx.config(&text, &[]);
     let disk = config.cache.disk.expect("disk tier");
     assert_eq!(disk.dir, fx.dir.path().join("cache"));
+}
+
+#[test]
+fn disk_sweep_interval_out_of_range() {
+    let fx = Fixture::new();
+    let zero = format!("[cache]\ndisk_dir = \"cache\"\ndisk_sweep_interval_secs = 0\n{DOMAIN}");
+    fx.expect(
+        &zero,
+        "cache.disk_sweep_interval_secs",
+        Some("0"),
+        "must be at least 1 second",
+    );
+    let day_and_one =
+        format!("[cache]\ndisk_dir = \"cache\"\ndisk_sweep_interval_secs = 86401\n{DOMAIN}");
+    fx.expect(
+        &day_and_one,
+        "cache.disk_sweep_interval_secs",
+        Some("86401"),
+        "must be at most 86400 seconds",
+    );
+    let without_disk = format!("[cache]\ndisk_sweep_interval_secs = 0\n{DOMAIN}");
+    fx.expect(
+        &without_disk,
+        "cache.disk_sweep_interval_secs",
+        Some("0"),
+        "must be at least 1 second",
+    );
+    let negative = format!("[cache]\ndisk_sweep_interval_secs = -5\n{DOMAIN}");
+    fx.expect(
+        &negative,
+        "cache.disk_sweep_interval_secs",
+        Some("-5"),
+        "from 1 to 86400",
+    );
+}
+
+#[test]
+fn disk_sweep_interval_default_and_set() {
+    let fx = Fixture::new();
+    let default = format!("[cache]\ndisk_dir = \"cache\"\n{DOMAIN}");
+    let disk = fx.config(&default, &[]).cache.disk.expect("disk tier");
+    assert_eq!(disk.sweep_interval, std::time::Duration::from_secs(600));
+    for secs in [1, 86_400] {
+        let text =
+            format!("[cache]\ndisk_dir = \"cache\"\ndisk_sweep_interval_secs = {secs}\n{DOMAIN}");
+        let disk = fx.config(&text, &[]).cache.disk.expect("disk tier");
+        assert_eq!(disk.sweep_interval, std::time::Duration::from_secs(secs));
+    }
 }
 
 #[test]

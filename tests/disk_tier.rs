@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
-use mirror_proxy::cache::PurgeScope;
+use mirror_proxy::cache::{DiskSnapshot, PurgeScope};
+use mirror_proxy::reload::ReloadOutcome;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -511,28 +512,30 @@ async fn corrupt_small_entry_is_a_miss() {
     store_then_damage(dir.path(), &text, "/small.json").await;
 
     let second = TestGateway::start(dir.path(), &text);
-    let refetched = client()
-        .get(second.url("/small.json"))
-        .send()
-        .await
-        .expect("request after the damage");
-    assert_eq!(refetched.status(), 200);
-    assert_eq!(refetched.headers()["x-cache-status"], "MISS");
-    assert_eq!(refetched.text().await.expect("whole body"), payload);
+    assert_eq!(
+        get_with_status(second.url("/small.json"), "MISS").await,
+        payload
+    );
     assert_eq!(origin.count(), 2);
     assert_eq!(
         second.running.disk_stats().map(|s| s.corrupt_entries),
         Some(1)
     );
 
-    let hit = client()
-        .get(second.url("/small.json"))
-        .send()
-        .await
-        .expect("hit");
-    assert_eq!(hit.headers()["x-cache-status"], "HIT");
-    assert_eq!(hit.text().await.expect("body"), payload);
+    assert_eq!(
+        get_with_status(second.url("/small.json"), "HIT").await,
+        payload
+    );
     assert_eq!(origin.count(), 2);
+}
+
+/// Sends a GET for `url`, checks that it gets 200 with `X-Cache-Status: cache_status`, and
+/// returns the body.
+async fn get_with_status(url: String, cache_status: &str) -> String {
+    let response = client().get(&url).send().await.expect("request");
+    assert_eq!(response.status(), 200, "{url}");
+    assert_eq!(response.headers()["x-cache-status"], cache_status, "{url}");
+    response.text().await.expect("body")
 }
 
 /// Kills the gateway process with SIGKILL while it fills an entry from a slow origin, then
@@ -583,6 +586,173 @@ async fn crash_mid_fill_leaves_no_entry() {
     assert_eq!(status, "MISS");
     assert_eq!(text, payload);
     assert_eq!(origin.count(), 2);
+}
+
+/// With `disk_sweep_interval_secs = 1` and no stale windows, the sweep deletes an entry whose
+/// 1 s TTL has passed from the directory and from the index, keeps a fresh one, and counts the
+/// deleted entry in `/metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_entry_swept_from_disk() {
+    let _beside = MEMORY_TURN.read().await;
+    let (payload, origin) = start_ttl_origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = sweep_config(dir.path(), origin.addr);
+    let (gateway, clock) = TestGateway::start_with_clock(dir.path(), &text);
+    let disk = dir.path().join("disk");
+    for path in ["/short.json", "/long.json"] {
+        assert_eq!(get_with_status(gateway.url(path), "MISS").await, payload);
+    }
+    wait_for_entries(&disk, 2).await;
+    // An entry is indexed just after its file is renamed into place.
+    let stats = wait_for_disk_stats(&gateway, |stats| stats.entries == 2).await;
+    assert_eq!(stats.entries, 2, "entries in the index before the sweep");
+
+    clock.advance(Duration::from_secs(10));
+    // A sweep counts what it deleted once it has deleted all of it.
+    let stats = wait_for_disk_stats(&gateway, |stats| stats.expired == 1).await;
+    assert_eq!(stats.entries, 1, "entries in the index");
+    assert_eq!(stats.expired, 1, "entries counted as swept");
+    assert_eq!(
+        entry_files(&disk),
+        [entry_path(&disk, "/long.json")],
+        "only the fresh entry stays on disk"
+    );
+
+    let admin = gateway.running.admin_addr().expect("admin listener");
+    let (status, metrics) = admin_get(admin, "/metrics").await;
+    assert_eq!(status, 200, "{metrics}");
+    let series = "mirror_gateway_cache_expired_entries_total{tier=\"disk\"} 1";
+    assert!(
+        metrics.lines().any(|l| l == series),
+        "{series} missing:\n{metrics}"
+    );
+    let memory = "mirror_gateway_cache_expired_entries_total{tier=\"memory\"}";
+    assert!(
+        !metrics.contains(memory),
+        "the memory tier is not swept:\n{metrics}"
+    );
+
+    get_with_status(gateway.url("/long.json"), "HIT").await;
+    assert_eq!(
+        get_with_status(gateway.url("/short.json"), "MISS").await,
+        payload
+    );
+    assert_eq!(origin.count(), 3);
+}
+
+/// A reload keeps the sweeper that started with the gateway: after a reload that changes
+/// `disk_sweep_interval_secs` (a `[cache]` key, so the change waits for a restart), the 1 s
+/// sweep still deletes an expired entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn sweep_survives_reload() {
+    let _beside = MEMORY_TURN.read().await;
+    let (payload, origin) = start_ttl_origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = sweep_config(dir.path(), origin.addr);
+    let (gateway, clock) = TestGateway::start_with_clock(dir.path(), &text);
+    let disk = dir.path().join("disk");
+
+    let hourly = replaced(
+        &text,
+        "disk_sweep_interval_secs = 1\n",
+        "disk_sweep_interval_secs = 3600\n",
+    );
+    std::fs::write(dir.path().join("gateway.toml"), hourly).expect("write config");
+    assert_eq!(gateway.running.reload(Vec::new()), ReloadOutcome::Applied);
+    assert_eq!(gateway.running.restart_pending(), ["cache"]);
+
+    assert_eq!(
+        get_with_status(gateway.url("/short.json"), "MISS").await,
+        payload
+    );
+    wait_for_entries(&disk, 1).await;
+    let stats = wait_for_disk_stats(&gateway, |stats| stats.entries == 1).await;
+    assert_eq!(stats.entries, 1, "entries in the index before the sweep");
+
+    clock.advance(Duration::from_secs(10));
+    let stats = wait_for_disk_stats(&gateway, |stats| stats.expired == 1).await;
+    assert_eq!(stats.entries, 0, "entries in the index");
+    assert_eq!(stats.expired, 1, "entries counted as swept");
+    assert!(
+        entry_files(&disk).is_empty(),
+        "the expired entry stays on disk"
+    );
+}
+
+/// Starts an origin that responds with [`body`], fresh for 1 s on `/short.json` and for 600 s
+/// on every other path. Returns the body and the origin.
+async fn start_ttl_origin() -> (String, TestOrigin) {
+    let payload = body();
+    let served = payload.clone();
+    let origin = TestOrigin::start(move |request| {
+        let max_age = if request.target == "/short.json" {
+            1
+        } else {
+            600
+        };
+        let mut reply = Reply::ok(&served);
+        reply.headers = vec![("cache-control".into(), format!("max-age={max_age}"))];
+        reply
+    })
+    .await;
+    (payload, origin)
+}
+
+/// Writes the admin user of [`start_with_admin`] to `dir` and returns [`config`] with a disk
+/// sweep every second, no stale windows for `primary`, and an admin listener.
+fn sweep_config(dir: &Path, origin: std::net::SocketAddr) -> String {
+    let line = common::htpasswd_line(&["-B", "-C", "5"], ADMIN_USER, ADMIN_PASSWORD);
+    std::fs::write(dir.join("admin.htpasswd"), line + "\n").expect("write htpasswd");
+    let text = config(dir, origin, "127.0.0.1:0");
+    let text = replaced(
+        &text,
+        "disk_bytes = \"256MiB\"\n",
+        "disk_bytes = \"256MiB\"\ndisk_sweep_interval_secs = 1\n",
+    );
+    let text = replaced(
+        &text,
+        "hosts = [\"127.0.0.1\"]\n",
+        "hosts = [\"127.0.0.1\"]\nstale_while_revalidate_secs = 0\nstale_if_error_secs = 0\n",
+    );
+    text + "\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"admin.htpasswd\"\n"
+}
+
+/// Returns `text` with its one `from` replaced by `to`.
+fn replaced(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "{from:?} in:\n{text}");
+    text.replacen(from, to, 1)
+}
+
+/// Returns the path of the disk entry of `path` on domain `primary` under `disk`.
+fn entry_path(disk: &Path, path: &str) -> std::path::PathBuf {
+    let hash = mirror_proxy::cache::key_hash("primary", None, path, None);
+    let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
+    disk.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+}
+
+/// Waits up to 5 s until the disk tier's counters satisfy `done`; returns the last counters.
+async fn wait_for_disk_stats(
+    gateway: &TestGateway,
+    done: impl Fn(&DiskSnapshot) -> bool,
+) -> DiskSnapshot {
+    let stats = || gateway.running.disk_stats().expect("disk tier");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done(&stats()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stats()
+}
+
+/// Sends GET `target` to the admin listener with valid credentials; returns status and body.
+async fn admin_get(admin: std::net::SocketAddr, target: &str) -> (u16, String) {
+    let response = client()
+        .get(format!("http://{admin}{target}"))
+        .header("authorization", common::basic(ADMIN_USER, ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("admin {target}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("admin body"))
 }
 
 /// Starts an origin that responds to every path with [`body`] and a gateway with a disk tier in

@@ -350,6 +350,10 @@ async fn handshake_failures_counted_by_reason() {
     assert_tls_series(admin, &expected).await;
 
     send_raw(tls, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    count_failure(&mut expected, "-", "plain_http");
+    assert_tls_series(admin, &expected).await;
+
+    send_raw(tls, b"SSH-2.0-OpenSSH_9.6\r\n").await;
     count_failure(&mut expected, "-", "malformed");
     assert_tls_series(admin, &expected).await;
 
@@ -408,6 +412,146 @@ async fn send_raw(addr: SocketAddr, bytes: &[u8]) {
         done.is_ok(),
         "the gateway kept the connection open for 10 s"
     );
+}
+
+/// Sends `chunks` to `addr` with `gap` after each, without closing the sending side, and
+/// returns what the gateway sends until it closes. Panics after 10 s.
+async fn exchange_slowly(addr: SocketAddr, chunks: &[&[u8]], gap: Duration) -> Vec<u8> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        for chunk in chunks {
+            stream.write_all(chunk).await?;
+            tokio::time::sleep(gap).await;
+        }
+        let mut received = Vec::new();
+        stream.read_to_end(&mut received).await?;
+        Ok::<_, std::io::Error>(received)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the gateway kept the connection open for 10 s")
+        .expect("exchange with the TLS listener failed")
+}
+
+/// Checks that `raw` is the whole 400 response to plain HTTP on a TLS listener.
+fn assert_plain_http_400(raw: &[u8]) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .expect("missing end of the response header");
+    let mut lines = head.split("\r\n");
+    assert_eq!(lines.next(), Some("HTTP/1.1 400 Bad Request"), "{text}");
+    let headers: BTreeMap<String, &str> = lines
+        .filter_map(|line| line.split_once(": "))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value))
+        .collect();
+    let content_type = headers.get("content-type").copied().unwrap_or_default();
+    assert!(content_type.starts_with("text/plain"), "{text}");
+    assert_eq!(headers.get("connection"), Some(&"close"), "{text}");
+    let length = headers.get("content-length").expect("Content-Length");
+    assert_eq!(length.parse::<usize>().ok(), Some(body.len()), "{text}");
+    assert!(body.contains("plain HTTP"), "{body}");
+    assert!(body.contains("https://"), "{body}");
+}
+
+/// Plain HTTP to the TLS port gets a 400 and the end of the connection, HTTPS on the same port
+/// still works, and the failure counts as `plain_http`.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_to_tls_port_is_400() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let admin = admin_section(dir.path());
+    let (gateway, tls) = start(dir.path(), &(config(origin.addr, "", "") + &admin));
+    let admin = gateway.running.admin_addr().expect("admin listener");
+
+    let request = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let raw = exchange_slowly(tls, &[request], Duration::ZERO).await;
+    assert_plain_http_400(&raw);
+    assert_eq!(origin.count(), 0);
+
+    assert_file_from_origin(&pki, tls).await;
+
+    let mut expected = BTreeMap::new();
+    count_failure(&mut expected, "-", "plain_http");
+    expected.insert(handshakes("a", "ok"), 1);
+    assert_tls_series(admin, &expected).await;
+}
+
+/// A client that sends its request line one byte per 50 ms still gets the 400: the gateway
+/// waits for the space after the method.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_sent_slowly_is_400() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), "", ""));
+    let request = b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n";
+    let (line, rest) = request.split_at(b"POST /upload HTTP/1.1\r\n".len());
+    let mut chunks: Vec<&[u8]> = line.chunks(1).collect();
+    chunks.push(rest);
+    let raw = exchange_slowly(tls, &chunks, Duration::from_millis(50)).await;
+    assert_plain_http_400(&raw);
+}
+
+/// A TLS client whose first bytes reach the gateway one per segment still completes its
+/// handshake: the bytes read to tell TLS from HTTP go back to OpenSSL in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_hello_in_pieces_handshakes() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let relay = split_relay(tls, 32).await;
+    assert_file_from_origin(&pki, relay).await;
+}
+
+/// Fetches `https://a.test/file` over HTTP/1.1 through `addr` and checks that the origin's
+/// body came back.
+async fn assert_file_from_origin(pki: &Pki, addr: SocketAddr) {
+    let client = https_client(pki, addr)
+        .http1_only()
+        .build()
+        .expect("client");
+    let url = format!("https://a.test:{}/file", addr.port());
+    let response = client.get(&url).send().await.expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "from origin");
+}
+
+/// Starts a relay on loopback that forwards one connection to `target`, the first `split`
+/// bytes from the client one per write with 10 ms between them, and everything else as it
+/// comes. Returns the relay's address.
+async fn split_relay(target: SocketAddr, split: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let addr = listener.local_addr().expect("relay address");
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.expect("accept at relay");
+        let server = tokio::net::TcpStream::connect(target)
+            .await
+            .expect("connect to the TLS listener");
+        server.set_nodelay(true).expect("nodelay");
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let upstream = async move {
+            let mut byte = [0u8; 1];
+            for _ in 0..split {
+                if client_read.read_exact(&mut byte).await.is_err() {
+                    return;
+                }
+                if server_write.write_all(&byte).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        };
+        let downstream = tokio::io::copy(&mut server_read, &mut client_write);
+        let _ = tokio::join!(upstream, downstream);
+    });
+    addr
 }
 
 /// Writes an htpasswd file for user `admin` and returns an `[admin]` section that uses it.

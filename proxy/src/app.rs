@@ -245,6 +245,13 @@ impl App {
             export_trees,
             tls: Arc::clone(&tls),
         };
+        // Started once with the tier: a reload keeps the tier, and with it this one sweeper.
+        if let Some(sweeper) = crate::cache::DiskSweeper::for_tier(&shared.cache) {
+            server.add_service(pingora::services::background::background_service(
+                "disk cache sweep",
+                sweeper,
+            ));
+        }
         let state =
             Arc::new(crate::reload::build_state(config, &shared).map_err(StartError::Hosts)?);
         let current = Arc::new(ArcSwap::new(Arc::clone(&state)));

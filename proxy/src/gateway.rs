@@ -54,6 +54,9 @@ pub struct GatewayState {
     pub trusted_proxies: TrustedProxies,
     /// Maximum wait for a client to take one write of a response (`server.send_timeout_secs`).
     pub send_timeout: std::time::Duration,
+    /// Whether large bodies from the cache go out with the client socket corked
+    /// (`server.tcp_nopush`).
+    pub tcp_nopush: bool,
     /// Requests a plugin rejected, by domain id and the plugin's label (`rejected_by`).
     pub rejections:
         Arc<parking_lot::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
@@ -854,7 +857,10 @@ impl ProxyHttp for Gateway {
             .local_cache_status
             .unwrap_or_else(|| cache_status(&phase));
         ctx.sent_cache_status = Some(status);
-        if body_from_cache(&phase) && session.req_header().method != Method::HEAD {
+        if ctx.state.tcp_nopush
+            && body_from_cache(&phase)
+            && session.req_header().method != Method::HEAD
+        {
             let length = crate::cache::ranges::content_length(upstream_response).unwrap_or(0);
             ctx.cork = crate::cork::Cork::for_body(session, length);
         }
@@ -1033,7 +1039,7 @@ impl Gateway {
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
         // Uncorked when this function returns, after the last write.
-        let _cork = if header_only {
+        let _cork = if header_only || !state.tcp_nopush {
             None
         } else {
             crate::cork::Cork::for_body(session, body.len() as u64)

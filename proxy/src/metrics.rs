@@ -639,6 +639,10 @@ const CACHE_CORRUPT_ENTRIES: Definition = (
     "mirror_gateway_cache_corrupt_entries_total",
     "Damaged entries found in the tier and deleted (disk tier only).",
 );
+const CACHE_EXPIRED_ENTRIES: Definition = (
+    "mirror_gateway_cache_expired_entries_total",
+    "Entries deleted from the tier by the sweep after their stale windows ended (disk tier only).",
+);
 const REJECTIONS: Definition = (
     "mirror_gateway_rejections_total",
     "Requests that a plugin rejected with its own response, by plugin.",
@@ -664,6 +668,7 @@ fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFam
     let evictions = counter(CACHE_EVICTIONS)?;
     let write_errors = counter(CACHE_WRITE_ERRORS)?;
     let corrupt = counter(CACHE_CORRUPT_ENTRIES)?;
+    let expired = counter(CACHE_EXPIRED_ENTRIES)?;
     for (tier, t) in tiers {
         let label = [*tier];
         entries
@@ -679,8 +684,11 @@ fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFam
         if let Some(count) = t.corrupt_entries {
             corrupt.with_label_values(&label).inc_by(count);
         }
+        if let Some(count) = t.expired_entries {
+            expired.with_label_values(&label).inc_by(count);
+        }
     }
-    let collectors: [&dyn Collector; 7] = [
+    let collectors: [&dyn Collector; 8] = [
         &entries,
         &bytes,
         &hits,
@@ -688,6 +696,7 @@ fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFam
         &evictions,
         &write_errors,
         &corrupt,
+        &expired,
     ];
     Ok(collectors.iter().flat_map(|c| c.collect()).collect())
 }
@@ -883,6 +892,7 @@ mod tests {
         inputs.tiers.push(("memory", tier));
         let disk = TierSnapshot {
             corrupt_entries: Some(4),
+            expired_entries: Some(6),
             ..TierSnapshot::default()
         };
         inputs.tiers.push(("disk", disk));
@@ -892,6 +902,7 @@ mod tests {
             "mirror_gateway_cache_entries{tier=\"memory\"} 2",
             "mirror_gateway_cache_hits_total{tier=\"memory\"} 5",
             "mirror_gateway_cache_corrupt_entries_total{tier=\"disk\"} 4",
+            "mirror_gateway_cache_expired_entries_total{tier=\"disk\"} 6",
             "mirror_gateway_rejections_total{domain=\"primary\",plugin=\"htpasswd\"} 3",
             "mirror_gateway_auth_failures_total{domain=\"primary\"} 3",
             "mirror_gateway_auth_failures_total{domain=\"community\"} 0",
@@ -901,6 +912,10 @@ mod tests {
         assert!(
             !text.contains("mirror_gateway_cache_corrupt_entries_total{tier=\"memory\"}"),
             "the memory tier has no corrupt-entry counter:\n{text}"
+        );
+        assert!(
+            !text.contains("mirror_gateway_cache_expired_entries_total{tier=\"memory\"}"),
+            "the memory tier has no expired-entry counter:\n{text}"
         );
     }
 

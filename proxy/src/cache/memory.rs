@@ -59,6 +59,9 @@ pub struct TierSnapshot {
     /// Damaged entries found and deleted; `None` for a tier that cannot hold damaged entries
     /// (memory).
     pub corrupt_entries: Option<u64>,
+    /// Entries deleted by the sweep after their stale windows ended; `None` for a tier that
+    /// is not swept (memory).
+    pub expired_entries: Option<u64>,
 }
 
 impl TierStats {
@@ -72,6 +75,7 @@ impl TierStats {
             evictions: self.evictions.load(Ordering::Relaxed),
             write_errors: self.write_errors.load(Ordering::Relaxed),
             corrupt_entries: None,
+            expired_entries: None,
         }
     }
 }

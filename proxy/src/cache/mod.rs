@@ -12,6 +12,7 @@ pub mod ranges;
 mod raw_header;
 mod status;
 mod stored_meta;
+mod sweep;
 pub mod tiered;
 
 use pingora::cache::key::CacheHashKey;
@@ -24,6 +25,7 @@ pub use disk::{DiskError, DiskSnapshot, DiskStorage};
 pub use memory::{FreshHit, MemoryStorage, TierSnapshot, TierStats};
 pub use policy::{decide_cacheability, validator_conflicts, NoStoreReason};
 pub use status::cache_status;
+pub use sweep::DiskSweeper;
 
 use crate::config::CacheSettings;
 
@@ -39,6 +41,8 @@ const PREDICTOR_KEYS_PER_SHARD: usize = 1024;
 pub struct CacheTier {
     memory: &'static MemoryStorage,
     disk: Option<&'static DiskStorage>,
+    /// Time between two sweeps of the disk tier's expired entries; `None` without a disk tier.
+    disk_sweep_interval: Option<std::time::Duration>,
     /// The storage Pingora reads and writes: the memory tier alone, or memory in front of disk,
     /// with fills that honour purges made while they run.
     storage: &'static purge_log::PurgeAware,
@@ -70,6 +74,7 @@ impl CacheTier {
                     temp_removed = report.temp_removed,
                     evicted = report.evicted,
                     elapsed_ms = report.elapsed.as_millis() as u64,
+                    sweep_interval_secs = disk.sweep_interval.as_secs(),
                     "disk cache loaded"
                 );
                 Some(&*Box::leak(Box::new(storage)))
@@ -112,6 +117,7 @@ impl CacheTier {
         Ok(Self {
             memory,
             disk,
+            disk_sweep_interval: settings.disk.as_ref().map(|d| d.sweep_interval),
             storage,
             lock: Box::leak(lock),
             predictor: Box::leak(Box::new(predictor)),
@@ -198,6 +204,19 @@ impl CacheTier {
     /// Returns the disk tier's counters, when there is a disk tier.
     pub fn disk_stats(&self) -> Option<DiskSnapshot> {
         self.disk.map(DiskStorage::stats)
+    }
+
+    /// Returns the time between two sweeps of the disk tier; `None` without a disk tier.
+    pub fn disk_sweep_interval(&self) -> Option<std::time::Duration> {
+        self.disk_sweep_interval
+    }
+
+    /// Deletes the disk tier's entries whose stale windows ended before now by the cache
+    /// clock, and returns them; `None` without a disk tier. Blocks on file deletions.
+    pub fn sweep_disk(&self) -> Option<disk::PurgeReport> {
+        let now = self.clock.now();
+        self.disk
+            .map(|disk| disk.sweep_expired(now, std::time::Duration::ZERO))
     }
 
     /// Returns the number of entries of `domain` (a domain id) in the memory tier plus those

@@ -88,6 +88,8 @@ pub struct ServerSettings {
     pub send_timeout: Duration,
     /// Whether a change on disk of the config file or a TLS file it names reloads by itself.
     pub reload_on_change: bool,
+    /// Whether the client socket is corked while a large body goes out from the cache.
+    pub tcp_nopush: bool,
 }
 
 /// Returns the pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else
@@ -147,6 +149,8 @@ pub struct DiskCacheSettings {
     pub budget_bytes: u64,
     /// Responses larger than this are served but not stored.
     pub max_object_bytes: u64,
+    /// Time between two sweeps that delete the entries past their stale windows.
+    pub sweep_interval: Duration,
 }
 
 /// A mirror domain: its host names, routes, origins and plugin chain.

@@ -19,6 +19,7 @@ pub struct ServerSection {
     pub pid_file: Option<String>,
     pub send_timeout_secs: u64,
     pub reload_on_change: bool,
+    pub tcp_nopush: bool,
 }
 
 impl Default for ServerSection {
@@ -34,6 +35,7 @@ impl Default for ServerSection {
             pid_file: None,
             send_timeout_secs: 60,
             reload_on_change: true,
+            tcp_nopush: false,
         }
     }
 }
@@ -69,6 +71,7 @@ pub struct CacheSection {
     pub disk_bytes: ByteSize,
     /// `None`: 4 GiB, or `disk_bytes` when that is smaller.
     pub disk_max_object_bytes: Option<ByteSize>,
+    pub disk_sweep_interval_secs: u64,
 }
 
 impl Default for CacheSection {
@@ -82,6 +85,7 @@ impl Default for CacheSection {
             disk_dir: None,
             disk_bytes: ByteSize(20 << 30),
             disk_max_object_bytes: None,
+            disk_sweep_interval_secs: 600,
         }
     }
 }

@@ -77,6 +77,9 @@ impl Errors<'_> {
 
 /// The largest `server.*_secs` wait accepted.
 const MAX_SERVER_WAIT_SECS: u64 = 86_400;
+/// The largest `cache.disk_sweep_interval_secs` accepted: one day. A longer interval is most
+/// likely a typing error, and it would leave dead entries on disk for days.
+const MAX_DISK_SWEEP_INTERVAL_SECS: u64 = 86_400;
 
 /// Returns the range that docs/configuration.md gives for a whole-number key of the gateway's
 /// own sections or of the budget plugins, so that a type error states it in place of the
@@ -98,6 +101,7 @@ fn documented_range(key: &str) -> Option<&'static str> {
     }
     match name {
         "threads" if key == "server.threads" => Some("from 1 to 512"),
+        "disk_sweep_interval_secs" => Some("from 1 to 86400"),
         "lock_wait_timeout_secs"
         | "lock_age_timeout_secs"
         | "max_origin_requests"
@@ -270,6 +274,7 @@ fn validate_server(
             .map_or_else(super::default_pid_file, |p| resolve(dir, p)),
         send_timeout: Duration::from_secs(s.send_timeout_secs),
         reload_on_change: s.reload_on_change,
+        tcp_nopush: s.tcp_nopush,
     })
 }
 
@@ -658,12 +663,14 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
             errors.push(key, Some("0".into()), "must be at least 1 second");
         }
     }
+    check_disk_sweep_interval(s.disk_sweep_interval_secs, errors);
     let disk = s.disk_dir.as_ref().map(|d| DiskCacheSettings {
         dir: resolve(dir, d),
         budget_bytes: s.disk_bytes.0,
         max_object_bytes: s
             .disk_max_object_bytes
             .map_or(s.disk_bytes.0.min(DEFAULT_DISK_MAX_OBJECT_BYTES), |b| b.0),
+        sweep_interval: Duration::from_secs(s.disk_sweep_interval_secs),
     });
     if let (Some(disk), Some(text)) = (&disk, &s.disk_dir) {
         if let Err(reason) = check_disk_dir(&disk.dir) {
@@ -692,6 +699,25 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
         debug_headers: s.debug_headers,
         disk,
     })
+}
+
+/// Checks `cache.disk_sweep_interval_secs`. It is checked without `disk_dir` too, so that a bad
+/// value is found before the disk tier is turned on.
+fn check_disk_sweep_interval(secs: u64, errors: &mut Errors<'_>) {
+    let key = "cache.disk_sweep_interval_secs";
+    if secs == 0 {
+        errors.push(
+            key,
+            Some("0".into()),
+            "must be at least 1 second; leave the key out for the default of 600",
+        );
+    } else if secs > MAX_DISK_SWEEP_INTERVAL_SECS {
+        errors.push(
+            key,
+            Some(secs.to_string()),
+            format!("must be at most {MAX_DISK_SWEEP_INTERVAL_SECS} seconds (one day)"),
+        );
+    }
 }
 
 fn validate_domains(value: Option<Value>, dir: &Path, errors: &mut Errors<'_>) -> Vec<Domain> {

@@ -5,8 +5,15 @@
 //! whose connections [`ProxyListener`] hands to [`Handshaker`] first: it runs Pingora's
 //! handshake with this module's callbacks, counts the outcome by domain and reason, and passes
 //! the TLS connection on to the HTTP proxy.
+//!
+//! Before the handshake, [`Handshaker`] reads the first bytes of the connection. When they
+//! start a plain HTTP/1.x request, the client gets a 400 response in plain HTTP instead of a
+//! handshake (see [`plain_http`]). Other bytes are put back for the handshake to read.
+
+mod plain_http;
 
 use std::any::Any;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +21,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use pingora::apps::ServerApp;
 use pingora::listeners::TlsAccept;
+use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::handshake_with_callback;
 use pingora::protocols::tls::TlsRef;
@@ -22,13 +30,24 @@ use pingora::server::ShutdownWatch;
 use pingora::tls::ssl::{
     select_next_proto, AlpnError, NameType, SslAcceptor, SslMethod, SslRef, SslVersion,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 use super::{CertStore, HandshakeFailure, TlsConnection, TlsStore};
 use crate::status::Monitor;
+use plain_http::Prefix;
 
-/// Maximum time from accepting a TLS connection to the end of its handshake. Pingora 0.9.1
-/// puts the same limit on the handshakes of its own listeners.
+/// Maximum time from accepting a TLS connection to the end of its handshake, the read of its
+/// first bytes included. Pingora 0.9.1 puts the same limit on the handshakes of its own
+/// listeners.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Maximum time to send the 400 response to a plain HTTP request and then wait for the client
+/// to close the connection.
+const PLAIN_HTTP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Maximum number of bytes read and discarded after the 400 response to a plain HTTP request.
+const PLAIN_HTTP_DISCARD_LIMIT: u64 = 64 * 1024;
 
 /// ALPN protocols in order of preference, in wire format: HTTP/2, then HTTP/1.1.
 const ALPN_H2_H1: &[u8] = b"\x02h2\x08http/1.1";
@@ -133,12 +152,15 @@ impl Handshaker {
     }
 
     /// Runs the handshake on a new connection and counts its outcome; `None` when it failed.
+    ///
+    /// A connection whose first bytes start a plain HTTP/1.x request gets no handshake: the
+    /// client gets a 400 response, and the failure counts with the reason `plain_http`.
     async fn accept(&self, stream: Stream) -> Option<Stream> {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().cloned());
         // Pingora's TCP listeners pass their `l4` stream boxed; the handshake needs it unboxed.
-        let stream = match stream.into_any().downcast::<L4Stream>() {
+        let mut stream = match stream.into_any().downcast::<L4Stream>() {
             Ok(tcp) => *tcp,
             Err(_) => {
                 tracing::error!(
@@ -151,12 +173,43 @@ impl Handshaker {
             }
         };
 
+        // The first bytes and the handshake share one deadline, so a client that sends its
+        // first bytes slowly gets no extra time.
+        let deadline = Instant::now() + self.timeout;
+        let prefix = tokio::time::timeout_at(deadline, read_prefix(&mut stream)).await;
+        match prefix {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(method))) => {
+                let error = format!(
+                    "the client sent a plain HTTP request ({method}), which gets a 400 response"
+                );
+                self.count_failure(
+                    peer.as_ref(),
+                    NO_DOMAIN,
+                    HandshakeFailure::PlainHttp,
+                    &error,
+                );
+                answer_plain_http(stream, peer.as_ref()).await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                let error = format!("failed to read the first bytes: {e}");
+                self.count_failure(peer.as_ref(), NO_DOMAIN, HandshakeFailure::Aborted, &error);
+                return None;
+            }
+            Err(_) => {
+                let error = self.timeout_message();
+                self.count_failure(peer.as_ref(), NO_DOMAIN, HandshakeFailure::Timeout, &error);
+                return None;
+            }
+        }
+
         let attempt = Attempt {
             store: self.store.current(),
             seen: Mutex::default(),
         };
         let handshake = handshake_with_callback(&self.acceptor, stream, &attempt);
-        let result = tokio::time::timeout(self.timeout, handshake).await;
+        let result = tokio::time::timeout_at(deadline, handshake).await;
 
         let Seen { domain, failure } = std::mem::take(&mut *attempt.seen.lock());
         let label = domain.as_deref().unwrap_or(NO_DOMAIN);
@@ -166,25 +219,94 @@ impl Handshaker {
                 return Some(Box::new(tls));
             }
             Ok(Err(e)) => (HandshakeFailure::of_accept_error(&e), e.to_string()),
-            Err(_) => {
-                let millis = self.timeout.as_millis();
-                let error = format!("the handshake did not finish within {millis} ms");
-                (HandshakeFailure::Timeout, error)
-            }
+            Err(_) => (HandshakeFailure::Timeout, self.timeout_message()),
         };
         // What the callbacks learned beats OpenSSL's error: with no certificate installed, the
         // error names a missing cipher or signature algorithm.
         let reason = failure.unwrap_or(reason);
-        self.monitor.metrics.tls_handshake(label, Err(reason));
+        self.count_failure(peer.as_ref(), label, reason, &error);
+        None
+    }
+
+    /// Counts a failed handshake and logs it. The level is debug because any client can cause
+    /// failures at will.
+    fn count_failure(
+        &self,
+        peer: Option<&SocketAddr>,
+        domain: &str,
+        reason: HandshakeFailure,
+        error: &str,
+    ) {
+        self.monitor.metrics.tls_handshake(domain, Err(reason));
         tracing::debug!(
             peer = ?peer,
-            domain = label,
+            domain,
             %reason,
             %error,
             "TLS handshake failed"
         );
-        None
     }
+
+    fn timeout_message(&self) -> String {
+        let millis = self.timeout.as_millis();
+        format!("the handshake did not finish within {millis} ms")
+    }
+}
+
+/// Reads the first bytes of a connection until [`plain_http::classify`] decides, at most
+/// [`plain_http::MAX_PREFIX`] of them. Returns the method when they start a plain HTTP/1.x
+/// request. Otherwise the bytes go back into `stream` ([`L4Stream::rewind`]), so that the
+/// handshake reads them as if they had not been read.
+///
+/// An end of stream before the decision also puts the bytes back, so the handshake fails on
+/// the end of stream and counts the failure by OpenSSL's error. A cancelled call loses the
+/// bytes read so far, so the caller must close the connection then.
+async fn read_prefix(stream: &mut L4Stream) -> io::Result<Option<String>> {
+    let mut prefix = [0; plain_http::MAX_PREFIX];
+    let mut len = 0;
+    loop {
+        let read = stream.read(&mut prefix[len..]).await?;
+        len += read;
+        let bytes = &prefix[..len];
+        match plain_http::classify(bytes) {
+            Prefix::PlainHttp => return Ok(Some(plain_http::method(bytes).to_owned())),
+            Prefix::Incomplete if read > 0 && len < prefix.len() => {}
+            Prefix::Incomplete | Prefix::NotHttp => {
+                stream.rewind(bytes);
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Sends the 400 response to a plain HTTP request, ends the sending side, and discards what
+/// the client still sends until it closes, within [`PLAIN_HTTP_CLOSE_TIMEOUT`] and at most
+/// [`PLAIN_HTTP_DISCARD_LIMIT`] bytes.
+///
+/// Linux resets a connection that is closed with received bytes still unread, and a client
+/// that gets the reset before it has read the response may lose the response. Reading the
+/// rest of the request before closing avoids that for requests up to the limit.
+async fn answer_plain_http(mut stream: L4Stream, peer: Option<&SocketAddr>) {
+    let exchange = async {
+        stream.write_all(plain_http::RESPONSE).await?;
+        // Flushes the write buffer, then sends FIN.
+        stream.shutdown().await?;
+        let mut rest = (&mut stream).take(PLAIN_HTTP_DISCARD_LIMIT);
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()).await
+    };
+    let error = match tokio::time::timeout(PLAIN_HTTP_CLOSE_TIMEOUT, exchange).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => {
+            let millis = PLAIN_HTTP_CLOSE_TIMEOUT.as_millis();
+            format!("the client did not close the connection within {millis} ms")
+        }
+    };
+    tracing::debug!(
+        peer = ?peer,
+        %error,
+        "closing a plain HTTP connection on a TLS listener after the 400 response"
+    );
 }
 
 #[async_trait]
@@ -245,9 +367,48 @@ mod tests {
     use super::*;
     use crate::metrics::ScrapeInputs;
 
-    /// Accepts one connection on a handshaker with no certificates and a 200 ms timeout, after
-    /// `client` wrote to it; returns whether the handshake succeeded and the metrics text.
-    async fn accept_one(client: &'static [u8]) -> (bool, String) {
+    /// A test client's script: `chunks` with `gap` after each, then, with `half_close`, the end
+    /// of its sending side.
+    struct Client {
+        chunks: Vec<&'static [u8]>,
+        gap: Duration,
+        half_close: bool,
+    }
+
+    impl Client {
+        fn sends(bytes: &'static [u8]) -> Self {
+            Self {
+                chunks: vec![bytes],
+                gap: Duration::ZERO,
+                half_close: false,
+            }
+        }
+
+        fn byte_by_byte(bytes: &'static [u8], gap: Duration) -> Self {
+            Self {
+                chunks: bytes.chunks(1).collect(),
+                gap,
+                half_close: false,
+            }
+        }
+
+        fn then_closes(mut self) -> Self {
+            self.half_close = true;
+            self
+        }
+    }
+
+    /// The server's side of one connection.
+    struct Outcome {
+        accepted: bool,
+        /// Every byte the client received before the server closed.
+        received: Vec<u8>,
+        metrics: String,
+    }
+
+    /// Accepts one connection from `client` on a handshaker with no certificates and a 200 ms
+    /// timeout. The client reads until the server closes, for at most 2 s.
+    async fn accept_one(client: Client) -> Outcome {
         let monitor = Arc::new(Monitor::default());
         let store = Arc::new(TlsStore::new(CertStore::default()));
         let mut handshaker = Handshaker::new(&store, &monitor).expect("handshaker");
@@ -257,37 +418,111 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let client = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
             let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            stream.write_all(client).await.expect("write");
-            // Keep the connection open past the handshake timeout.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            stream.set_nodelay(true).expect("nodelay");
+            for chunk in client.chunks {
+                stream.write_all(chunk).await.expect("write");
+                tokio::time::sleep(client.gap).await;
+            }
+            if client.half_close {
+                stream.shutdown().await.expect("shutdown");
+            }
+            let mut received = Vec::new();
+            let read = stream.read_to_end(&mut received);
+            let read = tokio::time::timeout(Duration::from_secs(2), read).await;
+            // A reset after the server's response counts as its end.
+            let _ = read.expect("the server kept the connection open for 2 s");
+            received
         });
         let (server, _) = listener.accept().await.expect("accept");
         let stream: Stream = Box::new(L4Stream::from(server));
         let accepted = handshaker.accept(stream).await.is_some();
-        client.await.expect("client");
-        let text = monitor
+        let received = client.await.expect("client");
+        let metrics = monitor
             .metrics
             .render(&ScrapeInputs::default())
             .expect("render");
-        (accepted, text)
+        Outcome {
+            accepted,
+            received,
+            metrics,
+        }
+    }
+
+    /// Returns the failure series of `reason` with the value 1.
+    fn failed_once(reason: &str) -> String {
+        format!("mirror_gateway_tls_handshake_failures_total{{domain=\"-\",reason=\"{reason}\"}} 1")
     }
 
     #[tokio::test]
     async fn silent_client_times_out() {
-        let (accepted, text) = accept_one(b"").await;
-        assert!(!accepted);
-        let line = "mirror_gateway_tls_handshake_failures_total{domain=\"-\",reason=\"timeout\"} 1";
-        assert!(text.contains(line), "{text}");
+        let outcome = accept_one(Client::sends(b"")).await;
+        assert!(!outcome.accepted);
+        assert!(outcome.received.is_empty());
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("timeout")), "{text}");
     }
 
     #[tokio::test]
-    async fn plain_http_is_malformed() {
-        let (accepted, text) = accept_one(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
-        assert!(!accepted);
-        let line =
-            "mirror_gateway_tls_handshake_failures_total{domain=\"-\",reason=\"malformed\"} 1";
-        assert!(text.contains(line), "{text}");
+    async fn plain_http_gets_400() {
+        let request = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n";
+        let outcome = accept_one(Client::sends(request)).await;
+        assert!(!outcome.accepted);
+        let received = String::from_utf8_lossy(&outcome.received);
+        assert_eq!(outcome.received, plain_http::RESPONSE, "{received}");
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("plain_http")), "{text}");
+        assert!(!text.contains("reason=\"malformed\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn plain_http_byte_by_byte_gets_400() {
+        let request = b"HEAD / HTTP/1.1\r\n\r\n";
+        let client = Client::byte_by_byte(request, Duration::from_millis(5));
+        let outcome = accept_one(client).await;
+        assert!(!outcome.accepted);
+        let received = String::from_utf8_lossy(&outcome.received);
+        assert_eq!(outcome.received, plain_http::RESPONSE, "{received}");
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("plain_http")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn method_without_space_times_out() {
+        let outcome = accept_one(Client::sends(b"GET")).await;
+        assert!(!outcome.accepted);
+        assert!(outcome.received.is_empty());
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("timeout")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn method_then_end_of_stream_aborted() {
+        let outcome = accept_one(Client::sends(b"GET").then_closes()).await;
+        assert!(!outcome.accepted);
+        assert!(outcome.received.is_empty());
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("aborted")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn other_protocol_is_malformed() {
+        let outcome = accept_one(Client::sends(b"SSH-2.0-OpenSSH_9.6\r\n").then_closes()).await;
+        assert!(!outcome.accepted);
+        assert!(!outcome.received.starts_with(b"HTTP/"));
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("malformed")), "{text}");
+    }
+
+    /// A TLS record header that announces a 512-byte handshake message, cut short: the bytes
+    /// reach OpenSSL, and the client gets no HTTP response.
+    #[tokio::test]
+    async fn tls_record_goes_to_handshake() {
+        let record: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+        let outcome = accept_one(Client::sends(record).then_closes()).await;
+        assert!(!outcome.accepted);
+        assert!(!outcome.received.starts_with(b"HTTP/"));
+        let text = outcome.metrics;
+        assert!(text.contains(&failed_once("aborted")), "{text}");
     }
 }

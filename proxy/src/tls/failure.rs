@@ -22,8 +22,12 @@ pub enum HandshakeFailure {
     ClientAlert,
     /// The connection closed or broke before the handshake finished.
     Aborted,
-    /// The client sent bytes that are not a well-formed TLS handshake, for example plain HTTP.
+    /// The client sent bytes that are not a well-formed TLS handshake, and not the start of a
+    /// plain HTTP/1.x request either.
     Malformed,
+    /// The client sent the start of a plain HTTP/1.x request (a method and a space) and got a
+    /// 400 response in plain HTTP instead of a handshake.
+    PlainHttp,
     /// The handshake did not finish within the listener's handshake timeout.
     Timeout,
     /// Any other failure, including a certificate the gateway could not install.
@@ -32,13 +36,14 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// Every reason, in the order the docs list them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::ProtocolVersion,
         Self::NoSharedCipher,
         Self::UnknownSni,
         Self::ClientAlert,
         Self::Aborted,
         Self::Malformed,
+        Self::PlainHttp,
         Self::Timeout,
         Self::Other,
     ];
@@ -52,6 +57,7 @@ impl HandshakeFailure {
             Self::ClientAlert => "client_alert",
             Self::Aborted => "aborted",
             Self::Malformed => "malformed",
+            Self::PlainHttp => "plain_http",
             Self::Timeout => "timeout",
             Self::Other => "other",
         }

@@ -32,8 +32,9 @@
 //! body); `MissFinishType::Created` and `get_eviction_weight` report the same value. Give
 //! Pingora no eviction manager for this tier, or one whose limit is not smaller than this
 //! budget (its purges are honoured). Eviction removes expired entries only in their LRU turn.
-//! [`DiskStorage::sweep_expired`] removes those past their stale windows, but the gateway does
-//! not call it: such an entry takes budget until it is evicted or a request replaces it.
+//! [`DiskStorage::sweep_expired`] removes those past their stale windows. The gateway calls it
+//! every `cache.disk_sweep_interval_secs` (see `cache/sweep.rs`), so such an entry takes
+//! budget until the next sweep at the latest.
 //!
 //! The budget may be larger than the filesystem holds. A write that finds the filesystem full
 //! evicts least recently used entries and writes again (`room.rs`).
@@ -144,6 +145,7 @@ impl DiskSnapshot {
             evictions: self.evictions,
             write_errors: self.write_errors,
             corrupt_entries: Some(self.corrupt_entries),
+            expired_entries: Some(self.expired),
         }
     }
 }
@@ -346,8 +348,9 @@ impl DiskStorage {
     /// Deletes entries whose stale windows ended more than `keep_stale_for` before `now`.
     ///
     /// Eviction only removes entries when space is needed; this removes entries that can no
-    /// longer be served without a revalidation. Blocks on file deletions. NOTE: nothing in
-    /// the gateway calls it yet.
+    /// longer be served without a revalidation, so a request for one of them then fetches the
+    /// whole response. Times are compared in whole seconds. Blocks on file deletions, so the
+    /// gateway calls it from a blocking thread every `cache.disk_sweep_interval_secs`.
     pub fn sweep_expired(&self, now: SystemTime, keep_stale_for: Duration) -> PurgeReport {
         let limit = unix_secs(now).saturating_sub(keep_stale_for.as_secs());
         let names = self.index.lock().select(|slot| slot.stale_until < limit);
