@@ -162,6 +162,10 @@ pub fn read_header(file: &File, file_len: u64) -> Result<Header, ReadFailure> {
 /// Another process sharing the directory may have replaced the file since it was opened;
 /// the replacement is kept.
 pub fn remove_if_same(path: &Path, ino: u64) -> io::Result<bool> {
+    #[cfg(test)]
+    if tests::FAIL_DELETES.with(std::cell::Cell::get) {
+        return Err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem));
+    }
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.ino() == ino => match std::fs::remove_file(path) {
             Ok(()) => Ok(true),
@@ -241,8 +245,14 @@ impl LogLimiter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes [`remove_if_same`] fail on this thread, as on a read-only filesystem.
+        pub(in crate::cache::disk) static FAIL_DELETES: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
 
     #[test]
     fn temp_file_recreates_directory() {

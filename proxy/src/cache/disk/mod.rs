@@ -183,6 +183,15 @@ pub struct PurgeReport {
     pub bytes: u64,
 }
 
+/// The handling of an index entry whose file cannot be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Undeletable {
+    /// It goes back into the index, so the budget keeps counting its file (the expiry sweep).
+    KeepInIndex,
+    /// It stays out of the index, so it is not served from the index again (purges).
+    LeaveIndex,
+}
+
 /// The disk tier. Implements Pingora's `Storage`; see the module documentation.
 pub struct DiskStorage {
     root: PathBuf,
@@ -353,8 +362,26 @@ impl DiskStorage {
     /// gateway calls it from a blocking thread every `cache.disk_sweep_interval_secs`.
     pub fn sweep_expired(&self, now: SystemTime, keep_stale_for: Duration) -> PurgeReport {
         let limit = unix_secs(now).saturating_sub(keep_stale_for.as_secs());
-        let names = self.index.lock().select(|slot| slot.stale_until < limit);
-        let report = self.remove_names(&names);
+        let names = self.expired_names(limit);
+        self.remove_expired(&names, limit)
+    }
+
+    /// Returns the names of the entries whose stale windows ended before `limit` (Unix seconds).
+    fn expired_names(&self, limit: u64) -> Vec<HashBinary> {
+        self.index.lock().select(|slot| slot.stale_until < limit)
+    }
+
+    /// Deletes those of `names` whose stale windows still end before `limit`, and counts them.
+    ///
+    /// The index lock is released between the selection and each deletion, and a
+    /// revalidation or a new fill may refresh an entry meanwhile. Checking the time again
+    /// under the lock keeps such an entry.
+    fn remove_expired(&self, names: &[HashBinary], limit: u64) -> PurgeReport {
+        let report = self.remove_names_if(
+            names,
+            |slot| slot.stale_until < limit,
+            Undeletable::KeepInIndex,
+        );
         self.counters
             .expired
             .fetch_add(report.keys.len() as u64, Ordering::Relaxed);
@@ -397,18 +424,61 @@ impl DiskStorage {
     }
 
     fn remove_names(&self, names: &[HashBinary]) -> PurgeReport {
+        self.remove_names_if(names, |_| true, Undeletable::LeaveIndex)
+    }
+
+    /// Deletes the entries of `names` whose slot, read under the index lock, satisfies `remove`.
+    ///
+    /// An entry whose file cannot be deleted (on a read-only filesystem, for example) is kept
+    /// in the index and left out of the report with [`Undeletable::KeepInIndex`], and taken
+    /// out of both like the others with [`Undeletable::LeaveIndex`]. One warning per call gives
+    /// the number of such entries and the first error.
+    fn remove_names_if(
+        &self,
+        names: &[HashBinary],
+        remove: impl Fn(&Slot) -> bool,
+        undeletable: Undeletable,
+    ) -> PurgeReport {
         let mut report = PurgeReport::default();
+        let mut failed = 0u64;
+        let mut first_failure = None;
         for name in names {
-            let Some(slot) = self.index.lock().remove(name) else {
+            let removed = {
+                let mut index = self.index.lock();
+                match index.get(name) {
+                    Some(slot) if remove(slot) => index.remove(name),
+                    _ => None,
+                }
+            };
+            let Some(slot) = removed else {
                 continue;
             };
             let path = self.entry_path(name);
             if let Err(e) = files::remove_if_same(&path, slot.ino) {
-                let path = path.display();
-                tracing::warn!(%path, error = %e, "disk cache: cannot delete entry");
+                failed += 1;
+                first_failure.get_or_insert_with(|| format!("{}: {e}", path.display()));
+                if undeletable == Undeletable::KeepInIndex {
+                    let mut index = self.index.lock();
+                    if index.get(name).is_none() {
+                        index.insert(*name, slot);
+                    }
+                    continue;
+                }
             }
             report.keys.push(slot.key.compact());
             report.bytes += slot.size();
+        }
+        if let Some(first) = first_failure {
+            let outcome = match undeletable {
+                Undeletable::KeepInIndex => "they stay in the tier and count against its budget",
+                Undeletable::LeaveIndex => "their files stay on disk until a restart scans them",
+            };
+            tracing::warn!(
+                entries = failed,
+                first = %first,
+                "disk cache: cannot delete entry files; {outcome}; check that the gateway's user \
+                 can write to disk_dir"
+            );
         }
         report
     }
@@ -485,8 +555,20 @@ mod tests {
 
     /// Writes a valid entry file directly (no fsync), much faster than a fill.
     fn write_raw(root: &Path, key: &CacheKey, body: &[u8], meta: &(Vec<u8>, Vec<u8>)) -> PathBuf {
+        write_raw_with_times(root, key, body, meta, (0, u64::MAX))
+    }
+
+    /// Writes an entry file like [`write_raw`], with `times` (fresh until, stale until) in Unix
+    /// seconds in its header.
+    fn write_raw_with_times(
+        root: &Path,
+        key: &CacheKey,
+        body: &[u8],
+        meta: &(Vec<u8>, Vec<u8>),
+        times: (u64, u64),
+    ) -> PathBuf {
         let entry = EntryKey::new(key, key.primary_key());
-        let mut header = Header::new(entry, meta.clone(), (0, u64::MAX)).expect("limits");
+        let mut header = Header::new(entry, meta.clone(), times).expect("limits");
         header.body_len = body.len() as u64;
         header.body_crc = crc32fast::hash(body);
         let mut bytes = header.encode();
@@ -562,6 +644,80 @@ mod tests {
             .modified()
             .expect("mtime");
         assert!(mtime > day_ago + Duration::from_secs(3600));
+    }
+
+    /// A revalidation that refreshes an entry after the sweep selected it, and before the
+    /// sweep reached it, keeps the entry on disk and in the index.
+    #[tokio::test]
+    async fn disk_sweep_keeps_entry_refreshed_meanwhile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        DiskStorage::open(dir.path(), u64::MAX, 1).expect("create");
+        let refreshed = CacheKey::new("refreshed", "primary");
+        let expired = CacheKey::new("expired", "primary");
+        let meta = serialized_meta();
+        let refreshed_path = write_raw_with_times(dir.path(), &refreshed, b"body", &meta, (1, 1));
+        let expired_path = write_raw_with_times(dir.path(), &expired, b"body", &meta, (1, 1));
+        let storage: &'static DiskStorage = Box::leak(Box::new(
+            DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen"),
+        ));
+
+        let now = SystemTime::now();
+        let limit = unix_secs(now);
+        let names = storage.expired_names(limit);
+        assert_eq!(names.len(), 2, "entries selected by the sweep");
+
+        let header = ResponseHeader::build(200, None).expect("status");
+        let fresh = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header);
+        let trace = Span::inactive().handle();
+        let updated = storage.update_meta(&refreshed, &fresh, &trace).await;
+        assert!(updated.expect("update_meta"), "the entry was not found");
+
+        let report = storage.remove_expired(&names, limit);
+        assert_eq!(report.keys.len(), 1, "entries deleted by the sweep");
+        assert_eq!(storage.stats().expired, 1, "entries counted as expired");
+        assert!(refreshed_path.exists(), "the refreshed entry was deleted");
+        assert!(!expired_path.exists(), "the expired entry is still on disk");
+        let hit = storage.lookup(&refreshed, &trace).await.expect("lookup");
+        assert!(hit.is_some(), "the refreshed entry is not a hit");
+    }
+
+    #[tokio::test]
+    async fn disk_undeletable_entry_handling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        DiskStorage::open(dir.path(), u64::MAX, 1).expect("create");
+        let key = CacheKey::new("expired", "primary");
+        let meta = serialized_meta();
+        let path = write_raw_with_times(dir.path(), &key, b"body", &meta, (1, 1));
+        let storage = DiskStorage::open(dir.path(), u64::MAX, 1).expect("reopen");
+        let before = storage.stats();
+        assert_eq!(before.entries, 1, "entries after the scan");
+
+        files::tests::FAIL_DELETES.with(|fail| fail.set(true));
+        let swept = storage.sweep_expired(SystemTime::now(), Duration::ZERO);
+        let after_sweep = storage.stats();
+        let purged = storage.purge_matching(|_, _| true);
+        let after_purge = storage.stats();
+        files::tests::FAIL_DELETES.with(|fail| fail.set(false));
+
+        assert!(
+            swept.keys.is_empty(),
+            "the sweep reported an entry it could not delete"
+        );
+        assert_eq!(after_sweep.expired, 0, "entries counted as expired");
+        assert_eq!(
+            after_sweep.entries, 1,
+            "the sweep dropped the entry from the index"
+        );
+        assert_eq!(
+            after_sweep.bytes, before.bytes,
+            "bytes counted against the budget"
+        );
+        assert_eq!(purged.keys.len(), 1, "entries taken out by the purge");
+        assert_eq!(
+            after_purge.entries, 0,
+            "the purge left the entry in the index"
+        );
+        assert!(path.exists(), "the file was deleted despite the failure");
     }
 
     #[test]
