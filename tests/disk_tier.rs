@@ -619,6 +619,9 @@ async fn expired_entry_swept_from_disk() {
     );
 
     let admin = gateway.running.admin_addr().expect("admin listener");
+    let (status, stats) = admin_get(admin, "/cache/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert!(stats.contains("\"expired_entries\":1"), "{stats}");
     let (status, metrics) = admin_get(admin, "/metrics").await;
     assert_eq!(status, 200, "{metrics}");
     let series = "mirror_gateway_cache_expired_entries_total{tier=\"disk\"} 1";

@@ -248,8 +248,8 @@ fn stats_json(memory: &TierSnapshot, disk: Option<crate::cache::DiskSnapshot>) -
     };
     let disk = match disk {
         Some(d) => format!(
-            ",\"disk\":{{\"entries\":{},\"bytes\":{},\"budget_bytes\":{},\"hits\":{},\"misses\":{},\"evictions\":{},\"write_errors\":{},\"corrupt_entries\":{}}}",
-            d.entries, d.bytes, d.budget_bytes, d.hits, d.misses, d.evictions, d.write_errors, d.corrupt_entries
+            ",\"disk\":{{\"entries\":{},\"bytes\":{},\"budget_bytes\":{},\"hits\":{},\"misses\":{},\"evictions\":{},\"write_errors\":{},\"corrupt_entries\":{},\"expired_entries\":{}}}",
+            d.entries, d.bytes, d.budget_bytes, d.hits, d.misses, d.evictions, d.write_errors, d.corrupt_entries, d.expired
         ),
         None => String::new(),
     };
