@@ -449,6 +449,7 @@ fn assert_plain_http_400(raw: &[u8]) {
     let content_type = headers.get("content-type").copied().unwrap_or_default();
     assert!(content_type.starts_with("text/plain"), "{text}");
     assert_eq!(headers.get("connection"), Some(&"close"), "{text}");
+    assert_eq!(headers.get("x-cache-status"), Some(&"BYPASS"), "{text}");
     let length = headers.get("content-length").expect("Content-Length");
     assert_eq!(length.parse::<usize>().ok(), Some(body.len()), "{text}");
     assert!(body.contains("plain HTTP"), "{body}");
@@ -802,6 +803,37 @@ fn config_warns_uncovered_host() {
         .find(|w| w.key == "domains.a.tls_cert");
     let reason = warning.map(|w| w.reason.as_str()).unwrap_or_default();
     assert!(reason.contains("127.0.0.1"), "{:#?}", config.warnings);
+}
+
+/// An IP address among the hosts of a domain with a certificate gets a warning, because clients
+/// that connect by address send no server name, unless the domain is `tls_default_domain`.
+#[test]
+fn config_warns_ip_host_without_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let ip_hosts = |server: &str| {
+        let text = config(unused_origin(), server, "").replace(
+            r#"hosts = ["a.test"]"#,
+            r#"hosts = ["a.test", "127.0.0.1", "[::1]"]"#,
+        );
+        let path = dir.path().join("gateway.toml");
+        let config = mirror_proxy::config::load_str(&text, &path, Vec::new()).expect("valid");
+        config
+            .warnings
+            .into_iter()
+            .filter(|w| w.key == "domains.a.hosts")
+            .map(|w| (w.value.unwrap_or_default(), w.reason))
+            .collect::<Vec<_>>()
+    };
+
+    let warned = ip_hosts("");
+    let values: Vec<&str> = warned.iter().map(|(value, _)| value.as_str()).collect();
+    assert_eq!(values, ["\"127.0.0.1\"", "\"[::1]\""], "{warned:#?}");
+    assert!(
+        warned[0].1.contains("tls_default_domain = \"a\""),
+        "{warned:#?}"
+    );
+    assert!(ip_hosts(r#"tls_default_domain = "a""#).is_empty());
 }
 
 #[test]

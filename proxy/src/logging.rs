@@ -65,6 +65,8 @@ impl log::Log for PingoraLog {
 /// - `Fail to proxy: ..., downstream session type: ...` from `pingora_proxy`: a client
 ///   connection that closed, timed out or broke before it sent a whole request header, as a
 ///   TCP or TLS health check does (debug);
+/// - `HTTP server fails to read from downstream: ...` from Pingora's HTTP server (the admin
+///   listener's): the same for a client of the admin listener (debug);
 /// - `No incoming socket transfer, sleep 1s and try again` from the upgrade hand-over: a
 ///   `run --upgrade` process that waits for the old one's sockets (info).
 fn lowered_level(record: &log::Record<'_>) -> Option<log::Level> {
@@ -76,6 +78,13 @@ fn lowered_level(record: &log::Record<'_>) -> Option<log::Level> {
         let message = record.args().to_string();
         let unread_request =
             message.starts_with("Fail to proxy: ") && message.contains("downstream session type:");
+        return unread_request.then_some(log::Level::Debug);
+    }
+    if target == "pingora_core::apps::http_app" {
+        let unread_request = record
+            .args()
+            .to_string()
+            .starts_with("HTTP server fails to read from downstream: ");
         return unread_request.then_some(log::Level::Debug);
     }
     if target.starts_with("pingora_core::server::transfer_fd") {
@@ -222,6 +231,12 @@ mod tests {
         let error = log::Level::Error;
         assert_eq!(
             lowered(error, "pingora_proxy", closed),
+            Some(log::Level::Debug)
+        );
+        let admin = "HTTP server fails to read from downstream:  ConnectionClosed context: while \
+                     reading request headers, bytes already read: 25";
+        assert_eq!(
+            lowered(error, "pingora_core::apps::http_app", admin),
             Some(log::Level::Debug)
         );
         let waiting = "No incoming socket transfer, sleep 1s and try again";

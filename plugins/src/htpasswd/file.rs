@@ -26,6 +26,7 @@ const UNSUPPORTED_PREFIXES: &[(&str, &str)] = &[
     ("$5$", "SHA-256-crypt `$5$`"),
     ("$6$", "SHA-512-crypt `$6$`"),
     ("{SSHA}", "salted SHA-1 `{SSHA}`"),
+    ("{PLAIN}", "plain text `{PLAIN}`"),
 ];
 
 /// The users of one htpasswd file and what a password check against each costs.
@@ -483,6 +484,18 @@ mod tests {
     #[test]
     fn plain_text_not_accepted_with_its_own_password() {
         assert!(!users("plain:secret").verify("plain", b"secret"));
+    }
+
+    #[test]
+    fn plain_scheme_named_in_problem() {
+        assert!(!users("plain:{PLAIN}secret").verify("plain", b"secret"));
+        let found = problems("plain:{PLAIN}secret\n");
+        let expected = (
+            1,
+            Some("plain".to_owned()),
+            Problem::Unsupported("plain text `{PLAIN}`"),
+        );
+        assert_eq!(found, vec![expected]);
     }
 
     #[test]

@@ -83,7 +83,42 @@ impl TlsCheck<'_, '_> {
         }
         self.listeners_and_certs(has_listen, &declared);
         config.default_domain = self.default_domain(server.tls_default_domain, &declared);
+        if has_listen {
+            self.ip_hosts(domains, &config);
+        }
         config
+    }
+
+    /// Warns about each IP address in the `hosts` of a domain with a certificate other than
+    /// `tls_default_domain`. A client that connects to an IP address sends no server name
+    /// (RFC 6066, section 3), so its handshake selects no domain and fails.
+    fn ip_hosts(&mut self, domains: &[Domain], config: &TlsConfig) {
+        for domain in domains {
+            let has_cert = config
+                .domains
+                .get(&domain.id)
+                .is_some_and(|tls| tls.cert.is_some());
+            if !has_cert || config.default_domain.as_deref() == Some(domain.id.as_str()) {
+                continue;
+            }
+            let addresses = domain.hosts.iter().filter(|host| {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                bare.parse::<std::net::IpAddr>().is_ok()
+            });
+            for host in addresses {
+                let reason = format!(
+                    "an IP address: HTTPS clients that connect to it send no server name (SNI), \
+                     so no certificate is selected and the handshake fails; set \
+                     server.tls_default_domain = {:?} if clients reach this domain by address",
+                    domain.id
+                );
+                self.warnings.push(
+                    &format!("domains.{}.hosts", domain.id),
+                    Some(format!("{host:?}")),
+                    reason,
+                );
+            }
+        }
     }
 
     fn listen(&mut self, texts: &[String], plain: &[SocketAddr]) -> Vec<SocketAddr> {

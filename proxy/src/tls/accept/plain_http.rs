@@ -18,6 +18,7 @@ pub(super) const RESPONSE: &[u8] = concat!(
     "Content-Type: text/plain; charset=utf-8\r\n",
     "Content-Length: 111\r\n",
     "Connection: close\r\n",
+    "X-Cache-Status: BYPASS\r\n",
     "\r\n",
     "400 Bad Request: this port accepts only HTTPS, and the request came as plain HTTP. ",
     "Send it to an https:// URL.\n",
