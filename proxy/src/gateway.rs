@@ -942,14 +942,16 @@ impl ProxyHttp for Gateway {
             let status = cache_status(&session.cache.phase());
             respond::write_error(session, code, status, ctx.debug_reason()).await;
         }
+        let domain = state
+            .domain(ctx)
+            .map(|d| d.config.id.as_str())
+            .unwrap_or("-");
         if code >= 500 {
-            let domain = state
-                .domain(ctx)
-                .map(|d| d.config.id.as_str())
-                .unwrap_or("-");
             let status = sent.unwrap_or(code);
             let body_cut = sent.is_some();
             tracing::error!(domain, path = %ctx.path, status, body_cut, error = %e, "request failed");
+        } else if code == 0 {
+            tracing::debug!(domain, path = %ctx.path, error = %e, "client went away or stopped reading");
         }
         FailToProxy {
             error_code: code,
@@ -958,9 +960,11 @@ impl ProxyHttp for Gateway {
     }
 
     /// Leaves out Pingora's own line for the failures that [`Self::fail_to_proxy`] logged with
-    /// the domain and path, so that each failed request logs one error line.
+    /// the domain and path, so that each failed request logs one line: origin failures at error
+    /// level, a client that went away at debug level.
     fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
-        respond::status_for_error(e) >= 500
+        let code = respond::status_for_error(e);
+        code == 0 || code >= 500
     }
 
     /// Frees the domain's origin slot once the origin's body has ended: the origin request is

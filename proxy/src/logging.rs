@@ -65,6 +65,8 @@ impl log::Log for PingoraLog {
 /// - `Fail to proxy: ..., downstream session type: ...` from `pingora_proxy`: a client
 ///   connection that closed, timed out or broke before it sent a whole request header, as a
 ///   TCP or TLS health check does (debug);
+/// - `Fail to serve cache: Downstream ...` from `pingora_proxy`'s cache: a client that went
+///   away or stopped reading while a response came from the cache (debug);
 /// - `HTTP server fails to read from downstream: ...` from Pingora's HTTP server (the admin
 ///   listener's): the same for a client of the admin listener (debug);
 /// - `No incoming socket transfer, sleep 1s and try again` from the upgrade hand-over: a
@@ -79,6 +81,13 @@ fn lowered_level(record: &log::Record<'_>) -> Option<log::Level> {
         let unread_request =
             message.starts_with("Fail to proxy: ") && message.contains("downstream session type:");
         return unread_request.then_some(log::Level::Debug);
+    }
+    if target == "pingora_proxy::proxy_cache" {
+        let client_gone = record
+            .args()
+            .to_string()
+            .starts_with("Fail to serve cache: Downstream ");
+        return client_gone.then_some(log::Level::Debug);
     }
     if target == "pingora_core::apps::http_app" {
         let unread_request = record
@@ -239,6 +248,13 @@ mod tests {
             lowered(error, "pingora_core::apps::http_app", admin),
             Some(log::Level::Debug)
         );
+        let cache = "pingora_proxy::proxy_cache";
+        let stopped = "Fail to serve cache: Downstream WriteTimedout context: while writing h2 \
+                       request body, timeout: 60s, GET /a, Host: a.test";
+        assert_eq!(lowered(error, cache, stopped), Some(log::Level::Debug));
+        let aborted = "Fail to serve cache:  ReadError context: the cache fill this response \
+                       streams from was aborted, GET /a, Host: a.test";
+        assert_eq!(lowered(error, cache, aborted), None);
         let waiting = "No incoming socket transfer, sleep 1s and try again";
         let transfer = "pingora_core::server::transfer_fd";
         assert_eq!(lowered(error, transfer, waiting), Some(log::Level::Info));

@@ -57,17 +57,18 @@ pub fn error_response(status: StatusCode, detail: &str) -> LocalResponse {
 /// requests 400, and anything unrecognised 500.
 pub fn status_for_error(e: &Error) -> u16 {
     use ErrorType::*;
-    match e.etype() {
-        HTTPStatus(code) => *code,
-        ConnectTimedout | ReadTimedout | WriteTimedout => 504,
-        _ => match e.esource() {
-            ErrorSource::Upstream => 502,
-            ErrorSource::Downstream => match e.etype() {
-                WriteError | ReadError | ConnectionClosed => 0,
-                _ => 400,
-            },
-            ErrorSource::Internal | ErrorSource::Unset => 500,
-        },
+    match (e.etype(), e.esource()) {
+        (HTTPStatus(code), _) => *code,
+        // A client that stopped reading (`send_timeout_secs`) or sending, or went away: there
+        // is nobody to answer and nothing for an operator to fix.
+        (
+            WriteError | ReadError | ConnectionClosed | WriteTimedout | ReadTimedout,
+            ErrorSource::Downstream,
+        ) => 0,
+        (_, ErrorSource::Downstream) => 400,
+        (ConnectTimedout | ReadTimedout | WriteTimedout, _) => 504,
+        (_, ErrorSource::Upstream) => 502,
+        (_, ErrorSource::Internal | ErrorSource::Unset) => 500,
     }
 }
 
@@ -123,5 +124,26 @@ pub async fn write_error_detail(
     .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "cannot send the error response downstream");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_status_by_source() {
+        let up = |etype| Error::new(etype).into_up();
+        let down = |etype| Error::new(etype).into_down();
+        assert_eq!(status_for_error(&up(ErrorType::ReadTimedout)), 504);
+        assert_eq!(status_for_error(&up(ErrorType::ConnectTimedout)), 504);
+        assert_eq!(status_for_error(&up(ErrorType::ConnectRefused)), 502);
+        assert_eq!(status_for_error(&down(ErrorType::WriteTimedout)), 0);
+        assert_eq!(status_for_error(&down(ErrorType::ReadTimedout)), 0);
+        assert_eq!(status_for_error(&down(ErrorType::WriteError)), 0);
+        assert_eq!(status_for_error(&down(ErrorType::ConnectionClosed)), 0);
+        assert_eq!(status_for_error(&down(ErrorType::InvalidHTTPHeader)), 400);
+        assert_eq!(status_for_error(&Error::new(ErrorType::InternalError)), 500);
+        assert_eq!(status_for_error(&up(ErrorType::HTTPStatus(429))), 429);
     }
 }
