@@ -104,34 +104,24 @@ async fn disk_dir_deleted_while_running() {
     let _beside = MEMORY_TURN.read().await;
     let (payload, origin, dir, gateway) = start_body_gateway().await;
     let disk = dir.path().join("disk");
-    let status = |response: &reqwest::Response| response.headers()["x-cache-status"].clone();
 
-    let first = client()
-        .get(gateway.url("/a.json"))
-        .send()
-        .await
-        .expect("fill a");
-    assert_eq!(status(&first), "MISS");
+    assert_eq!(
+        get_with_status(gateway.url("/a.json"), "MISS").await,
+        payload
+    );
     // The entry is published once the whole body has arrived, which can be just after the
     // client has all of it.
-    assert_eq!(first.text().await.expect("body"), payload);
     wait_for_entries(&disk, 1).await;
     std::fs::remove_dir_all(&disk).expect("delete the disk directory");
 
-    let fill = client()
-        .get(gateway.url("/b.json"))
-        .send()
-        .await
-        .expect("fill b");
-    assert_eq!(status(&fill), "MISS");
-    assert_eq!(fill.text().await.expect("body"), payload);
-    let hit = client()
-        .get(gateway.url("/b.json"))
-        .send()
-        .await
-        .expect("hit b");
-    assert_eq!(status(&hit), "HIT");
-    assert_eq!(hit.text().await.expect("body"), payload);
+    assert_eq!(
+        get_with_status(gateway.url("/b.json"), "MISS").await,
+        payload
+    );
+    assert_eq!(
+        get_with_status(gateway.url("/b.json"), "HIT").await,
+        payload
+    );
     assert_eq!(entry_files(&disk).len(), 1, "b stored on disk again");
     assert_eq!(origin.count(), 2);
 }
@@ -143,36 +133,26 @@ async fn deleted_disk_dir_survives_restart() {
     let _beside = MEMORY_TURN.read().await;
     let (payload, origin, dir, gateway) = start_body_gateway().await;
     let disk = dir.path().join("disk");
-    let status = |response: &reqwest::Response| response.headers()["x-cache-status"].clone();
 
-    let first = client()
-        .get(gateway.url("/a.json"))
-        .send()
-        .await
-        .expect("fill a");
-    assert_eq!(status(&first), "MISS");
-    assert_eq!(first.text().await.expect("body"), payload);
+    assert_eq!(
+        get_with_status(gateway.url("/a.json"), "MISS").await,
+        payload
+    );
     std::fs::remove_dir_all(&disk).expect("delete the disk directory");
-    let fill = client()
-        .get(gateway.url("/b.json"))
-        .send()
-        .await
-        .expect("fill b");
-    assert_eq!(status(&fill), "MISS");
-    assert_eq!(fill.text().await.expect("body"), payload);
+    assert_eq!(
+        get_with_status(gateway.url("/b.json"), "MISS").await,
+        payload
+    );
     wait_for_entries(&disk, 1).await;
     gateway.running.shutdown();
 
     // Panics with the start error when the gateway rejects the recreated directory.
     let text = config(dir.path(), origin.addr, "127.0.0.1:0");
     let restarted = TestGateway::start(dir.path(), &text);
-    let hit = client()
-        .get(restarted.url("/b.json"))
-        .send()
-        .await
-        .expect("hit b");
-    assert_eq!(status(&hit), "HIT");
-    assert_eq!(hit.text().await.expect("body"), payload);
+    assert_eq!(
+        get_with_status(restarted.url("/b.json"), "HIT").await,
+        payload
+    );
     assert_eq!(origin.count(), 2);
 }
 

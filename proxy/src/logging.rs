@@ -76,35 +76,51 @@ fn lowered_level(record: &log::Record<'_>) -> Option<log::Level> {
         return None;
     }
     let target = record.target();
-    if target == "pingora_proxy" {
-        let message = record.args().to_string();
-        let unread_request =
-            message.starts_with("Fail to proxy: ") && message.contains("downstream session type:");
-        return unread_request.then_some(log::Level::Debug);
-    }
-    if target == "pingora_proxy::proxy_cache" {
-        let client_gone = record
-            .args()
-            .to_string()
-            .starts_with("Fail to serve cache: Downstream ");
-        return client_gone.then_some(log::Level::Debug);
-    }
-    if target == "pingora_core::apps::http_app" {
-        let unread_request = record
-            .args()
-            .to_string()
-            .starts_with("HTTP server fails to read from downstream: ");
-        return unread_request.then_some(log::Level::Debug);
-    }
-    if target.starts_with("pingora_core::server::transfer_fd") {
-        let waiting = record
-            .args()
-            .to_string()
-            .starts_with("No incoming socket transfer");
-        return waiting.then_some(log::Level::Info);
-    }
-    None
+    let message = record.args().to_string();
+    LOWERED
+        .iter()
+        .find(|lowered| {
+            let module = target
+                .strip_prefix(lowered.target)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"));
+            module && (lowered.matches)(&message)
+        })
+        .map(|lowered| lowered.level)
 }
+
+/// A Pingora line that [`lowered_level`] lowers.
+struct Lowered {
+    /// The module it comes from; its submodules count too.
+    target: &'static str,
+    /// The level it is logged at instead.
+    level: log::Level,
+    /// Tells whether a message of `target` is this line.
+    matches: fn(&str) -> bool,
+}
+
+/// The lines of [`lowered_level`].
+const LOWERED: [Lowered; 4] = [
+    Lowered {
+        target: "pingora_proxy",
+        level: log::Level::Debug,
+        matches: |m| m.starts_with("Fail to proxy: ") && m.contains("downstream session type:"),
+    },
+    Lowered {
+        target: "pingora_proxy::proxy_cache",
+        level: log::Level::Debug,
+        matches: |m| m.starts_with("Fail to serve cache: Downstream "),
+    },
+    Lowered {
+        target: "pingora_core::apps::http_app",
+        level: log::Level::Debug,
+        matches: |m| m.starts_with("HTTP server fails to read from downstream: "),
+    },
+    Lowered {
+        target: "pingora_core::server::transfer_fd",
+        level: log::Level::Info,
+        matches: |m| m.starts_with("No incoming socket transfer"),
+    },
+];
 
 /// Runs `load`, which reads the config, with warnings and errors going to standard error.
 /// The global subscriber needs the log level from the config, so it is installed only after

@@ -59,8 +59,8 @@ pub fn status_for_error(e: &Error) -> u16 {
     use ErrorType::*;
     match (e.etype(), e.esource()) {
         (HTTPStatus(code), _) => *code,
-        // A client that stopped reading (`send_timeout_secs`) or sending, or went away: there
-        // is nobody to answer and nothing for an operator to fix.
+        // A client that stopped reading (`send_timeout_secs`) or sending, or closed the
+        // connection: no response can reach it, and the origin did nothing wrong.
         (
             WriteError | ReadError | ConnectionClosed | WriteTimedout | ReadTimedout,
             ErrorSource::Downstream,
