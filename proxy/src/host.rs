@@ -12,6 +12,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Maximum length of a host name in bytes, after the trailing dot is removed.
@@ -24,9 +26,9 @@ const MAX_LABEL_BYTES: usize = 63;
 #[derive(Debug, Clone, Default)]
 pub struct HostMatcher {
     /// Exact host names (lower case, canonical IPv6 in brackets) to domain index.
-    exact: HashMap<String, usize>,
+    exact: HashMap<String, usize, RandomState>,
     /// Wildcard suffixes (`example.org` for `*.example.org`) to domain index.
-    wildcard: HashMap<String, usize>,
+    wildcard: HashMap<String, usize, RandomState>,
 }
 
 /// Reason a host pattern list was rejected.

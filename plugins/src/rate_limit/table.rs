@@ -96,10 +96,12 @@ impl ClientTable {
     /// `RateLimit-Remaining` the whole requests left, and `RateLimit-Reset` the seconds until
     /// the bucket is full (allowed) or until the next request passes (rejected).
     pub fn check_rate(&self, principal: &Principal, rate: Rate, now: Instant) -> RateDecision {
-        let now = now.saturating_duration_since(self.epoch);
-        let interval = rate.interval.max(Duration::from_nanos(1));
+        // Whole nanoseconds in a u64 cover 584 years after the epoch, and a window that long
+        // lets every request through, as a longer one would.
+        let now = nanos(now.saturating_duration_since(self.epoch));
+        let interval = nanos(rate.interval).max(1);
         let burst = rate.burst.max(1);
-        let window = interval.saturating_mul(burst);
+        let window = interval.saturating_mul(burst.into());
 
         let mut shard = self.buckets[self.shard(principal)].lock();
         shard.prune(now);
@@ -107,7 +109,7 @@ impl ClientTable {
         let known = shard.tats.get_mut(principal);
         let tat = known.as_deref().map_or(now, |tat| (*tat).max(now));
         let next = tat.saturating_add(interval);
-        let used = next.saturating_sub(now);
+        let used = next - now;
 
         if used > window {
             let wait = ceil_secs(used - window);
@@ -128,10 +130,9 @@ impl ClientTable {
                 shard.tats.insert(principal.clone(), next);
             }
         }
-        let remaining = (window - used).as_nanos() / interval.as_nanos();
         RateDecision::Allow(BudgetState {
             limit: burst.into(),
-            remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
+            remaining: (window - used) / interval,
             reset_secs: ceil_secs(used),
         })
     }
@@ -161,7 +162,7 @@ impl ClientTable {
 
     /// Returns how many principals have a bucket that is not full, pruning first when due.
     pub fn tracked(&self, now: Instant) -> usize {
-        let now = now.saturating_duration_since(self.epoch);
+        let now = nanos(now.saturating_duration_since(self.epoch));
         self.buckets
             .iter()
             .map(|shard| {
@@ -218,20 +219,20 @@ impl fmt::Debug for ConcurrencySlot {
 /// Number of shards of each map.
 const SHARDS: usize = 16;
 
-/// How often a shard drops the buckets that are full again.
-const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// How often a shard drops the buckets that are full again, in nanoseconds.
+const PRUNE_EVERY: u64 = 10_000_000_000;
 
-/// Buckets of one shard: each principal's TAT as an offset from the table's epoch.
+/// Buckets of one shard: each principal's TAT in nanoseconds after the table's epoch.
 #[derive(Default)]
 struct BucketShard {
-    tats: HashMap<Principal, Duration, RandomState>,
-    next_prune: Duration,
+    tats: HashMap<Principal, u64, RandomState>,
+    next_prune: u64,
 }
 
 impl BucketShard {
     /// Drops every bucket that is full at `now`, at most once per [`PRUNE_EVERY`]. A full
     /// bucket is the same as no bucket, so pruning never changes a decision.
-    fn prune(&mut self, now: Duration) {
+    fn prune(&mut self, now: u64) {
         if now < self.next_prune {
             return;
         }
@@ -251,9 +252,16 @@ impl Drop for Slot {
     }
 }
 
-/// Rounds a duration up to whole seconds.
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+/// Returns the whole nanoseconds of `d`, at most `u64::MAX`.
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(d.subsec_nanos().into())
+}
+
+/// Rounds nanoseconds up to whole seconds.
+fn ceil_secs(nanos: u64) -> u64 {
+    nanos.div_ceil(1_000_000_000)
 }
 
 #[cfg(test)]

@@ -28,7 +28,6 @@
 //! Each write permit it grants starts a fill, so it notes the purge log's mark for the key
 //! then ([`PurgeLog::fill_started`]), and removes it when the permit is released.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -39,6 +38,7 @@ use pingora::cache::CacheKey;
 
 use super::purge_log::PurgeLog;
 use super::CacheClock;
+use crate::cache::KeyHashMap;
 
 /// A fill that fails within this time after the key's last failure, with no success between,
 /// is a repeated failure. Longer than the default origin read timeout (30 s), so that the fill
@@ -68,7 +68,7 @@ pub trait FillState: Send + Sync {
 /// an insert drops the records older than the map's limit. So pruning costs a constant time per
 /// insert on average, however many keys fail at once.
 struct TimedMap<V> {
-    records: HashMap<HashBinary, V>,
+    records: KeyHashMap<V>,
     prune_at: usize,
     /// Records older than this are dropped when the map is pruned.
     keep: Duration,
@@ -77,7 +77,7 @@ struct TimedMap<V> {
 impl<V> TimedMap<V> {
     fn new(keep: Duration) -> Self {
         Self {
-            records: HashMap::new(),
+            records: KeyHashMap::default(),
             prune_at: FAILED_FILL_PRUNE_AT,
             keep,
         }

@@ -11,7 +11,6 @@
 //! large bundle never pushes the small, hot indexes out.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -32,6 +31,7 @@ use tokio::sync::watch;
 
 use super::by_domain::EntriesByDomain;
 use super::stored_meta::{with_body_length, StoredMeta};
+use crate::cache::KeyHashMap;
 
 /// Largest chunk a hit hands to the downstream writer at once.
 const READ_CHUNK: usize = 1024 * 1024;
@@ -127,10 +127,10 @@ const LRU_SHARDS: usize = 16;
 
 /// The memory tier. Entries are keyed by the combined cache key (primary key and variance).
 pub struct MemoryStorage {
-    entries: RwLock<HashMap<HashBinary, Entry>>,
+    entries: RwLock<KeyHashMap<Entry>>,
     lru: pingora_lru::Lru<HashBinary, LRU_SHARDS>,
     /// At most one fill per key is visible to readers: the latest one started.
-    in_flight: RwLock<HashMap<HashBinary, Arc<InFlight>>>,
+    in_flight: RwLock<KeyHashMap<Arc<InFlight>>>,
     next_write_id: AtomicU64,
     /// Maximum total bytes of the bodies the tier keeps.
     budget_bytes: usize,
@@ -149,9 +149,9 @@ impl MemoryStorage {
         // The capacity is only a preallocation hint: an estimate of 16 KiB per object.
         let capacity = (budget_bytes / (16 * 1024)).max(64);
         Self {
-            entries: RwLock::new(HashMap::new()),
+            entries: RwLock::default(),
             lru: pingora_lru::Lru::with_capacity(budget_bytes, capacity),
-            in_flight: RwLock::new(HashMap::new()),
+            in_flight: RwLock::default(),
             next_write_id: AtomicU64::new(1),
             budget_bytes,
             max_object_bytes,

@@ -12,7 +12,7 @@
 //! ([`PurgeLog::fill_started`]), and the miss handler takes it from there.
 
 use std::any::Any;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use pingora::Result;
 use super::disk::DiskStorage;
 use super::memory::MemoryStorage;
 use super::{key_parts, PurgeScope};
+use crate::cache::KeyHashMap;
 
 /// Purges kept; a fill that started before all of them treats its key as purged.
 const KEPT_PURGES: usize = 256;
@@ -56,14 +57,14 @@ pub struct PurgeLog {
 /// The marks of running fills: for each key, one mark with the time it was noted per fill.
 #[derive(Debug)]
 struct FillStarts {
-    starts: HashMap<HashBinary, Vec<(u64, Instant)>>,
+    starts: KeyHashMap<Vec<(u64, Instant)>>,
     prune_at: usize,
 }
 
 impl Default for FillStarts {
     fn default() -> Self {
         Self {
-            starts: HashMap::new(),
+            starts: KeyHashMap::default(),
             prune_at: FILL_START_PRUNE_AT,
         }
     }

@@ -26,7 +26,7 @@
 //!
 //! Each tier bounds itself; a purge removes from both.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -48,6 +48,7 @@ use super::disk::{DiskHit, DiskMiss, DiskStorage, FileTap, Relay, RELAY_MAX_BYTE
 use super::lock::FillState;
 use super::memory::MemoryStorage;
 use super::purge_log::PurgeLog;
+use crate::cache::KeyHashMap;
 
 /// Write ids of large fills have this bit set, so they never clash with the memory tier's.
 const LARGE_FILL_BIT: u64 = 1 << 63;
@@ -59,7 +60,7 @@ pub struct TieredStorage {
     /// The cache's purges, which a disk hit checks before its copy in memory may stay.
     purges: &'static PurgeLog,
     /// Fills of objects too large for memory, readable through their temp files.
-    large_fills: RwLock<HashMap<HashBinary, Arc<LargeFill>>>,
+    large_fills: RwLock<KeyHashMap<Arc<LargeFill>>>,
     next_large_id: AtomicU64,
     /// Disk hits being read whole to copy them into memory.
     promotions: Mutex<Promotions>,
@@ -108,7 +109,7 @@ impl TieredStorage {
             memory,
             disk,
             purges,
-            large_fills: RwLock::new(HashMap::new()),
+            large_fills: RwLock::default(),
             next_large_id: AtomicU64::new(1),
             promotions: Mutex::default(),
         }

@@ -1,12 +1,13 @@
 //! The in-memory index of published entries, in least-recently-used order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use pingora::cache::key::HashBinary;
 
 use super::format::EntryKey;
 use crate::cache::by_domain::EntriesByDomain;
+use crate::cache::KeyHashMap;
 
 /// Index record of one published entry file.
 #[derive(Debug, Clone)]
@@ -44,7 +45,7 @@ impl Slot {
 /// Published entries by combined key hash, with their total size and recency order.
 #[derive(Debug, Default)]
 pub struct Index {
-    map: HashMap<HashBinary, Slot>,
+    map: KeyHashMap<Slot>,
     order: BTreeMap<u64, HashBinary>,
     next_tick: u64,
     bytes: u64,
