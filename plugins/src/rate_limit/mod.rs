@@ -144,6 +144,9 @@ impl Plugin for RateLimitPlugin {
 const MIN_RATE: f64 = 1.0 / 86_400.0;
 /// Highest accepted rate; one request per microsecond.
 const MAX_RATE: f64 = 1_000_000.0;
+/// Longest time an empty bucket may take to fill up again (`burst` intervals), 100 years. The
+/// counters keep times in nanoseconds in a u64, which holds 584 years.
+const MAX_REFILL_SECS: u64 = 100 * 365 * 86_400;
 
 /// Settings of the `rate_limit` plugin as written in the config file.
 #[derive(Debug, Deserialize)]
@@ -181,6 +184,21 @@ impl RateLimitSettings {
                 Some("0".into()),
                 "must be at least 1, the number of requests a client may send at once",
             ));
+        }
+        if let Some(interval) = interval.filter(|_| self.burst > 0) {
+            let refill_secs = interval.as_secs_f64() * f64::from(self.burst);
+            if refill_secs > MAX_REFILL_SECS as f64 {
+                errors.push(SettingError::new(
+                    "burst",
+                    Some(self.burst.to_string()),
+                    format!(
+                        "at {rps} requests per second an empty bucket of this size takes {:.0} \
+                         years to fill up again; at most 100 years are accepted, so lower \
+                         burst or raise requests_per_second",
+                        refill_secs / (365.0 * 86_400.0)
+                    ),
+                ));
+            }
         }
         if self.max_concurrent_per_ip == Some(0) {
             errors.push(SettingError::new(

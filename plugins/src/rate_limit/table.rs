@@ -323,6 +323,36 @@ mod tests {
     }
 
     #[test]
+    fn rate_extremes_stay_exact() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        // One request a day with a burst of 100 years, the longest the settings accept.
+        let slow = Rate {
+            interval: Duration::from_secs(86_400),
+            burst: 36_500,
+        };
+        let first = allowed(table.check_rate(&ip("192.0.2.1"), slow, t0));
+        let expected = BudgetState {
+            limit: 36_500,
+            remaining: 36_499,
+            reset_secs: 86_400,
+        };
+        assert_eq!(first, Some(expected));
+        // One request per nanosecond, burst 1: the second request in the same instant waits
+        // 1 ns, which `Retry-After` rounds up to a second.
+        let fast = Rate {
+            interval: Duration::from_nanos(1),
+            burst: 1,
+        };
+        let b = ip("192.0.2.2");
+        let first = allowed(table.check_rate(&b, fast, t0));
+        assert_eq!(first.map(|s| (s.remaining, s.reset_secs)), Some((0, 1)));
+        assert_eq!(retry_after(table.check_rate(&b, fast, t0)), Some(1));
+        let later = t0 + Duration::from_nanos(1);
+        assert!(allowed(table.check_rate(&b, fast, later)).is_some());
+    }
+
+    #[test]
     fn rate_refills_one_token_per_interval() {
         let table = ClientTable::new();
         let t0 = Instant::now();

@@ -104,6 +104,23 @@ fn build_rejects_rates_out_of_range() {
 }
 
 #[test]
+fn build_rejects_century_long_refill() {
+    let slowest = "requests_per_second = 0.0000116\n";
+    assert!(build_for("build-refill-ok", &format!("{slowest}burst = 36000")).is_ok());
+    let Err(errors) = build_for("build-refill", &format!("{slowest}burst = 40000")) else {
+        panic!("a refill of 109 years accepted");
+    };
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].key, "burst");
+    assert_eq!(errors[0].value.as_deref(), Some("40000"));
+    assert!(
+        errors[0].reason.contains("109 years"),
+        "{}",
+        errors[0].reason
+    );
+}
+
+#[test]
 fn huge_rate_echoed_in_exponent_form() {
     let Err(errors) = build_for("build-huge", "requests_per_second = 1e300\nburst = 1") else {
         panic!("1e300 accepted");
