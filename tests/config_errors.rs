@@ -1125,30 +1125,41 @@ fn env_budget_alias_lower_case_id() {
 #[test]
 fn budget_negative_states_minimum() {
     let fx = Fixture::new();
-    for (plugin, key) in [
+    let u32_range = "expected a whole number from 1 to 4294967295";
+    let at_least_1 = "expected a whole number of at least 1";
+    for (plugin, key, expected) in [
         (
             "name = \"rate_limit\"\nrequests_per_second = 5\nburst = -1",
             "burst",
+            u32_range,
+        ),
+        (
+            "name = \"rate_limit\"\nrequests_per_second = 5\nburst = 4294967296",
+            "burst",
+            u32_range,
         ),
         (
             "name = \"rate_limit\"\nrequests_per_second = 5\nburst = 2\nmax_concurrent_per_ip = -3",
             "max_concurrent_per_ip",
+            u32_range,
         ),
         (
             "name = \"quota\"\nindex_per_hour = 5\ndownload_per_hour = 5\n\
              domain_download_per_hour = -2",
             "domain_download_per_hour",
+            at_least_1,
+        ),
+        (
+            "name = \"quota\"\nindex_per_hour = 5\ndownload_per_hour = 5\n\
+             [domains.primary.plugins.redis]\nurl = \"redis://127.0.0.1:6379/0\"\ntimeout_ms = -1",
+            "redis.timeout_ms",
+            "expected a whole number from 1 to 10000",
         ),
     ] {
         let text = format!("{DOMAIN}\n[[domains.primary.plugins]]\n{plugin}\n");
         let errors = fx.errors(&text, &[]);
         let error = on_key(&errors, &format!("domains.primary.plugins[2].{key}"));
-        assert!(
-            error
-                .reason
-                .contains("expected a whole number of at least 1"),
-            "{error}"
-        );
+        assert!(error.reason.contains(expected), "{error}");
     }
 }
 

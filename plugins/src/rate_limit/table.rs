@@ -107,7 +107,9 @@ impl ClientTable {
         shard.prune(now);
         let shard = &mut *shard;
         let known = shard.tats.get_mut(principal);
-        let tat = known.as_deref().map_or(now, |tat| (*tat).max(now));
+        let tat = known
+            .as_deref()
+            .map_or(now, |bucket| bucket.tat_at(interval, now));
         let next = tat.saturating_add(interval);
         let used = next - now;
 
@@ -124,10 +126,14 @@ impl ClientTable {
             };
         }
 
+        let bucket = Bucket {
+            tat: next,
+            interval,
+        };
         match known {
-            Some(tat) => *tat = next,
+            Some(known) => *known = bucket,
             None => {
-                shard.tats.insert(principal.clone(), next);
+                shard.tats.insert(principal.clone(), bucket);
             }
         }
         RateDecision::Allow(BudgetState {
@@ -222,11 +228,36 @@ const SHARDS: usize = 16;
 /// How often a shard drops the buckets that are full again, in nanoseconds.
 const PRUNE_EVERY: u64 = 10_000_000_000;
 
-/// Buckets of one shard: each principal's TAT in nanoseconds after the table's epoch.
+/// Buckets of one shard, by principal.
 #[derive(Default)]
 struct BucketShard {
-    tats: HashMap<Principal, u64, RandomState>,
+    tats: HashMap<Principal, Bucket, RandomState>,
     next_prune: u64,
+}
+
+/// One principal's bucket: its TAT in nanoseconds after the table's epoch, and the interval
+/// of the rate that set it.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tat: u64,
+    interval: u64,
+}
+
+impl Bucket {
+    /// Returns the TAT at `now` for a rate of one request per `interval`, at least `now`.
+    ///
+    /// A reload may change the rate. The requests the bucket still owes for (the time from
+    /// `now` to the TAT, in intervals of the old rate) then count at the new rate, so the
+    /// new limit applies to the requests made so far: a faster rate frees a client at once
+    /// as far as its new burst allows, and a slower one holds it back longer.
+    fn tat_at(&self, interval: u64, now: u64) -> u64 {
+        let owed = self.tat.saturating_sub(now);
+        if owed == 0 || interval == self.interval {
+            return self.tat.max(now);
+        }
+        let rescaled = u128::from(owed) * u128::from(interval) / u128::from(self.interval.max(1));
+        now.saturating_add(u64::try_from(rescaled).unwrap_or(u64::MAX))
+    }
 }
 
 impl BucketShard {
@@ -236,7 +267,7 @@ impl BucketShard {
         if now < self.next_prune {
             return;
         }
-        self.tats.retain(|_, tat| *tat > now);
+        self.tats.retain(|_, bucket| bucket.tat > now);
         self.next_prune = now.saturating_add(PRUNE_EVERY);
     }
 }
@@ -350,6 +381,36 @@ mod tests {
         assert_eq!(retry_after(table.check_rate(&b, fast, t0)), Some(1));
         let later = t0 + Duration::from_nanos(1);
         assert!(allowed(table.check_rate(&b, fast, later)).is_some());
+    }
+
+    #[test]
+    fn rate_change_carries_requests_over() {
+        let table = ClientTable::new();
+        let t0 = Instant::now();
+        let a = ip("192.0.2.1");
+        // One request a day, burst 24: 24 requests use the whole bucket.
+        let daily = Rate {
+            interval: Duration::from_secs(86_400),
+            burst: 24,
+        };
+        for _ in 0..24 {
+            assert!(allowed(table.check_rate(&a, daily, t0)).is_some());
+        }
+        assert_eq!(retry_after(table.check_rate(&a, daily, t0)), Some(86_400));
+        // A reload to 100 a second with a burst of 100: the 24 requests owed take 24 of the
+        // new bucket's 100 places.
+        let fast = per_sec(100.0, 100);
+        let after = allowed(table.check_rate(&a, fast, t0));
+        assert_eq!(after.map(|s| s.remaining), Some(75));
+        // Back to a slower rate: the 25 requests owed now take 25 days to repay.
+        let slower = Rate {
+            interval: Duration::from_secs(86_400),
+            burst: 10,
+        };
+        assert_eq!(
+            retry_after(table.check_rate(&a, slower, t0)),
+            Some(16 * 86_400)
+        );
     }
 
     #[test]

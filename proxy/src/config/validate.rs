@@ -89,9 +89,9 @@ fn documented_range(key: &str) -> Option<&'static str> {
     if key.contains(".plugins[") {
         // Keys of the budget and ttl plugins whose 0 is rejected after parsing.
         return match name {
-            "burst"
-            | "max_concurrent_per_ip"
-            | "index_per_hour"
+            "burst" | "max_concurrent_per_ip" => Some("from 1 to 4294967295"),
+            "timeout_ms" => Some("from 1 to 10000"),
+            "index_per_hour"
             | "download_per_hour"
             | "domain_index_per_hour"
             | "domain_download_per_hour"
