@@ -860,3 +860,38 @@ async fn flapping_redis_keeps_one_budget() {
     assert_eq!(total, budget);
     assert_eq!(statuses(&b, "alice", 1, now).await, [429]);
 }
+
+/// Requests counted alone during an outage count as soon as Redis is back, before the
+/// background task has added them to Redis: a principal that used its budget alone stays
+/// rejected, and Redis ends with exactly the budget (the rejected request that Redis counted
+/// is taken back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outage_counts_hold_after_recovery() {
+    let budget = 5;
+    let mut server = RedisServer::start();
+    let plugin = replica(&server, budget, "fail_open");
+    let reader = replica_with(
+        &server,
+        READER_BUDGET,
+        "fail_open",
+        "count_cache_hits = false",
+    );
+    let now = SystemTime::now();
+    server.stop();
+    let during = statuses(&plugin, "alice", 6, now).await;
+    assert_eq!(during, [200, 200, 200, 200, 200, 429]);
+    assert_eq!(plugin.redis_available(), Some(false));
+    server.restart();
+    // The first request after the backoff goes to Redis, which has no count of alice yet.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while plugin.redis_available() != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not go back to Redis"
+        );
+        assert_eq!(send(&plugin, "alice", now).await.0, 429);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(statuses(&plugin, "alice", 3, now).await, [429; 3]);
+    assert_eq!(wait_for_count(&reader, "alice", budget).await, Some(budget));
+}

@@ -336,7 +336,12 @@ impl QuotaPlugin {
         {
             Ok(decision) => {
                 let name = principal.as_bytes();
-                redis.observe(rule.class, &rule.counts, name, window, decision.counts());
+                let unshared =
+                    redis.observe(rule.class, &rule.counts, name, window, decision.counts());
+                let (decision, take_back) = with_unshared(decision, unshared, rule.limits, op);
+                if take_back {
+                    redis.spawn_take_back(rule.class, name, window);
+                }
                 Ok(decision)
             }
             Err(unavailable) => match redis.failure_mode() {
@@ -389,6 +394,42 @@ fn decide_local(rule: &ClassRule, op: Op, principal: &PrincipalName, window: Win
         Op::Count => rule.counts.try_count(principal, rule.limits, window.hour),
         Op::Peek => rule.counts.peek(principal, rule.limits, window.hour),
         Op::Add => Decision::Allowed(rule.counts.add(principal, window.hour)),
+    }
+}
+
+/// Adds the requests this process counted alone while Redis was away, and that Redis has not
+/// taken yet, to a decision that Redis made without them. Returns the decision and whether
+/// Redis counted a request that they put over a budget, which is then rejected and whose
+/// count must be taken back. Without this, a replica whose principal used its budget during
+/// an outage would let further requests through until the background task adds its counts.
+fn with_unshared(decision: Decision, unshared: Counts, limits: Limits, op: Op) -> (Decision, bool) {
+    let plus = |counts: Counts, amount: Counts| Counts {
+        principal: counts.principal.saturating_add(amount.principal),
+        domain: counts.domain.saturating_add(amount.domain),
+    };
+    if unshared == Counts::default() || op == Op::Add {
+        return (decision, false);
+    }
+    match decision {
+        Decision::Allowed(counts) => {
+            // A count reports the counts after the request, a peek those before it.
+            let (this, counted) = match op {
+                Op::Count => (1, true),
+                Op::Peek | Op::Add => (0, false),
+            };
+            let before = Counts {
+                principal: counts.principal.saturating_sub(this),
+                domain: counts.domain.saturating_sub(this),
+            };
+            let seen = plus(before, unshared);
+            match store::over_budget(limits, seen) {
+                Some(scope) => (Decision::Rejected(scope, seen), counted),
+                None => (Decision::Allowed(plus(counts, unshared)), false),
+            }
+        }
+        Decision::Rejected(scope, counts) => {
+            (Decision::Rejected(scope, plus(counts, unshared)), false)
+        }
     }
 }
 

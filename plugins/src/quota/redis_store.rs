@@ -449,7 +449,8 @@ impl RedisStore {
     }
 
     /// Records the counts of a Redis reply for `principal` in `local`. When `local` has
-    /// unshared counts, starts a background task that adds them to Redis.
+    /// unshared counts, starts a background task that adds them to Redis. Returns the unshared
+    /// counts of the principal and of the domain in `window`, which the reply does not include.
     pub fn observe(
         self: &Arc<Self>,
         class: Class,
@@ -457,10 +458,28 @@ impl RedisStore {
         principal: &[u8],
         window: Window,
         counts: Counts,
-    ) {
-        if local.observe(principal, window.hour, counts) {
+    ) -> Counts {
+        let unshared = local.observe(principal, window.hour, counts);
+        if unshared.domain > 0 {
             self.share_unshared(class, local, window);
         }
+        unshared
+    }
+
+    /// Takes back one request of `principal` that Redis counted but the plugin rejected, in
+    /// the background.
+    pub fn spawn_take_back(self: &Arc<Self>, class: Class, principal: &[u8], window: Window) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keys = self.keys(class, principal, window.hour).map(|key| (key, 1));
+        let link = Arc::clone(&self.link);
+        runtime.spawn(async move {
+            if let Err(e) = link.refund(&keys).await {
+                link.refunds.reset();
+                warn!(error = %e, "quota: cannot take back the count of a rejected request");
+            }
+        });
     }
 
     /// Returns the key of one principal's (or, for `None`, the domain's) count in `hour`.
@@ -501,7 +520,9 @@ impl RedisStore {
         runtime.spawn(async move {
             let name = principal.as_bytes();
             match store.run(Op::Add, class, name, NO_LIMITS, window).await {
-                Ok(decision) => store.observe(class, &local, name, window, decision.counts()),
+                Ok(decision) => {
+                    store.observe(class, &local, name, window, decision.counts());
+                }
                 Err(_) => {
                     local.add_unshared(name, window.hour);
                 }

@@ -304,6 +304,14 @@ impl Slot {
         }
     }
 
+    fn unshared_in(&self, hour: u64) -> u64 {
+        if self.hour == hour {
+            self.unshared
+        } else {
+            0
+        }
+    }
+
     fn raise(&mut self, hour: u64, count: u64) {
         if hour > self.hour {
             *self = Slot::fresh(hour, count);
@@ -431,15 +439,19 @@ impl ClassCounts {
     /// Sets the counts of `hour` to `counts`, as a shared store reported them, plus the counts
     /// of `hour` that the store has not taken yet. Local counting starts from these counts when
     /// the store becomes unavailable. Higher counts that a store restarted empty lost are
-    /// dropped. Returns whether unshared counts of `hour` wait to be sent to the store.
-    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) -> bool {
-        let waiting = self.with_slots(principal, hour, |slot, domain| {
+    /// dropped. Returns the counts of `hour` that wait to be sent to the store: the principal's
+    /// and the domain's (every principal's together).
+    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) -> Counts {
+        let unshared = self.with_slots(principal, hour, |slot, domain| {
             slot.observe(hour, counts.principal);
             domain.observe(hour, counts.domain);
-            domain.hour == hour && domain.unshared > 0
+            Counts {
+                principal: slot.unshared_in(hour),
+                domain: domain.unshared_in(hour),
+            }
         });
         self.changes.fetch_add(1, Ordering::Relaxed);
-        waiting
+        unshared
     }
 
     /// Returns the counters with unshared counts of `hour`.
@@ -672,11 +684,11 @@ mod tests {
     #[test]
     fn unshared_counts_survive_observe() {
         let set = Registry::new().counts("d", Class::Index);
-        assert!(!set.observe(b"alice", HOUR, counts(3, 5)));
+        assert_eq!(set.observe(b"alice", HOUR, counts(3, 5)), counts(0, 0));
         set.try_count_unshared(b"alice", LIMITS, HOUR);
         set.add_unshared(b"alice", HOUR);
         set.try_count(b"bob", LIMITS, HOUR);
-        assert!(set.observe(b"alice", HOUR, counts(4, 6)));
+        assert_eq!(set.observe(b"alice", HOUR, counts(4, 6)), counts(2, 2));
         assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(6, 8));
         let unshared = set.unshared(HOUR);
         assert_eq!(names_and_counts(&unshared), [("alice".to_owned(), 2)]);
@@ -685,7 +697,7 @@ mod tests {
         set.shared(&unshared[0], HOUR, counts(7, 9));
         assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(7, 9));
         assert_eq!(set.unshared(HOUR), Vec::new());
-        assert!(!set.observe(b"alice", HOUR, counts(7, 9)));
+        assert_eq!(set.observe(b"alice", HOUR, counts(7, 9)), counts(0, 0));
     }
 
     /// Unshared counts that the store took only in part keep the rest on top.
@@ -710,7 +722,7 @@ mod tests {
     fn unshared_counts_end_with_their_hour() {
         let set = Registry::new().counts("d", Class::Index);
         set.try_count_unshared(b"alice", LIMITS, HOUR);
-        assert!(!set.observe(b"alice", HOUR + 1, counts(1, 1)));
+        assert_eq!(set.observe(b"alice", HOUR + 1, counts(1, 1)), counts(0, 0));
         assert_eq!(set.unshared(HOUR), Vec::new());
         assert_eq!(set.unshared(HOUR + 1), Vec::new());
     }
