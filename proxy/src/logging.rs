@@ -70,7 +70,11 @@ impl log::Log for PingoraLog {
 /// - `HTTP server fails to read from downstream: ...` from Pingora's HTTP server (the admin
 ///   listener's): the same for a client of the admin listener (debug);
 /// - `No incoming socket transfer, sleep 1s and try again` from the upgrade hand-over: a
-///   `run --upgrade` process that waits for the old one's sockets (info).
+///   `run --upgrade` process that waits for the old one's sockets (info);
+/// - `failed to acquire reusable stream` from Pingora's connectors: an idle origin connection
+///   that the pool's idle watcher still held when a request took it, so the request opens a
+///   new connection instead (debug). Pingora 0.9.1 logs this at error level although nothing
+///   fails; under 400 concurrent requests to one origin it came 38 times.
 fn lowered_level(record: &log::Record<'_>) -> Option<log::Level> {
     if record.level() > log::Level::Warn {
         return None;
@@ -99,7 +103,7 @@ struct Lowered {
 }
 
 /// The lines of [`lowered_level`].
-const LOWERED: [Lowered; 4] = [
+const LOWERED: [Lowered; 5] = [
     Lowered {
         target: "pingora_proxy",
         level: log::Level::Debug,
@@ -119,6 +123,11 @@ const LOWERED: [Lowered; 4] = [
         target: "pingora_core::server::transfer_fd",
         level: log::Level::Info,
         matches: |m| m.starts_with("No incoming socket transfer"),
+    },
+    Lowered {
+        target: "pingora_core::connectors",
+        level: log::Level::Debug,
+        matches: |m| m == "failed to acquire reusable stream",
     },
 ];
 
@@ -274,6 +283,11 @@ mod tests {
         let waiting = "No incoming socket transfer, sleep 1s and try again";
         let transfer = "pingora_core::server::transfer_fd";
         assert_eq!(lowered(error, transfer, waiting), Some(log::Level::Info));
+        let pool = "failed to acquire reusable stream";
+        assert_eq!(
+            lowered(error, "pingora_core::connectors", pool),
+            Some(log::Level::Debug)
+        );
     }
 
     #[test]
