@@ -103,7 +103,7 @@ pub fn too_many_requests(budget: &str, state: BudgetState, retry_after_secs: u64
     let retry = retry_after_secs.max(1);
     let body = format!(
         "{{\"error\":\"too_many_requests\",\"budget\":{},\"limit\":{},\"retry_after_secs\":{retry}}}\n",
-        json_string(budget),
+        quoted_string(budget),
         state.limit
     );
     let mut response = LocalResponse {
@@ -125,15 +125,16 @@ pub fn too_many_requests(budget: &str, state: BudgetState, retry_after_secs: u64
     response
 }
 
-/// Quotes `text` as a JSON string.
-fn json_string(text: &str) -> String {
+/// Quotes `text` as a JSON string, which is also a TOML basic string: `"` and `\\` are
+/// escaped with a backslash, and the ASCII control characters as `\\u` and four hex digits.
+pub(crate) fn quoted_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if c.is_ascii_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
     }

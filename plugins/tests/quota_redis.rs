@@ -634,6 +634,16 @@ async fn redis_count(reader: &QuotaPlugin, user: &str) -> Option<u64> {
 /// The budget of the replicas that [`redis_count`] reads through; above every count read.
 const READER_BUDGET: u64 = 1000;
 
+/// Returns a replica for [`redis_count`] to read through.
+fn count_reader(server: &RedisServer) -> Arc<QuotaPlugin> {
+    replica_with(
+        server,
+        READER_BUDGET,
+        "fail_open",
+        "count_cache_hits = false",
+    )
+}
+
 /// Polls Redis's count of `user` through `reader` until it is `expected`, for up to 5 s;
 /// returns the last count read.
 async fn wait_for_count(reader: &QuotaPlugin, user: &str, expected: u64) -> Option<u64> {
@@ -738,12 +748,7 @@ async fn unusable_key_fail_open_counts_locally() {
     let server = RedisServer::start();
     let mut admin = server.admin();
     let plugin = replica(&server, 3, "fail_open");
-    let reader = replica_with(
-        &server,
-        READER_BUDGET,
-        "fail_open",
-        "count_cache_hits = false",
-    );
+    let reader = count_reader(&server);
     let now = SystemTime::now();
 
     let alice = key_of(&plugin, &mut admin, "alice").await;
@@ -837,12 +842,7 @@ async fn flapping_redis_keeps_one_budget() {
     let mut server = RedisServer::start_persistent();
     let a = replica(&server, budget, "fail_open");
     let b = replica(&server, budget, "fail_open");
-    let reader = replica_with(
-        &server,
-        READER_BUDGET,
-        "fail_open",
-        "count_cache_hits = false",
-    );
+    let reader = count_reader(&server);
     let now = SystemTime::now();
     let passed = |statuses: Vec<u16>| statuses.iter().filter(|&&s| s == 200).count() as u64;
 
@@ -870,12 +870,7 @@ async fn outage_counts_hold_after_recovery() {
     let budget = 5;
     let mut server = RedisServer::start();
     let plugin = replica(&server, budget, "fail_open");
-    let reader = replica_with(
-        &server,
-        READER_BUDGET,
-        "fail_open",
-        "count_cache_hits = false",
-    );
+    let reader = count_reader(&server);
     let now = SystemTime::now();
     server.stop();
     let during = statuses(&plugin, "alice", 6, now).await;

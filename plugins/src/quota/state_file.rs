@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::store::{Class, ClassCounts};
 use super::window::Window;
+use crate::limits::quoted_string;
 use crate::watched_file::{open_nonblocking, FileStamp};
 
 /// Version written in every state file; files of other versions are ignored.
@@ -213,7 +214,7 @@ impl StateFile {
         let _ = write!(
             out,
             "version = {FORMAT_VERSION}\ndomain = {}\nsaved_at = {saved_at}\n",
-            toml_string(&self.domain)
+            quoted_string(&self.domain)
         );
         for (class, set) in &self.sets {
             for (principal, count) in set.snapshot(hour) {
@@ -221,7 +222,7 @@ impl StateFile {
                 let count = count.min(i64::MAX as u64);
                 let _ = write!(out, "\n[[counts]]\nclass = \"{}\"\n", class.label());
                 if let Some(principal) = principal {
-                    let _ = writeln!(out, "principal = {}", toml_string(&principal));
+                    let _ = writeln!(out, "principal = {}", quoted_string(&principal));
                 }
                 let _ = write!(out, "hour = {hour}\ncount = {count}\n");
             }
@@ -238,7 +239,7 @@ fn parse_rendered(text: &str) -> Option<FileData> {
     }
     let mut lines = text.split('\n');
     let version = field(lines.next(), "version")?.parse().ok()?;
-    let domain = parse_toml_string(field(lines.next(), "domain")?)?;
+    let domain = parse_quoted_string(field(lines.next(), "domain")?)?;
     let saved_at = field(lines.next(), "saved_at")?.parse().ok()?;
     let mut counts = Vec::new();
     loop {
@@ -252,12 +253,12 @@ fn parse_rendered(text: &str) -> Option<FileData> {
         if header != "[[counts]]" {
             return None;
         }
-        let class = parse_toml_string(field(lines.next(), "class")?)?;
+        let class = parse_quoted_string(field(lines.next(), "class")?)?;
         let mut line = lines.next();
         let principal = match field(line, "principal") {
             Some(value) => {
                 line = lines.next();
-                Some(parse_toml_string(value)?)
+                Some(parse_quoted_string(value)?)
             }
             None => None,
         };
@@ -278,8 +279,8 @@ fn parse_rendered(text: &str) -> Option<FileData> {
     })
 }
 
-/// Reads a TOML basic string as [`toml_string`] writes it; `None` for other escapes.
-fn parse_toml_string(quoted: &str) -> Option<String> {
+/// Reads a TOML basic string as [`quoted_string`] writes it; `None` for other escapes.
+fn parse_quoted_string(quoted: &str) -> Option<String> {
     let inner = quoted.strip_prefix('"')?.strip_suffix('"')?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
@@ -303,24 +304,6 @@ fn parse_toml_string(quoted: &str) -> Option<String> {
         }
     }
     Some(out)
-}
-
-/// Quotes `text` as a TOML basic string.
-fn toml_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() && (c as u32) < 0x80 => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Writes every live state file whose counts changed; for a graceful shutdown.
