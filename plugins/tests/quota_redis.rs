@@ -862,9 +862,9 @@ async fn flapping_redis_keeps_one_budget() {
 }
 
 /// Requests counted alone during an outage count as soon as Redis is back, before the
-/// background task has added them to Redis: a principal that used its budget alone stays
-/// rejected, and Redis ends with exactly the budget (the rejected request that Redis counted
-/// is taken back).
+/// background task has added them to Redis. A principal that used its budget alone stays
+/// rejected, and Redis ends with exactly the budget, because the rejected request that Redis
+/// counted is taken back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outage_counts_hold_after_recovery() {
     let budget = 5;

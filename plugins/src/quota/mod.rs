@@ -413,10 +413,8 @@ fn with_unshared(decision: Decision, unshared: Counts, limits: Limits, op: Op) -
     match decision {
         Decision::Allowed(counts) => {
             // A count reports the counts after the request, a peek those before it.
-            let (this, counted) = match op {
-                Op::Count => (1, true),
-                Op::Peek | Op::Add => (0, false),
-            };
+            let counted = op == Op::Count;
+            let this = u64::from(counted);
             let before = Counts {
                 principal: counts.principal.saturating_sub(this),
                 domain: counts.domain.saturating_sub(this),

@@ -469,17 +469,11 @@ impl RedisStore {
     /// Takes back one request of `principal` that Redis counted but the plugin rejected, in
     /// the background.
     pub fn spawn_take_back(self: &Arc<Self>, class: Class, principal: &[u8], window: Window) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
+        }
         let keys = self.keys(class, principal, window.hour).map(|key| (key, 1));
-        let link = Arc::clone(&self.link);
-        runtime.spawn(async move {
-            if let Err(e) = link.refund(&keys).await {
-                link.refunds.reset();
-                warn!(error = %e, "quota: cannot take back the count of a rejected request");
-            }
-        });
+        Arc::clone(&self.link).spawn_refund(keys.to_vec());
     }
 
     /// Returns the key of one principal's (or, for `None`, the domain's) count in `hour`.
@@ -905,14 +899,7 @@ fn answer(
         }
     }
     if !refunds.is_empty() {
-        let link = Arc::clone(link);
-        tokio::spawn(async move {
-            if let Err(e) = link.refund(&refunds).await {
-                link.refunds.reset();
-                warn!(error = %e, keys = refunds.len(),
-                    "quota: cannot take back counts of requests that stopped waiting for Redis");
-            }
-        });
+        Arc::clone(link).spawn_refund(refunds);
     }
 }
 
@@ -984,6 +971,17 @@ impl Link {
             })
             .collect();
         Ok(decisions)
+    }
+
+    /// Lowers each key by its amount in a task of its own, over the connection for take-backs,
+    /// and logs a warning when Redis does not take them.
+    fn spawn_refund(self: Arc<Self>, keys: Vec<(Arc<str>, u64)>) {
+        tokio::spawn(async move {
+            if let Err(e) = self.refund(&keys).await {
+                self.refunds.reset();
+                warn!(error = %e, keys = keys.len(), "quota: cannot take back counts in Redis");
+            }
+        });
     }
 
     /// Lowers each key by its amount, not below zero.

@@ -145,7 +145,7 @@ const MIN_RATE: f64 = 1.0 / 86_400.0;
 /// Highest accepted rate; one request per microsecond.
 const MAX_RATE: f64 = 1_000_000.0;
 /// Maximum time an empty bucket may take to fill up again (`burst` intervals), 100 years. The
-/// counters keep times in nanoseconds in a u64, which holds 584 years.
+/// counters keep times in nanoseconds in a u64, which reaches 584 years.
 const MAX_REFILL_SECS: u64 = 100 * 365 * 86_400;
 
 /// Settings of the `rate_limit` plugin as written in the config file.

@@ -247,9 +247,9 @@ impl Bucket {
     /// Returns the TAT at `now` for a rate of one request per `interval`, at least `now`.
     ///
     /// A reload may change the rate. The requests the bucket still owes for (the time from
-    /// `now` to the TAT, in intervals of the old rate) then count at the new rate, so the
-    /// new limit applies to the requests made so far: a faster rate frees a client at once
-    /// as far as its new burst allows, and a slower one holds it back longer.
+    /// `now` to the TAT, in intervals of the old rate) then count at the new rate, so the new
+    /// limit applies to the requests made so far. A faster rate frees a client at once as far
+    /// as its new burst allows, and a slower one makes it wait longer.
     fn tat_at(&self, interval: u64, now: u64) -> u64 {
         let owed = self.tat.saturating_sub(now);
         if owed == 0 || interval == self.interval {
