@@ -42,7 +42,7 @@ pub mod ttl;
 pub mod watched_file;
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -65,6 +65,9 @@ pub struct RequestInfo<'a> {
     pub headers: &'a HeaderMap,
     /// The downstream peer address, when the connection has one.
     pub client_addr: Option<IpAddr>,
+    /// When the gateway began the request, after reading its header. A plugin that needs the
+    /// monotonic time of the request takes this instead of reading the clock again.
+    pub received: Instant,
 }
 
 /// Per-request facts that plugins record for later phases and for the gateway core.

@@ -77,6 +77,7 @@ async fn login(plugin: &dyn Plugin, user: &str, password: &str) -> Option<String
         query: None,
         headers: &headers,
         client_addr: None,
+        received: std::time::Instant::now(),
     };
     let mut state = RequestState::default();
     match plugin.request_filter(&req, &mut state).await {

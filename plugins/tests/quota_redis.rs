@@ -171,6 +171,7 @@ async fn check(plugin: &QuotaPlugin, user: &str, now: SystemTime) -> (Verdict, R
         query: None,
         headers: &headers,
         client_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        received: std::time::Instant::now(),
     };
     let verdict = plugin.check_at(&req, &mut state, now).await;
     (verdict, state)

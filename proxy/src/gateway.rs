@@ -15,6 +15,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mirror_plugins::{LocalResponse, LogRecord, RequestInfo, RequestState, Verdict};
 use pingora::cache::{CacheKey, CachePhase, ForcedFreshness, NoCacheReason, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, Result};
@@ -276,6 +277,7 @@ impl GatewayState {
             query: req.uri.query(),
             headers: &req.headers,
             client_addr: ctx.client_ip,
+            received: ctx.start,
         };
         ctx.plugin_state.background_refresh = session.subrequest_ctx.is_some();
         for plugin in &domain.config.plugins {
@@ -562,6 +564,10 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx::new(self.state.load_full())
     }
+
+    /// Adds no module. Pingora's default adds its response compression module switched off,
+    /// which the gateway never switches on; it still ran on every request and response.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let state = Arc::clone(&ctx.state);

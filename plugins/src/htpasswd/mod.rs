@@ -724,6 +724,7 @@ mod tests {
             query: None,
             headers,
             client_addr: None,
+            received: std::time::Instant::now(),
         }
     }
 

@@ -550,30 +550,41 @@ impl PartialEq<&str> for PrincipalName {
 /// every anonymous request needs it.
 fn v4_principal(addr: Ipv4Addr) -> PrincipalName {
     let mut bytes = [0; 18];
-    bytes[..3].copy_from_slice(b"ip:");
-    let mut len = 3;
-    for (i, octet) in addr.octets().into_iter().enumerate() {
-        if i > 0 {
-            bytes[len] = b'.';
-            len += 1;
-        }
-        if octet >= 100 {
-            bytes[len] = b'0' + octet / 100;
-            len += 1;
-        }
-        if octet >= 10 {
-            bytes[len] = b'0' + octet / 10 % 10;
-            len += 1;
-        }
-        bytes[len] = b'0' + octet % 10;
-        len += 1;
+    bytes[..2].copy_from_slice(b"ip");
+    let mut len = 2;
+    for octet in addr.octets() {
+        // Each octet writes four bytes, a dot and up to three digits, and keeps as many as
+        // its text has; the next octet overwrites the rest. The last write ends at byte 18.
+        let (text, used) = OCTET_TEXT[usize::from(octet)];
+        bytes[len..len + 4].copy_from_slice(&text);
+        len += usize::from(used);
     }
+    bytes[2] = b':';
     // At most 18 bytes (`ip:255.255.255.255`), which fits in a u8.
     PrincipalName(Name::Address {
         bytes,
         len: len as u8,
     })
 }
+
+/// A dot and the decimal digits of each octet value, padded to four bytes, with the number of
+/// bytes that count.
+const OCTET_TEXT: [([u8; 4], u8); 256] = {
+    let mut table = [([0; 4], 0); 256];
+    let mut octet = 0;
+    while octet < 256 {
+        let n = octet as u8;
+        table[octet] = if n >= 100 {
+            ([b'.', b'0' + n / 100, b'0' + n / 10 % 10, b'0' + n % 10], 4)
+        } else if n >= 10 {
+            ([b'.', b'0' + n / 10, b'0' + n % 10, 0], 3)
+        } else {
+            ([b'.', b'0' + n, 0, 0], 2)
+        };
+        octet += 1;
+    }
+    table
+};
 
 /// Returns the name a 429 gives the budget of `class` and `scope`.
 pub fn budget_name(class: Class, scope: Scope) -> &'static str {

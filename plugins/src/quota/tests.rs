@@ -80,6 +80,7 @@ async fn send(
         query: None,
         headers: &headers,
         client_addr,
+        received: std::time::Instant::now(),
     };
     let verdict = plugin.check_at(&req, &mut state, now).await;
     (verdict, state)
@@ -168,6 +169,7 @@ async fn background_refresh_is_not_counted() {
             query: None,
             headers: &headers,
             client_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            received: std::time::Instant::now(),
         };
         let mut state = RequestState {
             background_refresh: true,
@@ -331,6 +333,7 @@ fn principal_ipv6_uses_its_64_network() {
         query: None,
         headers: &headers,
         client_addr: Some(IpAddr::V6(addr)),
+        received: std::time::Instant::now(),
     };
     assert_eq!(
         principal_of(&req, &RequestState::default()),
@@ -357,6 +360,7 @@ fn principal_ipv4_mapped_is_ipv4() {
         query: None,
         headers: &headers,
         client_addr: Some(IpAddr::V6(addr)),
+        received: std::time::Instant::now(),
     };
     assert_eq!(principal_of(&req, &RequestState::default()), "ip:192.0.2.7");
 }
@@ -364,25 +368,28 @@ fn principal_ipv4_mapped_is_ipv4() {
 #[test]
 fn principal_ipv4_matches_the_standard_formatting() {
     let headers = HeaderMap::new();
-    for text in [
-        "0.0.0.0",
-        "10.9.99.100",
-        "127.0.0.1",
-        "255.255.255.255",
-        "1.20.255.9",
-    ] {
-        let addr: IpAddr = text.parse().expect("address");
+    // Every octet value in every position, with neighbours of each length.
+    let addresses = (0..=255u8).flat_map(|n| {
+        [
+            Ipv4Addr::new(n, 7, 200, 42),
+            Ipv4Addr::new(255, n, 0, 9),
+            Ipv4Addr::new(1, 99, n, 100),
+            Ipv4Addr::new(10, 0, 255, n),
+        ]
+    });
+    for addr in addresses {
         let req = RequestInfo {
             domain: "primary",
             method: &Method::GET,
             path: INDEX,
             query: None,
             headers: &headers,
-            client_addr: Some(addr),
+            client_addr: Some(IpAddr::V4(addr)),
+            received: std::time::Instant::now(),
         };
         assert_eq!(
             principal_of(&req, &RequestState::default()).to_string(),
-            format!("ip:{text}")
+            format!("ip:{addr}")
         );
     }
 }

@@ -136,7 +136,7 @@ impl Plugin for RateLimitPlugin {
         req: &RequestInfo<'_>,
         state: &mut RequestState,
     ) -> Option<Verdict> {
-        Some(self.admit(req, state, Instant::now()))
+        Some(self.admit(req, state, req.received))
     }
 }
 

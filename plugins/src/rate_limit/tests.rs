@@ -50,6 +50,7 @@ fn admit(
         query: None,
         headers: &headers,
         client_addr: ip.map(addr),
+        received: std::time::Instant::now(),
     };
     plugin.admit(&info, state, now)
 }
@@ -352,6 +353,7 @@ fn rebuild_keeps_counts() {
         query: None,
         headers: &headers,
         client_addr: Some(addr("192.0.2.1")),
+        received: std::time::Instant::now(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
