@@ -7,19 +7,32 @@
 //! spells itself go out capitalised (`Content-Type`) and all others in lower case (`etag`,
 //! `ratelimit-limit`), as HTTP/2 sends every name. HTTP treats names without regard to case.
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 
 /// Room reserved for fields that later filters set, so that they do not grow the map again.
 const SPARE_FIELDS: usize = 6;
 
-/// Sets each field of `fields` on `resp`, replacing fields of the same name.
-pub fn insert<const N: usize>(resp: &mut ResponseHeader, fields: [(HeaderName, HeaderValue); N]) {
+/// Sets each field of `fields` on `resp` in order, replacing fields of the same name.
+pub fn insert(
+    resp: &mut ResponseHeader,
+    fields: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+) {
+    let fields = fields.into_iter();
+    let count = fields.size_hint().0;
+    edit(resp, count, |headers| {
+        for (name, value) in fields {
+            headers.insert(name, value);
+        }
+    });
+}
+
+/// Runs `change` on the header map of `resp`, with room reserved for `count` more fields and
+/// those of later filters. For a caller whose fields are not at hand as one iterator.
+pub fn edit(resp: &mut ResponseHeader, count: usize, change: impl FnOnce(&mut HeaderMap)) {
     let mut parts = take_parts(resp);
-    parts.headers.reserve(N + SPARE_FIELDS);
-    for (name, value) in fields {
-        parts.headers.insert(name, value);
-    }
+    parts.headers.reserve(count + SPARE_FIELDS);
+    change(&mut parts.headers);
     *resp = ResponseHeader::from(parts);
 }
 

@@ -42,6 +42,7 @@ pub mod ttl;
 pub mod watched_file;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -78,15 +79,16 @@ pub struct RequestState {
     pub background_refresh: bool,
     /// The user name that an authentication plugin accepted.
     pub user: Option<String>,
-    /// The cache policy that applies to this request's path, set by the `ttl` plugin.
-    pub cache_policy: Option<CachePolicy>,
+    /// The cache policy that applies to this request's path, set by the `ttl` plugin. The
+    /// gateway also sets its `Cache-Control` downstream (see [`RequestState::cache_control`]).
+    pub cache_policy: Option<Arc<CachePolicy>>,
     /// Stable label of the rule that rejected the request, for the access log.
     pub rejected_by: Option<&'static str>,
     /// The budget whose `RateLimit-*` fields go downstream. A plugin that rejects a request
     /// sets its own budget. Otherwise the `quota` plugin sets its budget whatever is there, and
     /// the `rate_limit` plugin only when it is unset, so the quota's fields win either way.
     /// The gateway sets the fields once, after every plugin's response filter (see
-    /// [`RequestState::budget_fields`] and [`RequestState::set_budget_fields`]).
+    /// [`RequestState::budget_fields`]).
     pub rate_limit: Option<limits::BudgetState>,
     /// A place among the client IP's concurrent requests, taken by the `rate_limit` plugin.
     /// It is given back when the last copy of this state is dropped, which the gateway does
@@ -98,12 +100,13 @@ pub struct RequestState {
 }
 
 impl RequestState {
-    /// Sets the `RateLimit-*` fields of [`Self::rate_limit`] on a response going downstream;
-    /// does nothing without a budget.
-    pub fn set_budget_fields(&self, resp: &mut ResponseHeader) {
-        if let Some(budget) = &self.rate_limit {
-            budget.apply(resp);
-        }
+    /// Returns the `Cache-Control` field that the cache policy sets on a downstream response
+    /// with `status`, which must be successful or 304. An error keeps what the origin or the
+    /// gateway sent, so that a CDN never keeps an error for a payload's TTL.
+    pub fn cache_control(&self, status: StatusCode) -> Option<(HeaderName, HeaderValue)> {
+        let value = self.cache_policy.as_ref()?.cache_control.clone()?;
+        let applies = status.is_success() || status == StatusCode::NOT_MODIFIED;
+        applies.then_some((http::header::CACHE_CONTROL, value))
     }
 
     /// Returns the `RateLimit-*` fields of [`Self::rate_limit`], for a caller that sets them

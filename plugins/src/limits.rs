@@ -5,7 +5,6 @@ use std::cell::RefCell;
 use std::net::{IpAddr, Ipv6Addr};
 
 use http::{HeaderName, HeaderValue, StatusCode};
-use pingora::http::ResponseHeader;
 
 use crate::LocalResponse;
 
@@ -71,11 +70,6 @@ impl BudgetState {
                 ),
             ]
         })
-    }
-
-    /// Sets the header fields on a response.
-    pub fn apply(&self, resp: &mut ResponseHeader) {
-        crate::fields::insert(resp, self.headers());
     }
 }
 

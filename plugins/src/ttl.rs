@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
-use pingora::http::ResponseHeader;
 use serde::Deserialize;
 
 use crate::settings::{self, SettingError};
@@ -144,12 +143,12 @@ fn match_glob(pieces: &[String], text: &str) -> bool {
 /// The `ttl` plugin: the first matching rule's policy applies to the request.
 #[derive(Debug)]
 pub struct TtlPlugin {
-    rules: Vec<(PathPattern, CachePolicy)>,
+    rules: Vec<(PathPattern, Arc<CachePolicy>)>,
 }
 
 impl TtlPlugin {
     /// Returns the policy of the first rule that matches `path`.
-    pub fn policy_for(&self, path: &str) -> Option<&CachePolicy> {
+    pub fn policy_for(&self, path: &str) -> Option<&Arc<CachePolicy>> {
         self.rules
             .iter()
             .find(|(pattern, _)| pattern.matches(path))
@@ -167,7 +166,7 @@ pub fn build(
     let mut rules = Vec::new();
     for (index, rule) in parsed.rules.into_iter().enumerate() {
         match compile_rule(rule) {
-            Ok(compiled) => rules.push(compiled),
+            Ok((pattern, policy)) => rules.push((pattern, Arc::new(policy))),
             Err(e) => errors.push(e.within(&format!("rules[{index}]"))),
         }
     }
@@ -229,27 +228,6 @@ impl Plugin for TtlPlugin {
     ) -> Option<Verdict> {
         state.cache_policy = self.policy_for(req.path).cloned();
         Some(Verdict::Continue)
-    }
-
-    /// Sets the rule's `Cache-Control` on successful and not-modified responses; errors keep
-    /// what the origin or the gateway sent, so a CDN never holds an error for a payload's TTL.
-    fn response_filter(
-        &self,
-        resp: &mut ResponseHeader,
-        state: &RequestState,
-    ) -> pingora::Result<()> {
-        let status = resp.status;
-        let Some(value) = state
-            .cache_policy
-            .as_ref()
-            .and_then(|p| p.cache_control.clone())
-        else {
-            return Ok(());
-        };
-        if status.is_success() || status == http::StatusCode::NOT_MODIFIED {
-            crate::fields::insert(resp, [(http::header::CACHE_CONTROL, value)]);
-        }
-        Ok(())
     }
 }
 
@@ -365,14 +343,41 @@ mod tests {
         assert!(plugin.policy_for("/b").is_none());
     }
 
-    fn policy(pattern: &str, secs: u64) -> CachePolicy {
-        CachePolicy {
+    #[test]
+    fn cache_control_only_on_success_and_304() {
+        let mut with_value = (*policy("/a/*", 60)).clone();
+        with_value.cache_control = Some(HeaderValue::from_static("public, max-age=60"));
+        let state = RequestState {
+            cache_policy: Some(Arc::new(with_value)),
+            ..RequestState::default()
+        };
+        let value = |status: u16| {
+            let status = http::StatusCode::from_u16(status).expect("status");
+            state.cache_control(status)
+        };
+        let expected = Some((
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=60"),
+        ));
+        assert_eq!(value(200), expected);
+        assert_eq!(value(206), expected);
+        assert_eq!(value(304), expected);
+        assert_eq!(value(404), None);
+        assert_eq!(value(502), None);
+        assert_eq!(
+            RequestState::default().cache_control(http::StatusCode::OK),
+            None
+        );
+    }
+
+    fn policy(pattern: &str, secs: u64) -> Arc<CachePolicy> {
+        Arc::new(CachePolicy {
             pattern: pattern.into(),
             ttl: Duration::from_secs(secs),
             cache_control: None,
             cache_not_found: false,
             stale_while_revalidate: None,
             stale_if_error: None,
-        }
+        })
     }
 }

@@ -27,12 +27,9 @@ use crate::cache::{
 };
 use crate::client_ip::TrustedProxies;
 use crate::config::Domain;
-use crate::respond::{self, error_response, write_local, CACHE_STATUS_HEADER};
+use crate::respond::{self, error_response, write_local};
 use crate::routing::{match_route, Router};
 use crate::upstream::Upstream;
-
-/// The `X-Cache-Status` field name, made once at compile time.
-const CACHE_STATUS: HeaderName = HeaderName::from_static(CACHE_STATUS_HEADER);
 
 /// A domain with its origins ready to use.
 pub struct DomainRuntime {
@@ -332,20 +329,20 @@ fn note_fill_status(session: &Session, ctx: &RequestCtx, status: u16) {
     }
 }
 
-/// Sets what every response from the cache or the origin carries: HTTP/1.1, `X-Cache-Status`
-/// with `status`, `X-Cache-Reason` with `reason` when debug headers are on, the plugins' fields
-/// and the budget fields.
+/// Sets what every response from the cache or the origin carries: HTTP/1.1, `X-Cache-Reason`
+/// with `reason` when debug headers are on, the plugins' fields, and in one insert `leading`
+/// and the fields of [`respond::insert_gateway_fields`] with `status` as `X-Cache-Status`.
 fn finish_response_header(
     ctx: &RequestCtx,
     resp: &mut ResponseHeader,
     status: &'static str,
     reason: Option<&str>,
+    leading: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
 ) -> Result<()> {
     // An HTTP/1.0 origin's version must not reach the client: the gateway speaks HTTP/1.1.
     if resp.version == http::Version::HTTP_10 {
         resp.set_version(http::Version::HTTP_11);
     }
-    let status = (CACHE_STATUS, HeaderValue::from_static(status));
     if let Some(reason) = reason.filter(|_| ctx.state.debug_headers) {
         resp.insert_header("x-cache-reason", reason)?;
     }
@@ -354,13 +351,7 @@ fn finish_response_header(
             plugin.response_filter(resp, &ctx.plugin_state)?;
         }
     }
-    // One insert for all of them: each insert moves the whole header map out and back.
-    match ctx.plugin_state.budget_fields() {
-        Some([limit, remaining, reset]) => {
-            mirror_plugins::fields::insert(resp, [status, limit, remaining, reset])
-        }
-        None => mirror_plugins::fields::insert(resp, [status]),
-    }
+    respond::insert_gateway_fields(resp, &ctx.plugin_state, status, leading);
     Ok(())
 }
 
@@ -666,7 +657,7 @@ impl ProxyHttp for Gateway {
                 .req_header()
                 .headers
                 .contains_key(http::header::AUTHORIZATION);
-        let policy = ctx.plugin_state.cache_policy.as_ref();
+        let policy = ctx.plugin_state.cache_policy.as_deref();
         let stale = state
             .domain(ctx)
             .map_or(crate::config::StaleWindows::NONE, |d| d.config.stale);
@@ -870,7 +861,7 @@ impl ProxyHttp for Gateway {
             let length = crate::cache::ranges::content_length(upstream_response).unwrap_or(0);
             ctx.cork = crate::cork::Cork::for_body(session, length);
         }
-        finish_response_header(ctx, upstream_response, status, reason)
+        finish_response_header(ctx, upstream_response, status, reason, [])
     }
 
     /// Evaluates the request's preconditions against a response served from the cache, as an
@@ -1035,7 +1026,7 @@ impl Gateway {
             .duration_since(epoch)
             .unwrap_or_default()
             .as_secs();
-        // Before the plugins' fields, in the order Pingora's hit path sets them.
+        // First, in the order Pingora's hit path sets them.
         let fields = [
             (http::header::AGE, HeaderValue::from(age)),
             (
@@ -1043,9 +1034,8 @@ impl Gateway {
                 HeaderValue::from_static("bytes"),
             ),
         ];
-        mirror_plugins::fields::insert(&mut header, fields);
         ctx.local_cache_status = Some("HIT");
-        finish_response_header(ctx, &mut header, "HIT", None)?;
+        finish_response_header(ctx, &mut header, "HIT", None, fields)?;
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
         // Uncorked when this function returns, after the last write.

@@ -1,7 +1,7 @@
 //! Responses the gateway makes itself, and the one table that turns errors into responses.
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, StatusCode};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mirror_plugins::{LocalResponse, Plugin, RequestState};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -9,9 +9,12 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 /// Header that tells which cache outcome a response had.
 pub const CACHE_STATUS_HEADER: &str = "x-cache-status";
+/// The `X-Cache-Status` field name, made once at compile time.
+const CACHE_STATUS: HeaderName = HeaderName::from_static(CACHE_STATUS_HEADER);
 
-/// Writes `local` to the client, with `X-Cache-Status: BYPASS`, after the domain's plugins'
-/// response filters. Returns the number of body bytes written.
+/// Writes `local` to the client, with `X-Cache-Status: BYPASS` and the other fields of
+/// [`insert_gateway_fields`] set after the domain's plugins' response filters. Returns the
+/// number of body bytes written.
 pub async fn write_local(
     session: &mut Session,
     local: LocalResponse,
@@ -23,11 +26,10 @@ pub async fn write_local(
         header.append_header(name, value)?;
     }
     header.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
-    header.insert_header(CACHE_STATUS_HEADER, "BYPASS")?;
     for plugin in plugins {
         plugin.response_filter(&mut header, state)?;
     }
-    state.set_budget_fields(&mut header);
+    insert_gateway_fields(&mut header, state, "BYPASS", []);
     let head_only = session.req_header().method == Method::HEAD || local.body.is_empty();
     session
         .write_response_header(Box::new(header), head_only)
@@ -38,6 +40,36 @@ pub async fn write_local(
     let len = local.body.len() as u64;
     session.write_response_body(Some(local.body), true).await?;
     Ok(len)
+}
+
+/// Sets the fields the gateway adds to every downstream response: `leading`, `X-Cache-Status`
+/// with `cache_status`, the cache policy's `Cache-Control` and the budget's `RateLimit-*`
+/// fields. They go in with one insert, because each insert moves the whole header map.
+pub fn insert_gateway_fields(
+    resp: &mut ResponseHeader,
+    state: &RequestState,
+    cache_status: &'static str,
+    leading: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+) {
+    let leading = leading.into_iter();
+    let cache_control = state.cache_control(resp.status);
+    let budget = state.budget_fields();
+    // The leading fields, the status, `Cache-Control` and three budget fields at most.
+    let count = leading.size_hint().0 + 5;
+    mirror_plugins::fields::edit(resp, count, |headers| {
+        for (name, value) in leading {
+            headers.insert(name, value);
+        }
+        headers.insert(CACHE_STATUS, HeaderValue::from_static(cache_status));
+        if let Some((name, value)) = cache_control {
+            headers.insert(name, value);
+        }
+        if let Some(fields) = budget {
+            for (name, value) in fields {
+                headers.insert(name, value);
+            }
+        }
+    });
 }
 
 /// Builds a plain-text error response: the status line's reason and one line of detail.

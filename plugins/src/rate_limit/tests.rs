@@ -227,7 +227,7 @@ fn admitted_request_carries_its_budget_fields() {
     let mut state = RequestState::default();
     admit(&plugin, Some("192.0.2.1"), &mut state, Instant::now());
     let mut resp = pingora::http::ResponseHeader::build(StatusCode::OK, None).expect("header");
-    state.set_budget_fields(&mut resp);
+    crate::fields::insert(&mut resp, state.budget_fields().into_iter().flatten());
     let remaining = resp.headers.get("ratelimit-remaining");
     assert_eq!(remaining.and_then(|v| v.to_str().ok()), Some("4"));
 }
