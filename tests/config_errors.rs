@@ -1410,6 +1410,72 @@ fn disk_dir_not_writable() {
     assert!(error.reason.contains("write access"), "{error}");
 }
 
+/// `check` rejects what the disk tier would reject at start: a directory with files of
+/// another program, or a cache of another format, and it writes nothing into them.
+#[test]
+fn disk_dir_not_a_cache() {
+    let fx = Fixture::new();
+    let data = fx.dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(data.join("notes.txt"), "keep me").expect("foreign file");
+    let text = format!("[cache]\ndisk_dir = \"data\"\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "cache.disk_dir",
+        Some("\"data\""),
+        "is not empty and has no FORMAT file",
+    );
+    assert!(!data.join("FORMAT").exists(), "check wrote a format file");
+    assert!(data.join("notes.txt").exists(), "check removed a file");
+
+    let other = fx.dir.path().join("other");
+    std::fs::create_dir(&other).expect("other dir");
+    std::fs::write(other.join("FORMAT"), "some other cache, format 9\n").expect("format file");
+    let text = format!("[cache]\ndisk_dir = \"other\"\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "cache.disk_dir",
+        Some("\"other\""),
+        "this build writes",
+    );
+}
+
+/// Disk tier settings without `disk_dir` load with a warning each; a decimal size that is too
+/// small is shown as written.
+#[test]
+fn disk_keys_without_dir_warn() {
+    let fx = Fixture::new();
+    let text =
+        format!("[cache]\ndisk_bytes = \"2GiB\"\ndisk_max_object_bytes = \"5MB\"\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    assert!(config.cache.disk.is_none());
+    let keys: Vec<&str> = config.warnings.iter().map(|w| w.key.as_str()).collect();
+    assert_eq!(keys, ["cache.disk_bytes", "cache.disk_max_object_bytes"]);
+    assert_eq!(config.warnings[0].value.as_deref(), Some("\"2GiB\""));
+    assert_eq!(config.warnings[1].value.as_deref(), Some("\"5MB\""));
+    assert!(config.warnings[0].reason.contains("without cache.disk_dir"));
+
+    let small = format!("[cache]\ndisk_dir = \"cache\"\ndisk_bytes = \"1MB\"\n{DOMAIN}");
+    fx.expect(
+        &small,
+        "cache.disk_bytes",
+        Some("\"1MB\""),
+        "must be at least 1 MiB (1048576 bytes)",
+    );
+}
+
+#[test]
+fn disk_dir_empty_text() {
+    let fx = Fixture::new();
+    let text = format!("[cache]\ndisk_dir = \"\"\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "cache.disk_dir",
+        Some("\"\""),
+        "is empty; name the cache directory",
+    );
+}
+
 #[test]
 fn disk_dir_last_component_missing() {
     let fx = Fixture::new();

@@ -68,7 +68,8 @@ pub struct CacheSection {
     pub lock_age_timeout_secs: u64,
     pub debug_headers: bool,
     pub disk_dir: Option<String>,
-    pub disk_bytes: ByteSize,
+    /// `None`: 20 GiB.
+    pub disk_bytes: Option<ByteSize>,
     /// `None`: 4 GiB, or `disk_bytes` when that is smaller.
     pub disk_max_object_bytes: Option<ByteSize>,
     pub disk_sweep_interval_secs: u64,
@@ -83,7 +84,7 @@ impl Default for CacheSection {
             lock_age_timeout_secs: 60,
             debug_headers: false,
             disk_dir: None,
-            disk_bytes: ByteSize(20 << 30),
+            disk_bytes: None,
             disk_max_object_bytes: None,
             disk_sweep_interval_secs: 600,
         }
@@ -235,16 +236,16 @@ pub struct ByteSize(pub u64);
 
 impl ByteSize {
     /// Returns the size as TOML: a string with the largest binary unit that divides it
-    /// (`"512KiB"`), or the plain number of bytes, so that an error shows it much as it was
-    /// written.
+    /// (`"512KiB"`), else with the largest decimal one (`"1MB"`), or the plain number of bytes,
+    /// so that an error shows it much as it was written.
     pub fn shown(self) -> String {
-        let units = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        let units = BINARY_UNITS.iter().chain(&DECIMAL_UNITS);
         units
-            .iter()
-            .find(|(_, shift)| self.0 >= 1 << shift && self.0 % (1 << shift) == 0)
+            .filter(|(unit, _)| *unit != "B")
+            .find(|(_, factor)| self.0 >= *factor && self.0 % factor == 0)
             .map_or_else(
                 || self.0.to_string(),
-                |(unit, shift)| format!("\"{}{unit}\"", self.0 >> shift),
+                |(unit, factor)| format!("\"{}{unit}\"", self.0 / factor),
             )
     }
 }

@@ -152,6 +152,7 @@ pub(super) fn validate(
 
     let server = validate_server(server, &config_dir, &mut errors, &mut warnings);
     let log = validate_log(log, &config_dir, &mut errors);
+    warn_disk_keys_without_dir(&cache, &mut warnings);
     let cache = validate_cache(cache, &config_dir, &mut errors);
     let admin = validate_admin(admin, &config_dir, &mut errors);
     let domains = validate_domains(domains_value, &config_dir, &mut errors);
@@ -559,9 +560,11 @@ fn check_log_file(path: &Path) -> Result<(), String> {
 
 /// Checks that the disk tier's directory exists, or that its parent does, so that the gateway
 /// creates at most the last component: a misspelt path must not grow a new tree of
-/// directories on another filesystem.
+/// directories on another filesystem. An existing directory must also be one the disk tier
+/// opens: a cache of this format, or empty.
 fn check_disk_dir(path: &Path) -> Result<(), String> {
     if path.is_dir() {
+        crate::cache::disk::check_format_read_only(path).map_err(|e| e.to_string())?;
         return check_writable(path);
     }
     if path.exists() {
@@ -635,6 +638,29 @@ const DEFAULT_MAX_OBJECT_BYTES: u64 = 64 << 20;
 /// Largest response kept on disk when `disk_max_object_bytes` is not set and `disk_bytes` is
 /// larger.
 const DEFAULT_DISK_MAX_OBJECT_BYTES: u64 = 4 << 30;
+/// Size budget of the disk tier when `disk_bytes` is not set.
+const DEFAULT_DISK_BYTES: u64 = 20 << 30;
+
+/// Warns about disk tier settings in a config without `cache.disk_dir`, where they do nothing.
+fn warn_disk_keys_without_dir(s: &CacheSection, warnings: &mut Errors<'_>) {
+    if s.disk_dir.is_some() {
+        return;
+    }
+    let set = [
+        ("cache.disk_bytes", s.disk_bytes),
+        ("cache.disk_max_object_bytes", s.disk_max_object_bytes),
+    ];
+    for (key, value) in set {
+        if let Some(value) = value {
+            warnings.push(
+                key,
+                Some(value.shown()),
+                "has no effect without cache.disk_dir; set disk_dir to turn the disk tier on, \
+                 or remove the key",
+            );
+        }
+    }
+}
 
 fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Option<CacheSettings> {
     let before = errors.list.len();
@@ -664,23 +690,31 @@ fn validate_cache(s: CacheSection, dir: &Path, errors: &mut Errors<'_>) -> Optio
         }
     }
     check_disk_sweep_interval(s.disk_sweep_interval_secs, errors);
+    let disk_budget = s.disk_bytes.map_or(DEFAULT_DISK_BYTES, |b| b.0);
     let disk = s.disk_dir.as_ref().map(|d| DiskCacheSettings {
         dir: resolve(dir, d),
-        budget_bytes: s.disk_bytes.0,
+        budget_bytes: disk_budget,
         max_object_bytes: s
             .disk_max_object_bytes
-            .map_or(s.disk_bytes.0.min(DEFAULT_DISK_MAX_OBJECT_BYTES), |b| b.0),
+            .map_or(disk_budget.min(DEFAULT_DISK_MAX_OBJECT_BYTES), |b| b.0),
         sweep_interval: Duration::from_secs(s.disk_sweep_interval_secs),
     });
     if let (Some(disk), Some(text)) = (&disk, &s.disk_dir) {
-        if let Err(reason) = check_disk_dir(&disk.dir) {
+        if text.trim().is_empty() {
+            errors.push(
+                "cache.disk_dir",
+                Some(format!("{text:?}")),
+                "is empty; name the cache directory, or remove the key to keep the cache in \
+                 memory only",
+            );
+        } else if let Err(reason) = check_disk_dir(&disk.dir) {
             errors.push("cache.disk_dir", Some(format!("{text:?}")), reason);
         }
         if disk.budget_bytes < 1 << 20 {
             errors.push(
                 "cache.disk_bytes",
                 Some(ByteSize(disk.budget_bytes).shown()),
-                "must be at least 1 MiB",
+                "must be at least 1 MiB (1048576 bytes)",
             );
         }
         if disk.max_object_bytes == 0 || disk.max_object_bytes > disk.budget_bytes {

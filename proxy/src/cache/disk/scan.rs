@@ -45,15 +45,34 @@ pub struct Scan {
 /// Rejects a non-empty directory without a format file: it may be a mistyped path that
 /// contains someone else's data, which the cache would otherwise delete.
 pub fn check_format(root: &Path) -> Result<(), DiskError> {
+    match read_format(root)? {
+        Some(()) => Ok(()),
+        None => write_format(root, &root.join(FORMAT_FILE)),
+    }
+}
+
+/// Checks without writing anything that [`check_format`] would accept `root`: a directory
+/// with this build's format file, or one that holds no file at all.
+pub fn check_format_read_only(root: &Path) -> Result<(), DiskError> {
+    match read_format(root)? {
+        Some(()) => Ok(()),
+        None if has_foreign_files(root)? => Err(DiskError::NotACache(root.to_path_buf())),
+        None => Ok(()),
+    }
+}
+
+/// Reads the format file of `root`: `Some` when it names this build's format, `None` when
+/// there is none, and an error for another format or a failed read.
+fn read_format(root: &Path) -> Result<Option<()>, DiskError> {
     let path = root.join(FORMAT_FILE);
     match fs::read_to_string(&path) {
-        Ok(found) if found.trim_end() == FORMAT_LINE => Ok(()),
+        Ok(found) if found.trim_end() == FORMAT_LINE => Ok(Some(())),
         Ok(found) => Err(DiskError::Format {
             path,
             found: found.trim().chars().take(80).collect(),
             expected: FORMAT_LINE,
         }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => write_format(root, &path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(DiskError::io("read", &path, e)),
     }
 }
@@ -121,16 +140,21 @@ pub fn scan_entries(root: &Path) -> Result<Scan, DiskError> {
 }
 
 fn write_format(root: &Path, path: &Path) -> Result<(), DiskError> {
-    let mut items = fs::read_dir(root).map_err(|e| DiskError::io("list", root, e))?;
-    let foreign = items.any(|item| {
-        item.map_or(true, |i| {
-            !i.file_name().to_string_lossy().starts_with(FORMAT_FILE)
-        })
-    });
-    if foreign {
+    if has_foreign_files(root)? {
         return Err(DiskError::NotACache(root.to_path_buf()));
     }
     publish_format(root, path).map_err(|e| DiskError::io("write", path, e))
+}
+
+/// Returns whether `root` holds anything but format files and their temp files; an entry that
+/// cannot be read counts as foreign.
+fn has_foreign_files(root: &Path) -> Result<bool, DiskError> {
+    let mut items = fs::read_dir(root).map_err(|e| DiskError::io("list", root, e))?;
+    Ok(items.any(|item| {
+        item.map_or(true, |i| {
+            !i.file_name().to_string_lossy().starts_with(FORMAT_FILE)
+        })
+    }))
 }
 
 /// Writes the format file of a cache directory that the running tier creates again, after it
