@@ -81,7 +81,8 @@ fn read_format(root: &Path) -> Result<Option<()>, DiskError> {
 ///
 /// A temp file belongs to a live writer only if the process named in its file name is running
 /// and is not this one (a restarted process has no writes in flight yet), and the file was
-/// written to within [`STALE_TEMP_AGE`] of `now` (the pid may have been reused).
+/// written to within [`STALE_TEMP_AGE`] of `now` (the pid may have been reused). A process
+/// that has exited but that its parent has not reaped yet (a zombie) is not running.
 pub fn clean_temp(tmp: &Path, now: SystemTime) -> Result<u64, DiskError> {
     let proc_available = Path::new("/proc/self").exists();
     let me = std::process::id();
@@ -89,9 +90,8 @@ pub fn clean_temp(tmp: &Path, now: SystemTime) -> Result<u64, DiskError> {
     for item in fs::read_dir(tmp).map_err(|e| DiskError::io("list", tmp, e))? {
         let item = item.map_err(|e| DiskError::io("list", tmp, e))?;
         let name = item.file_name().to_string_lossy().into_owned();
-        let owner_running = files::temp_owner(&name).is_some_and(|pid| {
-            pid != me && proc_available && Path::new(&format!("/proc/{pid}")).exists()
-        });
+        let owner_running = files::temp_owner(&name)
+            .is_some_and(|pid| pid != me && proc_available && is_running(pid));
         let recent = item
             .metadata()
             .and_then(|md| md.modified())
@@ -102,6 +102,19 @@ pub fn clean_temp(tmp: &Path, now: SystemTime) -> Result<u64, DiskError> {
         }
     }
     Ok(removed)
+}
+
+/// Returns whether process `pid` exists and has not exited: its `/proc/<pid>/stat` names a
+/// state other than zombie (`Z`) or dead (`X`).
+fn is_running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain any byte.
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 /// Reads the header of every entry file under `root`, deleting torn and corrupt ones.
@@ -267,4 +280,42 @@ fn inspect(path: &Path, name: HashBinary) -> Result<Option<Found>, (ReadFailure,
 
 fn is_shard_name(name: &str) -> bool {
     name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A temp file of a writer that exited is deleted even before its parent reaps it.
+    #[test]
+    fn clean_temp_removes_zombie_writers_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while is_running(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!is_running(pid), "child {pid} did not exit");
+        assert!(Path::new(&format!("/proc/{pid}")).exists(), "child reaped too early");
+        let orphan = dir.path().join(format!("{pid}-1-0.tmp"));
+        fs::write(&orphan, b"partial").expect("temp file");
+        let live = dir
+            .path()
+            .join(format!("{}-1-0.tmp", std::os::unix::process::parent_id()));
+        fs::write(&live, b"in flight").expect("temp file");
+
+        let removed = clean_temp(dir.path(), SystemTime::now()).expect("clean");
+
+        child.wait().expect("reap child");
+        assert_eq!(removed, 1);
+        assert!(!orphan.exists(), "zombie writer's temp file kept");
+        assert!(live.exists(), "running writer's temp file removed");
+    }
+
+    #[test]
+    fn running_process_is_running() {
+        assert!(is_running(std::process::id()));
+        assert!(!is_running(u32::MAX));
+    }
 }
