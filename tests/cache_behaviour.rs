@@ -1132,6 +1132,34 @@ lock_wait_timeout_secs = 1";
     busy.abort();
 }
 
+/// A request that finds no free origin slot in time and has no stale entry gets a 503 whose
+/// reason names the busy slots, not an origin error.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_cap_without_stale_is_busy() {
+    let origin = ScriptOrigin::start(|req, _| match req.target.as_str() {
+        // The header comes at once, so no cache lock is held, and the body takes 2.8 s.
+        "/busy" => Script {
+            headers: vec![("cache-control".into(), "no-store".into())],
+            ..Script::pieces(vec![b"x".to_vec(); 15])
+        },
+        _ => Script::ok("fresh", "max-age=60"),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "max_origin_requests = 1\nlock_wait_timeout_secs = 1";
+    let gateway = start_gateway(dir.path(), origin.addr, domain, true);
+    let busy_url = gateway.url("/busy");
+    let busy = tokio::spawn(async move { fetch(&busy_url, &[]).await });
+    poll(|| origin.count() == 1, "the request that takes the only slot").await;
+
+    let refused = fetch(&gateway.url("/fresh.json"), &[]).await;
+
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("x-cache-reason"), Some("origin_busy"));
+    assert_eq!(origin.count(), 1, "origin requests");
+    busy.abort();
+}
+
 /// Starts a gateway with domain `primary` on host `127.0.0.1` in front of the HTTP origin at
 /// `origin`, no TTL rules (the origin's `Cache-Control` decides), `domain_keys` added to the
 /// domain table and `[cache] debug_headers` set to `debug`.

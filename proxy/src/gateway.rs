@@ -1089,6 +1089,7 @@ impl Gateway {
             }
             _ => {
                 note_fill_status(session, ctx, 503);
+                ctx.no_store = Some(NoStoreReason::OriginBusy);
                 tracing::warn!(domain = %domain.config.id, path = %ctx.path, "no free origin slot in time");
                 // Marked as an origin-side error, so `should_serve_stale` serves a stale entry.
                 Err(Error::explain(

@@ -34,6 +34,9 @@ pub enum NoStoreReason {
     /// The wait for another request's origin request timed out, so this request got a 504
     /// instead of a fetch of its own.
     LockTimeout,
+    /// Every origin slot of the domain (`max_origin_requests`) stayed busy for the whole wait,
+    /// so the request never went to the origin and got a 503.
+    OriginBusy,
     /// A 304 from the origin names a strong `ETag` that the stored response does not have, so
     /// it validates some other representation and the stored one is not refreshed.
     ValidatorMismatch,
@@ -53,6 +56,7 @@ impl NoStoreReason {
             Self::ValidatorMismatch => "validator_mismatch",
             Self::FillFailed => "fill_failed",
             Self::LockTimeout => "lock_timeout",
+            Self::OriginBusy => "origin_busy",
         }
     }
 }
