@@ -67,6 +67,8 @@ impl log::Log for PingoraLog {
 ///   TCP or TLS health check does (debug);
 /// - `Fail to serve cache: Downstream ...` from `pingora_proxy`'s cache: a client that went
 ///   away or stopped reading while a response came from the cache (debug);
+/// - `Downstream Error ignored during caching: ...` from `pingora_proxy`: a client that went
+///   away while its request filled the cache, which goes on for the other clients (debug);
 /// - `HTTP server fails to read from downstream: ...` from Pingora's HTTP server (the admin
 ///   listener's): the same for a client of the admin listener (debug);
 /// - `No incoming socket transfer, sleep 1s and try again` from the upgrade hand-over: a
@@ -103,7 +105,7 @@ struct Lowered {
 }
 
 /// The lines of [`lowered_level`].
-const LOWERED: [Lowered; 5] = [
+const LOWERED: [Lowered; 6] = [
     Lowered {
         target: "pingora_proxy",
         level: log::Level::Debug,
@@ -113,6 +115,11 @@ const LOWERED: [Lowered; 5] = [
         target: "pingora_proxy::proxy_cache",
         level: log::Level::Debug,
         matches: |m| m.starts_with("Fail to serve cache: Downstream "),
+    },
+    Lowered {
+        target: "pingora_proxy",
+        level: log::Level::Debug,
+        matches: |m| m.starts_with("Downstream Error ignored during caching: "),
     },
     Lowered {
         target: "pingora_core::apps::http_app",
@@ -280,6 +287,12 @@ mod tests {
         let aborted = "Fail to serve cache:  ReadError context: the cache fill this response \
                        streams from was aborted, GET /a, Host: a.test";
         assert_eq!(lowered(error, cache, aborted), None);
+        let filling = "Downstream Error ignored during caching:  ConnectionClosed context: \
+                       Prematurely before response body is complete, GET /dg, Host: a.test";
+        assert_eq!(
+            lowered(log::Level::Warn, "pingora_proxy::proxy_h1", filling),
+            Some(log::Level::Debug)
+        );
         let waiting = "No incoming socket transfer, sleep 1s and try again";
         let transfer = "pingora_core::server::transfer_fd";
         assert_eq!(lowered(error, transfer, waiting), Some(log::Level::Info));
