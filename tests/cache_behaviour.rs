@@ -1150,7 +1150,11 @@ async fn origin_cap_without_stale_is_busy() {
     let gateway = start_gateway(dir.path(), origin.addr, domain, true);
     let busy_url = gateway.url("/busy");
     let busy = tokio::spawn(async move { fetch(&busy_url, &[]).await });
-    poll(|| origin.count() == 1, "the request that takes the only slot").await;
+    poll(
+        || origin.count() == 1,
+        "the request that takes the only slot",
+    )
+    .await;
 
     let refused = fetch(&gateway.url("/fresh.json"), &[]).await;
 

@@ -1445,8 +1445,7 @@ fn disk_dir_not_a_cache() {
 #[test]
 fn disk_keys_without_dir_warn() {
     let fx = Fixture::new();
-    let text =
-        format!("[cache]\ndisk_bytes = \"2GiB\"\ndisk_max_object_bytes = \"5MB\"\n{DOMAIN}");
+    let text = format!("[cache]\ndisk_bytes = \"2GiB\"\ndisk_max_object_bytes = \"5MB\"\n{DOMAIN}");
     let config = fx.config(&text, &[]);
     assert!(config.cache.disk.is_none());
     let keys: Vec<&str> = config.warnings.iter().map(|w| w.key.as_str()).collect();

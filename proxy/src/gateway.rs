@@ -387,7 +387,13 @@ fn reject_conflicting_304(session: &Session, resp: &mut ResponseHeader, ctx: &mu
     if !conflicts {
         return;
     }
-    tracing::warn!(path = %ctx.path, ?stored_etag, ?origin_etag,
+    let shown = |etag: Option<&HeaderValue>| {
+        etag.map_or("none".to_owned(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        })
+    };
+    let (stored_etag, origin_etag) = (shown(stored_etag), shown(origin_etag));
+    tracing::warn!(path = %ctx.path, %stored_etag, %origin_etag,
         "the origin answered a revalidation with 304 for another ETag; the stored response is served but not refreshed");
     resp.remove_header(&http::header::ETAG);
     ctx.no_store = Some(NoStoreReason::ValidatorMismatch);

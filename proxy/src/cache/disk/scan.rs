@@ -238,7 +238,9 @@ fn scan_dir(dir: &Path, scan: &mut Scan, logged: &AtomicU64) -> Result<(), DiskE
                 scan.corrupt += 1;
                 if logged.fetch_add(1, Ordering::Relaxed) < CORRUPT_LOG_LIMIT {
                     let path = path.display();
-                    tracing::warn!(%path, %reason, "disk cache: deleting corrupt entry");
+                    // Quoted, like the same line from a read at run time.
+                    let reason = reason.to_string();
+                    tracing::warn!(%path, reason = reason.as_str(), "disk cache: deleting corrupt entry");
                 }
                 if let Err(e) = files::remove_if_same(&path, ino) {
                     let path = path.display();
@@ -290,14 +292,19 @@ mod tests {
     #[test]
     fn clean_temp_removes_zombie_writers_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let pid = child.id();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while is_running(pid) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!is_running(pid), "child {pid} did not exit");
-        assert!(Path::new(&format!("/proc/{pid}")).exists(), "child reaped too early");
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "child reaped too early"
+        );
         let orphan = dir.path().join(format!("{pid}-1-0.tmp"));
         fs::write(&orphan, b"partial").expect("temp file");
         let live = dir
