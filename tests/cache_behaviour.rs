@@ -713,6 +713,57 @@ async fn stalled_client_dropped_after_send_timeout() {
     );
 }
 
+/// A `ttl` rule's `Cache-Control` goes downstream on responses the gateway may store, and never
+/// replaces an origin's `no-store`, `private`, `Set-Cookie` or `Vary: *`, which a CDN in front
+/// must see.
+#[tokio::test(flavor = "multi_thread")]
+async fn rule_cache_control_keeps_origin_refusals() {
+    let origin = TestOrigin::start(|req| {
+        // `Cache-Control: max-age=60` unless replaced below.
+        let mut reply = Reply::ok("body");
+        let field = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+        match req.target.as_str() {
+            "/r/no-store" => reply.headers = vec![field("cache-control", "no-store")],
+            "/r/private" => reply.headers = vec![field("cache-control", "private, max-age=60")],
+            "/r/cookie" => reply.headers.push(field("set-cookie", "sid=abc; Path=/")),
+            "/r/vary" => reply.headers.push(field("vary", "*")),
+            _ => {}
+        }
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ttl = r#"
+[[domains.primary.plugins]]
+name = "ttl"
+[[domains.primary.plugins.rules]]
+pattern = "/r/*"
+ttl_secs = 60
+cache_control = "public, max-age=300"
+"#;
+    let gateway = start_gateway(dir.path(), origin.addr, ttl, false);
+
+    let stored = fetch(&gateway.url("/r/plain"), &[]).await;
+    assert_eq!(stored.cache, "MISS");
+    assert_eq!(stored.header("cache-control"), Some("public, max-age=300"));
+    let hit = fetch(&gateway.url("/r/plain"), &[]).await;
+    assert_eq!(hit.cache, "HIT");
+    assert_eq!(hit.header("cache-control"), Some("public, max-age=300"));
+
+    let refusals = [
+        ("/r/no-store", Some("no-store")),
+        ("/r/private", Some("private, max-age=60")),
+        ("/r/cookie", Some("max-age=60")),
+        ("/r/vary", Some("max-age=60")),
+    ];
+    for (path, expected) in refusals {
+        let resp = fetch(&gateway.url(path), &[]).await;
+        assert_eq!(resp.status, 200, "{path}");
+        assert_eq!(resp.cache, "BYPASS", "{path}");
+        assert_eq!(resp.header("cache-control"), expected, "{path}");
+    }
+}
+
 /// The gateway serves a plain GET or HEAD of a fresh entry straight from the memory tier, and
 /// a request with a conditional field through Pingora's cache phases. Both must give the same
 /// response: status, fields (only `Date` and `Age` may move with the clock) and body.

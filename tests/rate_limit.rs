@@ -253,3 +253,29 @@ fn bad_trusted_proxies_are_reported() {
     let name = find("server.trusted_proxies[1]").expect("second entry reported");
     assert!(name.reason.contains("not an IP address"), "{name}");
 }
+
+/// A request that the gateway answers with its own error (here 502, the origin refuses
+/// connections) used up its budget, and its response says so like any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_errors_carry_budget_fields() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let origin = closed.local_addr().expect("address");
+    drop(closed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config("rl_errors", origin, 5, ""));
+
+    for remaining in ["4", "3"] {
+        let response = get(&gateway, "/down.json", None).await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(
+            header(&response, "x-cache-status").as_deref(),
+            Some("BYPASS")
+        );
+        assert_eq!(header(&response, "ratelimit-limit").as_deref(), Some("5"));
+        assert_eq!(
+            header(&response, "ratelimit-remaining").as_deref(),
+            Some(remaining)
+        );
+        assert!(header(&response, "ratelimit-reset").is_some());
+    }
+}

@@ -351,7 +351,15 @@ fn finish_response_header(
             plugin.response_filter(resp, &ctx.plugin_state)?;
         }
     }
-    respond::insert_gateway_fields(resp, &ctx.plugin_state, status, leading);
+    let policy = if ctx
+        .no_store
+        .is_some_and(NoStoreReason::forbids_shared_caching)
+    {
+        respond::PolicyField::Omit
+    } else {
+        respond::PolicyField::Apply
+    };
+    respond::insert_gateway_fields(resp, &ctx.plugin_state, status, leading, policy);
     Ok(())
 }
 
@@ -714,7 +722,9 @@ impl ProxyHttp for Gateway {
             _ => return Ok(true),
         };
         ctx.no_store = Some(reason);
-        respond::write_error_detail(session, code, "BYPASS", detail, ctx.debug_reason()).await;
+        let state = &ctx.plugin_state;
+        respond::write_error_detail(session, code, "BYPASS", detail, ctx.debug_reason(), state)
+            .await;
         Ok(false)
     }
 
@@ -943,7 +953,8 @@ impl ProxyHttp for Gateway {
         let sent = session.response_written().map(|r| r.status.as_u16());
         if code > 0 && sent.is_none() {
             let status = cache_status(&session.cache.phase());
-            respond::write_error(session, code, status, ctx.debug_reason()).await;
+            respond::write_error(session, code, status, ctx.debug_reason(), &ctx.plugin_state)
+                .await;
         }
         let domain = state
             .domain(ctx)

@@ -29,7 +29,7 @@ pub async fn write_local(
     for plugin in plugins {
         plugin.response_filter(&mut header, state)?;
     }
-    insert_gateway_fields(&mut header, state, "BYPASS", []);
+    insert_gateway_fields(&mut header, state, "BYPASS", [], PolicyField::Omit);
     let head_only = session.req_header().method == Method::HEAD || local.body.is_empty();
     session
         .write_response_header(Box::new(header), head_only)
@@ -42,17 +42,32 @@ pub async fn write_local(
     Ok(len)
 }
 
+/// Whether a response gets the `Cache-Control` of the request's `ttl` rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyField {
+    /// Set it on 2xx and 304 responses.
+    Apply,
+    /// Keep what the response has: the origin forbade shared caches to keep it (`no-store`,
+    /// `private`, `Set-Cookie`, credentials it saw, `Vary: *`), or the gateway made it.
+    Omit,
+}
+
 /// Sets the fields the gateway adds to every downstream response: `leading`, `X-Cache-Status`
-/// with `cache_status`, the cache policy's `Cache-Control` and the budget's `RateLimit-*`
-/// fields. They go in with one insert, because each insert moves the whole header map.
+/// with `cache_status`, the cache policy's `Cache-Control` unless `policy` omits it, and the
+/// budget's `RateLimit-*` fields. They go in with one insert, because each insert moves the
+/// whole header map.
 pub fn insert_gateway_fields(
     resp: &mut ResponseHeader,
     state: &RequestState,
     cache_status: &'static str,
     leading: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+    policy: PolicyField,
 ) {
     let leading = leading.into_iter();
-    let cache_control = state.cache_control(resp.status);
+    let cache_control = match policy {
+        PolicyField::Apply => state.cache_control(resp.status),
+        PolicyField::Omit => None,
+    };
     let budget = state.budget_fields();
     // The leading fields, the status, `Cache-Control` and three budget fields at most.
     let count = leading.size_hint().0 + 5;
@@ -109,8 +124,9 @@ pub fn status_for_error(e: &Error) -> u16 {
 pub async fn write_error(
     session: &mut Session,
     code: u16,
-    cache_status: &str,
+    cache_status: &'static str,
     reason: Option<&str>,
+    state: &RequestState,
 ) {
     let detail = match code {
         502 => "the origin could not be reached or sent an invalid response",
@@ -118,17 +134,19 @@ pub async fn write_error(
         400 => "the request is malformed",
         _ => "the gateway failed to handle the request",
     };
-    write_error_detail(session, code, cache_status, detail, reason).await;
+    write_error_detail(session, code, cache_status, detail, reason, state).await;
 }
 
 /// Sends the error page for `code` with the line `detail` and, when given, the not-stored
-/// `reason` as `X-Cache-Reason`, if the response has not started.
+/// `reason` as `X-Cache-Reason`, if the response has not started. It carries the fields of
+/// [`insert_gateway_fields`] too, so a request counted against a budget reports it.
 pub async fn write_error_detail(
     session: &mut Session,
     code: u16,
-    cache_status: &str,
+    cache_status: &'static str,
     detail: &str,
     reason: Option<&str>,
+    state: &RequestState,
 ) {
     if session.response_written().is_some() {
         return;
@@ -136,15 +154,15 @@ pub async fn write_error_detail(
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let local = error_response(status, detail);
     let result = async {
-        let mut header = ResponseHeader::build(local.status, Some(4))?;
+        let mut header = ResponseHeader::build(local.status, Some(local.headers.len() + 7))?;
         for (name, value) in local.headers {
             header.append_header(name, value)?;
         }
         header.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
-        header.insert_header(CACHE_STATUS_HEADER, cache_status)?;
         if let Some(reason) = reason {
             header.insert_header("x-cache-reason", reason)?;
         }
+        insert_gateway_fields(&mut header, state, cache_status, [], PolicyField::Omit);
         session.set_keepalive(None);
         session
             .write_response_header(Box::new(header), false)

@@ -43,6 +43,15 @@ pub enum NoStoreReason {
 }
 
 impl NoStoreReason {
+    /// Returns whether the origin marked the response as one that shared caches must not keep,
+    /// so that a CDN in front must get the origin's own `Cache-Control`, not a `ttl` rule's.
+    pub fn forbids_shared_caching(self) -> bool {
+        matches!(
+            self,
+            Self::OriginNoStore | Self::SetCookie | Self::Authorization | Self::VaryAny
+        )
+    }
+
     /// Returns the stable label of this reason.
     pub fn label(self) -> &'static str {
         match self {
