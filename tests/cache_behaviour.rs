@@ -713,6 +713,37 @@ async fn stalled_client_dropped_after_send_timeout() {
     );
 }
 
+/// An origin's `Age` (the response came through a cache upstream) reaches the client on the
+/// miss that stores it, and the hits count on from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_age_kept_on_miss() {
+    let origin = TestOrigin::start(|_| {
+        let mut reply = Reply::ok("aged");
+        reply.headers = vec![
+            ("cache-control".into(), "max-age=600".into()),
+            ("age".into(), "100".into()),
+        ];
+        reply
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let url = gateway.url("/aged.json");
+
+    let miss = fetch(&url, &[]).await;
+    let hit = fetch(&url, &[]).await;
+
+    assert_eq!(miss.cache, "MISS");
+    assert_eq!(miss.header("age"), Some("100"));
+    assert_eq!(miss.headers.get_all("age").iter().count(), 1);
+    assert_eq!(hit.cache, "HIT");
+    let hit_age: u64 = hit
+        .header("age")
+        .and_then(|a| a.parse().ok())
+        .expect("hit age");
+    assert!((100..=102).contains(&hit_age), "hit age {hit_age}");
+}
+
 /// A `ttl` rule's `Cache-Control` goes downstream on responses the gateway may store, and never
 /// replaces an origin's `no-store`, `private`, `Set-Cookie` or `Vary: *`, which a CDN in front
 /// must see.

@@ -363,6 +363,17 @@ fn finish_response_header(
     Ok(())
 }
 
+/// Returns the `Age` of a response that fills the cache: the origin's own, which the stored
+/// header leaves out because hits send the age that the entry's epoch gives.
+fn filling_age(session: &Session, phase: &CachePhase) -> Option<(HeaderName, HeaderValue)> {
+    if *phase != CachePhase::Miss {
+        return None;
+    }
+    let meta = session.cache.maybe_cache_meta()?;
+    let age = meta.created().duration_since(meta.epoch()).ok()?.as_secs();
+    (age > 0).then(|| (http::header::AGE, HeaderValue::from(age)))
+}
+
 /// Returns whether a response in `phase` has its whole body in the cache, ready to send: not
 /// a miss or a bypass, whose body arrives from the origin as it comes.
 fn body_from_cache(phase: &CachePhase) -> bool {
@@ -877,7 +888,8 @@ impl ProxyHttp for Gateway {
             let length = crate::cache::ranges::content_length(upstream_response).unwrap_or(0);
             ctx.cork = crate::cork::Cork::for_body(session, length);
         }
-        finish_response_header(ctx, upstream_response, status, reason, [])
+        let age = filling_age(session, &phase);
+        finish_response_header(ctx, upstream_response, status, reason, age)
     }
 
     /// Evaluates the request's preconditions against a response served from the cache, as an
