@@ -758,6 +758,11 @@ async fn rule_cache_control_keeps_origin_refusals() {
             "/r/private" => reply.headers = vec![field("cache-control", "private, max-age=60")],
             "/r/cookie" => reply.headers.push(field("set-cookie", "sid=abc; Path=/")),
             "/r/vary" => reply.headers.push(field("vary", "*")),
+            // Slow, so that concurrent requests wait on this request's fill and then give up.
+            "/r/slow-private" => {
+                reply.headers = vec![field("cache-control", "private")];
+                reply.delay = Duration::from_millis(300);
+            }
             _ => {}
         }
         reply
@@ -792,6 +797,16 @@ cache_control = "public, max-age=300"
         assert_eq!(resp.status, 200, "{path}");
         assert_eq!(resp.cache, "BYPASS", "{path}");
         assert_eq!(resp.header("cache-control"), expected, "{path}");
+    }
+
+    for resp in stampede_on(&gateway.url("/r/slow-private"), 8).await {
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.header("cache-control"),
+            Some("private"),
+            "{}",
+            resp.cache
+        );
     }
 }
 

@@ -335,9 +335,9 @@ fn note_fill_status(session: &Session, ctx: &RequestCtx, status: u16) {
 fn finish_response_header(
     ctx: &RequestCtx,
     resp: &mut ResponseHeader,
-    status: &'static str,
-    reason: Option<&str>,
+    (status, reason): (&'static str, Option<&str>),
     leading: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+    policy: respond::PolicyField,
 ) -> Result<()> {
     // An HTTP/1.0 origin's version must not reach the client: the gateway speaks HTTP/1.1.
     if resp.version == http::Version::HTTP_10 {
@@ -351,14 +351,6 @@ fn finish_response_header(
             plugin.response_filter(resp, &ctx.plugin_state)?;
         }
     }
-    let policy = if ctx
-        .no_store
-        .is_some_and(NoStoreReason::forbids_shared_caching)
-    {
-        respond::PolicyField::Omit
-    } else {
-        respond::PolicyField::Apply
-    };
     respond::insert_gateway_fields(resp, &ctx.plugin_state, status, leading, policy);
     Ok(())
 }
@@ -677,11 +669,7 @@ impl ProxyHttp for Gateway {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(label)));
         }
         let state = Arc::clone(&ctx.state);
-        let forwarded = self.forwards_authorization(ctx)
-            && session
-                .req_header()
-                .headers
-                .contains_key(http::header::AUTHORIZATION);
+        let forwarded = self.credentials_reach_origin(session, ctx);
         let policy = ctx.plugin_state.cache_policy.as_deref();
         let stale = state
             .domain(ctx)
@@ -889,7 +877,8 @@ impl ProxyHttp for Gateway {
             ctx.cork = crate::cork::Cork::for_body(session, length);
         }
         let age = filling_age(session, &phase);
-        finish_response_header(ctx, upstream_response, status, reason, age)
+        let policy = self.rule_field(session, ctx, &phase, upstream_response);
+        finish_response_header(ctx, upstream_response, (status, reason), age, policy)
     }
 
     /// Evaluates the request's preconditions against a response served from the cache, as an
@@ -1064,7 +1053,9 @@ impl Gateway {
             ),
         ];
         ctx.local_cache_status = Some("HIT");
-        finish_response_header(ctx, &mut header, "HIT", None, fields)?;
+        // A stored response never carries an origin's refusal of shared caching.
+        let policy = respond::PolicyField::Apply;
+        finish_response_header(ctx, &mut header, ("HIT", None), fields, policy)?;
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
         // Uncorked when this function returns, after the last write.
@@ -1128,6 +1119,42 @@ impl Gateway {
                 .into_up())
             }
         }
+    }
+
+    /// Returns whether a response in `phase` gets the `ttl` rule's `Cache-Control`: not when
+    /// its origin forbade shared caches to keep it, whatever the cache did with it. A request
+    /// that gave up waiting on another's fill never ran the cache's own decision. A response
+    /// served as stored never had such a refusal, so it needs no check.
+    fn rule_field(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        phase: &CachePhase,
+        resp: &ResponseHeader,
+    ) -> respond::PolicyField {
+        let stored = matches!(
+            phase,
+            CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating
+        );
+        let origin_refuses = || {
+            let forwarded = self.credentials_reach_origin(session, ctx);
+            crate::cache::refuses_shared_caching(resp, forwarded)
+        };
+        if !stored && origin_refuses() {
+            respond::PolicyField::Omit
+        } else {
+            respond::PolicyField::Apply
+        }
+    }
+
+    /// Returns whether the origin sees the client's credentials: the request has an
+    /// `Authorization` field and its route forwards it.
+    fn credentials_reach_origin(&self, session: &Session, ctx: &RequestCtx) -> bool {
+        self.forwards_authorization(ctx)
+            && session
+                .req_header()
+                .headers
+                .contains_key(http::header::AUTHORIZATION)
     }
 
     fn forwards_authorization(&self, ctx: &RequestCtx) -> bool {

@@ -23,7 +23,7 @@ use pingora::cache::{CacheKey, CacheOptionOverrides, HttpCache, Storage};
 pub use clock::{CacheClock, TestClock};
 pub use disk::{DiskError, DiskSnapshot, DiskStorage};
 pub use memory::{FreshHit, MemoryStorage, TierSnapshot, TierStats};
-pub use policy::{decide_cacheability, validator_conflicts, NoStoreReason};
+pub use policy::{decide_cacheability, refuses_shared_caching, validator_conflicts, NoStoreReason};
 pub use status::cache_status;
 pub use sweep::DiskSweeper;
 

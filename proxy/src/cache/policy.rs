@@ -43,15 +43,6 @@ pub enum NoStoreReason {
 }
 
 impl NoStoreReason {
-    /// Returns whether the origin marked the response as one that shared caches must not keep,
-    /// so that a CDN in front must get the origin's own `Cache-Control`, not a `ttl` rule's.
-    pub fn forbids_shared_caching(self) -> bool {
-        matches!(
-            self,
-            Self::OriginNoStore | Self::SetCookie | Self::Authorization | Self::VaryAny
-        )
-    }
-
     /// Returns the stable label of this reason.
     pub fn label(self) -> &'static str {
         match self {
@@ -68,6 +59,41 @@ impl NoStoreReason {
             Self::OriginBusy => "origin_busy",
         }
     }
+}
+
+/// Returns whether the origin of `resp` forbade shared caches to keep it, whatever its status:
+/// so a CDN in front must get the origin's own `Cache-Control`, not a `ttl` rule's.
+/// `authorization_forwarded` is true when the origin saw the client's credentials.
+pub fn refuses_shared_caching(resp: &ResponseHeader, authorization_forwarded: bool) -> bool {
+    let cc = CacheControl::from_resp_headers(resp);
+    sharing_refusal(resp, cc.as_ref(), authorization_forwarded).is_some()
+}
+
+/// Returns the reason shared caches must not keep `resp` by its origin's choice: `Set-Cookie`,
+/// `Vary: *`, `no-store` or `private` in `cc`, or credentials the origin saw without marking
+/// the response `public` (RFC 9111, section 3.5).
+fn sharing_refusal(
+    resp: &ResponseHeader,
+    cc: Option<&CacheControl>,
+    authorization_forwarded: bool,
+) -> Option<NoStoreReason> {
+    if resp.headers.contains_key(http::header::SET_COOKIE) {
+        return Some(NoStoreReason::SetCookie);
+    }
+    let vary_any = resp.headers.get_all(http::header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
+    });
+    if vary_any {
+        return Some(NoStoreReason::VaryAny);
+    }
+    if cc.is_some_and(|cc| cc.no_store() || cc.private()) {
+        return Some(NoStoreReason::OriginNoStore);
+    }
+    if authorization_forwarded && !cc.is_some_and(CacheControl::public) {
+        return Some(NoStoreReason::Authorization);
+    }
+    None
 }
 
 /// Returns whether a 304 with `new_etag` validates some other representation than the stored
@@ -120,15 +146,9 @@ pub fn decide_cacheability(
     if resp.status.is_server_error() {
         return Err(NoStoreReason::OriginError);
     }
-    if resp.headers.contains_key(http::header::SET_COOKIE) {
-        return Err(NoStoreReason::SetCookie);
-    }
-    let vary_any = resp.headers.get_all(http::header::VARY).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
-    });
-    if vary_any {
-        return Err(NoStoreReason::VaryAny);
+    let cc = CacheControl::from_resp_headers(resp);
+    if let Some(reason) = sharing_refusal(resp, cc.as_ref(), authorization_forwarded) {
+        return Err(reason);
     }
     let storable = match resp.status.as_u16() {
         200 | 203 | 204 | 301 | 308 | 410 => true,
@@ -137,13 +157,6 @@ pub fn decide_cacheability(
     };
     if !storable {
         return Err(NoStoreReason::Status);
-    }
-    let cc = CacheControl::from_resp_headers(resp);
-    if cc.as_ref().is_some_and(|cc| cc.no_store() || cc.private()) {
-        return Err(NoStoreReason::OriginNoStore);
-    }
-    if authorization_forwarded && !cc.as_ref().is_some_and(CacheControl::public) {
-        return Err(NoStoreReason::Authorization);
     }
     let defaults = if policy.is_some() {
         &POLICY_DEFAULTS

@@ -235,14 +235,14 @@ fn default_idle_timeout_secs() -> u64 {
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    /// Returns the size as TOML: a string with the largest binary unit that divides it
-    /// (`"512KiB"`), else with the largest decimal one (`"1MB"`), or the plain number of bytes,
-    /// so that an error shows it much as it was written.
+    /// Returns the size as TOML: a string with the unit that divides it into the smallest
+    /// whole number, binary before decimal (`"512KiB"`, `"2GB"`), or the plain number of
+    /// bytes, so that an error shows it much as it was written.
     pub fn shown(self) -> String {
         let units = BINARY_UNITS.iter().chain(&DECIMAL_UNITS);
         units
-            .filter(|(unit, _)| *unit != "B")
-            .find(|(_, factor)| self.0 >= *factor && self.0 % factor == 0)
+            .filter(|(unit, factor)| *unit != "B" && self.0 >= *factor && self.0 % factor == 0)
+            .min_by_key(|(_, factor)| self.0 / factor)
             .map_or_else(
                 || self.0.to_string(),
                 |(unit, factor)| format!("\"{}{unit}\"", self.0 / factor),
@@ -377,6 +377,24 @@ fn fractional_size(text: &str, whole: u64, rest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_shown_as_written() {
+        let cases = [
+            ("512KiB", "\"512KiB\""),
+            ("2GiB", "\"2GiB\""),
+            ("1MB", "\"1MB\""),
+            ("2GB", "\"2GB\""),
+            ("16MB", "\"16MB\""),
+            ("1000", "\"1KB\""),
+            ("1024", "\"1KiB\""),
+            ("1500", "1500"),
+        ];
+        for (text, shown) in cases {
+            let size = ByteSize(parse_byte_size(text).expect("size"));
+            assert_eq!(size.shown(), shown, "{text}");
+        }
+    }
 
     /// Every key that `keys_of` lists is one the origin's deserializer accepts.
     #[test]
