@@ -744,6 +744,41 @@ async fn origin_age_kept_on_miss() {
     assert!((100..=102).contains(&hit_age), "hit age {hit_age}");
 }
 
+/// An expired entry fetched again in full sends the new response's `Age`, not the old one's,
+/// whether the new response is stored or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_age_kept_on_refetch() {
+    let origin = ScriptOrigin::start(|_, index| {
+        let (age, cache_control) = match index {
+            0 => ("100", "max-age=200"),
+            1 => ("7", "max-age=200"),
+            _ => ("5", "no-store"),
+        };
+        let mut script = Script::ok(&format!("v{index}"), cache_control);
+        script.headers.push(("age".into(), age.into()));
+        script
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let domain = "stale_while_revalidate_secs = 0\nstale_if_error_secs = 0";
+    let (gateway, clock) = start_clocked(dir.path(), origin.addr, domain);
+    let url = gateway.url("/refetch.json");
+    assert_eq!(fetch(&url, &[]).await.header("age"), Some("100"));
+
+    clock.advance(secs(101));
+    let refetched = fetch(&url, &[]).await;
+
+    assert_eq!(refetched.cache, "EXPIRED");
+    assert_eq!(refetched.text(), "v1");
+    assert_eq!(refetched.header("age"), Some("7"));
+
+    // A refetch that is not stored passes the origin's `Age` on, not the old entry's.
+    clock.advance(secs(200));
+    let unstored = fetch(&url, &[]).await;
+    assert_eq!(unstored.text(), "v2");
+    assert_eq!(unstored.header("age"), Some("5"), "{}", unstored.cache);
+}
+
 /// A `ttl` rule's `Cache-Control` goes downstream on responses the gateway may store, and never
 /// replaces an origin's `no-store`, `private`, `Set-Cookie` or `Vary: *`, which a CDN in front
 /// must see.

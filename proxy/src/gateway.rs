@@ -355,10 +355,11 @@ fn finish_response_header(
     Ok(())
 }
 
-/// Returns the `Age` of a response that fills the cache: the origin's own, which the stored
-/// header leaves out because hits send the age that the entry's epoch gives.
+/// Returns the `Age` of a response that fills the cache (a miss, or an expired entry fetched
+/// again in full): the origin's own, which the stored header leaves out because hits send the
+/// age that the entry's epoch gives.
 fn filling_age(session: &Session, phase: &CachePhase) -> Option<(HeaderName, HeaderValue)> {
-    if *phase != CachePhase::Miss {
+    if !matches!(phase, CachePhase::Miss | CachePhase::Expired) {
         return None;
     }
     let meta = session.cache.maybe_cache_meta()?;
