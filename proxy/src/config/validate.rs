@@ -590,7 +590,11 @@ fn check_disk_dir(path: &Path) -> Result<(), String> {
 /// The mode bits alone do not show it: a read-only mount or an immutable directory rejects new
 /// files from root too.
 fn check_writable(dir: &Path) -> Result<(), String> {
-    let probe = dir.join(format!(".mirror-gateway-check-{}", std::process::id()));
+    let probe = dir.join(format!(
+        "{}{}",
+        crate::cache::disk::WRITE_PROBE_PREFIX,
+        std::process::id()
+    ));
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -65,7 +65,7 @@ use self::format::{from_unix_secs, unix_secs};
 pub use self::hit::DiskHit;
 use self::index::{Index, Slot};
 pub use self::miss::DiskMiss;
-pub use self::scan::check_format_read_only;
+pub use self::scan::{check_format_read_only, WRITE_PROBE_PREFIX};
 pub use self::tail::{FileTap, Relay, TailHit, TailProgress, RELAY_MAX_BYTES};
 use super::TierSnapshot;
 

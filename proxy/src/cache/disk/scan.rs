@@ -17,6 +17,9 @@ use super::DiskError;
 
 /// Name of the file that records the directory's format.
 const FORMAT_FILE: &str = "FORMAT";
+/// Start of the name of the empty file that config validation creates and removes to check
+/// that a directory takes new files; a cache directory may hold one while a `check` runs.
+pub const WRITE_PROBE_PREFIX: &str = ".mirror-gateway-check-";
 /// Content of the format file; change it whenever old entries must not be read.
 const FORMAT_LINE: &str = "mirror-gateway disk cache, format 1";
 /// Corrupt entries logged one by one per scan; the rest only appear in the summary.
@@ -105,10 +108,12 @@ pub fn clean_temp(tmp: &Path, now: SystemTime) -> Result<u64, DiskError> {
 }
 
 /// Returns whether process `pid` exists and has not exited: its `/proc/<pid>/stat` names a
-/// state other than zombie (`Z`) or dead (`X`).
+/// state other than zombie (`Z`) or dead (`X`). A process whose `stat` this one may not read
+/// (`/proc` mounted with `hidepid`) counts as running.
 fn is_running(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) => return e.kind() == io::ErrorKind::PermissionDenied,
     };
     // The state follows the command name, which is in parentheses and may contain any byte.
     let state = stat
@@ -165,7 +170,9 @@ fn has_foreign_files(root: &Path) -> Result<bool, DiskError> {
     let mut items = fs::read_dir(root).map_err(|e| DiskError::io("list", root, e))?;
     Ok(items.any(|item| {
         item.map_or(true, |i| {
-            !i.file_name().to_string_lossy().starts_with(FORMAT_FILE)
+            let name = i.file_name();
+            let name = name.to_string_lossy();
+            !(name.starts_with(FORMAT_FILE) || name.starts_with(WRITE_PROBE_PREFIX))
         })
     }))
 }
@@ -184,7 +191,8 @@ pub fn restore_format(root: &Path) -> io::Result<()> {
     for item in fs::read_dir(root)? {
         let name = item?.file_name();
         let name = name.to_string_lossy();
-        if !(name.starts_with(FORMAT_FILE) || name == "tmp" || is_shard_name(&name)) {
+        let ours = name.starts_with(FORMAT_FILE) || name.starts_with(WRITE_PROBE_PREFIX);
+        if !(ours || name == "tmp" || is_shard_name(&name)) {
             return Err(io::Error::other(format!(
                 "{} contains {name:?}, which the cache never writes; not marking it as a cache",
                 root.display()
@@ -318,6 +326,24 @@ mod tests {
         assert_eq!(removed, 1);
         assert!(!orphan.exists(), "zombie writer's temp file kept");
         assert!(live.exists(), "running writer's temp file removed");
+    }
+
+    /// A `check` that runs while the gateway starts leaves its probe file for a moment; the
+    /// directory is still an empty one to the start.
+    #[test]
+    fn write_probe_is_not_foreign() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(format!("{WRITE_PROBE_PREFIX}4242")), b"").expect("probe");
+        assert!(check_format_read_only(dir.path()).is_ok());
+        check_format(dir.path()).expect("format written");
+        assert!(dir.path().join(FORMAT_FILE).exists());
+
+        fs::write(dir.path().join("notes.txt"), b"keep").expect("foreign file");
+        fs::remove_file(dir.path().join(FORMAT_FILE)).expect("remove format");
+        assert!(matches!(
+            check_format_read_only(dir.path()),
+            Err(DiskError::NotACache(_))
+        ));
     }
 
     #[test]
