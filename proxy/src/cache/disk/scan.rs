@@ -18,7 +18,7 @@ use super::DiskError;
 /// Name of the file that records the directory's format.
 const FORMAT_FILE: &str = "FORMAT";
 /// Start of the name of the empty file that config validation creates and removes to check
-/// that a directory takes new files; a cache directory may hold one while a `check` runs.
+/// that a directory takes new files. A cache directory contains one while a `check` runs.
 pub const WRITE_PROBE_PREFIX: &str = ".mirror-gateway-check-";
 /// Content of the format file; change it whenever old entries must not be read.
 const FORMAT_LINE: &str = "mirror-gateway disk cache, format 1";
@@ -55,7 +55,7 @@ pub fn check_format(root: &Path) -> Result<(), DiskError> {
 }
 
 /// Checks without writing anything that [`check_format`] would accept `root`: a directory
-/// with this build's format file, or one that holds no file at all.
+/// with this build's format file, or one without other files.
 pub fn check_format_read_only(root: &Path) -> Result<(), DiskError> {
     match read_format(root)? {
         Some(()) => Ok(()),
@@ -164,8 +164,8 @@ fn write_format(root: &Path, path: &Path) -> Result<(), DiskError> {
     publish_format(root, path).map_err(|e| DiskError::io("write", path, e))
 }
 
-/// Returns whether `root` holds anything but format files and their temp files; an entry that
-/// cannot be read counts as foreign.
+/// Returns whether `root` contains anything but format files, their temp files and a config
+/// check's probe file. An entry that cannot be read counts as foreign.
 fn has_foreign_files(root: &Path) -> Result<bool, DiskError> {
     let mut items = fs::read_dir(root).map_err(|e| DiskError::io("list", root, e))?;
     Ok(items.any(|item| {
