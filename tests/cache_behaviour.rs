@@ -804,15 +804,8 @@ async fn rule_cache_control_keeps_origin_refusals() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ttl = r#"
-[[domains.primary.plugins]]
-name = "ttl"
-[[domains.primary.plugins.rules]]
-pattern = "/r/*"
-ttl_secs = 60
-cache_control = "public, max-age=300"
-"#;
-    let gateway = start_gateway(dir.path(), origin.addr, ttl, false);
+    let ttl = ttl_rule("/r/*", "public, max-age=300");
+    let gateway = start_gateway(dir.path(), origin.addr, &ttl, false);
 
     let stored = fetch(&gateway.url("/r/plain"), &[]).await;
     assert_eq!(stored.cache, "MISS");
@@ -821,13 +814,13 @@ cache_control = "public, max-age=300"
     assert_eq!(hit.cache, "HIT");
     assert_eq!(hit.header("cache-control"), Some("public, max-age=300"));
 
-    let refusals = [
+    let origin_choices = [
         ("/r/no-store", Some("no-store")),
         ("/r/private", Some("private, max-age=60")),
         ("/r/cookie", Some("max-age=60")),
         ("/r/vary", Some("max-age=60")),
     ];
-    for (path, expected) in refusals {
+    for (path, expected) in origin_choices {
         let resp = fetch(&gateway.url(path), &[]).await;
         assert_eq!(resp.status, 200, "{path}");
         assert_eq!(resp.cache, "BYPASS", "{path}");
@@ -862,15 +855,8 @@ async fn plain_hits_match_the_cache_path() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     // A plugin field too, whose place among the others must not change.
-    let ttl = r#"
-[[domains.primary.plugins]]
-name = "ttl"
-[[domains.primary.plugins.rules]]
-pattern = "/plain.json"
-ttl_secs = 60
-cache_control = "public, max-age=30"
-"#;
-    let gateway = start_gateway(dir.path(), origin.addr, ttl, false);
+    let ttl = ttl_rule("/plain.json", "public, max-age=30");
+    let gateway = start_gateway(dir.path(), origin.addr, &ttl, false);
     let url = gateway.url("/plain.json");
     assert_eq!(fetch(&url, &[]).await.cache, "MISS");
 
@@ -1288,10 +1274,10 @@ async fn origin_cap_without_stale_is_busy() {
     )
     .await;
 
-    let refused = fetch(&gateway.url("/fresh.json"), &[]).await;
+    let busy_reply = fetch(&gateway.url("/fresh.json"), &[]).await;
 
-    assert_eq!(refused.status, 503);
-    assert_eq!(refused.header("x-cache-reason"), Some("origin_busy"));
+    assert_eq!(busy_reply.status, 503);
+    assert_eq!(busy_reply.header("x-cache-reason"), Some("origin_busy"));
     assert_eq!(origin.count(), 1, "origin requests");
     busy.abort();
 }
@@ -1307,6 +1293,21 @@ fn start_gateway(dir: &Path, origin: SocketAddr, domain_keys: &str, debug: bool)
 /// test moves forward.
 fn start_clocked(dir: &Path, origin: SocketAddr, domain_keys: &str) -> (TestGateway, TestClock) {
     TestGateway::start_with_clock(dir, &gateway_config(origin, domain_keys, false))
+}
+
+/// Returns the domain keys of a `ttl` plugin with one rule for `pattern`: a 60 s TTL and
+/// `cache_control` downstream.
+fn ttl_rule(pattern: &str, cache_control: &str) -> String {
+    format!(
+        r#"
+[[domains.primary.plugins]]
+name = "ttl"
+[[domains.primary.plugins.rules]]
+pattern = "{pattern}"
+ttl_secs = 60
+cache_control = "{cache_control}"
+"#
+    )
 }
 
 /// Returns the config that [`start_gateway`] starts.

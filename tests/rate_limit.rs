@@ -254,13 +254,11 @@ fn bad_trusted_proxies_are_reported() {
     assert!(name.reason.contains("not an IP address"), "{name}");
 }
 
-/// A request that the gateway answers with its own error (here 502, the origin refuses
-/// connections) used up its budget, and its response says so like any other.
+/// A request that gets the gateway's own error (here 502, because the origin rejects
+/// connections) used up its budget, so its response carries the budget fields like any other.
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_errors_carry_budget_fields() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let origin = closed.local_addr().expect("address");
-    drop(closed);
+    let origin = common::closed_port().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = TestGateway::start(dir.path(), &config("rl_errors", origin, 5, ""));
 

@@ -331,11 +331,13 @@ fn note_fill_status(session: &Session, ctx: &RequestCtx, status: u16) {
 
 /// Sets what every response from the cache or the origin carries: HTTP/1.1, `X-Cache-Reason`
 /// with `reason` when debug headers are on, the plugins' fields, and in one insert `leading`
-/// and the fields of [`respond::insert_gateway_fields`] with `status` as `X-Cache-Status`.
+/// and the fields of [`respond::insert_gateway_fields`]: `status` as `X-Cache-Status`, and
+/// the `ttl` rule's `Cache-Control` unless `policy` omits it.
 fn finish_response_header(
     ctx: &RequestCtx,
     resp: &mut ResponseHeader,
-    (status, reason): (&'static str, Option<&str>),
+    status: &'static str,
+    reason: Option<&str>,
     leading: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
     policy: respond::PolicyField,
 ) -> Result<()> {
@@ -399,12 +401,12 @@ fn reject_conflicting_304(session: &Session, resp: &mut ResponseHeader, ctx: &mu
     if !conflicts {
         return;
     }
-    let shown = |etag: Option<&HeaderValue>| {
+    let etag_text = |etag: Option<&HeaderValue>| {
         etag.map_or("none".to_owned(), |v| {
             String::from_utf8_lossy(v.as_bytes()).into_owned()
         })
     };
-    let (stored_etag, origin_etag) = (shown(stored_etag), shown(origin_etag));
+    let (stored_etag, origin_etag) = (etag_text(stored_etag), etag_text(origin_etag));
     tracing::warn!(path = %ctx.path, %stored_etag, %origin_etag,
         "the origin answered a revalidation with 304 for another ETag; the stored response is served but not refreshed");
     resp.remove_header(&http::header::ETAG);
@@ -879,7 +881,7 @@ impl ProxyHttp for Gateway {
         }
         let age = filling_age(session, &phase);
         let policy = self.rule_field(session, ctx, &phase, upstream_response);
-        finish_response_header(ctx, upstream_response, (status, reason), age, policy)
+        finish_response_header(ctx, upstream_response, status, reason, age, policy)
     }
 
     /// Evaluates the request's preconditions against a response served from the cache, as an
@@ -1056,7 +1058,7 @@ impl Gateway {
         ctx.local_cache_status = Some("HIT");
         // A stored response never carries an origin's refusal of shared caching.
         let policy = respond::PolicyField::Apply;
-        finish_response_header(ctx, &mut header, ("HIT", None), fields, policy)?;
+        finish_response_header(ctx, &mut header, "HIT", None, fields, policy)?;
 
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
         // Uncorked when this function returns, after the last write.
@@ -1148,7 +1150,7 @@ impl Gateway {
         }
     }
 
-    /// Returns whether the origin sees the client's credentials: the request has an
+    /// Returns whether the origin receives the client's credentials: the request has an
     /// `Authorization` field and its route forwards it.
     fn credentials_reach_origin(&self, session: &Session, ctx: &RequestCtx) -> bool {
         self.forwards_authorization(ctx)

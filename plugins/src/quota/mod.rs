@@ -553,8 +553,8 @@ fn v4_principal(addr: Ipv4Addr) -> PrincipalName {
     bytes[..2].copy_from_slice(b"ip");
     let mut len = 2;
     for octet in addr.octets() {
-        // Each octet writes four bytes, a dot and up to three digits, and keeps as many as
-        // its text has; the next octet overwrites the rest. The last write ends at byte 18.
+        // Each octet writes four bytes (a dot and up to three digits) and keeps as many as its
+        // text has, so the next octet overwrites the rest. The last write ends at byte 18.
         let (text, used) = OCTET_TEXT[usize::from(octet)];
         bytes[len..len + 4].copy_from_slice(&text);
         len += usize::from(used);

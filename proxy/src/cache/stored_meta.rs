@@ -155,7 +155,7 @@ pub fn with_body_length(meta: &CacheMeta, body_len: u64) -> Option<CacheMeta> {
 
 /// Spare room in a stored header's map: the most fields a hit gets in its one insert (`Age`,
 /// `Accept-Ranges`, `X-Cache-Status`, `Cache-Control` and three `RateLimit-*` fields) and the
-/// six that `mirror_plugins::fields::insert` reserves on top.
+/// six that `mirror_plugins::fields::edit` reserves on top.
 const HIT_FIELDS: usize = 13;
 
 /// Copies `header` into a map sized to its fields, with its values in one buffer of their own.

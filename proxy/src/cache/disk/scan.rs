@@ -328,8 +328,8 @@ mod tests {
         assert!(live.exists(), "running writer's temp file removed");
     }
 
-    /// A `check` that runs while the gateway starts leaves its probe file for a moment; the
-    /// directory is still an empty one to the start.
+    /// A `check` that runs while the gateway starts leaves its probe file for a moment, and
+    /// the start still treats the directory as empty.
     #[test]
     fn write_probe_is_not_foreign() {
         let dir = tempfile::tempdir().expect("tempdir");
