@@ -104,6 +104,10 @@ fn load(path: &Path) -> Result<GatewayConfig, ExitCode> {
         for error in &errors {
             eprintln!("error: {error}");
         }
+        let in_sync = sync_error_count(&errors);
+        if in_sync > 0 {
+            eprintln!("{}: {in_sync} error(s) in [sync]", path.display());
+        }
         eprintln!(
             "{}: {} error(s); nothing was started",
             path.display(),
@@ -111,6 +115,14 @@ fn load(path: &Path) -> Result<GatewayConfig, ExitCode> {
         );
         ExitCode::FAILURE
     })
+}
+
+/// Returns how many of `errors` are in the `[sync]` section.
+fn sync_error_count(errors: &[config::ConfigError]) -> usize {
+    errors
+        .iter()
+        .filter(|e| mirror_sync::config::is_sync_key(&e.key))
+        .count()
 }
 
 /// Returns the environment's UTF-8 variables; a config override that is not UTF-8 is an error.
@@ -144,17 +156,14 @@ fn check(path: &Path) -> ExitCode {
     if is_sync_file(path) {
         return check_sync_file(path);
     }
-    let (mut sync_valid, mut sync_jobs) = (true, None);
-    if has_sync_section(path) {
-        sync_jobs = check_sync_section(path);
-        sync_valid = sync_jobs.is_some();
-    }
     match load(path) {
-        Ok(config) if sync_valid => {
+        Ok(config) => {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
-            let jobs = sync_jobs.map_or(String::new(), |n| format!(", {n} sync job(s)"));
+            let jobs = config.sync.as_ref().map_or(String::new(), |sync| {
+                format!(", {} sync job(s)", sync.jobs.len())
+            });
             println!(
                 "{}: configuration is valid ({} domain(s){jobs})",
                 path.display(),
@@ -162,7 +171,6 @@ fn check(path: &Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Ok(_) => ExitCode::FAILURE,
         Err(code) => code,
     }
 }
@@ -170,39 +178,40 @@ fn check(path: &Path) -> ExitCode {
 /// Validates a file with a `[sync]` section and no `[domains]`: a sync file of its own, which
 /// `mirror-gateway sync` reads and the gateway does not.
 fn check_sync_file(path: &Path) -> ExitCode {
-    match check_sync_section(path) {
-        Some(jobs) => {
+    let env = match utf8_environment() {
+        Ok(env) => env,
+        Err(code) => return code,
+    };
+    match mirror_sync::config::load(path, &env) {
+        Ok(sync) => {
             println!(
-                "{}: sync configuration is valid ({jobs} job(s))",
-                path.display()
+                "{}: sync configuration is valid ({} job(s))",
+                path.display(),
+                sync.jobs.len()
             );
             ExitCode::SUCCESS
         }
-        None => ExitCode::FAILURE,
-    }
-}
-
-/// Validates the `[sync]` section of the file at `path` and returns its number of jobs, or
-/// prints each error and their count and returns `None`.
-fn check_sync_section(path: &Path) -> Option<usize> {
-    match mirror_sync::config::load(path) {
-        Ok(sync) => Some(sync.jobs.len()),
         Err(errors) => {
             for error in &errors {
                 eprintln!("error: {error}");
             }
             eprintln!("{}: {} error(s) in [sync]", path.display(), errors.len());
-            None
+            ExitCode::FAILURE
         }
     }
 }
 
 fn sync(config: PathBuf, jobs: Vec<String>, allow_mass_delete: bool) -> ExitCode {
+    let env = match utf8_environment() {
+        Ok(env) => env,
+        Err(code) => return code,
+    };
     mirror_proxy::logging::init("info");
     let args = mirror_sync::SyncArgs {
         config,
         jobs,
         allow_mass_delete,
+        env,
     };
     match mirror_sync::run_once(&args) {
         true => ExitCode::SUCCESS,
@@ -258,6 +267,14 @@ fn reload(path: &Path) -> ExitCode {
                 for error in &errors {
                     eprintln!("warning: {error}");
                 }
+                let in_sync = sync_error_count(&errors);
+                if in_sync > 0 {
+                    eprintln!(
+                        "warning: {}: {in_sync} error(s) in [sync]; the running gateway rejects \
+                         the reload when it finds them too",
+                        path.display()
+                    );
+                }
                 eprintln!(
                     "warning: {}: {} error(s) found with this shell's environment; the running \
                      gateway checks the file with its own environment and logs whether the \
@@ -279,20 +296,6 @@ fn reload(path: &Path) -> ExitCode {
             }
         },
     };
-    // The gateway also rejects a reload whose `[sync]` section is invalid.
-    if has_sync_section(path) {
-        if let Err(errors) = mirror_sync::config::load(path) {
-            for error in &errors {
-                eprintln!("warning: {error}");
-            }
-            eprintln!(
-                "warning: {}: {} error(s) in [sync]; the running gateway rejects the reload \
-                 when it finds them too",
-                path.display(),
-                errors.len()
-            );
-        }
-    }
     let pid = match mirror_proxy::pid_file::running_gateway(&pid_file) {
         Ok(pid) => pid,
         Err(problem) => {
@@ -334,12 +337,6 @@ fn reload_environment() -> Vec<(String, String)> {
 fn is_sync_file(path: &Path) -> bool {
     top_level_table(path)
         .is_some_and(|table| table.contains_key("sync") && !table.contains_key("domains"))
-}
-
-/// Returns whether the file has a `[sync]` table; unreadable or invalid files are reported by
-/// the gateway's own validation.
-fn has_sync_section(path: &Path) -> bool {
-    top_level_table(path).is_some_and(|table| table.contains_key("sync"))
 }
 
 /// Returns the file's top-level TOML table, or `None` when it cannot be read or parsed.

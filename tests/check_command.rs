@@ -101,6 +101,22 @@ fn config_before_subcommand_applies() {
     assert_eq!(output.status.code(), Some(0), "the subcommand's -c wins");
 }
 
+/// The example names its pid file, so `reload` looks for it beside the config whatever the
+/// shell's `$XDG_RUNTIME_DIR`, which decides the default.
+#[test]
+fn example_pid_file_ignores_runtime_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_example(dir.path());
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).expect("runtime dir");
+    let runtime = runtime.display().to_string();
+    let output = gateway(&["reload", "-c", &path], &[("XDG_RUNTIME_DIR", &runtime)]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "no gateway runs: {err}");
+    let pid_file = dir.path().join("gateway.pid").display().to_string();
+    assert!(err.contains(&format!("error: {pid_file}: ")), "{err}");
+}
+
 #[test]
 fn check_broken_exits_one() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,4 +1,5 @@
-//! End-to-end: SIGTERM lets a slow download of a large bundle finish, then the process exits.
+//! End-to-end: SIGTERM lets a slow download of a large bundle finish within the grace period,
+//! then the process exits. A download still running when the grace period ends is cut.
 
 mod common;
 
@@ -10,8 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 const BODY: usize = 4 << 20;
 const CHUNK: usize = 256 * 1024;
 
-/// An origin that sends `BODY` bytes in `CHUNK` pieces 50 ms apart (about 0.8 s in all).
-async fn slow_origin() -> std::net::SocketAddr {
+/// Starts an origin that sends `BODY` bytes in 16 pieces of `CHUNK`, `pause` apart.
+async fn slow_origin(pause: Duration) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -36,7 +37,7 @@ async fn slow_origin() -> std::net::SocketAddr {
                 }
                 let piece = vec![b'b'; CHUNK];
                 for _ in 0..BODY / CHUNK {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(pause).await;
                     if stream.write_all(&piece).await.is_err() {
                         return;
                     }
@@ -47,12 +48,24 @@ async fn slow_origin() -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_finishes_download() {
-    let origin = slow_origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Starts the gateway in front of `origin` with the two shutdown settings, requests the
+/// bundle, reads its first chunk and sends SIGTERM. Returns the gateway's process, the
+/// response being read and the bytes received so far.
+async fn download_then_sigterm(
+    origin: std::net::SocketAddr,
+    dir: &std::path::Path,
+    grace_period_secs: u64,
+    shutdown_timeout_secs: u64,
+) -> (std::process::Child, reqwest::Response, usize) {
     let base = BASE_CONFIG
-        .replace("grace_period_secs = 0", "grace_period_secs = 5")
+        .replace(
+            "grace_period_secs = 0",
+            &format!("grace_period_secs = {grace_period_secs}"),
+        )
+        .replace(
+            "shutdown_timeout_secs = 1",
+            &format!("shutdown_timeout_secs = {shutdown_timeout_secs}"),
+        )
         .replace("level = \"warn\"", "level = \"info\"");
     let config = format!(
         r#"{base}
@@ -66,8 +79,8 @@ prefix = "/"
 origin = "web"
 "#
     );
-    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
-    let (mut child, addr) = spawn_gateway(dir.path());
+    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
+    let (child, addr) = spawn_gateway(dir);
 
     let mut response = client()
         .get(format!("http://{addr}/bundle.json"))
@@ -82,6 +95,30 @@ origin = "web"
         .map_or(0, |c| c.len());
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    (child, response, first)
+}
+
+/// Waits up to 20 seconds for the gateway to exit and returns its exit status.
+fn wait_for_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the gateway") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_download() {
+    // About 0.8 s in all, within the grace period of 5 s.
+    let origin = slow_origin(Duration::from_millis(50)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, mut response, first) = download_then_sigterm(origin, dir.path(), 5, 1).await;
     let mut received = first;
     while let Some(chunk) = response
         .chunk()
@@ -92,16 +129,34 @@ origin = "web"
     }
     assert_eq!(received, BODY);
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll the gateway") {
-            break status;
+    let status = wait_for_exit(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// Pingora 0.9.1 shuts its runtimes down when the grace period ends, which cancels the
+/// requests still running: `shutdown_timeout_secs` gives them no more time.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_cuts_download_after_grace() {
+    // About 3.2 s in all: longer than the grace period of 1 s, shorter than 1 s + 5 s.
+    let origin = slow_origin(Duration::from_millis(200)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, mut response, first) = download_then_sigterm(origin, dir.path(), 1, 5).await;
+    let signalled = Instant::now();
+    let mut received = first;
+    let outcome = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     };
+    let elapsed = signalled.elapsed();
+    assert!(
+        outcome.is_err(),
+        "the download finished ({received} bytes) {elapsed:?} after SIGTERM"
+    );
+    assert!(received < BODY, "{received} bytes");
+
+    let status = wait_for_exit(&mut child);
     assert!(status.success(), "exit status {status:?}");
 }

@@ -31,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod fields;
 pub mod htpasswd;
 pub mod limits;

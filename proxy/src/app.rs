@@ -150,8 +150,6 @@ pub enum StartError {
          --upgrade when no gateway runs, or check server.pid_file"
     )]
     Upgrade { pid_file: PathBuf, reason: String },
-    #[error("invalid [sync] section: {}", .0.join("; "))]
-    Sync(Vec<String>),
 }
 
 impl App {
@@ -258,8 +256,8 @@ impl App {
         let monitor = Arc::new(crate::status::Monitor::default());
         // A `[sync]` section in the gateway's file makes the gateway run the sync jobs itself;
         // the scheduler runs in any case, so that a reload can add the section later.
-        let sync = crate::sync_service::read_section(&config.path).map_err(StartError::Sync)?;
-        let (sync, scheduler) = crate::sync_service::service(sync, Arc::clone(&monitor));
+        let (sync, scheduler) =
+            crate::sync_service::service(config.sync.clone(), Arc::clone(&monitor));
         server.add_service(scheduler);
         let reloader = Arc::new(crate::reload::Reloader::new(
             config,

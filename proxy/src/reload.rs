@@ -13,10 +13,10 @@
 //! What a reload keeps: the cache (both tiers), the access log, the plugins' counters (quota
 //! counts and rate-limit buckets live in process-wide registries keyed by domain id) and the
 //! export-tree file servers. What needs a restart: the settings [`restart_needed`] compares
-//! (listeners, threads, shutdown timing, the admin listener, `[cache]`, log target, format and
-//! level, ...), and an export-tree origin that is new or whose root changed (its file server
-//! is not running). Each such setting whose value differs from the one the process started
-//! with is logged on every reload.
+//! (listeners, threads, shutdown timing, the admin listener, `[cache]` except `debug_headers`,
+//! log target, format and level, ...), and an export-tree origin that is new or whose root
+//! changed (its file server is not running). Each such setting whose value differs from the
+//! one the process started with is logged on every reload.
 //! htpasswd files are re-read by their plugin when they change, without a reload.
 
 use std::collections::HashMap;
@@ -182,15 +182,6 @@ impl Reloader {
                 return ReloadOutcome::Rejected(errors);
             }
         };
-        let sync = match crate::sync_service::read_section(&self.path) {
-            Ok(sync) => sync,
-            Err(errors) => {
-                for error in &errors {
-                    tracing::error!(%error, "reload rejected; the running configuration stays");
-                }
-                return ReloadOutcome::Rejected(errors);
-            }
-        };
         let certificates = match crate::tls::CertStore::from_config(&config) {
             Ok(store) => store,
             Err(e) => {
@@ -208,7 +199,7 @@ impl Reloader {
                 self.shared.tls.store().reload(certificates);
                 self.warn_restart_needed(&config);
                 self.current.store(Arc::new(state));
-                self.sync.apply(sync);
+                self.sync.apply(config.sync.clone());
                 let domains: Vec<&str> = config.domains.iter().map(|d| d.id.as_str()).collect();
                 tracing::info!(config = %self.path.display(), ?domains, "reload applied");
                 *self.stamps.lock() = stamps_of(&config);
@@ -269,6 +260,14 @@ impl Reloader {
 fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
     let admin_listen = |c: &GatewayConfig| c.admin.as_ref().map(|a| a.listen);
     let admin_file = |c: &GatewayConfig| c.admin.as_ref().map(|a| a.users.path().to_path_buf());
+    // `debug_headers` is part of each state, so a reload applies it (see `build_state`).
+    let cache = |c: &GatewayConfig| {
+        let cache = crate::config::CacheSettings {
+            debug_headers: false,
+            ..c.cache.clone()
+        };
+        format!("{cache:?}")
+    };
     let (was, now) = (&old.server, &new.server);
     let settings = [
         (was.listen != now.listen, "server.listen"),
@@ -290,10 +289,7 @@ fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str>
         (was.runtime_dir != now.runtime_dir, "server.runtime_dir"),
         (admin_listen(old) != admin_listen(new), "admin.listen"),
         (admin_file(old) != admin_file(new), "admin.htpasswd"),
-        (
-            format!("{:?}", old.cache) != format!("{:?}", new.cache),
-            "cache",
-        ),
+        (cache(old) != cache(new), "cache"),
         (old.log.access_log != new.log.access_log, "log.access_log"),
         (
             old.log.access_log_format != new.log.access_log_format,
@@ -431,5 +427,15 @@ mod tests {
                 "log.level"
             ]
         );
+    }
+
+    #[test]
+    fn restart_needed_skips_debug_headers() {
+        let base = config("[cache]\nmemory_bytes = \"64MiB\"");
+        let debug = config("[cache]\nmemory_bytes = \"64MiB\"\ndebug_headers = true");
+        assert!(debug.cache.debug_headers);
+        assert!(restart_needed(&base, &debug).is_empty());
+        let larger = config("[cache]\nmemory_bytes = \"128MiB\"\ndebug_headers = true");
+        assert_eq!(restart_needed(&base, &larger), ["cache"]);
     }
 }

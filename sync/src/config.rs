@@ -3,17 +3,24 @@
 //! The section may live in its own file or in the gateway's config file. In the gateway's
 //! file, the `pinned_export` of every export-tree origin whose `root` is a job's destination
 //! is added to that job's pins. Unknown keys are errors.
+//!
+//! Every file is read as the gateway reads its own: with the `MIRROR_GATEWAY__...`
+//! environment overrides applied (see [`mirror_plugins::config_file`]). So a job key, an
+//! origin's `root` or a `pinned_export` set by a variable counts here as it does in the
+//! gateway.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mirror_plugins::config_file::{self, Sources};
 use mirror_plugins::settings::{parse, render, with_range, SettingError};
 use serde::Deserialize;
 
 use crate::signature::PublicKey;
+
+pub use mirror_plugins::config_file::ConfigError;
 
 /// Maximum value of every `*_secs` key: 315,360,000 s, that is 10 years of 365 days. No schedule
 /// or retention needs more, and the limit keeps every time computed from these keys far from
@@ -107,99 +114,108 @@ pub struct S3Settings {
     pub allow_http: bool,
 }
 
-/// One invalid setting in a config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// Dotted key, e.g. `sync.jobs.concelier.keep_snapshots`.
-    pub key: String,
-    /// The value found there, as TOML.
-    pub value: Option<String>,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: ", self.file.display())?;
-        match (&self.key, &self.value) {
-            (key, _) if key.is_empty() => {}
-            (key, Some(value)) => write!(f, "{key} = {value}: ")?,
-            (key, None) => write!(f, "{key}: ")?,
-        }
-        f.write_str(&self.reason)
-    }
-}
-
-/// Reads and validates the `[sync]` section of the file at `path`.
-pub fn load(path: &Path) -> Result<SyncConfig, Vec<ConfigError>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![error(
-            path,
-            "",
-            None,
-            format!("cannot read the config file: {e}"),
-        )]
-    })?;
-    load_str(&text, path)
+/// Reads the file at `path`, applies the environment overrides in `env` and validates its
+/// `[sync]` section.
+pub fn load(path: &Path, env: &[(String, String)]) -> Result<SyncConfig, Vec<ConfigError>> {
+    let text = config_file::read_file(path).map_err(|e| vec![e])?;
+    load_str(&text, path, env)
 }
 
 /// Validates config `text` as if read from `path` (relative paths resolve against the
-/// directory of `path`).
+/// directory of `path`), with the environment overrides in `env` applied.
+///
+/// Besides the errors of [`from_document`], an override that sets a key of `[sync]` and
+/// cannot be applied is an error. The errors of other overrides are left to the gateway, which
+/// reports them when it loads the file.
+pub fn load_str(
+    text: &str,
+    path: &Path,
+    env: &[(String, String)],
+) -> Result<SyncConfig, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let (root, sources, override_errors) =
+        config_file::parse_document(text, &file, env.iter().cloned()).map_err(|e| vec![e])?;
+    let mut errors: Vec<ConfigError> = override_errors
+        .into_iter()
+        .filter(|e| is_sync_key(&e.key))
+        .collect();
+    match from_document(&root, &sources, path, env) {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
+
+/// Returns whether the dotted `key` of a config error lies in the `[sync]` section.
+pub fn is_sync_key(key: &str) -> bool {
+    key.strip_prefix("sync")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// Validates the `[sync]` section of `root`, a config document read from `path` with the
+/// environment overrides already applied. `sources` names the variable that set each key, and
+/// `env` is applied to the file that `sync.gateway_config` names, if any.
 ///
 /// Every error of the section is reported: those of the schedule keys, of each job and of the
 /// jobs taken together. Only a job table that does not parse (an unknown key, a value of the
 /// wrong type, a missing key) hides the other errors of that job.
-pub fn load_str(text: &str, path: &Path) -> Result<SyncConfig, Vec<ConfigError>> {
-    let mut root: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![error(path, "", None, format!("invalid TOML: {e}"))])?;
-    let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
-    let Some(section) = root.remove("sync") else {
-        let reason = "no [sync] section; add one [sync.jobs.<name>] table per product";
-        return Err(vec![error(path, "sync", None, reason.to_string())]);
+pub fn from_document(
+    root: &toml::Table,
+    sources: &Sources,
+    path: &Path,
+    env: &[(String, String)],
+) -> Result<SyncConfig, Vec<ConfigError>> {
+    let report = Report {
+        file: path.display().to_string(),
+        sources,
     };
-    let (schedule, jobs_value) = split_section(section).map_err(|e| within(path, "sync", e))?;
+    let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    let Some(section) = root.get("sync").cloned() else {
+        let reason = "no [sync] section; add one [sync.jobs.<name>] table per product";
+        return Err(vec![report.error("sync", None, reason.to_string())]);
+    };
+    let (schedule, jobs_value) = split_section(section).map_err(|e| report.within("sync", e))?;
     let mut errors = Vec::new();
     let raw = match parse::<RawSync>(schedule) {
         Ok(raw) => {
-            errors.extend(within(path, "sync", check_schedule(&raw)));
+            errors.extend(report.within("sync", check_schedule(&raw)));
             Some(raw)
         }
         Err(list) => {
-            errors.extend(within(path, "sync", list));
+            errors.extend(report.within("sync", list));
             None
         }
     };
-    let mut pins = gateway_pins(&root, &dir);
+    let mut pins = gateway_pins(root, &dir);
     if let Some(gateway) = raw.as_ref().and_then(|raw| raw.gateway_config.as_ref()) {
-        match read_gateway_pins(&dir.join(gateway)) {
+        match read_gateway_pins(&dir.join(gateway), env) {
             Ok(more) => pins.extend(more),
-            Err(reason) => errors.push(error(
-                path,
-                "sync.gateway_config",
-                Some(render_str(gateway)),
-                reason,
-            )),
+            Err(reason) => {
+                errors.push(report.error("sync.gateway_config", Some(render_str(gateway)), reason))
+            }
         }
     }
     let raw_jobs = match jobs_value.map(parse::<BTreeMap<String, toml::Value>>) {
         None => BTreeMap::new(),
         Some(Ok(jobs)) => jobs,
-        Some(Err(list)) => return Err(concat(errors, within(path, "sync.jobs", list))),
+        Some(Err(list)) => return Err(concat(errors, report.within("sync.jobs", list))),
     };
     if raw_jobs.is_empty() {
         let reason = "no job; add one [sync.jobs.<name>] table per product";
-        errors.push(error(path, "sync.jobs", None, reason.to_string()));
+        errors.push(report.error("sync.jobs", None, reason.to_string()));
     }
     let mut jobs = Vec::new();
     let mut places = Vec::new();
     for (name, value) in raw_jobs {
         match job(&name, value, &dir, &pins, &mut places) {
             Ok(job) => jobs.push(job),
-            Err(list) => errors.extend(within(path, &format!("sync.jobs.{name}"), list)),
+            Err(list) => errors.extend(report.within(&format!("sync.jobs.{name}"), list)),
         }
     }
-    errors.extend(within(path, "sync.jobs", check_jobs(&places)));
+    errors.extend(report.within("sync.jobs", check_jobs(&places)));
     match raw {
         Some(raw) if errors.is_empty() => Ok(SyncConfig {
             path: path.to_path_buf(),
@@ -806,12 +822,19 @@ fn gateway_pins(root: &toml::Table, dir: &Path) -> Vec<(PathBuf, String)> {
         .collect()
 }
 
-fn read_gateway_pins(path: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+/// Returns the pins of the gateway's config file at `path`, read with the overrides in `env`
+/// as the gateway reads it.
+fn read_gateway_pins(
+    path: &Path,
+    env: &[(String, String)],
+) -> Result<Vec<(PathBuf, String)>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+    let file = path.display().to_string();
+    // A variable that cannot be applied stops the gateway, which reports it. The pins come
+    // from the variables that can be applied.
+    let (table, _, _) = config_file::parse_document(&text, &file, env.iter().cloned())
+        .map_err(|e| format!("{} is not valid TOML: {}", path.display(), e.reason))?;
     let dir = path.parent().unwrap_or(Path::new(""));
     Ok(gateway_pins(&table, dir))
 }
@@ -829,28 +852,32 @@ fn within_settings(parent: &str, errors: Vec<SettingError>) -> Vec<SettingError>
     errors.into_iter().map(|e| e.within(parent)).collect()
 }
 
-/// Places `errors` under the key `parent` of `file`. A type error of a whole-number key also
-/// names the key's documented range.
-fn within(file: &Path, parent: &str, errors: Vec<SettingError>) -> Vec<ConfigError> {
-    errors
-        .into_iter()
-        .map(|e| {
-            let e = e.within(parent);
-            let reason = match documented_range(&e.key) {
-                Some(range) => with_range(&e.reason, range),
-                None => e.reason,
-            };
-            error(file, &e.key, e.value, reason)
-        })
-        .collect()
+/// Builds the errors of one document: each names the variable that set its key, else the
+/// file.
+struct Report<'a> {
+    file: String,
+    sources: &'a Sources,
 }
 
-fn error(file: &Path, key: &str, value: Option<String>, reason: String) -> ConfigError {
-    ConfigError {
-        file: file.to_path_buf(),
-        key: key.to_string(),
-        value,
-        reason,
+impl Report<'_> {
+    /// Places `errors` under the key `parent`. A type error of a whole-number key also names
+    /// the key's documented range.
+    fn within(&self, parent: &str, errors: Vec<SettingError>) -> Vec<ConfigError> {
+        errors
+            .into_iter()
+            .map(|e| {
+                let e = e.within(parent);
+                let reason = match documented_range(&e.key) {
+                    Some(range) => with_range(&e.reason, range),
+                    None => e.reason,
+                };
+                self.error(&e.key, e.value, reason)
+            })
+            .collect()
+    }
+
+    fn error(&self, key: &str, value: Option<String>, reason: String) -> ConfigError {
+        ConfigError::new(self.sources.source_of(key, &self.file), key, value, reason)
     }
 }
 
@@ -868,7 +895,7 @@ source = { kind = "directory", path = "/srv/mg-test/concelier/latest" }
 "#;
 
     fn errors_of(text: &str) -> Vec<String> {
-        load_str(text, Path::new(FILE))
+        load_str(text, Path::new(FILE), &[])
             .expect_err("invalid")
             .iter()
             .map(ToString::to_string)
@@ -938,7 +965,7 @@ source = { kind = "directory", path = "/srv/mg-test/concelier/latest" }
             "[sync]\ninterval_secs = {MAX_SECS}\njitter_secs = 0\nmax_lag_secs = {MAX_SECS}\n\
              {JOB}grace_secs = {MAX_SECS}\ndeadline_secs = {MAX_SECS}\n"
         );
-        let config = load_str(&text, Path::new(FILE)).expect("valid");
+        let config = load_str(&text, Path::new(FILE), &[]).expect("valid");
         assert_eq!(config.interval, Duration::from_secs(MAX_SECS));
         assert_eq!(config.jobs[0].grace, Duration::from_secs(MAX_SECS));
     }
@@ -1151,7 +1178,7 @@ source = { kind = "directory", path = "/srv/mg-test/concelier/latest" }
                 Path::new("/d/mg-test/a/latest")
             )
         );
-        let config = load_str(&text, Path::new(FILE)).expect("valid");
+        let config = load_str(&text, Path::new(FILE), &[]).expect("valid");
         assert_eq!(config.jobs.len(), 2);
     }
 
@@ -1233,7 +1260,7 @@ source = { kind = "directory", path = "/srv/mg-test/concelier/latest" }
             longest.as_str(),
         ] {
             let text = s3_job(&format!("bucket = {good:?}"));
-            assert!(load_str(&text, Path::new(FILE)).is_ok(), "{good}");
+            assert!(load_str(&text, Path::new(FILE), &[]).is_ok(), "{good}");
         }
     }
 
@@ -1263,7 +1290,7 @@ source = { kind = "directory", path = "/srv/mg-test/concelier/latest" }
     fn missing_source_accepted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = dir_job("a", &dir.path().join("dest"), &dir.path().join("missing"));
-        assert!(load_str(&text, Path::new(FILE)).is_ok());
+        assert!(load_str(&text, Path::new(FILE), &[]).is_ok());
     }
 
     #[test]

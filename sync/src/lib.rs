@@ -37,6 +37,9 @@ pub struct SyncArgs {
     pub jobs: Vec<String>,
     /// Publishes even when a snapshot removes more than `max_delete_fraction` of the files.
     pub allow_mass_delete: bool,
+    /// The environment: the `MIRROR_GATEWAY__...` overrides of the config file, and the S3
+    /// client's settings (`AWS_*`).
+    pub env: Vec<(String, String)>,
 }
 
 /// Runs the configured jobs once, one after the other, and logs each result.
@@ -44,7 +47,7 @@ pub struct SyncArgs {
 /// Returns `true` when every job succeeded. Config errors are printed to standard error, one
 /// a line; a failed job does not stop the next one.
 pub fn run_once(args: &SyncArgs) -> bool {
-    let config = match config::load(&args.config) {
+    let config = match config::load(&args.config, &args.env) {
         Ok(config) => config,
         Err(errors) => {
             for error in &errors {
@@ -75,13 +78,12 @@ pub fn run_once(args: &SyncArgs) -> bool {
             return false;
         }
     };
-    let env: Vec<(String, String)> = std::env::vars().collect();
     let mut ok = true;
     for job in jobs {
         let mut options = RunOptions::new(SystemTime::now());
         options.allow_mass_delete = args.allow_mass_delete;
         options.progress = std::io::stderr().is_terminal();
-        ok &= runtime.block_on(run_configured(job, &env, &options));
+        ok &= runtime.block_on(run_configured(job, &args.env, &options));
     }
     ok
 }

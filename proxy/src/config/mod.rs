@@ -1,12 +1,11 @@
 //! The gateway's configuration: one TOML file, every key overridable from the environment.
 //!
-//! `load` reads the file, applies `MIRROR_GATEWAY__...` environment overrides (see `env.rs`),
-//! deserializes the schema (`schema.rs`) and validates it into the types below. Every error is
-//! collected and returned together, each naming its source (file or environment variable),
-//! key, value and reason, the way `nginx -t` lists problems.
+//! `load` reads the file, applies `MIRROR_GATEWAY__...` environment overrides (see
+//! [`mirror_plugins::config_file::env`]), deserializes the schema (`schema.rs`) and validates
+//! it into the types below. The `[sync]` section of the same document is validated by the
+//! sync crate. Every error is collected and returned together, each naming its source (file
+//! or environment variable), key, value and reason, the way `nginx -t` lists problems.
 
-mod env;
-mod error;
 pub mod schema;
 mod validate;
 
@@ -15,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mirror_plugins::config_file::{self, env};
 use mirror_plugins::Plugin;
+use mirror_sync::SyncConfig;
 
 use crate::client_ip::TrustedProxies;
 
-pub use env::ENV_PREFIX;
-pub use error::ConfigError;
+pub use config_file::{ConfigError, ENV_PREFIX};
 
 /// A validated configuration, ready to run.
 #[derive(Clone)]
@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub domains: Vec<Domain>,
     /// TLS listeners, each domain's certificate and HTTPS redirect, the default certificate.
     pub tls: TlsConfig,
+    /// The `[sync]` section, whose jobs the gateway runs, or `None` when the file has none.
+    pub sync: Option<SyncConfig>,
     /// Problems that do not stop the gateway, such as a host name that the domain's
     /// certificate does not cover; `App::build` logs them.
     pub warnings: Vec<ConfigError>,
@@ -255,34 +257,8 @@ pub fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<GatewayConfig, Vec<ConfigError>> {
-    let text = read_file(path).map_err(|e| vec![e])?;
+    let text = config_file::read_file(path).map_err(|e| vec![e])?;
     load_str(&text, path, env)
-}
-
-/// Reads the config file at `path` as text.
-fn read_file(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
-            path.display().to_string(),
-            "",
-            None,
-            format!("cannot read the config file: {e}"),
-        )
-    })
-}
-
-/// Parses config `text`, read from `file`, and applies the overrides in `env`. Returns the
-/// table, where each overridden key came from, and the errors of the overrides.
-fn parse_with_overrides(
-    text: &str,
-    file: &str,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(toml::Table, env::Sources, Vec<ConfigError>), ConfigError> {
-    let mut root: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| error::syntax_error(file, text, &e))?;
-    let (sources, errors) = env::apply_overrides(&mut root, env);
-    Ok((root, sources, errors))
 }
 
 /// Returns the pid file that the config file at `path` names, with the overrides in `env`,
@@ -294,9 +270,9 @@ pub fn pid_file(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<PathBuf, ConfigError> {
     let file = path.display().to_string();
-    let text = read_file(path)?;
+    let text = config_file::read_file(path)?;
     // Errors of other variables do not matter here; a bad pid-file value is reported below.
-    let (root, sources, _) = parse_with_overrides(&text, &file, env)?;
+    let (root, sources, _) = config_file::parse_document(&text, &file, env)?;
     let key = "server.pid_file";
     let value = root.get("server").and_then(|server| server.get("pid_file"));
     let dir = path
@@ -306,20 +282,17 @@ pub fn pid_file(
     match value {
         None => Ok(default_pid_file()),
         Some(toml::Value::String(pid_file)) => Ok(validate::resolve(dir, pid_file)),
-        Some(other) => {
-            let source = sources.variable_for(key).unwrap_or(&file);
-            Err(ConfigError::new(
-                source,
-                key,
-                Some(other.to_string()),
-                "must be a string, the path of the pid file",
-            ))
-        }
+        Some(other) => Err(ConfigError::new(
+            sources.source_of(key, &file),
+            key,
+            Some(other.to_string()),
+            "must be a string, the path of the pid file",
+        )),
     }
 }
 
 /// Validates config `text` as if it were read from `path` (relative paths resolve against
-/// the directory of `path`).
+/// the directory of `path`), `[sync]` included.
 pub fn load_str(
     text: &str,
     path: &Path,
@@ -329,15 +302,23 @@ pub fn load_str(
     let env: Vec<(String, String)> = env.into_iter().collect();
     let near_misses = env::near_miss_warnings(&env);
     let (root, sources, mut errors) =
-        parse_with_overrides(text, &file, env).map_err(|e| vec![e])?;
-    match validate::validate(root, path, &sources) {
-        Ok(mut config) if errors.is_empty() => {
+        config_file::parse_document(text, &file, env.iter().cloned()).map_err(|e| vec![e])?;
+    // The sync task validates `[sync]` from this document, so that a key or a pinned export
+    // set by a variable means the same to it as to the gateway.
+    let sync = match root.contains_key("sync") {
+        false => Ok(None),
+        true => mirror_sync::config::from_document(&root, &sources, path, &env).map(Some),
+    };
+    let gateway = validate::validate(root, path, &sources);
+    match (gateway, sync) {
+        (Ok(mut config), Ok(sync)) if errors.is_empty() => {
             config.warnings.extend(near_misses);
+            config.sync = sync;
             Ok(config)
         }
-        Ok(_) => Err(errors),
-        Err(more) => {
-            errors.extend(more);
+        (gateway, sync) => {
+            errors.extend(gateway.err().unwrap_or_default());
+            errors.extend(sync.err().unwrap_or_default());
             Err(errors)
         }
     }

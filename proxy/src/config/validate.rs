@@ -11,7 +11,6 @@ use mirror_plugins::{build_plugin, BuildContext, Plugin};
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
-use super::env::Sources;
 use super::schema::{
     AdminSection, ByteSize, CacheSection, DomainSection, LogSection, OriginSection, RouteSection,
     ServerSection,
@@ -24,6 +23,7 @@ use super::{
 use crate::client_ip::{Cidr, TrustedProxies};
 use crate::host::{HostError, HostMatcher};
 use crate::origin::export_tree::validate_export_id;
+use mirror_plugins::config_file::Sources;
 
 mod tls;
 
@@ -36,11 +36,7 @@ struct Errors<'a> {
 
 impl Errors<'_> {
     fn push(&mut self, key: &str, value: Option<String>, reason: impl Into<String>) {
-        let source = self
-            .sources
-            .variable_for(key)
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.file.clone());
+        let source = self.sources.source_of(key, &self.file);
         let reason = one_line(&reason.into());
         self.list.push(ConfigError::new(source, key, value, reason));
     }
@@ -140,7 +136,8 @@ pub(super) fn validate(
     let cache: CacheSection = errors.section(root.remove("cache"), "cache");
     let admin: AdminSection = errors.section(root.remove("admin"), "admin");
     let domains_value = root.remove("domains");
-    // `[sync]` belongs to the sync task, which validates it (`mirror-gateway check` runs both).
+    // `[sync]` belongs to the sync task, which validates it from the same document (see
+    // `config::load_str`).
     root.remove("sync");
     for (key, value) in &root {
         errors.push(
@@ -182,6 +179,7 @@ pub(super) fn validate(
             admin,
             domains,
             tls,
+            sync: None,
             warnings: warnings.list,
         }),
         _ => Err(errors.list),

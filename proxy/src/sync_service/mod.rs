@@ -15,7 +15,6 @@
 mod freshness;
 pub mod schedule;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -35,29 +34,6 @@ use schedule::Schedule;
 /// Pause between a job's appearance (the server's start, or a reload that adds the job) and
 /// its first run.
 pub const FIRST_RUN_DELAY: Duration = Duration::from_secs(1);
-
-/// Reads the `[sync]` section of the gateway's config file at `path`; `Ok(None)` when the
-/// file has none.
-///
-/// Errors: the file cannot be read or parsed, or `[sync]` is invalid; one message per problem,
-/// naming the key, the value and the fix.
-pub fn read_section(path: &Path) -> Result<Option<SyncConfig>, Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![format!(
-            "{}: cannot read the config file: {e}",
-            path.display()
-        )]
-    })?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| vec![format!("{}: invalid TOML: {e}", path.display())])?;
-    if !table.contains_key("sync") {
-        return Ok(None);
-    }
-    mirror_sync::config::load_str(&text, path)
-        .map(Some)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect())
-}
 
 /// Builds the gateway's sync service for `config` (`None`: no `[sync]` section, so the
 /// scheduler idles until a reload brings one). Returns the handle that reloads use and the

@@ -15,10 +15,12 @@
 //! An error names the variable as its source. So does a validation error on a key that a
 //! variable set or created, or on a key inside a table it created.
 //!
-//! Two aliases keep the budget names of earlier mirror deployments:
+//! Two aliases take the names of the per-domain budget settings of earlier mirror deployments
+//! (`maxIndexRequestsPerHour`, `maxDownloadRequestsPerHour`):
 //! `MIRROR_GATEWAY__DOMAINS__<ID>__MAXINDEXREQUESTSPERHOUR` and `..._MAXDOWNLOADREQUESTSPERHOUR`
 //! set `index_per_hour` and `download_per_hour` of the domain's `quota` plugin entry, which the
-//! file or a variable that sets the domain's whole plugin list must list.
+//! file or a variable that sets the domain's whole plugin list must list. A variable that ends
+//! in one of these names but lacks the prefix is ignored with a warning.
 
 use toml::{Table, Value};
 
@@ -35,6 +37,12 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// Returns the source to name in an error about `key`: the variable that set it or a
+    /// table containing it, else `file`.
+    pub fn source_of<'a>(&'a self, key: &str, file: &'a str) -> &'a str {
+        self.variable_for(key).unwrap_or(file)
+    }
+
     /// Returns the variable that set `key` or a table containing it, if any.
     pub fn variable_for(&self, key: &str) -> Option<&str> {
         self.overrides
@@ -53,29 +61,36 @@ impl Sources {
 const CONFIG_VARIABLE: &str = "MIRROR_GATEWAY_CONFIG";
 
 /// Returns a warning for each variable of `env` that looks meant as an override but is not
-/// one, such as `MIRROR_GATEWAY_DOMAINS__PRIMARY__HOSTS` with one underscore after the prefix.
-/// Overrides are applied without them, so a typo would otherwise go unnoticed.
+/// one: `MIRROR_GATEWAY_DOMAINS__PRIMARY__HOSTS` with one underscore after the prefix, or a
+/// budget setting name without the prefix, such as `MAXINDEXREQUESTSPERHOUR`. Overrides are
+/// applied without them, so a typo or an env file kept from an earlier deployment would
+/// otherwise go unnoticed.
 pub fn near_miss_warnings(env: &[(String, String)]) -> Vec<ConfigError> {
     let one_underscore = &ENV_PREFIX[..ENV_PREFIX.len() - 1];
-    env.iter()
-        .map(|(name, _)| name)
-        .filter(|name| {
-            name.to_ascii_uppercase().starts_with(one_underscore)
-                && !name.starts_with(ENV_PREFIX)
-                && name.as_str() != CONFIG_VARIABLE
-        })
-        .map(|name| {
-            ConfigError::new(
-                name.clone(),
-                "",
-                None,
-                format!(
-                    "this variable is ignored; an override starts with {ENV_PREFIX} \
-                     (upper case, two underscores), as {ENV_PREFIX}SERVER__LISTEN"
-                ),
+    let mut warnings = Vec::new();
+    for (name, _) in env {
+        if name.starts_with(ENV_PREFIX) || name == CONFIG_VARIABLE {
+            continue;
+        }
+        let upper = name.to_ascii_uppercase();
+        let reason = if upper.starts_with(one_underscore) {
+            format!(
+                "this variable is ignored; an override starts with {ENV_PREFIX} \
+                 (upper case, two underscores), as {ENV_PREFIX}SERVER__LISTEN"
             )
-        })
-        .collect()
+        } else if let Some((alias, _)) = BUDGET_ALIAS_KEYS.iter().find(|(a, _)| upper.ends_with(a))
+        {
+            format!(
+                "this variable is ignored; a domain's budget is set by \
+                 {ENV_PREFIX}DOMAINS__<ID>__{alias} with the domain's id as <ID>, \
+                 e.g. {ENV_PREFIX}DOMAINS__PRIMARY__{alias}"
+            )
+        } else {
+            continue;
+        };
+        warnings.push(ConfigError::new(name.clone(), "", None, reason));
+    }
+    warnings
 }
 
 /// Applies every `MIRROR_GATEWAY__...` variable of `env` to `root`, in the order of
@@ -268,18 +283,21 @@ fn whole_list_example(variable: &str, items: &[Value]) -> String {
     format!("{variable}='[{}]'", entries.join(", "))
 }
 
+/// The budget aliases, in upper case, each with the `quota` setting it sets.
+const BUDGET_ALIAS_KEYS: [(&str, &str); 2] = [
+    ("MAXINDEXREQUESTSPERHOUR", "index_per_hour"),
+    ("MAXDOWNLOADREQUESTSPERHOUR", "download_per_hour"),
+];
+
 /// Returns the `quota` setting that `DOMAINS__<ID>__<alias>` sets, if `alias` is a budget alias.
 fn budget_alias(domains: &str, alias: &str) -> Option<&'static str> {
     if !domains.eq_ignore_ascii_case("DOMAINS") {
         return None;
     }
-    if alias.eq_ignore_ascii_case("MAXINDEXREQUESTSPERHOUR") {
-        Some("index_per_hour")
-    } else if alias.eq_ignore_ascii_case("MAXDOWNLOADREQUESTSPERHOUR") {
-        Some("download_per_hour")
-    } else {
-        None
-    }
+    BUDGET_ALIAS_KEYS
+        .iter()
+        .find(|(name, _)| alias.eq_ignore_ascii_case(name))
+        .map(|(_, key)| *key)
 }
 
 /// Sets `key` of the one `quota` entry in the plugins of the domain whose id matches
@@ -734,6 +752,57 @@ mod tests {
         let (sources, errors) = apply_overrides(&mut root, env);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(sources.variable_for("domains.a.routes"), Some(var));
+    }
+
+    #[test]
+    fn budget_name_without_prefix_warns() {
+        let env: Vec<(String, String)> = [
+            ("MAXINDEXREQUESTSPERHOUR", "600"),
+            ("Mirror__Domains__0__maxDownloadRequestsPerHour", "1200"),
+            ("MIRROR_GATEWAY__DOMAINS__A__MAXINDEXREQUESTSPERHOUR", "600"),
+            ("MAXINDEXREQUESTSPERHOUR_OLD", "1"),
+        ]
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+        let warnings = near_miss_warnings(&env);
+        let sources: Vec<&str> = warnings.iter().map(|w| w.source.as_str()).collect();
+        assert_eq!(
+            sources,
+            [
+                "MAXINDEXREQUESTSPERHOUR",
+                "Mirror__Domains__0__maxDownloadRequestsPerHour"
+            ]
+        );
+        assert!(
+            warnings[0]
+                .reason
+                .contains("MIRROR_GATEWAY__DOMAINS__<ID>__MAXINDEXREQUESTSPERHOUR"),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[1]
+                .reason
+                .contains("MIRROR_GATEWAY__DOMAINS__<ID>__MAXDOWNLOADREQUESTSPERHOUR"),
+            "{}",
+            warnings[1]
+        );
+    }
+
+    #[test]
+    fn one_underscore_prefix_warns_once() {
+        let env = vec![(
+            "MIRROR_GATEWAY_DOMAINS__A__MAXINDEXREQUESTSPERHOUR".to_string(),
+            "5".to_string(),
+        )];
+        let warnings = near_miss_warnings(&env);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].reason.contains("two underscores"),
+            "{}",
+            warnings[0]
+        );
     }
 
     #[test]

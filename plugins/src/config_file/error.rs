@@ -45,7 +45,7 @@ impl fmt::Display for ConfigError {
 }
 
 /// Turns a TOML syntax error into a config error that names the line.
-pub(super) fn syntax_error(file: &str, text: &str, err: &toml::de::Error) -> ConfigError {
+pub fn syntax_error(file: &str, text: &str, err: &toml::de::Error) -> ConfigError {
     let location = err
         .span()
         .map(|span| {
