@@ -26,6 +26,8 @@
 #   BENCH_GATEWAY_CACHE    extra lines for the gateway's [cache] table, for example to turn on
 #                          the disk tier. @TMP@ is replaced by the temp dir. Example:
 #                          BENCH_GATEWAY_CACHE=$'disk_dir = "@TMP@/disk"\ndisk_bytes = "1GiB"'
+#   BENCH_GATEWAY_SERVER   extra lines for the gateway's [server] table, for example
+#                          BENCH_GATEWAY_SERVER='tcp_nopush = true' to cork large cached bodies
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +35,7 @@ seconds=${1:-5}
 rounds=${2:-1}
 delay_ms=${BENCH_DELAY_MS:-500}
 gateway_cache_extra=${BENCH_GATEWAY_CACHE:-}
+gateway_server_extra=${BENCH_GATEWAY_SERVER:-}
 binary=$root/target/release/mirror-gateway
 
 [[ $seconds =~ ^[0-9]+$ && $seconds -ge 1 && $seconds -le 60 ]] || {
@@ -330,6 +333,8 @@ threads = 1
 runtime_dir = "$tmp"
 grace_period_secs = 0
 shutdown_timeout_secs = 1
+# --- extra [server] keys from BENCH_GATEWAY_SERVER (tcp_nopush, for example) ---
+$gateway_server_extra
 
 [log]
 access_log = "off"
@@ -543,6 +548,9 @@ echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc
 echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | sed 's/ revision.*//;s/[()]//g')," \
     "$(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $("$binary" version 2>&1 | head -1)"
 echo "run: $seconds s per wrk run (wrk -t1), $rounds round(s) of (b) to (e), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
+for extra in "$gateway_server_extra" "$gateway_cache_extra"; do
+    [[ -z $extra ]] || echo "gateway settings added: ${extra//$'\n'/; }"
+done
 echo
 echo "| scenario | nginx | Varnish | mirror-gateway | gateway ÷ better peer |"
 echo "|---|---|---|---|---|"
