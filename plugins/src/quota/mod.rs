@@ -336,11 +336,17 @@ impl QuotaPlugin {
         {
             Ok(decision) => {
                 let name = principal.as_bytes();
-                let unshared =
-                    redis.observe(rule.class, &rule.counts, name, window, decision.counts());
-                let (decision, take_back) = with_unshared(decision, unshared, rule.limits, op);
+                let counted =
+                    u64::from(op == Op::Count && matches!(decision, Decision::Allowed(_)));
+                let observed =
+                    redis.observe(&rule.counts, name, window, decision.counts(), counted);
+                let (decision, take_back) =
+                    with_unshared(decision, observed.beyond, rule.limits, op);
                 if take_back {
-                    redis.spawn_take_back(rule.class, name, window);
+                    redis.take_back(rule.class, &rule.counts, name, window);
+                }
+                if observed.unshared {
+                    redis.share(rule.class, &rule.counts, window);
                 }
                 Ok(decision)
             }
@@ -397,11 +403,13 @@ fn decide_local(rule: &ClassRule, op: Op, principal: &PrincipalName, window: Win
     }
 }
 
-/// Adds the requests this process counted alone while Redis was away, and that Redis has not
-/// taken yet, to a decision that Redis made without them. Returns the decision and whether
-/// Redis counted a request that they put over a budget, which is then rejected and whose
-/// count must be taken back. Without this, a replica whose principal used its budget during
-/// an outage would let further requests through until the background task adds its counts.
+/// Adds the requests this process counted alone (while Redis was away, or before a reload
+/// added the `redis` table), and that Redis has not taken yet, to a decision that Redis made
+/// without them. `unshared` is how much the local counts exceed the reply's (see
+/// [`ClassCounts::observe`]). Returns the decision and whether Redis counted a request that
+/// they put over a budget, which is then rejected and whose count must be taken back. Without
+/// this, a replica whose principal used its budget during an outage would let further
+/// requests through until the background task adds its counts.
 fn with_unshared(decision: Decision, unshared: Counts, limits: Limits, op: Op) -> (Decision, bool) {
     let plus = |counts: Counts, amount: Counts| Counts {
         principal: counts.principal.saturating_add(amount.principal),
