@@ -477,6 +477,7 @@ fn settle(check: Check<'_>, checked: Checked, state: &mut RequestState) -> Verdi
         Err(unavailable) => {
             rule.counts.record_rejection(Reason::StoreUnavailable);
             state.rejected_by = Some(REJECTED_BY);
+            state.rejected_reason = Some(Reason::StoreUnavailable.rejection_label(rule.class));
             // No counts are known, so no plugin's `RateLimit-*` fields go out.
             state.rate_limit = None;
             Verdict::Respond(store_unavailable(rule, unavailable))
@@ -634,6 +635,7 @@ fn reject(rule: &ClassRule, scope: Scope, window: Window, state: &mut RequestSta
         reset_secs: window.reset_secs,
     };
     state.rejected_by = Some(REJECTED_BY);
+    state.rejected_reason = Some(Reason::from(scope).rejection_label(rule.class));
     state.rate_limit = Some(budget);
     Verdict::Respond(too_many_requests(
         budget_name(rule.class, scope),

@@ -94,6 +94,21 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// Returns the label of a rejection of `class` for this reason, as recorded in
+    /// `RequestState::rejected_reason`: `<class>:<reason>`, such as `index:principal`.
+    pub fn rejection_label(self, class: Class) -> &'static str {
+        match (class, self) {
+            (Class::Index, Reason::Principal) => "index:principal",
+            (Class::Index, Reason::Domain) => "index:domain",
+            (Class::Index, Reason::StoreUnavailable) => "index:store_unavailable",
+            (Class::Download, Reason::Principal) => "download:principal",
+            (Class::Download, Reason::Domain) => "download:domain",
+            (Class::Download, Reason::StoreUnavailable) => "download:store_unavailable",
+        }
+    }
+}
+
 impl From<Scope> for Reason {
     fn from(scope: Scope) -> Self {
         match scope {

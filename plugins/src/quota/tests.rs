@@ -136,6 +136,7 @@ async fn budget_rejection_names_budget_and_quota() {
     let (verdict, state) = send(&plugin, INDEX, Sender::User("alice"), at(10)).await;
     assert!(body(&verdict).contains("\"budget\":\"index requests per hour\""));
     assert_eq!(state.rejected_by, Some(REJECTED_BY));
+    assert_eq!(state.rejected_reason, Some("index:principal"));
 }
 
 #[tokio::test]
@@ -730,6 +731,7 @@ async fn redis_down_fail_closed_rejects_with_429() {
     assert_eq!(status(&verdict), 429);
     assert!(body(&verdict).contains("budget_store_unavailable"));
     assert_eq!(state.rejected_by, Some(REJECTED_BY));
+    assert_eq!(state.rejected_reason, Some("index:store_unavailable"));
 }
 
 #[tokio::test]
