@@ -18,7 +18,9 @@
 //! A request whose path is in a class is counted at most once. By default a request is checked and
 //! counted in one atomic step before the cache lookup, so cache hits count too. With
 //! `count_cache_hits = false` it is checked before the cache lookup and counted only when it
-//! goes to the origin. Concurrent misses may then pass a budget by a few requests, because
+//! goes to the origin, in the upstream request filter, which Pingora runs once it has the origin
+//! connection. Concurrent misses may then pass a budget by as many requests as are between
+//! their check and their count at once (with Redis, until the count reached Redis), because
 //! each is checked before the others are counted.
 //!
 //! # Stores
