@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{client, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{basic, client, htpasswd_line, Reply, TestGateway, TestOrigin, BASE_CONFIG};
 
 /// Returns a config with one domain `id` in front of `origin`, limited to `burst` requests,
 /// with `trusted` as `server.trusted_proxies` and the access log in `access.log`.
@@ -232,6 +232,102 @@ async fn concurrency_cap_releases_at_end() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(after, 200);
+}
+
+/// A rate rejection and a concurrency rejection are told apart: in the metrics, in
+/// `/limits/stats` and in the access log, which names the budget of each rejected request.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejections_name_their_reason() {
+    let origin = TestOrigin::start(|req| Reply {
+        delay: Duration::from_millis(if req.target == "/slow" { 800 } else { 0 }),
+        ..Reply::ok("{}")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let htpasswd = dir.path().join("admin.htpasswd");
+    std::fs::write(
+        &htpasswd,
+        htpasswd_line(&["-B", "-C", "5"], "admin", "secret") + "\n",
+    )
+    .expect("write");
+    let config = config("rl-reasons", origin.addr, 2, "")
+        .replace("burst = 2", "burst = 2\nmax_concurrent_per_ip = 1")
+        + &format!(
+            "\n[admin]\nlisten = \"127.0.0.1:0\"\nhtpasswd = \"{}\"\n",
+            htpasswd.display()
+        );
+    let gateway = TestGateway::start(dir.path(), &config);
+
+    let slow = tokio::spawn(client().get(gateway.url("/slow")).send());
+    for _ in 0..200 {
+        if origin.count() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status(&gateway, "/busy", None).await, 429);
+    let finished = slow.await.expect("task").expect("slow request");
+    assert_eq!(finished.status(), 200);
+    // The place is given back just after the response; the burst of 2 has 1 request left.
+    let mut statuses = Vec::new();
+    for n in 0..50 {
+        let got = status(&gateway, &format!("/after-{n}"), None).await;
+        statuses.push(got);
+        if got == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(statuses.last(), Some(&200));
+    assert_eq!(status(&gateway, "/over", None).await, 429);
+    let concurrency = statuses.len() as u64;
+
+    let lines = wait_for_lines(&dir.path().join("access.log"), 3 + statuses.len());
+    let label = |path: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&format!("\"GET {path} ")))
+            .unwrap_or_else(|| panic!("{path} not logged: {lines:?}"));
+        line.rsplit(' ').next().unwrap_or("").to_owned()
+    };
+    assert_eq!(label("/busy"), "rate_limit:concurrency");
+    assert_eq!(label("/over"), "rate_limit:rate");
+    assert_eq!(label("/slow"), "-");
+
+    let admin = gateway.running.admin_addr().expect("admin listener");
+    let fetch = |path: &'static str| async move {
+        client()
+            .get(format!("http://{admin}{path}"))
+            .header("authorization", basic("admin", "secret"))
+            .send()
+            .await
+            .expect("admin request")
+            .text()
+            .await
+            .expect("body")
+    };
+    let metrics = fetch("/metrics").await;
+    for line in [
+        format!(
+            "mirror_gateway_rate_limit_rejections_total{{domain=\"rl-reasons\",reason=\"concurrency\"}} {concurrency}"
+        ),
+        "mirror_gateway_rate_limit_rejections_total{domain=\"rl-reasons\",reason=\"rate\"} 1"
+            .to_owned(),
+        format!(
+            "mirror_gateway_rejections_total{{domain=\"rl-reasons\",plugin=\"rate_limit\"}} {}",
+            concurrency + 1
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
+    }
+    let stats = fetch("/limits/stats").await;
+    let expected =
+        format!("{{\"domain\":\"rl-reasons\",\"reason\":\"concurrency\",\"count\":{concurrency}}}");
+    assert!(stats.contains(&expected), "{stats}");
+    assert!(
+        stats.contains("{\"domain\":\"rl-reasons\",\"reason\":\"rate\",\"count\":1}"),
+        "{stats}"
+    );
 }
 
 #[test]

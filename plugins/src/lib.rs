@@ -83,8 +83,13 @@ pub struct RequestState {
     /// The cache policy that applies to this request's path, set by the `ttl` plugin. The
     /// gateway also sets its `Cache-Control` downstream (see [`RequestState::cache_control`]).
     pub cache_policy: Option<Arc<CachePolicy>>,
-    /// Stable label of the rule that rejected the request, for the access log.
+    /// Stable label of the plugin that rejected the request (`htpasswd`, `rate_limit`,
+    /// `quota`), for the access log and the rejection counters.
     pub rejected_by: Option<&'static str>,
+    /// Stable label of the budget or check within that plugin that rejected the request, if it
+    /// has more than one: `rate` or `concurrency` for `rate_limit`, `<class>:<reason>` for
+    /// `quota` (such as `index:principal` or `download:store_unavailable`).
+    pub rejected_reason: Option<&'static str>,
     /// The budget whose `RateLimit-*` fields go downstream. A plugin that rejects a request
     /// sets its own budget. Otherwise the `quota` plugin sets its budget whatever is there, and
     /// the `rate_limit` plugin only when it is unset, so the quota's fields win either way.

@@ -891,3 +891,148 @@ async fn outage_counts_hold_after_recovery() {
     assert_eq!(statuses(&plugin, "alice", 3, now).await, [429; 3]);
     assert_eq!(wait_for_count(&reader, "alice", budget).await, Some(budget));
 }
+
+/// Builds a plugin from settings `text` with the counts of `registry`, as a config reload
+/// builds it again in the same process.
+fn plugin_in(registry: &Registry, text: &str) -> Arc<QuotaPlugin> {
+    let settings = toml::Value::Table(text.parse().expect("valid TOML"));
+    let ctx = BuildContext {
+        domain: "primary",
+        config_dir: Path::new("/"),
+    };
+    match QuotaPlugin::with_registry(settings, &ctx, registry) {
+        Ok(plugin) => Arc::new(plugin),
+        Err(errors) => panic!("settings rejected: {errors:?}"),
+    }
+}
+
+/// A reload that adds a `redis` table keeps the counts made without it: they count on top
+/// of Redis's replies at once, and are added to Redis, so that the other replicas see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_adding_redis_keeps_local_counts() {
+    let server = RedisServer::start();
+    let registry = Registry::new();
+    let now = SystemTime::now();
+    let budget = "index_per_hour = 5\ndownload_per_hour = 5";
+    let local = plugin_in(&registry, budget);
+    assert_eq!(statuses(&local, "alice", 5, now).await, [200; 5]);
+
+    let with_redis = format!(
+        "{budget}\n[redis]\nurl = \"{}\"\nkey_prefix = \"test\"\ntimeout_ms = 2000\n\
+         failure_mode = \"fail_open\"",
+        server.url()
+    );
+    let reloaded = plugin_in(&registry, &with_redis);
+    drop(local);
+    assert_eq!(statuses(&reloaded, "alice", 2, now).await, [429, 429]);
+
+    // The five counts reach Redis; the rejected requests that Redis counted are taken back.
+    let reader = count_reader(&server);
+    assert_eq!(wait_for_count(&reader, "alice", 5).await, Some(5));
+    let other = replica(&server, 5, "fail_open");
+    assert_eq!(statuses(&other, "alice", 1, now).await, [429]);
+}
+
+/// Starts a loopback proxy in front of `upstream` that holds back Redis's reply to each call
+/// that adds counts (the operation `add`) by `hold`, while Redis has already run it. Other
+/// traffic passes at once. Returns the proxy's port.
+async fn start_add_reply_holding_proxy(upstream: u16, hold: Duration) -> u16 {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                if client.set_nodelay(true).is_err() || server.set_nodelay(true).is_err() {
+                    return;
+                }
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                // Calls with an `add` whose reply has not come yet; the connection carries one
+                // call at a time, so the next reply is theirs.
+                let adds = Arc::new(AtomicUsize::new(0));
+                let adds_in_replies = Arc::clone(&adds);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                        let pending = adds_in_replies.load(Ordering::SeqCst);
+                        if pending > 0 {
+                            adds_in_replies.store(pending - 1, Ordering::SeqCst);
+                            // An error (`-NOSCRIPT`) is followed by the call again.
+                            if buf[0] != b'-' {
+                                tokio::time::sleep(hold).await;
+                            }
+                        }
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    let chunk = &buf[..n];
+                    let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+                    if has(b"EVALSHA") && has(b"\r\nadd\r\n") {
+                        adds.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if to_server.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Counts made during an outage go to Redis with an `INCRBY` once it is back. A reply to a
+/// check that Redis ran after that `INCRBY`, but that arrives before the `INCRBY`'s own reply,
+/// already includes them, and they are not counted a second time on top of it: no request is
+/// rejected while the principal has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outage_counts_on_the_way_count_once() {
+    let hold = Duration::from_millis(1500);
+    let mut server = RedisServer::start_persistent();
+    let port = start_add_reply_holding_proxy(server.port, hold).await;
+    let plugin = replica_at(
+        &format!("redis://127.0.0.1:{port}/0"),
+        10,
+        3000,
+        "fail_open",
+    );
+    let reader = count_reader(&server);
+    let now = SystemTime::now();
+    assert_eq!(statuses(&plugin, "alice", 3, now).await, [200; 3]);
+    server.stop();
+    assert_eq!(statuses(&plugin, "alice", 4, now).await, [200; 4]);
+    assert_eq!(plugin.redis_available(), Some(false));
+    server.restart();
+    // After the first backoff (250 ms) one request tries Redis again. Its reply ends the
+    // outage and starts sending alice's 4 counts; Redis runs the INCRBY (7) at once, and its
+    // reply is held back. A request before the backoff would be counted here and sent too,
+    // in a call of its own whose reply is held as well.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send(&plugin, "probe", now).await.0, 200);
+    assert_eq!(plugin.redis_available(), Some(true));
+    let sent = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(redis_count(&reader, "alice").await, Some(7));
+
+    let during = statuses(&plugin, "alice", 4, now).await;
+    assert!(
+        sent.elapsed() < hold,
+        "the checks took {:?}, longer than the INCRBY's reply was held",
+        sent.elapsed()
+    );
+    assert_eq!(during, [200, 200, 200, 429]);
+    tokio::time::sleep(hold).await;
+    assert_eq!(wait_for_count(&reader, "alice", 10).await, Some(10));
+    assert_eq!(statuses(&plugin, "alice", 1, now).await, [429]);
+}

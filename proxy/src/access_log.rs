@@ -1,18 +1,20 @@
-//! The access log: nginx's `combined` format followed by domain, user, cache status and time.
+//! The access log: nginx's `combined` format followed by domain, user, cache status, time and
+//! the rejecting budget.
 //!
 //! ```text
-//! 127.0.0.1 - mirror [04/Dec/2026:16:13:16 +0000] "GET /concelier/exports/index.json HTTP/1.1" 200 512 "-" "curl/8.5.0" primary mirror HIT 0.000
+//! 127.0.0.1 - mirror [04/Dec/2026:16:13:16 +0000] "GET /concelier/exports/index.json HTTP/1.1" 200 512 "-" "curl/8.5.0" primary mirror HIT 0.000 -
 //! ```
 //!
 //! The fields after the user agent are the domain id, the authenticated user, the
-//! `X-Cache-Status` value and the request time in seconds with millisecond resolution; `-`
-//! stands for an empty field. Quotes, backslashes, control and non-ASCII bytes in quoted
+//! `X-Cache-Status` value, the request time in seconds with millisecond resolution, and the
+//! label of the plugin and budget that rejected the request (`rate_limit:rate`,
+//! `quota:index:principal`, `htpasswd`); `-` stands for an empty field. Quotes, backslashes, control and non-ASCII bytes in quoted
 //! fields are written as `\xHH`, so a client cannot forge log fields.
 //!
 //! With `log.access_log_format = "json"` each line is one JSON object with the same facts:
 //!
 //! ```text
-//! {"time":"2026-12-04T16:13:16Z","remote_addr":"127.0.0.1","user":"mirror","method":"GET","target":"/concelier/exports/index.json","protocol":"HTTP/1.1","status":200,"body_bytes":512,"referer":null,"user_agent":"curl/8.5.0","domain":"primary","cache_status":"HIT","request_time":0.000}
+//! {"time":"2026-12-04T16:13:16Z","remote_addr":"127.0.0.1","user":"mirror","method":"GET","target":"/concelier/exports/index.json","protocol":"HTTP/1.1","status":200,"body_bytes":512,"referer":null,"user_agent":"curl/8.5.0","domain":"primary","cache_status":"HIT","request_time":0.000,"rejected_by":null}
 //! ```
 //!
 //! Lines are written by a background thread, so a slow disk never blocks a request.
@@ -42,6 +44,21 @@ pub struct AccessEntry<'a> {
     pub domain: Option<&'a str>,
     pub cache_status: &'a str,
     pub duration: Duration,
+    /// The label of the plugin that rejected the request (`RequestState::rejected_by`).
+    pub rejected_by: Option<&'a str>,
+    /// The budget or check within that plugin (`RequestState::rejected_reason`).
+    pub rejected_reason: Option<&'a str>,
+}
+
+impl AccessEntry<'_> {
+    /// Returns the rejection label: the plugin, then `:` and the reason if there is one.
+    fn rejection(&self) -> Option<String> {
+        let by = self.rejected_by?;
+        Some(match self.rejected_reason {
+            Some(reason) => format!("{by}:{reason}"),
+            None => by.to_owned(),
+        })
+    }
 }
 
 /// Formats one JSON line, without the trailing newline.
@@ -51,7 +68,7 @@ pub fn format_json(e: &AccessEntry<'_>) -> String {
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     format!(
-        "{{\"time\":\"{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z\",\"remote_addr\":{},\"user\":{},\"method\":{},\"target\":{},\"protocol\":{},\"status\":{},\"body_bytes\":{},\"referer\":{},\"user_agent\":{},\"domain\":{},\"cache_status\":{},\"request_time\":{}.{:03}}}",
+        "{{\"time\":\"{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z\",\"remote_addr\":{},\"user\":{},\"method\":{},\"target\":{},\"protocol\":{},\"status\":{},\"body_bytes\":{},\"referer\":{},\"user_agent\":{},\"domain\":{},\"cache_status\":{},\"request_time\":{}.{:03},\"rejected_by\":{}}}",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
@@ -68,6 +85,7 @@ pub fn format_json(e: &AccessEntry<'_>) -> String {
         json_string(e.cache_status),
         e.duration.as_secs(),
         e.duration.subsec_millis(),
+        text(e.rejection().as_deref()),
     )
 }
 
@@ -95,7 +113,7 @@ pub fn format_line(e: &AccessEntry<'_>) -> String {
     let addr = e.remote_addr.map(|a| a.to_string());
     let _ = write!(
         line,
-        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {} {} {} {}.{:03}",
+        "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {} {} {} {}.{:03} {}",
         addr.as_deref().unwrap_or("-"),
         field(e.user),
         format_time(e.time),
@@ -111,6 +129,7 @@ pub fn format_line(e: &AccessEntry<'_>) -> String {
         e.cache_status,
         e.duration.as_secs(),
         e.duration.subsec_millis(),
+        field(e.rejection().as_deref()),
     );
     line
 }
@@ -309,10 +328,12 @@ mod tests {
             domain: Some("primary"),
             cache_status: "HIT",
             duration: Duration::from_micros(1_500),
+            rejected_by: None,
+            rejected_reason: None,
         };
         assert_eq!(
             format_line(&entry),
-            "127.0.0.1 - mirror [04/Dec/2026:16:13:16 +0000] \"GET /concelier/exports/index.json HTTP/1.1\" 200 512 \"-\" \"curl/8.5.0\" primary mirror HIT 0.001"
+            "127.0.0.1 - mirror [04/Dec/2026:16:13:16 +0000] \"GET /concelier/exports/index.json HTTP/1.1\" 200 512 \"-\" \"curl/8.5.0\" primary mirror HIT 0.001 -"
         );
     }
 
@@ -332,11 +353,60 @@ mod tests {
             domain: Some("primary"),
             cache_status: "HIT",
             duration: Duration::from_micros(1_500),
+            rejected_by: None,
+            rejected_reason: None,
         };
         assert_eq!(
             format_json(&entry),
-            "{\"time\":\"2026-12-04T16:13:16Z\",\"remote_addr\":\"127.0.0.1\",\"user\":null,\"method\":\"GET\",\"target\":\"/a\\\"b\",\"protocol\":\"HTTP/1.1\",\"status\":200,\"body_bytes\":512,\"referer\":null,\"user_agent\":\"curl\\u000a\",\"domain\":\"primary\",\"cache_status\":\"HIT\",\"request_time\":0.001}"
+            "{\"time\":\"2026-12-04T16:13:16Z\",\"remote_addr\":\"127.0.0.1\",\"user\":null,\"method\":\"GET\",\"target\":\"/a\\\"b\",\"protocol\":\"HTTP/1.1\",\"status\":200,\"body_bytes\":512,\"referer\":null,\"user_agent\":\"curl\\u000a\",\"domain\":\"primary\",\"cache_status\":\"HIT\",\"request_time\":0.001,\"rejected_by\":null}"
         );
+    }
+
+    /// A rejected request's line names the plugin and its budget, in both formats.
+    #[test]
+    fn rejection_label_in_both_formats() {
+        let entry = |by, reason| AccessEntry {
+            remote_addr: Some("192.0.2.1".parse().expect("ip")),
+            user: None,
+            time: UNIX_EPOCH,
+            method: "GET",
+            target: "/x",
+            version: "HTTP/1.1",
+            status: 429,
+            body_bytes: 0,
+            referer: None,
+            user_agent: None,
+            domain: Some("primary"),
+            cache_status: "BYPASS",
+            duration: Duration::ZERO,
+            rejected_by: by,
+            rejected_reason: reason,
+        };
+        let cases = [
+            (Some("rate_limit"), Some("rate"), "rate_limit:rate"),
+            (
+                Some("rate_limit"),
+                Some("concurrency"),
+                "rate_limit:concurrency",
+            ),
+            (
+                Some("quota"),
+                Some("index:principal"),
+                "quota:index:principal",
+            ),
+            (Some("htpasswd"), None, "htpasswd"),
+        ];
+        for (by, reason, label) in cases {
+            let line = format_line(&entry(by, reason));
+            assert!(line.ends_with(&format!(" BYPASS 0.000 {label}")), "{line}");
+            let json = format_json(&entry(by, reason));
+            assert!(
+                json.ends_with(&format!(",\"rejected_by\":\"{label}\"}}")),
+                "{json}"
+            );
+        }
+        let line = format_line(&entry(None, Some("rate")));
+        assert!(line.ends_with(" BYPASS 0.000 -"), "{line}");
     }
 
     #[test]
@@ -355,6 +425,8 @@ mod tests {
             domain: None,
             cache_status: "BYPASS",
             duration: Duration::ZERO,
+            rejected_by: None,
+            rejected_reason: None,
         };
         let line = format_line(&entry);
         assert!(line.contains("\"GET /x\\x22\\x0A HTTP/1.1\""), "{line}");

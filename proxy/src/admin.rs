@@ -13,7 +13,7 @@
 //! | `GET /status` | the live status page (HTML) |
 //! | `GET /status.json` | the status page's data: per-domain counters, cache tiers, origin health |
 //! | `GET /cache/stats` | the cache tiers' counters as JSON |
-//! | `GET /limits/stats` | requests rejected by plugins, per domain and plugin, and the `quota` plugin's rejections per class and reason |
+//! | `GET /limits/stats` | requests rejected by plugins, per domain and plugin, the `rate_limit` plugin's rejections per reason, and the `quota` plugin's rejections per class and reason |
 //! | `POST /cache/purge?domain=D&path=P` | removes path `P` of domain `D` (every query and export; add `&query=Q` for one query) |
 //! | `POST /cache/purge?domain=D&prefix=P` | removes every path of `D` starting with `P` |
 //! | `POST /cache/purge?domain=D` | removes everything stored for `D` |
@@ -104,17 +104,29 @@ impl AdminApp {
     }
 
     fn limits_json(&self) -> String {
-        let plugins: Vec<String> = self
-            .state
-            .load()
-            .rejections
-            .lock()
+        let rejections = self.state.load().rejections.lock().clone();
+        let mut by_plugin: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+        for ((domain, plugin, _), count) in &rejections {
+            *by_plugin.entry((domain, plugin)).or_default() += count;
+        }
+        let plugins: Vec<String> = by_plugin
             .iter()
             .map(|((domain, plugin), count)| {
                 format!(
                     "{{\"domain\":{},\"plugin\":\"{plugin}\",\"count\":{count}}}",
                     json_string(domain)
                 )
+            })
+            .collect();
+        let rate_limit: Vec<String> = rejections
+            .iter()
+            .filter_map(|((domain, plugin, reason), count)| {
+                let reason =
+                    reason.filter(|_| *plugin == mirror_plugins::rate_limit::REJECTED_BY)?;
+                Some(format!(
+                    "{{\"domain\":{},\"reason\":\"{reason}\",\"count\":{count}}}",
+                    json_string(domain)
+                ))
             })
             .collect();
         let quota: Vec<String> = mirror_plugins::quota::rejection_counts()
@@ -130,8 +142,9 @@ impl AdminApp {
             })
             .collect();
         format!(
-            "{{\"rejections\":[{}],\"quota\":[{}]}}\n",
+            "{{\"rejections\":[{}],\"rate_limit\":[{}],\"quota\":[{}]}}\n",
             plugins.join(","),
+            rate_limit.join(","),
             quota.join(",")
         )
     }

@@ -10,11 +10,14 @@
 //! Rules for the list, which is the comma-joined values of every `X-Forwarded-For` header in
 //! order:
 //! - Empty entries (`a, , b`) are skipped, as HTTP list syntax allows.
-//! - An entry is an IP address, optionally with a port (`192.0.2.1:4711`, `[2001:db8::1]:443`).
+//! - An entry is an IP address, optionally with a port: `192.0.2.1`, `192.0.2.1:4711`,
+//!   `2001:db8::1`, `[2001:db8::1]` and `[2001:db8::1]:443`.
 //! - When every entry is trusted, the leftmost entry is the client.
-//! - An entry that is not an address (`unknown`, an obfuscated name, bad UTF-8) ends the walk as
-//!   if the list began just after it, because nothing left of it can be trusted. The client is
-//!   then the last address examined, or the peer when the malformed entry is the rightmost.
+//! - An entry that is not an address (`unknown`, an obfuscated name, bytes that are not UTF-8)
+//!   ends the walk as if the list began just after it, because nothing left of it can be
+//!   trusted. The client is then the last address examined, or the peer when the malformed
+//!   entry is the rightmost. The list is split on commas byte by byte, so a malformed entry
+//!   never hides the entries to its right.
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`, what a dual-stack listener reports for an
 //! IPv4 client) are read as the IPv4 address, both for matching and in the result. A mapped
@@ -156,10 +159,14 @@ impl TrustedProxies {
         }
         let mut client = peer;
         for value in headers.get_all("x-forwarded-for").iter().rev() {
-            let Ok(text) = value.to_str() else {
-                return client;
-            };
-            for entry in text.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+            // Split the raw bytes, not a `&str`: a byte that is not ASCII in one entry must
+            // not hide the well-formed entries that trusted proxies appended to its right.
+            let entries = value
+                .as_bytes()
+                .rsplit(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|e| !e.is_empty());
+            for entry in entries {
                 let Some(hop) = parse_hop(entry) else {
                     return client;
                 };
@@ -173,12 +180,23 @@ impl TrustedProxies {
     }
 }
 
-/// Parses one `X-Forwarded-For` entry: an IP address, optionally with a port.
-fn parse_hop(entry: &str) -> Option<IpAddr> {
+/// Parses one `X-Forwarded-For` entry: an IP address, optionally with a port, and an IPv6
+/// address optionally in brackets (`[2001:db8::1]`, `[2001:db8::1]:443`). Anything else,
+/// including bytes that are not UTF-8, is malformed.
+fn parse_hop(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?;
     let ip = entry
         .parse::<IpAddr>()
         .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
-        .ok()?;
+        .ok()
+        .or_else(|| {
+            entry
+                .strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+        })?;
     Some(ip.to_canonical())
 }
 
@@ -364,7 +382,7 @@ mod tests {
     #[test]
     fn client_ip_table() {
         let proxies = trusted(&["10.0.0.0/8", "2001:db8::/32", "127.0.0.1/32"]);
-        let cases: [(&str, &[&[u8]], &str, &str); 16] = [
+        let cases: [(&str, &[&[u8]], &str, &str); 22] = [
             (
                 "203.0.113.5",
                 &[b"198.51.100.1"],
@@ -450,6 +468,42 @@ mod tests {
                 &[b"\xff\xfe"],
                 "10.0.0.1",
                 "non-UTF-8 value: peer",
+            ),
+            (
+                "10.0.0.1",
+                &["\u{e9}, 198.51.100.7".as_bytes()],
+                "198.51.100.7",
+                "non-ASCII entry left of the client is never read",
+            ),
+            (
+                "10.0.0.1",
+                &[b"198.51.100.1, \xff, 10.0.0.2"],
+                "10.0.0.2",
+                "non-UTF-8 hop stops the walk",
+            ),
+            (
+                "10.0.0.1",
+                &[b"\xe9", b"198.51.100.7"],
+                "198.51.100.7",
+                "non-UTF-8 line left of the client is never read",
+            ),
+            (
+                "10.0.0.1",
+                &[b"[2001:db9::7]"],
+                "2001:db9::7",
+                "bracketed IPv6 without port",
+            ),
+            (
+                "10.0.0.1",
+                &[b"198.51.100.1, [2001:db8::5]"],
+                "198.51.100.1",
+                "bracketed trusted IPv6 skipped",
+            ),
+            (
+                "10.0.0.1",
+                &[b"[192.0.2.1]"],
+                "10.0.0.1",
+                "bracketed IPv4 is malformed",
             ),
         ];
         for (peer, values, expected, case) in cases {

@@ -55,9 +55,9 @@ pub struct GatewayState {
     /// Whether large bodies from the cache go out with the client socket corked
     /// (`server.tcp_nopush`).
     pub tcp_nopush: bool,
-    /// Requests a plugin rejected, by domain id and the plugin's label (`rejected_by`).
-    pub rejections:
-        Arc<parking_lot::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+    /// Requests a plugin rejected, by domain id, the plugin's label (`rejected_by`) and its
+    /// reason (`rejected_reason`).
+    pub rejections: Arc<parking_lot::Mutex<crate::metrics::Rejections>>,
     /// Certificates, HTTPS addresses and the per-request TLS checks; shared by every state.
     pub tls: Arc<crate::tls::TlsState>,
 }
@@ -1177,8 +1177,10 @@ impl Gateway {
             .or(ctx.local_cache_status)
             .unwrap_or_else(|| cache_status(&session.cache.phase()));
         let domain = state.domain(ctx);
-        if let (Some(domain), Some(by)) = (domain, ctx.plugin_state.rejected_by) {
-            let key = (domain.config.id.clone(), by);
+        let rejected_by = ctx.plugin_state.rejected_by;
+        let rejected_reason = ctx.plugin_state.rejected_reason;
+        if let (Some(domain), Some(by)) = (domain, rejected_by) {
+            let key = (domain.config.id.clone(), by, rejected_reason);
             *state.rejections.lock().entry(key).or_default() += 1;
         }
         let duration = ctx.start.elapsed();
@@ -1216,6 +1218,8 @@ impl Gateway {
                 domain: domain.map(|d| d.config.id.as_str()),
                 cache_status,
                 duration,
+                rejected_by,
+                rejected_reason: rejected_by.and(rejected_reason),
             });
         }
         if let Some(reason) = ctx.no_store {

@@ -108,6 +108,10 @@ pub struct DomainSummary {
     pub last_origin_error: Option<OriginError>,
 }
 
+/// Requests that plugins rejected, by domain id, plugin label (`rejected_by`) and the
+/// plugin's reason (`rejected_reason`), if it gives one.
+pub type Rejections = BTreeMap<(String, &'static str, Option<&'static str>), u64>;
+
 /// Inputs that [`Metrics::render`] reads at scrape time besides the registry.
 #[derive(Debug, Clone, Default)]
 pub struct ScrapeInputs {
@@ -115,8 +119,8 @@ pub struct ScrapeInputs {
     pub domains: Vec<String>,
     /// Each cache tier's label (`memory`, `disk`) and counters.
     pub tiers: Vec<(&'static str, TierSnapshot)>,
-    /// Requests rejected by plugins, by domain id and plugin label.
-    pub rejections: BTreeMap<(String, &'static str), u64>,
+    /// Requests rejected by plugins, by domain id, plugin label and reason.
+    pub rejections: Rejections,
     /// The `quota` plugin's rejections of these domains.
     pub quota: Vec<mirror_plugins::quota::RejectionCount>,
 }
@@ -651,6 +655,10 @@ const AUTH_FAILURES: Definition = (
     "mirror_gateway_auth_failures_total",
     "Requests that the htpasswd plugin rejected with 401: missing or wrong credentials.",
 );
+const RATE_LIMIT_REJECTIONS: Definition = (
+    "mirror_gateway_rate_limit_rejections_total",
+    "Requests the rate_limit plugin rejected, by reason: rate or concurrency.",
+);
 const QUOTA_REJECTIONS: Definition = (
     "mirror_gateway_quota_rejections_total",
     "Requests the quota plugin rejected, by class and reason.",
@@ -701,20 +709,29 @@ fn tier_families(tiers: &[(&'static str, TierSnapshot)]) -> Result<Vec<MetricFam
     Ok(collectors.iter().flat_map(|c| c.collect()).collect())
 }
 
-/// Builds the rejection, auth failure and quota families. Auth failures are the `htpasswd`
-/// plugin's rejections, and start at 0 for every configured domain.
+/// Builds the rejection, auth failure, rate limit and quota families. Auth failures are the
+/// `htpasswd` plugin's rejections, and start at 0 for every configured domain.
 fn rejection_families(inputs: &ScrapeInputs) -> Result<Vec<MetricFamily>, PromError> {
     let rejections = IntCounterVec::new(opts(REJECTIONS), &["domain", "plugin"])?;
     let auth = IntCounterVec::new(opts(AUTH_FAILURES), &["domain"])?;
+    let rate_limit = IntCounterVec::new(opts(RATE_LIMIT_REJECTIONS), &["domain", "reason"])?;
     for domain in &inputs.domains {
         auth.with_label_values(&[domain]);
     }
-    for ((domain, plugin), count) in &inputs.rejections {
+    for ((domain, plugin, reason), count) in &inputs.rejections {
         rejections
             .with_label_values(&[domain.as_str(), plugin])
             .inc_by(*count);
-        if *plugin == "htpasswd" {
-            auth.with_label_values(&[domain]).inc_by(*count);
+        match (*plugin, reason) {
+            (mirror_plugins::htpasswd::REJECTED_BY, _) => {
+                auth.with_label_values(&[domain]).inc_by(*count);
+            }
+            (mirror_plugins::rate_limit::REJECTED_BY, Some(reason)) => {
+                rate_limit
+                    .with_label_values(&[domain.as_str(), reason])
+                    .inc_by(*count);
+            }
+            _ => {}
         }
     }
     let quota = IntCounterVec::new(opts(QUOTA_REJECTIONS), &["domain", "class", "reason"])?;
@@ -723,7 +740,7 @@ fn rejection_families(inputs: &ScrapeInputs) -> Result<Vec<MetricFamily>, PromEr
             .with_label_values(&[&r.domain, r.class, r.reason])
             .inc_by(r.count);
     }
-    let collectors: [&dyn Collector; 3] = [&rejections, &auth, &quota];
+    let collectors: [&dyn Collector; 4] = [&rejections, &auth, &rate_limit, &quota];
     Ok(collectors.iter().flat_map(|c| c.collect()).collect())
 }
 
@@ -896,7 +913,14 @@ mod tests {
             ..TierSnapshot::default()
         };
         inputs.tiers.push(("disk", disk));
-        inputs.rejections.insert(("primary".into(), "htpasswd"), 3);
+        inputs
+            .rejections
+            .insert(("primary".into(), "htpasswd", None), 3);
+        for (reason, count) in [("rate", 4), ("concurrency", 2)] {
+            inputs
+                .rejections
+                .insert(("primary".into(), "rate_limit", Some(reason)), count);
+        }
         let text = Metrics::new().render(&inputs).expect("render");
         for line in [
             "mirror_gateway_cache_entries{tier=\"memory\"} 2",
@@ -906,6 +930,9 @@ mod tests {
             "mirror_gateway_rejections_total{domain=\"primary\",plugin=\"htpasswd\"} 3",
             "mirror_gateway_auth_failures_total{domain=\"primary\"} 3",
             "mirror_gateway_auth_failures_total{domain=\"community\"} 0",
+            "mirror_gateway_rejections_total{domain=\"primary\",plugin=\"rate_limit\"} 6",
+            "mirror_gateway_rate_limit_rejections_total{domain=\"primary\",reason=\"rate\"} 4",
+            "mirror_gateway_rate_limit_rejections_total{domain=\"primary\",reason=\"concurrency\"} 2",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

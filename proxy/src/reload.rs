@@ -46,7 +46,7 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Shared {
     pub cache: Arc<CacheTier>,
     pub access_log: AccessLog,
-    pub rejections: Arc<Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+    pub rejections: Arc<Mutex<crate::metrics::Rejections>>,
     pub runtime_dir: PathBuf,
     /// The running export-tree file servers: socket path to the tree root they serve.
     pub export_trees: HashMap<PathBuf, PathBuf>,

@@ -312,10 +312,13 @@ pub fn status_json(
         .iter()
         .map(|domain| {
             let id = domain.config.id.as_str();
-            let plugins: Vec<String> = rejections
+            let mut by_plugin: std::collections::BTreeMap<&str, u64> = Default::default();
+            for ((_, plugin, _), count) in rejections.iter().filter(|((d, _, _), _)| d == id) {
+                *by_plugin.entry(plugin).or_default() += count;
+            }
+            let plugins: Vec<String> = by_plugin
                 .iter()
-                .filter(|((d, _), _)| d == id)
-                .map(|((_, plugin), count)| format!("{}:{count}", json_string(plugin)))
+                .map(|(plugin, count)| format!("{}:{count}", json_string(plugin)))
                 .collect();
             let summary = monitor.metrics.domain_summary(id);
             let rejections = quota_rejections_json(&quota_rejections, id);

@@ -18,7 +18,9 @@
 //! A request whose path is in a class is counted at most once. By default a request is checked and
 //! counted in one atomic step before the cache lookup, so cache hits count too. With
 //! `count_cache_hits = false` it is checked before the cache lookup and counted only when it
-//! goes to the origin. Concurrent misses may then pass a budget by a few requests, because
+//! goes to the origin, in the upstream request filter, which Pingora runs once it has the origin
+//! connection. Concurrent misses may then pass a budget by as many requests as are between
+//! their check and their count at once (with Redis, until the count reached Redis), because
 //! each is checked before the others are counted.
 //!
 //! # Stores
@@ -336,11 +338,17 @@ impl QuotaPlugin {
         {
             Ok(decision) => {
                 let name = principal.as_bytes();
-                let unshared =
-                    redis.observe(rule.class, &rule.counts, name, window, decision.counts());
-                let (decision, take_back) = with_unshared(decision, unshared, rule.limits, op);
+                let counted =
+                    u64::from(op == Op::Count && matches!(decision, Decision::Allowed(_)));
+                let observed =
+                    redis.observe(&rule.counts, name, window, decision.counts(), counted);
+                let (decision, take_back) =
+                    with_unshared(decision, observed.beyond, rule.limits, op);
                 if take_back {
-                    redis.spawn_take_back(rule.class, name, window);
+                    redis.take_back(rule.class, &rule.counts, name, window);
+                }
+                if observed.unshared {
+                    redis.share(rule.class, &rule.counts, window);
                 }
                 Ok(decision)
             }
@@ -397,11 +405,13 @@ fn decide_local(rule: &ClassRule, op: Op, principal: &PrincipalName, window: Win
     }
 }
 
-/// Adds the requests this process counted alone while Redis was away, and that Redis has not
-/// taken yet, to a decision that Redis made without them. Returns the decision and whether
-/// Redis counted a request that they put over a budget, which is then rejected and whose
-/// count must be taken back. Without this, a replica whose principal used its budget during
-/// an outage would let further requests through until the background task adds its counts.
+/// Adds the requests this process counted alone (while Redis was away, or before a reload
+/// added the `redis` table), and that Redis has not taken yet, to a decision that Redis made
+/// without them. `unshared` is how much the local counts exceed the reply's (see
+/// [`ClassCounts::observe`]). Returns the decision and whether Redis counted a request that
+/// they put over a budget, which is then rejected and whose count must be taken back. Without
+/// this, a replica whose principal used its budget during an outage would let further
+/// requests through until the background task adds its counts.
 fn with_unshared(decision: Decision, unshared: Counts, limits: Limits, op: Op) -> (Decision, bool) {
     let plus = |counts: Counts, amount: Counts| Counts {
         principal: counts.principal.saturating_add(amount.principal),
@@ -469,6 +479,7 @@ fn settle(check: Check<'_>, checked: Checked, state: &mut RequestState) -> Verdi
         Err(unavailable) => {
             rule.counts.record_rejection(Reason::StoreUnavailable);
             state.rejected_by = Some(REJECTED_BY);
+            state.rejected_reason = Some(Reason::StoreUnavailable.rejection_label(rule.class));
             // No counts are known, so no plugin's `RateLimit-*` fields go out.
             state.rate_limit = None;
             Verdict::Respond(store_unavailable(rule, unavailable))
@@ -626,6 +637,7 @@ fn reject(rule: &ClassRule, scope: Scope, window: Window, state: &mut RequestSta
         reset_secs: window.reset_secs,
     };
     state.rejected_by = Some(REJECTED_BY);
+    state.rejected_reason = Some(Reason::from(scope).rejection_label(rule.class));
     state.rate_limit = Some(budget);
     Verdict::Respond(too_many_requests(
         budget_name(rule.class, scope),

@@ -32,9 +32,12 @@
 //! and the recovery are each logged once.
 //!
 //! Requests that the fallback counts locally ([`decide_unshared`]) stay marked as unshared in
-//! [`ClassCounts`]. Local counts are Redis's counts plus those, so a Redis that comes and goes
-//! does not hand out a fresh local budget on each outage. Once Redis replies again, a
-//! background task adds the unshared counts to Redis, so the other replicas see them too.
+//! [`ClassCounts`], as do those that a plugin without Redis counted before a reload added the
+//! `redis` table. Local counts are Redis's counts plus those, so a Redis that comes and goes
+//! does not hand out a fresh local budget on each outage, and a reload does not reset a
+//! budget. Once Redis replies, a background task adds the unshared counts to Redis, so the
+//! other replicas see them too. While that task's `INCRBY` is on the way, replies are not
+//! added to the counts it carries a second time (see [`ClassCounts::take_unshared`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +53,9 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use super::config::{FailureMode, RedisConfig};
-use super::store::{over_budget, Class, ClassCounts, Counts, Decision, Limits, Scope, SharingTurn};
+use super::store::{
+    over_budget, Class, ClassCounts, Counts, Decision, Limits, Observed, Scope, SharingTurn,
+};
 use super::window::Window;
 use super::PrincipalName;
 
@@ -448,27 +453,33 @@ impl RedisStore {
         }
     }
 
-    /// Records the counts of a Redis reply for `principal` in `local`. When `local` has
-    /// unshared counts, starts a background task that adds them to Redis. Returns the unshared
-    /// counts of the principal and of the domain in `window`, which the reply does not include.
+    /// Records the counts of a Redis reply for `principal` in `local`; `counted` is how many
+    /// requests Redis counted in it (0 or 1). Returns how much the local counts of the
+    /// principal and of the domain in `window` exceed the reply's (the counts that Redis has
+    /// not taken, or may not have taken yet), and whether counts wait to be sent to Redis.
+    /// The caller then starts sending them with [`Self::share`], after any take-back of this
+    /// request, so that the sending turn starts from the counts without it.
     pub fn observe(
-        self: &Arc<Self>,
-        class: Class,
-        local: &Arc<ClassCounts>,
+        &self,
+        local: &ClassCounts,
         principal: &[u8],
         window: Window,
         counts: Counts,
-    ) -> Counts {
-        let unshared = local.observe(principal, window.hour, counts);
-        if unshared.domain > 0 {
-            self.share_unshared(class, local, window);
-        }
-        unshared
+        counted: u64,
+    ) -> Observed {
+        local.observe(principal, window.hour, counts, counted)
     }
 
-    /// Takes back one request of `principal` that Redis counted but the plugin rejected, in
-    /// the background.
-    pub fn spawn_take_back(self: &Arc<Self>, class: Class, principal: &[u8], window: Window) {
+    /// Takes back one request of `principal` that Redis counted but the plugin rejected: from
+    /// the counts in `local` at once, and from Redis in the background.
+    pub fn take_back(
+        self: &Arc<Self>,
+        class: Class,
+        local: &ClassCounts,
+        principal: &[u8],
+        window: Window,
+    ) {
+        local.taken_back(principal, window.hour);
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
@@ -515,10 +526,13 @@ impl RedisStore {
             let name = principal.as_bytes();
             match store.run(Op::Add, class, name, NO_LIMITS, window).await {
                 Ok(decision) => {
-                    store.observe(class, &local, name, window, decision.counts());
+                    let observed = store.observe(&local, name, window, decision.counts(), 1);
+                    if observed.unshared {
+                        store.share(class, &local, window);
+                    }
                 }
                 Err(_) => {
-                    local.add_unshared(name, window.hour);
+                    local.add(name, window.hour);
                 }
             }
         });
@@ -526,7 +540,7 @@ impl RedisStore {
 
     /// Starts a background task that adds the unshared counts of `local` in `window` to Redis,
     /// unless one runs already or the last one asked for a [`SHARE_PAUSE`] that has not passed.
-    fn share_unshared(self: &Arc<Self>, class: Class, local: &Arc<ClassCounts>, window: Window) {
+    pub fn share(self: &Arc<Self>, class: Class, local: &Arc<ClassCounts>, window: Window) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -539,6 +553,9 @@ impl RedisStore {
 
     /// Adds the unshared counts of `local` in `window` to Redis, [`MAX_BATCH`] principals at a
     /// time, and records in `local` what Redis took. Stops when Redis becomes unavailable.
+    ///
+    /// The counts are marked as on the way before any is sent, and each goes back to unshared
+    /// when Redis does not take it, also when its turn stops early.
     async fn send_unshared(
         self: Arc<Self>,
         class: Class,
@@ -546,40 +563,55 @@ impl RedisStore {
         window: Window,
         mut turn: SharingTurn,
     ) {
-        let pending = local.unshared(window.hour);
+        let pending = local.take_unshared(window.hour);
         // A turn that finds nothing was started by a domain count that the principals' unshared
         // counts do not add up to. It pauses too, so that such a count costs a scan of the
         // counters at most once per pause.
         let mut complete = !pending.is_empty();
         let (mut principals, mut requests) = (0, 0);
-        for chunk in pending.chunks(MAX_BATCH) {
+        let mut chunks = pending.chunks(MAX_BATCH);
+        for chunk in chunks.by_ref() {
             let mut sends = tokio::task::JoinSet::new();
+            let mut sent_by_task = HashMap::with_capacity(chunk.len());
             for unshared in chunk {
                 let store = Arc::clone(&self);
-                let unshared = unshared.clone();
-                sends.spawn(async move {
-                    let (principal, amount) = (&unshared.principal, unshared.count);
-                    let result = store
-                        .run_amount(Op::Add, class, principal, NO_LIMITS, window, amount)
-                        .await;
-                    (unshared, result)
+                let principal = unshared.principal.clone();
+                let amount = unshared.count;
+                let task = sends.spawn(async move {
+                    store
+                        .run_amount(Op::Add, class, &principal, NO_LIMITS, window, amount)
+                        .await
                 });
+                sent_by_task.insert(task.id(), unshared);
             }
-            while let Some(sent) = sends.join_next().await {
-                match sent {
-                    Ok((unshared, Ok(decision))) => {
-                        local.shared(&unshared, window.hour, decision.counts());
+            while let Some(joined) = sends.join_next_with_id().await {
+                let (id, result) = match joined {
+                    Ok((id, result)) => (id, Some(result)),
+                    Err(e) => (e.id(), None),
+                };
+                let Some(unshared) = sent_by_task.remove(&id) else {
+                    continue;
+                };
+                match result {
+                    Some(Ok(decision)) => {
+                        local.shared(unshared, window.hour, decision.counts());
                         principals += 1;
                         requests += unshared.count;
                     }
-                    // The count stays unshared for the next turn.
-                    _ => complete = false,
+                    // The count is unshared again, for the next turn.
+                    _ => {
+                        local.unsent(unshared, window.hour);
+                        complete = false;
+                    }
                 }
             }
             if !self.available() {
                 complete = false;
                 break;
             }
+        }
+        for unshared in chunks.flatten() {
+            local.unsent(unshared, window.hour);
         }
         if principals > 0 {
             info!(domain = %self.domain, class = class.label(), principals, requests,
@@ -713,9 +745,9 @@ pub fn decide_unshared(
     hour: u64,
 ) -> Decision {
     match op {
-        Op::Count => local.try_count_unshared(principal, limits, hour),
+        Op::Count => local.try_count(principal, limits, hour),
         Op::Peek => local.peek(principal, limits, hour),
-        Op::Add => Decision::Allowed(local.add_unshared(principal, hour)),
+        Op::Add => Decision::Allowed(local.add(principal, hour)),
     }
 }
 

@@ -6,8 +6,13 @@
 //! sees a newer hour. A clock that steps back keeps counting against the newest hour it saw.
 //!
 //! With a shared store (Redis), the counters contain the counts of the store's last replies.
-//! Requests counted here while the store was unavailable are also kept apart as unshared counts
-//! until the store took them (see [`ClassCounts::observe`] and [`ClassCounts::shared`]).
+//! Requests counted here and not in the store (while the store was unavailable, or by a plugin
+//! without a store, before a reload added one) are also kept apart as unshared counts until the
+//! store took them (see [`ClassCounts::observe`], [`ClassCounts::take_unshared`] and
+//! [`ClassCounts::shared`]).
+//!
+//! Counts end at [`MAX_COUNT`]: a count read from a state file is cut to it, and counts that
+//! grow saturate instead of wrapping, so no input makes a count overflow.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -26,6 +31,9 @@ const SHARDS: usize = 32;
 pub const MAX_PRINCIPALS: usize = 1 << 20;
 /// The shared counter of principals beyond [`MAX_PRINCIPALS`].
 pub const OVERFLOW_PRINCIPAL: &str = "overflow";
+/// The highest count that is restored: the largest TOML integer, which the state file writes
+/// at most. It is above every budget.
+pub const MAX_COUNT: u64 = i64::MAX as u64;
 
 /// The request classes that have budgets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,6 +90,21 @@ impl Reason {
             Reason::Principal => "principal",
             Reason::Domain => "domain",
             Reason::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+impl Reason {
+    /// Returns the label of a rejection of `class` for this reason, as recorded in
+    /// `RequestState::rejected_reason`: `<class>:<reason>`, such as `index:principal`.
+    pub fn rejection_label(self, class: Class) -> &'static str {
+        match (class, self) {
+            (Class::Index, Reason::Principal) => "index:principal",
+            (Class::Index, Reason::Domain) => "index:domain",
+            (Class::Index, Reason::StoreUnavailable) => "index:store_unavailable",
+            (Class::Download, Reason::Principal) => "download:principal",
+            (Class::Download, Reason::Domain) => "download:domain",
+            (Class::Download, Reason::StoreUnavailable) => "download:store_unavailable",
         }
     }
 }
@@ -255,15 +278,19 @@ struct Shard {
     hour: u64,
 }
 
-/// One counter: the hour it counts, its count, and the part of the count that the shared store
+/// One counter: the hour it counts, its count, and the parts of the count that the shared store
 /// has not taken yet.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     hour: u64,
     count: u64,
-    /// Requests counted here while the shared store was unavailable and not yet taken by it;
-    /// included in `count`.
+    /// Requests counted here and not in the shared store, and not yet sent to it; included in
+    /// `count`.
     unshared: u64,
+    /// The store's count once it has run the `INCRBY`s of the last sending turn, at least:
+    /// its count as last seen before the turn plus the amounts sent. 0 before a turn. Counts
+    /// on the way to the store are in `count` and in the floor, and no longer in `unshared`.
+    floor: u64,
 }
 
 impl Slot {
@@ -280,27 +307,54 @@ impl Slot {
             hour,
             count,
             unshared: 0,
+            floor: 0,
         }
     }
 
-    fn add(&mut self, hour: u64, mode: CountMode) -> u64 {
+    /// Counts one request here, as not yet in the shared store.
+    fn add(&mut self, hour: u64) -> u64 {
         if hour > self.hour {
             *self = Slot::fresh(hour, 0);
         }
-        self.count += 1;
-        if mode == CountMode::Unshared {
-            self.unshared += 1;
-        }
+        self.count = self.count.saturating_add(1);
+        self.unshared = self.unshared.saturating_add(1);
         self.count
     }
 
-    /// Sets the count of `hour` to `shared`, the shared store's count, plus the counts the store
-    /// has not taken yet, unless the slot counts a later hour.
-    fn observe(&mut self, hour: u64, shared: u64) {
+    /// Sets the count of `hour` from `shared`, the shared store's count, unless the slot counts
+    /// a later hour. `counted` is how many requests the store counted in the reply (0 or 1);
+    /// they are included in `shared`.
+    ///
+    /// The count becomes the store's count plus the counts the store has not taken yet. After a
+    /// sending turn, the store's part is at least the floor plus `counted`. A reply that Redis
+    /// made after it ran the turn's `INCRBY`s is at least that high and is taken as it is
+    /// (it includes the amounts sent). A lower reply was made before (its call ran first, even
+    /// if its reply is read later), so the amounts sent are missing from it. They are then
+    /// counted once through the floor, instead of being added on top of every reply.
+    fn observe(&mut self, hour: u64, shared: u64, counted: u64) {
         if hour > self.hour {
             *self = Slot::fresh(hour, shared);
         } else if hour == self.hour {
-            self.count = shared.saturating_add(self.unshared);
+            // Without a floor, `counted` (at most `shared`) changes nothing.
+            let stored = shared.max(self.floor.saturating_add(counted));
+            self.count = stored.saturating_add(self.unshared);
+        }
+    }
+
+    /// Takes back one request that the shared store counted and that is taken back from it.
+    fn take_back(&mut self, hour: u64) {
+        if self.hour == hour && self.count > self.unshared {
+            self.count -= 1;
+        }
+    }
+
+    /// Returns how much the count of `hour` exceeds `shared`, the shared store's count: the
+    /// counts the store has not taken, or may not have taken yet.
+    fn beyond(&self, hour: u64, shared: u64) -> u64 {
+        if self.hour == hour {
+            self.count.saturating_sub(shared)
+        } else {
+            0
         }
     }
 
@@ -309,6 +363,25 @@ impl Slot {
             self.unshared
         } else {
             0
+        }
+    }
+
+    /// Marks `amount` of the unshared counts of `hour` as on the way to the shared store, and
+    /// sets the floor to the store's part of the count with them.
+    fn send(&mut self, hour: u64, amount: u64) {
+        if self.hour == hour {
+            self.unshared -= amount.min(self.unshared);
+            self.floor = self.count.saturating_sub(self.unshared);
+        }
+    }
+
+    /// Records that `amount` of the counts sent in `hour` did not reach the shared store: they
+    /// are unshared again, and no longer part of the floor.
+    fn unsent(&mut self, hour: u64, amount: u64) {
+        if self.hour == hour {
+            let amount = amount.min(self.count.saturating_sub(self.unshared));
+            self.unshared += amount;
+            self.floor = self.floor.saturating_sub(amount);
         }
     }
 
@@ -321,13 +394,15 @@ impl Slot {
     }
 }
 
-/// Whether a count is made beside the shared store (or without one), or in its place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CountMode {
-    /// Counted here alone, as without a shared store, or as the shared store reported it.
-    Local,
-    /// Counted here while the shared store was unavailable; to be sent to it later.
-    Unshared,
+/// What [`ClassCounts::observe`] found beside a reply of the shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Observed {
+    /// How much the local counts (the principal's, the domain's) exceed the reply's: the
+    /// counts the store has not taken, or may not have taken yet. The best estimate of the
+    /// true counts is the reply's plus these.
+    pub beyond: Counts,
+    /// Whether counts of the hour wait to be sent to the store.
+    pub unshared: bool,
 }
 
 impl ClassCounts {
@@ -370,23 +445,11 @@ impl ClassCounts {
 
     /// Counts the request if both the principal's budget and the domain ceiling have room in
     /// `hour`; otherwise counts nothing. Check and count are one atomic step.
+    ///
+    /// The count is also kept as unshared until [`Self::shared`] reports that a shared store
+    /// took it, so that a plugin with a store (after a reload, or once an unavailable store
+    /// answers again) adds it to the store.
     pub fn try_count(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
-        self.try_count_as(principal, limits, hour, CountMode::Local)
-    }
-
-    /// Counts like [`Self::try_count`], in place of a shared store that is unavailable. The
-    /// count is also kept as unshared until [`Self::shared`] reports that the store took it.
-    pub fn try_count_unshared(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
-        self.try_count_as(principal, limits, hour, CountMode::Unshared)
-    }
-
-    fn try_count_as(
-        &self,
-        principal: &[u8],
-        limits: Limits,
-        hour: u64,
-        mode: CountMode,
-    ) -> Decision {
         self.with_slots(principal, hour, |slot, domain| {
             let counts = Counts {
                 principal: slot.current(hour),
@@ -397,8 +460,8 @@ impl ClassCounts {
             }
             self.changes.fetch_add(1, Ordering::Relaxed);
             Decision::Allowed(Counts {
-                principal: slot.add(hour, mode),
-                domain: domain.add(hour, mode),
+                principal: slot.add(hour),
+                domain: domain.add(hour),
             })
         })
     }
@@ -417,76 +480,104 @@ impl ClassCounts {
         })
     }
 
-    /// Counts the request without checking the budgets; returns the counts after it.
+    /// Counts the request without checking the budgets; returns the counts after it. The
+    /// count is kept as unshared, as with [`Self::try_count`].
     pub fn add(&self, principal: &[u8], hour: u64) -> Counts {
-        self.add_as(principal, hour, CountMode::Local)
-    }
-
-    /// Counts like [`Self::add`], in place of a shared store that is unavailable. The count is
-    /// also kept as unshared until [`Self::shared`] reports that the store took it.
-    pub fn add_unshared(&self, principal: &[u8], hour: u64) -> Counts {
-        self.add_as(principal, hour, CountMode::Unshared)
-    }
-
-    fn add_as(&self, principal: &[u8], hour: u64, mode: CountMode) -> Counts {
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.with_slots(principal, hour, |slot, domain| Counts {
-            principal: slot.add(hour, mode),
-            domain: domain.add(hour, mode),
+            principal: slot.add(hour),
+            domain: domain.add(hour),
         })
     }
 
-    /// Sets the counts of `hour` to `counts`, as a shared store reported them, plus the counts
-    /// of `hour` that the store has not taken yet. Local counting starts from these counts when
-    /// the store becomes unavailable. Higher counts that a store restarted empty lost are
-    /// dropped. Returns the counts of `hour` that wait to be sent to the store: the principal's
-    /// and the domain's (every principal's together).
-    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts) -> Counts {
-        let unshared = self.with_slots(principal, hour, |slot, domain| {
-            slot.observe(hour, counts.principal);
-            domain.observe(hour, counts.domain);
-            Counts {
-                principal: slot.unshared_in(hour),
-                domain: domain.unshared_in(hour),
+    /// Sets the counts of `hour` from `counts`, as a shared store reported them, plus the
+    /// counts of `hour` that the store has not taken yet. `counted` is how many requests the
+    /// store counted in this reply (1 for a request it counted, else 0). Local counting starts
+    /// from these counts when the store becomes unavailable. Higher counts that a store
+    /// restarted empty lost are dropped, except that after a sending turn the store's part
+    /// stays at least the turn's floor (see [`Self::take_unshared`]).
+    pub fn observe(&self, principal: &[u8], hour: u64, counts: Counts, counted: u64) -> Observed {
+        let observed = self.with_slots(principal, hour, |slot, domain| {
+            slot.observe(hour, counts.principal, counted);
+            domain.observe(hour, counts.domain, counted);
+            Observed {
+                beyond: Counts {
+                    principal: slot.beyond(hour, counts.principal),
+                    domain: domain.beyond(hour, counts.domain),
+                },
+                unshared: domain.unshared_in(hour) > 0,
             }
         });
         self.changes.fetch_add(1, Ordering::Relaxed);
-        unshared
+        observed
     }
 
-    /// Returns the counters with unshared counts of `hour`.
-    pub fn unshared(&self, hour: u64) -> Vec<Unshared> {
+    /// Returns the counters with unshared counts of `hour`, and marks those counts as on the
+    /// way to the shared store. The caller reports each with [`Self::shared`] once the store
+    /// took it, or with [`Self::unsent`] when it did not.
+    ///
+    /// A reply of the store may or may not include counts sent to it: Redis may have run the
+    /// call that the reply answers before or after the `INCRBY`, and the replies may be read
+    /// in either order. Adding them on top of every reply until the `INCRBY`'s reply is read
+    /// would count them twice in the first case. Instead each counter keeps a floor for the
+    /// rest of the hour: the store's count as last seen plus the amount sent, which the
+    /// store's count reaches once it ran the `INCRBY`. [`Self::observe`] takes the store's
+    /// part as the larger of the reply and the floor. That never counts a request twice while
+    /// the store's counts only grow. It is exact when no other replica counted the principal
+    /// since this process last saw its count, and otherwise misses at most the amount sent,
+    /// until the store has run the `INCRBY`.
+    pub fn take_unshared(&self, hour: u64) -> Vec<Unshared> {
         let mut out = Vec::new();
         for (index, shard) in self.shards.iter().enumerate() {
-            let shard = shard.lock();
-            out.extend(
-                shard
-                    .entries
-                    .iter()
-                    .filter(|(_, slot)| slot.hour == hour && slot.unshared > 0)
-                    .map(|(name, slot)| Unshared {
-                        principal: name.clone(),
-                        count: slot.unshared,
-                        shard: index,
-                    }),
-            );
+            let mut shard = shard.lock();
+            let mut domain = self.domain.lock();
+            for (name, slot) in shard.entries.iter_mut() {
+                if slot.hour != hour || slot.unshared == 0 {
+                    continue;
+                }
+                let count = slot.unshared;
+                slot.send(hour, count);
+                domain.send(hour, count);
+                out.push(Unshared {
+                    principal: name.clone(),
+                    count,
+                    shard: index,
+                });
+            }
         }
         out
     }
 
     /// Records that the shared store took the counts of `sent` in `hour` and reported `counts`
-    /// after them, which [`Self::observe`] then sets.
+    /// after them, which [`Self::observe`] then sets. The amount sent is in the floor already,
+    /// and the store's count includes it now.
     pub fn shared(&self, sent: &Unshared, hour: u64, counts: Counts) {
-        let amount = sent.count;
         self.with_slots_in(sent.shard, &sent.principal, hour, |slot, domain| {
-            for (slot, count) in [(slot, counts.principal), (domain, counts.domain)] {
-                if slot.hour == hour {
-                    slot.unshared = slot.unshared.saturating_sub(amount);
-                }
-                slot.observe(hour, count);
-            }
+            slot.observe(hour, counts.principal, 0);
+            domain.observe(hour, counts.domain, 0);
         });
         self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one request of `principal` in `hour` out of the counts that the shared store
+    /// reported, because it is being taken back from the store. The count the store will have
+    /// then is what a sending turn's floor starts from.
+    pub fn taken_back(&self, principal: &[u8], hour: u64) {
+        self.with_slots(principal, hour, |slot, domain| {
+            slot.take_back(hour);
+            domain.take_back(hour);
+        });
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records that the shared store did not take the counts of `sent` in `hour`: they are
+    /// unshared again, to be sent in a later turn.
+    pub fn unsent(&self, sent: &Unshared, hour: u64) {
+        let amount = sent.count;
+        self.with_slots_in(sent.shard, &sent.principal, hour, |slot, domain| {
+            slot.unsent(hour, amount);
+            domain.unsent(hour, amount);
+        });
     }
 
     /// Starts a turn of sending the unshared counts to the shared store at `now`. Returns
@@ -505,8 +596,10 @@ impl ClassCounts {
         })
     }
 
-    /// Raises one counter of `hour` to at least `count`; `None` is the domain's counter.
+    /// Raises one counter of `hour` to at least `count`, cut to [`MAX_COUNT`]; `None` is the
+    /// domain's counter.
     pub fn restore(&self, principal: Option<&[u8]>, hour: u64, count: u64) {
+        let count = count.min(MAX_COUNT);
         match principal {
             Some(principal) => self.with_slots(principal, hour, |slot, _| slot.raise(hour, count)),
             None => self.domain.lock().raise(hour, count),
@@ -679,25 +772,147 @@ mod tests {
             .collect()
     }
 
+    fn observed(set: &ClassCounts, name: &[u8], hour: u64, reply: Counts) -> Counts {
+        set.observe(name, hour, reply, 0).beyond
+    }
+
     /// Counts made in place of the shared store stay on top of the store's counts until the
     /// store reports that it took them.
     #[test]
     fn unshared_counts_survive_observe() {
         let set = Registry::new().counts("d", Class::Index);
-        assert_eq!(set.observe(b"alice", HOUR, counts(3, 5)), counts(0, 0));
-        set.try_count_unshared(b"alice", LIMITS, HOUR);
-        set.add_unshared(b"alice", HOUR);
-        set.try_count(b"bob", LIMITS, HOUR);
-        assert_eq!(set.observe(b"alice", HOUR, counts(4, 6)), counts(2, 2));
+        assert_eq!(observed(&set, b"alice", HOUR, counts(3, 5)), counts(0, 0));
+        set.try_count(b"alice", LIMITS, HOUR);
+        set.add(b"alice", HOUR);
+        assert_eq!(observed(&set, b"alice", HOUR, counts(4, 6)), counts(2, 2));
         assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(6, 8));
-        let unshared = set.unshared(HOUR);
+        assert_eq!(set.take_unshared(HOUR + 1), Vec::new());
+        let unshared = set.take_unshared(HOUR);
         assert_eq!(names_and_counts(&unshared), [("alice".to_owned(), 2)]);
-        assert_eq!(set.unshared(HOUR + 1), Vec::new());
+        assert_eq!(set.take_unshared(HOUR), Vec::new(), "already on the way");
 
         set.shared(&unshared[0], HOUR, counts(7, 9));
         assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(7, 9));
-        assert_eq!(set.unshared(HOUR), Vec::new());
-        assert_eq!(set.observe(b"alice", HOUR, counts(7, 9)), counts(0, 0));
+        assert_eq!(set.take_unshared(HOUR), Vec::new());
+        assert_eq!(
+            set.observe(b"alice", HOUR, counts(7, 9), 0),
+            Observed::default()
+        );
+    }
+
+    /// Counts made without a shared store (before a reload added one) are unshared too, so the
+    /// first reply of the store does not lower them to the store's count.
+    #[test]
+    fn counts_without_store_are_unshared() {
+        let set = Registry::new().counts("d", Class::Index);
+        for _ in 0..5 {
+            set.try_count(b"alice", LIMITS, HOUR);
+        }
+        set.add(b"bob", HOUR);
+        let observed = set.observe(b"alice", HOUR, counts(1, 1), 1);
+        assert_eq!(observed.beyond, counts(5, 6));
+        assert!(observed.unshared);
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(6, 7));
+    }
+
+    /// Counts sent to the store count once, whether a reply includes them or not, and in
+    /// whatever order the replies are read: the review's case of a budget of 10, the store at
+    /// 3 and 4 counted here while it was away.
+    #[test]
+    fn counts_sent_count_once() {
+        let set = Registry::new().counts("d", Class::Index);
+        let limits = LIMITS;
+        observed(&set, b"alice", HOUR, counts(3, 3));
+        for _ in 0..4 {
+            set.try_count(b"alice", limits, HOUR);
+        }
+        let sent = set.take_unshared(HOUR);
+        assert_eq!(names_and_counts(&sent), [("alice".to_owned(), 4)]);
+        assert_eq!(set.take_unshared(HOUR), Vec::new(), "already on the way");
+        assert_eq!(set.peek(b"alice", limits, HOUR).counts(), counts(7, 7));
+
+        // The store runs a request S (3 to 4), the INCRBY (to 8), and a request P (8 to 9).
+        // P's reply is read first: it includes the 4, which are not added again.
+        let p = set.observe(b"alice", HOUR, counts(9, 9), 1);
+        assert_eq!(p, Observed::default());
+        // S's reply does not include the 4: they count through the floor, once.
+        let s = set.observe(b"alice", HOUR, counts(4, 4), 1);
+        assert_eq!(s.beyond, counts(4, 4));
+        // The INCRBY's reply, read last, leaves the store's part at the floor or above.
+        set.shared(&sent[0], HOUR, counts(8, 8));
+        assert_eq!(set.peek(b"alice", limits, HOUR).counts(), counts(8, 8));
+        // A later request that the store counts takes the store's count as it is.
+        assert_eq!(
+            set.observe(b"alice", HOUR, counts(10, 10), 1),
+            Observed::default()
+        );
+        assert_eq!(set.peek(b"alice", limits, HOUR).counts(), counts(10, 10));
+        assert_eq!(set.take_unshared(HOUR), Vec::new());
+    }
+
+    /// A reply read while the INCRBY's reply is held back, of a request that the store counted
+    /// after the INCRBY, sees the counts sent once: 7 before the request, not 7 + 4.
+    #[test]
+    fn reply_after_incrby_counts_sent_once() {
+        let set = Registry::new().counts("d", Class::Index);
+        observed(&set, b"alice", HOUR, counts(3, 3));
+        for _ in 0..4 {
+            set.try_count(b"alice", LIMITS, HOUR);
+        }
+        let _sent = set.take_unshared(HOUR);
+        let seen = set.observe(b"alice", HOUR, counts(8, 8), 1);
+        assert_eq!(seen.beyond, counts(0, 0));
+        // A count made here meanwhile is unshared, on top of the store's part.
+        set.try_count(b"alice", LIMITS, HOUR);
+        assert_eq!(
+            set.observe(b"alice", HOUR, counts(8, 8), 0).beyond,
+            counts(1, 1)
+        );
+        assert_eq!(
+            names_and_counts(&set.take_unshared(HOUR)),
+            [("alice".to_owned(), 1)]
+        );
+    }
+
+    /// A request taken back from the store leaves the counts, and the floor of a sending turn
+    /// that starts after it.
+    #[test]
+    fn taken_back_request_is_not_in_the_floor() {
+        let set = Registry::new().counts("d", Class::Index);
+        for _ in 0..5 {
+            set.try_count(b"alice", LIMITS, HOUR);
+        }
+        // The store counted a request (0 to 1) that the 5 counted here put over the budget.
+        assert_eq!(
+            set.observe(b"alice", HOUR, counts(1, 1), 1).beyond,
+            counts(5, 5)
+        );
+        set.taken_back(b"alice", HOUR);
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(5, 5));
+        let sent = set.take_unshared(HOUR);
+        set.shared(&sent[0], HOUR, counts(5, 5));
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(5, 5));
+    }
+
+    /// Counts that the store did not take are unshared again.
+    #[test]
+    fn unsent_counts_are_unshared_again() {
+        let set = Registry::new().counts("d", Class::Index);
+        for _ in 0..3 {
+            set.try_count(b"alice", LIMITS, HOUR);
+        }
+        let sent = set.take_unshared(HOUR);
+        set.unsent(&sent[0], HOUR);
+        // The store's count without them is taken as it is again.
+        assert_eq!(
+            set.observe(b"alice", HOUR, counts(1, 1), 1).beyond,
+            counts(3, 3)
+        );
+        assert_eq!(
+            names_and_counts(&set.take_unshared(HOUR)),
+            [("alice".to_owned(), 3)]
+        );
+        assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(4, 4));
     }
 
     /// Unshared counts that the store took only in part keep the rest on top.
@@ -705,14 +920,19 @@ mod tests {
     fn shared_in_part_keeps_the_rest() {
         let set = Registry::new().counts("d", Class::Index);
         for _ in 0..3 {
-            set.try_count_unshared(b"alice", LIMITS, HOUR);
+            set.try_count(b"alice", LIMITS, HOUR);
         }
-        let mut part = set.unshared(HOUR).remove(0);
+        let mut part = set.take_unshared(HOUR).remove(0);
+        let rest = Unshared {
+            count: 1,
+            ..part.clone()
+        };
         part.count = 2;
+        set.unsent(&rest, HOUR);
         set.shared(&part, HOUR, counts(2, 2));
         assert_eq!(set.peek(b"alice", LIMITS, HOUR).counts(), counts(3, 3));
         assert_eq!(
-            names_and_counts(&set.unshared(HOUR)),
+            names_and_counts(&set.take_unshared(HOUR)),
             [("alice".to_owned(), 1)]
         );
     }
@@ -721,10 +941,36 @@ mod tests {
     #[test]
     fn unshared_counts_end_with_their_hour() {
         let set = Registry::new().counts("d", Class::Index);
-        set.try_count_unshared(b"alice", LIMITS, HOUR);
-        assert_eq!(set.observe(b"alice", HOUR + 1, counts(1, 1)), counts(0, 0));
-        assert_eq!(set.unshared(HOUR), Vec::new());
-        assert_eq!(set.unshared(HOUR + 1), Vec::new());
+        set.try_count(b"alice", LIMITS, HOUR);
+        assert_eq!(
+            observed(&set, b"alice", HOUR + 1, counts(1, 1)),
+            counts(0, 0)
+        );
+        assert_eq!(set.take_unshared(HOUR), Vec::new());
+        assert_eq!(set.take_unshared(HOUR + 1), Vec::new());
+    }
+
+    /// Counts saturate at the top instead of overflowing, and a restored count is cut to
+    /// [`MAX_COUNT`].
+    #[test]
+    fn counts_saturate() {
+        let set = Registry::new().counts("d", Class::Index);
+        set.restore(Some(b"alice"), HOUR, u64::MAX);
+        set.restore(None, HOUR, u64::MAX);
+        let unlimited = Limits {
+            principal: u64::MAX,
+            domain: None,
+        };
+        assert_eq!(
+            set.peek(b"alice", unlimited, HOUR).counts(),
+            counts(MAX_COUNT, MAX_COUNT)
+        );
+        assert_eq!(
+            set.try_count(b"bob", LIMITS, HOUR),
+            Decision::Allowed(counts(1, MAX_COUNT + 1))
+        );
+        let mut slot = Slot::fresh(HOUR, u64::MAX);
+        assert_eq!(slot.add(HOUR), u64::MAX);
     }
 
     /// One sharing turn runs at a time, and a turn can delay the next.

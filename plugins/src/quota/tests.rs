@@ -136,6 +136,7 @@ async fn budget_rejection_names_budget_and_quota() {
     let (verdict, state) = send(&plugin, INDEX, Sender::User("alice"), at(10)).await;
     assert!(body(&verdict).contains("\"budget\":\"index requests per hour\""));
     assert_eq!(state.rejected_by, Some(REJECTED_BY));
+    assert_eq!(state.rejected_reason, Some("index:principal"));
 }
 
 #[tokio::test]
@@ -730,6 +731,7 @@ async fn redis_down_fail_closed_rejects_with_429() {
     assert_eq!(status(&verdict), 429);
     assert!(body(&verdict).contains("budget_store_unavailable"));
     assert_eq!(state.rejected_by, Some(REJECTED_BY));
+    assert_eq!(state.rejected_reason, Some("index:store_unavailable"));
 }
 
 #[tokio::test]
@@ -1133,4 +1135,52 @@ fn status_code_of_rejection_is_429() {
         },
     );
     assert_eq!(response.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// A state file may hold any `u64` count, above the `i64::MAX` that the writer caps counts at.
+/// Such a count is cut on restore, and the next requests neither overflow a count nor pass the
+/// budget: the principal's is over it, and the domain's count (without a ceiling) saturates.
+#[tokio::test]
+async fn state_file_count_above_integer_limit_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("quota.state");
+    let now = SystemTime::now();
+    let hour = Window::at(now).hour;
+    let huge = u64::MAX;
+    for late in ["", "count_cache_hits = false"] {
+        std::fs::write(
+            &path,
+            format!(
+                "version = 1\ndomain = \"primary\"\nsaved_at = 0\n\n\
+                 [[counts]]\nclass = \"index\"\nhour = {hour}\ncount = {huge}\n\n\
+                 [[counts]]\nclass = \"index\"\nprincipal = \"user:alice\"\nhour = {hour}\n\
+                 count = {huge}\n"
+            ),
+        )
+        .expect("write");
+        let registry = Registry::new();
+        let text = format!("{}\n{late}", with_state_file(&path));
+        let plugin = build_in(&registry, "primary", &text);
+        if Window::at(SystemTime::now()).hour != hour {
+            // The build read the file in the next hour, where its counts do not apply.
+            return;
+        }
+        assert_eq!(
+            plugin.local_count(Class::Index, "user:alice", now),
+            store::MAX_COUNT
+        );
+        let (verdict, _) = send(&plugin, INDEX, Sender::User("alice"), now).await;
+        assert_eq!(status(&verdict), 429, "{late}");
+        for _ in 0..2 {
+            let (verdict, mut state) = send(&plugin, INDEX, Sender::User("bob"), now).await;
+            assert_eq!(status(&verdict), 200, "{late}");
+            plugin.count_upstream_at(&mut state, now);
+        }
+        assert_eq!(plugin.local_count(Class::Index, "user:bob", now), 2);
+        assert_eq!(
+            registry.counts("primary", Class::Index).domain_count(hour),
+            store::MAX_COUNT + 2
+        );
+        assert_eq!(plugin.save_state(now).ok(), Some(true), "{late}");
+    }
 }

@@ -31,6 +31,11 @@ pub use table::{shared_table, ClientTable, ConcurrencySlot, Principal, Rate, Rat
 
 /// The label this plugin records in [`RequestState::rejected_by`].
 pub const REJECTED_BY: &str = "rate_limit";
+/// The reason recorded in [`RequestState::rejected_reason`] for a request over the rate.
+pub const REASON_RATE: &str = "rate";
+/// The reason recorded in [`RequestState::rejected_reason`] for a request over the
+/// concurrency cap.
+pub const REASON_CONCURRENCY: &str = "concurrency";
 
 /// The limits of one domain, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +108,7 @@ impl RateLimitPlugin {
                 );
                 state.rate_limit = Some(budget);
                 state.rejected_by = Some(REJECTED_BY);
+                state.rejected_reason = Some(REASON_RATE);
                 Verdict::Respond(too_many_requests(
                     &self.rate_budget,
                     budget,
@@ -248,6 +254,7 @@ fn reject_concurrency(max: u32, state: &mut RequestState) -> Verdict {
     };
     state.rate_limit = Some(budget);
     state.rejected_by = Some(REJECTED_BY);
+    state.rejected_reason = Some(REASON_CONCURRENCY);
     Verdict::Respond(too_many_requests("concurrent requests", budget, 1))
 }
 

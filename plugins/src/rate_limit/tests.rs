@@ -154,6 +154,7 @@ fn burst_then_429() {
     assert_eq!(header(&response, "ratelimit-limit"), Some("2"));
     assert_eq!(header(&response, "ratelimit-remaining"), Some("0"));
     assert_eq!(state.rejected_by, Some("rate_limit"));
+    assert_eq!(state.rejected_reason, Some("rate"));
     let body = String::from_utf8_lossy(&response.body);
     assert!(
         body.contains("\"budget\":\"request rate of 1 per second, bursts of 2\""),
@@ -304,6 +305,7 @@ fn concurrency_cap_and_release() {
     let body = response.map(|r| String::from_utf8_lossy(&r.body).into_owned());
     assert!(body.is_some_and(|b| b.contains("concurrent requests")));
     assert_eq!(third.rejected_by, Some("rate_limit"));
+    assert_eq!(third.rejected_reason, Some("concurrency"));
     drop(first);
     assert_eq!(plugin.table().in_flight(ip), 1);
     assert!(passes(&plugin, "192.0.2.1", t0));
