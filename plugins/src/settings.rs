@@ -66,7 +66,9 @@ pub fn parse<T: DeserializeOwned>(value: toml::Value) -> Result<T, Vec<SettingEr
                     let key = e.path().to_string();
                     let key = if key == "." { String::new() } else { key };
                     let shown = lookup(&source, &key).map(render);
-                    let reason = describe_expected(&e.into_inner().to_string());
+                    // The message alone: the error's `Display` appends a line naming the key
+                    // again and a blank line, and the key is shown beside the reason already.
+                    let reason = describe_expected(e.into_inner().message().trim_end());
                     SettingError::new(key, shown, reason)
                 });
             errors.extend(err);
@@ -274,6 +276,16 @@ mod tests {
             "{}",
             errors[0].reason
         );
+    }
+
+    #[test]
+    fn wrong_type_reason_one_line() {
+        for text in ["name = \"a\"\ncount = \"3\"", "name = \"a\""] {
+            let errors = parse::<Sample>(table(text)).expect_err("bad table");
+            let reason = &errors[0].reason;
+            assert!(!reason.contains('\n'), "{reason:?}");
+            assert!(!reason.contains("in `count`"), "{reason:?}");
+        }
     }
 
     #[test]

@@ -1168,6 +1168,10 @@ impl Gateway {
         route.is_some_and(|r| r.forward_authorization)
     }
 
+    /// Writes the access-log line and the request metrics of a finished request.
+    ///
+    /// NOTE: a request still running when a stop's grace period ends is cancelled with its
+    /// runtime and never reaches this step, so it gets neither.
     fn log_request(&self, session: &Session, ctx: &RequestCtx) {
         let state = Arc::clone(&ctx.state);
         let req = session.req_header();

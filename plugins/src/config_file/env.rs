@@ -22,6 +22,8 @@
 //! file or a variable that sets the domain's whole plugin list must list. A variable that ends
 //! in one of these names but lacks the prefix is ignored with a warning.
 
+use std::collections::BTreeMap;
+
 use toml::{Table, Value};
 
 use super::ConfigError;
@@ -64,7 +66,8 @@ const CONFIG_VARIABLE: &str = "MIRROR_GATEWAY_CONFIG";
 /// one: `MIRROR_GATEWAY_DOMAINS__PRIMARY__HOSTS` with one underscore after the prefix, or a
 /// budget setting name without the prefix, such as `MAXINDEXREQUESTSPERHOUR`. Overrides are
 /// applied without them, so a typo or an env file kept from an earlier deployment would
-/// otherwise go unnoticed.
+/// otherwise go unnoticed. Also a warning for each of two or more overrides whose names differ
+/// only in case, which set the same key.
 pub fn near_miss_warnings(env: &[(String, String)]) -> Vec<ConfigError> {
     let one_underscore = &ENV_PREFIX[..ENV_PREFIX.len() - 1];
     let mut warnings = Vec::new();
@@ -89,6 +92,32 @@ pub fn near_miss_warnings(env: &[(String, String)]) -> Vec<ConfigError> {
             continue;
         };
         warnings.push(ConfigError::new(name.clone(), "", None, reason));
+    }
+    warnings.extend(same_key_warnings(env));
+    warnings
+}
+
+/// Returns a warning for each override that sets the same key as another, which happens when
+/// their names differ only in case. Only the one applied last counts.
+fn same_key_warnings(env: &[(String, String)]) -> Vec<ConfigError> {
+    let mut by_key: BTreeMap<Vec<String>, Vec<&str>> = BTreeMap::new();
+    for (name, _) in env.iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)) {
+        by_key.entry(apply_order(name)).or_default().push(name);
+    }
+    let mut warnings = Vec::new();
+    for names in by_key.values_mut().filter(|names| names.len() > 1) {
+        // `apply_overrides` applies variables of one key in this order, so the last wins.
+        names.sort_unstable();
+        let winner = names[names.len() - 1];
+        for name in names.iter() {
+            let others: Vec<&str> = names.iter().copied().filter(|n| n != name).collect();
+            let reason = format!(
+                "sets the same key as {}, its name differing only in case; {winner} is \
+                 applied last and wins, so keep only one of them",
+                others.join(", ")
+            );
+            warnings.push(ConfigError::new(name.to_string(), "", None, reason));
+        }
     }
     warnings
 }
@@ -752,6 +781,41 @@ mod tests {
         let (sources, errors) = apply_overrides(&mut root, env);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(sources.variable_for("domains.a.routes"), Some(var));
+    }
+
+    #[test]
+    fn same_key_in_two_cases_warns() {
+        let env: Vec<(String, String)> = [
+            ("MIRROR_GATEWAY__SERVER__THREADS", "2"),
+            ("MIRROR_GATEWAY__server__threads", "3"),
+            ("MIRROR_GATEWAY__LOG__LEVEL", "info"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+        let warnings = near_miss_warnings(&env);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert!(
+            text[0].starts_with("MIRROR_GATEWAY__SERVER__THREADS: "),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[0].contains("same key as MIRROR_GATEWAY__server__threads"),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[1].contains("MIRROR_GATEWAY__server__threads is applied last"),
+            "{}",
+            text[1]
+        );
+
+        let mut root: Table = "[server]\nthreads = 1\n".parse().expect("toml");
+        let (_, errors) = apply_overrides(&mut root, env);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(root["server"]["threads"].as_integer(), Some(3));
     }
 
     #[test]
