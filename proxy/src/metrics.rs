@@ -1004,6 +1004,7 @@ mod tests {
             CACHE_WRITE_ERRORS,
             REJECTIONS,
             AUTH_FAILURES,
+            RATE_LIMIT_REJECTIONS,
             QUOTA_REJECTIONS,
         ]
         .iter()
