@@ -190,20 +190,21 @@ async fn untrusted_peer_cannot_spoof() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrency_cap_releases_at_end() {
-    let origin = TestOrigin::start(|req| Reply {
+/// Starts an origin that replies to `/slow` after 800 ms and to every other path at once.
+async fn slow_origin() -> TestOrigin {
+    TestOrigin::start(|req| Reply {
         delay: Duration::from_millis(if req.target == "/slow" { 800 } else { 0 }),
         ..Reply::ok("{}")
     })
-    .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config("rl-concurrent", origin.addr, 100, "").replace(
-        "requests_per_second = 0.01",
-        "requests_per_second = 1000\nmax_concurrent_per_ip = 1",
-    );
-    let gateway = TestGateway::start(dir.path(), &config);
+    .await
+}
 
+/// Sends `GET /slow` in a task of its own and waits until the origin received it, so that
+/// the request takes the client's place among its concurrent requests.
+async fn hold_slow_request(
+    gateway: &TestGateway,
+    origin: &TestOrigin,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     let slow = tokio::spawn(client().get(gateway.url("/slow")).send());
     for _ in 0..200 {
         if origin.count() > 0 {
@@ -211,6 +212,36 @@ async fn concurrency_cap_releases_at_end() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    slow
+}
+
+/// Sends requests to fresh paths until one gets 200, at most 50 of them 20 ms apart, and
+/// returns every status. A place among the concurrent requests is given back just after the
+/// response that held it is sent, so the first requests may still get 429.
+async fn statuses_until_ok(gateway: &TestGateway) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for n in 0..50 {
+        let got = status(gateway, &format!("/after-{n}"), None).await;
+        statuses.push(got);
+        if got == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_cap_releases_at_end() {
+    let origin = slow_origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config("rl-concurrent", origin.addr, 100, "").replace(
+        "requests_per_second = 0.01",
+        "requests_per_second = 1000\nmax_concurrent_per_ip = 1",
+    );
+    let gateway = TestGateway::start(dir.path(), &config);
+
+    let slow = hold_slow_request(&gateway, &origin).await;
     let busy = get(&gateway, "/busy", None).await;
     assert_eq!(busy.status(), 429);
     assert_eq!(header(&busy, "ratelimit-limit").as_deref(), Some("1"));
@@ -222,27 +253,14 @@ async fn concurrency_cap_releases_at_end() {
 
     let finished = slow.await.expect("task").expect("slow request");
     assert_eq!(finished.status(), 200);
-    // The place is given back just after the response is sent, so allow a short delay.
-    let mut after = 0;
-    for n in 0..50 {
-        after = status(&gateway, &format!("/after-{n}"), None).await;
-        if after == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(after, 200);
+    assert_eq!(statuses_until_ok(&gateway).await.last(), Some(&200));
 }
 
-/// A rate rejection and a concurrency rejection are told apart: in the metrics, in
-/// `/limits/stats` and in the access log, which names the budget of each rejected request.
+/// Rate and concurrency rejections have distinct reasons in the metrics, in `/limits/stats`
+/// and in the access log, which names the budget of each rejected request.
 #[tokio::test(flavor = "multi_thread")]
 async fn rejections_name_their_reason() {
-    let origin = TestOrigin::start(|req| Reply {
-        delay: Duration::from_millis(if req.target == "/slow" { 800 } else { 0 }),
-        ..Reply::ok("{}")
-    })
-    .await;
+    let origin = slow_origin().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let htpasswd = dir.path().join("admin.htpasswd");
     std::fs::write(
@@ -258,26 +276,12 @@ async fn rejections_name_their_reason() {
         );
     let gateway = TestGateway::start(dir.path(), &config);
 
-    let slow = tokio::spawn(client().get(gateway.url("/slow")).send());
-    for _ in 0..200 {
-        if origin.count() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let slow = hold_slow_request(&gateway, &origin).await;
     assert_eq!(status(&gateway, "/busy", None).await, 429);
     let finished = slow.await.expect("task").expect("slow request");
     assert_eq!(finished.status(), 200);
-    // The place is given back just after the response; the burst of 2 has 1 request left.
-    let mut statuses = Vec::new();
-    for n in 0..50 {
-        let got = status(&gateway, &format!("/after-{n}"), None).await;
-        statuses.push(got);
-        if got == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The burst of 2 has 1 request left after `/slow`.
+    let statuses = statuses_until_ok(&gateway).await;
     assert_eq!(statuses.last(), Some(&200));
     assert_eq!(status(&gateway, "/over", None).await, 429);
     let concurrency = statuses.len() as u64;

@@ -468,18 +468,29 @@ struct Delays {
     refund: Duration,
 }
 
-/// Starts a loopback proxy in front of `upstream` that holds back each chunk with a script call
-/// by `delays`, counted from the chunk's arrival, as network latency would. A chunk never
-/// overtakes an earlier one, and replies pass at once. Returns the proxy's port.
-async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Delays>>) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// The two directions of one connection through a test proxy.
+struct Relay {
+    from_client: tokio::net::tcp::OwnedReadHalf,
+    to_client: tokio::net::tcp::OwnedWriteHalf,
+    from_server: tokio::net::tcp::OwnedReadHalf,
+    to_server: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// Starts a loopback proxy in front of `upstream` that connects to it for each client and
+/// hands both connections to `relay`. Returns the proxy's port.
+async fn start_proxy<F, Fut>(upstream: u16, relay: F) -> u16
+where
+    F: Fn(Relay) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the proxy");
     let port = listener.local_addr().expect("proxy address").port();
+    let relay = Arc::new(relay);
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let delays = Arc::clone(&delays);
+            let relay = Arc::clone(&relay);
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                 else {
@@ -491,41 +502,67 @@ async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Dela
                 if client.set_nodelay(true).is_err() || server.set_nodelay(true).is_err() {
                     return;
                 }
-                let (mut from_client, mut to_client) = client.into_split();
-                let (mut from_server, mut to_server) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
-                });
-                let (held, mut to_release) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(async move {
-                    while let Some((release_at, chunk)) = to_release.recv().await {
-                        tokio::time::sleep_until(release_at).await;
-                        let chunk: Vec<u8> = chunk;
-                        if to_server.write_all(&chunk).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                    let chunk = &buf[..n];
-                    let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
-                    let mut delay = Duration::ZERO;
-                    if has(b"EVALSHA") {
-                        let d = *delays.lock();
-                        let check =
-                            has(b"\r\ncount\r\n") || has(b"\r\npeek\r\n") || has(b"\r\nadd\r\n");
-                        delay = if check { d.check } else { d.refund };
-                    }
-                    let release_at = tokio::time::Instant::now() + delay;
-                    if held.send((release_at, chunk.to_vec())).is_err() {
-                        return;
-                    }
-                }
+                let (from_client, to_client) = client.into_split();
+                let (from_server, to_server) = server.into_split();
+                relay(Relay {
+                    from_client,
+                    to_client,
+                    from_server,
+                    to_server,
+                })
+                .await;
             });
         }
     });
     port
+}
+
+/// Starts a loopback proxy in front of `upstream` that holds back each chunk with a script call
+/// by `delays`, counted from the chunk's arrival, as network latency would. A chunk never
+/// overtakes an earlier one, and replies pass at once. Returns the proxy's port.
+async fn start_delaying_proxy(upstream: u16, delays: Arc<parking_lot::Mutex<Delays>>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    start_proxy(upstream, move |relay| {
+        let delays = Arc::clone(&delays);
+        async move {
+            let Relay {
+                mut from_client,
+                mut to_client,
+                mut from_server,
+                mut to_server,
+            } = relay;
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+            });
+            let (held, mut to_release) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some((release_at, chunk)) = to_release.recv().await {
+                    tokio::time::sleep_until(release_at).await;
+                    let chunk: Vec<u8> = chunk;
+                    if to_server.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                let chunk = &buf[..n];
+                let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+                let mut delay = Duration::ZERO;
+                if has(b"EVALSHA") {
+                    let d = *delays.lock();
+                    let check =
+                        has(b"\r\ncount\r\n") || has(b"\r\npeek\r\n") || has(b"\r\nadd\r\n");
+                    delay = if check { d.check } else { d.refund };
+                }
+                let release_at = tokio::time::Instant::now() + delay;
+                if held.send((release_at, chunk.to_vec())).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// A request that goes away while its check is on the way has its count taken back. Taking it
@@ -939,62 +976,51 @@ async fn reload_adding_redis_keeps_local_counts() {
 async fn start_add_reply_holding_proxy(upstream: u16, hold: Duration) -> u16 {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the proxy");
-    let port = listener.local_addr().expect("proxy address").port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                else {
-                    return;
-                };
-                if client.set_nodelay(true).is_err() || server.set_nodelay(true).is_err() {
-                    return;
-                }
-                let (mut from_client, mut to_client) = client.into_split();
-                let (mut from_server, mut to_server) = server.into_split();
-                // Calls with an `add` whose reply has not come yet; the connection carries one
-                // call at a time, so the next reply is theirs.
-                let adds = Arc::new(AtomicUsize::new(0));
-                let adds_in_replies = Arc::clone(&adds);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65536];
-                    while let Ok(n @ 1..) = from_server.read(&mut buf).await {
-                        let pending = adds_in_replies.load(Ordering::SeqCst);
-                        if pending > 0 {
-                            adds_in_replies.store(pending - 1, Ordering::SeqCst);
-                            // An error (`-NOSCRIPT`) is followed by the call again.
-                            if buf[0] != b'-' {
-                                tokio::time::sleep(hold).await;
-                            }
-                        }
-                        if to_client.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                    let chunk = &buf[..n];
-                    let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
-                    if has(b"EVALSHA") && has(b"\r\nadd\r\n") {
-                        adds.fetch_add(1, Ordering::SeqCst);
-                    }
-                    if to_server.write_all(chunk).await.is_err() {
-                        return;
+    start_proxy(upstream, move |relay| async move {
+        let Relay {
+            mut from_client,
+            mut to_client,
+            mut from_server,
+            mut to_server,
+        } = relay;
+        // Calls with an `add` whose reply has not come yet. The connection carries one call
+        // at a time, so the next reply is theirs.
+        let adds = Arc::new(AtomicUsize::new(0));
+        let adds_in_replies = Arc::clone(&adds);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                let pending = adds_in_replies.load(Ordering::SeqCst);
+                if pending > 0 {
+                    adds_in_replies.store(pending - 1, Ordering::SeqCst);
+                    // An error (`-NOSCRIPT`) is followed by the call again.
+                    if buf[0] != b'-' {
+                        tokio::time::sleep(hold).await;
                     }
                 }
-            });
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+            let chunk = &buf[..n];
+            let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+            if has(b"EVALSHA") && has(b"\r\nadd\r\n") {
+                adds.fetch_add(1, Ordering::SeqCst);
+            }
+            if to_server.write_all(chunk).await.is_err() {
+                return;
+            }
         }
-    });
-    port
+    })
+    .await
 }
 
 /// Counts made during an outage go to Redis with an `INCRBY` once it is back. A reply to a
-/// check that Redis ran after that `INCRBY`, but that arrives before the `INCRBY`'s own reply,
-/// already includes them, and they are not counted a second time on top of it: no request is
+/// check that Redis ran after that `INCRBY` may arrive before the `INCRBY`'s own reply. It
+/// already includes the counts, and they are not added a second time, so no request is
 /// rejected while the principal has room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outage_counts_on_the_way_count_once() {

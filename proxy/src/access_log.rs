@@ -8,8 +8,9 @@
 //! The fields after the user agent are the domain id, the authenticated user, the
 //! `X-Cache-Status` value, the request time in seconds with millisecond resolution, and the
 //! label of the plugin and budget that rejected the request (`rate_limit:rate`,
-//! `quota:index:principal`, `htpasswd`); `-` stands for an empty field. Quotes, backslashes, control and non-ASCII bytes in quoted
-//! fields are written as `\xHH`, so a client cannot forge log fields.
+//! `quota:index:principal`, `htpasswd`). An empty field is written as `-`. Quotes,
+//! backslashes, control and non-ASCII bytes in quoted fields are written as `\xHH`, so a
+//! client cannot forge log fields.
 //!
 //! With `log.access_log_format = "json"` each line is one JSON object with the same facts:
 //!

@@ -353,14 +353,9 @@ impl QuotaPlugin {
                 Ok(decision)
             }
             Err(unavailable) => match redis.failure_mode() {
-                // Counts made here are added to Redis once it replies again.
-                FailureMode::FailOpen => Ok(redis_store::decide_unshared(
-                    op,
-                    &rule.counts,
-                    principal.as_bytes(),
-                    rule.limits,
-                    window.hour,
-                )),
+                // Every local count is kept as unshared, so counts made here are added to
+                // Redis once it replies again.
+                FailureMode::FailOpen => Ok(local()),
                 FailureMode::FailClosed => Err(unavailable),
             },
         }
@@ -395,7 +390,8 @@ impl Plugin for QuotaPlugin {
     }
 }
 
-/// Checks (and for [`Op::Count`] counts) in this process's counters.
+/// Checks (and for [`Op::Count`] and [`Op::Add`] counts) in this process's counters. The
+/// counts are kept as unshared until a shared store takes them.
 fn decide_local(rule: &ClassRule, op: Op, principal: &PrincipalName, window: Window) -> Decision {
     let principal = principal.as_bytes();
     match op {

@@ -31,13 +31,13 @@
 //! again after a backoff that starts at 250 ms and doubles up to 5 s. The switch to the fallback
 //! and the recovery are each logged once.
 //!
-//! Requests that the fallback counts locally ([`decide_unshared`]) stay marked as unshared in
+//! Requests that the fallback counts locally stay marked as unshared in
 //! [`ClassCounts`], as do those that a plugin without Redis counted before a reload added the
-//! `redis` table. Local counts are Redis's counts plus those, so a Redis that comes and goes
+//! `redis` table. Local counts are Redis's counts plus those. So a Redis that comes and goes
 //! does not hand out a fresh local budget on each outage, and a reload does not reset a
 //! budget. Once Redis replies, a background task adds the unshared counts to Redis, so the
-//! other replicas see them too. While that task's `INCRBY` is on the way, replies are not
-//! added to the counts it carries a second time (see [`ClassCounts::take_unshared`]).
+//! other replicas see them too. While that task's `INCRBY` is on the way, the counts it
+//! carries are not added to replies a second time (see [`ClassCounts::take_unshared`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -732,22 +732,6 @@ impl RedisStore {
             "quota: Redis key {key:?} holds a value that is not an integer from 0 to 2^53 - 1, \
              so its requests {fallback}; delete the key with `redis-cli DEL {key:?}` to count \
              them in Redis again");
-    }
-}
-
-/// Checks (and for [`Op::Count`] and [`Op::Add`] counts) in `local` in place of Redis. The
-/// counts are kept as unshared, so that they are added to Redis once it replies again.
-pub fn decide_unshared(
-    op: Op,
-    local: &ClassCounts,
-    principal: &[u8],
-    limits: Limits,
-    hour: u64,
-) -> Decision {
-    match op {
-        Op::Count => local.try_count(principal, limits, hour),
-        Op::Peek => local.peek(principal, limits, hour),
-        Op::Add => Decision::Allowed(local.add(principal, hour)),
     }
 }
 

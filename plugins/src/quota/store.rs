@@ -6,10 +6,10 @@
 //! sees a newer hour. A clock that steps back keeps counting against the newest hour it saw.
 //!
 //! With a shared store (Redis), the counters contain the counts of the store's last replies.
-//! Requests counted here and not in the store (while the store was unavailable, or by a plugin
-//! without a store, before a reload added one) are also kept apart as unshared counts until the
-//! store took them (see [`ClassCounts::observe`], [`ClassCounts::take_unshared`] and
-//! [`ClassCounts::shared`]).
+//! Requests counted here and not in the store are also kept apart as unshared counts until the
+//! store took them. They come from the time the store was unavailable, or from a plugin
+//! without a store before a reload added one (see [`ClassCounts::observe`],
+//! [`ClassCounts::take_unshared`] and [`ClassCounts::shared`]).
 //!
 //! Counts end at [`MAX_COUNT`]: a count read from a state file is cut to it, and counts that
 //! grow saturate instead of wrapping, so no input makes a count overflow.
@@ -394,7 +394,8 @@ impl Slot {
     }
 }
 
-/// What [`ClassCounts::observe`] found beside a reply of the shared store.
+/// The result of [`ClassCounts::observe`]: how the local counts compare with a reply of the
+/// shared store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Observed {
     /// How much the local counts (the principal's, the domain's) exceed the reply's: the
@@ -448,7 +449,7 @@ impl ClassCounts {
     ///
     /// The count is also kept as unshared until [`Self::shared`] reports that a shared store
     /// took it, so that a plugin with a store (after a reload, or once an unavailable store
-    /// answers again) adds it to the store.
+    /// replies again) adds it to the store.
     pub fn try_count(&self, principal: &[u8], limits: Limits, hour: u64) -> Decision {
         self.with_slots(principal, hour, |slot, domain| {
             let counts = Counts {
@@ -516,8 +517,8 @@ impl ClassCounts {
     /// way to the shared store. The caller reports each with [`Self::shared`] once the store
     /// took it, or with [`Self::unsent`] when it did not.
     ///
-    /// A reply of the store may or may not include counts sent to it: Redis may have run the
-    /// call that the reply answers before or after the `INCRBY`, and the replies may be read
+    /// A reply of the store may or may not include counts sent to it, because Redis may have
+    /// run the call of that reply before or after the `INCRBY`, and the replies may be read
     /// in either order. Adding them on top of every reply until the `INCRBY`'s reply is read
     /// would count them twice in the first case. Instead each counter keeps a floor for the
     /// rest of the hour: the store's count as last seen plus the amount sent, which the
@@ -816,8 +817,8 @@ mod tests {
     }
 
     /// Counts sent to the store count once, whether a reply includes them or not, and in
-    /// whatever order the replies are read: the review's case of a budget of 10, the store at
-    /// 3 and 4 counted here while it was away.
+    /// whatever order the replies are read. The case: a budget of 10, the store at 3, and 4
+    /// counted here while it was away.
     #[test]
     fn counts_sent_count_once() {
         let set = Registry::new().counts("d", Class::Index);
@@ -850,8 +851,8 @@ mod tests {
         assert_eq!(set.take_unshared(HOUR), Vec::new());
     }
 
-    /// A reply read while the INCRBY's reply is held back, of a request that the store counted
-    /// after the INCRBY, sees the counts sent once: 7 before the request, not 7 + 4.
+    /// A reply to a request that the store counted after the INCRBY, read while the INCRBY's
+    /// reply is held back, includes the counts sent once: 7 before the request, not 7 + 4.
     #[test]
     fn reply_after_incrby_counts_sent_once() {
         let set = Registry::new().counts("d", Class::Index);
