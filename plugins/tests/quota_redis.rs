@@ -139,11 +139,34 @@ fn replica(server: &RedisServer, budget: u64, mode: &str) -> Arc<QuotaPlugin> {
     replica_with(server, budget, mode, "")
 }
 
-/// Builds a replica with `extra` settings lines.
+/// Builds a replica with `extra` settings lines and the default reserve.
 fn replica_with(server: &RedisServer, budget: u64, mode: &str, extra: &str) -> Arc<QuotaPlugin> {
+    replica_from(server, budget, mode, extra, "")
+}
+
+/// Builds a replica that counts `reserve` requests of a principal in Redis ahead of use.
+fn replica_reserving(server: &RedisServer, budget: u64, reserve: u64) -> Arc<QuotaPlugin> {
+    replica_from(
+        server,
+        budget,
+        "fail_open",
+        "",
+        &format!("reserve = {reserve}"),
+    )
+}
+
+/// Builds a replica with `extra` settings lines and `redis_extra` lines in its `redis` table.
+fn replica_from(
+    server: &RedisServer,
+    budget: u64,
+    mode: &str,
+    extra: &str,
+    redis_extra: &str,
+) -> Arc<QuotaPlugin> {
     let text = format!(
         "index_per_hour = {budget}\ndownload_per_hour = {budget}\n{extra}\n\
-         [redis]\nurl = \"{}\"\nkey_prefix = \"test\"\ntimeout_ms = 2000\nfailure_mode = \"{mode}\"",
+         [redis]\nurl = \"{}\"\nkey_prefix = \"test\"\ntimeout_ms = 2000\nfailure_mode = \"{mode}\"\n\
+         {redis_extra}",
         server.url()
     );
     let settings = toml::Value::Table(text.parse().expect("valid TOML"));
@@ -1061,4 +1084,141 @@ async fn outage_counts_on_the_way_count_once() {
     tokio::time::sleep(hold).await;
     assert_eq!(wait_for_count(&reader, "alice", 10).await, Some(10));
     assert_eq!(statuses(&plugin, "alice", 1, now).await, [429]);
+}
+
+/// Returns how many script calls Redis has run since it started.
+fn script_calls(admin: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(admin)
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a number of calls"))
+}
+
+/// Reads the count in `key`; 0 when the key is missing.
+fn count_in(admin: &mut redis::Connection, key: &str) -> u64 {
+    redis::cmd("GET")
+        .arg(key)
+        .query::<Option<u64>>(admin)
+        .expect("GET")
+        .unwrap_or(0)
+}
+
+/// Polls the count in `key` until it is `expected`, for up to 5 s; returns the last count read.
+async fn settled_count(admin: &mut redis::Connection, key: &str, expected: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let count = count_in(admin, key);
+        if count == expected || Instant::now() > deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With room in the budget, the first request of a principal counts the reserve in Redis
+/// too, and the next requests up to the reserve pass without a script call, reporting the
+/// counts they would get one by one. Once the reserve is used up, a request calls Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_lets_requests_through_without_calls() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let plugin = replica_reserving(&server, 100_000, 8);
+    let key = key_of(&plugin, &mut admin, "alice").await;
+    assert_eq!(
+        count_in(&mut admin, &key),
+        9,
+        "the request and a reserve of 8"
+    );
+    let calls = script_calls(&mut admin);
+    let now = SystemTime::now();
+    for n in 2..=9 {
+        let (verdict, state) = check(&plugin, "alice", now).await;
+        assert!(matches!(verdict, Verdict::Continue));
+        let budget = state
+            .rate_limit
+            .expect("a counted request reports its budget");
+        assert_eq!(budget.remaining, 100_000 - n, "request {n}");
+    }
+    assert_eq!(script_calls(&mut admin), calls, "the reserve made no calls");
+    assert_eq!(count_in(&mut admin, &key), 9);
+    assert_eq!(send(&plugin, "alice", now).await.0, 200);
+    assert_eq!(script_calls(&mut admin), calls + 1);
+    assert_eq!(
+        count_in(&mut admin, &key),
+        18,
+        "10 requests and a fresh reserve of 8"
+    );
+    assert_eq!(plugin.local_count(Class::Index, "user:alice", now), 10);
+}
+
+/// A reserve that no request uses for a while goes back to Redis, so that Redis counts the
+/// requests that went through and no more. A plugin that is dropped (a reload) gives its
+/// reserves back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reserve_goes_back_to_redis() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let plugin = replica_reserving(&server, 100_000, 8);
+    let key = key_of(&plugin, &mut admin, "alice").await;
+    assert_eq!(count_in(&mut admin, &key), 9);
+    for _ in 0..2 {
+        assert_eq!(send(&plugin, "alice", SystemTime::now()).await.0, 200);
+    }
+    assert_eq!(
+        settled_count(&mut admin, &key, 3).await,
+        3,
+        "the idle reserve of 6 went back"
+    );
+
+    let dropped = replica_reserving(&server, 100_000, 8);
+    let key = key_of(&dropped, &mut admin, "bob").await;
+    assert_eq!(count_in(&mut admin, &key), 9);
+    drop(dropped);
+    // The dropped plugin's idle sweeps stop with it, so only the drop gives the reserve back.
+    assert_eq!(
+        settled_count(&mut admin, &key, 1).await,
+        1,
+        "the dropped plugin's reserve went back"
+    );
+}
+
+/// Reserves never let two replicas through more than their budget together, and hold back
+/// no request for long. With a budget of 600 and a reserve of 2, reserves stop once fewer
+/// than 130 requests beyond a call's own are left. A burst of 900 requests at once may end with some of
+/// the last reserves unused on one replica while the other turned requests away. Those go
+/// back to Redis within a second and later requests use them, so exactly 600 pass in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn replicas_with_reserves_share_budget_exactly() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let replicas = [
+        replica_reserving(&server, 600, 2),
+        replica_reserving(&server, 600, 2),
+    ];
+    let burst = passed_together(&replicas, "alice", 900).await;
+    assert!(burst <= 600, "{burst} of 900 passed a budget of 600");
+    let key = index_keys(&mut admin)
+        .into_iter()
+        .find(|key| !key.contains(":all:"))
+        .expect("a principal key");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count_in(&mut admin, &key) != burst as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count_in(&mut admin, &key),
+        burst as u64,
+        "unused reserves went back"
+    );
+    let mut later = 0;
+    for i in 0..(600 - burst + 20) {
+        let plugin = &replicas[i % 2];
+        later += usize::from(send(plugin, "alice", SystemTime::now()).await.0 == 200);
+    }
+    assert_eq!(burst + later, 600, "{burst} in the burst, {later} after it");
+    assert_eq!(count_in(&mut admin, &key), 600);
 }

@@ -25,6 +25,10 @@ pub const DEFAULT_DOWNLOAD_PATHS: &[&str] = &[
 pub const DEFAULT_KEY_PREFIX: &str = "mirror-gateway:quota";
 /// Maximum wait for Redis on the request path unless `redis.timeout_ms` is set.
 pub const DEFAULT_TIMEOUT_MS: u64 = 50;
+/// Requests a replica counts in Redis ahead of use unless `redis.reserve` is set.
+pub const DEFAULT_RESERVE: u64 = 64;
+/// Largest `redis.reserve`.
+pub const MAX_RESERVE: u64 = 1024;
 
 /// The handling of counted requests while the shared store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -57,6 +61,9 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub timeout: Duration,
     pub failure_mode: FailureMode,
+    /// Requests of one principal counted in Redis ahead of use, while its budgets have room
+    /// (see `redis_store`); 0 checks every request in Redis.
+    pub reserve: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +89,8 @@ struct RawRedis {
     timeout_ms: u64,
     #[serde(default)]
     failure_mode: FailureMode,
+    #[serde(default = "default_reserve")]
+    reserve: u64,
 }
 
 fn yes() -> bool {
@@ -94,6 +103,10 @@ fn default_prefix() -> String {
 
 fn default_timeout() -> u64 {
     DEFAULT_TIMEOUT_MS
+}
+
+fn default_reserve() -> u64 {
+    DEFAULT_RESERVE
 }
 
 /// Parses and checks the settings table; reports every invalid key it can.
@@ -239,11 +252,22 @@ fn redis_config(raw: RawRedis) -> Result<RedisConfig, SettingError> {
             "use 1 to 10000 milliseconds; requests wait this long for Redis at most",
         ));
     }
+    if raw.reserve > MAX_RESERVE {
+        return Err(SettingError::new(
+            "reserve",
+            Some(raw.reserve.to_string()),
+            format!(
+                "use 0 to {MAX_RESERVE} requests; 0 checks every request in Redis, a larger \
+                 value saves Redis round trips for busy principals"
+            ),
+        ));
+    }
     Ok(RedisConfig {
         client,
         key_prefix: raw.key_prefix,
         timeout: Duration::from_millis(raw.timeout_ms),
         failure_mode: raw.failure_mode,
+        reserve: raw.reserve,
     })
 }
 

@@ -202,21 +202,25 @@ impl QuotaPlugin {
         settle(check, checked, state)
     }
 
-    /// Runs the request filter like [`Self::check_at`] when the counts are in this process.
-    /// Returns `None` when they are in Redis, because deciding then means waiting for a reply.
+    /// Runs the request filter like [`Self::check_at`] when that needs no wait: when the
+    /// counts are in this process, or when the principal has requests reserved in Redis.
+    /// Returns `None` otherwise, because deciding then means waiting for a reply from Redis.
     pub fn check_local_at(
         &self,
         req: &RequestInfo<'_>,
         state: &mut RequestState,
         now: SystemTime,
     ) -> Option<Verdict> {
-        if self.redis.is_some() {
+        if self.redis.is_some() && !self.count_cache_hits {
             return None;
         }
         let Some(check) = self.check_of(req, state, now) else {
             return Some(Verdict::Continue);
         };
-        let decision = decide_local(check.rule, check.op, &check.principal, check.window);
+        let decision = match &self.redis {
+            None => decide_local(check.rule, check.op, &check.principal, check.window),
+            Some(redis) => from_reserve(redis, check.rule, &check.principal, check.window)?,
+        };
         Some(settle(check, Ok(decision), state))
     }
 
@@ -332,23 +336,23 @@ impl QuotaPlugin {
         let Some(redis) = &self.redis else {
             return Ok(local());
         };
+        if op == Op::Count {
+            if let Some(decision) = from_reserve(redis, rule, principal, window) {
+                return Ok(decision);
+            }
+        }
         match redis
             .run(op, rule.class, principal.as_bytes(), rule.limits, window)
             .await
         {
             Ok(decision) => {
-                let name = principal.as_bytes();
-                let counted =
-                    u64::from(op == Op::Count && matches!(decision, Decision::Allowed(_)));
-                let observed =
-                    redis.observe(&rule.counts, name, window, decision.counts(), counted);
-                let (decision, take_back) =
-                    with_unshared(decision, observed.beyond, rule.limits, op);
-                if take_back {
-                    redis.take_back(rule.class, &rule.counts, name, window);
-                }
-                if observed.unshared {
-                    redis.share(rule.class, &rule.counts, window);
+                let decision = from_redis(redis, rule, op, principal, window, decision);
+                // A reserve that arrived while this check was on the way contains requests that
+                // Redis counted for this principal already; one of them lets this one through.
+                if op == Op::Count && matches!(decision, Decision::Rejected(..)) {
+                    if let Some(reserved) = from_reserve(redis, rule, principal, window) {
+                        return Ok(reserved);
+                    }
                 }
                 Ok(decision)
             }
@@ -388,6 +392,53 @@ impl Plugin for QuotaPlugin {
         self.count_upstream_at(state, SystemTime::now());
         Ok(())
     }
+}
+
+/// Lets a counted request through from the requests that Redis counted ahead for its
+/// principal, without a call; `None` when the principal has none.
+fn from_reserve(
+    redis: &Arc<RedisStore>,
+    rule: &ClassRule,
+    principal: &PrincipalName,
+    window: Window,
+) -> Option<Decision> {
+    let counts = redis.take_reserved(rule.class, principal.as_bytes(), window.hour)?;
+    Some(from_redis(
+        redis,
+        rule,
+        Op::Count,
+        principal,
+        window,
+        Decision::Allowed(counts),
+    ))
+}
+
+/// Completes a decision that Redis made: records its counts in this process's counters, adds
+/// the requests counted here that Redis has not taken yet (see [`with_unshared`]) and starts
+/// sending those. A principal whose local counts are ahead of Redis's gives its reserve back,
+/// so that its next requests are checked with those counts.
+fn from_redis(
+    redis: &Arc<RedisStore>,
+    rule: &ClassRule,
+    op: Op,
+    principal: &PrincipalName,
+    window: Window,
+    decision: Decision,
+) -> Decision {
+    let name = principal.as_bytes();
+    let counted = u64::from(op == Op::Count && matches!(decision, Decision::Allowed(_)));
+    let observed = redis.observe(&rule.counts, name, window, decision.counts(), counted);
+    if observed.beyond != Counts::default() {
+        redis.give_back_reserve(rule.class, name, window.hour);
+    }
+    let (decision, take_back) = with_unshared(decision, observed.beyond, rule.limits, op);
+    if take_back {
+        redis.take_back(rule.class, &rule.counts, name, window);
+    }
+    if observed.unshared {
+        redis.share(rule.class, &rule.counts, window);
+    }
+    decision
 }
 
 /// Checks (and for [`Op::Count`] and [`Op::Add`] counts) in this process's counters. The

@@ -31,6 +31,13 @@
 //! again after a backoff that starts at 250 ms and doubles up to 5 s. The switch to the fallback
 //! and the recovery are each logged once.
 //!
+//! A principal with room in its budgets gets a reserve: a count call for it also counts
+//! `reserve` more requests in Redis, when both budgets keep at least 64 times that many left
+//! after them. [`RedisStore::take_reserved`] lets the principal's next requests through from
+//! the reserve without a call. Reserved requests are counted before they arrive, so the budget
+//! is never exceeded. A reserve that no request used for a tick of [`RESERVE_IDLE`] goes back
+//! to Redis, so that other replicas can use it, and so do all reserves of a dropped store.
+//!
 //! Requests that the fallback counts locally stay marked as unshared in
 //! [`ClassCounts`], as do those that a plugin without Redis counted before a reload added the
 //! `redis` table. Local counts are Redis's counts plus those. So a Redis that comes and goes
@@ -40,7 +47,7 @@
 //! carries are not added to replies a second time (see [`ClassCounts::take_unshared`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -90,6 +97,9 @@ const UNUSABLE_KEYS_REMEMBERED: usize = 1024;
 /// the next turn may start. Counts that Redis does not take (their key is unusable) are
 /// thus sent again at most this often.
 const SHARE_PAUSE: Duration = Duration::from_secs(1);
+/// A principal's reserve that no request took from or added to for a whole tick of this long
+/// is given back to Redis, so that other replicas can use its requests.
+const RESERVE_IDLE: Duration = Duration::from_millis(500);
 /// The limits of an [`Op::Add`], which checks none.
 const NO_LIMITS: Limits = Limits {
     principal: u64::MAX,
@@ -100,13 +110,16 @@ const NO_LIMITS: Limits = Limits {
 /// with the same keys, limits and operation. The script takes each group as one step, with the
 /// result of running its checks one after the other. `ARGV[1]` is the keys' lifetime in seconds.
 /// For group `i` (from 0), KEYS[2i+1] is the principal's key and KEYS[2i+2] the domain's.
-/// ARGV[4i+2..4i+5] are the principal limit, the domain limit (0 for none), the operation and
-/// the number of requests. The operation is `count` (count as many as both budgets take),
-/// `peek` (check only) or `add` (count all without a check). A count increments first and takes
-/// back what does not fit, so a group that fits, the common case, costs two commands.
+/// ARGV[5i+2..5i+6] are the principal limit, the domain limit (0 for none), the operation, the
+/// number of requests and the reserve. The operation is `count` (count as many as both budgets
+/// take), `peek` (check only) or `add` (count all without a check). A count increments first
+/// and takes back what does not fit, so a group that fits, the common case, costs two commands.
+/// A count with a reserve `r` above 0 counts `r` more requests with the group when both
+/// budgets keep at least `64 * r` requests left after them, and only the group otherwise.
 ///
 /// The result is one string with three fields per group, separated by spaces: how many
-/// requests were counted, then the principal's and the domain's counts before the group. They
+/// requests were counted (reserve included), then the principal's and the domain's counts
+/// before the group. They
 /// are formatted with `%d` because Lua's own number formatting writes 10^14 and more with an
 /// exponent. A group whose principal key (`p`) or domain key (`d`) is unusable gets that
 /// letter in place of the first number and `0 0` after it, and leaves both keys as they were.
@@ -145,34 +158,54 @@ local function add(key, n)
   return before
 end
 
-for i = 0, (#ARGV - 1) / 4 - 1 do
+-- Whether a budget of limit (0: none) with count before keeps room for a reserve of r after
+-- the total.
+local function roomy(limit, before, total, r)
+  return limit == 0 or limit - before >= total + 64 * r
+end
+
+for i = 0, (#ARGV - 1) / 5 - 1 do
   local pk, dk = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local limit = tonumber(ARGV[4 * i + 2])
-  local ceiling = tonumber(ARGV[4 * i + 3])
-  local op = ARGV[4 * i + 4]
-  local size = tonumber(ARGV[4 * i + 5])
+  local limit = tonumber(ARGV[5 * i + 2])
+  local ceiling = tonumber(ARGV[5 * i + 3])
+  local op = ARGV[5 * i + 4]
+  local size = tonumber(ARGV[5 * i + 5])
+  local reserve = 0
+  if op == 'count' then reserve = tonumber(ARGV[5 * i + 6]) end
   local counted, p, d, unusable = 0, 0, 0, nil
   if op == 'peek' then
     p, d = read(pk), read(dk)
     if p == nil then unusable = 'p' elseif d == nil then unusable = 'd' end
   else
-    p = add(pk, size)
+    local total = size + reserve
+    p = add(pk, total)
+    if p ~= nil and reserve > 0 and not roomy(limit, p, total, reserve) then
+      redis.call('DECRBY', pk, reserve)
+      total, reserve = size, 0
+    end
     if p == nil then
       unusable = 'p'
     else
-      counted = size
-      if op ~= 'add' then counted = math.max(0, math.min(size, limit - p)) end
-      if counted < size then redis.call('DECRBY', pk, size - counted) end
+      counted = total
+      if op ~= 'add' then counted = math.max(0, math.min(total, limit - p)) end
+      if counted < total then redis.call('DECRBY', pk, total - counted) end
       if counted > 0 then
         d = add(dk, counted)
         if d == nil then
           redis.call('DECRBY', pk, counted)
           unusable = 'd'
-        elseif op ~= 'add' and ceiling > 0 and d + counted > ceiling then
-          local excess = math.min(counted, d + counted - ceiling)
-          redis.call('DECRBY', dk, excess)
-          redis.call('DECRBY', pk, excess)
-          counted = counted - excess
+        else
+          if reserve > 0 and not roomy(ceiling, d, counted, reserve) then
+            redis.call('DECRBY', dk, reserve)
+            redis.call('DECRBY', pk, reserve)
+            counted = counted - reserve
+          end
+          if op ~= 'add' and ceiling > 0 and d + counted > ceiling then
+            local excess = math.min(counted, d + counted - ceiling)
+            redis.call('DECRBY', dk, excess)
+            redis.call('DECRBY', pk, excess)
+            counted = counted - excess
+          end
         end
       else
         d = read(dk)
@@ -245,6 +278,8 @@ pub struct RedisStore {
     /// The keys of this hour's recent principals and of the domain, so that a request builds
     /// and hashes none.
     keys: Mutex<KeyMemo>,
+    /// Requests counted ahead of use per principal call; 0 for none.
+    reserve: u64,
     health: Mutex<Health>,
     /// A copy of `health.down`, written under its lock, so that requests need not take the lock
     /// while Redis is up.
@@ -257,8 +292,40 @@ pub struct RedisStore {
 #[derive(Default)]
 struct KeyMemo {
     hour: u64,
-    principals: [HashMap<Box<[u8]>, Arc<str>, RandomState>; 2],
+    principals: [HashMap<Box<[u8]>, Arc<PrincipalEntry>, RandomState>; 2],
     domain: [Option<Arc<str>>; 2],
+}
+
+/// One principal's keys in one class and hour, with the requests counted for it in Redis
+/// ahead of use.
+struct PrincipalEntry {
+    /// The principal's key and the domain's.
+    keys: [Arc<str>; 2],
+    reserved: Mutex<Reserved>,
+}
+
+/// Requests of a principal that Redis counted before they arrived, to let through without a
+/// call, with the counts that the next of them reports.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reserved {
+    requests: u64,
+    /// The counts after the last request let through from the reserve, or after the call
+    /// that reserved them.
+    counts: Counts,
+    /// The [`ReserveBook::tick`] in which a request last took from the reserve or added to it.
+    used_in: u64,
+    /// Whether the principal is in [`ReserveBook::entries`].
+    listed: bool,
+}
+
+/// The principals of a store that hold reserved requests, and a clock of ticks of
+/// [`RESERVE_IDLE`] by which reserves that no request used are given back to Redis.
+#[derive(Default)]
+struct ReserveBook {
+    tick: AtomicU64,
+    entries: Mutex<Vec<Arc<PrincipalEntry>>>,
+    /// Whether the task that gives idle reserves back runs.
+    sweeping: AtomicBool,
 }
 
 /// The connections to Redis; shared with the store, which drops the ones for checks after a
@@ -274,6 +341,8 @@ struct Link {
     /// The connection of the calls that take counts back. It is separate so that a slow
     /// take-back, which a connection would deliver before any later call, holds up no check.
     refunds: LazyConnection,
+    /// The principals that hold reserved requests.
+    reserved: ReserveBook,
 }
 
 /// A connection that is opened on first use, and again after [`LazyConnection::reset`].
@@ -302,6 +371,10 @@ struct Check {
 /// The part of a check that goes to Redis.
 struct Call {
     keys: [Arc<str>; 2],
+    /// Requests to count ahead for the principal of [`Op::Count`], and the principal's entry
+    /// that takes them; 0 and `None` for no reserve.
+    reserve: u64,
+    holder: Option<Arc<PrincipalEntry>>,
     limits: Limits,
     lifetime_secs: u64,
     op: Op,
@@ -363,6 +436,7 @@ impl RedisStore {
             failure_mode: config.failure_mode,
             queue: OnceLock::new(),
             keys: Mutex::new(KeyMemo::default()),
+            reserve: config.reserve,
             down: AtomicBool::new(false),
             health: Mutex::new(Health {
                 down: false,
@@ -417,9 +491,17 @@ impl RedisStore {
         let now = Instant::now();
         let probe = self.admit(now)?;
         let (reply, answer) = oneshot::channel();
+        let entry = self.entry(class, principal, window.hour);
+        let (reserve, holder) = if op == Op::Count && amount == 1 && self.reserve > 0 {
+            (self.reserve, Some(Arc::clone(&entry)))
+        } else {
+            (0, None)
+        };
         let check = Check {
             call: Call {
-                keys: self.keys(class, principal, window.hour),
+                keys: entry.keys.clone(),
+                reserve,
+                holder,
                 limits,
                 lifetime_secs: window.reset_secs + EXPIRY_MARGIN_SECS,
                 op,
@@ -483,8 +565,8 @@ impl RedisStore {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let keys = self.keys(class, principal, window.hour).map(|key| (key, 1));
-        Arc::clone(&self.link).spawn_refund(keys.to_vec());
+        let keys = self.entry(class, principal, window.hour).keys.clone();
+        Arc::clone(&self.link).spawn_refund(keys.map(|key| (key, 1)).to_vec());
     }
 
     /// Returns the key of one principal's (or, for `None`, the domain's) count in `hour`.
@@ -622,9 +704,9 @@ impl RedisStore {
         }
     }
 
-    /// Returns the keys of `principal` and of the domain in `class` and `hour`, from the memo
-    /// when they are there.
-    fn keys(&self, class: Class, principal: &[u8], hour: u64) -> [Arc<str>; 2] {
+    /// Returns the entry of `principal` in `class` and `hour`, with its key and the domain's,
+    /// from the memo when it is there.
+    fn entry(&self, class: Class, principal: &[u8], hour: u64) -> Arc<PrincipalEntry> {
         let slot = class as usize;
         let mut memo = self.keys.lock();
         if memo.hour != hour {
@@ -633,21 +715,66 @@ impl RedisStore {
                 ..KeyMemo::default()
             };
         }
-        let own = match memo.principals[slot].get(principal) {
-            Some(key) => Arc::clone(key),
-            None => {
-                let key: Arc<str> = self.key(class, Some(principal), hour).into();
-                let principals = &mut memo.principals[slot];
-                if principals.len() >= KEY_MEMO_ENTRIES {
-                    principals.clear();
-                }
-                principals.insert(Box::from(principal), Arc::clone(&key));
-                key
-            }
-        };
+        if let Some(entry) = memo.principals[slot].get(principal) {
+            return Arc::clone(entry);
+        }
         let domain =
             Arc::clone(memo.domain[slot].get_or_insert_with(|| self.key(class, None, hour).into()));
-        [own, domain]
+        let entry = Arc::new(PrincipalEntry {
+            keys: [self.key(class, Some(principal), hour).into(), domain],
+            reserved: Mutex::new(Reserved::default()),
+        });
+        let principals = &mut memo.principals[slot];
+        if principals.len() >= KEY_MEMO_ENTRIES {
+            // Entries that hold a reserve stay in the book until the reserve is given back.
+            principals.clear();
+        }
+        principals.insert(Box::from(principal), Arc::clone(&entry));
+        entry
+    }
+
+    /// Lets one request of `principal` through from its reserve, without a call: returns the
+    /// counts it reports, or `None` when the principal holds no reserve in `class` and `hour`
+    /// or Redis is not responding.
+    pub fn take_reserved(&self, class: Class, principal: &[u8], hour: u64) -> Option<Counts> {
+        if self.reserve == 0 || !self.available() {
+            return None;
+        }
+        let memo = self.keys.lock();
+        if memo.hour != hour {
+            return None;
+        }
+        let entry = memo.principals[class as usize].get(principal)?;
+        let mut reserved = entry.reserved.lock();
+        if reserved.requests == 0 {
+            return None;
+        }
+        reserved.requests -= 1;
+        reserved.counts = Counts {
+            principal: reserved.counts.principal.saturating_add(1),
+            domain: reserved.counts.domain.saturating_add(1),
+        };
+        reserved.used_in = self.link.reserved.tick.load(Ordering::Relaxed);
+        Some(reserved.counts)
+    }
+
+    /// Gives the reserve of `principal` back to Redis, for a principal whose local counts no
+    /// longer match Redis's, so that its requests are checked in Redis again.
+    pub fn give_back_reserve(&self, class: Class, principal: &[u8], hour: u64) {
+        let entry = {
+            let memo = self.keys.lock();
+            if memo.hour != hour {
+                return;
+            }
+            match memo.principals[class as usize].get(principal) {
+                Some(entry) => Arc::clone(entry),
+                None => return,
+            }
+        };
+        let requests = std::mem::take(&mut entry.reserved.lock().requests);
+        if requests > 0 {
+            self.link.refund_reserve(&entry, requests);
+        }
     }
 
     /// Returns the queue of the sending task, starting the task on first use.
@@ -846,6 +973,22 @@ async fn send_batches(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Check>
     }
 }
 
+/// Gives back, once per [`RESERVE_IDLE`], the reserves that no request took from during the
+/// last whole tick, until the store is gone.
+async fn sweep_reserves(link: std::sync::Weak<Link>) {
+    loop {
+        tokio::time::sleep(RESERVE_IDLE).await;
+        let Some(link) = link.upgrade() else {
+            return;
+        };
+        let tick = link.reserved.tick.fetch_add(1, Ordering::Relaxed);
+        let refunds = link.take_reserves(Some(tick));
+        if !refunds.is_empty() {
+            link.spawn_refund(refunds);
+        }
+    }
+}
+
 /// Runs one script call and replies to its checks by `deadline`, then gives back `place`
 /// once the call has ended.
 async fn send_call(
@@ -887,12 +1030,15 @@ async fn send_call(
 /// nor later checks wait for them.
 fn answer(
     link: &Arc<Link>,
-    result: RedisResult<Vec<Result<Decision, Arc<str>>>>,
+    result: RedisResult<Evaluated>,
     calls: &[Call],
     replies: Vec<oneshot::Sender<Result<Decision, CheckError>>>,
 ) {
-    let decisions = match result {
-        Ok(decisions) => decisions,
+    let Evaluated {
+        decisions,
+        reserves,
+    } = match result {
+        Ok(evaluated) => evaluated,
         Err(e) => {
             let reason = e.to_string();
             for reply in replies {
@@ -901,6 +1047,13 @@ fn answer(
             return;
         }
     };
+    // A reserve belongs to the principal, not to the request that asked for it, so it is kept
+    // also when that request went away. It is in place before the requests of the call wake up.
+    for deposit in reserves {
+        if let Some(holder) = &calls[deposit.call].holder {
+            link.deposit(holder, deposit.requests, deposit.counts);
+        }
+    }
     let mut replies = replies.into_iter();
     let mut refunds = Vec::new();
     for (call, decision) in calls.iter().zip(decisions) {
@@ -926,16 +1079,62 @@ impl Link {
             timeout,
             checks: std::array::from_fn(|_| LazyConnection::default()),
             refunds: LazyConnection::default(),
+            reserved: ReserveBook::default(),
         }
     }
 
+    /// Adds `requests` that Redis counted ahead to the reserve of `entry`, with `counts`, the
+    /// counts after the call's own requests. Starts the task that gives idle reserves back.
+    fn deposit(self: &Arc<Self>, entry: &Arc<PrincipalEntry>, requests: u64, counts: Counts) {
+        let tick = self.reserved.tick.load(Ordering::Relaxed);
+        let list = {
+            let mut reserved = entry.reserved.lock();
+            // A reserve that is still there was counted before this call, so the counts of the
+            // call are the later ones.
+            reserved.counts = Counts {
+                principal: counts.principal.max(reserved.counts.principal),
+                domain: counts.domain.max(reserved.counts.domain),
+            };
+            reserved.requests = reserved.requests.saturating_add(requests);
+            reserved.used_in = tick;
+            !std::mem::replace(&mut reserved.listed, true)
+        };
+        if list {
+            self.reserved.entries.lock().push(Arc::clone(entry));
+        }
+        if !self.reserved.sweeping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(sweep_reserves(Arc::downgrade(self)));
+        }
+    }
+
+    /// Gives `requests` of the reserve of `entry` back to Redis, in the background.
+    fn refund_reserve(self: &Arc<Self>, entry: &PrincipalEntry, requests: u64) {
+        let keys = entry.keys.clone().map(|key| (key, requests));
+        Arc::clone(self).spawn_refund(keys.to_vec());
+    }
+
+    /// Takes every reserve off its principal; returns the principals' keys with the requests
+    /// to give back.
+    fn take_reserves(&self, idle_before: Option<u64>) -> Vec<(Arc<str>, u64)> {
+        let mut refunds = Vec::new();
+        self.reserved.entries.lock().retain(|entry| {
+            let mut reserved = entry.reserved.lock();
+            let idle = idle_before.is_none_or(|tick| reserved.used_in < tick);
+            if idle && reserved.requests > 0 {
+                let requests = std::mem::take(&mut reserved.requests);
+                refunds.extend(entry.keys.iter().map(|key| (Arc::clone(key), requests)));
+            }
+            let keep = reserved.requests > 0;
+            reserved.listed = keep;
+            keep
+        });
+        refunds
+    }
+
     /// Runs the script on `calls` over the connection of place `place` and returns one
-    /// decision per call, in order, or the key of the call's unusable key.
-    async fn eval(
-        &self,
-        calls: &[Call],
-        place: usize,
-    ) -> RedisResult<Vec<Result<Decision, Arc<str>>>> {
+    /// decision per call, in order, or the key of the call's unusable key, and the requests
+    /// that Redis counted ahead for the principals of the calls.
+    async fn eval(&self, calls: &[Call], place: usize) -> RedisResult<Evaluated> {
         let mut conn = self.connection(&self.checks[place]).await?;
         let (groups, group_of) = group(calls);
         // The command is built by hand: `Script::prepare_invoke` would allocate once per
@@ -955,7 +1154,8 @@ impl Link {
                 .arg(call.limits.principal)
                 .arg(call.limits.domain.unwrap_or(0))
                 .arg(call.op.label())
-                .arg(group.size);
+                .arg(group.size)
+                .arg(group.reserve);
         }
         let reply: Vec<u8> = match command.query_async(&mut conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
@@ -986,7 +1186,26 @@ impl Link {
                 }
             })
             .collect();
-        Ok(decisions)
+        let reserves = groups
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|(group, outcome)| {
+                let outcome = outcome.as_ref().ok()?;
+                let requests = outcome.counted.checked_sub(group.size).filter(|&n| n > 0)?;
+                Some(Deposit {
+                    call: group.first,
+                    requests,
+                    counts: Counts {
+                        principal: outcome.before.principal.saturating_add(group.size),
+                        domain: outcome.before.domain.saturating_add(group.size),
+                    },
+                })
+            })
+            .collect();
+        Ok(Evaluated {
+            decisions,
+            reserves,
+        })
     }
 
     /// Lowers each key by its amount in a task of its own, over the connection for take-backs,
@@ -1038,13 +1257,33 @@ impl Link {
     }
 }
 
-/// Checks of one batch that the script takes as one step: those with the same keys, limits
-/// and operation. `first` is the index of the first of them in the batch, and `size` the
+/// The result of one script call.
+struct Evaluated {
+    /// Per call, in order: its decision, or its unusable key.
+    decisions: Vec<Result<Decision, Arc<str>>>,
+    /// The requests counted ahead, per group that got any.
+    reserves: Vec<Deposit>,
+}
+
+/// Requests that Redis counted ahead for the principal of a group, with the counts after the
+/// group's own requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deposit {
+    /// The first call of the group, whose principal entry takes them.
+    call: usize,
+    requests: u64,
+    counts: Counts,
+}
+
+/// Checks of one batch that the script takes as one step: those with the same keys, limits,
+/// operation and reserve. `first` is the index of the first of them in the batch, and `size` the
 /// requests they stand for together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Group {
     first: usize,
     size: u64,
+    /// The requests the group's principal asks to count ahead.
+    reserve: u64,
 }
 
 /// The number of groups searched for a check's group. A check that matches none of them starts a
@@ -1064,6 +1303,7 @@ fn group(calls: &[Call]) -> (Vec<Group>, Vec<usize>) {
                 && Arc::ptr_eq(&other.keys[1], &call.keys[1])
                 && other.limits == call.limits
                 && other.op == call.op
+                && other.reserve == call.reserve
         };
         match groups.iter().take(GROUP_SEARCH).position(same) {
             Some(g) => {
@@ -1075,6 +1315,7 @@ fn group(calls: &[Call]) -> (Vec<Group>, Vec<usize>) {
                 groups.push(Group {
                     first: index,
                     size: call.amount,
+                    reserve: call.reserve,
                 });
             }
         }
@@ -1117,7 +1358,8 @@ impl Outcome {
 /// Parses the script's reply: three fields per group, each followed by one space but the
 /// last. The result of a group is its outcome, or the scope of its unusable key
 /// (a `p` or `d` field in place of the counted requests). Returns `None` when the reply does
-/// not contain exactly one result per group, or counts more requests than a group has.
+/// not contain exactly one result per group, or counts more requests than a group has with its
+/// reserve.
 fn parse_outcomes(reply: &[u8], groups: &[Group]) -> Option<Vec<Result<Outcome, Scope>>> {
     let mut fields = reply.split(|&b| b == b' ');
     let mut outcomes = Vec::with_capacity(groups.len());
@@ -1130,7 +1372,7 @@ fn parse_outcomes(reply: &[u8], groups: &[Group]) -> Option<Vec<Result<Outcome, 
             b"d" => Err(Scope::Domain),
             digits => {
                 let counted = parse_number(digits)?;
-                if counted > group.size {
+                if counted > group.size.saturating_add(group.reserve) {
                     return None;
                 }
                 Ok(Outcome {
@@ -1160,6 +1402,17 @@ fn parse_number(digits: &[u8]) -> Option<u64> {
     })
 }
 
+impl Drop for RedisStore {
+    /// Gives every reserve back to Redis, so that a reload or a removed plugin leaves no
+    /// requests counted that no request can use.
+    fn drop(&mut self) {
+        let refunds = self.link.take_reserves(None);
+        if !refunds.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            Arc::clone(&self.link).spawn_refund(refunds);
+        }
+    }
+}
+
 /// Ends a probe when dropped, also when the request is cancelled mid-way.
 struct ProbeGuard<'a>(&'a RedisStore);
 
@@ -1186,7 +1439,14 @@ mod tests {
     use crate::quota::store::Registry;
 
     fn groups(sizes: &[u64]) -> Vec<Group> {
-        sizes.iter().map(|&size| Group { first: 0, size }).collect()
+        sizes
+            .iter()
+            .map(|&size| Group {
+                first: 0,
+                size,
+                reserve: 0,
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -1259,7 +1519,7 @@ mod tests {
 
     /// Runs the script on `calls`, whose keys are all usable.
     async fn decisions(link: &Link, calls: &[Call]) -> Vec<Decision> {
-        let results = link.eval(calls, 0).await.expect("script runs");
+        let results = link.eval(calls, 0).await.expect("script runs").decisions;
         results
             .into_iter()
             .map(|result| result.expect("every key is usable"))
@@ -1316,6 +1576,8 @@ mod tests {
     fn call(keys: &[Arc<str>; 2], principal: u64, domain: Option<u64>, op: Op) -> Call {
         Call {
             keys: keys.clone(),
+            reserve: 0,
+            holder: None,
             limits: Limits { principal, domain },
             lifetime_secs: 60,
             op,
@@ -1640,7 +1902,7 @@ mod tests {
         }
         let good: [Arc<str>; 2] = ["p:good".into(), Arc::clone(&domain)];
         calls.push(call(&good, 10, Some(100), Op::Count));
-        let results = link.eval(&calls, 0).await.expect("script runs");
+        let results = link.eval(&calls, 0).await.expect("script runs").decisions;
         let (last, failed) = results.split_last().expect("results");
         let failed_keys: Vec<&str> = failed
             .iter()
@@ -1677,7 +1939,7 @@ mod tests {
             call(&full, 5, None, Op::Count),
             call(&full, 5, None, Op::Peek),
         ];
-        let results = link.eval(&calls, 0).await.expect("script runs");
+        let results = link.eval(&calls, 0).await.expect("script runs").decisions;
         for result in &results {
             assert_eq!(result, &Err(Arc::clone(&fresh[1])));
         }
@@ -1707,6 +1969,68 @@ mod tests {
         );
         assert_eq!(get(&mut admin, "p").as_deref(), Some("6"));
         assert_eq!(get(&mut admin, "d").as_deref(), Some("6"));
+    }
+
+    /// A count with a reserve counts the reserve too while both budgets keep 64 times the
+    /// reserve left after it, and reports it as a deposit for the group's first call. With
+    /// less room it counts the group alone and leaves no trace of the reserve.
+    #[tokio::test]
+    async fn script_reserves_only_with_room() {
+        let server = Server::start();
+        let (link, mut admin) = server.connect();
+        let keys: [Arc<str>; 2] = ["p".into(), "d".into()];
+        let reserving = |principal, domain| {
+            let mut c = call(&keys, principal, domain, Op::Count);
+            c.reserve = 4;
+            c
+        };
+        let counts = |n| Counts {
+            principal: n,
+            domain: n,
+        };
+        // 1,000 - 0 >= 2 + 4 + 64 * 4: both requests and the reserve are counted.
+        let calls = [reserving(1000, None), reserving(1000, None)];
+        let got = link.eval(&calls, 0).await.expect("script runs");
+        assert_eq!(
+            got.decisions,
+            [
+                Ok(Decision::Allowed(counts(1))),
+                Ok(Decision::Allowed(counts(2)))
+            ]
+        );
+        let deposit = Deposit {
+            call: 0,
+            requests: 4,
+            counts: counts(2),
+        };
+        assert_eq!(got.reserves, [deposit]);
+        assert_eq!(get(&mut admin, "p").as_deref(), Some("6"));
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("6"));
+
+        // 266 - 6 < 1 + 4 + 256: the principal's budget has no room for the reserve.
+        let got = link.eval(&[reserving(266, None)], 0).await.expect("runs");
+        assert_eq!(got.decisions, [Ok(Decision::Allowed(counts(7)))]);
+        assert!(got.reserves.is_empty());
+        assert_eq!(get(&mut admin, "p").as_deref(), Some("7"));
+
+        // 267 - 7 >= 1 + 4 + 256 for the principal, but the domain ceiling of 260 has no room.
+        let got = link
+            .eval(&[reserving(267, Some(260))], 0)
+            .await
+            .expect("runs");
+        assert_eq!(got.decisions, [Ok(Decision::Allowed(counts(8)))]);
+        assert!(got.reserves.is_empty());
+        assert_eq!(get(&mut admin, "p").as_deref(), Some("8"));
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("8"));
+
+        // With room in both, the reserve comes back.
+        let got = link
+            .eval(&[reserving(1000, Some(1000))], 0)
+            .await
+            .expect("runs");
+        assert_eq!(got.decisions, [Ok(Decision::Allowed(counts(9)))]);
+        assert_eq!(got.reserves.len(), 1);
+        assert_eq!(get(&mut admin, "d").as_deref(), Some("13"));
     }
 
     /// Taking counts back lowers each key by its amount, not below zero, and passes over keys
@@ -1753,9 +2077,9 @@ mod tests {
             principal: 9_007_199_254_740_991,
             domain: 1,
         };
-        let results = link.eval(&add, 0).await.expect("script runs");
+        let results = link.eval(&add, 0).await.expect("script runs").decisions;
         assert_eq!(results, [Ok(Decision::Allowed(counts))]);
-        let results = link.eval(&add, 0).await.expect("script runs");
+        let results = link.eval(&add, 0).await.expect("script runs").decisions;
         assert_eq!(results, [Err(Arc::clone(&keys[0]))]);
         assert_eq!(
             get(&mut admin, "p:edge").as_deref(),

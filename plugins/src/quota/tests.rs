@@ -648,6 +648,21 @@ fn settings_reject_zero_timeout() {
 }
 
 #[test]
+fn settings_reject_oversized_reserve() {
+    let errors = build_errors(
+        "index_per_hour = 1\ndownload_per_hour = 1\n[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+         reserve = 1025",
+    );
+    assert_eq!(errors[0].key, "redis.reserve");
+    assert_eq!(errors[0].value.as_deref(), Some("1025"));
+    assert!(
+        errors[0].reason.contains("0 to 1024"),
+        "{}",
+        errors[0].reason
+    );
+}
+
+#[test]
 fn settings_reject_tls_redis_url() {
     let errors = build_errors(
         "index_per_hour = 1\ndownload_per_hour = 1\n[redis]\nurl = \"rediss://127.0.0.1:6380/0\"",
