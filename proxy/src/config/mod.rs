@@ -92,6 +92,10 @@ pub struct ServerSettings {
     pub reload_on_change: bool,
     /// Whether the client socket is corked while a large body goes out from the cache.
     pub tcp_nopush: bool,
+    /// Whether the client listeners read a PROXY protocol header on new connections.
+    pub proxy_protocol: bool,
+    /// How long a new connection may take to send its PROXY header or first byte.
+    pub proxy_protocol_timeout: Duration,
 }
 
 /// Returns the pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else
