@@ -82,7 +82,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
-    /// Peers whose `X-Forwarded-For` names the client; empty trusts no peer.
+    /// Peers whose `X-Forwarded-For`, and PROXY header with `proxy_protocol`, name the client;
+    /// empty trusts no peer.
     pub trusted_proxies: TrustedProxies,
     /// Where `run` writes its process id, for `mirror-gateway reload`.
     pub pid_file: PathBuf,
