@@ -1557,6 +1557,51 @@ fn trusted_proxies_everything_warns() {
 }
 
 #[test]
+fn proxy_protocol_defaults_off() {
+    let fx = Fixture::new();
+    let config = fx.config(DOMAIN, &[]);
+    assert!(!config.server.proxy_protocol);
+    let timeout = config.server.proxy_protocol_timeout;
+    assert_eq!(timeout, std::time::Duration::from_secs(5));
+
+    let text = format!(
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_protocol = true\n\
+         proxy_protocol_timeout_ms = 250\n{DOMAIN}"
+    );
+    let config = fx.config(&text, &[]);
+    assert!(config.server.proxy_protocol);
+    let timeout = config.server.proxy_protocol_timeout;
+    assert_eq!(timeout, std::time::Duration::from_millis(250));
+}
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies() {
+    let fx = Fixture::new();
+    let text = format!("[server]\nproxy_protocol = true\n{DOMAIN}");
+    let error = fx.expect(
+        &text,
+        "server.proxy_protocol",
+        Some("true"),
+        "server.trusted_proxies, which is empty",
+    );
+    assert!(error.reason.contains("list the networks"), "{error}");
+}
+
+#[test]
+fn proxy_protocol_timeout_range() {
+    let fx = Fixture::new();
+    for millis in ["0", "60001"] {
+        let text = format!("[server]\nproxy_protocol_timeout_ms = {millis}\n{DOMAIN}");
+        let key = "server.proxy_protocol_timeout_ms";
+        fx.expect(&text, key, Some(millis), "between 1 and 60000 milliseconds");
+    }
+    let text = format!("[server]\nproxy_protocol_timeout_ms = -5\n{DOMAIN}");
+    let errors = fx.errors(&text, &[]);
+    let error = on_key(&errors, "server.proxy_protocol_timeout_ms");
+    assert!(error.reason.contains("from 1 to 60000"), "{error}");
+}
+
+#[test]
 fn short_lock_wait_warns() {
     let fx = Fixture::new();
     let defaults = fx.config(DOMAIN, &[]);

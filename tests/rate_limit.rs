@@ -6,35 +6,17 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{basic, client, htpasswd_line, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{
+    basic, client, htpasswd_line, rate_limited_config, wait_for_lines, Reply, TestGateway,
+    TestOrigin, BASE_CONFIG,
+};
 
 /// Returns a config with one domain `id` in front of `origin`, limited to `burst` requests,
 /// with `trusted` as `server.trusted_proxies` and the access log in `access.log`.
 fn config(id: &str, origin: std::net::SocketAddr, burst: u32, trusted: &str) -> String {
-    let base = BASE_CONFIG
-        .replace(
-            "[server]\n",
-            &format!("[server]\ntrusted_proxies = [{trusted}]\n"),
-        )
-        .replace("access_log = \"off\"", "access_log = \"access.log\"");
-    format!(
-        r#"{base}
-[domains.{id}]
-hosts = ["127.0.0.1"]
-[domains.{id}.origins.web]
-kind = "http"
-addresses = ["{origin}"]
-[[domains.{id}.routes]]
-prefix = "/"
-origin = "web"
-[[domains.{id}.plugins]]
-name = "rate_limit"
-requests_per_second = 0.01
-burst = {burst}
-"#
-    )
+    rate_limited_config(id, origin, burst, &format!("trusted_proxies = [{trusted}]"))
 }
 
 /// Sends a GET of `path` with `X-Forwarded-For: forwarded` (if any) and returns the response.
@@ -53,19 +35,6 @@ async fn status(gateway: &TestGateway, path: &str, forwarded: Option<&str>) -> u
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
     let value = response.headers().get(name)?;
     value.to_str().ok().map(str::to_owned)
-}
-
-/// Waits up to 5 s for `path` to hold `lines` lines and returns them.
-fn wait_for_lines(path: &Path, lines: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let found: Vec<String> = text.lines().map(str::to_owned).collect();
-        if found.len() >= lines || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Returns (request path, client address) of each access log line, sorted by path. Requests on

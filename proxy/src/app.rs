@@ -24,6 +24,7 @@ use crate::cache::{CacheTier, TierSnapshot};
 use crate::config::{GatewayConfig, OriginKind};
 use crate::gateway::{Gateway, GatewayState};
 use crate::origin::file_server::file_server_service;
+use crate::proxy_protocol::ProxyProtocol;
 use crate::tls::{Handshaker, ProxyListener};
 use crate::upstream::Upstream;
 
@@ -276,9 +277,21 @@ impl App {
             &server.configuration,
             Gateway::new(Arc::clone(&current)).with_monitor(Arc::clone(&monitor)),
         ));
+        // The trusted proxies come from the state in use at each accept, so a reload applies.
+        let proxy_protocol = config.server.proxy_protocol.then(|| {
+            Arc::new(ProxyProtocol::new(
+                config.server.proxy_protocol_timeout,
+                Arc::clone(&current),
+                Arc::clone(&monitor),
+            ))
+        });
+        let with_proxy_protocol = |listener: ProxyListener<_>| match &proxy_protocol {
+            Some(proxy_protocol) => listener.with_proxy_protocol(Arc::clone(proxy_protocol)),
+            None => listener,
+        };
         let mut plain = Service::new(
             "mirror-gateway proxy".into(),
-            ProxyListener::plain(Arc::clone(&proxy)),
+            with_proxy_protocol(ProxyListener::plain(Arc::clone(&proxy))),
         );
         let mut prebound = Vec::new();
         let mut listen = Vec::new();
@@ -293,7 +306,7 @@ impl App {
             let handshaker = Handshaker::new(tls.store(), &monitor).map_err(StartError::Tls)?;
             let mut secure = Service::new(
                 "mirror-gateway TLS proxy".into(),
-                ProxyListener::tls(proxy, handshaker),
+                with_proxy_protocol(ProxyListener::tls(proxy, handshaker)),
             );
             let mut prebound = Vec::new();
             for (bound, fd) in tls_bound {

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod origin;
 pub mod path;
 pub mod pid_file;
+pub mod proxy_protocol;
 pub mod readiness;
 pub mod reload;
 mod respond;

@@ -24,6 +24,7 @@ use pingora_prometheus::prometheus::{
 };
 
 use crate::cache::TierSnapshot;
+use crate::proxy_protocol::Rejection;
 use crate::tls::HandshakeFailure;
 
 /// The `Content-Type` of the text exposition format that [`Metrics::render`] writes.
@@ -57,6 +58,8 @@ pub struct Metrics {
     origin_errors: IntCounterVec,
     tls_handshakes: IntCounterVec,
     tls_failures: IntCounterVec,
+    proxy_protocol_rejections: IntCounterVec,
+    proxy_protocol_ignored: IntCounterVec,
     reloads: IntCounterVec,
     last_reload_ok: IntGaugeVec,
     last_reload_time: IntGaugeVec,
@@ -158,6 +161,8 @@ impl Metrics {
             origin_errors: add.counter(ORIGIN_ERRORS, &["domain", "kind"]),
             tls_handshakes: add.counter(TLS_HANDSHAKES, &["domain", "result"]),
             tls_failures: add.counter(TLS_FAILURES, &["domain", "reason"]),
+            proxy_protocol_rejections: add.counter(PROXY_PROTOCOL_REJECTIONS, &["reason"]),
+            proxy_protocol_ignored: add.counter(PROXY_PROTOCOL_IGNORED, &[]),
             reloads: add.counter(RELOADS, &["result"]),
             last_reload_ok: add.register(IntGaugeVec::new(opts(LAST_RELOAD_OK), &[])),
             last_reload_time: add.register(IntGaugeVec::new(opts(LAST_RELOAD_TIME), &[])),
@@ -272,6 +277,22 @@ impl Metrics {
                 .with_label_values(&[domain, reason.label()])
                 .inc();
         }
+    }
+
+    /// Counts a connection closed while its PROXY protocol header was read:
+    /// `mirror_gateway_proxy_protocol_rejections_total{reason}`.
+    pub fn proxy_protocol_rejected(&self, reason: Rejection) {
+        self.proxy_protocol_rejections
+            .with_label_values(&[reason.label()])
+            .inc();
+    }
+
+    /// Counts a PROXY protocol header that was read and ignored because its peer is not a
+    /// trusted proxy: `mirror_gateway_proxy_protocol_ignored_total`.
+    pub fn proxy_protocol_ignored(&self) {
+        self.proxy_protocol_ignored
+            .with_label_values(&[] as &[&str])
+            .inc();
     }
 
     /// Counts a config reload, for the reload code to call once per attempt. Metrics:
@@ -425,6 +446,14 @@ const TLS_HANDSHAKES: Definition = (
 const TLS_FAILURES: Definition = (
     "mirror_gateway_tls_handshake_failures_total",
     "Failed TLS handshakes with clients, by domain and reason.",
+);
+const PROXY_PROTOCOL_REJECTIONS: Definition = (
+    "mirror_gateway_proxy_protocol_rejections_total",
+    "Client connections closed while their PROXY protocol header was read, by reason.",
+);
+const PROXY_PROTOCOL_IGNORED: Definition = (
+    "mirror_gateway_proxy_protocol_ignored_total",
+    "PROXY protocol headers read and ignored because the peer is not a trusted proxy.",
 );
 const RELOADS: Definition = (
     "mirror_gateway_config_reloads_total",
@@ -950,6 +979,8 @@ mod tests {
     fn hooks_register_series() {
         let metrics = Metrics::new();
         metrics.tls_handshake("primary", Err(HandshakeFailure::ClientAlert));
+        metrics.proxy_protocol_rejected(Rejection::Missing);
+        metrics.proxy_protocol_ignored();
         metrics.reload(true);
         let exported = std::time::UNIX_EPOCH + Duration::from_secs(1_796_169_600);
         metrics.sync_run("nightly", true, 42.5, Some(exported));
@@ -957,6 +988,8 @@ mod tests {
         for line in [
             "mirror_gateway_tls_handshakes_total{domain=\"primary\",result=\"error\"} 1",
             "mirror_gateway_tls_handshake_failures_total{domain=\"primary\",reason=\"client_alert\"} 1",
+            "mirror_gateway_proxy_protocol_rejections_total{reason=\"missing\"} 1",
+            "mirror_gateway_proxy_protocol_ignored_total 1",
             "mirror_gateway_config_reloads_total{result=\"ok\"} 1",
             "mirror_gateway_config_last_reload_successful 1",
             "mirror_gateway_sync_runs_total{job=\"nightly\",result=\"ok\"} 1",

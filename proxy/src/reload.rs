@@ -285,6 +285,14 @@ fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str>
             was.upstream_keepalive_pool_size != now.upstream_keepalive_pool_size,
             "server.upstream_keepalive_pool_size",
         ),
+        (
+            was.proxy_protocol != now.proxy_protocol,
+            "server.proxy_protocol",
+        ),
+        (
+            was.proxy_protocol_timeout != now.proxy_protocol_timeout,
+            "server.proxy_protocol_timeout_ms",
+        ),
         (was.pid_file != now.pid_file, "server.pid_file"),
         (was.runtime_dir != now.runtime_dir, "server.runtime_dir"),
         (admin_listen(old) != admin_listen(new), "admin.listen"),
@@ -427,6 +435,19 @@ mod tests {
                 "log.level"
             ]
         );
+    }
+
+    #[test]
+    fn restart_needed_names_proxy_protocol() {
+        let trusted = "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n";
+        let base = config(trusted);
+        let on = config(&format!("{trusted}proxy_protocol = true"));
+        assert_eq!(restart_needed(&base, &on), ["server.proxy_protocol"]);
+        let slower = config(&format!("{trusted}proxy_protocol_timeout_ms = 9000"));
+        let key = "server.proxy_protocol_timeout_ms";
+        assert_eq!(restart_needed(&base, &slower), [key]);
+        let fewer = config("[server]\ntrusted_proxies = [\"10.1.0.0/16\"]\nproxy_protocol = true");
+        assert!(restart_needed(&on, &fewer).is_empty());
     }
 
     #[test]

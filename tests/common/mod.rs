@@ -89,6 +89,45 @@ lock_wait_timeout_secs = 10
 lock_age_timeout_secs = 20
 "#;
 
+/// Returns a config with the lines `server_keys` added to `[server]`, the access log in
+/// `access.log`, and one domain `id` for hosts `127.0.0.1` and `a.test` in front of `origin`.
+/// Its `rate_limit` plugin allows `burst` requests per client address and refills one per
+/// 100 s, so no refill happens while a test runs.
+pub fn rate_limited_config(id: &str, origin: SocketAddr, burst: u32, server_keys: &str) -> String {
+    let base = BASE_CONFIG
+        .replace("[server]\n", &format!("[server]\n{server_keys}\n"))
+        .replace("access_log = \"off\"", "access_log = \"access.log\"");
+    format!(
+        r#"{base}
+[domains.{id}]
+hosts = ["127.0.0.1", "a.test"]
+[domains.{id}.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.{id}.routes]]
+prefix = "/"
+origin = "web"
+[[domains.{id}.plugins]]
+name = "rate_limit"
+requests_per_second = 0.01
+burst = {burst}
+"#
+    )
+}
+
+/// Waits up to 5 s for the file at `path` to have `lines` lines and returns its lines.
+pub fn wait_for_lines(path: &Path, lines: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let found: Vec<String> = text.lines().map(str::to_owned).collect();
+        if found.len() >= lines || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Returns an HTTP client that never uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -82,7 +82,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
-    /// Peers whose `X-Forwarded-For` names the client; empty trusts no peer.
+    /// Peers whose `X-Forwarded-For`, and PROXY header with `proxy_protocol`, name the client;
+    /// empty trusts no peer.
     pub trusted_proxies: TrustedProxies,
     /// Where `run` writes its process id, for `mirror-gateway reload`.
     pub pid_file: PathBuf,
@@ -92,6 +93,10 @@ pub struct ServerSettings {
     pub reload_on_change: bool,
     /// Whether the client socket is corked while a large body goes out from the cache.
     pub tcp_nopush: bool,
+    /// Whether the client listeners read a PROXY protocol header on new connections.
+    pub proxy_protocol: bool,
+    /// How long a new connection may take to send its PROXY header or first byte.
+    pub proxy_protocol_timeout: Duration,
 }
 
 /// Returns the pid file used when `server.pid_file` is not set: in `$XDG_RUNTIME_DIR`, else

@@ -20,6 +20,8 @@ pub struct ServerSection {
     pub send_timeout_secs: u64,
     pub reload_on_change: bool,
     pub tcp_nopush: bool,
+    pub proxy_protocol: bool,
+    pub proxy_protocol_timeout_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -36,6 +38,8 @@ impl Default for ServerSection {
             send_timeout_secs: 60,
             reload_on_change: true,
             tcp_nopush: false,
+            proxy_protocol: false,
+            proxy_protocol_timeout_ms: 5_000,
         }
     }
 }

@@ -97,6 +97,7 @@ fn documented_range(key: &str) -> Option<&'static str> {
     }
     match name {
         "threads" if key == "server.threads" => Some("from 1 to 512"),
+        "proxy_protocol_timeout_ms" => Some("from 1 to 60000"),
         "disk_sweep_interval_secs" => Some("from 1 to 86400"),
         "lock_wait_timeout_secs"
         | "lock_age_timeout_secs"
@@ -245,6 +246,7 @@ fn validate_server(
         }
     }
     let trusted_proxies = validate_trusted_proxies(&s.trusted_proxies, errors, warnings);
+    validate_proxy_protocol(&s, errors);
     let runtime_dir = s.runtime_dir.map(|d| (resolve(dir, &d), d));
     if let Some((path, text)) = &runtime_dir {
         if !path.is_dir() {
@@ -274,7 +276,37 @@ fn validate_server(
         send_timeout: Duration::from_secs(s.send_timeout_secs),
         reload_on_change: s.reload_on_change,
         tcp_nopush: s.tcp_nopush,
+        proxy_protocol: s.proxy_protocol,
+        proxy_protocol_timeout: Duration::from_millis(s.proxy_protocol_timeout_ms),
     })
+}
+
+/// The largest `server.proxy_protocol_timeout_ms` accepted. A proxy sends its header as soon as
+/// it connects or with the first bytes of the client, so a longer wait only keeps connections
+/// open for clients that send nothing.
+const MAX_PROXY_PROTOCOL_TIMEOUT_MS: u64 = 60_000;
+
+/// Checks `server.proxy_protocol` and its timeout.
+fn validate_proxy_protocol(s: &ServerSection, errors: &mut Errors<'_>) {
+    let timeout = s.proxy_protocol_timeout_ms;
+    if !(1..=MAX_PROXY_PROTOCOL_TIMEOUT_MS).contains(&timeout) {
+        errors.push(
+            "server.proxy_protocol_timeout_ms",
+            Some(timeout.to_string()),
+            format!(
+                "must be between 1 and {MAX_PROXY_PROTOCOL_TIMEOUT_MS} milliseconds; leave the \
+                 key out for the default of 5000"
+            ),
+        );
+    }
+    if s.proxy_protocol && s.trusted_proxies.is_empty() {
+        errors.push(
+            "server.proxy_protocol",
+            Some("true".into()),
+            "the gateway uses PROXY headers only from peers in server.trusted_proxies, which is \
+             empty; list the networks of the proxies that send the header there",
+        );
+    }
 }
 
 /// Parses each `server.trusted_proxies` entry as a network, reporting every invalid one and

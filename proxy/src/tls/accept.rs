@@ -1,4 +1,6 @@
-//! The TLS listeners' handshake, run by the gateway so that it learns how each one ends.
+//! The client listeners' connection handler: the PROXY protocol header when
+//! `server.proxy_protocol` is on (see [`crate::proxy_protocol`]), then on the TLS listeners the
+//! handshake, run by the gateway so that it learns how each one ends.
 //!
 //! Pingora's own TLS listener logs a failed handshake and drops it, so no code of the gateway
 //! learns about failures inside OpenSSL. The TLS listeners are therefore plain TCP listeners
@@ -25,7 +27,7 @@ use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::handshake_with_callback;
 use pingora::protocols::tls::TlsRef;
-use pingora::protocols::Stream;
+use pingora::protocols::{GetSocketDigest, Stream};
 use pingora::server::ShutdownWatch;
 use pingora::tls::ssl::{
     select_next_proto, AlpnError, NameType, SslAcceptor, SslMethod, SslRef, SslVersion,
@@ -34,6 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::{CertStore, HandshakeFailure, TlsConnection, TlsStore};
+use crate::proxy_protocol::ProxyProtocol;
 use crate::status::Monitor;
 use plain_http::Prefix;
 
@@ -55,9 +58,11 @@ const ALPN_H2_H1: &[u8] = b"\x02h2\x08http/1.1";
 /// The label of handshakes that failed before a server name selected a domain.
 const NO_DOMAIN: &str = "-";
 
-/// A listener's connection handler: the TLS handshake when the listener has one, then `app`.
+/// A listener's connection handler: the PROXY header and the TLS handshake when the listener
+/// has them, then `app`.
 pub struct ProxyListener<A> {
     app: Arc<A>,
+    proxy_protocol: Option<Arc<ProxyProtocol>>,
     tls: Option<Handshaker>,
 }
 
@@ -87,14 +92,56 @@ struct Seen {
 impl<A> ProxyListener<A> {
     /// Hands plain-TCP connections to `app`.
     pub fn plain(app: Arc<A>) -> Self {
-        Self { app, tls: None }
+        Self {
+            app,
+            proxy_protocol: None,
+            tls: None,
+        }
     }
 
     /// Runs the TLS handshake on each connection, then hands it to `app`.
     pub fn tls(app: Arc<A>, handshaker: Handshaker) -> Self {
         Self {
             app,
+            proxy_protocol: None,
             tls: Some(handshaker),
+        }
+    }
+
+    /// Reads the PROXY header of each connection first, before the TLS handshake if any.
+    pub fn with_proxy_protocol(mut self, proxy_protocol: Arc<ProxyProtocol>) -> Self {
+        self.proxy_protocol = Some(proxy_protocol);
+        self
+    }
+
+    /// Reads the PROXY header and runs the TLS handshake, as far as the listener has them.
+    /// Returns `None` when the connection must close.
+    async fn prepare(&self, stream: Stream) -> Option<Stream> {
+        if self.proxy_protocol.is_none() && self.tls.is_none() {
+            return Some(stream);
+        }
+        // Pingora's TCP listeners pass their `l4` stream boxed. Rewinding read bytes, which
+        // both steps need, and the handshake need it unboxed.
+        let stream = match stream.into_any().downcast::<L4Stream>() {
+            Ok(tcp) => *tcp,
+            Err(_) => {
+                tracing::error!(
+                    "a client listener received a connection that is not a TCP stream; closing it"
+                );
+                if let Some(handshaker) = &self.tls {
+                    let reason = Err(HandshakeFailure::Other);
+                    handshaker.monitor.metrics.tls_handshake(NO_DOMAIN, reason);
+                }
+                return None;
+            }
+        };
+        let stream = match &self.proxy_protocol {
+            Some(proxy_protocol) => proxy_protocol.accept(stream).await?,
+            None => stream,
+        };
+        match &self.tls {
+            Some(handshaker) => handshaker.accept(stream).await,
+            None => Some(Box::new(stream)),
         }
     }
 }
@@ -106,12 +153,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyListener<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // Pingora passes back a kept-alive connection, which already has its TLS layer.
-        let stream = match &self.tls {
-            Some(handshaker) if stream.get_ssl().is_none() => handshaker.accept(stream).await?,
-            _ => stream,
-        };
-        self.app.process_new(stream, shutdown).await
+        let stream = self.prepare(stream).await?;
+        // The keep-alive loop runs here, not in Pingora's listener, which would pass each
+        // reused connection to this method again as if it were new.
+        let mut reused = self.app.process_new(stream, shutdown).await;
+        while let Some(stream) = reused {
+            reused = self.app.process_new(stream, shutdown).await;
+        }
+        None
     }
 
     async fn cleanup(&self) {
@@ -155,23 +204,12 @@ impl Handshaker {
     ///
     /// A connection whose first bytes start a plain HTTP/1.x request gets no handshake: the
     /// client gets a 400 response, and the failure counts with the reason `plain_http`.
-    async fn accept(&self, stream: Stream) -> Option<Stream> {
+    ///
+    /// Logs the PROXY header's source address as the peer when the header named one.
+    async fn accept(&self, mut stream: L4Stream) -> Option<Stream> {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().cloned());
-        // Pingora's TCP listeners pass their `l4` stream boxed; the handshake needs it unboxed.
-        let mut stream = match stream.into_any().downcast::<L4Stream>() {
-            Ok(tcp) => *tcp,
-            Err(_) => {
-                tracing::error!(
-                    peer = ?peer,
-                    "TLS listener received a connection that is not a TCP stream; closing it"
-                );
-                let reason = Err(HandshakeFailure::Other);
-                self.monitor.metrics.tls_handshake(NO_DOMAIN, reason);
-                return None;
-            }
-        };
 
         // The first bytes and the handshake share one deadline, so a client that sends its
         // first bytes slowly gets no extra time.
@@ -435,8 +473,7 @@ mod tests {
             received
         });
         let (server, _) = listener.accept().await.expect("accept");
-        let stream: Stream = Box::new(L4Stream::from(server));
-        let accepted = handshaker.accept(stream).await.is_some();
+        let accepted = handshaker.accept(L4Stream::from(server)).await.is_some();
         let received = client.await.expect("client");
         let metrics = monitor
             .metrics
