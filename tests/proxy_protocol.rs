@@ -155,14 +155,27 @@ async fn trusted_proxy_names_each_client() {
     let bytes = [v1("192.0.2.1", 4003), get("/e", "")].concat();
     assert_eq!(statuses(&exchange_from(TRUSTED, addr, &bytes).await), [429]);
 
+    // An IPv4-mapped source is the IPv4 client, for origins too.
+    let bytes = [v1("::ffff:192.0.2.3", 4004), get("/f", "")].concat();
+    assert_eq!(statuses(&exchange_from(TRUSTED, addr, &bytes).await), [200]);
+
     let forwarded: Vec<_> = origin
         .requests()
         .iter()
         .map(|r| r.header("x-forwarded-for").unwrap_or("").to_owned())
         .collect();
-    assert_eq!(forwarded, ["192.0.2.1", "192.0.2.2", "2001:db8::7"]);
-    let clients = logged_clients(&dir.path().join("access.log"), 4);
-    let expected = ["192.0.2.1", "192.0.2.1", "192.0.2.2", "2001:db8::7"];
+    assert_eq!(
+        forwarded,
+        ["192.0.2.1", "192.0.2.2", "2001:db8::7", "192.0.2.3"]
+    );
+    let clients = logged_clients(&dir.path().join("access.log"), 5);
+    let expected = [
+        "192.0.2.1",
+        "192.0.2.1",
+        "192.0.2.2",
+        "192.0.2.3",
+        "2001:db8::7",
+    ];
     assert_eq!(clients, expected);
 }
 

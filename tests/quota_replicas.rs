@@ -63,32 +63,42 @@ impl Drop for Redis {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_processes_share_redis_budget() {
-    let redis = Redis::start();
-    let origin = TestOrigin::start(|_| Reply::ok("{\"domains\":[]}")).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = format!(
+/// Returns a gateway config (logging at `info`, which `spawn_gateway` needs) with one domain
+/// in front of `origin` whose quota of `budget` requests per hour counts in the Redis on
+/// `redis_port` under `prefix`.
+fn quota_config(
+    origin: std::net::SocketAddr,
+    redis_port: u16,
+    budget: u64,
+    prefix: &str,
+) -> String {
+    format!(
         r#"{}
 [domains.primary]
 hosts = ["127.0.0.1"]
 [domains.primary.origins.web]
 kind = "http"
-addresses = ["{}"]
+addresses = ["{origin}"]
 [[domains.primary.routes]]
 prefix = "/"
 origin = "web"
 [[domains.primary.plugins]]
 name = "quota"
-index_per_hour = 10
-download_per_hour = 10
-redis = {{ url = "redis://127.0.0.1:{}/0", key_prefix = "replicas-{}", timeout_ms = 1000 }}
+index_per_hour = {budget}
+download_per_hour = {budget}
+redis = {{ url = "redis://127.0.0.1:{redis_port}/0", key_prefix = "{prefix}", timeout_ms = 1000 }}
 "#,
-        BASE_CONFIG.replace("level = \"warn\"", "level = \"info\""),
-        origin.addr,
-        redis.port,
-        std::process::id()
-    );
+        BASE_CONFIG.replace("level = \"warn\"", "level = \"info\"")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_share_redis_budget() {
+    let redis = Redis::start();
+    let origin = TestOrigin::start(|_| Reply::ok("{\"domains\":[]}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("replicas-{}", std::process::id());
+    let config = quota_config(origin.addr, redis.port, 10, &prefix);
     std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
     let (mut first, first_addr) = spawn_gateway(dir.path());
     let (mut second, second_addr) = spawn_gateway(dir.path());
@@ -174,4 +184,65 @@ burst = 2
         std::process::id()
     );
     assert!(stats.contains(&expected), "{stats}");
+}
+
+/// Reads the integer in `key` with `redis-cli`; 0 when the key is missing.
+fn redis_get(port: u16, key: &str) -> u64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "GET", key])
+        .output()
+        .expect("redis-cli runs (Debian package redis-tools)");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Lists the keys matching `pattern` with `redis-cli`.
+fn redis_keys(port: u16, pattern: &str) -> Vec<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--raw", "KEYS", pattern])
+        .output()
+        .expect("redis-cli runs (Debian package redis-tools)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .filter(|key| !key.is_empty())
+        .collect()
+}
+
+/// A gateway that stops gives the requests it reserved in Redis back, so that only the
+/// requests it let through stay counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_gives_reserve_back() {
+    let redis = Redis::start();
+    let origin = TestOrigin::start(|_| Reply::ok("{\"domains\":[]}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("reserve-{}", std::process::id());
+    let config = quota_config(origin.addr, redis.port, 1_000_000, &prefix);
+    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let (mut gateway, addr) = spawn_gateway(dir.path());
+    let url = format!("http://{addr}/concelier/exports/index.json");
+    for _ in 0..3 {
+        let status = client().get(&url).send().await.expect("request").status();
+        assert_eq!(status.as_u16(), 200);
+    }
+    let keys = redis_keys(redis.port, &format!("{prefix}:primary:index:*"));
+    let principal = keys
+        .iter()
+        .find(|key| !key.contains(":all:"))
+        .expect("a principal key");
+    assert_eq!(
+        redis_get(redis.port, principal),
+        1 + 64,
+        "the first request and a reserve of 64; the other two came from it"
+    );
+
+    let pid = nix::unistd::Pid::from_raw(gateway.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    gateway.wait().expect("reap gateway");
+    assert_eq!(redis_get(redis.port, principal), 3);
+    for key in &keys {
+        assert_eq!(redis_get(redis.port, key), 3, "{key}");
+    }
 }

@@ -1222,3 +1222,46 @@ async fn replicas_with_reserves_share_budget_exactly() {
     assert_eq!(burst + later, 600, "{burst} in the burst, {later} after it");
     assert_eq!(count_in(&mut admin, &key), 600);
 }
+
+/// A principal holds one reserve at a time: of 50 requests at once, the first call asks for
+/// a reserve and the calls on the way meanwhile do not, so Redis counts the 50 and one
+/// reserve of 8 at most; the unused part goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_reserve_per_principal_at_a_time() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let plugin = replica_reserving(&server, 100_000, 8);
+    assert_eq!(
+        passed_together(&[Arc::clone(&plugin)], "alice", 50).await,
+        50
+    );
+    let key = index_keys(&mut admin)
+        .into_iter()
+        .find(|key| !key.contains(":all:"))
+        .expect("a principal key");
+    let counted = count_in(&mut admin, &key);
+    assert!((50..=58).contains(&counted), "Redis counts {counted}");
+    assert_eq!(settled_count(&mut admin, &key, 50).await, 50);
+}
+
+/// A reserve survives a Redis outage: the sweep that cannot give it back keeps it, and gives
+/// it back once Redis responds again, instead of leaving it counted for the hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_survives_redis_outage() {
+    let mut server = RedisServer::start_persistent();
+    let mut admin = server.admin();
+    let plugin = replica_reserving(&server, 100_000, 8);
+    let key = key_of(&plugin, &mut admin, "alice").await;
+    assert_eq!(count_in(&mut admin, &key), 9);
+    server.stop();
+    // Two sweeps at least fail while Redis is away.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart();
+    let mut admin = server.admin();
+    assert_eq!(count_in(&mut admin, &key), 9, "the restart kept the count");
+    assert_eq!(
+        settled_count(&mut admin, &key, 1).await,
+        1,
+        "the reserve went back"
+    );
+}

@@ -140,6 +140,11 @@ pub struct TrustedProxies {
 }
 
 impl TrustedProxies {
+    /// Returns whether the set trusts no peer.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
     /// Builds the set from its networks; an empty set trusts no peer.
     pub fn new(ranges: Vec<Cidr>) -> Self {
         Self { ranges }

@@ -274,13 +274,21 @@ fn peer_addr(stream: &L4Stream) -> Option<SocketAddr> {
 }
 
 /// Makes `source` the connection's peer address, which Pingora's `Session::client_addr`
-/// returns for every request on it (Pingora 0.9.1 reads it from the socket digest).
+/// returns for every request on it (Pingora 0.9.1 reads it from the socket digest). An
+/// IPv4-mapped IPv6 source becomes the IPv4 address, the form the access log and the client
+/// address use, so that origins get it in `X-Forwarded-For` in that form too.
 fn set_peer_addr(stream: &mut L4Stream, source: SocketAddr) {
+    let source = match source {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => source,
+        },
+        SocketAddr::V4(_) => source,
+    };
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-    // The local address is read from the socket when first asked for, as before.
-    if digest.peer_addr.set(Some(source.into())).is_err() {
-        unreachable!("a new socket digest has no peer address");
-    }
+    // A new digest has no peer address yet, so the set succeeds. The local address is read
+    // from the socket when first asked for, as before.
+    let _ = digest.peer_addr.set(Some(source.into()));
     stream.set_socket_digest(digest);
 }
 

@@ -182,6 +182,10 @@ impl Reloader {
                 return ReloadOutcome::Rejected(errors);
             }
         };
+        if let Some(error) = conflict_with_start(&self.started, &config) {
+            tracing::error!(%error, "reload rejected; the running configuration stays");
+            return ReloadOutcome::Rejected(vec![error]);
+        }
         let certificates = match crate::tls::CertStore::from_config(&config) {
             Ok(store) => store,
             Err(e) => {
@@ -253,6 +257,20 @@ impl Reloader {
             })
             .map(|(path, _)| path.clone())
     }
+}
+
+/// Returns why `new` cannot run beside the restart-only settings the process started with,
+/// where a valid file would still do harm: listeners that read PROXY headers
+/// (`server.proxy_protocol` at start) with no trusted proxy would count every client behind
+/// the proxies as the proxy.
+fn conflict_with_start(started: &GatewayConfig, new: &GatewayConfig) -> Option<String> {
+    (started.server.proxy_protocol && new.server.trusted_proxies.is_empty()).then(|| {
+        "server.trusted_proxies is empty, but the listeners read PROXY headers \
+         (server.proxy_protocol was true at start, and only a restart changes it), so every \
+         client behind the proxies would count as the proxy; keep the proxies' networks in \
+         server.trusted_proxies, or restart with proxy_protocol = false"
+            .to_owned()
+    })
 }
 
 /// Returns the settings that differ between `old` and `new` but take effect only after a
@@ -448,6 +466,18 @@ mod tests {
         assert_eq!(restart_needed(&base, &slower), [key]);
         let fewer = config("[server]\ntrusted_proxies = [\"10.1.0.0/16\"]\nproxy_protocol = true");
         assert!(restart_needed(&on, &fewer).is_empty());
+    }
+
+    #[test]
+    fn reload_keeps_trusted_proxies_for_proxy_protocol() {
+        let on = config("[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_protocol = true");
+        let off_and_empty = config("[server]\nproxy_protocol = false");
+        let error = conflict_with_start(&on, &off_and_empty).expect("a conflict");
+        assert!(error.contains("server.trusted_proxies is empty"), "{error}");
+        let fewer = config("[server]\ntrusted_proxies = [\"10.1.0.0/16\"]");
+        assert_eq!(conflict_with_start(&on, &fewer), None);
+        let base = config("[server]\nlisten = [\"127.0.0.1:0\"]");
+        assert_eq!(conflict_with_start(&base, &off_and_empty), None);
     }
 
     #[test]

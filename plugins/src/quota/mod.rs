@@ -96,6 +96,13 @@ pub fn save_state_files() {
     state_file::save_all(SystemTime::now());
 }
 
+/// Gives the requests that Redis counted ahead for busy principals (their reserves) back to
+/// Redis, so that other replicas can use them once this process ends. Call it once the server
+/// has stopped, outside any Tokio runtime; it waits up to each plugin's Redis timeout.
+pub fn give_back_reserves() {
+    redis_store::give_back_all_reserves();
+}
+
 /// A request that was checked before the cache lookup and is counted if it goes to the
 /// origin (`count_cache_hits = false`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,28 +402,35 @@ impl Plugin for QuotaPlugin {
 }
 
 /// Lets a counted request through from the requests that Redis counted ahead for its
-/// principal, without a call; `None` when the principal has none.
+/// principal, without a call; `None` when the principal has none. A request that the local
+/// counts put over a budget (requests counted here while Redis was away, and not sent to it
+/// yet) gives the reserve back and gets `None`, so that Redis decides it.
 fn from_reserve(
     redis: &Arc<RedisStore>,
     rule: &ClassRule,
     principal: &PrincipalName,
     window: Window,
 ) -> Option<Decision> {
-    let counts = redis.take_reserved(rule.class, principal.as_bytes(), window.hour)?;
-    Some(from_redis(
-        redis,
-        rule,
-        Op::Count,
-        principal,
-        window,
-        Decision::Allowed(counts),
-    ))
+    let name = principal.as_bytes();
+    let reported = redis.take_reserved(rule.class, name, window.hour)?;
+    let (decision, unshared) =
+        rule.counts
+            .try_count_reserved(name, rule.limits, window.hour, reported);
+    if unshared {
+        redis.share(rule.class, &rule.counts, window);
+    }
+    match decision {
+        Decision::Allowed(_) => Some(decision),
+        Decision::Rejected(..) => {
+            redis.give_back_reserve(rule.class, name, window.hour, 1);
+            None
+        }
+    }
 }
 
 /// Completes a decision that Redis made: records its counts in this process's counters, adds
 /// the requests counted here that Redis has not taken yet (see [`with_unshared`]) and starts
-/// sending those. A principal whose local counts are ahead of Redis's gives its reserve back,
-/// so that its next requests are checked with those counts.
+/// sending those.
 fn from_redis(
     redis: &Arc<RedisStore>,
     rule: &ClassRule,
@@ -428,9 +442,6 @@ fn from_redis(
     let name = principal.as_bytes();
     let counted = u64::from(op == Op::Count && matches!(decision, Decision::Allowed(_)));
     let observed = redis.observe(&rule.counts, name, window, decision.counts(), counted);
-    if observed.beyond != Counts::default() {
-        redis.give_back_reserve(rule.class, name, window.hour);
-    }
     let (decision, take_back) = with_unshared(decision, observed.beyond, rule.limits, op);
     if take_back {
         redis.take_back(rule.class, &rule.counts, name, window);

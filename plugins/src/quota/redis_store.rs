@@ -281,9 +281,6 @@ pub struct RedisStore {
     /// Requests counted ahead of use per principal call; 0 for none.
     reserve: u64,
     health: Mutex<Health>,
-    /// A copy of `health.down`, written under its lock, so that requests need not take the lock
-    /// while Redis is up.
-    down: AtomicBool,
     /// The keys that held no count, for warning about each at most once a period.
     unusable_keys: Mutex<KeyWarnings>,
 }
@@ -302,6 +299,30 @@ struct PrincipalEntry {
     /// The principal's key and the domain's.
     keys: [Arc<str>; 2],
     reserved: Mutex<Reserved>,
+    /// Whether a call on the way requests a reserve for the principal from Redis. One call
+    /// at a time, so that a principal has at most one reserve.
+    asking: AtomicBool,
+}
+
+impl PrincipalEntry {
+    /// Returns the right to ask for a reserve, while the principal has none and no call on
+    /// the way requests one.
+    fn ask(self: &Arc<Self>) -> Option<ReserveAsk> {
+        if self.reserved.lock().requests > 0 || self.asking.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(ReserveAsk(Arc::clone(self)))
+    }
+}
+
+/// A call's request for a reserve for the principal of its entry; lets the next call ask once
+/// the call is dropped.
+struct ReserveAsk(Arc<PrincipalEntry>);
+
+impl Drop for ReserveAsk {
+    fn drop(&mut self) {
+        self.0.asking.store(false, Ordering::Release);
+    }
 }
 
 /// Requests of a principal that Redis counted before they arrived, to let through without a
@@ -326,6 +347,9 @@ struct ReserveBook {
     entries: Mutex<Vec<Arc<PrincipalEntry>>>,
     /// Whether the task that gives idle reserves back runs.
     sweeping: AtomicBool,
+    /// Whether the last sweep failed to give reserves back, so that the failure is logged
+    /// once until a sweep succeeds.
+    failing: AtomicBool,
 }
 
 /// The connections to Redis; shared with the store, which drops the ones for checks after a
@@ -343,6 +367,11 @@ struct Link {
     refunds: LazyConnection,
     /// The principals that hold reserved requests.
     reserved: ReserveBook,
+    /// A copy of the store's `health.down`, written under its lock, so that requests need not
+    /// take the lock while Redis is up, and the sweeps of reserves can see it.
+    down: AtomicBool,
+    /// Whether the store is gone, so that a reserve that arrives later goes back at once.
+    closed: AtomicBool,
 }
 
 /// A connection that is opened on first use, and again after [`LazyConnection::reset`].
@@ -374,7 +403,7 @@ struct Call {
     /// Requests to count ahead for the principal of [`Op::Count`], and the principal's entry
     /// that takes them; 0 and `None` for no reserve.
     reserve: u64,
-    holder: Option<Arc<PrincipalEntry>>,
+    holder: Option<ReserveAsk>,
     limits: Limits,
     lifetime_secs: u64,
     op: Op,
@@ -428,16 +457,21 @@ impl KeyWarnings {
 impl RedisStore {
     /// Prepares the store; nothing connects until the first request.
     pub fn new(domain: &str, config: &RedisConfig) -> Self {
+        let link = Arc::new(Link::new(config.client.clone(), config.timeout));
+        {
+            let mut links = LINKS.lock();
+            links.retain(|link| link.strong_count() > 0);
+            links.push(Arc::downgrade(&link));
+        }
         Self {
             domain: domain.to_owned(),
-            link: Arc::new(Link::new(config.client.clone(), config.timeout)),
+            link,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             failure_mode: config.failure_mode,
             queue: OnceLock::new(),
             keys: Mutex::new(KeyMemo::default()),
             reserve: config.reserve,
-            down: AtomicBool::new(false),
             health: Mutex::new(Health {
                 down: false,
                 retry_at: Instant::now(),
@@ -456,7 +490,7 @@ impl RedisStore {
     /// Returns whether Redis responded to the last exchange (true before the first one). A call
     /// that Redis ran counts as a response, also when a key of it is unusable.
     pub fn available(&self) -> bool {
-        !self.down.load(Ordering::Acquire)
+        !self.link.down.load(Ordering::Acquire)
     }
 
     /// Runs `op` on the principal's and the domain's keys of `window`, waiting at most the
@@ -492,11 +526,12 @@ impl RedisStore {
         let probe = self.admit(now)?;
         let (reply, answer) = oneshot::channel();
         let entry = self.entry(class, principal, window.hour);
-        let (reserve, holder) = if op == Op::Count && amount == 1 && self.reserve > 0 {
-            (self.reserve, Some(Arc::clone(&entry)))
+        let holder = if op == Op::Count && amount == 1 && self.reserve > 0 {
+            entry.ask()
         } else {
-            (0, None)
+            None
         };
+        let reserve = if holder.is_some() { self.reserve } else { 0 };
         let check = Check {
             call: Call {
                 keys: entry.keys.clone(),
@@ -723,6 +758,7 @@ impl RedisStore {
         let entry = Arc::new(PrincipalEntry {
             keys: [self.key(class, Some(principal), hour).into(), domain],
             reserved: Mutex::new(Reserved::default()),
+            asking: AtomicBool::new(false),
         });
         let principals = &mut memo.principals[slot];
         if principals.len() >= KEY_MEMO_ENTRIES {
@@ -734,7 +770,7 @@ impl RedisStore {
     }
 
     /// Lets one request of `principal` through from its reserve, without a call: returns the
-    /// counts it reports, or `None` when the principal holds no reserve in `class` and `hour`
+    /// counts it reports, or `None` when the principal has no reserve in `class` and `hour`
     /// or Redis is not responding.
     pub fn take_reserved(&self, class: Class, principal: &[u8], hour: u64) -> Option<Counts> {
         if self.reserve == 0 || !self.available() {
@@ -758,9 +794,9 @@ impl RedisStore {
         Some(reserved.counts)
     }
 
-    /// Gives the reserve of `principal` back to Redis, for a principal whose local counts no
-    /// longer match Redis's, so that its requests are checked in Redis again.
-    pub fn give_back_reserve(&self, class: Class, principal: &[u8], hour: u64) {
+    /// Gives the reserve of `principal` back to Redis, with `taken` requests taken from it
+    /// and not let through, so that the principal's requests are checked in Redis again.
+    pub fn give_back_reserve(&self, class: Class, principal: &[u8], hour: u64, taken: u64) {
         let entry = {
             let memo = self.keys.lock();
             if memo.hour != hour {
@@ -771,7 +807,7 @@ impl RedisStore {
                 None => return,
             }
         };
-        let requests = std::mem::take(&mut entry.reserved.lock().requests);
+        let requests = std::mem::take(&mut entry.reserved.lock().requests).saturating_add(taken);
         if requests > 0 {
             self.link.refund_reserve(&entry, requests);
         }
@@ -788,7 +824,7 @@ impl RedisStore {
     /// Decides whether a request may call Redis. While Redis is up, every request may. While
     /// it is down, only one request may once the backoff has passed: the probe (`Some`).
     fn admit(&self, now: Instant) -> Result<Option<ProbeGuard<'_>>, Unavailable> {
-        if !self.down.load(Ordering::Acquire) {
+        if !self.link.down.load(Ordering::Acquire) {
             return Ok(None);
         }
         let mut health = self.health.lock();
@@ -805,13 +841,13 @@ impl RedisStore {
     }
 
     fn succeeded(&self) {
-        if !self.down.load(Ordering::Acquire) {
+        if !self.link.down.load(Ordering::Acquire) {
             return;
         }
         let mut health = self.health.lock();
         if health.down {
             health.down = false;
-            self.down.store(false, Ordering::Release);
+            self.link.down.store(false, Ordering::Release);
             health.backoff = BACKOFF_FIRST;
             info!(domain = %self.domain, "quota: Redis responds again; counting in Redis");
         }
@@ -827,7 +863,7 @@ impl RedisStore {
         let mut health = self.health.lock();
         if !health.down {
             health.down = true;
-            self.down.store(true, Ordering::Release);
+            self.link.down.store(true, Ordering::Release);
             health.backoff = BACKOFF_FIRST;
             health.retry_at = now + health.backoff;
             let fallback = match self.failure_mode {
@@ -981,12 +1017,26 @@ async fn sweep_reserves(link: std::sync::Weak<Link>) {
         let Some(link) = link.upgrade() else {
             return;
         };
+        // While Redis does not respond, reserves can be neither used nor given back, so they
+        // wait, and the clock stops.
+        if link.down.load(Ordering::Acquire) {
+            continue;
+        }
         let tick = link.reserved.tick.fetch_add(1, Ordering::Relaxed);
-        let refunds = link.take_reserves(Some(tick));
-        if !refunds.is_empty() {
-            link.spawn_refund(refunds);
+        let taken = link.take_reserves(Some(tick));
+        if !taken.is_empty() {
+            link.give_back(taken).await;
         }
     }
+}
+
+/// Returns the keys of each principal in `taken` and of its domain, each with the requests to
+/// give back. A domain key appears once per principal.
+fn refund_keys(taken: &[(Arc<PrincipalEntry>, u64)]) -> Vec<(Arc<str>, u64)> {
+    taken
+        .iter()
+        .flat_map(|(entry, requests)| entry.keys.iter().map(|key| (Arc::clone(key), *requests)))
+        .collect()
 }
 
 /// Runs one script call and replies to its checks by `deadline`, then gives back `place`
@@ -1050,8 +1100,8 @@ fn answer(
     // A reserve belongs to the principal, not to the request that asked for it, so it is kept
     // also when that request went away. It is in place before the requests of the call wake up.
     for deposit in reserves {
-        if let Some(holder) = &calls[deposit.call].holder {
-            link.deposit(holder, deposit.requests, deposit.counts);
+        if let Some(ReserveAsk(entry)) = &calls[deposit.call].holder {
+            link.deposit(entry, deposit.requests, deposit.counts);
         }
     }
     let mut replies = replies.into_iter();
@@ -1080,12 +1130,18 @@ impl Link {
             checks: std::array::from_fn(|_| LazyConnection::default()),
             refunds: LazyConnection::default(),
             reserved: ReserveBook::default(),
+            down: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
     }
 
     /// Adds `requests` that Redis counted ahead to the reserve of `entry`, with `counts`, the
     /// counts after the call's own requests. Starts the task that gives idle reserves back.
     fn deposit(self: &Arc<Self>, entry: &Arc<PrincipalEntry>, requests: u64, counts: Counts) {
+        if self.closed.load(Ordering::Acquire) {
+            self.refund_reserve(entry, requests);
+            return;
+        }
         let tick = self.reserved.tick.load(Ordering::Relaxed);
         let list = {
             let mut reserved = entry.reserved.lock();
@@ -1102,6 +1158,14 @@ impl Link {
         if list {
             self.reserved.entries.lock().push(Arc::clone(entry));
         }
+        if self.closed.load(Ordering::Acquire) {
+            // The store went away while this reserve was being added; give it back.
+            let requests = std::mem::take(&mut entry.reserved.lock().requests);
+            if requests > 0 {
+                self.refund_reserve(entry, requests);
+            }
+            return;
+        }
         if !self.reserved.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep_reserves(Arc::downgrade(self)));
         }
@@ -1113,22 +1177,66 @@ impl Link {
         Arc::clone(self).spawn_refund(keys.to_vec());
     }
 
-    /// Takes every reserve off its principal; returns the principals' keys with the requests
-    /// to give back.
-    fn take_reserves(&self, idle_before: Option<u64>) -> Vec<(Arc<str>, u64)> {
-        let mut refunds = Vec::new();
+    /// Takes the reserves off their principals: all of them, or with `idle_before` those
+    /// last used before that tick. Returns the principals with the requests to give back.
+    fn take_reserves(&self, idle_before: Option<u64>) -> Vec<(Arc<PrincipalEntry>, u64)> {
+        let mut taken = Vec::new();
         self.reserved.entries.lock().retain(|entry| {
             let mut reserved = entry.reserved.lock();
             let idle = idle_before.is_none_or(|tick| reserved.used_in < tick);
             if idle && reserved.requests > 0 {
-                let requests = std::mem::take(&mut reserved.requests);
-                refunds.extend(entry.keys.iter().map(|key| (Arc::clone(key), requests)));
+                taken.push((Arc::clone(entry), std::mem::take(&mut reserved.requests)));
             }
             let keep = reserved.requests > 0;
             reserved.listed = keep;
             keep
         });
-        refunds
+        taken
+    }
+
+    /// Gives the reserves of `taken` back to Redis over a connection of its own, waiting up to
+    /// the timeout for each step, without a Tokio runtime. Logs a warning when Redis does not
+    /// take them; they stay counted until their hour ends.
+    fn give_back_blocking(&self, taken: &[(Arc<PrincipalEntry>, u64)]) {
+        let give_back = || -> RedisResult<()> {
+            let mut conn = self.client.get_connection_with_timeout(self.timeout)?;
+            conn.set_read_timeout(Some(self.timeout))?;
+            conn.set_write_timeout(Some(self.timeout))?;
+            let mut invocation = REFUND_SCRIPT.prepare_invoke();
+            for (key, amount) in refund_keys(taken) {
+                invocation.key(&*key).arg(amount);
+            }
+            invocation.invoke::<i64>(&mut conn).map(|_| ())
+        };
+        if let Err(e) = give_back() {
+            warn!(error = %e, principals = taken.len(),
+                "quota: cannot give reserved requests back to Redis; they stay counted until \
+                 their hour ends");
+        }
+    }
+
+    /// Gives the reserves of `taken` back to Redis. A reserve that Redis does not take goes
+    /// back to its principal, to be given back by a later sweep or used once Redis responds.
+    async fn give_back(self: &Arc<Self>, taken: Vec<(Arc<PrincipalEntry>, u64)>) {
+        let keys = refund_keys(&taken);
+        match self.refund(&keys).await {
+            Ok(()) => {
+                if self.reserved.failing.swap(false, Ordering::AcqRel) {
+                    info!("quota: reserved requests go back to Redis again");
+                }
+            }
+            Err(e) => {
+                self.refunds.reset();
+                if !self.reserved.failing.swap(true, Ordering::AcqRel) {
+                    warn!(error = %e, principals = taken.len(),
+                        "quota: cannot give reserved requests back to Redis; trying again \
+                         every second");
+                }
+                for (entry, requests) in &taken {
+                    self.deposit(entry, *requests, Counts::default());
+                }
+            }
+        }
     }
 
     /// Runs the script on `calls` over the connection of place `place` and returns one
@@ -1282,7 +1390,7 @@ struct Deposit {
 struct Group {
     first: usize,
     size: u64,
-    /// The requests the group's principal asks to count ahead.
+    /// The requests counted ahead for the group's principal, when it requests a reserve.
     reserve: u64,
 }
 
@@ -1406,9 +1514,34 @@ impl Drop for RedisStore {
     /// Gives every reserve back to Redis, so that a reload or a removed plugin leaves no
     /// requests counted that no request can use.
     fn drop(&mut self) {
-        let refunds = self.link.take_reserves(None);
-        if !refunds.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            Arc::clone(&self.link).spawn_refund(refunds);
+        self.link.closed.store(true, Ordering::Release);
+        let taken = self.link.take_reserves(None);
+        if taken.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            Arc::clone(&self.link).spawn_refund(refund_keys(&taken));
+        } else {
+            self.link.give_back_blocking(&taken);
+        }
+    }
+}
+
+/// The links of every store, so that the reserves can be given back when the process ends.
+static LINKS: LazyLock<Mutex<Vec<std::sync::Weak<Link>>>> = LazyLock::new(Mutex::default);
+
+/// Gives the reserves of every store back to Redis, waiting up to each store's timeout; for
+/// the end of the process, outside any Tokio runtime.
+pub fn give_back_all_reserves() {
+    let links: Vec<Arc<Link>> = LINKS
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    for link in links {
+        let taken = link.take_reserves(None);
+        if !taken.is_empty() {
+            link.give_back_blocking(&taken);
         }
     }
 }

@@ -311,6 +311,27 @@ impl Slot {
         }
     }
 
+    /// Counts one request that the shared store counted too, and raises the count to at least
+    /// `reported`, the store's count with it.
+    fn add_shared(&mut self, hour: u64, reported: u64) -> u64 {
+        if hour > self.hour {
+            *self = Slot::fresh(hour, 0);
+        }
+        self.count = self.count.saturating_add(1).max(self.seen(hour, reported));
+        self.count
+    }
+
+    /// Returns the count of `hour` by this slot and `stored`, a count of the shared
+    /// store: the larger of its own count and `stored` plus the requests of `hour` that the
+    /// store has not taken.
+    fn seen(&self, hour: u64, stored: u64) -> u64 {
+        if self.hour == hour {
+            stored.saturating_add(self.unshared).max(self.count)
+        } else {
+            stored.max(self.current(hour))
+        }
+    }
+
     /// Counts one request here, as not yet in the shared store.
     fn add(&mut self, hour: u64) -> u64 {
         if hour > self.hour {
@@ -464,6 +485,37 @@ impl ClassCounts {
                 principal: slot.add(hour),
                 domain: domain.add(hour),
             })
+        })
+    }
+
+    /// Counts a request that the shared store counted before it arrived (from a reserve) if
+    /// both budgets have room in `hour`. The counts checked are the larger of `reported`, the
+    /// counts the store's reserve gives the request, less the request, and the local counts,
+    /// which include the requests counted here and not in the store yet. The local counts
+    /// rise to at least `reported`. Returns the decision with the larger counts, and whether
+    /// counts of the hour wait to be sent to the store. A rejection counts nothing.
+    pub fn try_count_reserved(
+        &self,
+        principal: &[u8],
+        limits: Limits,
+        hour: u64,
+        reported: Counts,
+    ) -> (Decision, bool) {
+        self.with_slots(principal, hour, |slot, domain| {
+            let unshared = domain.unshared_in(hour) > 0;
+            let before = Counts {
+                principal: slot.seen(hour, reported.principal.saturating_sub(1)),
+                domain: domain.seen(hour, reported.domain.saturating_sub(1)),
+            };
+            if let Some(scope) = over_budget(limits, before) {
+                return (Decision::Rejected(scope, before), unshared);
+            }
+            self.changes.fetch_add(1, Ordering::Relaxed);
+            let after = Counts {
+                principal: slot.add_shared(hour, reported.principal),
+                domain: domain.add_shared(hour, reported.domain),
+            };
+            (Decision::Allowed(after), unshared)
         })
     }
 
@@ -799,6 +851,38 @@ mod tests {
             set.observe(b"alice", HOUR, counts(7, 9), 0),
             Observed::default()
         );
+    }
+
+    /// A request from a reserve never lowers the local counts to the older counts of the
+    /// reserve, and is checked against the local counts with the unshared requests: the
+    /// counts a fallback starts from stay those of the newest reply.
+    #[test]
+    fn reserved_requests_keep_newer_counts() {
+        let set = Registry::new().counts("d", Class::Index);
+        let limits = Limits {
+            principal: 1000,
+            domain: Some(1000),
+        };
+        observed(&set, b"bob", HOUR, counts(1, 900));
+        let (decision, unshared) = set.try_count_reserved(b"alice", limits, HOUR, counts(2, 5));
+        assert_eq!(decision, Decision::Allowed(counts(2, 901)));
+        assert!(!unshared);
+        assert_eq!(set.domain_count(HOUR), 901);
+        assert_eq!(set.take_unshared(HOUR), Vec::new(), "Redis has counted it");
+
+        let (decision, _) = set.try_count_reserved(b"alice", limits, HOUR, counts(900, 905));
+        assert_eq!(decision, Decision::Allowed(counts(900, 905)));
+
+        // Requests counted here while Redis was away put alice over her budget.
+        for _ in 0..100 {
+            set.add(b"alice", HOUR);
+        }
+        let (decision, unshared) = set.try_count_reserved(b"alice", limits, HOUR, counts(901, 906));
+        assert_eq!(
+            decision,
+            Decision::Rejected(Scope::Principal, counts(1000, 1005))
+        );
+        assert!(unshared);
     }
 
     /// Counts made without a shared store (before a reload added one) are unshared too, so the
