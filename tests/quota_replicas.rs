@@ -186,6 +186,17 @@ burst = 2
     assert!(stats.contains(&expected), "{stats}");
 }
 
+/// A gateway process that is killed by PID when dropped, so that a failed assertion does not
+/// leave it running.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Reads the integer in `key` with `redis-cli`; 0 when the key is missing.
 fn redis_get(port: u16, key: &str) -> u64 {
     let out = Command::new("redis-cli")
@@ -221,7 +232,8 @@ async fn shutdown_gives_reserve_back() {
     let prefix = format!("reserve-{}", std::process::id());
     let config = quota_config(origin.addr, redis.port, 1_000_000, &prefix);
     std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
-    let (mut gateway, addr) = spawn_gateway(dir.path());
+    let (child, addr) = spawn_gateway(dir.path());
+    let mut gateway = Stopped(child);
     let url = format!("http://{addr}/concelier/exports/index.json");
     for _ in 0..3 {
         let status = client().get(&url).send().await.expect("request").status();
@@ -238,9 +250,9 @@ async fn shutdown_gives_reserve_back() {
         "the first request and a reserve of 64; the other two came from it"
     );
 
-    let pid = nix::unistd::Pid::from_raw(gateway.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(gateway.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    gateway.wait().expect("reap gateway");
+    gateway.0.wait().expect("reap gateway");
     assert_eq!(redis_get(redis.port, principal), 3);
     for key in &keys {
         assert_eq!(redis_get(redis.port, key), 3, "{key}");
