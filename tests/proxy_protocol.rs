@@ -180,7 +180,9 @@ async fn trusted_proxy_names_each_client() {
 }
 
 /// The header's address is itself a trusted proxy (10.0.0.5), so `X-Forwarded-For` names the
-/// client, and a header without an address leaves the trusted socket peer to walk from.
+/// client, and a LOCAL header leaves the trusted socket peer to walk from. An UNKNOWN header
+/// relays a client that nobody named, so its `X-Forwarded-For` is not read: the client is
+/// the unspecified address.
 #[tokio::test(flavor = "multi_thread")]
 async fn trusted_source_walks_forwarded_for() {
     let origin = TestOrigin::start(|_| Reply::ok("{}")).await;
@@ -196,7 +198,7 @@ async fn trusted_source_walks_forwarded_for() {
     let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00".to_vec();
     let bytes = [local, get("/b", forwarded)].concat();
     assert_eq!(statuses(&exchange_from(TRUSTED, addr, &bytes).await), [429]);
-    let bytes = [b"PROXY UNKNOWN\r\n".to_vec(), get("/c", "")].concat();
+    let bytes = [b"PROXY UNKNOWN\r\n".to_vec(), get("/c", forwarded)].concat();
     assert_eq!(statuses(&exchange_from(TRUSTED, addr, &bytes).await), [200]);
 
     let seen = origin.requests();
@@ -204,9 +206,12 @@ async fn trusted_source_walks_forwarded_for() {
         seen[0].header("x-forwarded-for"),
         Some("198.51.100.7, 10.0.0.5")
     );
-    assert_eq!(seen[1].header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        seen[1].header("x-forwarded-for"),
+        Some("198.51.100.7, 0.0.0.0")
+    );
     let clients = logged_clients(&dir.path().join("access.log"), 3);
-    assert_eq!(clients, ["127.0.0.1", "198.51.100.7", "198.51.100.7"]);
+    assert_eq!(clients, ["0.0.0.0", "198.51.100.7", "198.51.100.7"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,6 +24,29 @@ impl Redis {
             .expect("free port")
             .port();
         let dir = tempfile::tempdir().expect("tempdir");
+        let child = Self::spawn(port, dir.path());
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the server by PID and waits for it to exit.
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new server, without the old one's data, on the same port, once the old one
+    /// is stopped.
+    fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, self._dir.path());
+    }
+
+    /// Starts `redis-server` on `port`, without persistence, and waits until it listens.
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -35,7 +58,7 @@ impl Redis {
             ])
             .args(["--appendonly", "no"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -48,18 +71,13 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
+        child
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -256,5 +274,38 @@ async fn shutdown_gives_reserve_back() {
     assert_eq!(redis_get(redis.port, principal), 3);
     for key in &keys {
         assert_eq!(redis_get(redis.port, key), 3, "{key}");
+    }
+}
+
+/// Requests that a gateway counted alone while Redis was down, and had not sent yet, go to
+/// Redis when the gateway stops, so that a restart or another replica counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_sends_outage_counts() {
+    let mut redis = Redis::start();
+    let origin = TestOrigin::start(|_| Reply::ok("{\"domains\":[]}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("outage-{}", std::process::id());
+    let config = quota_config(origin.addr, redis.port, 1000, &prefix);
+    std::fs::write(dir.path().join("gateway.toml"), config).expect("write config");
+    let (child, addr) = spawn_gateway(dir.path());
+    let mut gateway = Stopped(child);
+    let url = format!("http://{addr}/concelier/exports/index.json");
+    let status = || async { client().get(&url).send().await.expect("request").status() };
+    assert_eq!(status().await.as_u16(), 200);
+
+    // Redis goes away with its data; the next requests are counted in the gateway alone.
+    redis.stop();
+    for _ in 0..5 {
+        assert_eq!(status().await.as_u16(), 200);
+    }
+    redis.restart();
+    let pid = nix::unistd::Pid::from_raw(gateway.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    gateway.0.wait().expect("reap gateway");
+
+    let keys = redis_keys(redis.port, &format!("{prefix}:primary:index:*"));
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for key in &keys {
+        assert_eq!(redis_get(redis.port, key), 5, "{key}");
     }
 }

@@ -88,6 +88,16 @@ impl RedisServer {
         }
     }
 
+    /// Sends signal `name` (such as `-STOP`) to the server by PID with `kill`.
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {name} {pid}");
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
@@ -463,18 +473,10 @@ async fn redis_paused_count_taken_back() {
     let now = SystemTime::now();
     assert_eq!(send(&plugin, "alice", now).await.0, 200);
 
-    let pid = server.child.as_ref().expect("running").id().to_string();
-    let signal = |name: &str| {
-        let status = Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {name} {pid}");
-    };
-    signal("-STOP");
+    server.signal("-STOP");
     let (paused, _) = send(&plugin, "alice", now).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal("-CONT");
+    server.signal("-CONT");
     // The reply arrives, the count is taken back, and the backoff before the next probe passes.
     tokio::time::sleep(Duration::from_millis(700)).await;
 
@@ -1223,7 +1225,7 @@ async fn replicas_with_reserves_share_budget_exactly() {
     assert_eq!(count_in(&mut admin, &key), 600);
 }
 
-/// A principal holds one reserve at a time: of 50 requests at once, the first call asks for
+/// A principal has one reserve at a time: of 50 requests at once, the first call asks for
 /// a reserve and the calls on the way meanwhile do not, so Redis counts the 50 and one
 /// reserve of 8 at most; the unused part goes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1264,4 +1266,55 @@ async fn reserve_survives_redis_outage() {
         1,
         "the reserve went back"
     );
+}
+
+/// A Redis that restarted since the last call closed the store's connection. The next call
+/// goes over a new connection at once instead of failing, so a `fail_closed` plugin turns
+/// no request away once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_after_redis_restart_reconnects() {
+    let mut server = RedisServer::start();
+    let plugin = replica(&server, 10, "fail_closed");
+    assert_eq!(send(&plugin, "alice", SystemTime::now()).await.0, 200);
+    server.stop();
+    server.restart();
+    assert_eq!(send(&plugin, "alice", SystemTime::now()).await.0, 200);
+    assert_eq!(plugin.redis_available(), Some(true));
+}
+
+/// A call that asked for a reserve and whose reply came after the deadline (Redis paused)
+/// takes its reserve back with the request's count: Redis counts nothing for a request that
+/// was turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reply_takes_reserve_back() {
+    let server = RedisServer::start();
+    let mut admin = server.admin();
+    let text = format!(
+        "index_per_hour = 100000\ndownload_per_hour = 100000\n[redis]\nurl = \"{}\"\n\
+         key_prefix = \"test\"\ntimeout_ms = 100\nfailure_mode = \"fail_closed\"\nreserve = 8",
+        server.url()
+    );
+    let plugin = plugin_in(&Registry::new(), &text);
+    // Connects the store, as a pause would stall the connection's set-up instead of the call.
+    let connected = key_of(&plugin, &mut admin, "bob").await;
+    server.signal("-STOP");
+    let (paused, _) = send(&plugin, "alice", SystemTime::now()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal("-CONT");
+    assert_eq!(paused, 429);
+    // Redis runs the call once it resumes, and the take-back after it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let key = loop {
+        let principal = index_keys(&mut admin)
+            .into_iter()
+            .find(|key| !key.contains(":all:") && *key != connected);
+        match principal {
+            Some(key) => break key,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None => panic!("Redis did not run the paused call"),
+        }
+    };
+    assert_eq!(settled_count(&mut admin, &key, 0).await, 0);
 }

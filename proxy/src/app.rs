@@ -375,8 +375,9 @@ impl App {
         }
         // Hourly request counts survive the restart that usually follows a shutdown.
         mirror_plugins::quota::save_state_files();
-        // Requests reserved in Redis and not used go back, for the other replicas.
-        mirror_plugins::quota::give_back_reserves();
+        // Requests reserved in Redis and not used go back, and requests counted here alone
+        // while Redis was away go to it, for the other replicas and the next start.
+        mirror_plugins::quota::settle_with_redis();
         // After an upgrade the file holds the new process's pid; leave it alone then.
         let ours = std::fs::read_to_string(pid_file)
             .is_ok_and(|text| text.trim() == std::process::id().to_string());

@@ -7,9 +7,11 @@
 //! connections. The rules, for each new connection:
 //! - A trusted peer must start with a valid header, version 1 or 2. The header's source
 //!   address becomes the connection's peer address, which the client address, the access
-//!   log and the `X-Forwarded-For` sent to origins read. A header without an address (a
-//!   `LOCAL` health check, `UNKNOWN`) keeps the socket's peer. A missing or invalid header
-//!   closes the connection.
+//!   log and the `X-Forwarded-For` sent to origins read. A `LOCAL` header (the proxy's own
+//!   connection, such as a health check) keeps the socket's peer. A relayed connection whose
+//!   client the header does not name (`UNKNOWN`, families UNSPEC and UNIX) gets the
+//!   unspecified address (`0.0.0.0` or `::`) as its peer, so that its `X-Forwarded-For`,
+//!   written by the client, is not read. A missing or invalid header closes the connection.
 //! - Any other peer may send a header or not. A valid header is read and ignored, so the
 //!   client is the socket's peer. Without a header, the connection is served as it is.
 //! - An invalid header closes the connection whatever the peer, because its end, and so the
@@ -23,7 +25,7 @@
 mod header;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,7 +120,18 @@ impl ProxyProtocol {
         };
         match (header, trusted) {
             (Some(Header::Proxied { source }), true) => set_peer_addr(&mut stream, source),
-            (Some(Header::NoAddress), true) | (None, false) => {}
+            // The proxy relays a client it cannot name. Its requests may carry an
+            // `X-Forwarded-For` that the client wrote, which a trusted peer's connection would
+            // have read. So an unspecified address, which no trusted range should cover,
+            // stands for the client instead.
+            (Some(Header::Unknown), true) => {
+                let unknown = match peer.ip() {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                };
+                set_peer_addr(&mut stream, SocketAddr::new(unknown, 0));
+            }
+            (Some(Header::Local), true) | (None, false) => {}
             (Some(header), false) => {
                 self.monitor.metrics.proxy_protocol_ignored();
                 tracing::debug!(

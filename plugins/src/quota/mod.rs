@@ -96,11 +96,13 @@ pub fn save_state_files() {
     state_file::save_all(SystemTime::now());
 }
 
-/// Gives the requests that Redis counted ahead for busy principals (their reserves) back to
-/// Redis, so that other replicas can use them once this process ends. Call it once the server
-/// has stopped, outside any Tokio runtime; it waits up to each plugin's Redis timeout.
-pub fn give_back_reserves() {
-    redis_store::give_back_all_reserves();
+/// Settles this process's accounts with Redis before it ends: gives the requests that Redis
+/// counted ahead for busy principals (their reserves) back, and adds the requests counted here
+/// alone while Redis was unreachable, so that other replicas, and this one after a restart,
+/// count with them. Call it once the server has stopped, outside any Tokio runtime; it waits
+/// up to each plugin's Redis timeout per step.
+pub fn settle_with_redis() {
+    redis_store::settle_all(Window::at(SystemTime::now()));
 }
 
 /// A request that was checked before the cache lookup and is counted if it goes to the
@@ -157,10 +159,10 @@ impl QuotaPlugin {
         };
         let index = rule(Class::Index, config.index_paths, config.index);
         let download = rule(Class::Download, config.download_paths, config.download);
-        let redis = config
-            .redis
-            .as_ref()
-            .map(|r| Arc::new(RedisStore::new(ctx.domain, r)));
+        let redis = config.redis.as_ref().map(|r| {
+            let counts = [Arc::clone(&index.counts), Arc::clone(&download.counts)];
+            RedisStore::tracked(ctx.domain, r, counts)
+        });
         let state_file = config.state_file.map(|path| {
             let sets = vec![
                 (Class::Index, Arc::clone(&index.counts)),

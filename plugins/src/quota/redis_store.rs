@@ -457,15 +457,9 @@ impl KeyWarnings {
 impl RedisStore {
     /// Prepares the store; nothing connects until the first request.
     pub fn new(domain: &str, config: &RedisConfig) -> Self {
-        let link = Arc::new(Link::new(config.client.clone(), config.timeout));
-        {
-            let mut links = LINKS.lock();
-            links.retain(|link| link.strong_count() > 0);
-            links.push(Arc::downgrade(&link));
-        }
         Self {
             domain: domain.to_owned(),
-            link,
+            link: Arc::new(Link::new(config.client.clone(), config.timeout)),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             failure_mode: config.failure_mode,
@@ -479,6 +473,55 @@ impl RedisStore {
                 probing: false,
             }),
             unusable_keys: Mutex::new(KeyWarnings::default()),
+        }
+    }
+
+    /// Prepares the store of a plugin whose local counts are `counts` (index, download), and
+    /// keeps track of it, so that [`settle_all`] settles it when the process ends.
+    pub fn tracked(domain: &str, config: &RedisConfig, counts: [Arc<ClassCounts>; 2]) -> Arc<Self> {
+        let store = Arc::new(Self::new(domain, config));
+        let mut stores = STORES.lock();
+        stores.retain(|tracked| tracked.store.strong_count() > 0);
+        stores.push(Tracked {
+            store: Arc::downgrade(&store),
+            counts,
+        });
+        store
+    }
+
+    /// Adds the unshared counts of `window` in `counts` (index, download) to Redis in one
+    /// pipeline over a connection of its own, waiting up to the timeout for each step, without
+    /// a Tokio runtime. Logs a warning with the number of requests that Redis did not take.
+    fn send_unshared_blocking(&self, counts: &[Arc<ClassCounts>; 2], window: Window) {
+        let mut pipe = redis::pipe();
+        let mut requests = 0;
+        let lifetime = window.reset_secs + EXPIRY_MARGIN_SECS;
+        for (class, counts) in [Class::Index, Class::Download].into_iter().zip(counts) {
+            for unshared in counts.take_unshared(window.hour) {
+                let keys = [
+                    self.key(class, Some(&unshared.principal), window.hour),
+                    self.key(class, None, window.hour),
+                ];
+                for key in keys {
+                    pipe.incr(&key, unshared.count).ignore();
+                    pipe.expire(&key, lifetime as i64).ignore();
+                }
+                requests += unshared.count;
+            }
+        }
+        if requests == 0 {
+            return;
+        }
+        let send = || -> RedisResult<()> {
+            let mut conn = self.link.connect_blocking()?;
+            pipe.query::<()>(&mut conn)
+        };
+        match send() {
+            Ok(()) => info!(domain = %self.domain, requests,
+                "quota: added requests counted while Redis was unavailable to Redis at shutdown"),
+            Err(e) => warn!(domain = %self.domain, requests, error = %e,
+                "quota: cannot add requests counted while Redis was unavailable to Redis at \
+                 shutdown; other replicas will not count them"),
         }
     }
 
@@ -1099,13 +1142,24 @@ fn answer(
     };
     // A reserve belongs to the principal, not to the request that asked for it, so it is kept
     // also when that request went away. It is in place before the requests of the call wake up.
+    // A reply after the deadline finds the requests fallen back and Redis taken for
+    // unavailable, so its reserve goes back with the counts of its requests.
+    let in_time = !replies.is_empty();
+    let mut refunds = Vec::new();
     for deposit in reserves {
-        if let Some(ReserveAsk(entry)) = &calls[deposit.call].holder {
-            link.deposit(entry, deposit.requests, deposit.counts);
+        let call = &calls[deposit.call];
+        match &call.holder {
+            Some(ReserveAsk(entry)) if in_time => {
+                link.deposit(entry, deposit.requests, deposit.counts);
+            }
+            _ => refunds.extend(
+                call.keys
+                    .iter()
+                    .map(|key| (Arc::clone(key), deposit.requests)),
+            ),
         }
     }
     let mut replies = replies.into_iter();
-    let mut refunds = Vec::new();
     for (call, decision) in calls.iter().zip(decisions) {
         let counted = call.op != Op::Peek && matches!(decision, Ok(Decision::Allowed(_)));
         let delivered = replies.next().is_some_and(|reply| {
@@ -1194,14 +1248,21 @@ impl Link {
         taken
     }
 
+    /// Opens a blocking connection that waits up to the timeout to connect and for each read
+    /// and write.
+    fn connect_blocking(&self) -> RedisResult<redis::Connection> {
+        let conn = self.client.get_connection_with_timeout(self.timeout)?;
+        conn.set_read_timeout(Some(self.timeout))?;
+        conn.set_write_timeout(Some(self.timeout))?;
+        Ok(conn)
+    }
+
     /// Gives the reserves of `taken` back to Redis over a connection of its own, waiting up to
     /// the timeout for each step, without a Tokio runtime. Logs a warning when Redis does not
     /// take them; they stay counted until their hour ends.
     fn give_back_blocking(&self, taken: &[(Arc<PrincipalEntry>, u64)]) {
         let give_back = || -> RedisResult<()> {
-            let mut conn = self.client.get_connection_with_timeout(self.timeout)?;
-            conn.set_read_timeout(Some(self.timeout))?;
-            conn.set_write_timeout(Some(self.timeout))?;
+            let mut conn = self.connect_blocking()?;
             let mut invocation = REFUND_SCRIPT.prepare_invoke();
             for (key, amount) in refund_keys(taken) {
                 invocation.key(&*key).arg(amount);
@@ -1239,11 +1300,39 @@ impl Link {
         }
     }
 
+    /// Sends `command`, a call of [`SCRIPT`], over the connection of place `place`, loading
+    /// the script first when Redis does not have it. A connection that Redis closed since its
+    /// last call (after a restart, for example) fails at once. The call then goes once more
+    /// over a new connection, so that the first requests after a restart are not refused.
+    /// NOTE: a connection reset after Redis ran the call also leads to the second try, which
+    /// then counts its requests twice. That turns requests away, but never lets too many
+    /// through.
+    async fn query(&self, command: &redis::Cmd, place: usize) -> RedisResult<Vec<u8>> {
+        let slot = &self.checks[place];
+        let mut retried = false;
+        loop {
+            let mut conn = self.connection(slot).await?;
+            let result = match command.query_async(&mut conn).await {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    SCRIPT.load_async(&mut conn).await?;
+                    command.query_async(&mut conn).await
+                }
+                result => result,
+            };
+            match result {
+                Err(e) if e.is_connection_dropped() && !retried => {
+                    slot.reset();
+                    retried = true;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Runs the script on `calls` over the connection of place `place` and returns one
     /// decision per call, in order, or the key of the call's unusable key, and the requests
     /// that Redis counted ahead for the principals of the calls.
     async fn eval(&self, calls: &[Call], place: usize) -> RedisResult<Evaluated> {
-        let mut conn = self.connection(&self.checks[place]).await?;
         let (groups, group_of) = group(calls);
         // The command is built by hand: `Script::prepare_invoke` would allocate once per
         // argument, and a command keeps all of its arguments in one buffer.
@@ -1265,13 +1354,7 @@ impl Link {
                 .arg(group.size)
                 .arg(group.reserve);
         }
-        let reply: Vec<u8> = match command.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                SCRIPT.load_async(&mut conn).await?;
-                command.query_async(&mut conn).await?
-            }
-            reply => reply?,
-        };
+        let reply = self.query(&command, place).await?;
         let Some(outcomes) = parse_outcomes(&reply, &groups) else {
             let excerpt: String = String::from_utf8_lossy(&reply).chars().take(80).collect();
             return Err(redis::RedisError::from((
@@ -1527,22 +1610,31 @@ impl Drop for RedisStore {
     }
 }
 
-/// The links of every store, so that the reserves can be given back when the process ends.
-static LINKS: LazyLock<Mutex<Vec<std::sync::Weak<Link>>>> = LazyLock::new(Mutex::default);
+/// Every store with the local counts of its plugin (index, download), so that the process can
+/// settle with Redis when it ends.
+static STORES: LazyLock<Mutex<Vec<Tracked>>> = LazyLock::new(Mutex::default);
 
-/// Gives the reserves of every store back to Redis, waiting up to each store's timeout; for
-/// the end of the process, outside any Tokio runtime.
-pub fn give_back_all_reserves() {
-    let links: Vec<Arc<Link>> = LINKS
+/// A store in [`STORES`].
+struct Tracked {
+    store: std::sync::Weak<RedisStore>,
+    counts: [Arc<ClassCounts>; 2],
+}
+
+/// Gives the reserves of every store back to Redis and adds the unshared counts of `window`
+/// to it, waiting up to each store's timeout per step. For the end of the process, outside
+/// any Tokio runtime.
+pub fn settle_all(window: Window) {
+    let stores: Vec<(Arc<RedisStore>, [Arc<ClassCounts>; 2])> = STORES
         .lock()
         .iter()
-        .filter_map(std::sync::Weak::upgrade)
+        .filter_map(|tracked| Some((tracked.store.upgrade()?, tracked.counts.clone())))
         .collect();
-    for link in links {
-        let taken = link.take_reserves(None);
+    for (store, counts) in stores {
+        let taken = store.link.take_reserves(None);
         if !taken.is_empty() {
-            link.give_back_blocking(&taken);
+            store.link.give_back_blocking(&taken);
         }
+        store.send_unshared_blocking(&counts, window);
     }
 }
 

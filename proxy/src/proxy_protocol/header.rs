@@ -42,10 +42,12 @@ const V2_UNIX_LEN: usize = 2 * 108;
 pub enum Header {
     /// The proxy relays a client connection from `source`.
     Proxied { source: SocketAddr },
-    /// A header that names no client address: version 1 `UNKNOWN`, a version 2 `LOCAL`
-    /// command (a proxy's own connection, such as a health check), or a version 2 header of
-    /// family UNSPEC or UNIX. The client is then the connection's peer.
-    NoAddress,
+    /// A version 2 `LOCAL` command: the proxy's own connection, such as a health check. The
+    /// client is the proxy.
+    Local,
+    /// A relayed connection whose client address the header does not give: version 1
+    /// `UNKNOWN`, or a version 2 header of family UNSPEC or UNIX.
+    Unknown,
 }
 
 /// The protocol versions.
@@ -127,7 +129,7 @@ pub fn parse_v1(line: &[u8]) -> Result<Header, HeaderError> {
     let fields: Vec<&str> = text.split(' ').collect();
     match fields.as_slice() {
         // Everything after UNKNOWN is ignored, as the specification requires.
-        ["PROXY", "UNKNOWN", ..] => Ok(Header::NoAddress),
+        ["PROXY", "UNKNOWN", ..] => Ok(Header::Unknown),
         ["PROXY", protocol @ ("TCP4" | "TCP6"), source, destination, source_port, destination_port] =>
         {
             let family = if *protocol == "TCP4" { "IPv4" } else { "IPv6" };
@@ -213,7 +215,7 @@ pub fn parse_v2(header: &[u8]) -> Result<Header, HeaderError> {
     }
     let command = fixed[12] & 0x0f;
     if command == 0 {
-        return Ok(Header::NoAddress);
+        return Ok(Header::Local);
     }
     let source = match fixed[13] {
         0x11 => {
@@ -227,7 +229,7 @@ pub fn parse_v2(header: &[u8]) -> Result<Header, HeaderError> {
             SocketAddr::new(IpAddr::from(ip), u16::from_be_bytes(port))
         }
         // UNSPEC and UNIX: `v2_rest_len` accepted no other family.
-        _ => return Ok(Header::NoAddress),
+        _ => return Ok(Header::Unknown),
     };
     Ok(Header::Proxied { source })
 }
@@ -296,12 +298,9 @@ mod tests {
                 max_tcp6,
                 proxied("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
             ),
-            ("PROXY UNKNOWN\r\n", Ok(Header::NoAddress)),
-            (max_unknown.as_str(), Ok(Header::NoAddress)),
-            (
-                "PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n",
-                Ok(Header::NoAddress),
-            ),
+            ("PROXY UNKNOWN\r\n", Ok(Header::Unknown)),
+            (max_unknown.as_str(), Ok(Header::Unknown)),
+            ("PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", Ok(Header::Unknown)),
         ];
         for (line, expected) in cases {
             assert_eq!(parse_v1(line.as_bytes()), expected, "{line:?}");
@@ -378,13 +377,13 @@ mod tests {
             (v2(0x21, 0x11, &INET), proxied("192.0.2.1:56324")),
             (v2(0x21, 0x11, &with_tlvs), proxied("192.0.2.1:56324")),
             (v2(0x21, 0x21, &inet6()), proxied("[2001:db8::1]:4711")),
-            (v2(0x21, 0x31, &[0; 216]), Ok(Header::NoAddress)),
-            (v2(0x21, 0x00, &[]), Ok(Header::NoAddress)),
-            (v2(0x21, 0x00, b"\x04\x00\x00"), Ok(Header::NoAddress)),
-            (v2(0x20, 0x00, &[]), Ok(Header::NoAddress)),
+            (v2(0x21, 0x31, &[0; 216]), Ok(Header::Unknown)),
+            (v2(0x21, 0x00, &[]), Ok(Header::Unknown)),
+            (v2(0x21, 0x00, b"\x04\x00\x00"), Ok(Header::Unknown)),
+            (v2(0x20, 0x00, &[]), Ok(Header::Local)),
             // LOCAL ignores the addresses, even a block too short for its family.
-            (v2(0x20, 0x11, &[]), Ok(Header::NoAddress)),
-            (v2(0x20, 0x11, &INET), Ok(Header::NoAddress)),
+            (v2(0x20, 0x11, &[]), Ok(Header::Local)),
+            (v2(0x20, 0x11, &INET), Ok(Header::Local)),
         ];
         for (header, expected) in cases {
             assert_eq!(parse_v2(&header), expected, "{header:?}");

@@ -40,9 +40,9 @@ use crate::proxy_protocol::ProxyProtocol;
 use crate::status::Monitor;
 use plain_http::Prefix;
 
-/// Maximum time from accepting a TLS connection to the end of its handshake, the read of its
-/// first bytes included. Pingora 0.9.1 puts the same limit on the handshakes of its own
-/// listeners.
+/// Maximum time from accepting a TLS connection, or from the end of its PROXY header with
+/// `server.proxy_protocol`, to the end of its handshake, the read of its first bytes
+/// included. Pingora 0.9.1 puts the same limit on the handshakes of its own listeners.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Maximum time to send the 400 response to a plain HTTP request and then wait for the client
