@@ -319,9 +319,16 @@ impl PrincipalEntry {
 /// the call is dropped.
 struct ReserveAsk(Arc<PrincipalEntry>);
 
+impl ReserveAsk {
+    /// Lets the next call ask, once this call's reply is in.
+    fn release(&self) {
+        self.0.asking.store(false, Ordering::Release);
+    }
+}
+
 impl Drop for ReserveAsk {
     fn drop(&mut self) {
-        self.0.asking.store(false, Ordering::Release);
+        self.release();
     }
 }
 
@@ -1158,6 +1165,11 @@ fn answer(
                     .map(|key| (Arc::clone(key), deposit.requests)),
             ),
         }
+    }
+    // The requests of the call may run on as soon as they have their replies, before this
+    // call is dropped, so the next call for their principals may ask for a reserve from then.
+    for ask in calls.iter().filter_map(|call| call.holder.as_ref()) {
+        ask.release();
     }
     let mut replies = replies.into_iter();
     for (call, decision) in calls.iter().zip(decisions) {
