@@ -237,21 +237,29 @@ async fn read_v1(
 }
 
 /// Reads the rest of a version 2 header, whose first bytes are `start`: the fixed part, then
-/// the length that the fixed part gives.
+/// the length that the fixed part gives. Only the fixed part and the address block are kept;
+/// the TLVs after them, up to 64 KiB from any peer, are read through a small buffer and
+/// dropped.
 async fn read_v2(stream: &mut L4Stream, start: &[u8]) -> Result<Header, ReadError> {
-    let mut fixed = [0; header::V2_FIXED_LEN];
-    fixed[..start.len()].copy_from_slice(start);
-    read_exact(stream, &mut fixed[start.len()..], start.len()).await?;
+    const FIXED: usize = header::V2_FIXED_LEN;
+    let mut kept = [0; FIXED + header::V2_MAX_ADDRESSES_LEN];
+    kept[..start.len()].copy_from_slice(start);
+    read_exact(stream, &mut kept[start.len()..FIXED], start.len()).await?;
+    let fixed: [u8; FIXED] = kept[..FIXED].try_into().unwrap_or([0; FIXED]);
     let rest_len = header::v2_rest_len(&fixed)?;
-    let mut whole = vec![0; header::V2_FIXED_LEN + rest_len];
-    whole[..header::V2_FIXED_LEN].copy_from_slice(&fixed);
-    read_exact(
-        stream,
-        &mut whole[header::V2_FIXED_LEN..],
-        header::V2_FIXED_LEN,
-    )
-    .await?;
-    Ok(header::parse_v2(&whole)?)
+    let addresses = rest_len.min(header::V2_MAX_ADDRESSES_LEN);
+    read_exact(stream, &mut kept[FIXED..FIXED + addresses], FIXED).await?;
+    let mut skipped = 0;
+    let mut scratch = [0; 256];
+    while addresses + skipped < rest_len {
+        let want = (rest_len - addresses - skipped).min(scratch.len());
+        let before = FIXED + addresses + skipped;
+        skipped += read_some(stream, &mut scratch[..want], before).await?;
+    }
+    // The header as kept: its length field now covers the address block alone.
+    let kept_len = u16::try_from(addresses).unwrap_or(u16::MAX);
+    kept[14..FIXED].copy_from_slice(&kept_len.to_be_bytes());
+    Ok(header::parse_v2(&kept[..FIXED + addresses])?)
 }
 
 /// Reads at least one byte into `buffer`; `before` is the number of header bytes read
@@ -362,6 +370,24 @@ mod tests {
             assert_eq!(result, proxied("192.0.2.1:4660"), "{header:?}");
             assert_eq!(rest, REQUEST, "{header:?}");
         }
+    }
+
+    /// A version 2 header with 60,000 bytes of TLVs, in chunks: the TLVs are read and
+    /// dropped, and the request after them is intact.
+    #[tokio::test]
+    async fn long_tlvs_are_skipped() {
+        let tlvs_len: u16 = 60_000;
+        let mut header = v2_inet();
+        header[14..16].copy_from_slice(&(12 + tlvs_len).to_be_bytes());
+        // One NOOP TLV (type 4) whose value fills the rest.
+        header.extend_from_slice(&[0x04]);
+        header.extend_from_slice(&(tlvs_len - 3).to_be_bytes());
+        header.resize(16 + 12 + usize::from(tlvs_len), 0);
+        let mut chunks: Vec<Vec<u8>> = header.chunks(7_000).map(<[u8]>::to_vec).collect();
+        chunks.push(REQUEST.to_vec());
+        let (result, rest) = read_from(chunks).await;
+        assert_eq!(result, proxied("192.0.2.1:4660"));
+        assert_eq!(rest, REQUEST);
     }
 
     #[tokio::test]

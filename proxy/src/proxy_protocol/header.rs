@@ -36,6 +36,8 @@ const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 const V2_INET_LEN: usize = 2 * 4 + 2 * 2;
 const V2_INET6_LEN: usize = 2 * 16 + 2 * 2;
 const V2_UNIX_LEN: usize = 2 * 108;
+/// The longest address block of a version 2 header; what follows it are TLVs.
+pub const V2_MAX_ADDRESSES_LEN: usize = V2_UNIX_LEN;
 
 /// A valid PROXY protocol header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
