@@ -5,7 +5,9 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::{basic, client, htpasswd_line, raw_get, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{
+    basic, client, htpasswd_line, http_domain, raw_get, Reply, TestGateway, TestOrigin, BASE_CONFIG,
+};
 
 const USER: &str = "admin";
 const PASSWORD: &str = "secret";
@@ -372,18 +374,8 @@ const COMMUNITY: &str = "community.test";
 fn gateway_config(origin: SocketAddr, admin: &str) -> String {
     let mut config = format!("{BASE_CONFIG}\n{admin}\n");
     for (id, host) in [("primary", PRIMARY), ("community", COMMUNITY)] {
-        config.push_str(&format!(
-            r#"
-[domains.{id}]
-hosts = ["{host}"]
-[domains.{id}.origins.web]
-kind = "http"
-addresses = ["{origin}"]
-[[domains.{id}.routes]]
-prefix = "/"
-origin = "web"
-"#
-        ));
+        config.push('\n');
+        config.push_str(&http_domain(id, &[host], origin));
     }
     config
 }

@@ -181,8 +181,8 @@ async fn trusted_proxy_names_each_client() {
 
 /// The header's address is itself a trusted proxy (10.0.0.5), so `X-Forwarded-For` names the
 /// client, and a LOCAL header leaves the trusted socket peer to walk from. An UNKNOWN header
-/// relays a client that nobody named, so its `X-Forwarded-For` is not read: the client is
-/// the unspecified address.
+/// relays a client that the header does not name, so its `X-Forwarded-For` is not read: the
+/// client is the unspecified address.
 #[tokio::test(flavor = "multi_thread")]
 async fn trusted_source_walks_forwarded_for() {
     let origin = TestOrigin::start(|_| Reply::ok("{}")).await;

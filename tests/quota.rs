@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use common::{basic, client, htpasswd_line, unique, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use common::{
+    basic, client, htpasswd_line, http_domain, unique, Reply, TestGateway, TestOrigin, BASE_CONFIG,
+};
 use mirror_plugins::quota::Window;
 use mirror_proxy::app::App;
 
@@ -65,16 +67,10 @@ impl Fixture {
 }
 
 fn config(id: &str, origin: SocketAddr, quota_extra: &str) -> String {
+    let domain = http_domain(id, &["127.0.0.1"], origin);
     format!(
         r#"{BASE_CONFIG}
-[domains.{id}]
-hosts = ["127.0.0.1"]
-[domains.{id}.origins.web]
-kind = "http"
-addresses = ["{origin}"]
-[[domains.{id}.routes]]
-prefix = "/"
-origin = "web"
+{domain}
 [[domains.{id}.plugins]]
 name = "htpasswd"
 file = "users.htpasswd"

@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    basic, client, htpasswd_line, spawn_gateway, Reply, TestGateway, TestOrigin, BASE_CONFIG,
+    basic, client, htpasswd_line, http_domain, spawn_gateway, Reply, TestGateway, TestOrigin,
+    BASE_CONFIG,
 };
 
 /// A `redis-server` child on a free loopback port, killed when dropped.
@@ -92,21 +93,15 @@ fn quota_config(
 ) -> String {
     format!(
         r#"{}
-[domains.primary]
-hosts = ["127.0.0.1"]
-[domains.primary.origins.web]
-kind = "http"
-addresses = ["{origin}"]
-[[domains.primary.routes]]
-prefix = "/"
-origin = "web"
+{}
 [[domains.primary.plugins]]
 name = "quota"
 index_per_hour = {budget}
 download_per_hour = {budget}
 redis = {{ url = "redis://127.0.0.1:{redis_port}/0", key_prefix = "{prefix}", timeout_ms = 1000 }}
 "#,
-        BASE_CONFIG.replace("level = \"warn\"", "level = \"info\"")
+        BASE_CONFIG.replace("level = \"warn\"", "level = \"info\""),
+        http_domain("primary", &["127.0.0.1"], origin)
     )
 }
 

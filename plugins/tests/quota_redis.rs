@@ -710,11 +710,17 @@ fn count_reader(server: &RedisServer) -> Arc<QuotaPlugin> {
 /// Polls Redis's count of `user` through `reader` until it is `expected`, for up to 5 s;
 /// returns the last count read.
 async fn wait_for_count(reader: &QuotaPlugin, user: &str, expected: u64) -> Option<u64> {
+    poll_until(Some(expected), async || redis_count(reader, user).await).await
+}
+
+/// Calls `read` every 20 ms until it returns `expected`, for up to 5 s; returns the last
+/// value read.
+async fn poll_until<T: PartialEq>(expected: T, mut read: impl AsyncFnMut() -> T) -> T {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let count = redis_count(reader, user).await;
-        if count == Some(expected) || Instant::now() > deadline {
-            return count;
+        let value = read().await;
+        if value == expected || Instant::now() > deadline {
+            return value;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1111,14 +1117,7 @@ fn count_in(admin: &mut redis::Connection, key: &str) -> u64 {
 
 /// Polls the count in `key` until it is `expected`, for up to 5 s; returns the last count read.
 async fn settled_count(admin: &mut redis::Connection, key: &str, expected: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let count = count_in(admin, key);
-        if count == expected || Instant::now() > deadline {
-            return count;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(expected, async || count_in(admin, key)).await
 }
 
 /// With room in the budget, the first request of a principal counts the reserve in Redis
@@ -1225,9 +1224,9 @@ async fn replicas_with_reserves_share_budget_exactly() {
     assert_eq!(count_in(&mut admin, &key), 600);
 }
 
-/// A principal has one reserve at a time: of 50 requests at once, the first call asks for
-/// a reserve and the calls on the way meanwhile do not, so Redis counts the 50 and one
-/// reserve of 8 at most; the unused part goes back.
+/// A principal has one reserve at a time. Of 50 requests at once, the first call requests a
+/// reserve and the calls on the way meanwhile do not, so Redis counts the 50 and one reserve
+/// of 8 at most. The unused part goes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_reserve_per_principal_at_a_time() {
     let server = RedisServer::start();

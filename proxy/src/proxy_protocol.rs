@@ -237,18 +237,19 @@ async fn read_v1(
 }
 
 /// Reads the rest of a version 2 header, whose first bytes are `start`: the fixed part, then
-/// the length that the fixed part gives. Only the fixed part and the address block are kept;
-/// the TLVs after them, up to 64 KiB from any peer, are read through a small buffer and
-/// dropped.
+/// the length that the fixed part gives. Only the fixed part and the address block stay in
+/// memory. The TLVs after them, up to 64 KiB from any peer, are read through a small buffer
+/// and dropped.
 async fn read_v2(stream: &mut L4Stream, start: &[u8]) -> Result<Header, ReadError> {
     const FIXED: usize = header::V2_FIXED_LEN;
-    let mut kept = [0; FIXED + header::V2_MAX_ADDRESSES_LEN];
-    kept[..start.len()].copy_from_slice(start);
-    read_exact(stream, &mut kept[start.len()..FIXED], start.len()).await?;
-    let fixed: [u8; FIXED] = kept[..FIXED].try_into().unwrap_or([0; FIXED]);
+    let mut fixed = [0; FIXED];
+    fixed[..start.len()].copy_from_slice(start);
+    read_exact(stream, &mut fixed[start.len()..], start.len()).await?;
     let rest_len = header::v2_rest_len(&fixed)?;
     let addresses = rest_len.min(header::V2_MAX_ADDRESSES_LEN);
-    read_exact(stream, &mut kept[FIXED..FIXED + addresses], FIXED).await?;
+    let mut trimmed = [0; FIXED + header::V2_MAX_ADDRESSES_LEN];
+    trimmed[..FIXED].copy_from_slice(&fixed);
+    read_exact(stream, &mut trimmed[FIXED..FIXED + addresses], FIXED).await?;
     let mut skipped = 0;
     let mut scratch = [0; 256];
     while addresses + skipped < rest_len {
@@ -256,10 +257,10 @@ async fn read_v2(stream: &mut L4Stream, start: &[u8]) -> Result<Header, ReadErro
         let before = FIXED + addresses + skipped;
         skipped += read_some(stream, &mut scratch[..want], before).await?;
     }
-    // The header as kept: its length field now covers the address block alone.
-    let kept_len = u16::try_from(addresses).unwrap_or(u16::MAX);
-    kept[14..FIXED].copy_from_slice(&kept_len.to_be_bytes());
-    Ok(header::parse_v2(&kept[..FIXED + addresses])?)
+    // The trimmed header: its length field now covers the address block alone.
+    let addresses_len = u16::try_from(addresses).unwrap_or(u16::MAX);
+    trimmed[14..FIXED].copy_from_slice(&addresses_len.to_be_bytes());
+    Ok(header::parse_v2(&trimmed[..FIXED + addresses])?)
 }
 
 /// Reads at least one byte into `buffer`; `before` is the number of header bytes read

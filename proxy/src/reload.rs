@@ -260,9 +260,8 @@ impl Reloader {
 }
 
 /// Returns why `new` cannot run beside the restart-only settings the process started with,
-/// where a valid file would still do harm: listeners that read PROXY headers
-/// (`server.proxy_protocol` at start) with no trusted proxy would count every client behind
-/// the proxies as the proxy.
+/// although the file itself is valid. Listeners that read PROXY headers (`server.proxy_protocol`
+/// at start) with no trusted proxy would count every client behind the proxies as the proxy.
 fn conflict_with_start(started: &GatewayConfig, new: &GatewayConfig) -> Option<String> {
     (started.server.proxy_protocol && new.server.trusted_proxies.is_empty()).then(|| {
         "server.trusted_proxies is empty, but the listeners read PROXY headers \

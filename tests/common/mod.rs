@@ -89,6 +89,27 @@ lock_wait_timeout_secs = 10
 lock_age_timeout_secs = 20
 "#;
 
+/// Returns the config tables of domain `id` for the host names `hosts`, with one HTTP origin at
+/// `origin` for every path.
+pub fn http_domain(id: &str, hosts: &[&str], origin: SocketAddr) -> String {
+    let hosts = hosts
+        .iter()
+        .map(|host| format!("{host:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"[domains.{id}]
+hosts = [{hosts}]
+[domains.{id}.origins.web]
+kind = "http"
+addresses = ["{origin}"]
+[[domains.{id}.routes]]
+prefix = "/"
+origin = "web"
+"#
+    )
+}
+
 /// Returns a config with the lines `server_keys` added to `[server]`, the access log in
 /// `access.log`, and one domain `id` for hosts `127.0.0.1` and `a.test` in front of `origin`.
 /// Its `rate_limit` plugin allows `burst` requests per client address and refills one per
@@ -97,16 +118,10 @@ pub fn rate_limited_config(id: &str, origin: SocketAddr, burst: u32, server_keys
     let base = BASE_CONFIG
         .replace("[server]\n", &format!("[server]\n{server_keys}\n"))
         .replace("access_log = \"off\"", "access_log = \"access.log\"");
+    let domain = http_domain(id, &["127.0.0.1", "a.test"], origin);
     format!(
         r#"{base}
-[domains.{id}]
-hosts = ["127.0.0.1", "a.test"]
-[domains.{id}.origins.web]
-kind = "http"
-addresses = ["{origin}"]
-[[domains.{id}.routes]]
-prefix = "/"
-origin = "web"
+{domain}
 [[domains.{id}.plugins]]
 name = "rate_limit"
 requests_per_second = 0.01

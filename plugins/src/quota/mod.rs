@@ -96,11 +96,11 @@ pub fn save_state_files() {
     state_file::save_all(SystemTime::now());
 }
 
-/// Settles this process's accounts with Redis before it ends: gives the requests that Redis
-/// counted ahead for busy principals (their reserves) back, and adds the requests counted here
-/// alone while Redis was unreachable, so that other replicas, and this one after a restart,
-/// count with them. Call it once the server has stopped, outside any Tokio runtime; it waits
-/// up to each plugin's Redis timeout per step.
+/// Settles this process's counts with Redis before it ends. Gives back the requests that Redis
+/// counted ahead for busy principals (their reserves). Adds the requests counted here alone
+/// while Redis was unreachable, so that other replicas, and this one after a restart, count
+/// them. Call it once the server has stopped, outside any Tokio runtime. It waits up to each
+/// plugin's Redis timeout per step.
 pub fn settle_with_redis() {
     redis_store::settle_all(Window::at(SystemTime::now()));
 }
@@ -356,8 +356,8 @@ impl QuotaPlugin {
         {
             Ok(decision) => {
                 let decision = from_redis(redis, rule, op, principal, window, decision);
-                // A reserve that arrived while this check was on the way contains requests that
-                // Redis counted for this principal already; one of them lets this one through.
+                // A reserve may have arrived while this check was on the way. Redis counted its
+                // requests for this principal already, so one of them lets this request through.
                 if op == Op::Count && matches!(decision, Decision::Rejected(..)) {
                     if let Some(reserved) = from_reserve(redis, rule, principal, window) {
                         return Ok(reserved);

@@ -463,7 +463,7 @@ impl KeyWarnings {
 
 impl RedisStore {
     /// Prepares the store; nothing connects until the first request.
-    pub fn new(domain: &str, config: &RedisConfig) -> Self {
+    fn new(domain: &str, config: &RedisConfig) -> Self {
         Self {
             domain: domain.to_owned(),
             link: Arc::new(Link::new(config.client.clone(), config.timeout)),
@@ -844,9 +844,9 @@ impl RedisStore {
         Some(reserved.counts)
     }
 
-    /// Gives the reserve of `principal` back to Redis, with `taken` requests taken from it
+    /// Gives the reserve of `principal` back to Redis, with `unused` requests taken from it
     /// and not let through, so that the principal's requests are checked in Redis again.
-    pub fn give_back_reserve(&self, class: Class, principal: &[u8], hour: u64, taken: u64) {
+    pub fn give_back_reserve(&self, class: Class, principal: &[u8], hour: u64, unused: u64) {
         let entry = {
             let memo = self.keys.lock();
             if memo.hour != hour {
@@ -857,7 +857,7 @@ impl RedisStore {
                 None => return,
             }
         };
-        let requests = std::mem::take(&mut entry.reserved.lock().requests).saturating_add(taken);
+        let requests = std::mem::take(&mut entry.reserved.lock().requests).saturating_add(unused);
         if requests > 0 {
             self.link.refund_reserve(&entry, requests);
         }
@@ -1073,17 +1073,17 @@ async fn sweep_reserves(link: std::sync::Weak<Link>) {
             continue;
         }
         let tick = link.reserved.tick.fetch_add(1, Ordering::Relaxed);
-        let taken = link.take_reserves(Some(tick));
-        if !taken.is_empty() {
-            link.give_back(taken).await;
+        let reserves = link.take_reserves(Some(tick));
+        if !reserves.is_empty() {
+            link.give_back(reserves).await;
         }
     }
 }
 
-/// Returns the keys of each principal in `taken` and of its domain, each with the requests to
+/// Returns the keys of each principal in `reserves` and of its domain, each with the requests to
 /// give back. A domain key appears once per principal.
-fn refund_keys(taken: &[(Arc<PrincipalEntry>, u64)]) -> Vec<(Arc<str>, u64)> {
-    taken
+fn refund_keys(reserves: &[(Arc<PrincipalEntry>, u64)]) -> Vec<(Arc<str>, u64)> {
+    reserves
         .iter()
         .flat_map(|(entry, requests)| entry.keys.iter().map(|key| (Arc::clone(key), *requests)))
         .collect()
@@ -1246,18 +1246,18 @@ impl Link {
     /// Takes the reserves off their principals: all of them, or with `idle_before` those
     /// last used before that tick. Returns the principals with the requests to give back.
     fn take_reserves(&self, idle_before: Option<u64>) -> Vec<(Arc<PrincipalEntry>, u64)> {
-        let mut taken = Vec::new();
+        let mut reserves = Vec::new();
         self.reserved.entries.lock().retain(|entry| {
             let mut reserved = entry.reserved.lock();
             let idle = idle_before.is_none_or(|tick| reserved.used_in < tick);
             if idle && reserved.requests > 0 {
-                taken.push((Arc::clone(entry), std::mem::take(&mut reserved.requests)));
+                reserves.push((Arc::clone(entry), std::mem::take(&mut reserved.requests)));
             }
             let keep = reserved.requests > 0;
             reserved.listed = keep;
             keep
         });
-        taken
+        reserves
     }
 
     /// Opens a blocking connection that waits up to the timeout to connect and for each read
@@ -1269,29 +1269,29 @@ impl Link {
         Ok(conn)
     }
 
-    /// Gives the reserves of `taken` back to Redis over a connection of its own, waiting up to
+    /// Gives the reserves of `reserves` back to Redis over a connection of its own, waiting up to
     /// the timeout for each step, without a Tokio runtime. Logs a warning when Redis does not
     /// take them; they stay counted until their hour ends.
-    fn give_back_blocking(&self, taken: &[(Arc<PrincipalEntry>, u64)]) {
+    fn give_back_blocking(&self, reserves: &[(Arc<PrincipalEntry>, u64)]) {
         let give_back = || -> RedisResult<()> {
             let mut conn = self.connect_blocking()?;
             let mut invocation = REFUND_SCRIPT.prepare_invoke();
-            for (key, amount) in refund_keys(taken) {
+            for (key, amount) in refund_keys(reserves) {
                 invocation.key(&*key).arg(amount);
             }
             invocation.invoke::<i64>(&mut conn).map(|_| ())
         };
         if let Err(e) = give_back() {
-            warn!(error = %e, principals = taken.len(),
+            warn!(error = %e, principals = reserves.len(),
                 "quota: cannot give reserved requests back to Redis; they stay counted until \
                  their hour ends");
         }
     }
 
-    /// Gives the reserves of `taken` back to Redis. A reserve that Redis does not take goes
+    /// Gives the reserves of `reserves` back to Redis. A reserve that Redis does not take goes
     /// back to its principal, to be given back by a later sweep or used once Redis responds.
-    async fn give_back(self: &Arc<Self>, taken: Vec<(Arc<PrincipalEntry>, u64)>) {
-        let keys = refund_keys(&taken);
+    async fn give_back(self: &Arc<Self>, reserves: Vec<(Arc<PrincipalEntry>, u64)>) {
+        let keys = refund_keys(&reserves);
         match self.refund(&keys).await {
             Ok(()) => {
                 if self.reserved.failing.swap(false, Ordering::AcqRel) {
@@ -1301,11 +1301,11 @@ impl Link {
             Err(e) => {
                 self.refunds.reset();
                 if !self.reserved.failing.swap(true, Ordering::AcqRel) {
-                    warn!(error = %e, principals = taken.len(),
+                    warn!(error = %e, principals = reserves.len(),
                         "quota: cannot give reserved requests back to Redis; trying again \
                          every second");
                 }
-                for (entry, requests) in &taken {
+                for (entry, requests) in &reserves {
                     self.deposit(entry, *requests, Counts::default());
                 }
             }
@@ -1610,14 +1610,14 @@ impl Drop for RedisStore {
     /// requests counted that no request can use.
     fn drop(&mut self) {
         self.link.closed.store(true, Ordering::Release);
-        let taken = self.link.take_reserves(None);
-        if taken.is_empty() {
+        let reserves = self.link.take_reserves(None);
+        if reserves.is_empty() {
             return;
         }
         if tokio::runtime::Handle::try_current().is_ok() {
-            Arc::clone(&self.link).spawn_refund(refund_keys(&taken));
+            Arc::clone(&self.link).spawn_refund(refund_keys(&reserves));
         } else {
-            self.link.give_back_blocking(&taken);
+            self.link.give_back_blocking(&reserves);
         }
     }
 }
@@ -1642,9 +1642,9 @@ pub fn settle_all(window: Window) {
         .filter_map(|tracked| Some((tracked.store.upgrade()?, tracked.counts.clone())))
         .collect();
     for (store, counts) in stores {
-        let taken = store.link.take_reserves(None);
-        if !taken.is_empty() {
-            store.link.give_back_blocking(&taken);
+        let reserves = store.link.take_reserves(None);
+        if !reserves.is_empty() {
+            store.link.give_back_blocking(&reserves);
         }
         store.send_unshared_blocking(&counts, window);
     }

@@ -6,10 +6,11 @@
 //!   `PROXY TCP4|TCP6 <source> <destination> <source port> <destination port>\r\n`, fields
 //!   separated by exactly one space, ports decimal from 0 to 65535. `PROXY UNKNOWN` may be
 //!   followed by anything up to the CRLF, and names no addresses.
-//! - Version 2 starts with a 12-byte signature. Then come a byte of version (high 4 bits, 2)
-//!   and command (low 4 bits: 0 LOCAL, 1 PROXY), a byte of address family (high 4 bits) and
-//!   transport (low 4 bits), and the length of the rest as a 16-bit big-endian number. The rest
-//!   contains the addresses and ports, then TLVs, which the gateway skips.
+//! - Version 2 starts with a 12-byte signature. The next byte is the version (high 4 bits, 2)
+//!   and the command (low 4 bits: 0 LOCAL, 1 PROXY). The byte after it is the address family
+//!   (high 4 bits) and the transport (low 4 bits). Two bytes give the length of the rest as a
+//!   16-bit big-endian number. The rest contains the addresses and ports, then TLVs, which the
+//!   gateway skips.
 //! - A header that does not match the format exactly must make the receiver close the
 //!   connection.
 //!
@@ -36,7 +37,7 @@ const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 const V2_INET_LEN: usize = 2 * 4 + 2 * 2;
 const V2_INET6_LEN: usize = 2 * 16 + 2 * 2;
 const V2_UNIX_LEN: usize = 2 * 108;
-/// The longest address block of a version 2 header; what follows it are TLVs.
+/// Maximum length of a version 2 address block. TLVs follow the block.
 pub const V2_MAX_ADDRESSES_LEN: usize = V2_UNIX_LEN;
 
 /// A valid PROXY protocol header.
