@@ -26,8 +26,9 @@
 #   BENCH_GATEWAY_CACHE    extra lines for the gateway's [cache] table, for example to turn on
 #                          the disk tier. @TMP@ is replaced by the temp dir. Example:
 #                          BENCH_GATEWAY_CACHE=$'disk_dir = "@TMP@/disk"\ndisk_bytes = "1GiB"'
+#   BENCH_GATEWAY_THREADS  the gateway's worker threads, all on the one pinned CPU (1)
 #   BENCH_GATEWAY_SERVER   extra lines for the gateway's [server] table, for example
-#                          BENCH_GATEWAY_SERVER='tcp_nopush = true' to cork large cached bodies
+#                          BENCH_GATEWAY_SERVER='tcp_nopush = false' to send large cached bodies uncorked
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +37,7 @@ rounds=${2:-1}
 delay_ms=${BENCH_DELAY_MS:-500}
 gateway_cache_extra=${BENCH_GATEWAY_CACHE:-}
 gateway_server_extra=${BENCH_GATEWAY_SERVER:-}
+gateway_threads=${BENCH_GATEWAY_THREADS:-1}
 binary=$root/target/release/mirror-gateway
 
 [[ $seconds =~ ^[0-9]+$ && $seconds -ge 1 && $seconds -le 60 ]] || {
@@ -44,6 +46,10 @@ binary=$root/target/release/mirror-gateway
 }
 [[ $rounds =~ ^[0-9]+$ && $rounds -ge 1 && $rounds -le 10 ]] || {
     echo "compare: ROUNDS must be a whole number from 1 to 10, got '$rounds'" >&2
+    exit 2
+}
+[[ $gateway_threads =~ ^[0-9]+$ && $gateway_threads -ge 1 && $gateway_threads -le 64 ]] || {
+    echo "compare: BENCH_GATEWAY_THREADS must be a whole number from 1 to 64, got '$gateway_threads'" >&2
     exit 2
 }
 [[ -x $binary ]] || { echo "compare: $binary missing; build first: cargo build --release" >&2; exit 1; }
@@ -329,7 +335,7 @@ ttl_secs = 300'
 cat >"$tmp/gateway.toml" <<EOF
 [server]
 listen = ["127.0.0.1:${port[gateway]}"]
-threads = 1
+threads = $gateway_threads
 runtime_dir = "$tmp"
 grace_period_secs = 0
 shutdown_timeout_secs = 1
@@ -547,7 +553,7 @@ echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc
     "$(awk -F= '$1 == "PRETTY_NAME" {gsub(/"/, "", $2); print $2}' /etc/os-release)"
 echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | sed 's/ revision.*//;s/[()]//g')," \
     "$(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $("$binary" version 2>&1 | head -1)"
-echo "run: $seconds s per wrk run (wrk -t1), $rounds round(s) of (b) to (e), origin delay $delay_ms ms, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
+echo "run: $seconds s per wrk run (wrk -t1), $rounds round(s) of (b) to (e), origin delay $delay_ms ms, gateway threads $gateway_threads, pinning: ${pin_server[*]:-none} / ${pin_load[*]:-none}, $(date -u +%Y-%m-%d)"
 for extra in "$gateway_server_extra" "$gateway_cache_extra"; do
     [[ -z $extra ]] || echo "gateway settings added: ${extra//$'\n'/; }"
 done

@@ -1327,11 +1327,11 @@ fn send_timeout_zero_rejected() {
 }
 
 #[test]
-fn tcp_nopush_off_by_default() {
+fn tcp_nopush_on_by_default() {
     let fx = Fixture::new();
-    assert!(!fx.config(DOMAIN, &[]).server.tcp_nopush);
-    let on = format!("[server]\ntcp_nopush = true\n{DOMAIN}");
-    assert!(fx.config(&on, &[]).server.tcp_nopush);
+    assert!(fx.config(DOMAIN, &[]).server.tcp_nopush);
+    let off = format!("[server]\ntcp_nopush = false\n{DOMAIN}");
+    assert!(!fx.config(&off, &[]).server.tcp_nopush);
     let text = format!("[server]\ntcp_nopush = \"on\"\n{DOMAIN}");
     fx.expect(
         &text,

@@ -37,7 +37,7 @@ impl Default for ServerSection {
             pid_file: None,
             send_timeout_secs: 60,
             reload_on_change: true,
-            tcp_nopush: false,
+            tcp_nopush: true,
             proxy_protocol: false,
             proxy_protocol_timeout_ms: 5_000,
         }
