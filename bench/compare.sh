@@ -26,7 +26,8 @@
 #   BENCH_GATEWAY_CACHE    extra lines for the gateway's [cache] table, for example to turn on
 #                          the disk tier. @TMP@ is replaced by the temp dir. Example:
 #                          BENCH_GATEWAY_CACHE=$'disk_dir = "@TMP@/disk"\ndisk_bytes = "1GiB"'
-#   BENCH_GATEWAY_THREADS  the gateway's worker threads, all on the one pinned CPU (1)
+#   BENCH_GATEWAY_THREADS  the gateway's worker threads (default 1); with two or more CPUs they
+#                          share CPU 0, where the gateway is pinned
 #   BENCH_GATEWAY_SERVER   extra lines for the gateway's [server] table, for example
 #                          BENCH_GATEWAY_SERVER='tcp_nopush = false' to send large cached bodies uncorked
 set -euo pipefail
@@ -48,7 +49,7 @@ binary=$root/target/release/mirror-gateway
     echo "compare: ROUNDS must be a whole number from 1 to 10, got '$rounds'" >&2
     exit 2
 }
-[[ $gateway_threads =~ ^[0-9]+$ && $gateway_threads -ge 1 && $gateway_threads -le 64 ]] || {
+[[ $gateway_threads =~ ^[1-9][0-9]?$ && $gateway_threads -le 64 ]] || {
     echo "compare: BENCH_GATEWAY_THREADS must be a whole number from 1 to 64, got '$gateway_threads'" >&2
     exit 2
 }

@@ -104,6 +104,52 @@ async fn filler_disconnect_keeps_fill() {
     assert_eq!(origin.count(), 1, "origin requests");
 }
 
+/// Large bodies read from the cache go out corked, but not to a client that joins a fill still
+/// in progress: there a corked tail would wait for the next piece or for Linux's 200 ms cork
+/// ceiling. Each waiter here must get the first piece while the origin still holds back the
+/// last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fill_reader_not_corked() {
+    let pieces = vec![vec![b'a'; 10_000], vec![b'b'; 70_000]];
+    let origin = ScriptOrigin::start(move |_, _| Script {
+        gap: Duration::from_secs(5),
+        ..Script::pieces(pieces.clone())
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(dir.path(), origin.addr, "", false);
+    let request = b"GET /large-fill.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+    let mut filler = TcpStream::connect(gateway.addr).await.expect("connect");
+    filler
+        .write_all(request)
+        .await
+        .expect("send the filler's request");
+    read_first_body_bytes(&mut filler).await;
+
+    // The fastest of three waiters, so that one slow scheduling round does not decide.
+    let mut fastest = Duration::MAX;
+    for _ in 0..3 {
+        let mut waiter = TcpStream::connect(gateway.addr).await.expect("connect");
+        let sent = Instant::now();
+        waiter
+            .write_all(request)
+            .await
+            .expect("send the waiter's request");
+        read_first_body_bytes(&mut waiter).await;
+        fastest = fastest.min(sent.elapsed());
+    }
+    assert!(
+        origin.last_piece_at().is_none(),
+        "the origin sent its last piece before the waiters were done"
+    );
+    assert_eq!(origin.count(), 1, "origin requests");
+    assert!(
+        fastest < Duration::from_millis(150),
+        "the fastest waiter got its first body bytes after {fastest:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_death_not_stored() {
     let origin = ScriptOrigin::start(|_, _| Script {
@@ -1458,11 +1504,8 @@ async fn read_first_body_bytes(stream: &mut TcpStream) {
         let mut raw = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .expect("read the filler's response");
-            assert!(n > 0, "the gateway closed the filler's connection early");
+            let n = stream.read(&mut buf).await.expect("read the response");
+            assert!(n > 0, "the gateway closed the connection early");
             raw.extend_from_slice(&buf[..n]);
             let end = raw.windows(4).position(|w| w == b"\r\n\r\n");
             if end.is_some_and(|end| raw.len() > end + 4) {
@@ -1472,7 +1515,7 @@ async fn read_first_body_bytes(stream: &mut TcpStream) {
     };
     tokio::time::timeout(Duration::from_secs(10), read)
         .await
-        .expect("the filler's first body bytes within 10 s");
+        .expect("the first body bytes within 10 s");
 }
 
 /// What the scripted origin sends for one request.
@@ -1480,8 +1523,10 @@ async fn read_first_body_bytes(stream: &mut TcpStream) {
 struct Script {
     status: u16,
     headers: Vec<(String, String)>,
-    /// Body pieces, written one by one with [`PIECE_GAP`] before each piece after the first.
+    /// Body pieces, written one by one with `gap` before each piece after the first.
     pieces: Vec<Vec<u8>>,
+    /// Pause before each body piece after the first: [`PIECE_GAP`] unless a test sets it.
+    gap: Duration,
     /// A `Content-Length` that differs from the body's length. The origin then closes the
     /// connection after the last piece, as an origin that dies mid-body does.
     announced: Option<usize>,
@@ -1507,6 +1552,7 @@ impl Script {
             status: 200,
             headers: vec![("cache-control".into(), "max-age=60".into())],
             pieces,
+            gap: PIECE_GAP,
             announced: None,
             delay: Duration::ZERO,
             chunked: false,
@@ -1719,7 +1765,7 @@ async fn write_reply(
 
     for (i, piece) in reply.pieces.iter().enumerate() {
         if i > 0 {
-            tokio::time::sleep(PIECE_GAP).await;
+            tokio::time::sleep(reply.gap).await;
         }
         if i + 1 == reply.pieces.len() {
             *seen.last_piece_at.lock().expect("lock") = Some(Instant::now());

@@ -7,20 +7,24 @@
 //! rest. For a large cached body that means fewer, fuller packets, and the header leaves in
 //! the same segment as the first body bytes.
 //!
-//! That last point matters to the client's receive window. Linux grows a receive buffer by what
-//! the application reads per estimated round trip, and it has two estimators for that round
-//! trip (`net/ipv4/tcp_input.c`). One takes the timestamp echoed by the first segment after a
-//! new echo, at millisecond resolution, but only when that segment is full-sized. The other
-//! keeps the shortest time in which one receive window arrived. A header sent alone uses up the
-//! echo of the request without a timestamp sample. So on a path under a millisecond (loopback,
-//! one rack) the second estimator wins, and because a small window arrives in a fraction of a
-//! millisecond, the buffer and the window stay small. The body then goes out in window-sized
-//! pieces on the client's own CPU, and the rate drops. On a 2 vCPU AMD virtual machine (Linux
-//! 6.18), wrk's windows to an uncorked gateway were 1 to 4 MB with a round trip estimate of 0.1
-//! to 0.3 ms, against 7 to 18 MB and 1 ms corked, and uncorked 1 MB hits ran at 0.59 to 0.76
-//! times Varnish's rate against 0.70 to 1.16 corked. Hence `server.tcp_nopush` is on by
-//! default. On a 2 vCPU Intel virtual machine, an earlier comparison of few rounds found corked
-//! 1 MB bodies 8 to 15% slower, with the client woken more often per response.
+//! That last point matters to a Linux client's receive window (`net/ipv4/tcp_input.c`). The
+//! client grows its receive buffer by what it reads per estimated round trip. One estimate
+//! comes from the timestamp echo, in whole milliseconds, of a segment that carries a new echo.
+//! Only a full-sized segment gives a sample, and recent kernels take none for a difference of 0
+//! ms (older ones count it as 1 ms). The other estimate is the shortest time in which one
+//! window arrived. A header sent alone carries the echo of the request without giving a sample.
+//! Corked, the first full segment carries it, and the sample spans the time the request waited
+//! at the server. On loopback under load that is often 1 ms or more, whereas the window
+//! estimate alone stays at a fraction of a millisecond and keeps the window small. On a 2 vCPU
+//! AMD virtual machine (Linux 6.18) wrk's windows to an uncorked gateway were 1 to 4 MB,
+//! against 7 to 18 MB corked. In `bench/compare.sh` runs there, 1 MB hits came to 0.78 times
+//! Varnish's rate uncorked and to 0.94 and 0.97 times corked. Hence `server.tcp_nopush` is on
+//! by default. On a 2 vCPU Intel virtual machine, an earlier comparison of a few rounds found
+//! corked 1 MB bodies 8 to 15% slower, with the client woken more often per response.
+//!
+//! Only bodies whole in the cache are corked. A client that reads a fill still in progress
+//! gets each piece as the origin sends it, so its tail must not wait (`gateway.rs` checks that
+//! the hit handler can seek, which a reader of a fill cannot).
 //!
 //! Pingora 0.9.1 lends the socket as a descriptor number only (no `AsFd`), so setting the
 //! option borrows the descriptor with the one `unsafe` call of this crate.
@@ -70,8 +74,9 @@ impl Drop for Cork {
 
 #[allow(unsafe_code)]
 fn set_cork(fd: RawFd, on: bool) -> std::io::Result<()> {
-    // SAFETY: `fd` is the socket of a live client session: the callers keep the `Cork`
-    // within the request that owns the session, so the descriptor stays open meanwhile.
+    // SAFETY: `fd` is the socket of a live client session. A `Cork` is dropped before the
+    // session's descriptor closes: one for a memory-tier hit when its body is written, any
+    // other in `Gateway::logging`, which Pingora 0.9.1 calls before it finishes the session.
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
     socket2::SockRef::from(&socket).set_tcp_cork(on)
 }

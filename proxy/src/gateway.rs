@@ -369,8 +369,9 @@ fn filling_age(session: &Session, phase: &CachePhase) -> Option<(HeaderName, Hea
     (age > 0).then(|| (http::header::AGE, HeaderValue::from(age)))
 }
 
-/// Returns whether a response in `phase` has its whole body in the cache, ready to send: not
-/// a miss or a bypass, whose body arrives from the origin as it comes.
+/// Returns whether a response in `phase` has its body read from the cache: not a miss or a
+/// bypass, whose body arrives from the origin as it comes. A hit may still read a fill in
+/// progress, whose handler cannot seek.
 fn body_from_cache(phase: &CachePhase) -> bool {
     matches!(
         phase,
@@ -872,9 +873,12 @@ impl ProxyHttp for Gateway {
             .local_cache_status
             .unwrap_or_else(|| cache_status(&phase));
         ctx.sent_cache_status = Some(status);
+        // A reader of a fill still in progress (its handler cannot seek) gets the body as the
+        // origin sends it, so it stays uncorked: a corked tail would wait for the next piece.
         if ctx.state.tcp_nopush
             && body_from_cache(&phase)
             && session.req_header().method != Method::HEAD
+            && session.cache.hit_handler().can_seek()
         {
             let length = crate::cache::ranges::content_length(upstream_response).unwrap_or(0);
             ctx.cork = crate::cork::Cork::for_body(session, length);
