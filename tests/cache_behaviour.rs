@@ -105,7 +105,7 @@ async fn filler_disconnect_keeps_fill() {
 }
 
 /// Large bodies read from the cache go out corked, but not to a client that joins a fill still
-/// in progress: there a corked tail would wait for the next piece or for Linux's 200 ms cork
+/// in progress. There a corked tail would wait for the next piece or for Linux's 200 ms cork
 /// ceiling. Each waiter here must get the first piece while the origin still holds back the
 /// last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -75,8 +75,9 @@ impl Drop for Cork {
 #[allow(unsafe_code)]
 fn set_cork(fd: RawFd, on: bool) -> std::io::Result<()> {
     // SAFETY: `fd` is the socket of a live client session. A `Cork` is dropped before the
-    // session's descriptor closes: one for a memory-tier hit when its body is written, any
-    // other in `Gateway::logging`, which Pingora 0.9.1 calls before it finishes the session.
+    // session's descriptor closes. A memory-tier hit drops its own when the body is written,
+    // and `Gateway::logging`, which Pingora 0.9.1 calls before it finishes the session, drops
+    // any other.
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
     socket2::SockRef::from(&socket).set_tcp_cork(on)
 }

@@ -874,7 +874,7 @@ impl ProxyHttp for Gateway {
             .unwrap_or_else(|| cache_status(&phase));
         ctx.sent_cache_status = Some(status);
         // A reader of a fill still in progress (its handler cannot seek) gets the body as the
-        // origin sends it, so it stays uncorked: a corked tail would wait for the next piece.
+        // origin sends it. It stays uncorked, because a corked tail would wait for the next piece.
         if ctx.state.tcp_nopush
             && body_from_cache(&phase)
             && session.req_header().method != Method::HEAD
