@@ -1342,6 +1342,21 @@ fn tcp_nopush_on_by_default() {
 }
 
 #[test]
+fn pipelining_on_by_default() {
+    let fx = Fixture::new();
+    assert!(fx.config(DOMAIN, &[]).server.pipelining);
+    let off = format!("[server]\npipelining = false\n{DOMAIN}");
+    assert!(!fx.config(&off, &[]).server.pipelining);
+    let text = format!("[server]\npipelining = 1\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "server.pipelining",
+        Some("1"),
+        "expected true or false",
+    );
+}
+
+#[test]
 fn admin_listen_port_zero_shared() {
     let fx = Fixture::new();
     let text = format!(

@@ -853,3 +853,48 @@ fn renewed_certificate_picked_up_by_watch() {
     }
     assert_eq!(seen, Ok("subject=CN = a.test serial=08".to_string()));
 }
+
+/// Requests that an HTTP/1.1 client sends ahead over TLS are served in order on one connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_over_tls() {
+    let origin =
+        TestOrigin::start(|request| Reply::ok(&format!("body of {}", request.target))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let (_gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+
+    let batch = "GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n\
+                 GET /two HTTP/1.1\r\nHost: a.test\r\n\r\n\
+                 GET /one HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let connect = tls.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        // The client offers no ALPN, so the connection speaks HTTP/1.1. `-quiet` keeps it open
+        // after the input ends, until the gateway closes it after the last response.
+        let mut client = Command::new("timeout")
+            .args(["10", "openssl", "s_client", "-quiet", "-connect", &connect])
+            .args(["-servername", "a.test"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run openssl s_client");
+        client
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(batch.as_bytes())
+            .expect("send requests");
+        client.wait_with_output().expect("openssl s_client")
+    })
+    .await
+    .expect("client task");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let statuses = stdout.matches("HTTP/1.1 200 OK").count();
+    assert_eq!(statuses, 3, "{}", text(&out));
+    let bodies: Vec<&str> = stdout.matches("body of /").collect();
+    assert_eq!(bodies.len(), 3, "{stdout}");
+    let one = stdout.find("body of /one").expect("first body");
+    let two = stdout.find("body of /two").expect("second body");
+    assert!(one < two, "responses out of order: {stdout}");
+    assert_eq!(origin.count(), 2);
+}

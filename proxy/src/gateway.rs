@@ -55,6 +55,9 @@ pub struct GatewayState {
     /// Whether large bodies from the cache go out with the client socket corked
     /// (`server.tcp_nopush`).
     pub tcp_nopush: bool,
+    /// Whether HTTP/1.1 requests sent ahead on one connection are served in order
+    /// (`server.pipelining`).
+    pub pipelining: bool,
     /// Requests a plugin rejected, by domain id, the plugin's label (`rejected_by`) and its
     /// reason (`rejected_reason`).
     pub rejections: Arc<parking_lot::Mutex<crate::metrics::Rejections>>,
@@ -215,6 +218,12 @@ impl GatewayState {
         session
             .downstream_session
             .set_write_timeout(Some(self.send_timeout));
+        // With pipelining on, Pingora keeps the bytes of a next request that arrive before this
+        // response is complete and parses them once it is. With it off, Pingora sends this
+        // response and closes the connection. Set on every request, so that a reload applies.
+        session
+            .downstream_session
+            .set_pipelining_enabled(self.pipelining);
         let req = session.req_header();
         ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
         if let Some(problem) = oversized_header(req) {

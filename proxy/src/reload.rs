@@ -92,6 +92,7 @@ pub fn build_state(config: &GatewayConfig, shared: &Shared) -> Result<GatewaySta
         trusted_proxies: config.server.trusted_proxies.clone(),
         send_timeout: config.server.send_timeout,
         tcp_nopush: config.server.tcp_nopush,
+        pipelining: config.server.pipelining,
         tls: Arc::clone(&shared.tls),
     })
 }

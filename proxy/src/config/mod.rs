@@ -93,6 +93,9 @@ pub struct ServerSettings {
     pub reload_on_change: bool,
     /// Whether the client socket is corked while a large body goes out from the cache.
     pub tcp_nopush: bool,
+    /// Whether an HTTP/1.1 client may send its next request before it has read the response
+    /// to the previous one on the same connection.
+    pub pipelining: bool,
     /// Whether the client listeners read a PROXY protocol header on new connections.
     pub proxy_protocol: bool,
     /// How long a new connection may take to send its PROXY header or first byte.

@@ -20,6 +20,7 @@ pub struct ServerSection {
     pub send_timeout_secs: u64,
     pub reload_on_change: bool,
     pub tcp_nopush: bool,
+    pub pipelining: bool,
     pub proxy_protocol: bool,
     pub proxy_protocol_timeout_ms: u64,
 }
@@ -38,6 +39,7 @@ impl Default for ServerSection {
             send_timeout_secs: 60,
             reload_on_change: true,
             tcp_nopush: true,
+            pipelining: true,
             proxy_protocol: false,
             proxy_protocol_timeout_ms: 5_000,
         }

@@ -276,6 +276,7 @@ fn validate_server(
         send_timeout: Duration::from_secs(s.send_timeout_secs),
         reload_on_change: s.reload_on_change,
         tcp_nopush: s.tcp_nopush,
+        pipelining: s.pipelining,
         proxy_protocol: s.proxy_protocol,
         proxy_protocol_timeout: Duration::from_millis(s.proxy_protocol_timeout_ms),
     })

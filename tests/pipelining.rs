@@ -1,0 +1,215 @@
+//! HTTP/1.1 pipelining: requests that a client sends ahead on one connection are served in order.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{http_domain, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Maximum wait for one response in these tests.
+const RESPONSE_WAIT: Duration = Duration::from_secs(10);
+
+/// An origin whose response body names the request target. It responds to `/slow` after
+/// 300 ms and to `/missing` with 404.
+async fn origin() -> TestOrigin {
+    TestOrigin::start(|request| {
+        let mut reply = Reply::ok(&format!("body of {}", request.target));
+        if request.target == "/slow" {
+            reply.delay = Duration::from_millis(300);
+        }
+        if request.target == "/missing" {
+            reply.status = 404;
+        }
+        reply
+    })
+    .await
+}
+
+fn config(origin: &TestOrigin, server_keys: &str) -> String {
+    let base = BASE_CONFIG.replace("[server]\n", &format!("[server]\n{server_keys}\n"));
+    format!(
+        "{base}\n{}",
+        http_domain("primary", &["127.0.0.1"], origin.addr)
+    )
+}
+
+fn get(method: &str, target: &str) -> String {
+    format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+}
+
+/// One response read off a connection.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    connection: Option<String>,
+    body: String,
+}
+
+/// Reads one response with a `Content-Length` body (none for a HEAD request), or `None` when
+/// the connection ends before a status line.
+async fn read_response(reader: &mut BufReader<TcpStream>, head: bool) -> Option<Response> {
+    let read = async {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.expect("read status line") == 0 {
+            return None;
+        }
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {line:?}"));
+        let mut length = 0;
+        let mut connection = None;
+        loop {
+            let mut field = String::new();
+            reader.read_line(&mut field).await.expect("read header");
+            let field = field.trim_end();
+            if field.is_empty() {
+                break;
+            }
+            let (name, value) = field.split_once(':').expect("header field");
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().expect("content-length"),
+                "connection" => connection = Some(value.trim().to_string()),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; if head { 0 } else { length }];
+        reader.read_exact(&mut body).await.expect("read body");
+        Some(Response {
+            status,
+            connection,
+            body: String::from_utf8(body).expect("text body"),
+        })
+    };
+    tokio::time::timeout(RESPONSE_WAIT, read)
+        .await
+        .expect("response within 10 s")
+}
+
+/// Returns whether the gateway closed the connection: it sends nothing more and ends it.
+async fn closed(reader: &mut BufReader<TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(RESPONSE_WAIT, reader.read_to_end(&mut rest)).await;
+    matches!(read, Ok(Ok(0)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_served_in_order() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    let requests = [
+        ("GET", "/slow"),
+        ("GET", "/a"),
+        ("HEAD", "/a"),
+        ("GET", "/missing"),
+        ("GET", "/a"),
+    ];
+    let batch: String = requests.iter().map(|(m, t)| get(m, t)).collect();
+    stream.write_all(batch.as_bytes()).await.expect("send");
+    let mut reader = BufReader::new(stream);
+
+    let mut answers = Vec::new();
+    for (method, _) in requests {
+        let response = read_response(&mut reader, method == "HEAD")
+            .await
+            .expect("a response to every pipelined request");
+        answers.push((response.status, response.body));
+    }
+    let expected = [
+        (200, "body of /slow"),
+        (200, "body of /a"),
+        (200, ""),
+        (404, "body of /missing"),
+        (200, "body of /a"),
+    ];
+    let expected: Vec<(u16, String)> = expected
+        .iter()
+        .map(|(status, body)| (*status, body.to_string()))
+        .collect();
+    assert_eq!(answers, expected);
+    // One request at a time: `/a` reached the origin only after `/slow` was served, and the
+    // later requests for `/a` were served from the cache.
+    let targets: Vec<String> = origin.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/slow", "/a", "/missing"]);
+
+    // The connection stays open for the next request.
+    reader
+        .get_mut()
+        .write_all(get("GET", "/b").as_bytes())
+        .await
+        .expect("send after the batch");
+    let last = read_response(&mut reader, false).await.expect("response");
+    assert_eq!((last.status, last.body.as_str()), (200, "body of /b"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_during_slow_miss_served() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream
+        .write_all(get("GET", "/slow").as_bytes())
+        .await
+        .expect("send first");
+    // The second request arrives while the gateway waits for the origin's response to the first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream
+        .write_all(get("GET", "/a").as_bytes())
+        .await
+        .expect("send second");
+    let mut reader = BufReader::new(stream);
+    let first = read_response(&mut reader, false).await.expect("first");
+    let second = read_response(&mut reader, false).await.expect("second");
+    assert_eq!((first.status, first.body.as_str()), (200, "body of /slow"));
+    assert_eq!((second.status, second.body.as_str()), (200, "body of /a"));
+    assert_eq!(second.connection.as_deref(), Some("keep-alive"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_after_rejected_body_unread() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+
+    // Request smuggling relies on a server that parses bytes after a body of disputed length.
+    // The gateway rejects the body and reads nothing after it.
+    let batch = format!(
+        "GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nabcde{}",
+        get("GET", "/b")
+    );
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream.write_all(batch.as_bytes()).await.expect("send");
+    let mut reader = BufReader::new(stream);
+    let rejected = read_response(&mut reader, false).await.expect("response");
+    assert_eq!(rejected.status, 400);
+    assert_eq!(rejected.connection.as_deref(), Some("close"));
+    assert!(closed(&mut reader).await, "connection closed after the 400");
+    assert_eq!(origin.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelining_off_closes_after_first() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, "pipelining = false"));
+
+    let batch = format!("{}{}", get("GET", "/a"), get("GET", "/b"));
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream.write_all(batch.as_bytes()).await.expect("send");
+    let mut reader = BufReader::new(stream);
+    let first = read_response(&mut reader, false).await.expect("first");
+    assert_eq!((first.status, first.body.as_str()), (200, "body of /a"));
+    assert!(
+        closed(&mut reader).await,
+        "connection closed, second request dropped"
+    );
+    assert_eq!(origin.count(), 1);
+}
