@@ -13,8 +13,10 @@ set -euo pipefail
 # port; on a systemd host Debian also starts its service on 6379, which they do not use.
 # python3-venv: scripts/test.sh installs moto (the S3 server of the sync tests) into .venv.
 # chromium: tests/status_page.rs loads the admin status page in headless Chromium.
+# haproxy: tests/proxy_protocol.rs starts its own on a free port to check the documented
+# backend; Debian's own service has no listener in its default configuration.
 PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk redis-server python3-venv
-    chromium)
+    chromium haproxy)
 # nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
 # services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
 # rclone and awscli are only for bench/sync-compare.sh, which compares them with our sync task.

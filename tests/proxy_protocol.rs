@@ -426,3 +426,162 @@ async fn header_before_tls_handshake() {
         "{text}"
     );
 }
+
+/// A real HAProxy in `mode tcp` on a free loopback port, stopped when dropped.
+struct Haproxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Haproxy {
+    /// Starts HAProxy with the backend of the example in `docs/configuration.md`, pointed at
+    /// the gateway's TLS listener `target`, and waits until it accepts connections. Tries
+    /// again on another port when the one picked was taken before HAProxy could bind it.
+    fn start(dir: &Path, target: SocketAddr) -> Self {
+        let path = dir.join("haproxy.cfg");
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("free port")
+                .port();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            std::fs::write(&path, haproxy_config(addr, target)).expect("write haproxy.cfg");
+            let child = std::process::Command::new("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("run haproxy (install the Debian package haproxy)");
+            let mut haproxy = Self { child, addr };
+            if haproxy.wait_listening() {
+                return haproxy;
+            }
+        }
+        panic!("haproxy did not start in five tries; its errors are above");
+    }
+
+    /// Waits up to 10 s for the listener; returns false when HAProxy exited instead.
+    fn wait_listening(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return true;
+            }
+            if self.child.try_wait().expect("haproxy status").is_some() {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen on {}",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Returns an HAProxy config that relays `listen` to `target` with the documented backend.
+/// Health checks run every 100 ms, so that three failed ones (HAProxy's default `fall`) would
+/// take the server down within a test's first second.
+fn haproxy_config(listen: SocketAddr, target: SocketAddr) -> String {
+    format!(
+        "global\n\
+         \x20   log stderr format raw local0 warning\n\
+         defaults\n\
+         \x20   log global\n\
+         \x20   timeout connect 2s\n\
+         \x20   timeout client 10s\n\
+         \x20   timeout server 10s\n\
+         frontend mirror_https_in\n\
+         \x20   mode tcp\n\
+         \x20   bind {listen}\n\
+         \x20   default_backend mirror_https\n\
+         backend mirror_https\n\
+         \x20   mode tcp\n\
+         \x20   server gw1 {target} send-proxy-v2 check check-send-proxy inter 100ms\n"
+    )
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The documented HAProxy backend (`send-proxy-v2 check check-send-proxy`, TLS passed
+/// through) against the real gateway: clients are named by their own address, and the
+/// health checks keep the server up and show as aborted handshakes.
+#[tokio::test(flavor = "multi_thread")]
+async fn haproxy_example_backend() {
+    let origin = TestOrigin::start(|_| Reply::ok("{}")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    self_signed_cert(dir.path());
+    let hosts = "hosts = [\"127.0.0.1\", \"a.test\"]\n";
+    let text = config(
+        "pp-haproxy",
+        origin.addr,
+        1,
+        "tls_listen = [\"127.0.0.1:0\"]",
+    )
+    .replace(
+        hosts,
+        &format!("{hosts}tls_cert = \"a.pem\"\ntls_key = \"a.key\"\n"),
+    );
+    let gateway = TestGateway::start(dir.path(), &text);
+    let tls_addr = gateway.running.tls_addrs()[0];
+    let haproxy = Haproxy::start(dir.path(), tls_addr);
+    // Long enough for several health checks: had they failed, HAProxy would have taken the
+    // gateway down and closed the client connections below.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // Two clients on their own loopback addresses, each within its budget of one request, ask
+    // for different paths, so that both requests reach the origin.
+    let mut statuses = Vec::new();
+    for (client_ip, path) in [("127.0.0.5", "/a"), ("127.0.0.6", "/b")] {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .danger_accept_invalid_certs(true)
+            .local_address(client_ip.parse::<IpAddr>().expect("address"))
+            .resolve("a.test", haproxy.addr)
+            .build()
+            .expect("client");
+        let url = format!("https://a.test:{}{path}", haproxy.addr.port());
+        let response = client
+            .get(&url)
+            .send()
+            .await
+            .expect("request through haproxy");
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200]);
+
+    let forwarded: Vec<Option<String>> = origin
+        .requests()
+        .iter()
+        .map(|r| r.header("x-forwarded-for").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        forwarded,
+        [Some("127.0.0.5".to_owned()), Some("127.0.0.6".to_owned())]
+    );
+    let clients = logged_clients(&dir.path().join("access.log"), 2);
+    assert_eq!(clients, ["127.0.0.5", "127.0.0.6"]);
+
+    let text = metrics(&gateway);
+    assert!(
+        !text.contains("mirror_gateway_proxy_protocol_rejections_total{"),
+        "a health check's LOCAL header was rejected: {text}"
+    );
+    let aborted = text
+        .lines()
+        .find(|line| {
+            line.starts_with("mirror_gateway_tls_handshake_failures_total{")
+                && line.contains("reason=\"aborted\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(aborted >= 3, "health checks as aborted handshakes: {text}");
+}
