@@ -15,8 +15,9 @@ set -euo pipefail
 # chromium: tests/status_page.rs loads the admin status page in headless Chromium.
 # haproxy: tests/proxy_protocol.rs starts its own on a free port to check the documented
 # backend; Debian's own service has no listener in its default configuration.
+# systemd: tests/deploy_units.rs checks deploy/systemd/ with systemd-analyze.
 PACKAGES=(cmake pkg-config build-essential curl jq openssl apache2-utils wrk redis-server python3-venv
-    chromium haproxy)
+    chromium haproxy systemd)
 # nginx and varnish are only for bench/compare.sh; on a systemd host Debian also starts their
 # services (ports 80 and 6081): `systemctl disable --now nginx varnish` if they are not wanted.
 # rclone and awscli are only for bench/sync-compare.sh, which compares them with our sync task.
