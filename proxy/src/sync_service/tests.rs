@@ -53,6 +53,13 @@ impl StallingRunner {
     }
 }
 
+/// Held by every test here that runs a scheduler, so that they run one at a time. The
+/// scheduler's log lines are asserted on through a subscriber set for one thread, and
+/// `tracing` caches per log statement whether any subscriber wants it. A statement first
+/// reached in another test while that subscriber was being installed could be cached as
+/// unwanted and its lines lost (seen once in a CI run under load).
+static SCHEDULER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Returns a `[sync]` section with one job `a` reading `source`, run every `interval_secs`.
 fn config(interval_secs: u64, source: &str) -> SyncConfig {
     let source = SourceSettings::Directory {
@@ -69,6 +76,7 @@ fn config(interval_secs: u64, source: &str) -> SyncConfig {
 
 #[tokio::test(start_paused = true)]
 async fn reload_keeps_run_in_progress() {
+    let _serial = SCHEDULER_TESTS.lock().await;
     let runner = Arc::new(StallingRunner::default());
     let monitor = Arc::new(Monitor::default());
     let (control, scheduler) = scheduler(Some(config(3600, "/v1")), monitor, runner.clone());
@@ -109,6 +117,7 @@ async fn reload_keeps_run_in_progress() {
 
 #[tokio::test(start_paused = true)]
 async fn removed_section_stops_runs() {
+    let _serial = SCHEDULER_TESTS.lock().await;
     let runner = Arc::new(StallingRunner::default());
     runner.release.add_permits(1000);
     let monitor = Arc::new(Monitor::default());
@@ -154,6 +163,7 @@ impl CapturedLog {
 
 #[tokio::test(start_paused = true)]
 async fn section_removal_logged_only_after_section() {
+    let _serial = SCHEDULER_TESTS.lock().await;
     let log = CapturedLog::default();
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -215,6 +225,7 @@ impl JobRunner for PanickingOnceRunner {
 
 #[tokio::test(start_paused = true)]
 async fn panicking_run_keeps_schedule() {
+    let _serial = SCHEDULER_TESTS.lock().await;
     let runner = Arc::new(PanickingOnceRunner::default());
     let monitor = Arc::new(Monitor::default());
     let (_control, scheduler) = scheduler(Some(config(1, "/v1")), monitor, runner.clone());
