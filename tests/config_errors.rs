@@ -1342,6 +1342,28 @@ fn tcp_nopush_on_by_default() {
 }
 
 #[test]
+fn keepalive_timeout_bounds() {
+    let fx = Fixture::new();
+    let defaults = fx.config(DOMAIN, &[]);
+    assert_eq!(
+        defaults.server.keepalive_timeout,
+        std::time::Duration::from_secs(75)
+    );
+    let off = format!("[server]\nkeepalive_timeout_secs = 0\n{DOMAIN}");
+    assert_eq!(
+        fx.config(&off, &[]).server.keepalive_timeout,
+        std::time::Duration::ZERO
+    );
+    let text = format!("[server]\nkeepalive_timeout_secs = 86401\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "server.keepalive_timeout_secs",
+        Some("86401"),
+        "must be at most 86400 seconds",
+    );
+}
+
+#[test]
 fn pipelining_on_by_default() {
     let fx = Fixture::new();
     assert!(fx.config(DOMAIN, &[]).server.pipelining);

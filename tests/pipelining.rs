@@ -4,12 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http_domain, Reply, TestGateway, TestOrigin, BASE_CONFIG};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use common::{closed, http_domain, read_response, Reply, TestGateway, TestOrigin, BASE_CONFIG};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-/// Maximum wait for one response in these tests.
-const RESPONSE_WAIT: Duration = Duration::from_secs(10);
 
 /// An origin whose response body names the request target. It responds to `/slow` after
 /// 300 ms and to `/missing` with 404.
@@ -39,63 +36,6 @@ fn get(method: &str, target: &str) -> String {
     format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 }
 
-/// One response read off a connection.
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    connection: Option<String>,
-    body: String,
-}
-
-/// Reads one response with a `Content-Length` body (none for a HEAD request), or `None` when
-/// the connection ends before a status line.
-async fn read_response(reader: &mut BufReader<TcpStream>, head: bool) -> Option<Response> {
-    let read = async {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await.expect("read status line") == 0 {
-            return None;
-        }
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not a status line: {line:?}"));
-        let mut length = 0;
-        let mut connection = None;
-        loop {
-            let mut field = String::new();
-            reader.read_line(&mut field).await.expect("read header");
-            let field = field.trim_end();
-            if field.is_empty() {
-                break;
-            }
-            let (name, value) = field.split_once(':').expect("header field");
-            match name.to_ascii_lowercase().as_str() {
-                "content-length" => length = value.trim().parse().expect("content-length"),
-                "connection" => connection = Some(value.trim().to_string()),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; if head { 0 } else { length }];
-        reader.read_exact(&mut body).await.expect("read body");
-        Some(Response {
-            status,
-            connection,
-            body: String::from_utf8(body).expect("text body"),
-        })
-    };
-    tokio::time::timeout(RESPONSE_WAIT, read)
-        .await
-        .expect("response within 10 s")
-}
-
-/// Returns whether the gateway closed the connection: it sends nothing more and ends it.
-async fn closed(reader: &mut BufReader<TcpStream>) -> bool {
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(RESPONSE_WAIT, reader.read_to_end(&mut rest)).await;
-    matches!(read, Ok(Ok(0)))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_served_in_order() {
     let origin = origin().await;
@@ -119,7 +59,7 @@ async fn batch_served_in_order() {
         let response = read_response(&mut reader, method == "HEAD")
             .await
             .expect("a response to every pipelined request");
-        answers.push((response.status, response.body));
+        answers.push((response.status, response.text()));
     }
     let expected = [
         (200, "body of /slow"),
@@ -145,7 +85,7 @@ async fn batch_served_in_order() {
         .await
         .expect("send after the batch");
     let last = read_response(&mut reader, false).await.expect("response");
-    assert_eq!((last.status, last.body.as_str()), (200, "body of /b"));
+    assert_eq!((last.status, last.text()), (200, "body of /b".to_owned()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,9 +108,15 @@ async fn request_during_slow_miss_served() {
     let mut reader = BufReader::new(stream);
     let first = read_response(&mut reader, false).await.expect("first");
     let second = read_response(&mut reader, false).await.expect("second");
-    assert_eq!((first.status, first.body.as_str()), (200, "body of /slow"));
-    assert_eq!((second.status, second.body.as_str()), (200, "body of /a"));
-    assert_eq!(second.connection.as_deref(), Some("keep-alive"));
+    assert_eq!(
+        (first.status, first.text()),
+        (200, "body of /slow".to_owned())
+    );
+    assert_eq!(
+        (second.status, second.text()),
+        (200, "body of /a".to_owned())
+    );
+    assert_eq!(second.header("connection"), Some("keep-alive"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,7 +136,7 @@ async fn request_after_rejected_body_unread() {
     let mut reader = BufReader::new(stream);
     let rejected = read_response(&mut reader, false).await.expect("response");
     assert_eq!(rejected.status, 400);
-    assert_eq!(rejected.connection.as_deref(), Some("close"));
+    assert_eq!(rejected.header("connection"), Some("close"));
     assert!(closed(&mut reader).await, "connection closed after the 400");
     assert_eq!(origin.count(), 0);
 }
@@ -206,7 +152,7 @@ async fn pipelining_off_closes_after_first() {
     stream.write_all(batch.as_bytes()).await.expect("send");
     let mut reader = BufReader::new(stream);
     let first = read_response(&mut reader, false).await.expect("first");
-    assert_eq!((first.status, first.body.as_str()), (200, "body of /a"));
+    assert_eq!((first.status, first.text()), (200, "body of /a".to_owned()));
     assert!(
         closed(&mut reader).await,
         "connection closed, second request dropped"

@@ -52,6 +52,9 @@ pub struct GatewayState {
     pub trusted_proxies: TrustedProxies,
     /// Maximum wait for a client to take one write of a response (`server.send_timeout_secs`).
     pub send_timeout: std::time::Duration,
+    /// How long an idle HTTP/1 connection waits for its next request; zero turns keep-alive off
+    /// (`server.keepalive_timeout_secs`).
+    pub keepalive_timeout: std::time::Duration,
     /// Whether large bodies from the cache go out with the client socket corked
     /// (`server.tcp_nopush`).
     pub tcp_nopush: bool,
@@ -224,6 +227,14 @@ impl GatewayState {
         session
             .downstream_session
             .set_pipelining_enabled(self.pipelining);
+        // Pingora keeps a connection open without limit after a request that allows keep-alive,
+        // or for as long as the client's own `Keep-Alive: timeout` asks. The next request on the
+        // connection is read with this timeout instead. A request that closes the connection
+        // (HTTP/1.0 without keep-alive, `Connection: close`) keeps it off.
+        if session.get_keepalive().is_some() {
+            let secs = self.keepalive_timeout.as_secs();
+            session.set_keepalive((secs > 0).then_some(secs));
+        }
         let req = session.req_header();
         ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
         if let Some(problem) = oversized_header(req) {

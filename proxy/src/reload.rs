@@ -91,6 +91,7 @@ pub fn build_state(config: &GatewayConfig, shared: &Shared) -> Result<GatewaySta
         access_log: shared.access_log.clone(),
         trusted_proxies: config.server.trusted_proxies.clone(),
         send_timeout: config.server.send_timeout,
+        keepalive_timeout: config.server.keepalive_timeout,
         tcp_nopush: config.server.tcp_nopush,
         pipelining: config.server.pipelining,
         tls: Arc::clone(&shared.tls),

@@ -375,6 +375,58 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{first_line:?} failed: {e}"))
 }
 
+/// Reads one response with a `Content-Length` body (none for a HEAD request) off a kept-alive
+/// connection, or returns `None` when the connection ends before a status line. Panics after
+/// 10 s, or on a response that is not HTTP.
+pub async fn read_response(
+    reader: &mut BufReader<tokio::net::TcpStream>,
+    head: bool,
+) -> Option<RawResponse> {
+    let read = async {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.expect("read status line") == 0 {
+            return None;
+        }
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut field = String::new();
+            reader.read_line(&mut field).await.expect("read header");
+            let field = field.trim_end();
+            if field.is_empty() {
+                break;
+            }
+            let (name, value) = field.split_once(':').expect("header field");
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+        let length = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .map_or(0, |(_, value)| value.parse().expect("content-length"));
+        let mut body = vec![0; if head { 0 } else { length }];
+        reader.read_exact(&mut body).await.expect("read body");
+        Some(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("response within 10 s")
+}
+
+/// Returns whether the server ends the connection within 10 s without sending more bytes.
+pub async fn closed(reader: &mut BufReader<tokio::net::TcpStream>) -> bool {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut rest)).await;
+    matches!(read, Ok(Ok(0)))
+}
+
 /// Sends `GET <raw_target> HTTP/1.1` byte for byte, so that no client library rewrites the
 /// path, and reads the whole response (the request carries `Connection: close`).
 ///

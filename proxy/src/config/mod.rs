@@ -89,6 +89,9 @@ pub struct ServerSettings {
     pub pid_file: PathBuf,
     /// Maximum wait for a client to take one write of a response.
     pub send_timeout: Duration,
+    /// How long an idle HTTP/1 connection waits for its next request; zero turns keep-alive
+    /// off.
+    pub keepalive_timeout: Duration,
     /// Whether a change on disk of the config file or a TLS file it names reloads by itself.
     pub reload_on_change: bool,
     /// Whether the client socket is corked while a large body goes out from the cache.

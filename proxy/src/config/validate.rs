@@ -234,6 +234,7 @@ fn validate_server(
     // A day is far beyond any useful wait; larger values are most likely typing errors.
     for (key, secs) in [
         ("server.send_timeout_secs", s.send_timeout_secs),
+        ("server.keepalive_timeout_secs", s.keepalive_timeout_secs),
         ("server.grace_period_secs", s.grace_period_secs),
         ("server.shutdown_timeout_secs", s.shutdown_timeout_secs),
     ] {
@@ -274,6 +275,7 @@ fn validate_server(
             .as_deref()
             .map_or_else(super::default_pid_file, |p| resolve(dir, p)),
         send_timeout: Duration::from_secs(s.send_timeout_secs),
+        keepalive_timeout: Duration::from_secs(s.keepalive_timeout_secs),
         reload_on_change: s.reload_on_change,
         tcp_nopush: s.tcp_nopush,
         pipelining: s.pipelining,
