@@ -49,5 +49,14 @@ fn systemd_units_verify() {
         output.status.success(),
         "systemd-analyze verify failed:\n{messages}"
     );
-    assert_eq!(messages, "", "systemd-analyze verify warned");
+    // Warnings about the host's own units, which ours pull in as dependencies (such as
+    // network-online.target), are not ours to fix.
+    let ours: Vec<&str> = messages
+        .lines()
+        .filter(|line| UNITS.iter().any(|unit| line.contains(unit)))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify warned:\n{messages}"
+    );
 }
