@@ -592,7 +592,32 @@ fn export_root_missing() {
     let fx = Fixture::new();
     let text = domain_with("root = \"tree\"", "root = \"gone\"");
     let key = "domains.primary.origins.tree.root";
-    fx.expect(&text, key, Some("\"gone\""), "is not a directory");
+    fx.expect(&text, key, Some("\"gone\""), "does not exist; create it");
+    // A file where the tree should be.
+    let text = domain_with("root = \"tree\"", "root = \"users.htpasswd\"");
+    fx.expect(
+        &text,
+        key,
+        Some("\"users.htpasswd\""),
+        "is not a directory; point it at the export tree",
+    );
+}
+
+#[test]
+fn upstream_pool_size_bounded() {
+    let fx = Fixture::new();
+    let text = format!("[server]\nupstream_keepalive_pool_size = 100001\n{DOMAIN}");
+    fx.expect(
+        &text,
+        "server.upstream_keepalive_pool_size",
+        Some("100001"),
+        "must be at most 100000",
+    );
+    let text = format!("[server]\nupstream_keepalive_pool_size = 100000\n{DOMAIN}");
+    assert_eq!(
+        fx.config(&text, &[]).server.upstream_keepalive_pool_size,
+        100_000
+    );
 }
 
 #[test]
@@ -1361,6 +1386,22 @@ fn keepalive_timeout_bounds() {
         Some("86401"),
         "must be at most 86400 seconds",
     );
+}
+
+#[test]
+fn pid_file_directory_missing_warns() {
+    let fx = Fixture::new();
+    let text = format!("[server]\npid_file = \"nodir/gateway.pid\"\n{DOMAIN}");
+    let config = fx.config(&text, &[]);
+    assert_eq!(config.warnings.len(), 1, "{:#?}", config.warnings);
+    assert_eq!(config.warnings[0].key, "server.pid_file");
+    assert!(
+        config.warnings[0].reason.contains("does not exist"),
+        "{}",
+        config.warnings[0]
+    );
+    let text = format!("[server]\npid_file = \"gateway.pid\"\n{DOMAIN}");
+    assert!(fx.config(&text, &[]).warnings.is_empty());
 }
 
 #[test]

@@ -8,8 +8,8 @@ use common::{closed, http_domain, read_response, Reply, TestGateway, TestOrigin,
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// An origin whose response body names the request target. It responds to `/slow` after
-/// 300 ms and to `/missing` with 404.
+/// Starts an origin whose response body names the request target. It responds to `/slow`
+/// after 300 ms and to `/missing` with 404.
 async fn origin() -> TestOrigin {
     TestOrigin::start(|request| {
         let mut reply = Reply::ok(&format!("body of {}", request.target));
@@ -158,4 +158,53 @@ async fn pipelining_off_closes_after_first() {
         "connection closed, second request dropped"
     );
     assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_closed_client_still_served() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+
+    // A request that misses and waits for the origin, then the end of the client's sending side.
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream
+        .write_all(get("GET", "/slow").as_bytes())
+        .await
+        .expect("send");
+    stream.shutdown().await.expect("shut down the sending side");
+    let mut reader = BufReader::new(stream);
+    let response = read_response(&mut reader, false).await.expect("response");
+    assert_eq!(
+        (response.status, response.text()),
+        (200, "body of /slow".to_owned())
+    );
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(
+        closed(&mut reader).await,
+        "connection closed after the response"
+    );
+}
+
+/// Requests sent ahead and then the end of the client's sending side: Pingora sees the end
+/// while the first request waits for the origin and turns keep-alive off, so only the first
+/// is served, marked `Connection: close`, and the client must send the rest again.
+#[tokio::test(flavor = "multi_thread")]
+async fn half_closed_batch_served_first() {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    let batch = format!("{}{}", get("GET", "/a"), get("GET", "/b"));
+    stream.write_all(batch.as_bytes()).await.expect("send");
+    stream.shutdown().await.expect("shut down the sending side");
+    let mut reader = BufReader::new(stream);
+    let first = read_response(&mut reader, false).await.expect("first");
+    assert_eq!((first.status, first.text()), (200, "body of /a".to_owned()));
+    assert_eq!(first.header("connection"), Some("close"));
+    assert!(
+        closed(&mut reader).await,
+        "connection closed after the first"
+    );
 }

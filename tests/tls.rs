@@ -898,3 +898,48 @@ async fn pipelined_requests_over_tls() {
     assert!(one < two, "responses out of order: {stdout}");
     assert_eq!(origin.count(), 2);
 }
+
+/// An HTTP/2 connection with no stream open is closed after `server.keepalive_timeout_secs`.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_h2_connection_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let server = "keepalive_timeout_secs = 1";
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), server, ""));
+
+    let connect = tls.to_string();
+    let (waited, out) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        // The client offers only `h2`, sends the connection preface and an empty SETTINGS
+        // frame, and then nothing. Its input stays open, so only the gateway ends the session.
+        let mut client = Command::new("timeout")
+            .args(["10", "openssl", "s_client", "-quiet", "-alpn", "h2"])
+            .args(["-connect", &connect, "-servername", "a.test"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run openssl s_client");
+        let mut input = client.stdin.take().expect("stdin");
+        input
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .expect("send the preface");
+        input.flush().expect("flush");
+        let out = client.wait_with_output().expect("openssl s_client");
+        drop(input);
+        (started.elapsed(), out)
+    })
+    .await
+    .expect("client task");
+    // `timeout` exits with 124 when it had to stop the client after 10 s.
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "still open after 10 s: {}",
+        text(&out)
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+}

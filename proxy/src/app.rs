@@ -273,10 +273,18 @@ impl App {
         ));
 
         // One proxy serves both kinds of listener, so they share the origin connection pools.
-        let proxy = Arc::new(pingora::proxy::http_proxy(
+        let mut proxy = pingora::proxy::http_proxy(
             &server.configuration,
             Gateway::new(Arc::clone(&current)).with_monitor(Arc::clone(&monitor)),
-        ));
+        );
+        // Pingora keeps an HTTP/2 connection with no stream open forever unless an idle timeout
+        // is set. HTTP/1 connections get the same limit per request (`Gateway`), where a
+        // reload applies.
+        let mut server_options = pingora::apps::HttpServerOptions::default();
+        let keepalive = config.server.keepalive_timeout;
+        server_options.h2_idle_timeout = (!keepalive.is_zero()).then_some(keepalive);
+        proxy.server_options = Some(server_options);
+        let proxy = Arc::new(proxy);
         // The trusted proxies come from the state in use at each accept, so a reload applies.
         let proxy_protocol = config.server.proxy_protocol.then(|| {
             Arc::new(ProxyProtocol::new(

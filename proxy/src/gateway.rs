@@ -228,13 +228,18 @@ impl GatewayState {
             .downstream_session
             .set_pipelining_enabled(self.pipelining);
         // Pingora keeps a connection open without limit after a request that allows keep-alive,
-        // or for as long as the client's own `Keep-Alive: timeout` asks. The next request on the
+        // or for as long as the client's own `Keep-Alive: timeout` sets. The next request on the
         // connection is read with this timeout instead. A request that closes the connection
         // (HTTP/1.0 without keep-alive, `Connection: close`) keeps it off.
         if session.get_keepalive().is_some() {
             let secs = self.keepalive_timeout.as_secs();
             session.set_keepalive((secs > 0).then_some(secs));
         }
+        // A client may shut down its sending side once its requests are out and still read the
+        // responses, as `nc -N` does. Pingora 0.9.1 would cancel a request still waiting for the
+        // origin at that FIN. With this off it finishes the request and closes the connection
+        // after the response. A client that is really gone makes the write fail instead.
+        session.downstream_session.set_abort_on_close(false);
         let req = session.req_header();
         ctx.client_ip = peer_ip(session).map(|ip| self.trusted_proxies.client_ip(ip, &req.headers));
         if let Some(problem) = oversized_header(req) {

@@ -112,6 +112,8 @@ pub struct Reloader {
     /// The watched files (the config file, then TLS certificates, keys and OCSP responses)
     /// and how they looked at the last load.
     stamps: Mutex<Vec<(PathBuf, Option<FileStamp>)>>,
+    /// Watched files found missing and already logged, so that each absence is logged once.
+    missing_logged: Mutex<Vec<PathBuf>>,
     /// Counts reloads and their outcome in the metrics.
     monitor: Arc<crate::status::Monitor>,
     /// Hands a new `[sync]` section to the sync scheduler.
@@ -149,6 +151,7 @@ impl Reloader {
             },
             restart_pending: Mutex::new(Vec::new()),
             stamps: Mutex::new(stamps_of(config)),
+            missing_logged: Mutex::new(Vec::new()),
             monitor,
             sync,
             reload_on_change: AtomicBool::new(config.server.reload_on_change),
@@ -242,6 +245,25 @@ impl Reloader {
     /// configuration differs from the value the process started with.
     pub fn restart_pending(&self) -> Vec<&'static str> {
         self.restart_pending.lock().clone()
+    }
+
+    /// Logs a warning for each watched file that was there at the last load and is gone now,
+    /// once per absence. A file that is gone does not trigger a reload, because a file being
+    /// replaced by rename is briefly missing. An operator who removed it by mistake learns
+    /// that the running configuration still uses the old contents.
+    fn log_missing_files(&self) {
+        if !self.reload_on_change.load(Ordering::Relaxed) {
+            return;
+        }
+        let stamps = self.stamps.lock();
+        let mut logged = self.missing_logged.lock();
+        for path in newly_missing(&stamps, &mut logged) {
+            tracing::warn!(
+                file = %path.display(),
+                "watched file is missing; the running configuration keeps what it loaded \
+                 from it until the file is back (which reloads) or a reload succeeds without it"
+            );
+        }
     }
 
     /// Returns the first watched file that changed since the last load, if any; always `None`
@@ -359,6 +381,28 @@ fn stamps_of(config: &GatewayConfig) -> Vec<(PathBuf, Option<FileStamp>)> {
         .collect()
 }
 
+/// Returns the files of `stamps` that existed at the last load and are missing now, except
+/// those in `logged`. Updates `logged` to the files missing now, so that a file is returned
+/// again only after it was back in between.
+fn newly_missing(
+    stamps: &[(PathBuf, Option<FileStamp>)],
+    logged: &mut Vec<PathBuf>,
+) -> Vec<PathBuf> {
+    let missing: Vec<&PathBuf> = stamps
+        .iter()
+        .filter(|(path, stamp)| stamp.is_some() && FileStamp::of(path).is_none())
+        .map(|(path, _)| path)
+        .collect();
+    logged.retain(|path| missing.contains(&path));
+    let new: Vec<PathBuf> = missing
+        .into_iter()
+        .filter(|path| !logged.contains(path))
+        .cloned()
+        .collect();
+    logged.extend(new.iter().cloned());
+    new
+}
+
 /// A file's modification time, size and inode, compared to detect a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
@@ -415,6 +459,8 @@ impl BackgroundService for ReloadService {
                         tracing::info!(file = %changed.display(), "watched file changed; reloading");
                         let reloader = Arc::clone(&self.0);
                         let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                    } else {
+                        self.0.log_missing_files();
                     }
                 }
             }
@@ -479,6 +525,30 @@ mod tests {
         assert_eq!(conflict_with_start(&on, &fewer), None);
         let base = config("[server]\nlisten = [\"127.0.0.1:0\"]");
         assert_eq!(conflict_with_start(&base, &off_and_empty), None);
+    }
+
+    #[test]
+    fn missing_file_reported_once_per_absence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.pem");
+        std::fs::write(&path, "x").expect("write");
+        let stamps = vec![(path.clone(), FileStamp::of(&path))];
+        let mut logged = Vec::new();
+        assert!(newly_missing(&stamps, &mut logged).is_empty());
+
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(newly_missing(&stamps, &mut logged), [path.clone()]);
+        assert!(newly_missing(&stamps, &mut logged).is_empty());
+
+        std::fs::write(&path, "x").expect("write again");
+        assert!(newly_missing(&stamps, &mut logged).is_empty());
+        assert!(logged.is_empty());
+        std::fs::remove_file(&path).expect("remove again");
+        assert_eq!(newly_missing(&stamps, &mut logged), [path.clone()]);
+
+        // A file that was already missing at the last load is not reported.
+        let absent = vec![(dir.path().join("never.pem"), None)];
+        assert!(newly_missing(&absent, &mut Vec::new()).is_empty());
     }
 
     #[test]

@@ -224,6 +224,16 @@ fn validate_server(
             "must be between 1 and 512",
         );
     }
+    if s.upstream_keepalive_pool_size > MAX_UPSTREAM_POOL_SIZE {
+        errors.push(
+            "server.upstream_keepalive_pool_size",
+            Some(s.upstream_keepalive_pool_size.to_string()),
+            format!(
+                "must be at most {MAX_UPSTREAM_POOL_SIZE}; it is a count of idle connections \
+                 per worker thread, and the pool reserves memory for each at start"
+            ),
+        );
+    }
     if s.send_timeout_secs == 0 {
         errors.push(
             "server.send_timeout_secs",
@@ -270,10 +280,7 @@ fn validate_server(
         shutdown_timeout: Duration::from_secs(s.shutdown_timeout_secs),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         trusted_proxies,
-        pid_file: s
-            .pid_file
-            .as_deref()
-            .map_or_else(super::default_pid_file, |p| resolve(dir, p)),
+        pid_file: pid_file(dir, s.pid_file.as_deref(), warnings),
         send_timeout: Duration::from_secs(s.send_timeout_secs),
         keepalive_timeout: Duration::from_secs(s.keepalive_timeout_secs),
         reload_on_change: s.reload_on_change,
@@ -283,6 +290,34 @@ fn validate_server(
         proxy_protocol_timeout: Duration::from_millis(s.proxy_protocol_timeout_ms),
     })
 }
+
+/// Resolves `server.pid_file`. A configured path whose directory is missing is only a warning:
+/// `run` starts without writing the file, and a service manager may create the directory just
+/// before the start (systemd's `RuntimeDirectory=`), after a `check` by hand.
+fn pid_file(dir: &Path, configured: Option<&str>, warnings: &mut Errors<'_>) -> PathBuf {
+    let Some(configured) = configured else {
+        return super::default_pid_file();
+    };
+    let path = resolve(dir, configured);
+    if let Some(parent) = path.parent().filter(|p| !p.is_dir()) {
+        warnings.push(
+            "server.pid_file",
+            Some(format!("{configured:?}")),
+            format!(
+                "its directory {} does not exist, so `run` cannot write the pid file and \
+                 `mirror-gateway reload` and logrotate will not find the process; create the \
+                 directory or choose another path",
+                parent.display()
+            ),
+        );
+    }
+    path
+}
+
+/// The largest `server.upstream_keepalive_pool_size` accepted. Pingora sizes the pool's tables
+/// for it when the gateway starts: 10 million took 120 MB before the first request, and 100
+/// billion used memory without bound. Far more idle origin connections than any origin accepts.
+const MAX_UPSTREAM_POOL_SIZE: usize = 100_000;
 
 /// The largest `server.proxy_protocol_timeout_ms` accepted. A proxy sends its header as soon as
 /// it connects or with the first bytes of the client, so a longer wait only keeps connections
@@ -1193,13 +1228,16 @@ fn validate_export_tree(
     let root_path = resolve(dir, root);
     let root_ok = root_path.is_dir();
     if !root_ok {
+        let problem = if root_path.exists() {
+            "is not a directory; point it at the export tree the sync job fills"
+        } else {
+            "does not exist; create it (`mkdir -p`, owned by the user that the sync runs as) \
+             before the first sync, or point it at the export tree the sync job fills"
+        };
         errors.push(
             &format!("{key}.root"),
             Some(format!("{root:?}")),
-            format!(
-                "{} is not a directory; point it at the export tree the sync job fills",
-                root_path.display()
-            ),
+            format!("{} {problem}", root_path.display()),
         );
     }
     if let Some(pin) = &pinned_export {
