@@ -313,7 +313,14 @@ fn reload(path: &Path) -> ExitCode {
     let sighup = nix::sys::signal::Signal::SIGHUP;
     match mirror_proxy::pid_file::signal(pid, sighup, &pid_file) {
         Ok(()) => {
-            println!("sent SIGHUP to mirror-gateway (pid {pid}); its log tells whether the reload was applied");
+            // The signal carries no path: the gateway reads the file it was started with again.
+            println!(
+                "sent SIGHUP to mirror-gateway (pid {pid}, found in {}); the gateway reloads \
+                 the config file it was started with, which may not be {}; its log says \
+                 whether the reload was applied",
+                pid_file.display(),
+                path.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -537,14 +537,20 @@ mod tests {
         assert!(newly_missing(&stamps, &mut logged).is_empty());
 
         std::fs::remove_file(&path).expect("remove");
-        assert_eq!(newly_missing(&stamps, &mut logged), [path.clone()]);
+        assert_eq!(
+            newly_missing(&stamps, &mut logged),
+            std::slice::from_ref(&path)
+        );
         assert!(newly_missing(&stamps, &mut logged).is_empty());
 
         std::fs::write(&path, "x").expect("write again");
         assert!(newly_missing(&stamps, &mut logged).is_empty());
         assert!(logged.is_empty());
         std::fs::remove_file(&path).expect("remove again");
-        assert_eq!(newly_missing(&stamps, &mut logged), [path.clone()]);
+        assert_eq!(
+            newly_missing(&stamps, &mut logged),
+            std::slice::from_ref(&path)
+        );
 
         // A file that was already missing at the last load is not reported.
         let absent = vec![(dir.path().join("never.pem"), None)];
