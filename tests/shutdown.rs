@@ -160,3 +160,31 @@ async fn sigterm_cuts_download_after_grace() {
     let status = wait_for_exit(&mut child);
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// The process exits once the last download ends, long before a grace period of 30 s: Pingora
+/// 0.9.1 alone would sleep through all of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_once_idle() {
+    let origin = slow_origin(Duration::from_millis(50)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, mut response, first) = download_then_sigterm(origin, dir.path(), 30, 1).await;
+    let signalled = Instant::now();
+    let mut received = first;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .expect("the download goes on during the drain")
+    {
+        received += chunk.len();
+    }
+    assert_eq!(received, BODY);
+    // The client keeps its connection for reuse; the gateway closes it, being shut down.
+
+    let status = wait_for_exit(&mut child);
+    let elapsed = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "exited {elapsed:?} after SIGTERM"
+    );
+}

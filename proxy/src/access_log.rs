@@ -198,6 +198,8 @@ enum Message {
     Line(String),
     /// Close and open the log file again, after logrotate moved it.
     Reopen,
+    /// Write out every line queued before, then reply.
+    Flush(mpsc::Sender<()>),
 }
 
 impl AccessLog {
@@ -241,6 +243,17 @@ impl AccessLog {
         }
     }
 
+    /// Writes out every line queued so far, waiting at most `wait` for the writer thread.
+    /// The process exits right after a shutdown, which would lose lines still queued.
+    pub fn flush(&self, wait: std::time::Duration) {
+        if let Some(sender) = &self.sender {
+            let (done, flushed) = mpsc::channel();
+            if sender.send(Message::Flush(done)).is_ok() {
+                let _ = flushed.recv_timeout(wait);
+            }
+        }
+    }
+
     /// Reopens a log file (after logrotate renamed it); lines queued before are written to the
     /// old file.
     pub fn reopen(&self) {
@@ -277,6 +290,10 @@ fn write_lines(
         {
             match message {
                 Message::Line(line) => result = result.and_then(|()| writeln!(out, "{line}")),
+                Message::Flush(done) => {
+                    result = result.and_then(|()| out.flush());
+                    let _ = done.send(());
+                }
                 Message::Reopen => {
                     result = result.and_then(|()| out.flush());
                     match open_target(target) {

@@ -293,9 +293,12 @@ impl App {
                 Arc::clone(&monitor),
             ))
         });
-        let with_proxy_protocol = |listener: ProxyListener<_>| match &proxy_protocol {
-            Some(proxy_protocol) => listener.with_proxy_protocol(Arc::clone(proxy_protocol)),
-            None => listener,
+        let with_proxy_protocol = |listener: ProxyListener<_>| {
+            let listener = listener.counted(Arc::clone(&monitor.connections));
+            match &proxy_protocol {
+                Some(proxy_protocol) => listener.with_proxy_protocol(Arc::clone(proxy_protocol)),
+                None => listener,
+            }
         };
         let mut plain = Service::new(
             "mirror-gateway proxy".into(),
@@ -361,6 +364,10 @@ impl App {
 
     /// Runs until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade hand-over), with the
     /// process id in `pid_file` for `mirror-gateway reload`.
+    ///
+    /// Pingora 0.9.1 sleeps through the whole grace period of a graceful shutdown, even with
+    /// nothing left to serve. A watcher thread ends the process as soon as no client connection
+    /// is open after the shutdown began, with the same final steps as the end of the period.
     pub fn run(self, pid_file: &Path) {
         if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
             tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file; `mirror-gateway reload` will not find this process");
@@ -370,29 +377,22 @@ impl App {
             handles,
             runtime_dir,
         } = self;
-        let monitor = handles.monitor;
+        let finish = Arc::new(Finish {
+            done: std::sync::Once::new(),
+            monitor: Arc::clone(&handles.monitor),
+            access_log: handles.state.access_log.clone(),
+            pid_file: pid_file.to_path_buf(),
+            runtime_dir: parking_lot::Mutex::new(Some(runtime_dir)),
+        });
+        let watcher = Arc::clone(&finish);
+        let spawned = std::thread::Builder::new()
+            .name("shutdown-watch".into())
+            .spawn(move || watcher.exit_when_idle());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the shutdown watcher; a graceful shutdown takes the whole grace period");
+        }
         server.run(RunArgs::default());
-        match monitor.health.draining_for() {
-            Some(drain) => tracing::info!(
-                drain_secs = drain.as_secs_f64(),
-                "shutdown finished after draining for {:.1} s",
-                drain.as_secs_f64()
-            ),
-            // A fast shutdown (SIGINT) does not broadcast the graceful shutdown.
-            None => tracing::info!("shutdown finished without draining"),
-        }
-        // Hourly request counts survive the restart that usually follows a shutdown.
-        mirror_plugins::quota::save_state_files();
-        // Requests reserved in Redis and not used go back, and requests counted here alone
-        // while Redis was away go to it, for the other replicas and the next start.
-        mirror_plugins::quota::settle_with_redis();
-        // After an upgrade the file holds the new process's pid; leave it alone then.
-        let ours = std::fs::read_to_string(pid_file)
-            .is_ok_and(|text| text.trim() == std::process::id().to_string());
-        if ours {
-            let _ = std::fs::remove_file(pid_file);
-        }
-        drop(runtime_dir);
+        finish.finish();
     }
 
     /// Runs on a background thread until [`RunningGateway::shutdown`] or drop; for tests and
@@ -419,6 +419,74 @@ impl App {
             shutdown: Some(sender),
             thread,
         }
+    }
+}
+
+/// How often the shutdown watcher looks at the shutdown state and the open connections.
+const SHUTDOWN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The last steps of a shutdown, run once: by the shutdown watcher when the last client
+/// connection closed, or after Pingora's grace period, whichever comes first.
+struct Finish {
+    done: std::sync::Once,
+    monitor: Arc<crate::status::Monitor>,
+    access_log: AccessLog,
+    pid_file: std::path::PathBuf,
+    runtime_dir: parking_lot::Mutex<Option<RuntimeDir>>,
+}
+
+impl Finish {
+    /// Waits for a graceful shutdown to begin and for the last client connection to close,
+    /// then finishes and exits the process.
+    fn exit_when_idle(&self) {
+        let health = &self.monitor.health;
+        while !health.is_draining() {
+            std::thread::sleep(SHUTDOWN_POLL);
+        }
+        // Two looks a poll apart: a connection accepted just before the listeners stopped is
+        // counted once its task starts.
+        let connections = &self.monitor.connections;
+        loop {
+            if connections.count() == 0 {
+                std::thread::sleep(SHUTDOWN_POLL);
+                if connections.count() == 0 {
+                    break;
+                }
+            }
+            std::thread::sleep(SHUTDOWN_POLL);
+        }
+        tracing::info!("no client connection left; ending the shutdown before the grace period");
+        self.finish();
+        std::process::exit(0);
+    }
+
+    /// Logs how long the drain took, saves the budget counts, flushes the access log and
+    /// removes the pid file and the runtime directory.
+    fn finish(&self) {
+        self.done.call_once(|| {
+            match self.monitor.health.draining_for() {
+                Some(drain) => tracing::info!(
+                    drain_secs = drain.as_secs_f64(),
+                    "shutdown finished after draining for {:.1} s",
+                    drain.as_secs_f64()
+                ),
+                // A fast shutdown (SIGINT) does not broadcast the graceful shutdown.
+                None => tracing::info!("shutdown finished without draining"),
+            }
+            // Hourly request counts survive the restart that usually follows a shutdown.
+            mirror_plugins::quota::save_state_files();
+            // Requests reserved in Redis and not used go back, and requests counted here alone
+            // while Redis was away go to it, for the other replicas and the next start.
+            mirror_plugins::quota::settle_with_redis();
+            self.access_log.flush(std::time::Duration::from_secs(2));
+            // After an upgrade the file holds the new process's pid; leave it alone then.
+            let ours = std::fs::read_to_string(&self.pid_file)
+                .is_ok_and(|text| text.trim() == std::process::id().to_string());
+            if ours {
+                let _ = std::fs::remove_file(&self.pid_file);
+            }
+            drop(self.runtime_dir.lock().take());
+        });
     }
 }
 

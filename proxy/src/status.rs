@@ -7,7 +7,7 @@
 //! task's lag hook). One monitor serves a gateway instance for its whole life, across config
 //! reloads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,6 +31,34 @@ pub const STATUS_PAGE: &str = include_str!("status_page.html");
 pub struct Monitor {
     pub metrics: Metrics,
     pub health: Health,
+    /// Client connections open on the proxy's listeners.
+    pub connections: Arc<Connections>,
+}
+
+/// A count of open client connections, so that a graceful shutdown can end once none is left.
+#[derive(Debug, Default)]
+pub struct Connections(AtomicUsize);
+
+impl Connections {
+    /// Counts one more open connection until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>) -> OpenConnection {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(Arc::clone(self))
+    }
+
+    /// Returns how many connections are open.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One open connection of [`Connections`].
+pub struct OpenConnection(Arc<Connections>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The facts `/readyz` and the status page need besides the metrics.

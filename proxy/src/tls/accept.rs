@@ -64,6 +64,7 @@ pub struct ProxyListener<A> {
     app: Arc<A>,
     proxy_protocol: Option<Arc<ProxyProtocol>>,
     tls: Option<Handshaker>,
+    connections: Option<Arc<crate::status::Connections>>,
 }
 
 /// Runs the TLS handshakes of the TLS listeners and counts how each one ends.
@@ -96,6 +97,7 @@ impl<A> ProxyListener<A> {
             app,
             proxy_protocol: None,
             tls: None,
+            connections: None,
         }
     }
 
@@ -105,7 +107,14 @@ impl<A> ProxyListener<A> {
             app,
             proxy_protocol: None,
             tls: Some(handshaker),
+            connections: None,
         }
+    }
+
+    /// Counts each connection in `connections` from its accept until it closes.
+    pub fn counted(mut self, connections: Arc<crate::status::Connections>) -> Self {
+        self.connections = Some(connections);
+        self
     }
 
     /// Reads the PROXY header of each connection first, before the TLS handshake if any.
@@ -153,6 +162,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyListener<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = self.connections.as_ref().map(|c| c.open());
         let stream = self.prepare(stream).await?;
         // The keep-alive loop runs here, not in Pingora's listener, which would pass each
         // reused connection to this method again as if it were new.
