@@ -247,8 +247,8 @@ fn run(path: &Path, upgrade: bool) -> ExitCode {
         domains = ?domains,
         "mirror-gateway starting"
     );
+    // `run` logs "mirror-gateway stopped" itself, also when it ends the process early.
     app.run(&config.server.pid_file);
-    tracing::info!("mirror-gateway stopped");
     ExitCode::SUCCESS
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, spawn_gateway, BASE_CONFIG};
+use common::{client, read_response, spawn_gateway, Reply, TestOrigin, BASE_CONFIG};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 const BODY: usize = 4 << 20;
@@ -185,4 +185,41 @@ async fn sigterm_exits_once_idle() {
         elapsed < Duration::from_secs(10),
         "exited {elapsed:?} after SIGTERM"
     );
+}
+
+/// A response to a request that was in flight when the shutdown began says
+/// `Connection: close`, so that the client does not send its next request on a connection
+/// that is about to close.
+#[tokio::test(flavor = "multi_thread")]
+async fn response_during_drain_closes() {
+    let origin = TestOrigin::start(|_| Reply {
+        delay: Duration::from_millis(1500),
+        ..Reply::ok("late")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = BASE_CONFIG
+        .replace("grace_period_secs = 0", "grace_period_secs = 10")
+        .replace("level = \"warn\"", "level = \"info\"");
+    let domain = common::http_domain("primary", &["127.0.0.1"], origin.addr);
+    std::fs::write(dir.path().join("gateway.toml"), format!("{base}\n{domain}"))
+        .expect("write config");
+    let (mut child, addr) = spawn_gateway(dir.path());
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /late HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("send");
+    // SIGTERM while the gateway waits for the origin's response header.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut reader = tokio::io::BufReader::new(stream);
+    let response = read_response(&mut reader, false).await.expect("response");
+    assert_eq!((response.status, response.text()), (200, "late".to_owned()));
+    assert_eq!(response.header("connection"), Some("close"));
+
+    let status = wait_for_exit(&mut child);
+    assert!(status.success(), "exit status {status:?}");
 }

@@ -943,3 +943,29 @@ async fn idle_h2_connection_closed() {
         "closed after {waited:?}"
     );
 }
+
+/// A connection counts as open for a graceful shutdown only once its TLS handshake is done: one
+/// that connects and sends nothing must not keep a stopping gateway waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_counted_after_handshake() {
+    let origin = TestOrigin::start(|_| Reply::ok("from origin")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let (gateway, tls) = start(dir.path(), &config(origin.addr, "", ""));
+    let connections = std::sync::Arc::clone(&gateway.running.monitor().connections);
+
+    let _silent = tokio::net::TcpStream::connect(tls).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(connections.count(), 0, "a connection without a handshake");
+
+    let client = https_client(&pki, tls).build().expect("client");
+    let response = client
+        .get(format!("https://a.test:{}/x", tls.port()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    // The client keeps its connection for the next request.
+    assert_eq!(connections.count(), 1);
+    drop(client);
+}

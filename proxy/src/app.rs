@@ -393,6 +393,7 @@ impl App {
         }
         server.run(RunArgs::default());
         finish.finish();
+        tracing::info!("mirror-gateway stopped");
     }
 
     /// Runs on a background thread until [`RunningGateway::shutdown`] or drop; for tests and
@@ -457,6 +458,7 @@ impl Finish {
         }
         tracing::info!("no client connection left; ending the shutdown before the grace period");
         self.finish();
+        tracing::info!("mirror-gateway stopped");
         std::process::exit(0);
     }
 

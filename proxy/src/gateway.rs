@@ -616,6 +616,7 @@ impl ProxyHttp for Gateway {
             .domain(ctx)
             .map(|d| d.config.plugins.as_slice())
             .unwrap_or(&[]);
+        self.close_when_draining(session);
         write_local(session, local, plugins, &ctx.plugin_state).await?;
         Ok(true)
     }
@@ -872,6 +873,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        self.close_when_draining(session);
         let phase = session.cache.phase();
         let reason = match (ctx.no_store, &phase) {
             (Some(reason), _) => Some(reason.label()),
@@ -1089,6 +1091,7 @@ impl Gateway {
         let policy = respond::PolicyField::Apply;
         finish_response_header(ctx, &mut header, "HIT", None, fields, policy)?;
 
+        self.close_when_draining(session);
         let header_only = session.req_header().method == Method::HEAD || body.is_empty();
         // Uncorked when this function returns, after the last write.
         let _cork = if header_only || !state.tcp_nopush {
@@ -1113,6 +1116,16 @@ impl Gateway {
             }
         }
         Ok(true)
+    }
+
+    /// Turns keep-alive off for a response written while the gateway drains for a shutdown.
+    /// Pingora 0.9.1 does so only for requests that start after the shutdown began; a response
+    /// to one in flight would say `keep-alive` and its connection close right after, cutting
+    /// the client's next request.
+    fn close_when_draining(&self, session: &mut Session) {
+        if self.monitor.health.is_draining() {
+            session.set_keepalive(None);
+        }
     }
 
     /// Waits for one of the domain's origin slots, so that a cold cache cannot flood the

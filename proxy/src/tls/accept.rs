@@ -111,7 +111,8 @@ impl<A> ProxyListener<A> {
         }
     }
 
-    /// Counts each connection in `connections` from its accept until it closes.
+    /// Counts each connection in `connections` from the end of its TLS handshake (or of its
+    /// PROXY header, or its accept) until it closes.
     pub fn counted(mut self, connections: Arc<crate::status::Connections>) -> Self {
         self.connections = Some(connections);
         self
@@ -162,8 +163,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyListener<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = self.connections.as_ref().map(|c| c.open());
         let stream = self.prepare(stream).await?;
+        // Counted from here: a connection still in its TLS handshake or PROXY header has sent
+        // no request, and a shutdown need not wait for it.
+        let _open = self.connections.as_ref().map(|c| c.open());
         // The keep-alive loop runs here, not in Pingora's listener, which would pass each
         // reused connection to this method again as if it were new.
         let mut reused = self.app.process_new(stream, shutdown).await;
