@@ -899,19 +899,13 @@ async fn pipelined_requests_over_tls() {
     assert_eq!(origin.count(), 2);
 }
 
-/// An HTTP/2 connection with no stream open is closed after `server.keepalive_timeout_secs`.
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_h2_connection_closed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _pki = Pki::new(dir.path());
-    let server = "keepalive_timeout_secs = 1";
-    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), server, ""));
-
+/// Connects to `tls` with `openssl s_client` offering only `h2`, sends `bytes` after the
+/// handshake and keeps its input open, so that only the gateway can end the session. Returns
+/// how long the session lasted and the client's output; `timeout` stops it after 10 s.
+async fn h2_session(tls: SocketAddr, bytes: &'static [u8]) -> (Duration, Output) {
     let connect = tls.to_string();
-    let (waited, out) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        // The client offers only `h2`, sends the connection preface and an empty SETTINGS
-        // frame, and then nothing. Its input stays open, so only the gateway ends the session.
         let mut client = Command::new("timeout")
             .args(["10", "openssl", "s_client", "-quiet", "-alpn", "h2"])
             .args(["-connect", &connect, "-servername", "a.test"])
@@ -921,27 +915,43 @@ async fn idle_h2_connection_closed() {
             .spawn()
             .expect("run openssl s_client");
         let mut input = client.stdin.take().expect("stdin");
-        input
-            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-            .expect("send the preface");
+        input.write_all(bytes).expect("send");
         input.flush().expect("flush");
         let out = client.wait_with_output().expect("openssl s_client");
         drop(input);
         (started.elapsed(), out)
     })
     .await
-    .expect("client task");
-    // `timeout` exits with 124 when it had to stop the client after 10 s.
+    .expect("client task")
+}
+
+/// Checks that the gateway, not `timeout` (exit status 124 after 10 s), ended an
+/// [`h2_session`], and no sooner than a limit of 1 s.
+fn assert_closed_after_limit(waited: Duration, out: &Output) {
     assert_ne!(
         out.status.code(),
         Some(124),
         "still open after 10 s: {}",
-        text(&out)
+        text(out)
     );
     assert!(
         waited >= Duration::from_millis(900),
         "closed after {waited:?}"
     );
+}
+
+/// An HTTP/2 connection with no stream open is closed after `server.keepalive_timeout_secs`.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_h2_connection_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let server = "keepalive_timeout_secs = 1";
+    let (_gateway, tls) = start(dir.path(), &config(unused_origin(), server, ""));
+
+    // The connection preface and an empty SETTINGS frame, then nothing.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let (waited, out) = h2_session(tls, preface).await;
+    assert_closed_after_limit(waited, &out);
 }
 
 /// A connection counts as open for a graceful shutdown only once its TLS handshake is done: one
@@ -968,4 +978,23 @@ async fn connection_counted_after_handshake() {
     // The client keeps its connection for the next request.
     assert_eq!(connections.count(), 1);
     drop(client);
+}
+
+/// A client that negotiates HTTP/2 and sends no connection preface is closed after
+/// `server.keepalive_timeout_secs`, and until then does not count as an open connection, so it
+/// cannot hold a graceful shutdown.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_client_without_preface_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _pki = Pki::new(dir.path());
+    let server = "keepalive_timeout_secs = 1";
+    let (gateway, tls) = start(dir.path(), &config(unused_origin(), server, ""));
+    let connections = std::sync::Arc::clone(&gateway.running.monitor().connections);
+
+    // After the handshake the client sends nothing.
+    let client = tokio::spawn(h2_session(tls, b""));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(connections.count(), 0, "a connection without a preface");
+    let (waited, out) = client.await.expect("client task");
+    assert_closed_after_limit(waited, &out);
 }

@@ -293,8 +293,15 @@ impl App {
                 Arc::clone(&monitor),
             ))
         });
+        // An HTTP/2 client gets as long for its connection preface as an idle connection may
+        // stay open.
+        let preface_wait = Some(config.server.keepalive_timeout)
+            .filter(|wait| !wait.is_zero())
+            .unwrap_or(crate::tls::H2_PREFACE_WAIT);
         let with_proxy_protocol = |listener: ProxyListener<_>| {
-            let listener = listener.counted(Arc::clone(&monitor.connections));
+            let listener = listener
+                .counted(Arc::clone(&monitor.connections))
+                .with_h2_preface_wait(preface_wait);
             match &proxy_protocol {
                 Some(proxy_protocol) => listener.with_proxy_protocol(Arc::clone(proxy_protocol)),
                 None => listener,

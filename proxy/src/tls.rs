@@ -33,7 +33,7 @@ use crate::config::GatewayConfig;
 use crate::host::{HostError, HostMatcher};
 use crate::respond::error_response;
 
-pub use accept::{Handshaker, ProxyListener, HANDSHAKE_TIMEOUT};
+pub use accept::{Handshaker, ProxyListener, H2_PREFACE_WAIT, HANDSHAKE_TIMEOUT};
 pub use certs::{CertFile, CertFiles, CertProblem, DomainCert, LoadedCert};
 pub use failure::HandshakeFailure;
 

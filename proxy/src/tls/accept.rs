@@ -12,6 +12,9 @@
 //! start a plain HTTP/1.x request, the client gets a 400 response in plain HTTP instead of a
 //! handshake (see [`plain_http`]). Other bytes are put back for the handshake to read.
 
+mod h2_preface;
+
+pub use h2_preface::PREFACE_WAIT as H2_PREFACE_WAIT;
 mod plain_http;
 
 use std::any::Any;
@@ -26,7 +29,7 @@ use pingora::listeners::TlsAccept;
 use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::handshake_with_callback;
-use pingora::protocols::tls::TlsRef;
+use pingora::protocols::tls::{TlsRef, ALPN};
 use pingora::protocols::{GetSocketDigest, Stream};
 use pingora::server::ShutdownWatch;
 use pingora::tls::ssl::{
@@ -65,6 +68,8 @@ pub struct ProxyListener<A> {
     proxy_protocol: Option<Arc<ProxyProtocol>>,
     tls: Option<Handshaker>,
     connections: Option<Arc<crate::status::Connections>>,
+    /// Longest wait for an HTTP/2 client's connection preface.
+    h2_preface_wait: Duration,
 }
 
 /// Runs the TLS handshakes of the TLS listeners and counts how each one ends.
@@ -98,6 +103,7 @@ impl<A> ProxyListener<A> {
             proxy_protocol: None,
             tls: None,
             connections: None,
+            h2_preface_wait: h2_preface::PREFACE_WAIT,
         }
     }
 
@@ -108,7 +114,14 @@ impl<A> ProxyListener<A> {
             proxy_protocol: None,
             tls: Some(handshaker),
             connections: None,
+            h2_preface_wait: h2_preface::PREFACE_WAIT,
         }
+    }
+
+    /// Closes an HTTP/2 connection whose client sends no connection preface within `wait`.
+    pub fn with_h2_preface_wait(mut self, wait: Duration) -> Self {
+        self.h2_preface_wait = wait;
+        self
     }
 
     /// Counts each connection in `connections` from the end of its TLS handshake (or of its
@@ -164,8 +177,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyListener<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let stream = self.prepare(stream).await?;
-        // Counted from here: a connection still in its TLS handshake or PROXY header has sent
-        // no request, and a shutdown need not wait for it.
+        let stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            h2_preface::await_preface(stream, self.h2_preface_wait, shutdown).await?
+        } else {
+            stream
+        };
+        // Counted from here: a connection still in its TLS handshake, PROXY header or HTTP/2
+        // preface has sent no request, and a shutdown need not wait for it.
         let _open = self.connections.as_ref().map(|c| c.open());
         // The keep-alive loop runs here, not in Pingora's listener, which would pass each
         // reused connection to this method again as if it were new.
