@@ -20,6 +20,16 @@ fn config(origin: &TestOrigin, timeout_secs: u64) -> String {
     )
 }
 
+/// Starts an origin that answers `ok` and a gateway in front of it with
+/// `keepalive_timeout_secs = timeout_secs`. The directory holds the gateway's files until it is
+/// dropped.
+async fn start(timeout_secs: u64) -> (TestOrigin, tempfile::TempDir, TestGateway) {
+    let origin = TestOrigin::start(|_| Reply::ok("ok")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, timeout_secs));
+    (origin, dir, gateway)
+}
+
 /// Sends `request` on a new connection and reads its response; returns the connection.
 async fn exchange(gateway: &TestGateway, request: &str) -> (BufReader<TcpStream>, u16, String) {
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
@@ -39,9 +49,7 @@ async fn time_to_close(reader: &mut BufReader<TcpStream>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connection_closed_after_timeout() {
-    let origin = TestOrigin::start(|_| Reply::ok("ok")).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, 1));
+    let (_origin, _dir, gateway) = start(1).await;
 
     // The client's own `Keep-Alive: timeout` does not lengthen the wait.
     let request = "GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\nKeep-Alive: timeout=600\r\n\r\n";
@@ -57,9 +65,7 @@ async fn idle_connection_closed_after_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn partial_next_request_times_out() {
-    let origin = TestOrigin::start(|_| Reply::ok("ok")).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, 1));
+    let (origin, _dir, gateway) = start(1).await;
 
     // The start of a second request that never ends.
     let request = "GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /b HTTP/1.1\r\nHo";
@@ -75,9 +81,7 @@ async fn partial_next_request_times_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn zero_turns_keepalive_off() {
-    let origin = TestOrigin::start(|_| Reply::ok("ok")).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, 0));
+    let (_origin, _dir, gateway) = start(0).await;
 
     let request = "GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let (mut reader, status, connection) = exchange(&gateway, request).await;

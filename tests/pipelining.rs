@@ -32,15 +32,22 @@ fn config(origin: &TestOrigin, server_keys: &str) -> String {
     )
 }
 
+/// Starts the origin of [`origin`] and a gateway in front of it, with the lines `server_keys`
+/// added to `[server]`. The directory holds the gateway's files until it is dropped.
+async fn start(server_keys: &str) -> (TestOrigin, tempfile::TempDir, TestGateway) {
+    let origin = origin().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = TestGateway::start(dir.path(), &config(&origin, server_keys));
+    (origin, dir, gateway)
+}
+
 fn get(method: &str, target: &str) -> String {
     format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_served_in_order() {
-    let origin = origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+    let (origin, _dir, gateway) = start("").await;
 
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
     let requests = [
@@ -90,9 +97,7 @@ async fn batch_served_in_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_during_slow_miss_served() {
-    let origin = origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+    let (_origin, _dir, gateway) = start("").await;
 
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
     stream
@@ -121,9 +126,7 @@ async fn request_during_slow_miss_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_after_rejected_body_unread() {
-    let origin = origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+    let (origin, _dir, gateway) = start("").await;
 
     // Request smuggling relies on a server that parses bytes after a body of disputed length.
     // The gateway rejects the body and reads nothing after it.
@@ -143,9 +146,7 @@ async fn request_after_rejected_body_unread() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelining_off_closes_after_first() {
-    let origin = origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, "pipelining = false"));
+    let (origin, _dir, gateway) = start("pipelining = false").await;
 
     let batch = format!("{}{}", get("GET", "/a"), get("GET", "/b"));
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
@@ -162,9 +163,7 @@ async fn pipelining_off_closes_after_first() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn half_closed_client_still_served() {
-    let origin = origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+    let (_origin, _dir, gateway) = start("").await;
 
     // A request that misses and waits for the origin, then the end of the client's sending side.
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
@@ -186,14 +185,12 @@ async fn half_closed_client_still_served() {
     );
 }
 
-/// Requests sent ahead and then the end of the client's sending side: Pingora sees the end
-/// while the first request waits for the origin and turns keep-alive off, so only the first
-/// is served, marked `Connection: close`, and the client must send the rest again.
+/// Requests sent ahead, then the end of the client's sending side. Pingora reads the end of
+/// the stream while the first request waits for the origin and turns keep-alive off. So only
+/// the first is served, marked `Connection: close`, and the client must send the rest again.
 #[tokio::test(flavor = "multi_thread")]
 async fn half_closed_batch_served_first() {
-    let origin = origin().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = TestGateway::start(dir.path(), &config(&origin, ""));
+    let (_origin, _dir, gateway) = start("").await;
 
     let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
     let batch = format!("{}{}", get("GET", "/a"), get("GET", "/b"));

@@ -187,7 +187,7 @@ async fn sigterm_exits_once_idle() {
     );
 }
 
-/// A response to a request that was in flight when the shutdown began says
+/// A response to a request that was in flight when the shutdown began carries
 /// `Connection: close`, so that the client does not send its next request on a connection
 /// that is about to close.
 #[tokio::test(flavor = "multi_thread")]

@@ -277,12 +277,13 @@ impl App {
             &server.configuration,
             Gateway::new(Arc::clone(&current)).with_monitor(Arc::clone(&monitor)),
         );
+        // `server.keepalive_timeout_secs`, unless 0 turns keep-alive off.
+        let keepalive = Some(config.server.keepalive_timeout).filter(|wait| !wait.is_zero());
         // Pingora keeps an HTTP/2 connection with no stream open forever unless an idle timeout
         // is set. HTTP/1 connections get the same limit per request (`Gateway`), where a
         // reload applies.
         let mut server_options = pingora::apps::HttpServerOptions::default();
-        let keepalive = config.server.keepalive_timeout;
-        server_options.h2_idle_timeout = (!keepalive.is_zero()).then_some(keepalive);
+        server_options.h2_idle_timeout = keepalive;
         proxy.server_options = Some(server_options);
         let proxy = Arc::new(proxy);
         // The trusted proxies come from the state in use at each accept, so a reload applies.
@@ -295,9 +296,7 @@ impl App {
         });
         // An HTTP/2 client gets as long for its connection preface as an idle connection may
         // stay open.
-        let preface_wait = Some(config.server.keepalive_timeout)
-            .filter(|wait| !wait.is_zero())
-            .unwrap_or(crate::tls::H2_PREFACE_WAIT);
+        let preface_wait = keepalive.unwrap_or(crate::tls::H2_PREFACE_WAIT);
         let with_proxy_protocol = |listener: ProxyListener<_>| {
             let listener = listener
                 .counted(Arc::clone(&monitor.connections))
@@ -400,7 +399,6 @@ impl App {
         }
         server.run(RunArgs::default());
         finish.finish();
-        tracing::info!("mirror-gateway stopped");
     }
 
     /// Runs on a background thread until [`RunningGateway::shutdown`] or drop; for tests and
@@ -451,26 +449,25 @@ impl Finish {
         while !health.is_draining() {
             std::thread::sleep(SHUTDOWN_POLL);
         }
-        // Two looks a poll apart: a connection accepted just before the listeners stopped is
-        // counted once its task starts.
+        // Two idle looks in a row, a poll apart: a connection accepted just before the listeners
+        // stopped is counted once its task starts.
         let connections = &self.monitor.connections;
-        loop {
-            if connections.count() == 0 {
-                std::thread::sleep(SHUTDOWN_POLL);
-                if connections.count() == 0 {
-                    break;
-                }
-            }
+        let mut idle_looks = 0;
+        while idle_looks < 2 {
             std::thread::sleep(SHUTDOWN_POLL);
+            idle_looks = if connections.count() == 0 {
+                idle_looks + 1
+            } else {
+                0
+            };
         }
         tracing::info!("no client connection left; ending the shutdown before the grace period");
         self.finish();
-        tracing::info!("mirror-gateway stopped");
         std::process::exit(0);
     }
 
-    /// Logs how long the drain took, saves the budget counts, flushes the access log and
-    /// removes the pid file and the runtime directory.
+    /// Logs how long the drain took, saves the budget counts, flushes the access log, removes
+    /// the pid file and the runtime directory, and logs the stop.
     fn finish(&self) {
         self.done.call_once(|| {
             match self.monitor.health.draining_for() {
@@ -488,13 +485,14 @@ impl Finish {
             // while Redis was away go to it, for the other replicas and the next start.
             mirror_plugins::quota::settle_with_redis();
             self.access_log.flush(std::time::Duration::from_secs(2));
-            // After an upgrade the file holds the new process's pid; leave it alone then.
+            // After an upgrade the file contains the new process's pid; leave it alone then.
             let ours = std::fs::read_to_string(&self.pid_file)
                 .is_ok_and(|text| text.trim() == std::process::id().to_string());
             if ours {
                 let _ = std::fs::remove_file(&self.pid_file);
             }
             drop(self.runtime_dir.lock().take());
+            tracing::info!("mirror-gateway stopped");
         });
     }
 }

@@ -1119,9 +1119,9 @@ impl Gateway {
     }
 
     /// Turns keep-alive off for a response written while the gateway drains for a shutdown.
-    /// Pingora 0.9.1 does so only for requests that start after the shutdown began; a response
-    /// to one in flight would say `keep-alive` and its connection close right after, cutting
-    /// the client's next request.
+    /// Pingora 0.9.1 does so only for requests that start after the shutdown began. A response
+    /// to a request in flight would carry `keep-alive` while its connection closes right after,
+    /// which cuts the client's next request.
     fn close_when_draining(&self, session: &mut Session) {
         if self.monitor.health.is_draining() {
             session.set_keepalive(None);

@@ -68,7 +68,7 @@ pub struct ProxyListener<A> {
     proxy_protocol: Option<Arc<ProxyProtocol>>,
     tls: Option<Handshaker>,
     connections: Option<Arc<crate::status::Connections>>,
-    /// Longest wait for an HTTP/2 client's connection preface.
+    /// Maximum wait for an HTTP/2 client's connection preface.
     h2_preface_wait: Duration,
 }
 
